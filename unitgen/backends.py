@@ -1,0 +1,106 @@
+"""What unitgen knows about each model server: its command line, how it is told
+where to listen, which options and variables move that address, where its API
+key goes, and how it says "ready".
+
+Pure data, shared by every target (systemd today, supervisor later).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["BACKENDS", "GENERIC_LISTEN_FLAGS", "Backend", "get_backend"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One model server's command-line contract."""
+
+    name: str
+    program: str  # default executable, searched on systemd's PATH when not absolute
+    prefix: tuple[str, ...]  # words between the executable and the model
+    model_flag: str | None  # None: the model is positional
+    health_path: str
+    unix_flag: str | None  # option that takes a Unix socket path, if the server has one
+    host_flag: str | None  # options used for a private loopback TCP endpoint
+    port_flag: str | None
+    # Every spelling a user might use to move the listen address.
+    port_flags: tuple[str, ...] = ("--port",)
+    host_flags: tuple[str, ...] = ("--host",)
+    endpoint_flags: tuple[str, ...] = ()  # always refused: the private endpoint is unitgen's
+    port_env: tuple[str, ...] = ()
+    host_env: tuple[str, ...] = ()
+    key_flags: tuple[str, ...] = ("--api-key",)
+    key_env: str | None = None  # variable the server reads its key from; None: argv only
+    refused_flags: tuple[tuple[str, str], ...] = ()  # (flag, why)
+    argparse_abbrev: bool = False  # Python argparse accepts unambiguous prefixes (--por)
+    loading: str = ""  # how it behaves while loading, for messages and docs
+    gpu_defaults: str = ""  # "tensor-parallel" or "offload-layers"
+
+
+_TLS_WHY = (
+    "TLS on the server would make the plain-HTTP readiness probe and the proxy's view "
+    "disagree; terminate TLS in front of the public port instead"
+)
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend(
+            name="vllm", program="vllm", prefix=("serve",), model_flag=None,
+            health_path="/health", unix_flag="--uds", host_flag="--host", port_flag="--port",
+            endpoint_flags=("--uds",), key_env="VLLM_API_KEY",
+            refused_flags=(("--ssl-keyfile", _TLS_WHY), ("--ssl-certfile", _TLS_WHY)),
+            argparse_abbrev=True, loading="connection refused until loaded",
+            gpu_defaults="tensor-parallel",
+        ),
+        Backend(
+            name="sglang", program="python3", prefix=("-m", "sglang.launch_server"),
+            model_flag="--model-path", health_path="/health", unix_flag=None,
+            host_flag="--host", port_flag="--port", key_env=None,
+            refused_flags=(("--ssl-keyfile", _TLS_WHY), ("--ssl-certfile", _TLS_WHY)),
+            argparse_abbrev=True, loading="503 until loaded", gpu_defaults="tensor-parallel",
+        ),
+        Backend(
+            name="llama-server", program="llama-server", prefix=(), model_flag="-m",
+            health_path="/health", unix_flag="--host", host_flag="--host", port_flag="--port",
+            port_env=("LLAMA_ARG_PORT",), host_env=("LLAMA_ARG_HOST",),
+            key_env="LLAMA_API_KEY",
+            refused_flags=(
+                ("--api-key-file", "the readiness probe must authenticate; give the key with "
+                                   "--api-key and unitgen keeps it in a secret file"),
+                ("--ssl-key-file", _TLS_WHY), ("--ssl-cert-file", _TLS_WHY),
+            ),
+            loading="503 {\"error\":\"Loading model\"} until loaded",
+            gpu_defaults="offload-layers",
+        ),
+        Backend(
+            name="llama-box", program="llama-box", prefix=(), model_flag="-m",
+            health_path="/health", unix_flag="--host", host_flag="--host", port_flag="--port",
+            # llama-box forks llama.cpp's argument parser; catching its variables too costs nothing.
+            port_env=("LLAMA_ARG_PORT",), host_env=("LLAMA_ARG_HOST",), key_env=None,
+            refused_flags=(("--ssl-key-file", _TLS_WHY), ("--ssl-cert-file", _TLS_WHY)),
+            loading="404 until loaded", gpu_defaults="offload-layers",
+        ),
+        Backend(
+            name="vox-box", program="vox-box", prefix=("start",), model_flag="--model",
+            health_path="/v1/models", unix_flag=None, host_flag="--host", port_flag="--port",
+            port_flags=("--port", "-p"), key_flags=(), argparse_abbrev=True,
+            loading="connection refused: it loads before it listens",
+        ),
+        Backend(
+            name="custom", program="", prefix=(), model_flag=None, health_path="/health",
+            unix_flag=None, host_flag=None, port_flag=None, key_flags=(),
+            loading="declared by the user",
+        ),
+    )
+}  # fmt: skip
+
+# For custom commands: options that commonly fix a listen address. A literal
+# value here (rather than a {port}/{host}/{unix} placeholder) is refused.
+GENERIC_LISTEN_FLAGS = ("--port", "--host", "--bind", "--listen", "--uds", "--unix-socket")
+
+
+def get_backend(name: str) -> Backend:
+    """Return the backend definition for a validated backend name."""
+    return BACKENDS[name]

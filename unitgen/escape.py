@@ -1,0 +1,95 @@
+"""Quoting for systemd unit files, as Jinja filters with their own tests.
+
+systemd expands ``%`` specifiers in almost every setting and ``$VAR`` in
+``Exec*=`` command lines, splits command lines on whitespace, unquotes ``"..."``
+with C escapes, and treats a trailing backslash as a line continuation. Every
+value from a spec passes through one of these functions on its way into a
+unit, so no value can add a line, a section or a directive, and each reaches
+the server byte for byte.
+"""
+
+from __future__ import annotations
+
+import re
+
+from unitgen.instance import RUNTIME_DIR
+
+__all__ = [
+    "env_file_line",
+    "environment_assignment",
+    "exec_line",
+    "exec_word",
+    "path_value",
+    "text_value",
+]
+
+# Words made only of these characters need no quotes (and contain no % or $).
+_SAFE_WORD = re.compile(r"^[A-Za-z0-9_./:=,+@-]+$")
+_C_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _c_escape(text: str, *, dollar: bool) -> str:
+    out: list[str] = []
+    for ch in text:
+        if ch in _C_ESCAPES:
+            out.append(_C_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ch == "%":
+            out.append("%%")
+        elif ch == "$" and dollar:
+            out.append("$$")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def exec_word(word: str) -> str:
+    """One argv element for ``ExecStart=``: reaches the program exactly as given.
+
+    The :data:`RUNTIME_DIR` token becomes ``%t`` (the manager's runtime directory).
+    """
+    if "\x00" in word.replace(RUNTIME_DIR, ""):
+        raise ValueError("a command-line word cannot contain a NUL character")
+    if RUNTIME_DIR not in word and _SAFE_WORD.match(word):
+        return word
+    pieces = word.split(RUNTIME_DIR)
+    return '"' + "%t".join(_c_escape(p, dollar=True) for p in pieces) + '"'
+
+
+def exec_line(argv: tuple[str, ...] | list[str]) -> str:
+    """A whole command line for ``Exec*=``."""
+    return " ".join(exec_word(w) for w in argv)
+
+
+def environment_assignment(name: str, value: str) -> str:
+    """The value of one ``Environment=`` line: ``"NAME=value"``, quoted and escaped.
+
+    ``Environment=`` expands ``%`` specifiers and C escapes but not ``$``.
+    """
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+        raise ValueError(f"{name!r} is not an environment variable name")
+    if "\x00" in value:
+        raise ValueError("an environment value cannot contain a NUL character")
+    return '"' + _c_escape(f"{name}={value}", dollar=False) + '"'
+
+
+def text_value(text: str) -> str:
+    """Free text (``Description=``): one line, specifiers escaped, no continuation."""
+    flat = "".join(" " if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in text)
+    return flat.replace("%", "%%").rstrip("\\ ").strip()
+
+
+def path_value(path: str) -> str:
+    """An absolute path setting (``WorkingDirectory=``): specifiers escaped."""
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path) or path.endswith("\\"):
+        raise ValueError(f"{path!r} cannot be written into a unit file")
+    return path.replace("%", "%%")
+
+
+def env_file_line(name: str, value: str) -> str:
+    """One ``NAME="value"`` line for an ``EnvironmentFile=`` (secrets live there)."""
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError("a secret must be one line of printable characters")
+    escaped = "".join("\\" + ch if ch in '"\\`$' else ch for ch in value)
+    return f'{name}="{escaped}"'

@@ -1,0 +1,254 @@
+"""From a validated spec to a resolved instance: the server's argv and
+environment, its public and private endpoints, its probe targets and secrets.
+
+This is the plan every target renders (systemd units now, supervisor programs
+later); it contains no systemd syntax. The one target-specific thing, the
+directory where runtime sockets live, is the :data:`RUNTIME_DIR` token that each
+target replaces (systemd: ``%t``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from unitgen.argscan import find_options, remove_found
+from unitgen.backends import Backend, get_backend
+from unitgen.errors import Problem, SpecError
+from unitgen.ports import default_private_port, probe_host, resolve_listen
+from unitgen.spec import InstanceSpec
+
+__all__ = ["RUNTIME_DIR", "Endpoint", "Instance", "resolve"]
+
+# Stands for the service manager's runtime directory inside argv words. A NUL
+# can never come from a spec (the spec parser refuses it), so it cannot collide.
+RUNTIME_DIR = "\x00runtime\x00"
+
+ProblemSink = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where something listens: TCP host:port, or a Unix socket path."""
+
+    kind: str  # "tcp" or "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""  # may start with RUNTIME_DIR
+
+    def probe_target(self) -> str:
+        """The target as the probe takes it: ``host:port`` or a socket path."""
+        if self.kind == "unix":
+            return self.path
+        host = probe_host(self.host)
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def listen(self) -> str:
+        """The address as a listening socket is configured: ``host:port`` or a path."""
+        if self.kind == "unix":
+            return self.path
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Instance:
+    """Everything a target needs to run one instance, already checked."""
+
+    spec: InstanceSpec
+    public: Endpoint
+    port_from_spec: bool
+    private: Endpoint | None  # None: the server takes the public socket itself
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    secrets: tuple[tuple[str, str], ...]  # variables that hold keys: never in a unit or argv
+    probe_key_env: str | None  # the variable the probe reads its bearer key from
+    health_path: str
+    health_timeout: float
+    notices: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """Instance name."""
+        return self.spec.name
+
+    @property
+    def backend(self) -> Backend:
+        """The backend definition."""
+        return get_backend(self.spec.backend)
+
+    @property
+    def uses_proxy(self) -> bool:
+        """True when systemd-socket-proxyd joins the public socket to a private endpoint."""
+        return self.private is not None
+
+
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_]*)\}")
+CUSTOM_PLACEHOLDERS = ("host", "port", "unix", "model", "name")
+
+
+def resolve(spec: InstanceSpec, *, port: int | None = None) -> Instance:
+    """Resolve a spec into an instance; ``port`` overrides a defaulted public port
+    (deploy passes the one it allocated). Raise SpecError listing every problem."""
+    backend = get_backend(spec.backend)
+    listen = resolve_listen(
+        source=spec.source, name=spec.name, backend=backend, spec_host=spec.host,
+        spec_port=spec.port, args=spec.args, env=spec.env, command=spec.command,
+    )  # fmt: skip
+    problems = list(listen.problems)
+
+    def problem(key: str, message: str) -> None:
+        problems.append(Problem(spec.source, key, message))
+
+    public_port = port if (port is not None and not listen.port_from_spec) else listen.port
+    public = Endpoint("tcp", host=listen.host, port=public_port)
+
+    args, env, secrets, key_env = _take_api_key(spec, backend, listen.args, listen.env, problem)
+
+    private: Endpoint | None
+    if spec.socket_activation:
+        private = None
+    elif backend.unix_flag is not None:
+        private = Endpoint("unix", path=f"{RUNTIME_DIR}/unitgen-{spec.name}/http.sock")
+    else:
+        pport = spec.private_port or default_private_port(spec.name)
+        if pport == public.port:
+            problem("private_port", f"{pport} is the public port; the server must listen "
+                                    "elsewhere (the socket owns the public port)")  # fmt: skip
+        private = Endpoint("tcp", host="127.0.0.1", port=pport)
+    if spec.private_port is not None and (private is None or private.kind != "tcp"):
+        problem("private_port", f"is only used by servers that listen on loopback TCP; "
+                                f"{spec.backend} listens on a private Unix socket")  # fmt: skip
+
+    argv = _argv(spec, backend, args, private, problem)
+    if problems:
+        raise SpecError(problems=problems)
+    return Instance(
+        spec=spec, public=public, port_from_spec=listen.port_from_spec, private=private,
+        argv=argv, env=env, secrets=secrets, probe_key_env=key_env,
+        health_path=spec.health.path or backend.health_path,
+        health_timeout=spec.health.timeout, notices=listen.notices,
+    )  # fmt: skip
+
+
+def _argv(
+    spec: InstanceSpec,
+    backend: Backend,
+    args: tuple[str, ...],
+    private: Endpoint | None,
+    problem: ProblemSink,
+) -> tuple[str, ...]:
+    if spec.backend == "custom":
+        assert spec.command is not None  # noqa: S101 - the spec parser requires it
+        used: set[str] = set()
+        words = tuple(
+            _fill(w, spec, private, used, problem, f"command[{i}]")
+            for i, w in enumerate(spec.command)
+        ) + tuple(_fill(w, spec, private, used, problem, f"args[{i}]") for i, w in enumerate(args))
+        if spec.executable:
+            words = (spec.executable, *words[1:])
+        if private is not None and private.kind == "tcp" and "port" not in used:
+            problem("command", "must say where the server listens: put {port} (and {host}) or "
+                               "{unix} in it, or set socket_activation = true")  # fmt: skip
+        if private is None and used & {"host", "port", "unix"}:
+            problem("command", "uses {host}/{port}/{unix} but socket_activation = true: the "
+                               "server gets its socket from systemd as fd 3")  # fmt: skip
+        return words
+    assert spec.model is not None and private is not None  # noqa: S101 - checked by spec parser
+    exe = spec.executable or backend.program
+    model = (spec.model,) if backend.model_flag is None else (backend.model_flag, spec.model)
+    if private.kind == "unix":
+        assert backend.unix_flag is not None  # noqa: S101
+        listen: tuple[str, ...] = (backend.unix_flag, private.path)
+    else:
+        assert backend.host_flag and backend.port_flag  # noqa: S101
+        listen = (backend.host_flag, private.host, backend.port_flag, str(private.port))
+    return (exe, *backend.prefix, *model, *listen, *args)
+
+
+def _fill(
+    word: str,
+    spec: InstanceSpec,
+    private: Endpoint | None,
+    used: set[str],
+    problem: ProblemSink,
+    key: str,
+) -> str:
+    unix_path = f"{RUNTIME_DIR}/unitgen-{spec.name}/http.sock"
+
+    def sub(match: re.Match[str]) -> str:
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        name = match.group(1)
+        used.add(name)
+        if name == "port":
+            return str(private.port) if private and private.kind == "tcp" else "{port}"
+        if name == "host":
+            return private.host if private and private.kind == "tcp" else "{host}"
+        if name == "unix":
+            return unix_path
+        if name == "model":
+            if spec.model is None:
+                problem(key, "{model} is used but the spec has no model")
+            return spec.model or ""
+        if name == "name":
+            return spec.name
+        problem(key, f"unknown placeholder {token}; known: "
+                     + ", ".join("{" + p + "}" for p in CUSTOM_PLACEHOLDERS)
+                     + " (write {{ and }} for literal braces)")  # fmt: skip
+        return token
+
+    return _PLACEHOLDER.sub(sub, word)
+
+
+def _take_api_key(
+    spec: InstanceSpec,
+    backend: Backend,
+    args: tuple[str, ...],
+    env: tuple[tuple[str, str], ...],
+    problem: ProblemSink,
+) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], str | None]:
+    """Move the API key out of argv/env into a secret, so the probe can authenticate
+    and no unit file or command line ever shows it."""
+    if spec.backend == "custom":
+        if spec.api_key_env is None:
+            return args, env, (), None
+        values = [v for k, v in env if k == spec.api_key_env]
+        if not values:
+            problem("api_key_env", f"names {spec.api_key_env}, which is not set in env")
+            return args, env, (), None
+        _check_key(values[0], f"env.{spec.api_key_env}", problem)
+        kept = tuple((k, v) for k, v in env if k != spec.api_key_env)
+        return args, kept, ((spec.api_key_env, values[0]),), spec.api_key_env
+
+    hits = find_options(args, backend.key_flags, abbrev=backend.argparse_abbrev)
+    claims = [("args", h.shown(), h.value) for h in hits]
+    if backend.key_env:
+        claims += [(f"env.{k}", k, v) for k, v in env if k == backend.key_env]
+    if not claims:
+        return args, env, (), None
+    for where, shown, value in claims:
+        if value is None:
+            problem(where, f"{shown}: the API key option needs a value")
+            return args, env, (), None
+    if len({v for _, _, v in claims}) > 1:
+        problem(claims[1][0], "two different API keys are given; keep one")
+        return args, env, (), None
+    where, _, key = claims[0]
+    assert key is not None  # noqa: S101
+    if backend.key_env is None:
+        problem(where, f"{spec.backend} takes its API key only on its command line, where any "
+                       "local user can read it (ps, /proc); unitgen will not put it there. "
+                       "Put an authenticating proxy in front, or use a server that reads the "
+                       "key from its environment (vllm, llama-server)")  # fmt: skip
+        return args, env, (), None
+    _check_key(key, where, problem)
+    kept_args = remove_found(args, hits)
+    kept_env = tuple((k, v) for k, v in env if k != backend.key_env)
+    return kept_args, kept_env, ((backend.key_env, key),), backend.key_env
+
+
+def _check_key(key: str, where: str, problem: ProblemSink) -> None:
+    if not key or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in key):
+        problem(where, "the API key must be one line of printable characters")

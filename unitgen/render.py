@@ -1,0 +1,214 @@
+"""Rendering a resolved instance into systemd unit files (text, not yet on disk).
+
+One function builds the Jinja environment (StrictUndefined: a missing variable
+is a bug, not an empty string); quoting lives in :mod:`unitgen.escape`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+
+from unitgen import escape
+from unitgen.errors import Problem, SpecError, UnitgenError
+from unitgen.instance import RUNTIME_DIR, Instance
+from unitgen.timespan import format_seconds
+
+__all__ = [
+    "MARKER",
+    "OWNED_DIRECTIVES",
+    "RenderContext",
+    "RenderedFile",
+    "find_proxyd",
+    "make_environment",
+    "render_instance",
+    "secret_path",
+    "templates_dir",
+]
+
+MARKER = "# unitgen-instance: "  # proves a unit file is ours (see header.j2)
+
+# Directives unitgen sets itself; [systemd.*] in a spec may not override them,
+# because each one could move the port, the probe or the process that owns them.
+OWNED_DIRECTIVES = frozenset({
+    "ExecStart", "ExecStartPost", "ExecStartPre", "ExecStop", "ExecStopPost", "ExecReload",
+    "Type", "Environment", "EnvironmentFile", "RuntimeDirectory", "RuntimeDirectoryMode",
+    "User", "Group", "WorkingDirectory", "Restart", "NotifyAccess", "TimeoutStartSec",
+    "StopWhenUnneeded", "PartOf", "BindsTo", "After", "Before", "Requires", "Sockets",
+    "ListenStream", "KillMode", "SyslogIdentifier", "DynamicUser",
+})  # fmt: skip
+
+# A server starts its ExecStartPost probe at once; systemd's own start timeout is
+# the probe's deadline plus this margin, so the probe's one-line reason wins.
+START_MARGIN = 30.0
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    """What rendering needs from the host: the interpreter that runs the probe,
+    where systemd-socket-proxyd lives, and which manager the units are for."""
+
+    python: str
+    proxyd: str
+    scope: str = "system"  # "system" or "user"
+
+    @classmethod
+    def detect(cls, *, scope: str = "system") -> RenderContext:
+        """The context of this host: this interpreter and the installed proxyd."""
+        return cls(python=sys.executable, proxyd=find_proxyd(), scope=scope)
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    """One file to install: unit files go in the manager's unit directory;
+    the secret file (mode 0600) goes to :func:`secret_path`."""
+
+    name: str
+    text: str
+    secret: bool = False
+
+
+def find_proxyd() -> str:
+    """Locate systemd-socket-proxyd (not on PATH on Debian; /usr/lib on merged-/usr)."""
+    found = shutil.which("systemd-socket-proxyd")
+    if found:
+        return found
+    for candidate in ("/usr/lib/systemd/systemd-socket-proxyd", "/lib/systemd/systemd-socket-proxyd"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise UnitgenError(
+        "systemd-socket-proxyd not found (looked on PATH, /usr/lib/systemd, /lib/systemd); "
+        "it ships with systemd (Debian: package systemd)"
+    )
+
+
+def templates_dir() -> Path:
+    """The templates: inside the installed package (wheel), or the repo's top-level
+    ``templates/`` (editable install and source checkout)."""
+    packaged = Path(str(resources.files("unitgen"))) / "templates"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "templates"
+
+
+def make_environment() -> jinja2.Environment:
+    """The one Jinja environment: strict, no autoescape (units are not HTML)."""
+    env = jinja2.Environment(  # noqa: S701 - systemd escaping is done by the filters below
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    env.filters["exec"] = escape.exec_line
+    env.filters["env"] = escape.environment_assignment
+    env.filters["text"] = escape.text_value
+    env.filters["path"] = escape.path_value
+    return env
+
+
+def secret_path(name: str) -> str:
+    """Where an instance's secret file is installed, as a unit specifier path:
+    ``/etc/unitgen/secrets/NAME.env`` (system) or ``~/.config/unitgen/secrets/NAME.env`` (user)."""
+    return f"%E/unitgen/secrets/{name}.env"
+
+
+def _probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> list[str]:
+    cmd = [
+        ctx.python, "-I", "-m", "unitgen.probe",
+        "--target", target, "--path", inst.health_path,
+        "--timeout", format_seconds(inst.health_timeout), "--label", label,
+    ]  # fmt: skip
+    if inst.probe_key_env:
+        cmd += ["--key-env", inst.probe_key_env]
+    return cmd
+
+
+def _check_extras(inst: Instance) -> None:
+    problems = [
+        Problem(inst.spec.source, f"systemd.{section}.{key}",
+                f"is set by unitgen and cannot be overridden ({_owned_hint(key)})")
+        for section, pairs in (("unit", inst.spec.systemd_unit),
+                               ("service", inst.spec.systemd_service))
+        for key, _ in pairs if key in OWNED_DIRECTIVES
+    ]  # fmt: skip
+    problems += [
+        Problem(inst.spec.source, f"systemd.{section}.{key}", "must not end with a backslash")
+        for section, pairs in (("unit", inst.spec.systemd_unit),
+                               ("service", inst.spec.systemd_service))
+        for key, value in pairs if value.endswith("\\")
+    ]  # fmt: skip
+    if problems:
+        raise SpecError(problems=problems)
+
+
+def _owned_hint(key: str) -> str:
+    hints = {
+        "User": "use user = ...", "Group": "use group = ...", "Restart": "use restart = ...",
+        "Environment": "use [env]", "WorkingDirectory": "use working_directory = ...",
+        "ExecStart": "use args, or command for backend custom",
+        "TimeoutStartSec": "use [health] timeout",
+    }  # fmt: skip
+    return hints.get(key, "it keeps the port, the probe and the process tree consistent")
+
+
+def render_instance(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
+    """Render an instance's unit files (and its secret file, if it has a key)."""
+    _check_extras(inst)
+    env = make_environment()
+    spec = inst.spec
+    addr = ipaddress.ip_address(inst.public.host)
+    secret = bool(inst.secrets)
+    common = {
+        "source": Path(spec.source).name,
+        "name": spec.name,
+        "backend": spec.backend,
+        "model": spec.model or spec.name,
+        "public_listen": inst.public.listen(),
+        "free_bind": not (addr.is_loopback or addr.is_unspecified),
+        "eager": spec.activation == "eager",
+        "wanted_by": "default.target" if ctx.scope == "user" else "multi-user.target",
+        "start_timeout": format_seconds(inst.health_timeout + START_MARGIN),
+        "secret_file": secret_path(spec.name) if secret else "",
+        "argv": list(inst.argv),
+        "env": list(inst.env),
+        "working_directory": spec.working_directory or "",
+        "user": spec.user or "",
+        "group": spec.group or "",
+        "restart": spec.restart,
+        "unit_extra": list(spec.systemd_unit),
+        "service_extra": list(spec.systemd_service),
+        "probe_public": _probe_cmd(ctx, inst, inst.public.probe_target(), "public"),
+    }
+    files = [RenderedFile(f"{spec.name}.socket", env.get_template("socket.j2").render(common))]
+    if inst.private is None:
+        text = env.get_template("direct.service.j2").render(common)
+        files.append(RenderedFile(f"{spec.name}.service", text))
+    else:
+        proxy_cmd = [ctx.proxyd, f"--connections-max={spec.max_connections}"]
+        if spec.idle_stop is not None:
+            proxy_cmd.append(f"--exit-idle-time={format_seconds(spec.idle_stop)}")
+        proxy_cmd.append(inst.private.listen())
+        private_ctx = {
+            **common,
+            "proxy_cmd": proxy_cmd,
+            "probe_private": _probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
+            "runtime_dir": f"unitgen-{spec.name}" if RUNTIME_DIR in inst.private.path else "",
+        }
+        files.append(RenderedFile(
+            f"{spec.name}.service", env.get_template("proxy.service.j2").render(private_ctx)))
+        files.append(RenderedFile(
+            f"{spec.name}-backend.service",
+            env.get_template("backend.service.j2").render(private_ctx)))
+    if secret:
+        lines = [escape.env_file_line(k, v) for k, v in inst.secrets]
+        files.append(RenderedFile(f"{spec.name}.env", "\n".join(lines) + "\n", secret=True))
+    return files

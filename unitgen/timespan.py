@@ -1,0 +1,48 @@
+"""systemd time spans (``15min``, ``1h 30s``, ``90``) parsed to seconds.
+
+A spec writes durations the way systemd documents them (systemd.time(7)) so a
+user can copy them between unitgen specs and hand-written units.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["format_seconds", "parse_timespan"]
+
+_UNITS: dict[str, float] = {
+    "us": 1e-6, "usec": 1e-6, "µs": 1e-6,
+    "ms": 1e-3, "msec": 1e-3,
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+    "w": 604800, "week": 604800, "weeks": 604800,
+}  # fmt: skip
+
+_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zµ]*)", re.ASCII | re.IGNORECASE)
+
+
+def parse_timespan(text: str) -> float:
+    """Return the seconds in a systemd time span; raise ValueError with a reason."""
+    rest = text.strip()
+    if not rest:
+        raise ValueError("empty time span")
+    total = 0.0
+    while rest:
+        match = _PART.match(rest)
+        if not match or not match.group(0).strip():
+            raise ValueError(f"not a time span: {text!r} (examples: 90s, 15min, 1h 30min)")
+        number, unit = match.group(1), match.group(2).lower()
+        if unit and unit not in _UNITS:
+            raise ValueError(f"unknown time unit {unit!r} in {text!r}")
+        total += float(number) * _UNITS[unit or "s"]
+        rest = rest[match.end() :].strip()
+    return total
+
+
+def format_seconds(seconds: float) -> str:
+    """Render seconds the way units and messages show them (``1800s``, ``0.5s``)."""
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{int(round(seconds * 1000))}ms"
