@@ -1,0 +1,104 @@
+"""Shared test helpers: inline spec files, installing rendered units into a
+sandboxed user manager, and a tiny HTTP client."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from unitgen.core import render_spec, write_files
+from unitgen.render import RenderContext, find_proxyd
+from unitgen.sandbox import Sandbox
+
+STANDIN = Path(__file__).resolve().parent / "standin_server.py"
+GOLDEN_CTX = RenderContext(
+    python="/usr/bin/python3", proxyd="/usr/lib/systemd/systemd-socket-proxyd", scope="system"
+)
+
+
+def write_spec(directory: Path, name: str, text: str) -> Path:
+    """Write a spec file into ``directory`` and return its path."""
+    path = directory / f"{name}.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def standin_exe(directory: Path) -> Path:
+    """An executable that runs the stand-in server with this interpreter."""
+    exe = directory / "standin"
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {STANDIN} \"$@\"\n")
+    exe.chmod(0o755)
+    return exe
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def user_ctx() -> RenderContext:
+    """Render context for the sandbox's user manager."""
+    return RenderContext(python=sys.executable, proxyd=find_proxyd(), scope="user")
+
+
+def install(box: Sandbox, spec_path: Path) -> list[str]:
+    """Render a spec and install its files into the sandbox; daemon-reload."""
+    done = render_spec(spec_path, user_ctx())
+    units = tuple(f for f in done.files if not f.secret)
+    secrets = tuple(f for f in done.files if f.secret)
+    write_files(box.unit_dir, done.instance.name, units)
+    if secrets:
+        write_files(box.root / "home" / ".config" / "unitgen" / "secrets", done.instance.name,
+                    secrets)
+    box.systemctl("daemon-reload", check=True)
+    return [f.name for f in units]
+
+
+def uninstall(box: Sandbox, name: str) -> None:
+    """Stop and delete an instance's units from the sandbox."""
+    box.systemctl("stop", f"{name}.socket", f"{name}.service", f"{name}-backend.service")
+    for path in box.unit_dir.glob(f"{name}*"):
+        path.unlink()
+    box.systemctl("reset-failed")
+    box.systemctl("daemon-reload")
+
+
+def prop(box: Sandbox, unit: str, name: str) -> str:
+    """One property of a unit, as systemctl show prints it."""
+    out = box.systemctl("show", "-p", name, "--value", unit).stdout
+    return out.strip()
+
+
+def get(port: int, path: str = "/health", *, timeout: float = 30.0,
+        key: str | None = None, host: str = "127.0.0.1") -> tuple[int, dict[str, Any]]:
+    """GET over TCP; returns (status, json body)."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        data = {"raw": body.decode("utf-8", "replace")}
+    return resp.status, data
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
+    """Poll until ``predicate()`` is true or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

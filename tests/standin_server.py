@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""A stand-in model server for tests and the demo: standard library only.
+
+It reads its listen address from a model server's argv, whatever the backend:
+``--uds PATH`` (vLLM), ``--host PATH.sock`` (llama-server, llama-box),
+``--host H --port N`` (SGLang, vox-box, custom), or fd 3 when systemd passes a
+socket (``LISTEN_FDS``). Behaviour comes from environment variables:
+
+STANDIN_LOAD_SECONDS   time to "load the model" before answering 200 (default 0)
+STANDIN_LOADING        while loading: ``refuse`` (not listening yet), ``503`` or ``404``
+STANDIN_NEVER_READY    ``1``: keep loading for ever
+STANDIN_KEY_ENV        name of a variable holding the API key; requests without
+                       ``Authorization: Bearer <key>`` get 401 (health included)
+STANDIN_RECORD         file to write ``{"argv": [...], "env": {...}, "pid": N}`` to at start
+STANDIN_EXTRA_PORT     also listen on this loopback TCP port (a misconfigured server)
+
+Every answer is JSON and carries the server's pid, so a test can tell restarts apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+STARTED = time.monotonic()
+
+
+def _arg(argv: list[str], *names: str) -> str | None:
+    for i, word in enumerate(argv):
+        for name in names:
+            if word == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if word.startswith(name + "="):
+                return word.split("=", 1)[1]
+    return None
+
+
+def loaded() -> bool:
+    if os.environ.get("STANDIN_NEVER_READY") == "1":
+        return False
+    return time.monotonic() - STARTED >= float(os.environ.get("STANDIN_LOAD_SECONDS", "0"))
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        body = json.dumps({**payload, "pid": os.getpid()}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        key_env = os.environ.get("STANDIN_KEY_ENV")
+        key = os.environ.get(key_env) if key_env else None
+        if key and self.headers.get("Authorization") != f"Bearer {key}":
+            self._send(401, {"error": {"message": "invalid api key"}})
+            return
+        if not loaded():
+            mode = os.environ.get("STANDIN_LOADING", "503")
+            status = 404 if mode == "404" else 503
+            self._send(status, {"error": {"message": "Loading model"}})
+            return
+        if self.path in ("/health", "/v1/models", "/"):
+            self._send(200, {"status": "ok", "path": self.path})
+        else:
+            self._send(200, {"status": "ok", "path": self.path, "echo": True})
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        return
+
+
+class UnixServer(ThreadingHTTPServer):
+    address_family = socket.AF_UNIX
+
+    def server_bind(self) -> None:
+        self.socket.bind(self.server_address)
+        self.server_name, self.server_port = "localhost", 0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, _ = self.socket.accept()
+        return conn, ("unix", 0)
+
+
+def make_server(argv: list[str]) -> ThreadingHTTPServer:
+    if os.environ.get("LISTEN_FDS") and os.environ.get("LISTEN_PID") == str(os.getpid()):
+        sock = socket.socket(fileno=3)
+        server = ThreadingHTTPServer(sock.getsockname()[:2], Handler, bind_and_activate=False)
+        server.socket.close()
+        server.socket = sock
+        return server
+    uds = _arg(argv, "--uds")
+    host = _arg(argv, "--host")
+    if uds is None and host is not None and (host.endswith(".sock") or host.startswith("/")):
+        uds = host
+    if uds is not None:
+        if os.path.exists(uds):
+            os.unlink(uds)
+        return UnixServer(uds, Handler)
+    port = int(_arg(argv, "--port") or "8080")
+    return ThreadingHTTPServer((host or "127.0.0.1", port), Handler)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    record = os.environ.get("STANDIN_RECORD")
+    if record:
+        with open(record, "w", encoding="utf-8", errors="surrogateescape") as fh:
+            json.dump({"argv": argv, "env": dict(os.environ), "pid": os.getpid()}, fh)
+    print(f"standin: pid {os.getpid()} argv {argv}", file=sys.stderr, flush=True)
+    if os.environ.get("STANDIN_LOADING") == "refuse" and not os.environ.get("LISTEN_FDS"):
+        while not loaded():
+            time.sleep(0.05)
+    extra = os.environ.get("STANDIN_EXTRA_PORT")
+    if extra:
+        side = ThreadingHTTPServer(("127.0.0.1", int(extra)), Handler)
+        threading.Thread(target=side.serve_forever, daemon=True).start()
+    server = make_server(argv)
+    print("standin: listening", file=sys.stderr, flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
