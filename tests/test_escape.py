@@ -1,0 +1,106 @@
+"""Quoting filters: round trips through a model of systemd's unquoting, and no
+value can ever produce a second line. The live proof (bytes recorded by a
+stand-in server under a real manager) is in test_quoting_live.py."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unitgen.escape import (
+    env_file_line,
+    environment_assignment,
+    exec_line,
+    exec_word,
+    path_value,
+    text_value,
+)
+from unitgen.instance import RUNTIME_DIR
+
+TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+
+_UNESCAPE = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"'}
+
+
+def systemd_words(line: str, *, dollar: bool) -> list[str]:
+    """A model of how systemd reads our output: %% -> %, quoted words with C
+    escapes, $$ -> $ (Exec lines). Only the forms exec_word emits."""
+    words, i = [], 0
+    while i < len(line):
+        if line[i] == " ":
+            i += 1
+            continue
+        if line[i] == '"':
+            i += 1
+            buf = []
+            while line[i] != '"':
+                if line[i] == "\\":
+                    nxt = line[i + 1]
+                    if nxt == "x":
+                        buf.append(chr(int(line[i + 2:i + 4], 16)))
+                        i += 4
+                        continue
+                    buf.append(_UNESCAPE[nxt])
+                    i += 2
+                    continue
+                if line.startswith("%%", i):
+                    i += 1
+                elif dollar and line.startswith("$$", i):
+                    i += 1
+                buf.append(line[i])
+                i += 1
+            i += 1
+            word = "".join(buf)
+        else:
+            j = line.find(" ", i)
+            j = len(line) if j < 0 else j
+            word, i = line[i:j], j
+            assert "%" not in word and "$" not in word and "\\" not in word
+        words.append(word)
+    return words
+
+
+@given(st.lists(TEXT, min_size=1, max_size=5))
+def test_exec_line_round_trips(words):
+    line = exec_line(words)
+    assert "\n" not in line and "\r" not in line
+    assert systemd_words(line, dollar=True) == words
+
+
+@given(TEXT)
+def test_environment_round_trips(value):
+    out = environment_assignment("NAME", value)
+    assert "\n" not in out
+    assert systemd_words(out, dollar=False) == [f"NAME={value}"]
+
+
+@given(TEXT)
+def test_text_value_is_one_line_without_continuation(value):
+    out = text_value(value)
+    assert "\n" not in out and "\r" not in out and not out.endswith("\\")
+    assert out.replace("%%", "").count("%") == 0
+
+
+def test_examples():
+    assert exec_word("plain-word_1.2/x:y=z,+@") == "plain-word_1.2/x:y=z,+@"
+    assert exec_word("") == '""'
+    assert exec_word("a b") == '"a b"'
+    assert exec_word("100%") == '"100%%"'
+    assert exec_word("$HOME") == '"$$HOME"'
+    assert exec_word('say "hi"\n') == '"say \\"hi\\"\\n"'
+    assert exec_word(";") == '";"'
+    assert exec_word(f"{RUNTIME_DIR}/x.sock") == '"%t/x.sock"'
+    assert environment_assignment("A", "1$ %") == '"A=1$ %%"'
+    assert env_file_line("K", 'a"b$c\\d`') == 'K="a\\"b\\$c\\\\d\\`"'
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="NUL"):
+        exec_word("a\x00b")
+    with pytest.raises(ValueError, match="environment variable name"):
+        environment_assignment("A B", "x")
+    with pytest.raises(ValueError, match="cannot be written"):
+        path_value("/a\nb")
+    with pytest.raises(ValueError, match="one line"):
+        env_file_line("K", "a\nb")

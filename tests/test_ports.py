@@ -1,0 +1,192 @@
+"""The port rules: every spelling caught; adopt when unambiguous, refuse conflicts;
+in every rendered instance the probed port is the socket's and the server never
+binds it."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import GOLDEN_CTX
+from unitgen.argscan import find_options
+from unitgen.errors import SpecError
+from unitgen.instance import resolve
+from unitgen.ports import DEFAULT_PORT_RANGE, default_port
+from unitgen.render import render_instance
+from unitgen.spec import parse_spec
+
+BUILTIN = ("vllm", "sglang", "llama-server", "llama-box", "vox-box")
+
+
+def spec_text(backend: str, extra: str = "") -> str:
+    return f'name = "p"\nbackend = "{backend}"\nmodel = "m"\n{extra}\n'
+
+
+def resolve_text(text: str):
+    return resolve(parse_spec(text, "p.toml"))
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        resolve_text(text)
+    return [str(p) for p in info.value.problems]
+
+
+@pytest.mark.parametrize("backend", BUILTIN)
+@pytest.mark.parametrize("args", [
+    '["--port", "9000"]', '["--port=9000"]', '["--dtype", "x", "--port", "9000", "--y"]',
+])  # fmt: skip
+def test_unambiguous_port_in_args_is_adopted(backend, args):
+    inst = resolve_text(spec_text(backend, f"args = {args}"))
+    assert inst.public.port == 9000
+    assert "9000" not in inst.argv
+    assert not any(a.startswith("--port=") for a in inst.argv)
+    assert any("taken as the public port" in n for n in inst.notices)
+
+
+@pytest.mark.parametrize("backend", ["vllm", "sglang", "vox-box"])
+def test_argparse_abbreviations_are_caught(backend):
+    inst = resolve_text(spec_text(backend, 'args = ["--por", "9000"]'))
+    assert inst.public.port == 9000 and "--por" not in inst.argv
+
+
+def test_vox_box_short_port():
+    assert resolve_text(spec_text("vox-box", 'args = ["-p", "9000"]')).public.port == 9000
+
+
+@pytest.mark.parametrize("backend", BUILTIN)
+def test_conflict_names_both_values(backend):
+    out = problems(spec_text(backend, 'port = 40001\nargs = ["--port", "9000"]'))
+    assert out == ["p.toml: args: --port 9000 conflicts with port = 40001; the port is written "
+                   "once: remove one of them"]
+
+
+@pytest.mark.parametrize("backend", BUILTIN)
+def test_bare_trailing_port_is_refused(backend):
+    out = problems(spec_text(backend, 'args = ["--dtype", "x", "--port"]'))
+    assert "--port (without a value): the option needs a value" in out[0]
+
+
+def test_same_port_is_removed_with_a_notice():
+    inst = resolve_text(spec_text("vllm", 'port = 9000\nargs = ["--port", "9000"]'))
+    assert inst.public.port == 9000 and "--port" not in inst.argv
+    assert "repeats port = 9000" in inst.notices[0]
+
+
+def test_llama_env_port_and_host_are_caught():
+    inst = resolve_text(spec_text("llama-server",
+                                  'env = { LLAMA_ARG_PORT = "9100", LLAMA_ARG_HOST = "0.0.0.0" }'))
+    assert (inst.public.host, inst.public.port) == ("0.0.0.0", 9100)
+    assert dict(inst.env) == {}
+    out = problems(spec_text("llama-server", 'port = 1\nenv = { LLAMA_ARG_PORT = "2" }'))
+    assert "env.LLAMA_ARG_PORT: LLAMA_ARG_PORT=2 conflicts with port = 1" in out[0]
+
+
+def test_two_values_in_args_and_env_disagree():
+    out = problems(spec_text("llama-server",
+                             'args = ["--port", "1"]\nenv = { LLAMA_ARG_PORT = "2" }'))
+    assert "disagree" in out[0]
+
+
+@pytest.mark.parametrize(("backend", "args"), [
+    ("vllm", '["--uds", "/tmp/x.sock"]'),
+    ("llama-server", '["--host", "/tmp/x.sock"]'),
+    ("llama-box", '["--host", "x.sock"]'),
+])  # fmt: skip
+def test_private_endpoint_options_are_refused(backend, args):
+    out = problems(spec_text(backend, f"args = {args}"))
+    assert "belongs to unitgen" in out[0]
+
+
+def test_host_conflict_and_bad_host():
+    assert "conflicts with host" in problems(
+        spec_text("vllm", 'host = "127.0.0.1"\nargs = ["--host", "0.0.0.0"]'))[0]
+    assert "must be an IP address" in problems(spec_text("vllm", 'host = "localhost"'))[0]
+
+
+def test_custom_literal_port_is_refused_placeholder_allowed():
+    bad = 'name = "c"\nbackend = "custom"\ncommand = ["/x", "--port", "9000"]\n'
+    assert "fixes the server's own listen address" in problems(bad)[0]
+    good = 'name = "c"\nbackend = "custom"\ncommand = ["/x", "--port={port}"]\nport = 8000\n'
+    inst = resolve_text(good)
+    assert inst.private is not None and inst.argv[1] == f"--port={inst.private.port}"
+
+
+def test_custom_without_listen_placeholder_is_refused():
+    out = problems('name = "c"\nbackend = "custom"\ncommand = ["/x"]\n')
+    assert "must say where the server listens" in out[0]
+
+
+def test_default_port_is_stable_and_in_range():
+    assert default_port("qwen") == default_port("qwen")
+    assert DEFAULT_PORT_RANGE[0] <= default_port("qwen") <= DEFAULT_PORT_RANGE[1]
+    inst = resolve_text(spec_text("vllm"))
+    assert inst.public.port == default_port("p") and not inst.port_from_spec
+
+
+def test_api_key_refused_where_it_would_land_in_argv():
+    out = problems(spec_text("sglang", 'args = ["--api-key", "k"]'))
+    assert "only on its command line" in out[0]
+
+
+# --- the invariant, over generated argument lists -------------------------
+
+PORT_SPELLINGS = st.sampled_from(["--port", "--port=", "--por"])
+WORDS = st.sampled_from(["--dtype", "bfloat16", "--host", "0.0.0.0", "-p", "7", "--x=1", "9000"])
+
+
+@st.composite
+def arg_lists(draw):
+    out: list[str] = []
+    for _ in range(draw(st.integers(0, 6))):
+        if draw(st.booleans()):
+            spelling = draw(PORT_SPELLINGS)
+            port = str(draw(st.sampled_from([8000, 9000, 0, 70000])))
+            if spelling.endswith("="):
+                out.append(spelling + port)
+            elif draw(st.integers(0, 5)) == 0:
+                out.append(spelling)  # bare
+            else:
+                out += [spelling, port]
+        else:
+            out.append(draw(WORDS))
+    return out
+
+
+def _directive(text: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(key + "=")]
+
+
+@settings(max_examples=300, deadline=None)
+@given(backend=st.sampled_from(BUILTIN), args=arg_lists(),
+       port=st.one_of(st.none(), st.sampled_from([8000, 9000])))
+def test_probed_port_is_the_socket_port_and_never_the_servers(backend, args, port):
+    import json  # noqa: PLC0415
+
+    extra = f"args = {json.dumps(args)}\n" + (f"port = {port}\n" if port else "")
+    try:
+        inst = resolve_text(spec_text(backend, extra))
+    except SpecError:
+        return  # refused with a message: allowed by the rules
+    files = {f.name: f.text for f in render_instance(inst, GOLDEN_CTX)}
+    listen = _directive(files["p.socket"], "ListenStream")
+    assert len(listen) == 1
+    socket_port = int(listen[0].rsplit(":", 1)[1])
+    probe = _directive(files["p.service"], "ExecStartPost")[0]
+    assert re.search(rf"--target \S+:{socket_port}\b", probe)
+    server = shlex.split(_directive(files["p-backend.service"], "ExecStart")[0])
+    # the server is told exactly one listen address, the private one
+    b = inst.backend
+    ports = find_options(tuple(server), b.port_flags, abbrev=b.argparse_abbrev)
+    hosts = find_options(tuple(server), b.host_flags + b.endpoint_flags, abbrev=b.argparse_abbrev)
+    assert inst.private is not None
+    if inst.private.kind == "tcp":
+        assert [f.value for f in ports] == [str(inst.private.port)]
+        assert [f.value for f in hosts] == ["127.0.0.1"]
+    else:
+        assert ports == []
+        assert [f.value for f in hosts] == ["%t/unitgen-p/http.sock"]
