@@ -35,7 +35,7 @@ def regenerate() -> None:
         out.mkdir(parents=True)
         for name, text in rendered(spec).items():
             (out / name).write_text(text, encoding="utf-8")
-            print(f"wrote {out / name}")  # noqa: T201 - a developer script
+            print(f"wrote {out / name}")
 
 
 if __name__ == "__main__":

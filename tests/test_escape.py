@@ -18,7 +18,7 @@ from unitgen.escape import (
 )
 from unitgen.instance import RUNTIME_DIR
 
-TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"))
 
 _UNESCAPE = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"'}
 
@@ -44,9 +44,7 @@ def systemd_words(line: str, *, dollar: bool) -> list[str]:
                     buf.append(_UNESCAPE[nxt])
                     i += 2
                     continue
-                if line.startswith("%%", i):
-                    i += 1
-                elif dollar and line.startswith("$$", i):
+                if line.startswith("%%", i) or (dollar and line.startswith("$$", i)):
                     i += 1
                 buf.append(line[i])
                 i += 1

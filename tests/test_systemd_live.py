@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port, get, install, prop, standin_exe, uninstall, wait_for, write_spec
+from tests.helpers import (
+    free_port,
+    get,
+    install,
+    prop,
+    standin_exe,
+    uninstall,
+    wait_for,
+    write_spec,
+)
 from unitgen.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd
@@ -188,7 +197,7 @@ def test_gpustack_2154_port_in_args_is_served_and_probed(sandbox, names, tmp_pat
     assert str(port) not in argv, f"the server was told the public port: {argv}"
 
 
-@pytest.mark.parametrize("backend", sorted(BACKEND_LOADING) + ["custom"])
+@pytest.mark.parametrize("backend", [*sorted(BACKEND_LOADING), "custom"])
 def test_gpustack_2154_conflicting_port_is_refused_by_check(tmp_path, backend):
     extra = ('command = ["/bin/srv", "--port", "9000"]\n' if backend == "custom"
              else 'model = "m"\nargs = ["--port", "9000"]\n')

@@ -6,13 +6,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from unitgen import __version__
 from unitgen.errors import EXIT_FAILURE, EXIT_USAGE, SpecError, UnitgenError
 from unitgen.result import Result, to_json, to_text
+
+if TYPE_CHECKING:
+    from unitgen.render import RenderContext
 
 __all__ = ["cli", "main"]
 
@@ -38,10 +41,10 @@ def cli() -> None:
     """Model servers as systemd units whose socket owns the port."""
 
 
-def _ctx(user: bool) -> Any:
-    from unitgen.render import RenderContext  # noqa: PLC0415 - keeps `unitgen probe` light
+def _ctx(user: bool) -> RenderContext:
+    from unitgen.render import RenderContext as Ctx  # noqa: PLC0415 - keeps `unitgen probe` light
 
-    return RenderContext.detect(scope="user" if user else "system")
+    return Ctx.detect(scope="user" if user else "system")
 
 
 @cli.command()

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from unitgen.argscan import Found, find_options, remove_found
+from unitgen.argscan import find_options, remove_found
 from unitgen.backends import GENERIC_LISTEN_FLAGS, Backend
 from unitgen.errors import Problem
 

@@ -125,7 +125,7 @@ class _Checker:
             return None
         return value
 
-    def word(self, value: Any, key: str) -> str | None:
+    def word(self, value: object, key: str) -> str | None:
         """A string for argv or environment; numbers are accepted and written as text."""
         if isinstance(value, bool):
             self.add(key, f"must be a string, not a boolean ({value!r}); quote it")
@@ -190,7 +190,7 @@ class _Checker:
         return value
 
 
-def _kind(value: Any) -> str:
+def _kind(value: object) -> str:
     return {
         bool: "a boolean", int: "an integer", float: "a number", str: "a string",
         list: "a list", dict: "a table",

@@ -45,4 +45,4 @@ def format_seconds(seconds: float) -> str:
     """Render seconds the way units and messages show them (``1800s``, ``0.5s``)."""
     if seconds == int(seconds):
         return f"{int(seconds)}s"
-    return f"{int(round(seconds * 1000))}ms"
+    return f"{round(seconds * 1000)}ms"
