@@ -15,7 +15,8 @@ from unitgen.core import render_spec, write_files
 from unitgen.render import RenderContext, find_proxyd
 from unitgen.sandbox import Sandbox
 
-STANDIN = Path(__file__).resolve().parent / "standin_server.py"
+# The stand-in server ships in examples/ (the demo uses it too).
+STANDIN = Path(__file__).resolve().parent.parent / "examples" / "demo_server.py"
 GOLDEN_CTX = RenderContext(
     python="/usr/bin/python3", proxyd="/usr/lib/systemd/systemd-socket-proxyd", scope="system"
 )

@@ -54,7 +54,7 @@ def verify_units(units: dict[str, str], tmp_path: Path) -> str:
         ["systemd-analyze", "verify", f"--root={root}", "--man=no",
          *[str(unit_dir / n) for n in units]],
         capture_output=True, text=True,
-    )  # fmt: skip
+    )
     return f"rc={done.returncode}\n{done.stdout}{done.stderr}".strip()
 
 

@@ -39,7 +39,7 @@ def problems(text: str) -> list[str]:
 @pytest.mark.parametrize("backend", BUILTIN)
 @pytest.mark.parametrize("args", [
     '["--port", "9000"]', '["--port=9000"]', '["--dtype", "x", "--port", "9000", "--y"]',
-])  # fmt: skip
+])
 def test_unambiguous_port_in_args_is_adopted(backend, args):
     inst = resolve_text(spec_text(backend, f"args = {args}"))
     assert inst.public.port == 9000
@@ -96,7 +96,7 @@ def test_two_values_in_args_and_env_disagree():
     ("vllm", '["--uds", "/tmp/x.sock"]'),
     ("llama-server", '["--host", "/tmp/x.sock"]'),
     ("llama-box", '["--host", "x.sock"]'),
-])  # fmt: skip
+])
 def test_private_endpoint_options_are_refused(backend, args):
     out = problems(spec_text(backend, f"args = {args}"))
     assert "belongs to unitgen" in out[0]

@@ -22,7 +22,7 @@ HOSTILE = st.text(
     st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=24
 ) | st.sampled_from(['a b', '"q"', "'s'", "back\\slash\\", "100%n", "%t", "$HOME", "${X}",
                      "$$", "line\nnext", "[Service]\nExecStart=/bin/evil", ";", "\\", "ünï 漢字",
-                     "-x", "tab\tx", "", " lead", "trail "])  # fmt: skip
+                     "-x", "tab\tx", "", " lead", "trail "])
 
 
 def toml_str(value: str) -> str:

@@ -61,7 +61,7 @@ def test_invalid_toml_names_the_file():
     ('systemd = { service = { Nice = "1\\n[Service]" } }', "systemd.service.Nice", "one line"),
     ('gpus = "all"', "gpus", "count"),
     ('api_key_env = "K"', "api_key_env", "only for backend 'custom'"),
-])  # fmt: skip
+])
 def test_bad_values_name_key_and_reason(text, key, fragment):
     out = problems(f'name = "a"\nbackend = "vllm"\nmodel = "m"\n{text}\n')
     assert any(p.startswith(f"x.toml: {key}: ") and fragment in p for p in out), out

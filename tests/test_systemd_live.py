@@ -172,7 +172,7 @@ def test_never_ready_fails_at_the_deadline_with_a_reason(sandbox, names, tmp_pat
 BACKEND_LOADING = {
     "vllm": "refuse", "sglang": "503", "llama-server": "503", "llama-box": "404",
     "vox-box": "refuse",
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("backend", sorted(BACKEND_LOADING))

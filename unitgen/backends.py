@@ -94,7 +94,7 @@ BACKENDS: dict[str, Backend] = {
             loading="declared by the user",
         ),
     )
-}  # fmt: skip
+}
 
 # For custom commands: options that commonly fix a listen address. A literal
 # value here (rather than a {port}/{host}/{unix} placeholder) is refused.

@@ -3,6 +3,7 @@ prints the result. Exceptions become exit codes here, and only here."""
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,164 @@ def render(spec: Path, out: Path | None, user: bool, as_json: bool) -> int:
     from unitgen import core  # noqa: PLC0415
 
     return emit(core.render(spec, _ctx(user), out), as_json=as_json)
+
+
+USER = click.option("--user", is_flag=True,
+                    help="The per-user manager (~/.config/systemd/user) instead of the system one.")
+JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _scope(user: bool) -> str:
+    return "user" if user else "system"
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, required=True, type=SPEC)
+@USER
+@click.option("--dry-run", is_flag=True, help="Show what would change; write and start nothing.")
+@click.option("--diff", is_flag=True, help="Show unit file diffs.")
+@click.option("--no-wait", is_flag=True, help="Queue the starts; do not wait for readiness.")
+@JSON
+def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wait: bool,
+           as_json: bool) -> int:
+    """Install or update instances and wait until they answer."""
+    from unitgen.deploy import DeployOptions  # noqa: PLC0415
+    from unitgen.deploy import deploy as run  # noqa: PLC0415
+
+    opts = DeployOptions(scope=_scope(user), ctx=_ctx(user), dry_run=dry_run, diff=diff,
+                         wait=not no_wait, tty=sys.stderr.isatty() and not as_json)
+    return emit(run(list(specs), opts), as_json=as_json)
+
+
+@cli.command()
+@click.argument("names", nargs=-1)
+@USER
+@JSON
+def status(names: tuple[str, ...], user: bool, as_json: bool) -> int:
+    """State, address, PID, uptime and memory of instances (all by default)."""
+    from unitgen.status import status as run  # noqa: PLC0415
+
+    return emit(run(list(names), _scope(user)), as_json=as_json)
+
+
+@cli.command(name="ls")
+@USER
+@JSON
+def ls_(user: bool, as_json: bool) -> int:
+    """List installed instances (from the unit files)."""
+    from unitgen.status import list_instances  # noqa: PLC0415
+
+    return emit(list_instances(_scope(user)), as_json=as_json)
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+@USER
+@JSON
+def remove(names: tuple[str, ...], user: bool, as_json: bool) -> int:
+    """Stop, disable and delete an instance's generated files (nothing else)."""
+    from unitgen.deploy import remove as run  # noqa: PLC0415
+
+    return emit(run(list(names), _scope(user)), as_json=as_json)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("-n", "--lines", default=100, show_default=True, help="How many lines.")
+@USER
+def logs(name: str, follow: bool, lines: int, user: bool) -> int:
+    """The server's journal (journalctl)."""
+    import subprocess  # noqa: PLC0415
+
+    from unitgen.installed import scan, unit_dir  # noqa: PLC0415
+    from unitgen.journal import journal_argv  # noqa: PLC0415
+
+    inst = scan(unit_dir(_scope(user))).get(name)
+    if inst is None:
+        raise UnitgenError(f"no unitgen instance named {name} in {unit_dir(_scope(user))}")
+    unit = f"{name}-backend.service" if f"{name}-backend.service" in inst.files else f"{name}.service"
+    argv = journal_argv(unit, _scope(user), lines=lines, follow=follow)
+    try:
+        return subprocess.run(argv, check=False).returncode
+    except FileNotFoundError:
+        raise UnitgenError("journalctl is not installed") from None
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--unit", help="Diagnose a unit unitgen did not write (with --port).")
+@click.option("--port", type=int, help="The port that unit's health check probes.")
+@click.option("--path", default="/health", show_default=True, help="Its health path.")
+@USER
+@JSON
+def doctor(name: str | None, unit: str | None, port: int | None, path: str, user: bool,
+           as_json: bool) -> int:
+    """Find port mismatches (GPUStack #2154) and say how to fix them."""
+    from unitgen import doctor as doc  # noqa: PLC0415
+
+    if unit:
+        if port is None:
+            raise click.UsageError("--unit needs --port (the port its health check probes)")
+        return emit(doc.doctor_unit(unit, port, _scope(user), path=path), as_json=as_json)
+    if not name:
+        raise click.UsageError("give an instance NAME, or --unit UNIT --port PORT")
+    return emit(doc.doctor(name, _scope(user)), as_json=as_json)
+
+
+@cli.group()
+def sandbox() -> None:
+    """A private systemd user manager for containers and CI (see docs/sandbox.md)."""
+
+
+@sandbox.command(name="start")
+@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False),
+              help="Where to keep it (default: a new temporary directory).")
+def sandbox_start(directory: Path | None) -> int:
+    """Start one; print the environment that selects it (eval it in a shell)."""
+    from unitgen.sandbox import Sandbox  # noqa: PLC0415
+
+    box = Sandbox.start(directory)
+    for key, value in box.env.items():
+        click.echo(f"export {key}={shlex.quote(value)}")
+    click.echo(f"# unitgen sandbox: manager pid {box.manager_pid}; stop it with: "
+               f"unitgen sandbox stop {shlex.quote(str(box.root))}")
+    return 0
+
+
+@sandbox.command(name="stop")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--keep", is_flag=True, help="Keep the directory (units, journal).")
+def sandbox_stop(directory: Path, keep: bool) -> int:
+    """Stop a sandbox started with `unitgen sandbox start` (by its recorded pids)."""
+    from unitgen.sandbox import Sandbox  # noqa: PLC0415
+
+    box = Sandbox.attach(directory)
+    box.owns_root = not keep
+    box.stop()
+    click.echo(f"stopped the sandbox in {directory}", err=True)
+    return 0
+
+
+@sandbox.command(name="run", context_settings={"ignore_unknown_options": True})
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def sandbox_run(command: tuple[str, ...]) -> int:
+    """Run COMMAND with a fresh sandbox selected, then stop it."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+
+    from unitgen.sandbox import Sandbox  # noqa: PLC0415
+
+    box = Sandbox.start()
+    click.echo(f"unitgen sandbox: private systemd user manager (pid {box.manager_pid}) in "
+               f"{box.root}", err=True)
+    try:
+        return subprocess.run(list(command), env={**os.environ, **box.env}, check=False).returncode
+    except FileNotFoundError:
+        raise UnitgenError(f"{command[0]}: command not found") from None
+    finally:
+        box.stop()
+        click.echo("unitgen sandbox: stopped", err=True)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

@@ -10,6 +10,7 @@ target replaces (systemd: ``%t``).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,17 +85,19 @@ class Instance:
 
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_]*)\}")
-CUSTOM_PLACEHOLDERS = ("host", "port", "unix", "model", "name")
+CUSTOM_PLACEHOLDERS = ("host", "port", "unix", "model", "name", "spec_dir")
 
 
-def resolve(spec: InstanceSpec, *, port: int | None = None) -> Instance:
-    """Resolve a spec into an instance; ``port`` overrides a defaulted public port
-    (deploy passes the one it allocated). Raise SpecError listing every problem."""
+def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | None = None
+            ) -> Instance:
+    """Resolve a spec into an instance; ``port`` and ``private_port`` override
+    defaulted ones (deploy passes those it allocated). Raise SpecError listing
+    every problem."""
     backend = get_backend(spec.backend)
     listen = resolve_listen(
         source=spec.source, name=spec.name, backend=backend, spec_host=spec.host,
         spec_port=spec.port, args=spec.args, env=spec.env, command=spec.command,
-    )  # fmt: skip
+    )
     problems = list(listen.problems)
 
     def problem(key: str, message: str) -> None:
@@ -111,14 +114,14 @@ def resolve(spec: InstanceSpec, *, port: int | None = None) -> Instance:
     elif backend.unix_flag is not None:
         private = Endpoint("unix", path=f"{RUNTIME_DIR}/unitgen-{spec.name}/http.sock")
     else:
-        pport = spec.private_port or default_private_port(spec.name)
+        pport = spec.private_port or private_port or default_private_port(spec.name)
         if pport == public.port:
             problem("private_port", f"{pport} is the public port; the server must listen "
-                                    "elsewhere (the socket owns the public port)")  # fmt: skip
+                                    "elsewhere (the socket owns the public port)")
         private = Endpoint("tcp", host="127.0.0.1", port=pport)
     if spec.private_port is not None and (private is None or private.kind != "tcp"):
         problem("private_port", f"is only used by servers that listen on loopback TCP; "
-                                f"{spec.backend} listens on a private Unix socket")  # fmt: skip
+                                f"{spec.backend} listens on a private Unix socket")
 
     argv = _argv(spec, backend, args, private, problem)
     if problems:
@@ -128,7 +131,7 @@ def resolve(spec: InstanceSpec, *, port: int | None = None) -> Instance:
         argv=argv, env=env, secrets=secrets, probe_key_env=key_env,
         health_path=spec.health.path or backend.health_path,
         health_timeout=spec.health.timeout, notices=listen.notices,
-    )  # fmt: skip
+    )
 
 
 def _argv(
@@ -149,10 +152,10 @@ def _argv(
             words = (spec.executable, *words[1:])
         if private is not None and private.kind == "tcp" and "port" not in used:
             problem("command", "must say where the server listens: put {port} (and {host}) or "
-                               "{unix} in it, or set socket_activation = true")  # fmt: skip
+                               "{unix} in it, or set socket_activation = true")
         if private is None and used & {"host", "port", "unix"}:
             problem("command", "uses {host}/{port}/{unix} but socket_activation = true: the "
-                               "server gets its socket from systemd as fd 3")  # fmt: skip
+                               "server gets its socket from systemd as fd 3")
         return words
     assert spec.model is not None and private is not None  # noqa: S101 - checked by spec parser
     exe = spec.executable or backend.program
@@ -194,9 +197,11 @@ def _fill(
             return spec.model or ""
         if name == "name":
             return spec.name
+        if name == "spec_dir":
+            return str(Path(spec.source).resolve().parent)
         problem(key, f"unknown placeholder {token}; known: "
                      + ", ".join("{" + p + "}" for p in CUSTOM_PLACEHOLDERS)
-                     + " (write {{ and }} for literal braces)")  # fmt: skip
+                     + " (write {{ and }} for literal braces)")
         return token
 
     return _PLACEHOLDER.sub(sub, word)
@@ -241,7 +246,7 @@ def _take_api_key(
         problem(where, f"{spec.backend} takes its API key only on its command line, where any "
                        "local user can read it (ps, /proc); unitgen will not put it there. "
                        "Put an authenticating proxy in front, or use a server that reads the "
-                       "key from its environment (vllm, llama-server)")  # fmt: skip
+                       "key from its environment (vllm, llama-server)")
         return args, env, (), None
     _check_key(key, where, problem)
     kept_args = remove_found(args, hits)

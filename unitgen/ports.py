@@ -116,7 +116,7 @@ def resolve_listen(
             problem("args", f"{f.shown()} is not supported: {why}")
     for f in find_options(args, backend.endpoint_flags, abbrev=backend.argparse_abbrev):
         problem("args", f"{f.shown()} is not allowed: the server's own endpoint belongs to "
-                        "unitgen (it listens privately and the socket owns the public port)")  # fmt: skip
+                        "unitgen (it listens privately and the socket owns the public port)")
 
     port_hits = find_options(args, backend.port_flags, abbrev=backend.argparse_abbrev)
     host_hits = find_options(args, backend.host_flags, abbrev=backend.argparse_abbrev)
@@ -139,14 +139,14 @@ def resolve_listen(
     for key, shown, value in host_claims:
         if value is not None and (value.endswith(".sock") or value.startswith("/")):
             problem(key, f"{shown} is not allowed: the server's own endpoint belongs to unitgen "
-                         "(it listens on a private socket; the public one is host/port)")  # fmt: skip
+                         "(it listens on a private socket; the public one is host/port)")
     host_claims = [c for c in host_claims if not (c[2] or "").endswith(".sock")
-                   and not (c[2] or "").startswith("/")]  # fmt: skip
+                   and not (c[2] or "").startswith("/")]
     host = _decide("host", spec_host, host_claims, _parse_host, problem, notices)
 
     if spec_host is not None and _parse_host(spec_host) is None:
         problem("host", f"{spec_host!r} must be an IP address such as 127.0.0.1, 0.0.0.0 or :: "
-                        "(systemd binds the socket before any name can be resolved)")  # fmt: skip
+                        "(systemd binds the socket before any name can be resolved)")
 
     final_port = port if port is not None else default_port(name)
     final_host = (_parse_host(host) or host) if host is not None else DEFAULT_HOST
@@ -191,7 +191,7 @@ def _decide(
     for where, shown, raw in claims:
         if raw is None:
             problem(where, f"{shown}: the option needs a value; the {key} is set once, with "
-                           f"{key} = ... in the spec")  # fmt: skip
+                           f"{key} = ... in the spec")
             continue
         value = parse(raw)
         if value is None:
@@ -205,11 +205,11 @@ def _decide(
         for where, shown, value in parsed:
             if value != spec_norm:
                 problem(where, f"{shown} conflicts with {key} = {_show(spec_value)}; the {key} "
-                               "is written once: remove one of them")  # fmt: skip
+                               "is written once: remove one of them")
                 return spec_value
         for where, shown, _ in parsed:
             notices.append(f"{where}: {shown} repeats {key} = {_show(spec_value)}; removed from "
-                           "the server's options (the socket owns it)")  # fmt: skip
+                           "the server's options (the socket owns it)")
         return spec_value
     values = {v for _, _, v in parsed}
     if len(values) > 1:
@@ -218,7 +218,7 @@ def _decide(
         return None
     where, shown, value = parsed[0]
     notices.append(f"{where}: {shown} taken as the public {key}; the socket owns it and the "
-                   "server listens on a private endpoint behind it")  # fmt: skip
+                   "server listens on a private endpoint behind it")
     return value
 
 

@@ -158,7 +158,7 @@ def run(
             return EXIT_NOT_READY
         if now >= deadline:
             _say(f"{where}: not ready after {format_seconds(timeout)} "
-                 f"(the [health] timeout); last answer: {result.detail}")  # fmt: skip
+                 f"(the [health] timeout); last answer: {result.detail}")
             return EXIT_NOT_READY
         if now >= next_progress:
             _say(f"{where}: still loading after {elapsed:.0f} s: {result.detail}")
@@ -192,17 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     target: str = ns.target
     if not target.startswith("/") and not target.rpartition(":")[2].isdigit():
         print(f"unitgen probe: --target {target!r} is neither host:port nor a socket path",
-              file=sys.stderr)  # fmt: skip
+              file=sys.stderr)
         return EXIT_USAGE
     key = None
     if ns.key_env:
         key = os.environ.get(ns.key_env)
         if not key:
             print(f"unitgen probe: {ns.key_env} is not set; the probe cannot authenticate",
-                  file=sys.stderr)  # fmt: skip
+                  file=sys.stderr)
             return EXIT_NOT_READY
     return run(target, ns.path, timeout, key=key, label=ns.label, interval=interval,
-               progress_every=progress)  # fmt: skip
+               progress_every=progress)
 
 
 if __name__ == "__main__":

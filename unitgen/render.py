@@ -43,7 +43,7 @@ OWNED_DIRECTIVES = frozenset({
     "User", "Group", "WorkingDirectory", "Restart", "NotifyAccess", "TimeoutStartSec",
     "StopWhenUnneeded", "PartOf", "BindsTo", "After", "Before", "Requires", "Sockets",
     "ListenStream", "KillMode", "SyslogIdentifier", "DynamicUser",
-})  # fmt: skip
+})
 
 # A server starts its ExecStartPost probe at once; systemd's own start timeout is
 # the probe's deadline plus this margin, so the probe's one-line reason wins.
@@ -127,7 +127,7 @@ def _probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> l
         ctx.python, "-I", "-m", "unitgen.probe",
         "--target", target, "--path", inst.health_path,
         "--timeout", format_seconds(inst.health_timeout), "--label", label,
-    ]  # fmt: skip
+    ]
     if inst.probe_key_env:
         cmd += ["--key-env", inst.probe_key_env]
     return cmd
@@ -140,13 +140,13 @@ def _check_extras(inst: Instance) -> None:
         for section, pairs in (("unit", inst.spec.systemd_unit),
                                ("service", inst.spec.systemd_service))
         for key, _ in pairs if key in OWNED_DIRECTIVES
-    ]  # fmt: skip
+    ]
     problems += [
         Problem(inst.spec.source, f"systemd.{section}.{key}", "must not end with a backslash")
         for section, pairs in (("unit", inst.spec.systemd_unit),
                                ("service", inst.spec.systemd_service))
         for key, value in pairs if value.endswith("\\")
-    ]  # fmt: skip
+    ]
     if problems:
         raise SpecError(problems=problems)
 
@@ -157,7 +157,7 @@ def _owned_hint(key: str) -> str:
         "Environment": "use [env]", "WorkingDirectory": "use working_directory = ...",
         "ExecStart": "use args, or command for backend custom",
         "TimeoutStartSec": "use [health] timeout",
-    }  # fmt: skip
+    }
     return hints.get(key, "it keeps the port, the probe and the process tree consistent")
 
 

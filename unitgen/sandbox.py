@@ -91,7 +91,7 @@ class Sandbox:
             "XDG_RUNTIME_DIR": str(self.root / "run"),
             "XDG_CONFIG_HOME": str(self.root / "home" / ".config"),
             "DBUS_SESSION_BUS_ADDRESS": f"unix:path={self.root / 'run' / 'bus'}",
-            "SYSTEMD_UNITGEN_SANDBOX": str(self.root),
+            "UNITGEN_JOURNAL_DIR": str(self.root / "journal"),
         }
 
     @property
@@ -121,7 +121,7 @@ class Sandbox:
                 ["unshare", "-m", "sh", "-c", _BOOT, str(root), find_systemd() or "",
                  _find_journald() or "", _PATH],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            )  # fmt: skip
+            )
         box = cls(root=root, manager_pid=proc.pid, journald_pid=0, owns_root=owns)
         deadline = time.monotonic() + timeout
         bus = root / "run" / "bus"
@@ -150,7 +150,7 @@ class Sandbox:
         except (OSError, ValueError) as exc:
             raise SandboxError(f"{root} is not a running unitgen sandbox: {exc}") from None
         return cls(root=root, manager_pid=int(data["manager_pid"]),
-                   journald_pid=int(data["journald_pid"]), owns_root=False)  # fmt: skip
+                   journald_pid=int(data["journald_pid"]), owns_root=False)
 
     def alive(self) -> bool:
         """True while the manager process exists."""
@@ -175,21 +175,21 @@ class Sandbox:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def run(self, *argv: str, check: bool = False, timeout: float = 120.0
-            ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+            ) -> subprocess.CompletedProcess[str]:
         """Run a command (systemctl --user, busctl --user, ...) against this manager."""
         env = {**os.environ, **self.env}
         return subprocess.run(list(argv), env=env, capture_output=True, text=True,
-                              check=check, timeout=timeout)  # fmt: skip
+                              check=check, timeout=timeout)
 
     def systemctl(self, *args: str, check: bool = False, timeout: float = 120.0
-                  ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+                  ) -> subprocess.CompletedProcess[str]:
         """``systemctl --user ...`` against this manager."""
         return self.run("systemctl", "--user", *args, check=check, timeout=timeout)
 
     def journal(self, unit: str | None = None, *, lines: int = 50) -> str:
         """Recent journal lines (of one unit, if given)."""
         argv = ["journalctl", "-D", str(self.journal_dir), "--no-pager", "-o", "cat",
-                "-n", str(lines)]  # fmt: skip
+                "-n", str(lines)]
         if unit:
             argv += ["-u", unit]
         return subprocess.run(argv, capture_output=True, text=True, check=False).stdout

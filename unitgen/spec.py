@@ -48,7 +48,7 @@ TOP_KEYS = (
     "user", "group", "working_directory", "restart", "private_port",
     "max_connections", "description", "api_key_env", "systemd",
     "gpus", "gpu_memory", "gpu_share",
-)  # fmt: skip
+)
 HEALTH_KEYS = ("path", "timeout")
 SYSTEMD_KEYS = ("unit", "service")
 
@@ -194,7 +194,7 @@ def _kind(value: object) -> str:
     return {
         bool: "a boolean", int: "an integer", float: "a number", str: "a string",
         list: "a list", dict: "a table",
-    }.get(type(value), type(value).__name__)  # fmt: skip
+    }.get(type(value), type(value).__name__)
 
 
 def load_spec(path: Path) -> InstanceSpec:
@@ -229,11 +229,11 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
         c.add("name", "is required (lowercase letters, digits and '-')")
     elif name is not None and not NAME_RE.match(name):
         c.add("name", f"{name!r} must be 1-48 lowercase letters, digits or '-', "
-                      "not starting or ending with '-'")  # fmt: skip
+                      "not starting or ending with '-'")
         name = None
     elif name is not None and name.endswith("-backend"):
         c.add("name", f"{name!r} must not end in '-backend': that suffix names the server "
-                      "unit of another instance")  # fmt: skip
+                      "unit of another instance")
         name = None
 
     backend = c.choice(data, "backend", BACKENDS)
@@ -262,19 +262,19 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
         command = _word_list(c, data, "command")
         if backend not in (None, "custom"):
             c.add("command", f"is only for backend 'custom'; backend {backend!r} builds its own "
-                             "command line (use args for extra arguments)")  # fmt: skip
+                             "command line (use args for extra arguments)")
         elif command == ():
             c.add("command", "must not be empty")
         elif command:
             _check_executable(c, "command[0]", command[0])
     elif backend == "custom":
         c.add("command", "is required for backend 'custom': the server's argv, with "
-                         "{host}/{port} or {unix} where it listens")  # fmt: skip
+                         "{host}/{port} or {unix} where it listens")
 
     socket_activation = c.boolean(data, "socket_activation")
     if socket_activation is not None and backend not in (None, "custom"):
         c.add("socket_activation", f"is only for backend 'custom'; {backend!r} cannot take its "
-                                   "listening socket from systemd")  # fmt: skip
+                                   "listening socket from systemd")
 
     activation = c.choice(data, "activation", ACTIVATIONS) or "eager"
     idle_stop = c.duration(data, "idle_stop")
@@ -283,7 +283,7 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
                            "again at boot and by deploy, so stopping it when idle would fight that")
     if idle_stop is not None and socket_activation:
         c.add("idle_stop", "is not available with socket_activation = true: the server owns the "
-                           "connections, so only it can know it is idle")  # fmt: skip
+                           "connections, so only it can know it is idle")
 
     health = HealthSpec()
     if "health" in data:
@@ -297,7 +297,7 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
                 ch.isspace() or ord(ch) < 0x21 or ord(ch) == 0x7F for ch in path
             )):
                 c.add("health.path", f"{path!r} must start with '/' and contain no spaces or "
-                                     "control characters")  # fmt: skip
+                                     "control characters")
                 path = None
             timeout = c.duration(table, "timeout", prefix="health.")
             health = HealthSpec(path=path, timeout=timeout or DEFAULT_HEALTH_TIMEOUT)
@@ -316,7 +316,7 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
     if api_key_env is not None:
         if backend not in (None, "custom"):
             c.add("api_key_env", f"is only for backend 'custom'; {backend!r} has a known key "
-                                 "option (put it in args or env)")  # fmt: skip
+                                 "option (put it in args or env)")
         elif not ENV_NAME_RE.match(api_key_env):
             c.add("api_key_env", f"{api_key_env!r} is not an environment variable name")
 
@@ -335,14 +335,14 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
         max_connections=max_connections or 1024, description=description,
         api_key_env=api_key_env, systemd_unit=systemd_unit, systemd_service=systemd_service,
         gpus=gpus, gpu_memory=gpu_memory, gpu_share=gpu_share,
-    )  # fmt: skip
+    )
 
 
 def _check_executable(c: _Checker, key: str, value: str) -> None:
     # systemd reads leading -@:+! on ExecStart= as flags, even inside quotes.
     if not value or value[0] in "-@:+!" or any(ord(ch) < 0x20 for ch in value):
         c.add(key, f"{value!r} must be an absolute path or a program name, without leading "
-                   "'-@:+!' or control characters")  # fmt: skip
+                   "'-@:+!' or control characters")
     elif "/" in value and not value.startswith("/"):
         c.add(key, f"{value!r} must be an absolute path (or a bare program name found on PATH)")
 
@@ -353,7 +353,7 @@ def _word_list(c: _Checker, data: dict[str, Any], key: str) -> tuple[str, ...] |
     value = data[key]
     if isinstance(value, str):
         c.add(key, f"must be a list of strings, e.g. {key} = [\"--dtype\", \"bfloat16\"], "
-                   "not one string")  # fmt: skip
+                   "not one string")
         return None
     if not isinstance(value, list):
         c.add(key, f"must be a list of strings, not {_kind(value)}")
@@ -375,7 +375,7 @@ def _env_table(c: _Checker, data: dict[str, Any]) -> tuple[tuple[str, str], ...]
     for name, value in table.items():
         if not ENV_NAME_RE.match(name):
             c.add(f"env.{name}", "is not a valid environment variable name "
-                                 "(letters, digits, '_', not starting with a digit)")  # fmt: skip
+                                 "(letters, digits, '_', not starting with a digit)")
             continue
         word = c.word(value, f"env.{name}")
         if word is not None:
@@ -445,7 +445,7 @@ def _gpu_keys(
                 gpus = tuple(str(v) for v in value)
         else:
             c.add("gpus", "must be a count (gpus = 2), a list of indexes (gpus = [0, 1]) or a "
-                          "list of UUIDs (gpus = [\"GPU-...\"])")  # fmt: skip
+                          "list of UUIDs (gpus = [\"GPU-...\"])")
     gpu_memory: int | None = None
     if "gpu_memory" in data:
         raw = data["gpu_memory"]
@@ -466,7 +466,7 @@ _SIZE_UNITS = {
     "": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
     "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
     "gib": 1024**3, "tib": 1024**4,
-}  # fmt: skip
+}
 
 
 def parse_size(text: str) -> int:

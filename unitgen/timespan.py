@@ -18,7 +18,7 @@ _UNITS: dict[str, float] = {
     "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
     "d": 86400, "day": 86400, "days": 86400,
     "w": 604800, "week": 604800, "weeks": 604800,
-}  # fmt: skip
+}
 
 _PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zµ]*)", re.ASCII | re.IGNORECASE)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A stand-in model server for tests and the demo: standard library only.
+"""A stand-in model server for the demo and the tests: standard library only.
 
 It reads its listen address from a model server's argv, whatever the backend:
 ``--uds PATH`` (vLLM), ``--host PATH.sock`` (llama-server, llama-box),

@@ -1,0 +1,430 @@
+"""deploy and remove: render, write atomically, reload, enable, start and wait
+for readiness over D-Bus; roll back to the previous version on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from unitgen.allocate import Listener, check_port, deploy_lock, listeners, pick_port
+from unitgen.core import atomic_write, is_ours
+from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, Problem, SpecError, UnitgenError
+from unitgen.installed import Installed, scan, secrets_dir, unit_dir
+from unitgen.instance import Instance, resolve
+from unitgen.journal import last_lines
+from unitgen.ports import PRIVATE_PORT_RANGE, default_port, default_private_port
+from unitgen.render import RenderContext, RenderedFile, render_instance
+from unitgen.result import Result
+from unitgen.spec import InstanceSpec, load_spec
+from unitgen.systemd import JobOutcome, Manager, connect
+
+__all__ = ["DeployOptions", "deploy", "remove"]
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """How deploy runs. ``say`` prints progress (stderr); ``tty`` allows a live line."""
+
+    scope: str
+    ctx: RenderContext
+    dry_run: bool = False
+    diff: bool = False
+    wait: bool = True
+    say: Say = field(default=lambda line: print(line, file=sys.stderr, flush=True))
+    tty: bool = False
+
+
+@dataclass
+class Plan:
+    """One instance's deploy: what to write, what is there now."""
+
+    inst: Instance
+    files: list[RenderedFile]
+    old: dict[str, str | None]  # file name -> current text (None: absent)
+    stale: list[Path]  # files of this instance no longer rendered
+    stale_text: dict[Path, str]
+    was_installed: bool
+
+    @property
+    def name(self) -> str:
+        """Instance name."""
+        return self.inst.name
+
+    @property
+    def changed_files(self) -> list[RenderedFile]:
+        """Files whose content differs from what is installed."""
+        return [f for f in self.files if self.old.get(f.name) != f.text]
+
+    @property
+    def changed(self) -> bool:
+        """True when anything on disk would change."""
+        return bool(self.changed_files or self.stale)
+
+    @property
+    def units(self) -> list[str]:
+        """Unit names."""
+        return [f.name for f in self.files if not f.secret]
+
+    @property
+    def entry(self) -> str:
+        """What to start: the service (eager) or the socket (on-demand)."""
+        eager = self.inst.spec.activation == "eager"
+        return f"{self.name}.service" if eager else f"{self.name}.socket"
+
+
+@dataclass
+class Outcome:
+    """What happened to one instance."""
+
+    name: str
+    action: str  # created, updated, unchanged, started, would-create, would-update, failed
+    changed: bool
+    public: str
+    units: list[str]
+    ready: bool | None = None
+    seconds: float = 0.0
+    error: str = ""
+    diff: str = ""
+    notices: list[str] = field(default_factory=list)
+
+
+def _load_all(paths: list[Path]) -> list[InstanceSpec]:
+    problems: list[Problem] = []
+    specs: list[InstanceSpec] = []
+    for path in paths:
+        try:
+            specs.append(load_spec(path))
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    names: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in names:
+            problems.append(Problem(spec.source, "name", f"{spec.name!r} is also the name in "
+                                                         f"{names[spec.name]}"))
+        names[spec.name] = spec.source
+    if problems:
+        raise SpecError(problems=problems)
+    return specs
+
+
+def _target_dir(f: RenderedFile, scope: str) -> Path:
+    return secrets_dir(scope) if f.secret else unit_dir(scope)
+
+
+async def _plan(
+    m: Manager,
+    spec: InstanceSpec,
+    opts: DeployOptions,
+    installed: dict[str, Installed],
+    busy: dict[int, Listener],
+    taken: set[int],
+) -> Plan:
+    first = resolve(spec)
+    mine = installed.get(spec.name)
+    busy_map = busy
+    if first.port_from_spec:
+        port = first.public.port
+        check_port(port, spec.name, installed, busy_map)
+    elif mine and mine.public_port:
+        port = mine.public_port  # keep the port it already has: redeploys change nothing
+    else:
+        port = pick_port(spec.name, default_port(spec.name), installed, busy_map, taken)
+    taken.add(port)
+    private_port = None
+    if first.private is not None and first.private.kind == "tcp":
+        if spec.private_port:
+            private_port = spec.private_port
+            check_port(private_port, spec.name, installed, busy_map, "private_port")
+        elif mine and mine.private_port:
+            private_port = mine.private_port
+        else:
+            private_port = pick_port(spec.name, default_private_port(spec.name), installed,
+                                     busy_map, taken | {port}, PRIVATE_PORT_RANGE)
+        taken.add(private_port)
+    inst = resolve(spec, port=port, private_port=private_port)
+    files = render_instance(inst, opts.ctx)
+    old: dict[str, str | None] = {}
+    udir = unit_dir(opts.scope)
+    unit_names = [f.name for f in files if not f.secret]
+    loaded = await m.info(unit_names)
+    for f in files:
+        path = _target_dir(f, opts.scope) / f.name
+        if path.exists() and not f.secret and not is_ours(path, spec.name):
+            raise OwnershipError(
+                f"{spec.source}: {path} exists and was not generated by unitgen for "
+                f"{spec.name!r}; refusing to overwrite it (rename the instance)")
+        if not f.secret:
+            info = loaded[f.name]
+            if info.load_state != "not-found" and info.fragment_path not in ("", str(path)):
+                raise OwnershipError(f"{spec.source}: name: unit {f.name} already exists "
+                                     f"({info.fragment_path}); choose another instance name")
+        try:
+            old[f.name] = path.read_text(encoding="utf-8") if path.exists() else None
+        except OSError as exc:
+            raise UnitgenError(f"cannot read {path}: {exc.strerror}") from None
+    stale = []
+    if mine:
+        stale = [p for n, p in mine.files.items() if n not in old and p.parent == udir]
+    stale_text = {p: p.read_text(encoding="utf-8") for p in stale}
+    return Plan(inst, files, old, stale, stale_text, was_installed=mine is not None)
+
+
+def _diff(plan: Plan) -> str:
+    chunks: list[str] = []
+    for f in plan.files:
+        before = plan.old.get(f.name)
+        if before == f.text:
+            continue
+        if f.secret:
+            chunks.append(f"--- {f.name} (secret, content not shown) changed\n")
+            continue
+        chunks.extend(difflib.unified_diff(
+            (before or "").splitlines(keepends=True), f.text.splitlines(keepends=True),
+            fromfile=f"a/{f.name}" if before is not None else "/dev/null", tofile=f"b/{f.name}"))
+    chunks.extend(f"--- {p.name} removed\n" for p in plan.stale)
+    return "".join(chunks)
+
+
+def _write(plan: Plan, scope: str) -> None:
+    """Write the changed files; on any error put back what was there and re-raise."""
+    done: list[tuple[Path, str | None]] = []
+    try:
+        for f in plan.changed_files:
+            directory = _target_dir(f, scope)
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700 if f.secret else 0o755)
+            path = directory / f.name
+            atomic_write(path, f.text, mode=0o600 if f.secret else 0o644)
+            done.append((path, plan.old.get(f.name)))
+        for path in plan.stale:
+            old = path.read_text(encoding="utf-8")
+            path.unlink()
+            done.append((path, old))
+    except OSError as exc:
+        _restore(done)
+        raise UnitgenError(f"{plan.name}: cannot write {exc.filename}: {exc.strerror}; "
+                           "nothing was changed") from None
+
+
+def _restore(done: list[tuple[Path, str | None]]) -> None:
+    for path, old in reversed(done):
+        if old is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write(path, old, mode=0o600 if path.suffix == ".env" else 0o644)
+
+
+def _restore_plan(plan: Plan, scope: str) -> None:
+    pairs = [(_target_dir(f, scope) / f.name, plan.old.get(f.name)) for f in plan.changed_files]
+    pairs += [(path, text) for path, text in plan.stale_text.items()]
+    _restore(pairs)
+
+
+async def _enable(m: Manager, plan: Plan) -> None:
+    eager = plan.inst.spec.activation == "eager"
+    await m.enable([f"{plan.name}.socket"] + ([f"{plan.name}.service"] if eager else []))
+    if not eager:
+        await m.disable([f"{plan.name}.service"])
+
+
+async def _wait_start(m: Manager, plan: Plan, opts: DeployOptions) -> JobOutcome:
+    backend = f"{plan.name}-backend.service" if plan.inst.uses_proxy else f"{plan.name}.service"
+    last_plain = [0.0]
+
+    async def progress(elapsed: float) -> None:
+        info = (await m.info([backend]))[backend]
+        line = f"{plan.name}: starting, {elapsed:.0f} s, {info.active_state}/{info.sub_state}"
+        if info.status_text:
+            line += f": {info.status_text}"
+        if opts.tty:
+            opts.say("\r\x1b[K" + line[:200] + "\x1b[1A")
+        elif elapsed - last_plain[0] >= 5:
+            last_plain[0] = elapsed
+            opts.say(line)
+
+    timeout = plan.inst.health_timeout + 120
+    return await m.job("StartUnit", plan.entry, timeout=timeout, progress=progress)
+
+
+async def _why(m: Manager, plan: Plan, outcome: JobOutcome, scope: str) -> str:
+    units = plan.units
+    infos = await m.info(units)
+    parts = [f"{plan.entry} start job ended '{outcome.result}' after {outcome.seconds:.1f} s"]
+    for name in units:
+        info = infos[name]
+        if info.active_state == "failed" or info.result not in ("", "success"):
+            detail = f"{name} {info.active_state} (Result: {info.result})"
+            if info.status_text:
+                detail += f": {info.status_text}"
+            parts.append(detail)
+    backend = f"{plan.name}-backend.service" if plan.inst.uses_proxy else f"{plan.name}.service"
+    lines = last_lines(backend, scope, 8)
+    text = "; ".join(parts)
+    if lines:
+        text += "\n  last journal lines of " + backend + ":\n    " + "\n    ".join(lines)
+    return text
+
+
+async def _stop_instance(m: Manager, name: str, units: list[str]) -> None:
+    for unit in (f"{name}.socket", f"{name}.service", f"{name}-backend.service"):
+        if unit in units:
+            await m.job("StopUnit", unit, timeout=120)
+            await m.reset_failed(unit)
+
+
+async def _run(paths: list[Path], opts: DeployOptions) -> Result:
+    specs = _load_all(paths)
+    outcomes: list[Outcome] = []
+    async with connect(opts.scope) as m:
+        await m.subscribe()
+        udir = unit_dir(opts.scope)
+        with deploy_lock(udir):
+            installed = scan(udir)
+            busy = listeners()
+            taken: set[int] = set()
+            plans = [await _plan(m, s, opts, installed, busy, taken) for s in specs]
+            if opts.dry_run:
+                for p in plans:
+                    action = ("would-update" if p.was_installed else "would-create") if p.changed \
+                        else "unchanged"
+                    outcomes.append(Outcome(p.name, action, p.changed, p.inst.public.listen(),
+                                            p.units, diff=_diff(p) if opts.diff else "",
+                                            notices=list(p.inst.notices)))
+                return _result(outcomes, dry_run=True)
+            written: list[Plan] = []
+            try:
+                for p in plans:
+                    if p.changed:
+                        _write(p, opts.scope)
+                        written.append(p)
+                if written:
+                    await m.reload()
+                    for p in written:
+                        await _enable(m, p)
+                    await m.reload()
+            except UnitgenError:
+                for p in written:
+                    _restore_plan(p, opts.scope)
+                if written:
+                    await m.reload()
+                raise
+        for p in plans:
+            outcomes.append(await _activate(m, p, opts))
+    return _result(outcomes, dry_run=False)
+
+
+async def _activate(m: Manager, p: Plan, opts: DeployOptions) -> Outcome:
+    out = Outcome(p.name, "unchanged", p.changed, p.inst.public.listen(), p.units,
+                  diff=_diff(p) if opts.diff else "", notices=list(p.inst.notices))
+    if not p.changed:
+        info = (await m.info([p.entry]))[p.entry]
+        if info.active_state in ("active", "activating", "reloading"):
+            out.ready = info.active_state == "active"
+            return out
+        out.action, out.changed = "started", True
+    else:
+        out.action = "updated" if p.was_installed else "created"
+        if p.was_installed:
+            await _stop_instance(m, p.name, p.units)
+    if not opts.wait:
+        await m.start_nowait(p.entry)
+        opts.say(f"{p.name}: start queued ({p.entry}); not waiting (--no-wait)")
+        return out
+    opts.say(f"{p.name}: starting {p.entry} (public {out.public})")
+    job = await _wait_start(m, p, opts)
+    if opts.tty:
+        opts.say("\r\x1b[K\x1b[1A")
+    out.seconds = round(job.seconds, 2)
+    if job.ok:
+        out.ready = True
+        opts.say(f"{p.name}: ready on {out.public} after {job.seconds:.1f} s")
+        return out
+    out.ready = False
+    reason = await _why(m, p, job, opts.scope)
+    if p.changed and p.was_installed:
+        await _stop_instance(m, p.name, p.units)
+        _restore_plan(p, opts.scope)
+        await m.reload()
+        back = await m.job("StartUnit", p.entry, timeout=p.inst.health_timeout + 120)
+        state = "running again" if back.ok else f"restored but did not start ({back.result})"
+        reason += f"\n  the previous version of {p.name} was restored and is {state}"
+    elif p.changed:
+        await _stop_instance(m, p.name, p.units)
+        await m.disable([f"{p.name}.socket", f"{p.name}.service"])
+        for f in p.files:
+            (_target_dir(f, opts.scope) / f.name).unlink(missing_ok=True)
+        await m.reload()
+        reason += f"\n  {p.name} was new: its units were removed again"
+    out.action, out.error = "failed", reason
+    return out
+
+
+def _result(outcomes: list[Outcome], *, dry_run: bool) -> Result:
+    lines: list[str] = []
+    for o in outcomes:
+        if o.diff:
+            lines.append(o.diff.rstrip("\n"))
+        status = {True: "ready", False: "NOT ready", None: ""}[o.ready]
+        lines.append(f"{o.name}: {o.action}{', ' + status if status else ''} ({o.public}; "
+                     f"{', '.join(o.units)})")
+        if o.error:
+            lines.append(f"error: {o.name}: {o.error}")
+    failed = any(o.action == "failed" for o in outcomes)
+    data = {
+        "changed": any(o.changed for o in outcomes),
+        "dry_run": dry_run,
+        "failed": failed,
+        "instances": [asdict(o) for o in outcomes],
+    }
+    notices = tuple(f"{o.name}: {n}" for o in outcomes for n in o.notices)
+    return Result(data=data, lines=tuple(lines), warnings=notices,
+                  exit_code=EXIT_FAILURE if failed else EXIT_OK)
+
+
+def deploy(paths: list[Path], opts: DeployOptions) -> Result:
+    """Deploy specs; see the module docstring."""
+    return asyncio.run(_run(paths, opts))
+
+
+async def _remove(names: list[str], scope: str) -> Result:
+    udir = unit_dir(scope)
+    removed: list[dict[str, object]] = []
+    lines: list[str] = []
+    async with connect(scope) as m:
+        await m.subscribe()
+        with deploy_lock(udir):
+            installed = scan(udir)
+            missing = [n for n in names if n not in installed]
+            if missing:
+                raise UnitgenError(f"no unitgen instance named {', '.join(missing)} in {udir}")
+            for name in names:
+                inst = installed[name]
+                t0 = time.monotonic()
+                await _stop_instance(m, name, inst.units)
+                await m.disable(inst.units)
+                files = [p for p in inst.files.values() if is_ours(p, name)]
+                for path in files:
+                    path.unlink()
+                secret = secrets_dir(scope) / f"{name}.env"
+                if secret.exists():
+                    secret.unlink()
+                    files.append(secret)
+                removed.append({"name": name, "files": [str(p) for p in files]})
+                lines.append(f"{name}: removed ({', '.join(p.name for p in files)}) "
+                             f"in {time.monotonic() - t0:.1f} s")
+            await m.reload()
+            for name in names:
+                for unit in installed[name].units:
+                    await m.reset_failed(unit)
+    return Result(data={"changed": bool(removed), "removed": removed}, lines=tuple(lines))
+
+
+def remove(names: list[str], scope: str) -> Result:
+    """Stop, disable and delete exactly the files unitgen generated for ``names``."""
+    return asyncio.run(_remove(names, scope))

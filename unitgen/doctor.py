@@ -1,0 +1,162 @@
+"""doctor: the GPUStack #2154 detector. Compares the port the socket owns and
+the probe checks with what the instance's processes actually listen on, checks
+that the probe's target answers, and says what to do about any mismatch.
+Works on hand-written units too (``--unit foo.service --port N``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from dataclasses import asdict, dataclass
+
+import psutil
+
+from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
+from unitgen.installed import scan, unit_dir
+from unitgen.probe import attempt
+from unitgen.result import Result
+from unitgen.systemd import connect
+
+__all__ = ["Finding", "doctor", "doctor_unit", "listening"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check: ok or not, in a sentence a user can act on."""
+
+    ok: bool
+    text: str
+
+
+def _tree(pid: int) -> list[int]:
+    try:
+        proc = psutil.Process(pid)
+        return [pid, *(c.pid for c in proc.children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
+def listening(pid: int) -> tuple[set[int], set[str]]:
+    """TCP ports and Unix socket paths the process tree of ``pid`` listens on."""
+    pids = set(_tree(pid))
+    ports: set[int] = set()
+    paths: set[str] = set()
+    for conn in psutil.net_connections(kind="inet"):
+        if conn.pid in pids and conn.status == psutil.CONN_LISTEN and conn.laddr:
+            ports.add(int(conn.laddr.port))
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections(kind="unix"):
+            if conn.pid in pids and conn.laddr and conn.status in (psutil.CONN_LISTEN,
+                                                                    psutil.CONN_NONE):
+                paths.add(str(conn.laddr))
+    return ports, paths
+
+
+def _runtime_dir(scope: str) -> str:
+    return os.environ.get("XDG_RUNTIME_DIR", "/run") if scope == "user" else "/run"
+
+
+async def _main_pid(unit: str, scope: str) -> tuple[int, str]:
+    async with connect(scope) as m:
+        info = (await m.info([unit]))[unit]
+    if info.load_state == "not-found":
+        raise UnitgenError(f"unit {unit} is not known to the {scope} manager")
+    return info.main_pid, info.active_state
+
+
+def _answer(findings: list[Finding], target: str, path: str) -> None:
+    a = attempt(target, path, None, timeout=3)
+    if a.outcome == "ready":
+        findings.append(Finding(True, f"the health check target {target}{path} answers: {a.detail}"))
+    elif a.detail.startswith("401") or a.detail.startswith("403"):
+        findings.append(Finding(True, f"{target}{path} answers {a.detail.split(':')[0]} "
+                                      "(the probe in the unit sends the key; this check does not)"))
+    else:
+        findings.append(Finding(False, f"the health check target {target}{path} does not answer: "
+                                       f"{a.detail}"))
+
+
+def _render(subject: str, findings: list[Finding], extra: dict[str, object]) -> Result:
+    bad = [f for f in findings if not f.ok]
+    lines = [f"{'ok  ' if f.ok else 'FAIL'} {f.text}" for f in findings]
+    lines.append(f"{subject}: {'no problems found' if not bad else f'{len(bad)} problem(s)'}")
+    return Result(data={"subject": subject, "ok": not bad, **extra,
+                        "findings": [asdict(f) for f in findings]},
+                  lines=tuple(lines), exit_code=EXIT_FAILURE if bad else EXIT_OK)
+
+
+def doctor(name: str, scope: str) -> Result:
+    """Check a unitgen instance: one port, served where the proxy forwards, probed there."""
+    installed = scan(unit_dir(scope)).get(name)
+    if installed is None:
+        raise UnitgenError(f"no unitgen instance named {name} in {unit_dir(scope)}; for another "
+                           "unit use --unit UNIT --port PORT")
+    findings: list[Finding] = []
+    public = installed.public_port
+    probe_port = installed.probe_target.rpartition(":")[2]
+    if probe_port == str(public):
+        findings.append(Finding(True, f"the socket owns port {public} and the readiness probe "
+                                      f"checks that same port"))
+    else:
+        findings.append(Finding(False, f"the socket owns port {public} but the probe checks "
+                                       f"{installed.probe_target}: re-render the instance"))
+    server_unit = f"{name}-backend.service" if installed.private_port or installed.private_unix \
+        else f"{name}.service"
+    pid, state = asyncio.run(_main_pid(server_unit, scope))
+    if not pid:
+        findings.append(Finding(True, f"{server_unit} is {state}: no server process to inspect "
+                                      "(on-demand instances start on the first connection)"))
+    else:
+        ports, paths = listening(pid)
+        if installed.private_unix:
+            expected = installed.private_unix.replace("%t", _runtime_dir(scope))
+            if expected in paths:
+                findings.append(Finding(True, f"the server (pid {pid}) listens on {expected}, "
+                                              "where the proxy forwards"))
+            else:
+                findings.append(Finding(False, f"the server (pid {pid}) does not listen on "
+                                               f"{expected}, where the proxy forwards"))
+        elif installed.private_port:
+            if installed.private_port in ports:
+                findings.append(Finding(True, f"the server (pid {pid}) listens on "
+                                              f"127.0.0.1:{installed.private_port}, where the "
+                                              "proxy forwards"))
+            else:
+                findings.append(Finding(False, f"the server (pid {pid}) does not listen on "
+                                               f"{installed.private_port}, where the proxy "
+                                               "forwards"))
+        stray = sorted(ports - {installed.private_port, public})
+        if stray:
+            findings.append(Finding(False, f"the server also listens on port(s) "
+                                           f"{', '.join(map(str, stray))}, which nothing probes or "
+                                           "forwards to: a --port in its arguments or config? "
+                                           "Remove it; the public port is the socket's"))
+    _answer(findings, installed.probe_target, installed.probe_path)
+    return _render(name, findings, {"public_port": public, "probe_target": installed.probe_target})
+
+
+def doctor_unit(unit: str, port: int, scope: str, *, host: str = "127.0.0.1",
+                path: str = "/health") -> Result:
+    """Check any unit: does its process tree listen on the port its health check probes?"""
+    findings: list[Finding] = []
+    pid, state = asyncio.run(_main_pid(unit, scope))
+    if not pid:
+        findings.append(Finding(False, f"{unit} is {state} and has no main process to inspect"))
+        return _render(unit, findings, {"port": port})
+    ports, _ = listening(pid)
+    if port in ports:
+        findings.append(Finding(True, f"{unit} (pid {pid}) listens on port {port}, the port "
+                                      "its health check probes"))
+    elif ports:
+        listed = ", ".join(map(str, sorted(ports)))
+        findings.append(Finding(False, f"{unit} (pid {pid}) listens on {listed}, but the health "
+                                       f"check probes {port}: it will look 'starting' for ever "
+                                       "(GPUStack #2154). Make them one port: remove the --port "
+                                       "from the server's arguments, or probe the port it uses; "
+                                       "with unitgen the socket owns the port and both follow it"))
+    else:
+        findings.append(Finding(False, f"{unit} (pid {pid}) listens on no TCP port; the health "
+                                       f"check probes {port}"))
+    _answer(findings, f"{host}:{port}", path)
+    return _render(unit, findings, {"port": port, "listening": sorted(ports)})

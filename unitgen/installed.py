@@ -1,0 +1,99 @@
+"""The installed units are the database: which instances exist, which ports they
+own, which files are ours. Read from unit files only (no second state file that
+could drift)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unitgen.render import MARKER
+
+__all__ = ["Installed", "scan", "secrets_dir", "unit_dir"]
+
+
+def unit_dir(scope: str) -> Path:
+    """Where unitgen installs units for the system or the user manager."""
+    if scope == "user":
+        config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+        return Path(config) / "systemd" / "user"
+    return Path("/etc/systemd/system")
+
+
+def secrets_dir(scope: str) -> Path:
+    """Where secret files go: what ``%E/unitgen/secrets`` means for that manager."""
+    if scope == "user":
+        config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+        return Path(config) / "unitgen" / "secrets"
+    return Path("/etc/unitgen/secrets")
+
+
+@dataclass
+class Installed:
+    """One installed instance as its unit files describe it."""
+
+    name: str
+    files: dict[str, Path] = field(default_factory=dict)
+    backend: str = ""
+    public_host: str = ""
+    public_port: int = 0
+    private_port: int | None = None  # loopback TCP behind the proxy
+    private_unix: str | None = None
+    probe_target: str = ""  # what <name>.service's ExecStartPost probes
+    probe_path: str = "/health"
+    eager: bool = False
+
+    @property
+    def units(self) -> list[str]:
+        """Unit file names (no secrets)."""
+        return sorted(n for n in self.files if not n.endswith(".env"))
+
+
+_LISTEN = re.compile(r"^ListenStream=\[?([^\]\s]*?)\]?:(\d+)\s*$", re.M)
+_TARGET = re.compile(r"--target\s+\"?(\S+?)\"?\s+--path\s+(\S+).*--label public")
+
+
+def scan(directory: Path) -> dict[str, Installed]:
+    """Every unitgen instance installed in ``directory``."""
+    found: dict[str, Installed] = {}
+    if not directory.is_dir():
+        return found
+    for path in sorted(directory.iterdir()):
+        if not path.is_file() or path.suffix not in (".socket", ".service"):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        name = _field(text, MARKER)
+        if name is None:
+            continue
+        inst = found.setdefault(name, Installed(name=name))
+        inst.files[path.name] = path
+        inst.backend = _field(text, "# unitgen-backend: ") or inst.backend
+        if path.name == f"{name}.socket":
+            m = _LISTEN.search(text)
+            if m:
+                inst.public_host, inst.public_port = m.group(1), int(m.group(2))
+        elif path.name == f"{name}.service":
+            inst.eager = "\n[Install]\n" in text
+            m = _TARGET.search(text)
+            if m:
+                inst.probe_target, inst.probe_path = m.group(1), m.group(2)
+            proxy = re.search(r"^ExecStart=\S*systemd-socket-proxyd .*? (\"?)(\S+)\1$", text, re.M)
+            if proxy:
+                target = proxy.group(2)
+                if target.startswith("127.0.0.1:"):
+                    inst.private_port = int(target.rsplit(":", 1)[1])
+                else:
+                    inst.private_unix = target
+    return found
+
+
+def _field(text: str, prefix: str) -> str | None:
+    for line in text.splitlines()[:10]:
+        if line.startswith(prefix):
+            return line[len(prefix):].strip()
+    return None

@@ -1,0 +1,39 @@
+"""Reading a unit's journal. journalctl is the reader here (the issue allows it):
+the journal's file format is not a D-Bus API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+__all__ = ["journal_argv", "last_lines"]
+
+# A sandbox manager logs to its own journald, in a directory of its own.
+JOURNAL_DIR_ENV = "UNITGEN_JOURNAL_DIR"
+
+
+def journal_argv(unit: str, scope: str, *, lines: int | None = None, follow: bool = False) -> list[str]:
+    """The journalctl command that shows ``unit`` of the given manager."""
+    argv = ["journalctl", "--no-pager"]
+    directory = os.environ.get(JOURNAL_DIR_ENV)
+    if directory:
+        argv += ["-D", directory, "-u", unit]
+    elif scope == "user":
+        argv += ["--user", "-u", unit]
+    else:
+        argv += ["-u", unit]
+    if lines is not None:
+        argv += ["-n", str(lines)]
+    if follow:
+        argv.append("-f")
+    return argv
+
+
+def last_lines(unit: str, scope: str, lines: int = 10) -> list[str]:
+    """The unit's last journal lines (message text only); empty when unreadable."""
+    try:
+        done = subprocess.run([*journal_argv(unit, scope, lines=lines), "-o", "cat"],
+                              capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [ln for ln in done.stdout.splitlines() if ln.strip()]

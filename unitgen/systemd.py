@@ -1,0 +1,228 @@
+"""Talking to a systemd manager over D-Bus (dbus-fast). The only module that sees
+D-Bus types: everything else gets plain values (:class:`UnitInfo`, job results).
+
+Both managers are supported: ``scope="system"`` (the system bus) and
+``scope="user"`` (the session bus of ``DBUS_SESSION_BUS_ADDRESS``, which is also
+how a :mod:`unitgen.sandbox` manager is reached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from unitgen.errors import SystemdError
+
+__all__ = ["JobOutcome", "Manager", "UnitInfo", "connect"]
+
+DEST = "org.freedesktop.systemd1"
+PATH = "/org/freedesktop/systemd1"
+MANAGER = "org.freedesktop.systemd1.Manager"
+UNIT = "org.freedesktop.systemd1.Unit"
+SERVICE = "org.freedesktop.systemd1.Service"
+SOCKET = "org.freedesktop.systemd1.Socket"
+PROPS = "org.freedesktop.DBus.Properties"
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """What status and deploy need to know about one unit."""
+
+    name: str
+    load_state: str = "not-found"
+    active_state: str = "inactive"
+    sub_state: str = "dead"
+    result: str = ""
+    main_pid: int = 0
+    status_text: str = ""
+    n_restarts: int = 0
+    active_enter_usec: int = 0  # realtime µs when it last became active
+    exec_main_start_usec: int = 0  # realtime µs the main process last started (0: never)
+    fragment_path: str = ""
+    unit_file_state: str = ""
+    listen: tuple[str, ...] = ()  # sockets: "127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a start/stop/restart job ended: done, canceled, timeout, failed,
+    dependency or skipped."""
+
+    unit: str
+    result: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """True when the job finished as asked."""
+        return self.result == "done"
+
+
+class Manager:
+    """A connected manager. Use ``async with connect(scope) as m``."""
+
+    def __init__(self, bus: MessageBus, scope: str) -> None:
+        self._bus = bus
+        self.scope = scope
+        self._jobs: dict[str, asyncio.Future[str]] = {}
+        self._finished: dict[str, str] = {}
+        bus.add_message_handler(self._on_message)
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type == MessageType.SIGNAL and msg.member == "JobRemoved":
+            _, job_path, _, result = msg.body
+            fut = self._jobs.pop(job_path, None)
+            if fut is not None and not fut.done():
+                fut.set_result(result)
+            else:
+                self._finished[job_path] = result
+
+    async def _call(self, interface: str, member: str, signature: str = "",
+                    body: list[Any] | None = None, path: str = PATH) -> list[Any]:
+        reply = await self._bus.call(Message(
+            destination=DEST, path=path, interface=interface, member=member,
+            signature=signature, body=body or []))
+        if reply is None:
+            raise SystemdError(f"systemd did not answer {member}")
+        if reply.message_type == MessageType.ERROR:
+            detail = reply.body[0] if reply.body else reply.error_name
+            raise SystemdError(f"systemd refused {member}: {detail}")
+        return list(reply.body)
+
+    async def subscribe(self) -> None:
+        """Ask for JobRemoved signals (needed before starting jobs we wait for)."""
+        rule = f"type='signal',sender='{DEST}',interface='{MANAGER}',member='JobRemoved'"
+        reply = await self._bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule]))
+        if reply is None or reply.message_type == MessageType.ERROR:
+            raise SystemdError("cannot subscribe to systemd job signals")
+        await self._call(MANAGER, "Subscribe")
+
+    async def reload(self) -> None:
+        """daemon-reload."""
+        await self._call(MANAGER, "Reload")
+
+    async def enable(self, files: list[str]) -> None:
+        """Enable unit files (their [Install] sections); the caller reloads."""
+        if files:
+            await self._call(MANAGER, "EnableUnitFiles", "asbb", [files, False, True])
+
+    async def disable(self, names: list[str]) -> None:
+        """Disable units by name (missing ones are fine)."""
+        if names:
+            try:
+                await self._call(MANAGER, "DisableUnitFiles", "asb", [names, False])
+            except SystemdError as exc:
+                if "not found" not in str(exc).lower() and "does not exist" not in str(exc):
+                    raise
+
+    async def reset_failed(self, name: str) -> None:
+        """Forget a unit's failed state."""
+        # not loaded or not failed: nothing to reset
+        with contextlib.suppress(SystemdError):
+            await self._call(MANAGER, "ResetFailedUnit", "s", [name])
+
+    async def job(
+        self,
+        verb: str,
+        unit: str,
+        *,
+        timeout: float,
+        progress: Callable[[float], Awaitable[None]] | None = None,
+        every: float = 0.5,
+    ) -> JobOutcome:
+        """Run StartUnit/StopUnit/RestartUnit and wait for its JobRemoved.
+
+        Subscription happens before the call, and the signal is matched by job
+        path, so a job that finishes instantly is not missed."""
+        start = time.monotonic()
+        (job_path,) = await self._call(MANAGER, verb, "ss", [unit, "replace"])
+        if job_path in self._finished:
+            return JobOutcome(unit, self._finished.pop(job_path), time.monotonic() - start)
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._jobs[job_path] = fut
+        deadline = start + timeout
+        while True:
+            try:
+                result = await asyncio.wait_for(asyncio.shield(fut), timeout=every)
+                return JobOutcome(unit, result, time.monotonic() - start)
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    self._jobs.pop(job_path, None)
+                    return JobOutcome(unit, "timeout", time.monotonic() - start)
+                if progress is not None:
+                    await progress(time.monotonic() - start)
+
+    async def start_nowait(self, unit: str) -> None:
+        """Queue a start job and return at once."""
+        await self._call(MANAGER, "StartUnit", "ss", [unit, "replace"])
+
+    async def unit_path(self, name: str) -> str:
+        """Object path of a unit, loading it if needed."""
+        (path,) = await self._call(MANAGER, "LoadUnit", "s", [name])
+        return str(path)
+
+    async def _props(self, path: str, interface: str) -> dict[str, Any]:
+        try:
+            (props,) = await self._call(PROPS, "GetAll", "s", [interface], path=path)
+        except SystemdError:
+            return {}
+        return {k: v.value for k, v in props.items()}
+
+    async def info(self, names: list[str]) -> dict[str, UnitInfo]:
+        """Properties of many units, requested all at once (one round trip's wait)."""
+        paths = await asyncio.gather(*(self.unit_path(n) for n in names))
+        units = await asyncio.gather(*(self._props(p, UNIT) for p in paths))
+        kinds = [SERVICE if n.endswith(".service") else SOCKET for n in names]
+        extras = await asyncio.gather(*(self._props(p, k) for p, k in zip(paths, kinds, strict=True)))
+        out: dict[str, UnitInfo] = {}
+        for name, u, x in zip(names, units, extras, strict=True):
+            out[name] = UnitInfo(
+                name=name,
+                load_state=str(u.get("LoadState", "not-found")),
+                active_state=str(u.get("ActiveState", "inactive")),
+                sub_state=str(u.get("SubState", "dead")),
+                result=str(x.get("Result", "")),
+                main_pid=int(x.get("MainPID", 0)),
+                status_text=str(x.get("StatusText", "")),
+                n_restarts=int(x.get("NRestarts", 0)),
+                active_enter_usec=int(u.get("ActiveEnterTimestamp", 0)),
+                exec_main_start_usec=int(x.get("ExecMainStartTimestamp", 0)),
+                fragment_path=str(u.get("FragmentPath", "")),
+                unit_file_state=str(u.get("UnitFileState", "")),
+                listen=tuple(str(addr) for _, addr in x.get("Listen", [])),
+            )
+        return out
+
+
+class connect:  # noqa: N801 - reads as a function at the call site: `async with connect(...)`
+    """Connect to the system or user manager; a clear error when there is none."""
+
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+        self._bus: MessageBus | None = None
+
+    async def __aenter__(self) -> Manager:
+        bus_type = BusType.SESSION if self.scope == "user" else BusType.SYSTEM
+        try:
+            self._bus = await asyncio.wait_for(MessageBus(bus_type=bus_type).connect(), 10)
+        except Exception as exc:  # dbus-fast raises several kinds for "no bus here"
+            where = ("the user manager (DBUS_SESSION_BUS_ADDRESS)" if self.scope == "user"
+                     else "the system manager (/run/dbus/system_bus_socket)")
+            raise SystemdError(
+                f"cannot reach {where}: {exc}. On a host or container without systemd, "
+                "run `unitgen sandbox start` and use --user with the environment it prints"
+            ) from None
+        return Manager(self._bus, self.scope)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._bus is not None:
+            self._bus.disconnect()
