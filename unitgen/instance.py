@@ -10,9 +10,9 @@ target replaces (systemd: ``%t``).
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from unitgen.argscan import find_options, remove_found
 from unitgen.backends import Backend, get_backend
