@@ -93,10 +93,12 @@ def pick_port(name: str, preferred: int, installed: dict[str, Installed],
 
 
 @contextlib.contextmanager
-def deploy_lock(directory: Path) -> Iterator[None]:
-    """Serialize deploys on one unit directory: two deploys never pick the same port."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / ".unitgen.lock", os.O_RDWR | os.O_CREAT, 0o600)
+def deploy_lock(scope: str) -> Iterator[None]:
+    """Serialize deploys to one manager: two deploys never pick the same port.
+    The lock lives in the runtime directory, not among the unit files."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR") if scope == "user" else "/run"
+    directory = Path(runtime or "/tmp")  # noqa: S108 - last resort when no runtime dir is set
+    fd = os.open(directory / "unitgen-deploy.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -284,7 +284,7 @@ async def _run(paths: list[Path], opts: DeployOptions) -> Result:
     async with connect(opts.scope) as m:
         await m.subscribe()
         udir = unit_dir(opts.scope)
-        with deploy_lock(udir):
+        with deploy_lock(opts.scope):
             installed = scan(udir)
             busy = listeners()
             taken: set[int] = set()
@@ -398,7 +398,7 @@ async def _remove(names: list[str], scope: str) -> Result:
     lines: list[str] = []
     async with connect(scope) as m:
         await m.subscribe()
-        with deploy_lock(udir):
+        with deploy_lock(scope):
             installed = scan(udir)
             missing = [n for n in names if n not in installed]
             if missing:

@@ -1,0 +1,231 @@
+"""deploy / status / remove / doctor against a real systemd user manager over real
+D-Bus (issue 3). The CLI runs as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import STANDIN, free_port, get, prop, wait_for, write_spec
+from unitgen.sandbox import Sandbox
+
+pytestmark = pytest.mark.systemd
+
+
+def cli(box: Sandbox, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "unitgen", *args],
+                          env={**os.environ, **box.env}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def cli_json(box: Sandbox, *args: str) -> tuple[int, Any]:
+    done = cli(box, *args, "--json")
+    try:
+        return done.returncode, json.loads(done.stdout)
+    except ValueError:
+        raise AssertionError(f"not JSON: {done.stdout!r} {done.stderr}") from None
+
+
+def demo_spec(directory: Path, name: str, port: int | None = None, extra: str = "",
+              **env: str) -> Path:
+    env_toml = ", ".join(f'{k} = "{v}"' for k, v in env.items())
+    text = (f'name = "{name}"\nbackend = "custom"\n'
+            f'command = ["{sys.executable}", "{STANDIN}", "--host", "{{host}}", "--port", "{{port}}"]\n'
+            f"env = {{ {env_toml} }}\n" + (f"port = {port}\n" if port else "") + extra
+            + '[health]\ntimeout = "20s"\n')
+    return write_spec(directory, name, text)
+
+
+@pytest.fixture
+def box(sandbox: Sandbox) -> Iterator[Sandbox]:
+    """The shared sandbox, emptied of instances after each test."""
+    yield sandbox
+    names = [p.stem for p in sandbox.unit_dir.glob("*.socket")]
+    installed = [n for n in names if "unitgen-instance" in (sandbox.unit_dir / f"{n}.socket").read_text()]
+    if installed:
+        cli(sandbox, "remove", "--user", *installed)
+    for path in sandbox.unit_dir.glob("*"):
+        if path.is_file():
+            path.unlink()
+    sandbox.systemctl("daemon-reload")
+
+
+def backend_pid(box: Sandbox, name: str) -> int:
+    return int(prop(box, f"{name}-backend.service", "MainPID"))
+
+
+def test_deploy_ready_then_idempotent_then_only_changed_restarts(box, tmp_path):
+    a, b = demo_spec(tmp_path, "alpha"), demo_spec(tmp_path, "beta")
+    rc, data = cli_json(box, "deploy", "--user", str(a), str(b))
+    assert rc == 0, data
+    assert data["changed"] is True
+    assert [i["action"] for i in data["instances"]] == ["created", "created"]
+    ports = {i["name"]: int(i["public"].rsplit(":", 1)[1]) for i in data["instances"]}
+    assert get(ports["alpha"])[0] == 200 and get(ports["beta"])[0] == 200
+    pids = {n: backend_pid(box, n) for n in ("alpha", "beta")}
+
+    rc, data = cli_json(box, "deploy", "--user", str(a), str(b))
+    assert rc == 0 and data["changed"] is False
+    assert [i["action"] for i in data["instances"]] == ["unchanged", "unchanged"]
+    assert {n: backend_pid(box, n) for n in ("alpha", "beta")} == pids
+
+    demo_spec(tmp_path, "beta", STANDIN_LOAD_SECONDS="0.5")
+    rc, data = cli_json(box, "deploy", "--user", str(a), str(b))
+    assert rc == 0 and data["changed"] is True
+    assert [i["action"] for i in data["instances"]] == ["unchanged", "updated"]
+    assert backend_pid(box, "alpha") == pids["alpha"]
+    assert backend_pid(box, "beta") != pids["beta"]
+    # an allocated port is kept across updates: the units are the database
+    assert int(data["instances"][1]["public"].rsplit(":", 1)[1]) == ports["beta"]
+
+
+def test_dry_run_and_diff_change_nothing(box, tmp_path):
+    spec = demo_spec(tmp_path, "dry")
+    done = cli(box, "deploy", "--user", "--dry-run", "--diff", str(spec))
+    assert done.returncode == 0, done.stderr
+    assert "+++ b/dry.socket" in done.stdout and "dry: would-create" in done.stdout
+    assert list(box.unit_dir.glob("dry*")) == []
+    assert prop(box, "dry.socket", "LoadState") == "not-found"
+
+
+def test_concurrent_deploys_get_distinct_ports(box, tmp_path):
+    specs = [demo_spec(tmp_path, f"conc{i}") for i in range(4)]
+    # Same preferred port for all: the lock, not luck, keeps them apart.
+    procs = [subprocess.Popen([sys.executable, "-m", "unitgen", "deploy", "--user", "--json",
+                               "--no-wait", str(s)], env={**os.environ, **box.env},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for s in specs]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    ports = [json.loads(o)["instances"][0]["public"] for o, _ in outs]
+    assert len(set(ports)) == 4, ports
+
+
+def test_busy_explicit_port_names_the_holder(box, tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = cli(box, "deploy", "--user", str(demo_spec(tmp_path, "busy", port)))
+    assert done.returncode != 0
+    assert f"port {port} is in use by pid {os.getpid()}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert list(box.unit_dir.glob("busy*")) == []
+
+
+def test_collision_with_foreign_units_is_refused(box, tmp_path):
+    foreign = box.unit_dir / "ssh.service"
+    foreign.write_text("[Service]\nExecStart=/bin/sleep 1000\n")
+    done = cli(box, "deploy", "--user", str(demo_spec(tmp_path, "ssh")))
+    assert done.returncode == 2
+    assert "was not generated by unitgen" in done.stderr
+    assert foreign.read_text() == "[Service]\nExecStart=/bin/sleep 1000\n"
+    assert not (box.unit_dir / "ssh.socket").exists()
+    # a unit that exists elsewhere (the distribution's dbus.service) is refused too
+    done = cli(box, "deploy", "--user", str(demo_spec(tmp_path, "dbus")))
+    assert done.returncode == 2 and "unit dbus.socket already exists" in done.stderr
+    assert not (box.unit_dir / "dbus.service").exists()
+
+
+def test_remove_deletes_only_our_files(box, tmp_path):
+    other = box.unit_dir / "keep.service"
+    other.write_text("[Service]\nExecStart=/bin/true\n")
+    spec = demo_spec(tmp_path, "gone")
+    assert cli(box, "deploy", "--user", str(spec)).returncode == 0
+    port = int(prop(box, "gone.socket", "Listen").split(":")[1].split()[0])
+    rc, data = cli_json(box, "remove", "--user", "gone")
+    assert rc == 0 and len(data["removed"][0]["files"]) == 3
+    assert sorted(p.name for p in box.unit_dir.iterdir() if p.is_file()) == ["keep.service"]
+    assert spec.exists()
+    with pytest.raises(OSError):
+        get(port, timeout=2)
+    assert cli(box, "remove", "--user", "gone").returncode == 1
+
+
+def test_failed_update_leaves_previous_version_running(box, tmp_path):
+    spec = demo_spec(tmp_path, "stable")
+    assert cli(box, "deploy", "--user", str(spec)).returncode == 0
+    before = (box.unit_dir / "stable-backend.service").read_text()
+    port = int(prop(box, "stable.socket", "Listen").split(":")[1].split()[0])
+    demo_spec(tmp_path, "stable", STANDIN_NEVER_READY="1")
+    spec.write_text(spec.read_text().replace('timeout = "20s"', 'timeout = "2s"'))
+    done = cli(box, "deploy", "--user", str(spec))
+    assert done.returncode == 1
+    assert "not ready after 2s" in done.stdout + done.stderr
+    assert "previous version of stable was restored and is running again" in done.stdout
+    assert (box.unit_dir / "stable-backend.service").read_text() == before
+    assert get(port)[0] == 200
+
+
+def test_failed_new_instance_leaves_nothing(box, tmp_path):
+    spec = demo_spec(tmp_path, "doa", STANDIN_NEVER_READY="1")
+    spec.write_text(spec.read_text().replace('timeout = "20s"', 'timeout = "2s"'))
+    done = cli(box, "deploy", "--user", str(spec))
+    assert done.returncode == 1 and "its units were removed again" in done.stdout
+    assert list(box.unit_dir.glob("doa*")) == []
+
+
+def test_status_of_twenty_instances_in_one_call(box, tmp_path):
+    specs = []
+    for i in range(20):
+        spec = demo_spec(tmp_path, f"many{i:02d}", extra='activation = "on-demand"\n')
+        specs.append(str(spec))
+    rc, data = cli_json(box, "deploy", "--user", *specs)
+    assert rc == 0, data
+    first = data["instances"][0]["public"]
+    get(int(first.rsplit(":", 1)[1]))  # wake one
+    t0 = time.monotonic()
+    rc, status = cli_json(box, "status", "--user")
+    elapsed = time.monotonic() - t0
+    assert rc == 0 and len(status["instances"]) == 20
+    states = {r["name"]: r["state"] for r in status["instances"]}
+    assert states["many00"] == "ready"
+    assert {states[f"many{i:02d}"] for i in range(1, 20)} == {"listening"}
+    ready = next(r for r in status["instances"] if r["name"] == "many00")
+    assert ready["pid"] and ready["memory_bytes"] > 1_000_000
+    print(f"status of 20 instances: {elapsed:.2f} s")
+
+
+def test_doctor_finds_a_hand_made_mismatch(box, tmp_path):
+    served, probed = free_port(), free_port()
+    unit = box.unit_dir / "handmade.service"
+    unit.write_text(f"[Service]\nExecStart={sys.executable} {STANDIN} --host 127.0.0.1 "
+                    f"--port {served}\n")
+    box.systemctl("daemon-reload")
+    box.systemctl("start", "handmade.service", check=True)
+    try:
+        assert wait_for(lambda: _listening(served), 10)
+        done = cli(box, "doctor", "--user", "--unit", "handmade.service", "--port", str(probed))
+        assert done.returncode == 1
+        assert f"listens on {served}, but the health check probes {probed}" in done.stdout
+        ok = cli(box, "doctor", "--user", "--unit", "handmade.service", "--port", str(served))
+        assert ok.returncode == 0, ok.stdout
+    finally:
+        box.systemctl("stop", "handmade.service")
+
+
+def test_doctor_on_an_instance_reports_a_stray_listener(box, tmp_path):
+    stray = free_port()
+    spec = demo_spec(tmp_path, "leaky", STANDIN_EXTRA_PORT=str(stray))
+    assert cli(box, "deploy", "--user", str(spec)).returncode == 0
+    done = cli(box, "doctor", "--user", "leaky")
+    assert done.returncode == 1
+    assert f"also listens on port(s) {stray}" in done.stdout
+    assert "the socket owns port" in done.stdout
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
