@@ -13,6 +13,7 @@ STANDIN_KEY_ENV        name of a variable holding the API key; requests without
                        ``Authorization: Bearer <key>`` get 401 (health included)
 STANDIN_RECORD         file to write ``{"argv": [...], "env": {...}, "pid": N}`` to at start
 STANDIN_EXTRA_PORT     also listen on this loopback TCP port (a misconfigured server)
+STANDIN_WORKERS        start this many child processes, like tensor-parallel workers
 
 Every answer is JSON and carries the server's pid, so a test can tell restarts apart.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -119,6 +121,10 @@ def main() -> None:
     if os.environ.get("STANDIN_LOADING") == "refuse" and not os.environ.get("LISTEN_FDS"):
         while not loaded():
             time.sleep(0.05)
+    for _ in range(int(os.environ.get("STANDIN_WORKERS", "0"))):
+        # children that outlive a kill of the parent alone, like vLLM's TP workers
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"],
+                         start_new_session=True)
     extra = os.environ.get("STANDIN_EXTRA_PORT")
     if extra:
         side = ThreadingHTTPServer(("127.0.0.1", int(extra)), Handler)

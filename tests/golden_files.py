@@ -6,10 +6,16 @@ byte for byte.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.helpers import GOLDEN_CTX
+from tests.nvml import FAKE_DIR, eight_gpus, write_scenario
 from unitgen.core import render_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,9 +28,31 @@ def example_specs() -> list[Path]:
     return sorted(EXAMPLES.glob("*.toml"))
 
 
+@contextlib.contextmanager
+def eight_fake_gpus() -> Iterator[None]:
+    """Render GPU examples against the fake NVML's 8-GPU host (no GPU here)."""
+    saved_env = os.environ.get("FAKE_NVML_SCENARIO")
+    saved_mod = sys.modules.pop("pynvml", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FAKE_NVML_SCENARIO"] = str(write_scenario(Path(tmp) / "s.json", eight_gpus()))
+        sys.path.insert(0, str(FAKE_DIR))
+        try:
+            yield
+        finally:
+            sys.path.remove(str(FAKE_DIR))
+            sys.modules.pop("pynvml", None)
+            if saved_mod is not None:
+                sys.modules["pynvml"] = saved_mod
+            if saved_env is None:
+                os.environ.pop("FAKE_NVML_SCENARIO", None)
+            else:
+                os.environ["FAKE_NVML_SCENARIO"] = saved_env
+
+
 def rendered(spec: Path) -> dict[str, str]:
     """File name -> text for one example, rendered with the golden context."""
-    files = render_spec(spec.relative_to(ROOT), GOLDEN_CTX).files
+    with eight_fake_gpus():
+        files = render_spec(spec.relative_to(ROOT), GOLDEN_CTX).files
     # {spec_dir} expands to this checkout's path; golden files must not depend on it.
     return {f.name: f.text.replace(str(ROOT), "/src/unitgen") for f in files}
 

@@ -43,7 +43,7 @@ def verify_units(units: dict[str, str], tmp_path: Path) -> str:
     for name, text in units.items():
         (unit_dir / name).write_text(text)
         for line in text.splitlines():
-            if line.startswith(("ExecStart=", "ExecStartPost=")):
+            if line.startswith(("ExecStart=", "ExecStartPost=", "ExecStartPre=")):
                 program = line.split("=", 1)[1].split()[0]
                 path = Path(program) if program.startswith("/") else Path("/usr/bin") / program
                 stub = root / path.relative_to("/")

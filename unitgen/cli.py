@@ -175,6 +175,15 @@ def doctor(name: str | None, unit: str | None, port: int | None, path: str, user
     return emit(doc.doctor(name, _scope(user)), as_json=as_json)
 
 
+@cli.command()
+@JSON
+def gpus(as_json: bool) -> int:
+    """GPUs, their memory and processes, and which instance each process belongs to."""
+    from unitgen.gpus import gpus_report  # noqa: PLC0415
+
+    return emit(gpus_report(), as_json=as_json)
+
+
 @cli.group()
 def sandbox() -> None:
     """A private systemd user manager for containers and CI (see docs/sandbox.md)."""

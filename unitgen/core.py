@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unitgen.errors import OwnershipError, Problem, SpecError
+from unitgen.gpus import Gpu, GpuUnavailableError, Placement, place, read_gpus
 from unitgen.instance import Instance, resolve
 from unitgen.render import MARKER, RenderContext, RenderedFile, render_instance
 from unitgen.result import Result
-from unitgen.spec import load_spec
+from unitgen.spec import InstanceSpec, load_spec
 
 __all__ = ["Rendered", "check", "render", "render_spec", "write_files"]
 
@@ -25,11 +26,28 @@ class Rendered:
     files: tuple[RenderedFile, ...]
 
 
+def placement_for(spec: InstanceSpec, claims: dict[str, list[tuple[str, bool]]] | None = None,
+                  *, gpus: list[Gpu] | None = None) -> Placement | None:
+    """GPU placement for a spec (None for CPU-only specs). Reads NVML unless the
+    caller passes what it read; where NVML is unavailable only UUID lists can be
+    placed."""
+    if spec.gpus is None or spec.gpus == 0:
+        return None
+    found = gpus
+    if found is None:
+        try:
+            found = read_gpus()
+        except GpuUnavailableError:
+            found = None
+    return place(source=spec.source, name=spec.name, want=spec.gpus, memory=spec.gpu_memory,
+                 share=spec.gpu_share, gpus=found, claims=claims or {})
+
+
 def render_spec(path: Path, ctx: RenderContext, *, port: int | None = None,
                 private_port: int | None = None) -> Rendered:
     """Load, resolve and render one spec; raise SpecError with every problem."""
     spec = load_spec(path)
-    inst = resolve(spec, port=port, private_port=private_port)
+    inst = resolve(spec, port=port, private_port=private_port, placement=placement_for(spec))
     return Rendered(inst, tuple(render_instance(inst, ctx)))
 
 

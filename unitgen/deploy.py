@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from unitgen.allocate import Listener, check_port, deploy_lock, listeners, pick_port
-from unitgen.core import atomic_write, is_ours
+from unitgen.core import atomic_write, is_ours, placement_for
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, Problem, SpecError, UnitgenError
-from unitgen.installed import Installed, scan, secrets_dir, unit_dir
+from unitgen.gpus import Gpu, GpuUnavailableError, read_gpus
+from unitgen.installed import Installed, gpu_claims, scan, secrets_dir, unit_dir
 from unitgen.instance import Instance, resolve
 from unitgen.journal import last_lines
 from unitgen.ports import PRIVATE_PORT_RANGE, default_port, default_private_port
@@ -125,6 +126,7 @@ async def _plan(
     installed: dict[str, Installed],
     busy: dict[int, Listener],
     taken: set[int],
+    gpus: list[Gpu] | None,
 ) -> Plan:
     first = resolve(spec)
     mine = installed.get(spec.name)
@@ -148,7 +150,8 @@ async def _plan(
             private_port = pick_port(spec.name, default_private_port(spec.name), installed,
                                      busy_map, taken | {port}, PRIVATE_PORT_RANGE)
         taken.add(private_port)
-    inst = resolve(spec, port=port, private_port=private_port)
+    placement = placement_for(spec, gpu_claims(installed), gpus=gpus)
+    inst = resolve(spec, port=port, private_port=private_port, placement=placement)
     files = render_instance(inst, opts.ctx)
     old: dict[str, str | None] = {}
     udir = unit_dir(opts.scope)
@@ -288,7 +291,17 @@ async def _run(paths: list[Path], opts: DeployOptions) -> Result:
             installed = scan(udir)
             busy = listeners()
             taken: set[int] = set()
-            plans = [await _plan(m, s, opts, installed, busy, taken) for s in specs]
+            try:
+                gpus: list[Gpu] | None = read_gpus()
+            except GpuUnavailableError:
+                gpus = None  # CPU-only host: GPU specs with UUIDs still render
+            plans = []
+            for s in specs:
+                plan = await _plan(m, s, opts, installed, busy, taken, gpus)
+                plans.append(plan)
+                if plan.inst.gpus:  # later specs in this run see this claim
+                    entry = installed.setdefault(s.name, Installed(name=s.name))
+                    entry.gpus, entry.gpu_share = plan.inst.gpus.uuids, plan.inst.gpus.share
             if opts.dry_run:
                 for p in plans:
                     action = ("would-update" if p.was_installed else "would-create") if p.changed \

@@ -44,6 +44,8 @@ class Installed:
     probe_target: str = ""  # what <name>.service's ExecStartPost probes
     probe_path: str = "/health"
     eager: bool = False
+    gpus: tuple[str, ...] = ()
+    gpu_share: bool = False
 
     @property
     def units(self) -> list[str]:
@@ -73,6 +75,10 @@ def scan(directory: Path) -> dict[str, Installed]:
         inst = found.setdefault(name, Installed(name=name))
         inst.files[path.name] = path
         inst.backend = _field(text, "# unitgen-backend: ") or inst.backend
+        gpus = _field(text, "# unitgen-gpus: ")
+        if gpus:
+            uuids, _, mode = gpus.partition(" ")
+            inst.gpus, inst.gpu_share = tuple(uuids.split(",")), mode == "shared"
         if path.name == f"{name}.socket":
             m = _LISTEN.search(text)
             if m:
@@ -90,6 +96,15 @@ def scan(directory: Path) -> dict[str, Installed]:
                 else:
                     inst.private_unix = target
     return found
+
+
+def gpu_claims(installed: dict[str, Installed]) -> dict[str, list[tuple[str, bool]]]:
+    """GPU UUID -> the instances placed there and whether each shares."""
+    claims: dict[str, list[tuple[str, bool]]] = {}
+    for inst in installed.values():
+        for uuid in inst.gpus:
+            claims.setdefault(uuid, []).append((inst.name, inst.gpu_share))
+    return claims
 
 
 def _field(text: str, prefix: str) -> str | None:

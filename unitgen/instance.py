@@ -17,6 +17,7 @@ from pathlib import Path
 from unitgen.argscan import find_options, remove_found
 from unitgen.backends import Backend, get_backend
 from unitgen.errors import Problem, SpecError
+from unitgen.gpus import Placement
 from unitgen.ports import default_private_port, probe_host, resolve_listen
 from unitgen.spec import InstanceSpec
 
@@ -67,6 +68,7 @@ class Instance:
     health_path: str
     health_timeout: float
     notices: tuple[str, ...]
+    gpus: Placement | None = None
 
     @property
     def name(self) -> str:
@@ -88,8 +90,8 @@ _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_]*)\}")
 CUSTOM_PLACEHOLDERS = ("host", "port", "unix", "model", "name", "spec_dir")
 
 
-def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | None = None
-            ) -> Instance:
+def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | None = None,
+            placement: Placement | None = None) -> Instance:
     """Resolve a spec into an instance; ``port`` and ``private_port`` override
     defaulted ones (deploy passes those it allocated). Raise SpecError listing
     every problem."""
@@ -123,6 +125,12 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
         problem("private_port", f"is only used by servers that listen on loopback TCP; "
                                 f"{spec.backend} listens on a private Unix socket")
 
+    if placement is not None:
+        if any(k == "CUDA_VISIBLE_DEVICES" for k, _ in env):
+            problem("env.CUDA_VISIBLE_DEVICES", "is set by unitgen from gpus; remove it")
+        env = (*env, ("CUDA_VISIBLE_DEVICES", ",".join(placement.uuids)),
+               ("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
+        args = _gpu_defaults(backend, args, len(placement.uuids))
     argv = _argv(spec, backend, args, private, problem)
     if problems:
         raise SpecError(problems=problems)
@@ -130,8 +138,26 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
         spec=spec, public=public, port_from_spec=listen.port_from_spec, private=private,
         argv=argv, env=env, secrets=secrets, probe_key_env=key_env,
         health_path=spec.health.path or backend.health_path,
-        health_timeout=spec.health.timeout, notices=listen.notices,
+        health_timeout=spec.health.timeout,
+        notices=listen.notices + (placement.notices if placement else ()), gpus=placement,
     )
+
+
+# Options that already say how to use the GPUs; unitgen adds its default only when none is given.
+_TP_FLAGS = {"vllm": ("--tensor-parallel-size", "-tp"), "sglang": ("--tp-size", "--tp")}
+_NGL_FLAGS = ("-ngl", "--n-gpu-layers", "--gpu-layers")
+
+
+def _gpu_defaults(backend: Backend, args: tuple[str, ...], count: int) -> tuple[str, ...]:
+    """What users expect from the GPU count: tensor parallel over all of them
+    (vLLM, SGLang), every layer offloaded (llama-server, llama-box)."""
+    if backend.gpu_defaults == "tensor-parallel" and count > 1:
+        flags = _TP_FLAGS[backend.name]
+        if not find_options(args, flags, abbrev=backend.argparse_abbrev):
+            return (*args, flags[0], str(count))
+    if backend.gpu_defaults == "offload-layers" and not find_options(args, _NGL_FLAGS, abbrev=False):
+        return (*args, "--n-gpu-layers", "999")
+    return args
 
 
 def _argv(

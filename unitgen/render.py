@@ -39,7 +39,8 @@ MARKER = "# unitgen-instance: "  # proves a unit file is ours (see header.j2)
 # because each one could move the port, the probe or the process that owns them.
 OWNED_DIRECTIVES = frozenset({
     "ExecStart", "ExecStartPost", "ExecStartPre", "ExecStop", "ExecStopPost", "ExecReload",
-    "Type", "Environment", "EnvironmentFile", "RuntimeDirectory", "RuntimeDirectoryMode",
+    "Type", "Environment", "DevicePolicy", "KillSignal",
+    "EnvironmentFile", "RuntimeDirectory", "RuntimeDirectoryMode",
     "User", "Group", "WorkingDirectory", "Restart", "NotifyAccess", "TimeoutStartSec",
     "StopWhenUnneeded", "PartOf", "BindsTo", "After", "Before", "Requires", "Sockets",
     "ListenStream", "KillMode", "SyslogIdentifier", "DynamicUser",
@@ -161,6 +162,26 @@ def _owned_hint(key: str) -> str:
     return hints.get(key, "it keeps the port, the probe and the process tree consistent")
 
 
+# Device nodes every CUDA process needs, besides /dev/nvidiaN of its GPUs.
+NVIDIA_CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+GPU_WAIT_TIMEOUT = 120.0
+
+
+def _gpu_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    placement = inst.gpus
+    if placement is None:
+        return {"gpu_header": "", "gpu_wait": [], "device_allow": []}
+    header = ",".join(placement.uuids) + (" shared" if placement.share else " exclusive")
+    # Not -I: the GPU wait imports pynvml from this interpreter's environment and
+    # honours PYTHONPATH, so an operator (or the tests) can put an NVML shim first.
+    wait = [ctx.python, "-m", "unitgen.gpuwait", "--instance", inst.name,
+            "--gpus", ",".join(placement.uuids), "--timeout", format_seconds(GPU_WAIT_TIMEOUT)]
+    devices: list[str] = []
+    if ctx.scope == "system" and placement.minors is not None:
+        devices = [*NVIDIA_CONTROL_NODES, *(f"/dev/nvidia{m}" for m in placement.minors)]
+    return {"gpu_header": header, "gpu_wait": wait, "device_allow": devices}
+
+
 def render_instance(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
     """Render an instance's unit files (and its secret file, if it has a key)."""
     _check_extras(inst)
@@ -188,6 +209,7 @@ def render_instance(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
         "unit_extra": list(spec.systemd_unit),
         "service_extra": list(spec.systemd_service),
         "probe_public": _probe_cmd(ctx, inst, inst.public.probe_target(), "public"),
+        **_gpu_context(inst, ctx),
     }
     files = [RenderedFile(f"{spec.name}.socket", env.get_template("socket.j2").render(common))]
     if inst.private is None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import psutil
 
 from unitgen.errors import UnitgenError
+from unitgen.gpus import Gpu, GpuUnavailableError, read_gpus
 from unitgen.installed import Installed, scan, unit_dir
 from unitgen.result import Result
 from unitgen.systemd import UnitInfo, connect
@@ -30,6 +31,8 @@ class InstanceStatus:
     uptime_s: float | None
     memory_bytes: int | None
     detail: str
+    gpus: tuple[int, ...] = ()  # GPU indexes it is placed on
+    gpu_memory_bytes: int | None = None  # GPU memory its processes hold
 
 
 def tree_memory(pid: int) -> int | None:
@@ -105,18 +108,34 @@ async def _status(names: list[str], scope: str) -> list[InstanceStatus]:
     units = [u for n in chosen for u in installed[n].units]
     async with connect(scope) as m:
         infos = await m.info(units) if units else {}
-    return [describe(installed[n], infos) for n in chosen]
+    rows = [describe(installed[n], infos) for n in chosen]
+    if any(installed[n].gpus for n in chosen):
+        try:
+            gpus = read_gpus()
+        except GpuUnavailableError:
+            gpus = []
+        rows = [_with_gpus(r, installed[r.name], gpus) for r in rows]
+    return rows
+
+
+def _with_gpus(row: InstanceStatus, inst: Installed, gpus: list[Gpu]) -> InstanceStatus:
+    index = {g.uuid: g.index for g in gpus}
+    used = sum(p.used_bytes for g in gpus for p in g.processes if p.instance == row.name)
+    return replace(row, gpus=tuple(index[u] for u in inst.gpus if u in index),
+                   gpu_memory_bytes=used if gpus else None)
 
 
 def status(names: list[str], scope: str) -> Result:
     """Status of the named instances (all when none are named)."""
     rows = asyncio.run(_status(names, scope))
-    table = [("NAME", "STATE", "ADDRESS", "BACKEND", "PID", "UPTIME", "MEMORY", "DETAIL")]
+    table = [("NAME", "STATE", "ADDRESS", "BACKEND", "PID", "UPTIME", "MEMORY", "GPUS", "GPU MEM",
+              "DETAIL")]
     table += [(r.name, r.state, r.address, r.backend, str(r.pid or "-"), _human_time(r.uptime_s),
-               _human_bytes(r.memory_bytes), r.detail) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(7)]
+               _human_bytes(r.memory_bytes), ",".join(map(str, r.gpus)) or "-",
+               _human_bytes(r.gpu_memory_bytes), r.detail) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(9)]
     lines = tuple(
-        "  ".join(cell.ljust(w) for cell, w in zip(row[:7], widths, strict=True)) + "  " + row[7]
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:9], widths, strict=True)) + "  " + row[9]
         for row in table
     )
     return Result(data={"instances": [asdict(r) for r in rows]},
