@@ -103,3 +103,25 @@ def test_json_output(tmp_path):
     done = unitgen("check", "--json", str(write_spec(tmp_path, "demo", GOOD)))
     data = json.loads(done.stdout)
     assert data["ok"] is True and data["instances"][0]["public"] == "127.0.0.1:8000"
+
+
+def test_deploy_reports_spec_errors_before_talking_to_systemd(tmp_path):
+    spec = write_spec(tmp_path, "bad", GOOD + 'args = ["--port", "9"]\n')
+    done = subprocess.run([sys.executable, "-m", "unitgen", "deploy", "--user", str(spec)],
+                          capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                               "DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path}/nobus"})
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"error: {spec}: args: --port 9 conflicts with port = 8000; "
+                                   "the port is written once: remove one of them")
+
+
+def test_deploy_without_a_manager_says_what_to_do(tmp_path):
+    spec = write_spec(tmp_path, "demo", GOOD)
+    done = subprocess.run([sys.executable, "-m", "unitgen", "deploy", "--user", str(spec)],
+                          capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                               "DBUS_SESSION_BUS_ADDRESS": f"unix:path={tmp_path}/nobus"})
+    assert done.returncode == 1
+    assert "cannot reach the user manager" in done.stderr and "unitgen sandbox start" in done.stderr
+    assert "Traceback" not in done.stderr

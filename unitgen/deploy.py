@@ -110,6 +110,11 @@ def _load_all(paths: list[Path]) -> list[InstanceSpec]:
             problems.append(Problem(spec.source, "name", f"{spec.name!r} is also the name in "
                                                          f"{names[spec.name]}"))
         names[spec.name] = spec.source
+    for spec in specs:
+        try:
+            resolve(spec)  # the port rules, before anything talks to systemd
+        except SpecError as exc:
+            problems.extend(exc.problems)
     if problems:
         raise SpecError(problems=problems)
     return specs
