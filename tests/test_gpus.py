@@ -178,3 +178,11 @@ def test_gpu_wait_ignores_other_live_processes_and_no_driver(fake_nvml):
 def test_read_gpus_is_the_fake_here(fake_nvml):
     fake_nvml(eight_gpus())
     assert [g.index for g in read_gpus()] == list(range(8))
+
+
+def test_redeploy_keeps_its_gpus_even_when_others_have_more_free(fake_nvml):
+    fake_nvml(eight_gpus(used={2: 50 * GIB}))
+    mine = {uuid(2): [("g", False)]}
+    p = placement_for(spec("gpus = 1"), mine)
+    assert p is not None and p.uuids == (uuid(2),)
+    assert placement_for(spec("gpus = 1"), {}).uuids == (uuid(0),)  # type: ignore[union-attr]

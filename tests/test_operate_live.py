@@ -229,3 +229,16 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_logs_show_the_servers_journal_and_port_range_is_honoured(box, tmp_path):
+    spec = demo_spec(tmp_path, "chatty")
+    done = cli(box, "deploy", "--user", "--port-range", "41500-41510", "--json", str(spec))
+    assert done.returncode == 0, done.stderr
+    public = json.loads(done.stdout)["instances"][0]["public"]
+    assert 41500 <= int(public.rsplit(":", 1)[1]) <= 41510
+    logs = cli(box, "logs", "--user", "chatty", "-n", "20")
+    assert logs.returncode == 0
+    assert "standin: listening" in logs.stdout and "ready after" in logs.stdout
+    bad = cli(box, "deploy", "--user", "--port-range", "9-x", str(spec))
+    assert bad.returncode == 2 and "--port-range" in bad.stderr

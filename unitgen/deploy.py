@@ -18,7 +18,7 @@ from unitgen.gpus import Gpu, GpuUnavailableError, read_gpus
 from unitgen.installed import Installed, gpu_claims, scan, secrets_dir, unit_dir
 from unitgen.instance import Instance, resolve
 from unitgen.journal import last_lines
-from unitgen.ports import PRIVATE_PORT_RANGE, default_port, default_private_port
+from unitgen.ports import DEFAULT_PORT_RANGE, PRIVATE_PORT_RANGE, default_port, default_private_port
 from unitgen.render import RenderContext, RenderedFile, render_instance
 from unitgen.result import Result
 from unitgen.spec import InstanceSpec, load_spec
@@ -27,6 +27,11 @@ from unitgen.systemd import JobOutcome, Manager, connect
 __all__ = ["DeployOptions", "deploy", "remove"]
 
 Say = Callable[[str], None]
+
+
+def _rewrite_line(line: str) -> None:
+    sys.stderr.write("\r\x1b[K" + line)
+    sys.stderr.flush()
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,9 @@ class DeployOptions:
     wait: bool = True
     say: Say = field(default=lambda line: print(line, file=sys.stderr, flush=True))
     tty: bool = False
+    # rewrites one terminal line in place (used when tty is true)
+    live: Say = _rewrite_line
+    port_range: tuple[int, int] = DEFAULT_PORT_RANGE
 
 
 @dataclass
@@ -142,7 +150,8 @@ async def _plan(
     elif mine and mine.public_port:
         port = mine.public_port  # keep the port it already has: redeploys change nothing
     else:
-        port = pick_port(spec.name, default_port(spec.name), installed, busy_map, taken)
+        port = pick_port(spec.name, default_port(spec.name), installed, busy_map, taken,
+                         opts.port_range)
     taken.add(port)
     private_port = None
     if first.private is not None and first.private.kind == "tcp":
@@ -251,7 +260,7 @@ async def _wait_start(m: Manager, plan: Plan, opts: DeployOptions) -> JobOutcome
         if info.status_text:
             line += f": {info.status_text}"
         if opts.tty:
-            opts.say("\r\x1b[K" + line[:200] + "\x1b[1A")
+            opts.live(line[:200])
         elif elapsed - last_plain[0] >= 5:
             last_plain[0] = elapsed
             opts.say(line)
@@ -357,7 +366,7 @@ async def _activate(m: Manager, p: Plan, opts: DeployOptions) -> Outcome:
     opts.say(f"{p.name}: starting {p.entry} (public {out.public})")
     job = await _wait_start(m, p, opts)
     if opts.tty:
-        opts.say("\r\x1b[K\x1b[1A")
+        opts.live("")
     out.seconds = round(job.seconds, 2)
     if job.ok:
         out.ready = True

@@ -186,8 +186,13 @@ def place(
                               for g in gpus if others.get(g.uuid))
             raise fail(f"asks for {want} GPUs but only {len(usable)} are not claimed by other "
                        f"instances (claimed: {taken}); set gpu_share = true to share")
-        usable.sort(key=lambda g: (-_free_for(g, name), g.index))
-        chosen = sorted(usable[:want], key=lambda g: g.index)
+        current = [by_uuid[u] for u, c in claims.items()
+                   if any(n == name for n, _ in c) and u in by_uuid and by_uuid[u] in usable]
+        if len(current) == want:
+            chosen = sorted(current, key=lambda g: g.index)  # a redeploy keeps its GPUs
+        else:
+            usable.sort(key=lambda g: (-_free_for(g, name), g.index))
+            chosen = sorted(usable[:want], key=lambda g: g.index)
     else:
         chosen = []
         for item in want:
