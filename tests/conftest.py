@@ -16,7 +16,7 @@ def sandbox() -> Iterator[Sandbox]:
     reason = sandbox_unavailable_reason()
     if reason:
         pytest.skip(f"no private systemd manager: {reason}")
-    box = Sandbox.start()
+    box = Sandbox.start(tie_to_parent=True)
     try:
         yield box
     finally:

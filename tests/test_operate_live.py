@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -242,3 +243,26 @@ def test_logs_show_the_servers_journal_and_port_range_is_honoured(box, tmp_path)
     assert "standin: listening" in logs.stdout and "ready after" in logs.stdout
     bad = cli(box, "deploy", "--user", "--port-range", "9-x", str(spec))
     assert bad.returncode == 2 and "--port-range" in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr (e2fsprogs)")
+def test_write_failure_half_way_restores_every_file(box, tmp_path):
+    spec = demo_spec(tmp_path, "halfway", free_port())
+    assert cli(box, "deploy", "--user", str(spec)).returncode == 0
+    before = {p.name: p.read_text() for p in box.unit_dir.glob("halfway*")}
+    pid = backend_pid(box, "halfway")
+    port = int(prop(box, "halfway.socket", "Listen").split(":")[1].split()[0])
+    # new port and new env: all three files change; the last one cannot be replaced
+    demo_spec(tmp_path, "halfway", free_port(), STANDIN_LOADING="404")
+    locked = box.unit_dir / "halfway-backend.service"
+    subprocess.run(["chattr", "+i", str(locked)], check=True)
+    try:
+        done = cli(box, "deploy", "--user", str(spec))
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert done.returncode == 1
+    assert "cannot write" in done.stderr and "nothing was changed" in done.stderr
+    assert {p.name: p.read_text() for p in box.unit_dir.glob("halfway*")} == before
+    assert not list(box.unit_dir.glob(".halfway*"))  # no temp files left
+    assert backend_pid(box, "halfway") == pid
+    assert get(port)[0] == 200

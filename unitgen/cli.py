@@ -234,7 +234,7 @@ def sandbox_run(command: tuple[str, ...]) -> int:
 
     from unitgen.sandbox import Sandbox  # noqa: PLC0415
 
-    box = Sandbox.start()
+    box = Sandbox.start(tie_to_parent=True)
     click.echo(f"unitgen sandbox: private systemd user manager (pid {box.manager_pid}) in "
                f"{box.root}", err=True)
     try:

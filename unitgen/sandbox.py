@@ -12,6 +12,7 @@ Ansible roles) inside containers. See docs/sandbox.md.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -31,7 +32,12 @@ set -e
 mkdir -p /run/systemd && mount -t tmpfs tmpfs /run/systemd
 mkdir -p /run/systemd/system /run/systemd/journal /run/log/journal
 mount --bind "$0/journal" /run/log/journal
-"$2" > "$0/journald.log" 2>&1 &
+# journald ends with the manager that is its parent, even if nobody stops it
+if setpriv --pdeathsig TERM true 2>/dev/null; then
+  setpriv --pdeathsig TERM "$2" > "$0/journald.log" 2>&1 &
+else
+  "$2" > "$0/journald.log" 2>&1 &
+fi
 echo $! > "$0/journald.pid"
 i=0
 while [ ! -S /run/systemd/journal/socket ] && [ $i -lt 100 ]; do sleep 0.02; i=$((i+1)); done
@@ -105,8 +111,12 @@ class Sandbox:
         return self.root / "journal"
 
     @classmethod
-    def start(cls, root: Path | None = None, *, timeout: float = 10.0) -> Sandbox:
-        """Boot a private user manager under ``root`` (a new temp dir by default)."""
+    def start(cls, root: Path | None = None, *, timeout: float = 10.0,
+              tie_to_parent: bool = False) -> Sandbox:
+        """Boot a private user manager under ``root`` (a new temp dir by default).
+
+        ``tie_to_parent``: the manager gets SIGTERM if this process dies (tests,
+        ``sandbox run``), so a killed run leaves no manager behind."""
         reason = sandbox_unavailable_reason()
         if reason:
             raise SandboxError(f"cannot start a private systemd manager: {reason}")
@@ -121,6 +131,7 @@ class Sandbox:
                 ["unshare", "-m", "sh", "-c", _BOOT, str(root), find_systemd() or "",
                  _find_journald() or "", _PATH],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                preexec_fn=_die_with_parent if tie_to_parent else None,  # noqa: PLW1509
             )
         box = cls(root=root, manager_pid=proc.pid, journald_pid=0, owns_root=owns)
         deadline = time.monotonic() + timeout
@@ -193,6 +204,13 @@ class Sandbox:
         if unit:
             argv += ["-u", unit]
         return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def _exists(pid: int) -> bool:
