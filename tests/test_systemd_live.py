@@ -96,6 +96,9 @@ def test_idle_stop_frees_the_server_and_restarts_on_demand(sandbox, names, tmp_p
     assert wait_for(lambda: prop(sandbox, "idle-backend.service", "ActiveState") == "inactive", 15)
     assert not Path(f"/proc/{pid}").exists(), "server process survived the idle stop"
     assert prop(sandbox, "idle.socket", "ActiveState") == "active"
+    shown = subprocess.run([sys.executable, "-m", "unitgen", "status", "--user", "idle"],
+                           env={**os.environ, **sandbox.env}, capture_output=True, text=True)
+    assert shown.stdout.splitlines()[1].split()[1] == "idle-stopped", shown.stdout
     status, second = get(port, "/x")
     assert status == 200 and second["pid"] != pid
 
