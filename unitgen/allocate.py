@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,19 @@ def listeners() -> dict[int, Listener]:
     return out
 
 
+def bindable(port: int) -> bool:
+    """True when a listening socket could bind ``port`` now (SO_REUSEADDR, as
+    systemd does). Catches what a LISTEN table misses: ports held by connections."""
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET, "127.0.0.1")):  # noqa: S104
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                return False
+    return True
+
+
 def owners(installed: dict[str, Installed]) -> dict[int, str]:
     """Port -> the instance that owns it (public or private)."""
     out: dict[int, str] = {}
@@ -75,6 +89,9 @@ def check_port(port: int, name: str, installed: dict[str, Installed], busy: dict
     ours = mine is not None and port in (mine.public_port, mine.private_port)
     if port in busy and not ours:
         raise PortBusyError(f"{name}: {what} {port} is in use by {busy[port].describe()}")
+    if not ours and not bindable(port):
+        raise PortBusyError(f"{name}: {what} {port} cannot be bound now (held by a connection "
+                            "or another network namespace); choose another")
 
 
 def pick_port(name: str, preferred: int, installed: dict[str, Installed],
@@ -87,7 +104,7 @@ def pick_port(name: str, preferred: int, installed: dict[str, Installed],
     start = preferred if lo <= preferred <= hi else lo
     for i in range(size):
         port = lo + (start - lo + i) % size
-        if port not in taken:
+        if port not in taken and bindable(port):
             return port
     raise PortBusyError(f"{name}: no free port left in {lo}-{hi}; set port = ... in the spec")
 

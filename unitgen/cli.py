@@ -87,7 +87,7 @@ def _scope(user: bool) -> str:
 @click.option("--dry-run", is_flag=True, help="Show what would change; write and start nothing.")
 @click.option("--diff", is_flag=True, help="Show unit file diffs.")
 @click.option("--no-wait", is_flag=True, help="Queue the starts; do not wait for readiness.")
-@click.option("--port-range", envvar="UNITGEN_PORT_RANGE", default="40000-40999", show_default=True,
+@click.option("--port-range", envvar="UNITGEN_PORT_RANGE", default="31000-31999", show_default=True,
               help="Where ports for specs without one come from (env UNITGEN_PORT_RANGE).")
 @JSON
 def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wait: bool,
@@ -98,7 +98,7 @@ def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wa
 
     lo, _, hi = port_range.partition("-")
     if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= 65535):
-        raise click.BadParameter(f"{port_range!r} is not LOW-HIGH, e.g. 40000-40999",
+        raise click.BadParameter(f"{port_range!r} is not LOW-HIGH, e.g. 31000-31999",
                                  param_hint="--port-range")
     opts = DeployOptions(scope=_scope(user), ctx=_ctx(user), dry_run=dry_run, diff=diff,
                          wait=not no_wait, tty=sys.stderr.isatty() and not as_json,

@@ -43,10 +43,11 @@ __all__ = [
     "resolve_listen",
 ]
 
-# Public ports for specs without one: below Linux's ephemeral range
-# (32768-60999) would collide with well-known services, inside it with
-# outgoing connections, so unitgen uses 40000-40999 and deploy skips ports in use.
-DEFAULT_PORT_RANGE = (40000, 40999)
+# Public ports for specs without one: just below Linux's ephemeral range
+# (32768-60999), whose ports outgoing connections take at random (seen: a
+# socket unit failed to bind 40162, held by a connection), and above the usual
+# defaults of model servers (8000, 8080, 30000). deploy skips ports in use.
+DEFAULT_PORT_RANGE = (31000, 31999)
 # Private loopback ports for servers that cannot listen on a Unix socket.
 PRIVATE_PORT_RANGE = (20000, 29999)
 # Loopback unless the spec says otherwise: exposing a model server to the
