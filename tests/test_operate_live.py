@@ -72,6 +72,8 @@ def test_deploy_ready_then_idempotent_then_only_changed_restarts(box, tmp_path):
     assert [i["action"] for i in data["instances"]] == ["created", "created"]
     ports = {i["name"]: int(i["public"].rsplit(":", 1)[1]) for i in data["instances"]}
     assert get(ports["alpha"])[0] == 200 and get(ports["beta"])[0] == 200
+    assert prop(box, "alpha.service", "UnitFileState") == "enabled"
+    assert prop(box, "alpha.socket", "UnitFileState") == "enabled"
     pids = {n: backend_pid(box, n) for n in ("alpha", "beta")}
 
     rc, data = cli_json(box, "deploy", "--user", str(a), str(b))
@@ -182,6 +184,9 @@ def test_status_of_twenty_instances_in_one_call(box, tmp_path):
         specs.append(str(spec))
     rc, data = cli_json(box, "deploy", "--user", *specs)
     assert rc == 0, data
+    assert {(i["ready"], i["listening"]) for i in data["instances"]} == {(None, True)}
+    assert prop(box, "many00.socket", "UnitFileState") == "enabled"
+    assert prop(box, "many00.service", "UnitFileState") != "enabled"
     first = data["instances"][0]["public"]
     get(int(first.rsplit(":", 1)[1]))  # wake one
     t0 = time.monotonic()

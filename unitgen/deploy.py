@@ -97,7 +97,8 @@ class Outcome:
     changed: bool
     public: str
     units: list[str]
-    ready: bool | None = None
+    ready: bool | None = None  # eager: the model answered; None for on-demand
+    listening: bool | None = None  # on-demand: the socket is up
     seconds: float = 0.0
     error: str = ""
     diff: str = ""
@@ -352,7 +353,10 @@ async def _activate(m: Manager, p: Plan, opts: DeployOptions) -> Outcome:
     if not p.changed:
         info = (await m.info([p.entry]))[p.entry]
         if info.active_state in ("active", "activating", "reloading"):
-            out.ready = info.active_state == "active"
+            if p.entry.endswith(".socket"):
+                out.listening = info.active_state == "active"
+            else:
+                out.ready = info.active_state == "active"
             return out
         out.action, out.changed = "started", True
     else:
@@ -369,8 +373,13 @@ async def _activate(m: Manager, p: Plan, opts: DeployOptions) -> Outcome:
         opts.live("")
     out.seconds = round(job.seconds, 2)
     if job.ok:
-        out.ready = True
-        opts.say(f"{p.name}: ready on {out.public} after {job.seconds:.1f} s")
+        if p.entry.endswith(".socket"):
+            out.listening = True
+            opts.say(f"{p.name}: listening on {out.public}; the model starts on the first "
+                     "connection (on-demand)")
+        else:
+            out.ready = True
+            opts.say(f"{p.name}: ready on {out.public} after {job.seconds:.1f} s")
         return out
     out.ready = False
     reason = await _why(m, p, job, opts.scope)
@@ -398,6 +407,8 @@ def _result(outcomes: list[Outcome], *, dry_run: bool) -> Result:
         if o.diff:
             lines.append(o.diff.rstrip("\n"))
         status = {True: "ready", False: "NOT ready", None: ""}[o.ready]
+        if o.listening:
+            status = "listening (on-demand)"
         lines.append(f"{o.name}: {o.action}{', ' + status if status else ''} ({o.public}; "
                      f"{', '.join(o.units)})")
         if o.error:
