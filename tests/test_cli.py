@@ -125,3 +125,16 @@ def test_deploy_without_a_manager_says_what_to_do(tmp_path):
     assert done.returncode == 1
     assert "cannot reach the user manager" in done.stderr and "unitgen sandbox start" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_check_explains_key_problems_and_port_problems_together(tmp_path):
+    spec = write_spec(tmp_path, "two", 'name = "two"\nbackend = "llama-server"\nmodel = "m"\n'
+                      'args = ["--port"]\nprot = 1\n')
+    done = unitgen("check", str(spec))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: {spec}: prot: unknown key (did you mean 'port'?); known keys: "
+        + done.stderr.split("known keys: ", 1)[1].splitlines()[0],
+        f"error: {spec}: args: --port (without a value): the option needs a value; the port is "
+        "set once, with port = ... in the spec",
+    ]

@@ -74,6 +74,7 @@ def check(paths: list[Path], ctx: RenderContext) -> Result:
             done = render_spec(path, ctx)
         except SpecError as exc:
             problems.extend(exc.problems)
+            problems.extend(_more_problems(exc))
             continue
         inst = done.instance
         if inst.name in seen:
@@ -92,6 +93,22 @@ def check(paths: list[Path], ctx: RenderContext) -> Result:
         raise SpecError(problems=problems)
     return Result(data={"ok": True, "instances": instances}, lines=tuple(lines),
                   warnings=tuple(notices))
+
+
+def _more_problems(exc: SpecError) -> list[Problem]:
+    """Port-rule problems of a spec that also has key problems (so one check run
+    explains everything), skipping keys already reported."""
+    spec = exc.partial
+    if not isinstance(spec, InstanceSpec):
+        return []
+    if (spec.backend == "custom" and not spec.command) or (spec.backend != "custom" and not spec.model):
+        return []
+    seen = {p.key for p in exc.problems}
+    try:
+        resolve(spec)
+    except SpecError as more:
+        return [p for p in more.problems if p.key not in seen]
+    return []
 
 
 def render(path: Path, ctx: RenderContext, out: Path | None) -> Result:

@@ -52,9 +52,10 @@ class SpecError(UnitgenError):
 
     exit_code = EXIT_USAGE
 
-    def __init__(self, *, problems: list[Problem]) -> None:
+    def __init__(self, *, problems: list[Problem], partial: object = None) -> None:
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = problems
+        self.partial = partial  # the spec built from the valid keys, when there is one
 
 
 class OwnershipError(UnitgenError):

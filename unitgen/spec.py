@@ -323,10 +323,10 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
     systemd_unit, systemd_service = _systemd_tables(c, data)
     gpus, gpu_memory, gpu_share = _gpu_keys(c, data)
 
-    if c.problems:
+    if c.problems and (name is None or backend is None):
         raise SpecError(problems=c.problems)
     assert name is not None and backend is not None  # noqa: S101 - guaranteed by the checks above
-    return InstanceSpec(
+    spec = InstanceSpec(
         source=source, name=name, backend=backend, model=model, executable=executable,
         host=host, port=port, args=tuple(args), env=env, command=command,
         socket_activation=bool(socket_activation), activation=activation, idle_stop=idle_stop,
@@ -336,6 +336,11 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
         api_key_env=api_key_env, systemd_unit=systemd_unit, systemd_service=systemd_service,
         gpus=gpus, gpu_memory=gpu_memory, gpu_share=gpu_share,
     )
+    if c.problems:
+        # The valid keys still make a spec, so `check` can go on to the port
+        # rules and explain every problem in one run.
+        raise SpecError(problems=c.problems, partial=spec)
+    return spec
 
 
 def _check_executable(c: _Checker, key: str, value: str) -> None:
