@@ -3,9 +3,12 @@ writes, no foreign file overwritten."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import write_spec
 
@@ -138,3 +141,26 @@ def test_check_explains_key_problems_and_port_problems_together(tmp_path):
         f"error: {spec}: args: --port (without a value): the option needs a value; the port is "
         "set once, with port = ... in the spec",
     ]
+
+
+def test_render_out_unwritable_dir_is_a_clear_error(tmp_path):
+    done = unitgen("render", str(write_spec(tmp_path, "demo", GOOD)), "--out", "/proc/unitgen-x")
+    assert done.returncode == 1
+    assert done.stderr.strip() == "error: cannot create /proc/unitgen-x: No such file or directory"
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr (e2fsprogs)")
+def test_render_out_failing_half_way_restores_the_earlier_files(tmp_path):
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path, "demo", GOOD)
+    assert unitgen("render", str(spec), "--out", str(out)).returncode == 0
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    write_spec(tmp_path, "demo", GOOD.replace("8000", "8001") + 'env = { A = "1" }\n')
+    locked = out / "demo-backend.service"
+    subprocess.run(["chattr", "+i", str(locked)], check=True)
+    try:
+        done = unitgen("render", str(spec), "--out", str(out))
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert done.returncode == 1 and "nothing was changed" in done.stderr
+    assert {p.name: p.read_text() for p in out.iterdir()} == before

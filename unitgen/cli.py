@@ -266,6 +266,11 @@ def _handle_errors(func: Callable[[], Any]) -> int:
     except UnitgenError as exc:
         click.echo(f"error: {exc.message}", err=True)
         return exc.exit_code
+    except OSError as exc:
+        # A last resort: every expected I/O failure is already a UnitgenError.
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        return EXIT_FAILURE
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
