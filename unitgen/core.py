@@ -190,7 +190,10 @@ def write_files(directory: Path, name: str, files: tuple[RenderedFile, ...]) -> 
 
 def atomic_write(target: Path, text: str, *, mode: int) -> None:
     """Write ``text`` to ``target`` so readers see the old file or the new, never half."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(target)) from None
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -198,6 +201,9 @@ def atomic_write(target: Path, text: str, *, mode: int) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(target)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
