@@ -23,9 +23,14 @@ pytestmark = pytest.mark.systemd
 
 
 def cli(box: Sandbox, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "unitgen", *args],
+    done = subprocess.run([sys.executable, "-m", "unitgen", *args],
                           env={**os.environ, **box.env}, capture_output=True, text=True,
                           timeout=timeout)
+    if "cannot reach the user manager" in done.stderr:
+        # say why the sandbox's bus is gone, instead of only that it is
+        state = box.systemctl("status", "--no-pager", "dbus.socket", "dbus.service").stdout
+        raise AssertionError(f"{done.stderr}\n{state}\n{box.journal(lines=30)}")
+    return done
 
 
 def cli_json(box: Sandbox, *args: str) -> tuple[int, Any]:

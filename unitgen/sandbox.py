@@ -29,6 +29,13 @@ __all__ = ["Sandbox", "SandboxError", "find_systemd", "sandbox_unavailable_reaso
 
 _BOOT = r"""
 set -e
+# A cgroup of its own in every hierarchy: the manager's units live under it, so
+# two sandboxes (or a sandbox and the host) never share /app.slice/dbus.service.
+for h in /sys/fs/cgroup /sys/fs/cgroup/*; do
+  if [ -f "$h/cgroup.procs" ] && [ -w "$h/cgroup.procs" ]; then
+    mkdir -p "$h/$4" && echo $$ > "$h/$4/cgroup.procs" || true
+  fi
+done
 mkdir -p /run/systemd && mount -t tmpfs tmpfs /run/systemd
 mkdir -p /run/systemd/system /run/systemd/journal /run/log/journal
 mount --bind "$0/journal" /run/log/journal
@@ -76,6 +83,10 @@ def sandbox_unavailable_reason() -> str | None:
         return "no systemd-journald binary"
     if shutil.which("unshare") is None:
         return "no unshare (util-linux)"
+    if Path("/run/systemd/system").is_dir():
+        # A private user manager would share the host's cgroup tree with the real
+        # PID 1; where systemd runs, use it (--user, or the system manager).
+        return "this host runs systemd as PID 1: use it directly (unitgen ... --user)"
     return None
 
 
@@ -129,7 +140,7 @@ class Sandbox:
         with (root / "manager.log").open("wb") as log:
             proc = subprocess.Popen(
                 ["unshare", "-m", "sh", "-c", _BOOT, str(root), find_systemd() or "",
-                 _find_journald() or "", _PATH],
+                 _find_journald() or "", _PATH, _cgroup_name(root)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                 preexec_fn=_die_with_parent if tie_to_parent else None,  # noqa: PLW1509
             )
@@ -182,6 +193,7 @@ class Sandbox:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 _reap(pid)
+        _remove_cgroups(_cgroup_name(self.root))
         if self.owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -204,6 +216,21 @@ class Sandbox:
         if unit:
             argv += ["-u", unit]
         return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+
+
+def _cgroup_name(root: Path) -> str:
+    return "unitgen-sandbox-" + root.name.replace("unitgen-sandbox-", "")
+
+
+def _remove_cgroups(name: str) -> None:
+    """Remove the sandbox's cgroups, deepest first (they are empty once it stopped)."""
+    for hierarchy in [Path("/sys/fs/cgroup"), *Path("/sys/fs/cgroup").glob("*")]:
+        top = hierarchy / name
+        if not top.is_dir():
+            continue
+        for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
 
 
 def _die_with_parent() -> None:

@@ -218,7 +218,8 @@ class connect:  # noqa: N801 - reads as a function at the call site: `async with
             where = ("the user manager (DBUS_SESSION_BUS_ADDRESS)" if self.scope == "user"
                      else "the system manager (/run/dbus/system_bus_socket)")
             raise SystemdError(
-                f"cannot reach {where}: {exc}. On a host or container without systemd, "
+                f"cannot reach {where}: {type(exc).__name__}: {exc}. On a host or container "
+                "without systemd, "
                 "run `unitgen sandbox start` and use --user with the environment it prints"
             ) from None
         return Manager(self._bus, self.scope)
