@@ -17,7 +17,7 @@ def journal_argv(unit: str, scope: str, *, lines: int | None = None, follow: boo
     argv = ["journalctl", "--no-pager"]
     directory = os.environ.get(JOURNAL_DIR_ENV)
     if directory:
-        argv += ["-D", directory, "-u", unit]
+        argv += ["-D", directory, "--user-unit", unit]
     elif scope == "user":
         argv += ["--user", "-u", unit]
     else:

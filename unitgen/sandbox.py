@@ -214,18 +214,21 @@ class Sandbox:
         argv = ["journalctl", "-D", str(self.journal_dir), "--no-pager", "-o", "cat",
                 "-n", str(lines)]
         if unit:
-            argv += ["-u", unit]
+            argv += ["--user-unit", unit]
         return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
 
 
 def _cgroup_name(root: Path) -> str:
-    return "unitgen-sandbox-" + root.name.replace("unitgen-sandbox-", "")
+    # Shaped like a real user manager's cgroup (.../user@UID.service), so journald
+    # records _SYSTEMD_USER_UNIT for its units and `journalctl --user-unit` works.
+    ident = "".join(ch if ch.isalnum() else "_" for ch in root.name)
+    return f"unitgen_{ident}.slice/user@{os.getuid()}.service"
 
 
 def _remove_cgroups(name: str) -> None:
     """Remove the sandbox's cgroups, deepest first (they are empty once it stopped)."""
     for hierarchy in [Path("/sys/fs/cgroup"), *Path("/sys/fs/cgroup").glob("*")]:
-        top = hierarchy / name
+        top = hierarchy / name.split("/", 1)[0]
         if not top.is_dir():
             continue
         for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -w[0].count("/")):
