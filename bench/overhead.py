@@ -45,7 +45,8 @@ def spec_text(name: str, port: int, load: float, activation: str) -> str:
 
 def main() -> None:
     box = Sandbox.start(tie_to_parent=True)
-    tmp = Path(tempfile.mkdtemp())
+    tmpdir = tempfile.TemporaryDirectory()
+    tmp = Path(tmpdir.name)
     try:
         print(f"{'load s':>7} {'bare s':>8} {'eager start s':>14} {'+s':>6} "
               f"{'on-demand 1st req s':>20} {'+s':>6}")
@@ -70,6 +71,7 @@ def main() -> None:
             print(f"{load:7.1f} {b:8.2f} {e:14.2f} {e - b:6.2f} {lz:20.2f} {lz - b:6.2f}")
     finally:
         box.stop()
+        tmpdir.cleanup()
 
 
 if __name__ == "__main__":

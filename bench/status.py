@@ -18,7 +18,8 @@ COUNTS = (5, 20, 50)
 
 def main() -> None:
     box = Sandbox.start(tie_to_parent=True)
-    tmp = Path(tempfile.mkdtemp())
+    tmpdir = tempfile.TemporaryDirectory()
+    tmp = Path(tmpdir.name)
     env = {**os.environ, **box.env}
     try:
         specs = []
@@ -45,6 +46,7 @@ def main() -> None:
             print(f"{n:9d} {ours:17.2f} {theirs:21.2f} {theirs / ours:6.1f}")
     finally:
         box.stop()
+        tmpdir.cleanup()
 
 
 if __name__ == "__main__":
