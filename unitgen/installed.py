@@ -14,20 +14,21 @@ from unitgen.render import MARKER
 __all__ = ["Installed", "scan", "secrets_dir", "unit_dir"]
 
 
+def _config_dir(scope: str) -> Path:
+    """What the ``%E`` specifier means for that manager: /etc, or the user's config dir."""
+    if scope == "user":
+        return Path(os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config"))
+    return Path("/etc")
+
+
 def unit_dir(scope: str) -> Path:
     """Where unitgen installs units for the system or the user manager."""
-    if scope == "user":
-        config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-        return Path(config) / "systemd" / "user"
-    return Path("/etc/systemd/system")
+    return _config_dir(scope) / "systemd" / ("user" if scope == "user" else "system")
 
 
 def secrets_dir(scope: str) -> Path:
-    """Where secret files go: what ``%E/unitgen/secrets`` means for that manager."""
-    if scope == "user":
-        config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-        return Path(config) / "unitgen" / "secrets"
-    return Path("/etc/unitgen/secrets")
+    """Where secret files go: ``%E/unitgen/secrets`` of that manager."""
+    return _config_dir(scope) / "unitgen" / "secrets"
 
 
 @dataclass
