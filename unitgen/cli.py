@@ -147,13 +147,10 @@ def logs(name: str, follow: bool, lines: int, user: bool) -> int:
     """The server's journal (journalctl)."""
     import subprocess  # noqa: PLC0415
 
-    from unitgen.installed import scan, unit_dir  # noqa: PLC0415
+    from unitgen.installed import require  # noqa: PLC0415
     from unitgen.journal import journal_argv  # noqa: PLC0415
 
-    inst = scan(unit_dir(_scope(user))).get(name)
-    if inst is None:
-        raise UnitgenError(f"no unitgen instance named {name} in {unit_dir(_scope(user))}")
-    unit = f"{name}-backend.service" if f"{name}-backend.service" in inst.files else f"{name}.service"
+    unit = require(_scope(user), [name])[name].server_unit
     argv = journal_argv(unit, _scope(user), lines=lines, follow=follow)
     try:
         return subprocess.run(argv, check=False).returncode

@@ -15,7 +15,7 @@ from unitgen.allocate import Listener, check_port, deploy_lock, listeners, pick_
 from unitgen.core import apply_changes, check_ours, is_ours, placement_for, undo_changes
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, Problem, SpecError, UnitgenError
 from unitgen.gpus import Gpu, GpuUnavailableError, read_gpus
-from unitgen.installed import Installed, gpu_claims, scan, secrets_dir, unit_dir
+from unitgen.installed import Installed, gpu_claims, require, scan, secrets_dir, unit_dir
 from unitgen.instance import Instance, resolve
 from unitgen.journal import last_lines
 from unitgen.ports import DEFAULT_PORT_RANGE, PRIVATE_PORT_RANGE, default_port, default_private_port
@@ -225,7 +225,7 @@ async def _enable(m: Manager, plan: Plan) -> None:
 
 
 async def _wait_start(m: Manager, plan: Plan, opts: DeployOptions) -> JobOutcome:
-    backend = f"{plan.name}-backend.service" if plan.inst.uses_proxy else f"{plan.name}.service"
+    backend = plan.inst.server_unit
     last_plain = [0.0]
 
     async def progress(elapsed: float) -> None:
@@ -254,7 +254,7 @@ async def _why(m: Manager, plan: Plan, outcome: JobOutcome, scope: str) -> str:
             if info.status_text:
                 detail += f": {info.status_text}"
             parts.append(detail)
-    backend = f"{plan.name}-backend.service" if plan.inst.uses_proxy else f"{plan.name}.service"
+    backend = plan.inst.server_unit
     lines = last_lines(backend, scope, 8)
     text = "; ".join(parts)
     if lines:
@@ -404,16 +404,12 @@ def deploy(paths: list[Path], opts: DeployOptions) -> Result:
 
 
 async def _remove(names: list[str], scope: str) -> Result:
-    udir = unit_dir(scope)
     removed: list[dict[str, object]] = []
     lines: list[str] = []
     async with connect(scope) as m:
         await m.subscribe()
         with deploy_lock(scope):
-            installed = scan(udir)
-            missing = [n for n in names if n not in installed]
-            if missing:
-                raise UnitgenError(f"no unitgen instance named {', '.join(missing)} in {udir}")
+            installed = require(scope, names)
             for name in names:
                 inst = installed[name]
                 t0 = time.monotonic()

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
-from unitgen.installed import scan, unit_dir
+from unitgen.installed import require
 from unitgen.probe import attempt
 from unitgen.result import Result
 from unitgen.systemd import connect
@@ -88,10 +88,7 @@ def _render(subject: str, findings: list[Finding], extra: dict[str, object]) -> 
 
 def doctor(name: str, scope: str) -> Result:
     """Check a unitgen instance: one port, served where the proxy forwards, probed there."""
-    installed = scan(unit_dir(scope)).get(name)
-    if installed is None:
-        raise UnitgenError(f"no unitgen instance named {name} in {unit_dir(scope)}; for another "
-                           "unit use --unit UNIT --port PORT")
+    installed = require(scope, [name], "; for another unit use --unit UNIT --port PORT")[name]
     findings: list[Finding] = []
     public = installed.public_port
     probe_port = installed.probe_target.rpartition(":")[2]
@@ -101,8 +98,7 @@ def doctor(name: str, scope: str) -> Result:
     else:
         findings.append(Finding(False, f"the socket owns port {public} but the probe checks "
                                        f"{installed.probe_target}: re-render the instance"))
-    server_unit = f"{name}-backend.service" if installed.private_port or installed.private_unix \
-        else f"{name}.service"
+    server_unit = installed.server_unit
     pid, state = asyncio.run(_main_pid(server_unit, scope))
     if not pid:
         findings.append(Finding(True, f"{server_unit} is {state}: no server process to inspect "

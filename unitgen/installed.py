@@ -9,9 +9,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unitgen.errors import UnitgenError
 from unitgen.render import MARKER
 
-__all__ = ["Installed", "scan", "secrets_dir", "unit_dir"]
+__all__ = ["Installed", "gpu_claims", "require", "scan", "secrets_dir", "unit_dir"]
 
 
 def _config_dir(scope: str) -> Path:
@@ -47,6 +48,12 @@ class Installed:
     eager: bool = False
     gpus: tuple[str, ...] = ()
     gpu_share: bool = False
+
+    @property
+    def server_unit(self) -> str:
+        """The unit that runs the model server."""
+        backend = f"{self.name}-backend.service"
+        return backend if backend in self.files else f"{self.name}.service"
 
     @property
     def units(self) -> list[str]:
@@ -97,6 +104,16 @@ def scan(directory: Path) -> dict[str, Installed]:
                 else:
                     inst.private_unix = target
     return found
+
+
+def require(scope: str, names: list[str], hint: str = "") -> dict[str, Installed]:
+    """The installed instances; UnitgenError naming any of ``names`` that is not one."""
+    installed = scan(unit_dir(scope))
+    missing = [n for n in names if n not in installed]
+    if missing:
+        raise UnitgenError(f"no unitgen instance named {', '.join(missing)} in "
+                           f"{unit_dir(scope)}{hint}")
+    return installed
 
 
 def gpu_claims(installed: dict[str, Installed]) -> dict[str, list[tuple[str, bool]]]:

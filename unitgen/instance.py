@@ -30,6 +30,16 @@ RUNTIME_DIR = "\x00runtime\x00"
 ProblemSink = Callable[[str, str], None]
 
 
+def runtime_subdir(name: str) -> str:
+    """The instance's directory under the manager's runtime directory."""
+    return f"unitgen-{name}"
+
+
+def private_socket(name: str) -> str:
+    """Path of the private Unix socket a server listens on (with the RUNTIME_DIR token)."""
+    return f"{RUNTIME_DIR}/{runtime_subdir(name)}/http.sock"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where something listens: TCP host:port, or a Unix socket path."""
@@ -81,6 +91,11 @@ class Instance:
         return get_backend(self.spec.backend)
 
     @property
+    def server_unit(self) -> str:
+        """The unit that runs the model server."""
+        return f"{self.name}-backend.service" if self.uses_proxy else f"{self.name}.service"
+
+    @property
     def uses_proxy(self) -> bool:
         """True when systemd-socket-proxyd joins the public socket to a private endpoint."""
         return self.private is not None
@@ -114,7 +129,7 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
     if spec.socket_activation:
         private = None
     elif backend.unix_flag is not None:
-        private = Endpoint("unix", path=f"{RUNTIME_DIR}/unitgen-{spec.name}/http.sock")
+        private = Endpoint("unix", path=private_socket(spec.name))
     else:
         pport = spec.private_port or private_port or default_private_port(spec.name)
         if pport == public.port:
@@ -203,8 +218,6 @@ def _fill(
     problem: ProblemSink,
     key: str,
 ) -> str:
-    unix_path = f"{RUNTIME_DIR}/unitgen-{spec.name}/http.sock"
-
     def sub(match: re.Match[str]) -> str:
         token = match.group(0)
         if token in ("{{", "}}"):
@@ -216,7 +229,7 @@ def _fill(
         if name == "host":
             return private.host if private and private.kind == "tcp" else "{host}"
         if name == "unix":
-            return unix_path
+            return private_socket(spec.name)
         if name == "model":
             if spec.model is None:
                 problem(key, "{model} is used but the spec has no model")

@@ -12,16 +12,17 @@ __all__ = ["journal_argv", "last_lines"]
 JOURNAL_DIR_ENV = "UNITGEN_JOURNAL_DIR"
 
 
-def journal_argv(unit: str, scope: str, *, lines: int | None = None, follow: bool = False) -> list[str]:
-    """The journalctl command that shows ``unit`` of the given manager."""
+def journal_argv(unit: str | None, scope: str, *, lines: int | None = None, follow: bool = False,
+                 directory: str | None = None) -> list[str]:
+    """The journalctl command that shows ``unit`` (or everything) of the given manager;
+    ``directory`` (default: $UNITGEN_JOURNAL_DIR) selects a sandbox's own journal, whose
+    units journald records as user units."""
     argv = ["journalctl", "--no-pager"]
-    directory = os.environ.get(JOURNAL_DIR_ENV)
+    directory = directory or os.environ.get(JOURNAL_DIR_ENV)
     if directory:
-        argv += ["-D", directory, "--user-unit", unit]
-    elif scope == "user":
-        argv += ["--user", "-u", unit]
+        argv += ["-D", directory] + (["--user-unit", unit] if unit else [])
     else:
-        argv += ["-u", unit]
+        argv += (["--user"] if scope == "user" else []) + (["-u", unit] if unit else [])
     if lines is not None:
         argv += ["-n", str(lines)]
     if follow:

@@ -18,7 +18,7 @@ import jinja2
 
 from unitgen import escape
 from unitgen.errors import Problem, SpecError, UnitgenError
-from unitgen.instance import RUNTIME_DIR, Instance
+from unitgen.instance import RUNTIME_DIR, Instance, runtime_subdir
 from unitgen.timespan import format_seconds
 
 __all__ = [
@@ -224,7 +224,7 @@ def render_instance(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
             **common,
             "proxy_cmd": proxy_cmd,
             "probe_private": _probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
-            "runtime_dir": f"unitgen-{spec.name}" if RUNTIME_DIR in inst.private.path else "",
+            "runtime_dir": runtime_subdir(spec.name) if RUNTIME_DIR in inst.private.path else "",
         }
         files.append(RenderedFile(
             f"{spec.name}.service", env.get_template("proxy.service.j2").render(private_ctx)))

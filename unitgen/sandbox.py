@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unitgen.errors import UnitgenError
+from unitgen.journal import journal_argv
 
 __all__ = ["Sandbox", "SandboxError", "find_systemd", "sandbox_unavailable_reason"]
 
@@ -211,11 +212,9 @@ class Sandbox:
 
     def journal(self, unit: str | None = None, *, lines: int = 50) -> str:
         """Recent journal lines (of one unit, if given)."""
-        argv = ["journalctl", "-D", str(self.journal_dir), "--no-pager", "-o", "cat",
-                "-n", str(lines)]
-        if unit:
-            argv += ["--user-unit", unit]
-        return subprocess.run(argv, capture_output=True, text=True, check=False).stdout
+        argv = journal_argv(unit, "user", lines=lines, directory=str(self.journal_dir))
+        return subprocess.run([*argv, "-o", "cat"], capture_output=True, text=True,
+                              check=False).stdout
 
 
 def _cgroup_name(root: Path) -> str:

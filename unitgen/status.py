@@ -10,9 +10,8 @@ from dataclasses import asdict, dataclass, replace
 
 import psutil
 
-from unitgen.errors import UnitgenError
 from unitgen.gpus import Gpu, GpuUnavailableError, read_gpus
-from unitgen.installed import Installed, scan, unit_dir
+from unitgen.installed import Installed, require, scan, unit_dir
 from unitgen.result import Result
 from unitgen.systemd import UnitInfo, connect
 
@@ -101,11 +100,8 @@ def _human_time(s: float | None) -> str:
 
 
 async def _status(names: list[str], scope: str) -> list[InstanceStatus]:
-    installed = scan(unit_dir(scope))
+    installed = require(scope, names)
     chosen = names or sorted(installed)
-    missing = [n for n in chosen if n not in installed]
-    if missing:
-        raise UnitgenError(f"no unitgen instance named {', '.join(missing)} in {unit_dir(scope)}")
     units = [u for n in chosen for u in installed[n].units]
     async with connect(scope) as m:
         infos = await m.info(units) if units else {}
