@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers import STANDIN, free_port, get, install, uninstall, write_spec
+from tests.helpers import STANDIN, custom_spec, free_port, get, install, uninstall, write_spec
 from unitgen.sandbox import Sandbox
 
 LOADS = (0.0, 1.0, 3.0)
@@ -38,9 +38,8 @@ def bare(load: float) -> float:
 
 
 def spec_text(name: str, port: int, load: float, activation: str) -> str:
-    return (f'name = "{name}"\nbackend = "custom"\nport = {port}\nactivation = "{activation}"\n'
-            f'command = ["{sys.executable}", "{STANDIN}", "--host", "{{host}}", "--port", "{{port}}"]\n'
-            f'env = {{ STANDIN_LOAD_SECONDS = "{load}", STANDIN_LOADING = "refuse" }}\n')
+    return custom_spec(name, port=port, extra=f'activation = "{activation}"\n',
+                       env={"STANDIN_LOAD_SECONDS": str(load), "STANDIN_LOADING": "refuse"})
 
 
 def main() -> None:

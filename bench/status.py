@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers import STANDIN, write_spec
+from tests.helpers import custom_spec, write_spec
 from unitgen.sandbox import Sandbox
 
 COUNTS = (5, 20, 50)
@@ -24,10 +24,9 @@ def main() -> None:
     try:
         specs = []
         for i in range(max(COUNTS)):
-            specs.append(str(write_spec(tmp, f"s{i:02d}", (
-                f'name = "s{i:02d}"\nbackend = "custom"\nactivation = "on-demand"\n'
-                f'command = ["{sys.executable}", "{STANDIN}", "--host", "{{host}}", '
-                '"--port", "{port}"]\n'))))
+            name = f"s{i:02d}"
+            specs.append(str(write_spec(tmp, name, custom_spec(
+                name, extra='activation = "on-demand"\n'))))
         subprocess.run([sys.executable, "-m", "unitgen", "deploy", "--user", *specs], env=env,
                        check=True, capture_output=True)
         print(f"{'instances':>9} {'unitgen status s':>17} {'systemctl show x3N s':>21} {'ratio':>6}")

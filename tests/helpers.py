@@ -29,6 +29,18 @@ def write_spec(directory: Path, name: str, text: str) -> Path:
     return path
 
 
+def custom_spec(name: str, *, port: int | None = None, env: dict[str, str] | None = None,
+                extra: str = "") -> str:
+    """A custom-backend spec that runs the stand-in server where unitgen says
+    ({host}/{port}); ``extra`` is appended as written (keys, then tables)."""
+    env_toml = ", ".join(f'{k} = "{v}"' for k, v in (env or {}).items())
+    return (
+        f'name = "{name}"\nbackend = "custom"\n' + (f"port = {port}\n" if port else "")
+        + f'command = ["{sys.executable}", "{STANDIN}", "--host", "{{host}}", "--port", "{{port}}"]\n'
+        + f"env = {{ {env_toml} }}\n{extra}"
+    )
+
+
 def standin_exe(directory: Path) -> Path:
     """An executable that runs the stand-in server with this interpreter."""
     exe = directory / "standin"

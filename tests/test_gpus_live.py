@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import STANDIN, prop, wait_for, write_spec
+from tests.helpers import custom_spec, prop, wait_for, write_spec
 from tests.nvml import FAKE_DIR, GIB, eight_gpus, uuid, write_scenario
 from unitgen.sandbox import Sandbox
 
@@ -28,12 +28,10 @@ def cli(box: Sandbox, scenario: Path, *args: str) -> subprocess.CompletedProcess
 
 def test_gpu_instance_status_stop_and_late_free(sandbox, tmp_path):
     scenario = write_scenario(tmp_path / "nvml.json", eight_gpus())
-    spec = write_spec(tmp_path, "gpu1", (
-        'name = "gpu1"\nbackend = "custom"\n'
-        f'command = ["{sys.executable}", "{STANDIN}", "--host", "{{host}}", "--port", "{{port}}"]\n'
-        "gpus = 1\n"
-        f'env = {{ PYTHONPATH = "{FAKE_DIR}", FAKE_NVML_SCENARIO = "{scenario}", '
-        'STANDIN_WORKERS = "2" }\n[health]\ntimeout = "20s"\n'))
+    spec = write_spec(tmp_path, "gpu1", custom_spec(
+        "gpu1", env={"PYTHONPATH": str(FAKE_DIR), "FAKE_NVML_SCENARIO": str(scenario),
+                     "STANDIN_WORKERS": "2"},
+        extra='gpus = 1\n[health]\ntimeout = "20s"\n'))
     try:
         done = cli(sandbox, scenario, "deploy", "--user", "--json", str(spec))
         assert done.returncode == 0, done.stdout + done.stderr
@@ -70,11 +68,9 @@ def test_gpu_instance_status_stop_and_late_free(sandbox, tmp_path):
 
 def test_second_instance_on_a_claimed_gpu_is_refused(sandbox, tmp_path):
     scenario = write_scenario(tmp_path / "nvml.json", eight_gpus())
-    text = ('name = "{n}"\nbackend = "custom"\n'
-            f'command = ["{sys.executable}", "{STANDIN}", "--host", "{{host}}", "--port", "{{port}}"]\n'
-            'gpus = [0]\nactivation = "on-demand"\n')
-    a = write_spec(tmp_path, "ga", text.replace("{n}", "ga"))
-    b = write_spec(tmp_path, "gb", text.replace("{n}", "gb"))
+    extra = 'gpus = [0]\nactivation = "on-demand"\n'
+    a = write_spec(tmp_path, "ga", custom_spec("ga", extra=extra))
+    b = write_spec(tmp_path, "gb", custom_spec("gb", extra=extra))
     try:
         assert cli(sandbox, scenario, "deploy", "--user", str(a)).returncode == 0
         done = cli(sandbox, scenario, "deploy", "--user", str(b))

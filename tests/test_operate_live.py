@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import STANDIN, free_port, get, prop, wait_for, write_spec
+from tests.helpers import STANDIN, custom_spec, free_port, get, prop, wait_for, write_spec
 from unitgen.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd
@@ -43,11 +43,7 @@ def cli_json(box: Sandbox, *args: str) -> tuple[int, Any]:
 
 def demo_spec(directory: Path, name: str, port: int | None = None, extra: str = "",
               **env: str) -> Path:
-    env_toml = ", ".join(f'{k} = "{v}"' for k, v in env.items())
-    text = (f'name = "{name}"\nbackend = "custom"\n'
-            f'command = ["{sys.executable}", "{STANDIN}", "--host", "{{host}}", "--port", "{{port}}"]\n'
-            f"env = {{ {env_toml} }}\n" + (f"port = {port}\n" if port else "") + extra
-            + '[health]\ntimeout = "20s"\n')
+    text = custom_spec(name, port=port, env=env, extra=extra + '[health]\ntimeout = "20s"\n')
     return write_spec(directory, name, text)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    custom_spec,
     free_port,
     get,
     install,
@@ -38,19 +39,10 @@ def names(sandbox: Sandbox) -> Iterator[list[str]]:
         uninstall(sandbox, name)
 
 
-def custom_spec(exe: Path, name: str, port: int, *, env: dict[str, str], extra: str = "") -> str:
-    env_toml = ", ".join(f'{k} = "{v}"' for k, v in env.items())
-    return (
-        f'name = "{name}"\nbackend = "custom"\nport = {port}\n'
-        f'command = ["{exe}", "--host", "{{host}}", "--port", "{{port}}"]\n'
-        f"env = {{ {env_toml} }}\n{extra}"
-    )
-
-
 def test_eager_start_returns_when_public_port_answers(sandbox, names, tmp_path):
-    exe, port = standin_exe(tmp_path), free_port()
+    port = free_port()
     spec = write_spec(tmp_path, "eager", custom_spec(
-        exe, "eager", port, env={"STANDIN_LOAD_SECONDS": "2", "STANDIN_LOADING": "503"},
+        "eager", port=port, env={"STANDIN_LOAD_SECONDS": "2", "STANDIN_LOADING": "503"},
         extra='[health]\ntimeout = "60s"\n'))
     names.append("eager")
     install(sandbox, spec)
@@ -67,9 +59,9 @@ def test_eager_start_returns_when_public_port_answers(sandbox, names, tmp_path):
 
 
 def test_on_demand_first_request_waits_for_load(sandbox, names, tmp_path):
-    exe, port = standin_exe(tmp_path), free_port()
+    port = free_port()
     spec = write_spec(tmp_path, "lazy", custom_spec(
-        exe, "lazy", port, env={"STANDIN_LOAD_SECONDS": "2", "STANDIN_LOADING": "refuse"},
+        "lazy", port=port, env={"STANDIN_LOAD_SECONDS": "2", "STANDIN_LOADING": "refuse"},
         extra='activation = "on-demand"\n'))
     names.append("lazy")
     install(sandbox, spec)
@@ -83,9 +75,9 @@ def test_on_demand_first_request_waits_for_load(sandbox, names, tmp_path):
 
 
 def test_idle_stop_frees_the_server_and_restarts_on_demand(sandbox, names, tmp_path):
-    exe, port = standin_exe(tmp_path), free_port()
+    port = free_port()
     spec = write_spec(tmp_path, "idle", custom_spec(
-        exe, "idle", port, env={"STANDIN_LOADING": "503"},
+        "idle", port=port, env={"STANDIN_LOADING": "503"},
         extra='activation = "on-demand"\nidle_stop = "2s"\n'))
     names.append("idle")
     install(sandbox, spec)
@@ -104,9 +96,9 @@ def test_idle_stop_frees_the_server_and_restarts_on_demand(sandbox, names, tmp_p
 
 
 def test_kill_9_restarts_and_requests_during_restart_succeed(sandbox, names, tmp_path):
-    exe, port = standin_exe(tmp_path), free_port()
+    port = free_port()
     spec = write_spec(tmp_path, "crashy", custom_spec(
-        exe, "crashy", port, env={"STANDIN_LOAD_SECONDS": "1", "STANDIN_LOADING": "refuse"}))
+        "crashy", port=port, env={"STANDIN_LOAD_SECONDS": "1", "STANDIN_LOADING": "refuse"}))
     names.append("crashy")
     install(sandbox, spec)
     sandbox.systemctl("start", "crashy.service", check=True)
@@ -131,8 +123,8 @@ def test_kill_9_restarts_and_requests_during_restart_succeed(sandbox, names, tmp
 
 
 def test_stopping_the_socket_stops_every_unit(sandbox, names, tmp_path):
-    exe, port = standin_exe(tmp_path), free_port()
-    spec = write_spec(tmp_path, "stopme", custom_spec(exe, "stopme", port, env={}))
+    port = free_port()
+    spec = write_spec(tmp_path, "stopme", custom_spec("stopme", port=port, env={}))
     names.append("stopme")
     install(sandbox, spec)
     sandbox.systemctl("start", "stopme.service", check=True)
@@ -146,9 +138,9 @@ def test_stopping_the_socket_stops_every_unit(sandbox, names, tmp_path):
 
 
 def test_never_ready_fails_at_the_deadline_with_a_reason(sandbox, names, tmp_path):
-    exe, port = standin_exe(tmp_path), free_port()
+    port = free_port()
     spec = write_spec(tmp_path, "stuck", custom_spec(
-        exe, "stuck", port, env={"STANDIN_NEVER_READY": "1", "STANDIN_LOADING": "503"},
+        "stuck", port=port, env={"STANDIN_NEVER_READY": "1", "STANDIN_LOADING": "503"},
         extra='[health]\ntimeout = "3s"\n'))
     names.append("stuck")
     install(sandbox, spec)
@@ -247,9 +239,9 @@ def test_api_key_instance_becomes_ready_and_key_is_in_no_unit(sandbox, names, tm
 
 def test_concurrent_clients_during_load_all_succeed(sandbox, names, tmp_path):
     """Clients that connect while the model loads wait instead of failing."""
-    exe, port = standin_exe(tmp_path), free_port()
+    port = free_port()
     spec = write_spec(tmp_path, "crowd", custom_spec(
-        exe, "crowd", port, env={"STANDIN_LOAD_SECONDS": "2", "STANDIN_LOADING": "refuse"},
+        "crowd", port=port, env={"STANDIN_LOAD_SECONDS": "2", "STANDIN_LOADING": "refuse"},
         extra='activation = "on-demand"\n'))
     names.append("crowd")
     install(sandbox, spec)
