@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tests.helpers import STANDIN, custom_spec, free_port, get, install, uninstall, write_spec
-from unitgen.sandbox import Sandbox
+from unitgen.ops.sandbox import Sandbox
 
 LOADS = (0.0, 1.0, 3.0)
 ROUNDS = 3

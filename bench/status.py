@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from tests.helpers import custom_spec, write_spec
-from unitgen.sandbox import Sandbox
+from unitgen.ops.sandbox import Sandbox
 
 COUNTS = (5, 20, 50)
 

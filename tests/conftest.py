@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from unitgen.sandbox import Sandbox, sandbox_unavailable_reason
+from unitgen.ops.sandbox import Sandbox, sandbox_unavailable_reason
 
 
 @pytest.fixture(scope="session")

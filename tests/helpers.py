@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unitgen.core import render_spec, write_files
-from unitgen.render import RenderContext, find_proxyd
-from unitgen.sandbox import Sandbox
+from unitgen.ops.core import render_spec, write_files
+from unitgen.ops.sandbox import Sandbox
+from unitgen.targets.systemd.render import RenderContext, find_proxyd
 
 # The stand-in server ships in examples/ (the demo uses it too).
 STANDIN = Path(__file__).resolve().parent.parent / "examples" / "demo_server.py"

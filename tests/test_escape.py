@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unitgen.escape import (
+from unitgen.plan.instance import RUNTIME_DIR
+from unitgen.targets.systemd.escape import (
     env_file_line,
     environment_assignment,
     exec_line,
@@ -16,7 +17,6 @@ from unitgen.escape import (
     path_value,
     text_value,
 )
-from unitgen.instance import RUNTIME_DIR
 
 TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"))
 

@@ -13,13 +13,13 @@ import pytest
 
 from tests.helpers import GOLDEN_CTX, write_spec
 from tests.nvml import DRIVER_NOT_LOADED, GIB, NO_DRIVER, ZERO_GPUS, eight_gpus, fake_nvml, uuid
-from unitgen.core import placement_for
 from unitgen.errors import SpecError
-from unitgen.gpus import read_gpus
-from unitgen.gpuwait import main as gpuwait
-from unitgen.instance import resolve
-from unitgen.render import RenderContext, render_instance
-from unitgen.spec import parse_spec
+from unitgen.inunit.gpuwait import main as gpuwait
+from unitgen.ops.core import placement_for
+from unitgen.plan.gpus import read_gpus
+from unitgen.plan.instance import resolve
+from unitgen.spec.model import parse_spec
+from unitgen.targets.systemd.render import RenderContext, render_instance
 
 __all__ = ["fake_nvml"]  # the fixture, re-exported for pytest
 
@@ -94,7 +94,7 @@ def test_indexes_become_uuids_and_render(fake_nvml):
         "DeviceAllow=/dev/nvidia-uvm-tools rw", "DeviceAllow=/dev/nvidia1 rw",
         "DeviceAllow=/dev/nvidia3 rw"]
     assert "KillMode=control-group" in text and "TimeoutStopSec=60s" in text
-    assert "ExecStartPre=" in text and "unitgen.gpuwait" in text
+    assert "ExecStartPre=" in text and "unitgen.inunit.gpuwait" in text
 
 
 def test_backend_defaults_respect_user_choices(fake_nvml):

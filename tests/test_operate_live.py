@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import STANDIN, custom_spec, free_port, get, prop, wait_for, write_spec
-from unitgen.sandbox import Sandbox
+from unitgen.ops.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd
 

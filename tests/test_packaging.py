@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from unitgen.render import templates_dir
+from unitgen.targets.systemd.render import templates_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def test_wheel_carries_templates_and_renders(tmp_path):
     if built.returncode != 0 and "Could not find a version" in built.stderr:
         pytest.skip("the build backend (hatchling) cannot be fetched here")
     assert built.returncode == 0, built.stderr
-    wheel = next((tmp_path / "dist").glob("unitgen-*.whl"))
+    wheel = next((tmp_path / "dist").glob("unitgen_units-*.whl"))
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=False)
     py = env_dir / "bin" / "python"
@@ -44,7 +44,7 @@ def test_wheel_carries_templates_and_renders(tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     (work / "s.toml").write_text('name = "w"\nbackend = "vllm"\nmodel = "m"\nport = 9\n')
-    code = ("import unitgen.render as r, sys; print(r.templates_dir()); "
+    code = ("import unitgen.targets.systemd.render as r, sys; print(r.templates_dir()); "
             "from unitgen.cli import main; main(['render', 's.toml'])")
     run = subprocess.run([str(py), "-I", "-c", code], capture_output=True, text=True, cwd=work)
     assert run.returncode == 0, run.stderr

@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import GOLDEN_CTX
-from unitgen.argscan import find_options
 from unitgen.errors import SpecError
-from unitgen.instance import resolve
-from unitgen.ports import DEFAULT_PORT_RANGE, default_port
-from unitgen.render import render_instance
-from unitgen.spec import parse_spec
+from unitgen.plan.instance import resolve
+from unitgen.spec.argscan import find_options
+from unitgen.spec.model import parse_spec
+from unitgen.spec.ports import DEFAULT_PORT_RANGE, default_port
+from unitgen.targets.systemd.render import render_instance
 
 BUILTIN = ("vllm", "sglang", "llama-server", "llama-box", "vox-box")
 

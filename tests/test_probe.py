@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from unitgen.probe import attempt, run
+from unitgen.inunit.probe import attempt, run
 
 
 class Script:
@@ -124,16 +124,16 @@ def test_unix_socket(tmp_path):
 
 
 def test_module_entry_point_usage_errors(tmp_path: Path):
-    done = subprocess.run([sys.executable, "-m", "unitgen.probe", "--target", "nope"],
+    done = subprocess.run([sys.executable, "-m", "unitgen.inunit.probe", "--target", "nope"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "neither host:port" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "unitgen.probe", "--target", "127.0.0.1:1",
+    done = subprocess.run([sys.executable, "-m", "unitgen.inunit.probe", "--target", "127.0.0.1:1",
                            "--key-env", "UNSET_KEY_X"], capture_output=True, text=True)
     assert done.returncode == 1 and "UNSET_KEY_X is not set" in done.stderr
 
 
 def test_probe_imports_only_the_standard_library():
-    code = ("import sys, unitgen.probe; bad = [m for m in sys.modules if m.split('.')[0] in "
+    code = ("import sys, unitgen.inunit.probe; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('click', 'jinja2', 'psutil', 'dbus_fast', 'pynvml')]; print(bad)")
     done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "[]"

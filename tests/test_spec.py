@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from unitgen.errors import SpecError
-from unitgen.spec import DEFAULT_HEALTH_TIMEOUT, parse_spec
+from unitgen.spec.model import DEFAULT_HEALTH_TIMEOUT, parse_spec
 
 
 def problems(text: str) -> list[str]:

@@ -1,6 +1,6 @@
 """unitgen: model-server instance specs rendered to systemd units whose socket owns the port.
 
-Kept import-light on purpose: ``python -m unitgen.probe`` runs inside every
+Kept import-light on purpose: ``python -m unitgen.inunit.probe`` runs inside every
 unit's ``ExecStartPost=`` and must not pay for click, jinja2 or D-Bus.
 """
 

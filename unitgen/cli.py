@@ -16,7 +16,7 @@ from unitgen.errors import EXIT_FAILURE, EXIT_USAGE, SpecError, UnitgenError
 from unitgen.result import Result, to_json, to_text
 
 if TYPE_CHECKING:
-    from unitgen.render import RenderContext
+    from unitgen.targets.systemd.render import RenderContext
 
 __all__ = ["cli", "main"]
 
@@ -43,7 +43,7 @@ def cli() -> None:
 
 
 def _ctx(user: bool) -> RenderContext:
-    from unitgen.render import RenderContext as Ctx  # noqa: PLC0415 - keeps `unitgen probe` light
+    from unitgen.targets.systemd.render import RenderContext as Ctx  # noqa: PLC0415 - keeps `unitgen probe` light
 
     return Ctx.detect(scope="user" if user else "system")
 
@@ -54,7 +54,7 @@ def _ctx(user: bool) -> RenderContext:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def check(specs: tuple[Path, ...], user: bool, as_json: bool) -> int:
     """Validate specs and explain every problem; write nothing."""
-    from unitgen import core  # noqa: PLC0415
+    from unitgen.ops import core  # noqa: PLC0415
 
     return emit(core.check(list(specs), _ctx(user)), as_json=as_json)
 
@@ -67,7 +67,7 @@ def check(specs: tuple[Path, ...], user: bool, as_json: bool) -> int:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def render(spec: Path, out: Path | None, user: bool, as_json: bool) -> int:
     """Print (or write with --out) the units of one spec."""
-    from unitgen import core  # noqa: PLC0415
+    from unitgen.ops import core  # noqa: PLC0415
 
     return emit(core.render(spec, _ctx(user), out), as_json=as_json)
 
@@ -93,8 +93,8 @@ def _scope(user: bool) -> str:
 def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wait: bool,
            port_range: str, as_json: bool) -> int:
     """Install or update instances and wait until they answer."""
-    from unitgen.deploy import DeployOptions  # noqa: PLC0415
-    from unitgen.deploy import deploy as run  # noqa: PLC0415
+    from unitgen.ops.deploy import DeployOptions  # noqa: PLC0415
+    from unitgen.ops.deploy import deploy as run  # noqa: PLC0415
 
     lo, _, hi = port_range.partition("-")
     if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= 65535):
@@ -112,7 +112,7 @@ def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wa
 @JSON
 def status(names: tuple[str, ...], user: bool, as_json: bool) -> int:
     """State, address, PID, uptime and memory of instances (all by default)."""
-    from unitgen.status import status as run  # noqa: PLC0415
+    from unitgen.ops.status import status as run  # noqa: PLC0415
 
     return emit(run(list(names), _scope(user)), as_json=as_json)
 
@@ -122,7 +122,7 @@ def status(names: tuple[str, ...], user: bool, as_json: bool) -> int:
 @JSON
 def ls_(user: bool, as_json: bool) -> int:
     """List installed instances (from the unit files)."""
-    from unitgen.status import list_instances  # noqa: PLC0415
+    from unitgen.ops.status import list_instances  # noqa: PLC0415
 
     return emit(list_instances(_scope(user)), as_json=as_json)
 
@@ -133,7 +133,7 @@ def ls_(user: bool, as_json: bool) -> int:
 @JSON
 def remove(names: tuple[str, ...], user: bool, as_json: bool) -> int:
     """Stop, disable and delete an instance's generated files (nothing else)."""
-    from unitgen.deploy import remove as run  # noqa: PLC0415
+    from unitgen.ops.deploy import remove as run  # noqa: PLC0415
 
     return emit(run(list(names), _scope(user)), as_json=as_json)
 
@@ -147,8 +147,8 @@ def logs(name: str, follow: bool, lines: int, user: bool) -> int:
     """The server's journal (journalctl)."""
     import subprocess  # noqa: PLC0415
 
-    from unitgen.installed import require  # noqa: PLC0415
-    from unitgen.journal import journal_argv  # noqa: PLC0415
+    from unitgen.ops.journal import journal_argv  # noqa: PLC0415
+    from unitgen.targets.systemd.installed import require  # noqa: PLC0415
 
     unit = require(_scope(user), [name])[name].server_unit
     argv = journal_argv(unit, _scope(user), lines=lines, follow=follow)
@@ -168,7 +168,7 @@ def logs(name: str, follow: bool, lines: int, user: bool) -> int:
 def doctor(name: str | None, unit: str | None, port: int | None, path: str, user: bool,
            as_json: bool) -> int:
     """Find port mismatches (GPUStack #2154) and say how to fix them."""
-    from unitgen import doctor as doc  # noqa: PLC0415
+    from unitgen.ops import doctor as doc  # noqa: PLC0415
 
     if unit:
         if port is None:
@@ -183,7 +183,7 @@ def doctor(name: str | None, unit: str | None, port: int | None, path: str, user
 @JSON
 def gpus(as_json: bool) -> int:
     """GPUs, their memory and processes, and which instance each process belongs to."""
-    from unitgen.gpus import gpus_report  # noqa: PLC0415
+    from unitgen.plan.gpus import gpus_report  # noqa: PLC0415
 
     return emit(gpus_report(), as_json=as_json)
 
@@ -198,7 +198,7 @@ def sandbox() -> None:
               help="Where to keep it (default: a new temporary directory).")
 def sandbox_start(directory: Path | None) -> int:
     """Start one; print the environment that selects it (eval it in a shell)."""
-    from unitgen.sandbox import Sandbox  # noqa: PLC0415
+    from unitgen.ops.sandbox import Sandbox  # noqa: PLC0415
 
     box = Sandbox.start(directory)
     for key, value in box.env.items():
@@ -213,7 +213,7 @@ def sandbox_start(directory: Path | None) -> int:
 @click.option("--keep", is_flag=True, help="Keep the directory (units, journal).")
 def sandbox_stop(directory: Path, keep: bool) -> int:
     """Stop a sandbox started with `unitgen sandbox start` (by its recorded pids)."""
-    from unitgen.sandbox import Sandbox  # noqa: PLC0415
+    from unitgen.ops.sandbox import Sandbox  # noqa: PLC0415
 
     box = Sandbox.attach(directory)
     box.owns_root = not keep
@@ -229,7 +229,7 @@ def sandbox_run(command: tuple[str, ...]) -> int:
     import os  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
 
-    from unitgen.sandbox import Sandbox  # noqa: PLC0415
+    from unitgen.ops.sandbox import Sandbox  # noqa: PLC0415
 
     box = Sandbox.start(tie_to_parent=True)
     click.echo(f"unitgen sandbox: private systemd user manager (pid {box.manager_pid}) in "
@@ -247,7 +247,7 @@ def sandbox_run(command: tuple[str, ...]) -> int:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def probe(args: tuple[str, ...]) -> int:
     """Readiness probe (what units run as ExecStartPost=); --help for options."""
-    from unitgen.probe import main as probe_main  # noqa: PLC0415
+    from unitgen.inunit.probe import main as probe_main  # noqa: PLC0415
 
     return probe_main(list(args))
 

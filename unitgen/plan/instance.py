@@ -14,12 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from unitgen.argscan import find_options, remove_found
-from unitgen.backends import Backend, get_backend
 from unitgen.errors import Problem, SpecError
-from unitgen.gpus import Placement
-from unitgen.ports import default_private_port, probe_host, resolve_listen
-from unitgen.spec import InstanceSpec
+from unitgen.plan.gpus import Placement
+from unitgen.spec.argscan import find_options, remove_found
+from unitgen.spec.backends import Backend, get_backend
+from unitgen.spec.model import InstanceSpec
+from unitgen.spec.ports import default_private_port, probe_host, resolve_listen
 
 __all__ = ["RUNTIME_DIR", "Endpoint", "Instance", "resolve"]
 

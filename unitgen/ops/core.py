@@ -9,11 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unitgen.errors import OwnershipError, Problem, SpecError, UnitgenError
-from unitgen.gpus import Gpu, GpuUnavailableError, Placement, place, read_gpus
-from unitgen.instance import Instance, resolve
-from unitgen.render import MARKER, RenderContext, RenderedFile, render_instance
+from unitgen.plan.gpus import Gpu, GpuUnavailableError, Placement, place, read_gpus
+from unitgen.plan.instance import Instance, resolve
 from unitgen.result import Result
-from unitgen.spec import InstanceSpec, load_spec
+from unitgen.spec.model import InstanceSpec, load_spec
+from unitgen.targets.systemd.render import MARKER, RenderContext, RenderedFile, render_instance
 
 __all__ = ["Rendered", "check", "render", "render_spec", "write_files"]
 

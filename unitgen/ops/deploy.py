@@ -11,18 +11,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from unitgen.allocate import Listener, check_port, deploy_lock, listeners, pick_port
-from unitgen.core import apply_changes, check_ours, is_ours, placement_for, undo_changes
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, Problem, SpecError, UnitgenError
-from unitgen.gpus import Gpu, GpuUnavailableError, read_gpus
-from unitgen.installed import Installed, gpu_claims, require, scan, secrets_dir, unit_dir
-from unitgen.instance import Instance, resolve
-from unitgen.journal import last_lines
-from unitgen.ports import DEFAULT_PORT_RANGE, PRIVATE_PORT_RANGE, default_port, default_private_port
-from unitgen.render import RenderContext, RenderedFile, render_instance
+from unitgen.ops.allocate import Listener, check_port, deploy_lock, listeners, pick_port
+from unitgen.ops.core import apply_changes, check_ours, is_ours, placement_for, undo_changes
+from unitgen.ops.journal import last_lines
+from unitgen.ops.systemd import JobOutcome, Manager, connect
+from unitgen.plan.gpus import Gpu, GpuUnavailableError, read_gpus
+from unitgen.plan.instance import Instance, resolve
 from unitgen.result import Result
-from unitgen.spec import InstanceSpec, load_spec
-from unitgen.systemd import JobOutcome, Manager, connect
+from unitgen.spec.model import InstanceSpec, load_spec
+from unitgen.spec.ports import DEFAULT_PORT_RANGE, PRIVATE_PORT_RANGE, default_port, default_private_port
+from unitgen.targets.systemd.installed import Installed, gpu_claims, require, scan, secrets_dir, unit_dir
+from unitgen.targets.systemd.render import RenderContext, RenderedFile, render_instance
 
 __all__ = ["DeployOptions", "deploy", "remove"]
 

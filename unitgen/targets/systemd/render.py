@@ -1,7 +1,7 @@
 """Rendering a resolved instance into systemd unit files (text, not yet on disk).
 
 One function builds the Jinja environment (StrictUndefined: a missing variable
-is a bug, not an empty string); quoting lives in :mod:`unitgen.escape`.
+is a bug, not an empty string); quoting lives in :mod:`unitgen.targets.systemd.escape`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import jinja2
 
-from unitgen import escape
 from unitgen.errors import Problem, SpecError, UnitgenError
-from unitgen.instance import RUNTIME_DIR, Instance, runtime_subdir
+from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
+from unitgen.targets.systemd import escape
 from unitgen.timespan import format_seconds
 
 __all__ = [
@@ -96,14 +96,14 @@ def templates_dir() -> Path:
     packaged = Path(str(resources.files("unitgen"))) / "templates"
     if packaged.is_dir():
         return packaged
-    return Path(__file__).resolve().parent.parent / "templates"
+    return Path(__file__).resolve().parents[3] / "templates"
 
 
 def make_environment() -> jinja2.Environment:
     """The one Jinja environment: strict, no autoescape (units are not HTML)."""
     # Units are not HTML: systemd escaping is done by the filters registered below.
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        loader=jinja2.FileSystemLoader(str(templates_dir() / "systemd")),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,
@@ -125,7 +125,7 @@ def secret_path(name: str) -> str:
 
 def _probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> list[str]:
     cmd = [
-        ctx.python, "-I", "-m", "unitgen.probe",
+        ctx.python, "-I", "-m", "unitgen.inunit.probe",
         "--target", target, "--path", inst.health_path,
         "--timeout", format_seconds(inst.health_timeout), "--label", label,
     ]
@@ -174,7 +174,7 @@ def _gpu_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     header = ",".join(placement.uuids) + (" shared" if placement.share else " exclusive")
     # Not -I: the GPU wait imports pynvml from this interpreter's environment and
     # honours PYTHONPATH, so an operator (or the tests) can put an NVML shim first.
-    wait = [ctx.python, "-m", "unitgen.gpuwait", "--instance", inst.name,
+    wait = [ctx.python, "-m", "unitgen.inunit.gpuwait", "--instance", inst.name,
             "--gpus", ",".join(placement.uuids), "--timeout", format_seconds(GPU_WAIT_TIMEOUT)]
     devices: list[str] = []
     if ctx.scope == "system" and placement.minors is not None:

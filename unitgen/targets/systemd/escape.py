@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from unitgen.instance import RUNTIME_DIR
+from unitgen.plan.instance import RUNTIME_DIR
 
 __all__ = [
     "env_file_line",

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 
 from unitgen.errors import UnitgenError
-from unitgen.installed import Installed
-from unitgen.ports import DEFAULT_PORT_RANGE
+from unitgen.spec.ports import DEFAULT_PORT_RANGE
+from unitgen.targets.systemd.installed import Installed
 
 __all__ = ["Listener", "PortBusyError", "deploy_lock", "listeners", "pick_port"]
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unitgen.errors import UnitgenError
-from unitgen.render import MARKER
+from unitgen.targets.systemd.render import MARKER
 
 __all__ = ["Installed", "gpu_claims", "require", "scan", "secrets_dir", "unit_dir"]
 

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from unitgen.argscan import find_options, remove_found
-from unitgen.backends import GENERIC_LISTEN_FLAGS, Backend
 from unitgen.errors import Problem
+from unitgen.spec.argscan import find_options, remove_found
+from unitgen.spec.backends import GENERIC_LISTEN_FLAGS, Backend
 
 __all__ = [
     "DEFAULT_HOST",

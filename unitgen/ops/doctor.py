@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 import psutil
 
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
-from unitgen.installed import require
-from unitgen.probe import attempt
+from unitgen.inunit.probe import attempt
+from unitgen.ops.systemd import connect
 from unitgen.result import Result
-from unitgen.systemd import connect
+from unitgen.targets.systemd.installed import require
 
 __all__ = ["Finding", "doctor", "doctor_unit", "listening"]
 

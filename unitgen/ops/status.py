@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass, replace
 
 import psutil
 
-from unitgen.gpus import Gpu, GpuUnavailableError, read_gpus
-from unitgen.installed import Installed, require, scan, unit_dir
+from unitgen.ops.systemd import UnitInfo, connect
+from unitgen.plan.gpus import Gpu, GpuUnavailableError, read_gpus
 from unitgen.result import Result
-from unitgen.systemd import UnitInfo, connect
+from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir
 
 __all__ = ["InstanceStatus", "list_instances", "status", "tree_memory"]
 
