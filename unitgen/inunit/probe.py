@@ -8,6 +8,20 @@ authenticate and fail at once; at the deadline it exits 1 with one line that
 says why. Progress goes to stderr (the journal) every few seconds and to the
 unit's status line (``sd_notify STATUS=``, with ``NotifyAccess=all``).
 
+Two guards make "ready" mean *this* server answered:
+
+* ``--main-pid $MAINPID``: systemd does not end ``ExecStartPost=`` when the
+  main process exits, so a server that dies while loading (a bad flag, a
+  missing model, CUDA out of memory) would leave the start waiting for the
+  whole deadline. The probe watches that pid and fails within one poll.
+* ``--own-listener`` (private loopback TCP endpoints): before sending a byte
+  (the API key included), the probe checks that the process listening on the
+  target belongs to its own unit's cgroup, so a squatter that bound the
+  private port while the server was down gets nothing.
+
+The deadline covers each attempt as a whole, not each read: a server that
+trickles one byte a second cannot keep the probe past it.
+
     python -m unitgen.inunit.probe --target 127.0.0.1:40001 --path /health --timeout 30min
     python -m unitgen.inunit.probe --target /run/unitgen-x/http.sock --path /health
 """
@@ -15,7 +29,6 @@ unit's status line (``sd_notify STATUS=``, with ``NotifyAccess=all``).
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import socket
@@ -40,27 +53,67 @@ class Attempt:
     detail: str
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-def _connection(target: str, timeout: float) -> http.client.HTTPConnection:
+def _connect(target: str, timeout: float) -> socket.socket:
+    """A connected socket to ``host:port``, ``[v6]:port`` or a Unix socket path."""
     if target.startswith("/"):
-        return _UnixHTTPConnection(target, timeout)
-    host, _, port = target.rpartition(":")
-    return http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address: str | tuple[str, int] = target
+    else:
+        host, _, port = target.rpartition(":")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        address = (host, int(port))
+    sock.settimeout(max(0.001, timeout))
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _exchange(sock: socket.socket, request: bytes, deadline: float) -> bytes:
+    """Send the request, read the answer until EOF, 64 KiB, or the deadline."""
+    sock.sendall(request)
+    data = b""
+    while len(data) < 65536:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        chunk = sock.recv(65536 - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _parse(raw: bytes) -> tuple[int, str, bytes]:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2) if lines else []
+    if not sep or len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise ValueError("not an HTTP answer")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        body = _dechunk(body)
+    return int(parts[1]), parts[2] if len(parts) > 2 else "", body[:4096]
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";")[0], 16)
+        except ValueError:
+            break
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2:]
+    return out
 
 
 def _summary(status: int, reason: str, body: bytes) -> str:
@@ -81,35 +134,119 @@ def _summary(status: int, reason: str, body: bytes) -> str:
     return f"{status} {message or reason}".strip()
 
 
-def attempt(target: str, path: str, key: str | None, timeout: float = 5.0) -> Attempt:
-    """Poll once; never raises for network trouble."""
-    conn = _connection(target, timeout)
-    headers = {"Connection": "close", "User-Agent": "unitgen-probe"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
+
+def _cgroup(pid: int | str) -> str | None:
+    """The whole /proc/PID/cgroup text: equal for processes of one unit, on a
+    pure cgroup2 host as on a hybrid one (where /sys/fs/cgroup is not v2)."""
     try:
-        conn.request("GET", path, headers=headers)
-        resp = conn.getresponse()
-        body = resp.read(4096)
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _listener_inodes(host: str, port: int) -> set[str]:
+    """Socket inodes of TCP listeners on ``host:port`` (LISTEN state, /proc/net)."""
+    found: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) < 10 or cols[3] != "0A":  # 0A: LISTEN
+                continue
+            if int(cols[1].rpartition(":")[2], 16) == port:
+                found.add(cols[9])
+    return found
+
+
+def listener_outside_unit(target: str) -> str | None:
+    """For a loopback TCP target: why the process listening there is not part of
+    this probe's own unit (its cgroup), or None when it is.
+
+    Only processes of the probe's cgroup are inspected, so this needs no
+    privilege beyond the unit's own."""
+    host, _, port_text = target.rpartition(":")
+    inodes = _listener_inodes(host.strip("[]"), int(port_text))
+    if not inodes:
+        return None  # nobody listens: the connection will be refused anyway
+    mine = _cgroup("self")
+    if mine is None:
+        return "cannot read this process's cgroup"
+    pids = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cgroup(pid) == mine]
+    wanted = {f"socket:[{i}]" for i in inodes}
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                    return None
+            except OSError:
+                continue
+    return (f"{target} is held by a process outside this unit (not the server): "
+            "nothing was sent to it")
+
+
+def attempt(target: str, path: str, key: str | None, timeout: float = 5.0,
+            *, own_listener: bool = False) -> Attempt:
+    """Poll once within ``timeout`` seconds in all; never raises for network trouble."""
+    deadline = time.monotonic() + timeout
+    if own_listener and not target.startswith("/"):
+        foreign = listener_outside_unit(target)
+        if foreign:
+            return Attempt("wait", foreign)
+    lines = [f"GET {path} HTTP/1.1", "Host: localhost", "Connection: close",
+             "User-Agent: unitgen-probe"]
+    if key:
+        lines.append(f"Authorization: Bearer {key}")
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+    try:
+        with _connect(target, timeout) as sock:
+            if sock.family != socket.AF_UNIX and sock.getsockname()[0] != sock.getpeername()[0]:
+                # A local destination is reached from its own address; anything else
+                # left the machine (a FreeBind host not configured here): no key there.
+                return Attempt("wait", f"{target} is not an address of this machine: nothing "
+                                       "was sent to it")
+            raw = _exchange(sock, request, deadline)
+        status, reason, body = _parse(raw)
     except FileNotFoundError:
         return Attempt("wait", "socket not created yet")
     except ConnectionRefusedError:
         return Attempt("wait", "connection refused")
     except TimeoutError:
         return Attempt("wait", f"no answer within {timeout:g} s")
-    except (OSError, http.client.HTTPException) as exc:
+    except ValueError as exc:
+        return Attempt("wait", str(exc))
+    except OSError as exc:
         return Attempt("wait", f"{type(exc).__name__}: {exc}".rstrip(": "))
-    finally:
-        conn.close()
-    summary = _summary(resp.status, resp.reason, body)
-    if 200 <= resp.status < 300:
+    summary = _summary(status, reason, body)
+    if 200 <= status < 300:
         return Attempt("ready", summary)
-    if resp.status in (401, 403):
+    if status in (401, 403):
         hint = ("the key the probe sent was refused" if key else
                 "the server wants an API key the probe was not given: declare it in the spec "
                 "(--api-key in args, or the server's key variable in env)")
         return Attempt("fatal", f"{summary}: {hint}")
     return Attempt("wait", summary)
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time (field 22 of /proc/PID/stat), or None when it is
+    gone or a zombie: tells a live main process from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    if len(fields) < 20 or fields[0] in ("Z", "X", "x"):
+        return None
+    return fields[19]
 
 
 def _notify(message: str) -> None:
@@ -139,15 +276,26 @@ def run(
     label: str = "",
     interval: float = 0.1,
     progress_every: float = 5.0,
+    main_pid: int | None = None,
+    own_listener: bool = False,
 ) -> int:
-    """Poll until ready (0) or the deadline / a fatal answer (1)."""
+    """Poll until ready (0) or the deadline, a fatal answer or the death of
+    ``main_pid`` (1)."""
     where = f"{label} {target}{path}".strip()
     start = time.monotonic()
     deadline = start + timeout
     next_progress = start + progress_every
+    ticks = _start_ticks(main_pid) if main_pid else None
     result = Attempt("wait", "no answer yet")
     while True:
-        result = attempt(target, path, key, timeout=min(5.0, max(0.5, timeout)))
+        if main_pid and (ticks is None or _start_ticks(main_pid) != ticks):
+            _say(f"{where}: not ready: the server process (pid {main_pid}) exited while "
+                 f"loading, after {time.monotonic() - start:.1f} s; last answer: "
+                 f"{result.detail} (its own messages are in the journal of this unit)")
+            return EXIT_NOT_READY
+        left = deadline - time.monotonic()
+        result = attempt(target, path, key, timeout=min(5.0, max(0.05, left)),
+                         own_listener=own_listener)
         now = time.monotonic()
         elapsed = now - start
         if result.outcome == "ready":
@@ -175,6 +323,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="", help="word printed before the target (public/private)")
     p.add_argument("--interval", default="100ms", help="time between polls")
     p.add_argument("--progress-every", default="5s", help="time between progress lines")
+    p.add_argument("--main-pid", default="", help="fail at once when this process exits "
+                   "(units pass $MAINPID)")
+    p.add_argument("--own-listener", action="store_true", help="send nothing unless the "
+                   "listener of a TCP target is a process of the probe's own cgroup")
     return p
 
 
@@ -194,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unitgen probe: --target {target!r} is neither host:port nor a socket path",
               file=sys.stderr)
         return EXIT_USAGE
+    main_pid: int | None = None
+    if ns.main_pid:
+        if not ns.main_pid.isdigit():
+            print(f"unitgen probe: --main-pid {ns.main_pid!r} is not a process id", file=sys.stderr)
+            return EXIT_USAGE
+        main_pid = int(ns.main_pid) or None
     key = None
     if ns.key_env:
         key = os.environ.get(ns.key_env)
@@ -202,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return EXIT_NOT_READY
     return run(target, ns.path, timeout, key=key, label=ns.label, interval=interval,
-               progress_every=progress)
+               progress_every=progress, main_pid=main_pid, own_listener=ns.own_listener)
 
 
 if __name__ == "__main__":

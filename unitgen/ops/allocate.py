@@ -20,6 +20,7 @@ from unitgen.targets.systemd.installed import Installed
 __all__ = ["Listener", "PortBusyError", "deploy_lock", "listeners", "pick_port"]
 
 
+
 class PortBusyError(UnitgenError):
     """An explicit port is taken by another process or instance."""
 

@@ -13,6 +13,7 @@ from unitgen.plan.gpus import Gpu, GpuUnavailableError, Placement, place, read_g
 from unitgen.plan.instance import Instance, resolve
 from unitgen.result import Result
 from unitgen.spec.model import InstanceSpec, load_spec
+from unitgen.spec.ports import private_range_for
 from unitgen.targets.systemd.render import MARKER, RenderContext, RenderedFile, render_instance
 
 __all__ = ["Rendered", "check", "render", "render_spec", "write_files"]
@@ -47,7 +48,8 @@ def render_spec(path: Path, ctx: RenderContext, *, port: int | None = None,
                 private_port: int | None = None) -> Rendered:
     """Load, resolve and render one spec; raise SpecError with every problem."""
     spec = load_spec(path)
-    inst = resolve(spec, port=port, private_port=private_port, placement=placement_for(spec))
+    inst = resolve(spec, port=port, private_port=private_port, placement=placement_for(spec),
+                   private_range=private_range_for(ctx.scope))
     return Rendered(inst, tuple(render_instance(inst, ctx)))
 
 

@@ -20,7 +20,7 @@ from unitgen.plan.gpus import Gpu, GpuUnavailableError, read_gpus
 from unitgen.plan.instance import Instance, resolve
 from unitgen.result import Result
 from unitgen.spec.model import InstanceSpec, load_spec
-from unitgen.spec.ports import DEFAULT_PORT_RANGE, PRIVATE_PORT_RANGE, default_port, default_private_port
+from unitgen.spec.ports import DEFAULT_PORT_RANGE, default_port, default_private_port, private_range_for
 from unitgen.targets.systemd.installed import Installed, gpu_claims, require, scan, secrets_dir, unit_dir
 from unitgen.targets.systemd.render import RenderContext, RenderedFile, render_instance
 
@@ -154,18 +154,20 @@ async def _plan(
                          opts.port_range)
     taken.add(port)
     private_port = None
+    prange = private_range_for(opts.scope)
     if first.private is not None and first.private.kind == "tcp":
         if spec.private_port:
             private_port = spec.private_port
             check_port(private_port, spec.name, installed, busy, "private_port")
-        elif mine and mine.private_port:
-            private_port = mine.private_port
+        elif mine and mine.private_port and prange[0] <= mine.private_port <= prange[1]:
+            private_port = mine.private_port  # kept; one from 0.1 (20000+) moves to a privileged one
         else:
-            private_port = pick_port(spec.name, default_private_port(spec.name), installed,
-                                     busy, taken | {port}, PRIVATE_PORT_RANGE)
+            private_port = pick_port(spec.name, default_private_port(spec.name, prange),
+                                     installed, busy, taken | {port}, prange)
         taken.add(private_port)
     placement = placement_for(spec, gpu_claims(installed), gpus=gpus)
-    inst = resolve(spec, port=port, private_port=private_port, placement=placement)
+    inst = resolve(spec, port=port, private_port=private_port, placement=placement,
+                   private_range=prange)
     files = render_instance(inst, opts.ctx)
     old: dict[str, str | None] = {}
     udir = unit_dir(opts.scope)

@@ -19,7 +19,7 @@ from unitgen.plan.gpus import Placement
 from unitgen.spec.argscan import find_options, remove_found
 from unitgen.spec.backends import Backend, get_backend
 from unitgen.spec.model import InstanceSpec
-from unitgen.spec.ports import default_private_port, probe_host, resolve_listen
+from unitgen.spec.ports import PRIVATE_PORT_RANGE, default_private_port, probe_host, resolve_listen
 
 __all__ = ["RUNTIME_DIR", "Endpoint", "Instance", "resolve"]
 
@@ -106,7 +106,8 @@ CUSTOM_PLACEHOLDERS = ("host", "port", "unix", "model", "name", "spec_dir")
 
 
 def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | None = None,
-            placement: Placement | None = None) -> Instance:
+            placement: Placement | None = None,
+            private_range: tuple[int, int] = PRIVATE_PORT_RANGE) -> Instance:
     """Resolve a spec into an instance; ``port`` and ``private_port`` override
     defaulted ones (deploy passes those it allocated). Raise SpecError listing
     every problem."""
@@ -131,11 +132,18 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
     elif backend.unix_flag is not None:
         private = Endpoint("unix", path=private_socket(spec.name))
     else:
-        pport = spec.private_port or private_port or default_private_port(spec.name)
+        pport = spec.private_port or private_port or default_private_port(spec.name, private_range)
         if pport == public.port:
             problem("private_port", f"{pport} is the public port; the server must listen "
                                     "elsewhere (the socket owns the public port)")
         private = Endpoint("tcp", host="127.0.0.1", port=pport)
+    extra_notices: list[str] = []
+    if (spec.private_port is not None and spec.private_port >= 1024
+            and private_range[1] < 1024 and private is not None and private.kind == "tcp"):
+        extra_notices.append(
+            f"private_port: {spec.private_port} is not a privileged port: while the server is "
+            "down any local user could bind it (the probe then sends it nothing); prefer "
+            f"leaving private_port unset ({private_range[0]}-{private_range[1]})")
     if spec.private_port is not None and (private is None or private.kind != "tcp"):
         problem("private_port", f"is only used by servers that listen on loopback TCP; "
                                 f"{spec.backend} listens on a private Unix socket")
@@ -154,7 +162,8 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
         argv=argv, env=env, secrets=secrets, probe_key_env=key_env,
         health_path=spec.health.path or backend.health_path,
         health_timeout=spec.health.timeout,
-        notices=listen.notices + (placement.notices if placement else ()), gpus=placement,
+        notices=listen.notices + tuple(extra_notices)
+        + (placement.notices if placement else ()), gpus=placement,
     )
 
 

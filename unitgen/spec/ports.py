@@ -23,6 +23,7 @@ Nothing here knows about systemd: the supervisor target uses the same rules.
 from __future__ import annotations
 
 import ipaddress
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,9 +37,11 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_PORT_RANGE",
     "PRIVATE_PORT_RANGE",
+    "UNPRIVILEGED_PRIVATE_PORT_RANGE",
     "ListenDecision",
     "default_port",
     "default_private_port",
+    "private_range_for",
     "probe_host",
     "resolve_listen",
 ]
@@ -48,8 +51,17 @@ __all__ = [
 # socket unit failed to bind 40162, held by a connection), and above the usual
 # defaults of model servers (8000, 8080, 30000). deploy skips ports in use.
 DEFAULT_PORT_RANGE = (31000, 31999)
-# Private loopback ports for servers that cannot listen on a Unix socket.
-PRIVATE_PORT_RANGE = (20000, 29999)
+# Private loopback ports for servers that cannot listen on a Unix socket
+# (SGLang, vox-box, custom). They are below ip_unprivileged_port_start (1024), so
+# while the server is down (on-demand, idle-stopped, restarting) no unprivileged
+# local user can bind one and receive the probe's API key or the clients'
+# traffic: only root or a process given CAP_NET_BIND_SERVICE (the server, by
+# its unit) can serve it. 700-999 avoids the common low ports (22, 80, 443,
+# 631); deploy still skips any that is in use.
+PRIVATE_PORT_RANGE = (700, 999)
+# For a user manager that does not run as root, which cannot bind those: the
+# probe's listener check (``--own-listener``) is then the only guard.
+UNPRIVILEGED_PRIVATE_PORT_RANGE = (20000, 29999)
 # Loopback unless the spec says otherwise: exposing a model server to the
 # network is a decision the operator writes down (host = "0.0.0.0").
 DEFAULT_HOST = "127.0.0.1"
@@ -64,9 +76,17 @@ def default_port(name: str) -> int:
     return _spread(name, *DEFAULT_PORT_RANGE)
 
 
-def default_private_port(name: str) -> int:
+def private_range_for(scope: str) -> tuple[int, int]:
+    """Where private loopback ports come from for a manager: privileged ports
+    (only root can bind them) wherever the manager runs as root."""
+    if scope == "system" or os.geteuid() == 0:
+        return PRIVATE_PORT_RANGE
+    return UNPRIVILEGED_PRIVATE_PORT_RANGE
+
+
+def default_private_port(name: str, port_range: tuple[int, int] = PRIVATE_PORT_RANGE) -> int:
     """The loopback port a TCP-only server listens on behind the proxy: stable per name."""
-    return _spread(name, *PRIVATE_PORT_RANGE)
+    return _spread(name, *port_range)
 
 
 def probe_host(host: str) -> str:
@@ -146,8 +166,9 @@ def resolve_listen(
     host = _decide("host", spec_host, host_claims, _parse_host, problem, notices)
 
     if spec_host is not None and _parse_host(spec_host) is None:
-        problem("host", f"{spec_host!r} must be an IP address such as 127.0.0.1, 0.0.0.0 or :: "
-                        "(systemd binds the socket before any name can be resolved)")
+        scope = " without an IPv6 scope ID (%...)" if "%" in spec_host else ""
+        problem("host", f"{spec_host!r} must be an IP address{scope} such as 127.0.0.1, 0.0.0.0 "
+                        "or :: (systemd binds the socket before any name can be resolved)")
 
     final_port = port if port is not None else default_port(name)
     final_host = (_parse_host(host) or host) if host is not None else DEFAULT_HOST
@@ -173,6 +194,11 @@ def _parse_port(value: str) -> int | None:
 
 
 def _parse_host(value: str) -> str | None:
+    # No IPv6 scope IDs ("fe80::1%eth0"): Python accepts any text after the "%",
+    # newlines included, and systemd would read it as a specifier. Bind a
+    # link-local address with a plain address instead.
+    if "%" in value:
+        return None
     try:
         return str(ipaddress.ip_address(value.strip("[]")))
     except ValueError:

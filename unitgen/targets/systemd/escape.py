@@ -15,12 +15,16 @@ import re
 from unitgen.plan.instance import RUNTIME_DIR
 
 __all__ = [
+    "directive_name",
     "env_file_line",
     "environment_assignment",
     "exec_line",
     "exec_word",
     "path_value",
+    "setting_value",
+    "specifier_path",
     "text_value",
+    "word_value",
 ]
 
 # Words made only of these characters need no quotes (and contain no % or $).
@@ -74,10 +78,56 @@ def environment_assignment(name: str, value: str) -> str:
     return '"' + _c_escape(f"{name}={value}", dollar=False) + '"'
 
 
+# Characters some readers (Python's str.splitlines among them) take as line
+# breaks although systemd does not: flattened too, so free text can never look
+# like a line of its own to anything that reads the unit back.
+_LINE_BREAKS = frozenset("\x85\u2028\u2029")
+
+
 def text_value(text: str) -> str:
     """Free text (``Description=``): one line, specifiers escaped, no continuation."""
-    flat = "".join(" " if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in text)
+    flat = "".join(" " if ord(ch) < 0x20 or ord(ch) == 0x7F or ch in _LINE_BREAKS else ch
+                   for ch in text)
     return flat.replace("%", "%%").rstrip("\\ ").strip()
+
+
+_WORD = re.compile(r"[A-Za-z0-9_.:@+,=/\[\]-]+")
+_DIRECTIVE = re.compile(r"[A-Z][A-Za-z0-9]*")
+
+
+def word_value(word: str) -> str:
+    """A name, address or number written as is (``ListenStream=``, ``User=``,
+    the instance name): refused unless it is one plain word, so it needs no
+    escaping and cannot add a line, a specifier or a variable."""
+    if not _WORD.fullmatch(word):
+        raise ValueError(f"{word!r} cannot be written into a unit file as one plain word")
+    return word
+
+
+def directive_name(key: str) -> str:
+    """A directive name from a spec's ``[systemd.*]`` tables."""
+    if not _DIRECTIVE.fullmatch(key):
+        raise ValueError(f"{key!r} is not a directive name")
+    return key
+
+
+def setting_value(value: str) -> str:
+    """A value from a spec's ``[systemd.*]`` tables, written as the user wrote it
+    (so ``MemoryMax=80%`` keeps its meaning): one line, no continuation."""
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F or ch in _LINE_BREAKS for ch in value) \
+            or value.endswith("\\"):
+        raise ValueError(f"{value!r} cannot be written into a unit file")
+    return value
+
+
+def specifier_path(path: str) -> str:
+    """A path unitgen builds from a specifier and a checked word
+    (``%E/unitgen/secrets/NAME.env``): the leading specifier is kept, the rest
+    must be plain."""
+    spec, sep, rest = path.partition("/")
+    if spec not in ("%E", "%t", "%S", "%C") or not sep or not _WORD.fullmatch(rest):
+        raise ValueError(f"{path!r} is not a specifier path unitgen writes")
+    return path
 
 
 def path_value(path: str) -> str:

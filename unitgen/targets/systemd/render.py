@@ -10,6 +10,7 @@ import ipaddress
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -110,11 +111,43 @@ def make_environment() -> jinja2.Environment:
         lstrip_blocks=True,
         autoescape=False,  # noqa: S701 - see above
     )
-    env.filters["exec"] = escape.exec_line
-    env.filters["env"] = escape.environment_assignment
-    env.filters["text"] = escape.text_value
-    env.filters["path"] = escape.path_value
+    for name, func in _FILTERS.items():
+        env.filters[name] = _safe(func)
+    env.finalize = _finalize
     return env
+
+
+class UnitText(str):
+    """Text that went through one of the escaping filters: the only kind of
+    value (besides integers) the templates may print."""
+
+    __slots__ = ()
+
+
+_FILTERS: dict[str, Callable[..., str]] = {
+    "exec": escape.exec_line,
+    "env": escape.environment_assignment,
+    "text": escape.text_value,
+    "path": escape.path_value,
+    "word": escape.word_value,
+    "directive": escape.directive_name,
+    "setting": escape.setting_value,
+    "specifier_path": escape.specifier_path,
+}
+
+
+def _safe(func: Callable[..., str]) -> Callable[..., UnitText]:
+    def wrapped(*args: object) -> UnitText:
+        return UnitText(func(*args))
+    return wrapped
+
+
+def _finalize(value: object) -> object:
+    """The escaping choke point: every ``{{ }}`` in a template must go through a
+    filter; a bare value is a bug in the template, refused rather than written."""
+    if isinstance(value, UnitText) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise TypeError(f"template bug: {value!r} reached a unit without an escaping filter")
 
 
 def secret_path(name: str) -> str:
@@ -131,6 +164,10 @@ def _probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> l
     ]
     if inst.probe_key_env:
         cmd += ["--key-env", inst.probe_key_env]
+    if label == "private" and inst.private is not None and inst.private.kind == "tcp":
+        # A loopback port is free while the server is down: send nothing (no key)
+        # to a listener that is not a process of this unit.
+        cmd.append("--own-listener")
     return cmd
 
 
@@ -183,8 +220,19 @@ def _gpu_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
 
 
 def render_instance(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
-    """Render an instance's unit files (and its secret file, if it has a key)."""
+    """Render an instance's unit files (and its secret file, if it has a key).
+
+    A value that no escaping filter can write (validation should have refused it
+    already) becomes a spec problem, never a half-written or injected unit."""
     _check_extras(inst)
+    try:
+        return _render_files(inst, ctx)
+    except ValueError as exc:
+        raise SpecError(problems=[Problem(inst.spec.source, "", f"cannot be rendered: {exc}")]) \
+            from None
+
+
+def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
     env = make_environment()
     spec = inst.spec
     addr = ipaddress.ip_address(inst.public.host)
@@ -209,6 +257,9 @@ def render_instance(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
         "unit_extra": list(spec.systemd_unit),
         "service_extra": list(spec.systemd_service),
         "probe_public": _probe_cmd(ctx, inst, inst.public.probe_target(), "public"),
+        # a server run as another user needs the right to bind its privileged private port
+        "bind_low_port": bool(spec.user and inst.private is not None
+                              and inst.private.kind == "tcp" and inst.private.port < 1024),
         **_gpu_context(inst, ctx),
     }
     files = [RenderedFile(f"{spec.name}.socket", env.get_template("socket.j2").render(common))]
