@@ -13,15 +13,22 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from unitgen.errors import Problem, SpecError
 from unitgen.plan.gpus import Placement
 from unitgen.spec.argscan import find_options, remove_found
 from unitgen.spec.backends import Backend, get_backend
 from unitgen.spec.model import InstanceSpec
-from unitgen.spec.ports import PRIVATE_PORT_RANGE, default_private_port, probe_host, resolve_listen
+from unitgen.spec.ports import (
+    PRIVATE_PORT_RANGE,
+    default_port,
+    default_private_port,
+    probe_host,
+    resolve_listen,
+)
 
-__all__ = ["RUNTIME_DIR", "Endpoint", "Instance", "resolve"]
+__all__ = ["RUNTIME_DIR", "Allocator", "Endpoint", "FixedAllocator", "Instance", "resolve"]
 
 # Stands for the service manager's runtime directory inside argv words. A NUL
 # can never come from a spec (the spec parser refuses it), so it cannot collide.
@@ -105,12 +112,60 @@ _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_]*)\}")
 CUSTOM_PLACEHOLDERS = ("host", "port", "unix", "model", "name", "spec_dir")
 
 
+class Allocator(Protocol):
+    """What a plan needs from the host it is made for: ports for a spec that does
+    not fix them, and GPUs. ``problem(key, message)`` reports what cannot be had
+    (a busy explicit port, GPUs that do not fit) without stopping the plan, so
+    every problem of every spec is found in one pass."""
+
+    def public_port(self, spec: InstanceSpec, explicit: int | None, host: str,
+                    problem: ProblemSink) -> int:
+        """The public port: ``explicit`` when the spec fixes it (checked), else allocated."""
+        ...
+
+    def private_port(self, spec: InstanceSpec, public: int, problem: ProblemSink) -> int:
+        """The private loopback port of a TCP-only server."""
+        ...
+
+    def placement(self, spec: InstanceSpec, problem: ProblemSink) -> Placement | None:
+        """GPUs for the spec (None for CPU-only specs, or when they cannot be placed)."""
+        ...
+
+
+@dataclass
+class FixedAllocator:
+    """Ports stable per name (or given), GPUs given: what ``render`` shows and
+    what a caller that allocated elsewhere passes in."""
+
+    port: int | None = None
+    private: int | None = None
+    gpus: Placement | None = None
+    private_range: tuple[int, int] = PRIVATE_PORT_RANGE
+
+    def public_port(self, spec: InstanceSpec, explicit: int | None, host: str,
+                    problem: ProblemSink) -> int:
+        """See :class:`Allocator`."""
+        if explicit is not None:
+            return explicit
+        return self.port if self.port is not None else default_port(spec.name)
+
+    def private_port(self, spec: InstanceSpec, public: int, problem: ProblemSink) -> int:
+        """See :class:`Allocator`."""
+        return self.private or default_private_port(spec.name, self.private_range)
+
+    def placement(self, spec: InstanceSpec, problem: ProblemSink) -> Placement | None:
+        """See :class:`Allocator`."""
+        return self.gpus
+
+
 def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | None = None,
             placement: Placement | None = None,
-            private_range: tuple[int, int] = PRIVATE_PORT_RANGE) -> Instance:
-    """Resolve a spec into an instance; ``port`` and ``private_port`` override
-    defaulted ones (deploy passes those it allocated). Raise SpecError listing
-    every problem."""
+            private_range: tuple[int, int] = PRIVATE_PORT_RANGE,
+            allocator: Allocator | None = None) -> Instance:
+    """Plan one instance in one pass: the port rules, the endpoints, ports and GPUs
+    from ``allocator`` (or the fixed ``port``/``private_port``/``placement``),
+    secrets, argv. Raise SpecError listing every problem."""
+    alloc = allocator or FixedAllocator(port, private_port, placement, private_range)
     backend = get_backend(spec.backend)
     listen = resolve_listen(
         source=spec.source, name=spec.name, backend=backend, spec_host=spec.host,
@@ -121,39 +176,41 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
     def problem(key: str, message: str) -> None:
         problems.append(Problem(spec.source, key, message))
 
-    public_port = port if (port is not None and not listen.port_from_spec) else listen.port
+    public_port = alloc.public_port(spec, listen.port if listen.port_from_spec else None,
+                                    listen.host, problem)
     public = Endpoint("tcp", host=listen.host, port=public_port)
 
     args, env, secrets, key_env = _take_api_key(spec, backend, listen.args, listen.env, problem)
+    env, secrets = _take_secret_env(spec, env, secrets, problem)
 
     private: Endpoint | None
+    extra_notices: list[str] = []
     if spec.socket_activation:
         private = None
     elif backend.unix_flag is not None:
         private = Endpoint("unix", path=private_socket(spec.name))
     else:
-        pport = spec.private_port or private_port or default_private_port(spec.name, private_range)
+        pport = spec.private_port or alloc.private_port(spec, public.port, problem)
         if pport == public.port:
             problem("private_port", f"{pport} is the public port; the server must listen "
                                     "elsewhere (the socket owns the public port)")
         private = Endpoint("tcp", host="127.0.0.1", port=pport)
-    extra_notices: list[str] = []
-    if (spec.private_port is not None and spec.private_port >= 1024
-            and private_range[1] < 1024 and private is not None and private.kind == "tcp"):
-        extra_notices.append(
-            f"private_port: {spec.private_port} is not a privileged port: while the server is "
-            "down any local user could bind it (the probe then sends it nothing); prefer "
-            f"leaving private_port unset ({private_range[0]}-{private_range[1]})")
+        if spec.private_port is not None and spec.private_port >= 1024:
+            extra_notices.append(
+                f"private_port: {spec.private_port} is not a privileged port: while the server "
+                "is down another local user could bind it (the probe then sends it nothing); "
+                "leave private_port unset to get one below 1024")
     if spec.private_port is not None and (private is None or private.kind != "tcp"):
         problem("private_port", f"is only used by servers that listen on loopback TCP; "
                                 f"{spec.backend} listens on a private Unix socket")
 
-    if placement is not None:
+    gpus = alloc.placement(spec, problem)
+    if gpus is not None:
         if any(k == "CUDA_VISIBLE_DEVICES" for k, _ in env):
             problem("env.CUDA_VISIBLE_DEVICES", "is set by unitgen from gpus; remove it")
-        env = (*env, ("CUDA_VISIBLE_DEVICES", ",".join(placement.uuids)),
+        env = (*env, ("CUDA_VISIBLE_DEVICES", ",".join(gpus.uuids)),
                ("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
-        args = _gpu_defaults(backend, args, len(placement.uuids))
+        args = _gpu_defaults(backend, args, len(gpus.uuids))
     argv = _argv(spec, backend, args, private, problem)
     if problems:
         raise SpecError(problems=problems)
@@ -162,9 +219,29 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
         argv=argv, env=env, secrets=secrets, probe_key_env=key_env,
         health_path=spec.health.path or backend.health_path,
         health_timeout=spec.health.timeout,
-        notices=listen.notices + tuple(extra_notices)
-        + (placement.notices if placement else ()), gpus=placement,
+        notices=listen.notices + tuple(extra_notices) + (gpus.notices if gpus else ()),
+        gpus=gpus,
     )
+
+
+def _take_secret_env(
+    spec: InstanceSpec,
+    env: tuple[tuple[str, str], ...],
+    secrets: tuple[tuple[str, str], ...],
+    problem: ProblemSink,
+) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
+    """Move the variables named in ``secret_env`` (HF_TOKEN and the like) out of
+    the unit's environment into the secret file."""
+    if not spec.secret_env:
+        return env, secrets
+    wanted = set(spec.secret_env)
+    moved = tuple((k, v) for k, v in env if k in wanted)
+    for k, v in moved:
+        if not v or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in v):
+            problem(f"env.{k}", "a secret must be one line of printable characters")
+    taken = {k for k, _ in secrets}
+    return (tuple((k, v) for k, v in env if k not in wanted),
+            secrets + tuple((k, v) for k, v in moved if k not in taken))
 
 
 # Options that already say how to use the GPUs; unitgen adds its default only when none is given.

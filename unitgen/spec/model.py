@@ -10,11 +10,25 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from unitgen.errors import Problem, SpecError
+from unitgen.spec.keys import (
+    KEYS,
+    TABLES,
+    Activation,
+    BackendName,
+    Key,
+    Kind,
+    RestartPolicy,
+    check_bounds,
+    fullmatch,
+    sub_keys,
+    top_keys,
+)
 from unitgen.timespan import parse_timespan
 
 __all__ = [
@@ -25,32 +39,22 @@ __all__ = [
     "HealthSpec",
     "InstanceSpec",
     "load_spec",
+    "parse_size",
     "parse_spec",
 ]
 
-BACKENDS = ("vllm", "sglang", "llama-server", "llama-box", "vox-box", "custom")
-ACTIVATIONS = ("eager", "on-demand")
-RESTART_POLICIES = ("on-failure", "always", "on-abnormal", "no")
+BACKENDS = tuple(b.value for b in BackendName)
+ACTIVATIONS = tuple(a.value for a in Activation)
+RESTART_POLICIES = tuple(r.value for r in RestartPolicy)
 
 # A 70B model in bf16 is ~140 GB; from a network disk at 200 MB/s plus CUDA
 # graph capture and warm-up that is 15 to 20 minutes. 30 minutes leaves room
 # without letting a wedged server sit in "starting" for ever.
 DEFAULT_HEALTH_TIMEOUT = 1800.0
 
-NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME_RE = r"[A-Za-z_][A-Za-z0-9_]*"
 # Keys of the [systemd.*] escape hatch look like systemd directives.
-DIRECTIVE_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
-
-TOP_KEYS = (
-    "name", "backend", "model", "executable", "host", "port", "args", "env",
-    "command", "socket_activation", "activation", "idle_stop", "health",
-    "user", "group", "working_directory", "restart", "private_port",
-    "max_connections", "description", "api_key_env", "systemd",
-    "gpus", "gpu_memory", "gpu_share",
-)
-HEALTH_KEYS = ("path", "timeout")
-SYSTEMD_KEYS = ("unit", "service")
+DIRECTIVE_RE = r"[A-Z][A-Za-z0-9]*"
 
 
 @dataclass(frozen=True)
@@ -67,22 +71,23 @@ class InstanceSpec:
 
     source: str
     name: str
-    backend: str
+    backend: BackendName
     model: str | None = None
     executable: str | None = None
     host: str | None = None
     port: int | None = None
     args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    secret_env: tuple[str, ...] = ()
     command: tuple[str, ...] | None = None
     socket_activation: bool = False
-    activation: str = "eager"
+    activation: Activation = Activation.EAGER
     idle_stop: float | None = None
     health: HealthSpec = field(default_factory=HealthSpec)
     user: str | None = None
     group: str | None = None
     working_directory: str | None = None
-    restart: str = "on-failure"
+    restart: RestartPolicy = RestartPolicy.ON_FAILURE
     private_port: int | None = None
     max_connections: int = 1024
     description: str | None = None
@@ -95,7 +100,7 @@ class InstanceSpec:
 
 
 class _Checker:
-    """Collects problems while reading one spec table."""
+    """Collects problems while reading one spec."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -113,22 +118,10 @@ class _Checker:
             allowed_list = ", ".join(allowed)
             self.add(f"{prefix}{key}", f"unknown key{hint}; known keys: {allowed_list}")
 
-    def text(self, table: dict[str, Any], key: str, *, prefix: str = "") -> str | None:
-        if key not in table:
-            return None
-        value = table[key]
-        if not isinstance(value, str):
-            self.add(prefix + key, f"must be a string, not {_kind(value)}")
-            return None
-        if "\x00" in value:
-            self.add(prefix + key, "must not contain a NUL character")
-            return None
-        return value
-
     def word(self, value: object, key: str) -> str | None:
         """A string for argv or environment; numbers are accepted and written as text."""
         if isinstance(value, bool):
-            self.add(key, f"must be a string, not a boolean ({value!r}); quote it")
+            self.add(key, f"must be a string, not a boolean ({_toml(value)}); quote it")
             return None
         if isinstance(value, int | float):
             return str(value)
@@ -140,61 +133,225 @@ class _Checker:
             return None
         return value
 
-    def integer(self, table: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
-        if key not in table:
-            return None
-        value = table[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.add(key, f"must be an integer, not {_kind(value)}")
-            return None
-        if not lo <= value <= hi:
-            self.add(key, f"{value} is out of range {lo}..{hi}")
-            return None
-        return value
-
-    def boolean(self, table: dict[str, Any], key: str) -> bool | None:
-        if key not in table:
-            return None
-        value = table[key]
-        if not isinstance(value, bool):
-            self.add(key, f"must be true or false, not {_kind(value)}")
-            return None
-        return value
-
-    def duration(self, table: dict[str, Any], key: str, *, prefix: str = "") -> float | None:
-        if key not in table:
-            return None
-        value = table[key]
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            self.add(prefix + key, f"must be a time span like \"15min\", not {_kind(value)}")
-            return None
-        try:
-            seconds = float(value) if not isinstance(value, str) else parse_timespan(value)
-        except ValueError as exc:
-            self.add(prefix + key, str(exc))
-            return None
-        if seconds <= 0:
-            self.add(prefix + key, "must be longer than zero")
-            return None
-        return seconds
-
-    def choice(self, table: dict[str, Any], key: str, choices: tuple[str, ...]) -> str | None:
-        value = self.text(table, key)
-        if value is None:
-            return None
-        if value not in choices:
-            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            self.add(key, f"{value!r} is not one of {', '.join(choices)}{hint}")
-            return None
-        return value
-
 
 def _kind(value: object) -> str:
     return {
         bool: "a boolean", int: "an integer", float: "a number", str: "a string",
         list: "a list", dict: "a table",
     }.get(type(value), type(value).__name__)
+
+
+def _toml(value: object) -> str:
+    """A value as TOML writes it (``true``, not Python's ``True``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+# --- one reader per kind of key ---------------------------------------------
+
+
+def _read_text(c: _Checker, key: Key, value: object) -> str | None:
+    if not isinstance(value, str):
+        c.add(key.name, f"must be a string, not {_kind(value)}")
+        return None
+    if "\x00" in value:
+        c.add(key.name, "must not contain a NUL character")
+        return None
+    if key.pattern and not fullmatch(key.pattern, value):
+        c.add(key.name, f"{value!r} {key.pattern_doc}")
+        return None
+    return value
+
+
+def _read_choice(c: _Checker, key: Key, value: object) -> str | None:
+    text = _read_text(c, key, value)
+    if text is None:
+        return None
+    if text not in key.choices:
+        close = difflib.get_close_matches(text, key.choices, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        c.add(key.name, f"{text!r} is not one of {', '.join(key.choices)}{hint}")
+        return None
+    return text
+
+
+def _read_integer(c: _Checker, key: Key, value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        hint = ""
+        if isinstance(value, str) and value.strip().isdigit():
+            hint = f" (write {key.name} = {value.strip()}, without quotes)"
+        c.add(key.name, f"must be an integer, not {_kind(value)}{hint}")
+        return None
+    if key.lo is not None and key.hi is not None and not key.lo <= value <= key.hi:
+        c.add(key.name, f"{value} is out of range {key.lo:g}..{key.hi:g}")
+        return None
+    return value
+
+
+def _read_boolean(c: _Checker, key: Key, value: object) -> bool | None:
+    if not isinstance(value, bool):
+        hint = ""
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            hint = f" (write {key.name} = {value.strip().lower()}, without quotes)"
+        c.add(key.name, f"must be true or false, not {_kind(value)}{hint}")
+        return None
+    return value
+
+
+def _read_duration(c: _Checker, key: Key, value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        c.add(key.name, f"must be a time span like \"15min\", not {_kind(value)}")
+        return None
+    try:
+        seconds = float(value) if not isinstance(value, str) else parse_timespan(value)
+    except ValueError as exc:
+        c.add(key.name, str(exc))
+        return None
+    if seconds <= 0:
+        c.add(key.name, "must be longer than zero")
+        return None
+    why = check_bounds(key, seconds)
+    if why:
+        c.add(key.name, why)
+        return None
+    return seconds
+
+
+def _read_words(c: _Checker, key: Key, value: object) -> tuple[str, ...] | None:
+    if isinstance(value, str):
+        c.add(key.name, f"must be a list of strings, e.g. {key.name} = [\"--dtype\", "
+                        "\"bfloat16\"], not one string")
+        return None
+    if not isinstance(value, list):
+        c.add(key.name, f"must be a list of strings, not {_kind(value)}")
+        return None
+    words = [c.word(item, f"{key.name}[{i}]") for i, item in enumerate(value)]
+    if any(w is None for w in words):
+        return None
+    return tuple(w for w in words if w is not None)
+
+
+def _read_env(c: _Checker, key: Key, value: object) -> tuple[tuple[str, str], ...] | None:
+    if not isinstance(value, dict):
+        c.add(key.name, f"must be a table of NAME = \"value\", not {_kind(value)}")
+        return None
+    out: list[tuple[str, str]] = []
+    for name, item in value.items():
+        if not fullmatch(ENV_NAME_RE, name):
+            c.add(f"{key.name}.{name}", "is not a valid environment variable name "
+                                        "(letters, digits, '_', not starting with a digit)")
+            continue
+        word = c.word(item, f"{key.name}.{name}")
+        if word is not None:
+            out.append((name, word))
+    return tuple(out)
+
+
+def _read_directives(c: _Checker, key: Key, value: object) -> tuple[tuple[str, str], ...] | None:
+    if not isinstance(value, dict):
+        c.add(key.name, f"must be a table, not {_kind(value)}")
+        return None
+    entries: list[tuple[str, str]] = []
+    for name, item in value.items():
+        where = f"{key.name}.{name}"
+        if not fullmatch(DIRECTIVE_RE, name):
+            c.add(where, "is not a systemd directive name (like Nice or MemoryMax)")
+            continue
+        word = c.word(item, where)
+        if word is None:
+            continue
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F or ch in "\x85\u2028\u2029" for ch in word):
+            c.add(where, "must be one line without control characters")
+            continue
+        entries.append((name, word))
+    return tuple(entries)
+
+
+def _read_program(c: _Checker, key: Key, value: object) -> str | None:
+    text = _read_text(c, key, value)
+    if text is not None and not _check_executable(c, key.name, text):
+        return None
+    return text
+
+
+def _read_path(c: _Checker, key: Key, value: object) -> str | None:
+    text = _read_text(c, key, value)
+    if text is None:
+        return None
+    if not text.startswith("/"):
+        c.add(key.name, f"{text!r} must be an absolute path")
+        return None
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text) or text.endswith("\\"):
+        c.add(key.name, f"{text!r} must be one line without control characters or a "
+                        "trailing backslash")
+        return None
+    parts = text.split("/")
+    if any(p in (".", "..") for p in parts):
+        # systemd refuses such paths at load time ("not normalized"); say so here.
+        c.add(key.name, f"{text!r} must be a normalized path (no '.' or '..' parts)")
+        return None
+    return text
+
+
+_GPU_UUID = r"(GPU|MIG)-[0-9A-Za-z/-]+"
+
+
+def _read_gpus(c: _Checker, key: Key, value: object) -> int | tuple[int, ...] | tuple[str, ...] | None:
+    if isinstance(value, bool):
+        c.add(key.name, "must be a count, a list of indexes or a list of GPU UUIDs")
+        return None
+    if isinstance(value, int):
+        if not 0 <= value <= 64:
+            c.add(key.name, f"{value} is out of range 0..64")
+            return None
+        return value
+    if isinstance(value, list) and value and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 64 for v in value
+    ):
+        if len(set(value)) != len(value):
+            c.add(key.name, "lists a GPU twice")
+            return None
+        return tuple(int(v) for v in value)
+    if isinstance(value, list) and value and all(
+        isinstance(v, str) and fullmatch(_GPU_UUID, v) for v in value
+    ):
+        if len(set(value)) != len(value):
+            c.add(key.name, "lists a GPU twice")
+            return None
+        return tuple(str(v) for v in value)
+    c.add(key.name, "must be a count (gpus = 2), a list of indexes (gpus = [0, 1]) or a "
+                    "list of UUIDs (gpus = [\"GPU-...\"])")
+    return None
+
+
+def _read_size(c: _Checker, key: Key, value: object) -> int | None:
+    if not isinstance(value, str):
+        c.add(key.name, f"must be a size like \"40GiB\", not {_kind(value)}")
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        c.add(key.name, str(exc))
+        return None
+
+
+_READERS: dict[Kind, Callable[[_Checker, Key, object], object]] = {
+    Kind.TEXT: _read_text,
+    Kind.CHOICE: _read_choice,
+    Kind.INTEGER: _read_integer,
+    Kind.BOOLEAN: _read_boolean,
+    Kind.DURATION: _read_duration,
+    Kind.WORDS: _read_words,
+    Kind.ENV: _read_env,
+    Kind.DIRECTIVES: _read_directives,
+    Kind.PROGRAM: _read_program,
+    Kind.PATH: _read_path,
+    Kind.GPUS: _read_gpus,
+    Kind.SIZE: _read_size,
+}
 
 
 def load_spec(path: Path) -> InstanceSpec:
@@ -213,129 +370,41 @@ def load_spec(path: Path) -> InstanceSpec:
 
 def parse_spec(text: str, source: str) -> InstanceSpec:
     """Validate TOML text as an instance spec; ``source`` names it in messages."""
+    # Some Windows editors save UTF-8 with a byte order mark; TOML does not allow one.
+    text = text.removeprefix("\ufeff")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(problems=[Problem(source, "", f"invalid TOML: {exc}")]) from None
-    return _from_table(data, source)
+    return from_mapping(data, source)
 
 
-def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
+def from_mapping(data: dict[str, Any], source: str) -> InstanceSpec:
+    """Validate a spec given as a mapping (parsed TOML, or JSON/YAML from elsewhere)."""
     c = _Checker(source)
-    c.unknown_keys(data, TOP_KEYS, "")
+    c.unknown_keys(data, top_keys(), "")
+    values: dict[str, Any] = {}
+    tables_ok: dict[str, dict[str, Any]] = {}
+    for table, shown in TABLES.items():
+        if table not in data:
+            continue
+        sub = data[table]
+        if not isinstance(sub, dict):
+            c.add(table, f"must be a table ({shown}), not {_kind(sub)}")
+            continue
+        c.unknown_keys(sub, sub_keys(table), f"{table}.")
+        tables_ok[table] = sub
+    for key in KEYS:
+        table, _, leaf = key.name.rpartition(".")
+        container = tables_ok.get(table, {}) if table else data
+        if leaf in container:
+            values[key.name] = _READERS[key.kind](c, key, container[leaf])
+    _rules(c, data, values)
 
-    name = c.text(data, "name")
-    if name is None and "name" not in data:
-        c.add("name", "is required (lowercase letters, digits and '-')")
-    elif name is not None and not NAME_RE.match(name):
-        c.add("name", f"{name!r} must be 1-48 lowercase letters, digits or '-', "
-                      "not starting or ending with '-'")
-        name = None
-    elif name is not None and name.endswith("-backend"):
-        c.add("name", f"{name!r} must not end in '-backend': that suffix names the server "
-                      "unit of another instance")
-        name = None
-
-    backend = c.choice(data, "backend", BACKENDS)
-    if "backend" not in data:
-        c.add("backend", f"is required: one of {', '.join(BACKENDS)}")
-
-    model = c.text(data, "model")
-    if backend not in (None, "custom") and "model" not in data:
-        c.add("model", f"is required for backend {backend!r} (a model path or id)")
-    if model == "":
-        c.add("model", "must not be empty")
-
-    executable = c.text(data, "executable")
-    if executable is not None:
-        _check_executable(c, "executable", executable)
-
-    host = c.text(data, "host")
-    port = c.integer(data, "port", 1, 65535)
-    private_port = c.integer(data, "private_port", 1, 65535)
-    max_connections = c.integer(data, "max_connections", 1, 1_000_000)
-
-    args = _word_list(c, data, "args") or ()
-    env = _env_table(c, data)
-    command: tuple[str, ...] | None = None
-    if "command" in data:
-        command = _word_list(c, data, "command")
-        if backend not in (None, "custom"):
-            c.add("command", f"is only for backend 'custom'; backend {backend!r} builds its own "
-                             "command line (use args for extra arguments)")
-        elif command == ():
-            c.add("command", "must not be empty")
-        elif command:
-            _check_executable(c, "command[0]", command[0])
-    elif backend == "custom":
-        c.add("command", "is required for backend 'custom': the server's argv, with "
-                         "{host}/{port} or {unix} where it listens")
-
-    socket_activation = c.boolean(data, "socket_activation")
-    if socket_activation is not None and backend not in (None, "custom"):
-        c.add("socket_activation", f"is only for backend 'custom'; {backend!r} cannot take its "
-                                   "listening socket from systemd")
-
-    activation = c.choice(data, "activation", ACTIVATIONS) or "eager"
-    idle_stop = c.duration(data, "idle_stop")
-    if idle_stop is not None and activation != "on-demand":
-        c.add("idle_stop", "needs activation = \"on-demand\": an eager instance is started "
-                           "again at boot and by deploy, so stopping it when idle would fight that")
-    if idle_stop is not None and socket_activation:
-        c.add("idle_stop", "is not available with socket_activation = true: the server owns the "
-                           "connections, so only it can know it is idle")
-
-    health = HealthSpec()
-    if "health" in data:
-        table = data["health"]
-        if not isinstance(table, dict):
-            c.add("health", f"must be a table ([health]), not {_kind(table)}")
-        else:
-            c.unknown_keys(table, HEALTH_KEYS, "health.")
-            path = c.text(table, "path", prefix="health.")
-            if path is not None and (not path.startswith("/") or any(
-                ch.isspace() or ord(ch) < 0x21 or ord(ch) == 0x7F for ch in path
-            )):
-                c.add("health.path", f"{path!r} must start with '/' and contain no spaces or "
-                                     "control characters")
-                path = None
-            timeout = c.duration(table, "timeout", prefix="health.")
-            health = HealthSpec(path=path, timeout=timeout or DEFAULT_HEALTH_TIMEOUT)
-
-    user = c.text(data, "user")
-    group = c.text(data, "group")
-    for key, value in (("user", user), ("group", group)):
-        if value is not None and not re.match(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$", value):
-            c.add(key, f"{value!r} is not a valid user or group name")
-    working_directory = c.text(data, "working_directory")
-    if working_directory is not None and not working_directory.startswith("/"):
-        c.add("working_directory", f"{working_directory!r} must be an absolute path")
-    restart = c.choice(data, "restart", RESTART_POLICIES) or "on-failure"
-    description = c.text(data, "description")
-    api_key_env = c.text(data, "api_key_env")
-    if api_key_env is not None:
-        if backend not in (None, "custom"):
-            c.add("api_key_env", f"is only for backend 'custom'; {backend!r} has a known key "
-                                 "option (put it in args or env)")
-        elif not ENV_NAME_RE.match(api_key_env):
-            c.add("api_key_env", f"{api_key_env!r} is not an environment variable name")
-
-    systemd_unit, systemd_service = _systemd_tables(c, data)
-    gpus, gpu_memory, gpu_share = _gpu_keys(c, data)
-
+    name, backend = values.get("name"), values.get("backend")
     if c.problems and (name is None or backend is None):
         raise SpecError(problems=c.problems)
-    assert name is not None and backend is not None  # noqa: S101 - guaranteed by the checks above
-    spec = InstanceSpec(
-        source=source, name=name, backend=backend, model=model, executable=executable,
-        host=host, port=port, args=tuple(args), env=env, command=command,
-        socket_activation=bool(socket_activation), activation=activation, idle_stop=idle_stop,
-        health=health, user=user, group=group, working_directory=working_directory,
-        restart=restart, private_port=private_port,
-        max_connections=max_connections or 1024, description=description,
-        api_key_env=api_key_env, systemd_unit=systemd_unit, systemd_service=systemd_service,
-        gpus=gpus, gpu_memory=gpu_memory, gpu_share=gpu_share,
-    )
+    spec = _build(source, values)
     if c.problems:
         # The valid keys still make a spec, so `check` can go on to the port
         # rules and explain every problem in one run.
@@ -343,128 +412,85 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
     return spec
 
 
-def _check_executable(c: _Checker, key: str, value: str) -> None:
+def _rules(c: _Checker, data: dict[str, Any], values: dict[str, Any]) -> None:
+    """What involves more than one key. Keys whose own value was wrong are None."""
+    if "name" not in data:
+        c.add("name", "is required (lowercase letters, digits and '-')")
+    name = values.get("name")
+    if name is not None and name.endswith("-backend"):
+        c.add("name", f"{name!r} must not end in '-backend': that suffix names the server "
+                      "unit of another instance")
+        values["name"] = None
+    if "backend" not in data:
+        c.add("backend", f"is required: one of {', '.join(BACKENDS)}")
+    backend = values.get("backend")
+    if backend not in (None, "custom") and "model" not in data:
+        c.add("model", f"is required for backend {backend!r} (a model path or id)")
+    if values.get("model") == "":
+        c.add("model", "must not be empty")
+    for key in KEYS:
+        if key.name in values and key.backends and backend is not None \
+                and backend not in key.backends:
+            c.add(key.name, f"is only for backend {key.backends[0]!r}; "
+                            + key.only_why.format(backend=backend))
+            values[key.name] = None
+    command = values.get("command")
+    if "command" in data and backend == "custom" and command is not None:
+        if command == ():
+            c.add("command", "must not be empty")
+        else:
+            _check_executable(c, "command[0]", command[0])
+    elif "command" not in data and backend == "custom":
+        c.add("command", "is required for backend 'custom': the server's argv, with "
+                         "{host}/{port} or {unix} where it listens")
+    activation = values.get("activation") or "eager"
+    if values.get("idle_stop") is not None and activation != "on-demand":
+        c.add("idle_stop", "needs activation = \"on-demand\": an eager instance is started "
+                           "again at boot and by deploy, so stopping it when idle would fight that")
+    if values.get("idle_stop") is not None and values.get("socket_activation"):
+        c.add("idle_stop", "is not available with socket_activation = true: the server owns the "
+                           "connections, so only it can know it is idle")
+    if "gpu_memory" in data and "gpus" not in data:
+        c.add("gpu_memory", "needs gpus (how many GPUs, or which)")
+    env_names = {k for k, _ in values.get("env") or ()}
+    for i, var in enumerate(values.get("secret_env") or ()):
+        if var not in env_names:
+            c.add(f"secret_env[{i}]", f"names {var}, which is not set in env")
+
+
+def _build(source: str, values: dict[str, Any]) -> InstanceSpec:
+    def get(name: str, default: Any = None) -> Any:  # noqa: ANN401 - typed by each key's reader
+        value = values.get(name)
+        return default if value is None else value
+
+    health = HealthSpec(path=get("health.path"),
+                        timeout=get("health.timeout", DEFAULT_HEALTH_TIMEOUT))
+    return InstanceSpec(
+        source=source, name=values["name"], backend=BackendName(values["backend"]),
+        model=get("model"), executable=get("executable"), host=get("host"), port=get("port"),
+        args=get("args", ()), env=get("env", ()), secret_env=get("secret_env", ()),
+        command=values.get("command"), socket_activation=get("socket_activation", False),
+        activation=Activation(get("activation", "eager")), idle_stop=get("idle_stop"),
+        health=health, user=get("user"), group=get("group"),
+        working_directory=get("working_directory"),
+        restart=RestartPolicy(get("restart", "on-failure")), private_port=get("private_port"),
+        max_connections=get("max_connections", 1024), description=get("description"),
+        api_key_env=get("api_key_env"), systemd_unit=get("systemd.unit", ()),
+        systemd_service=get("systemd.service", ()), gpus=values.get("gpus"),
+        gpu_memory=get("gpu_memory"), gpu_share=get("gpu_share", False),
+    )
+
+
+def _check_executable(c: _Checker, key: str, value: str) -> bool:
     # systemd reads leading -@:+! on ExecStart= as flags, even inside quotes.
     if not value or value[0] in "-@:+!" or any(ord(ch) < 0x20 for ch in value):
         c.add(key, f"{value!r} must be an absolute path or a program name, without leading "
                    "'-@:+!' or control characters")
-    elif "/" in value and not value.startswith("/"):
+        return False
+    if "/" in value and not value.startswith("/"):
         c.add(key, f"{value!r} must be an absolute path (or a bare program name found on PATH)")
-
-
-def _word_list(c: _Checker, data: dict[str, Any], key: str) -> tuple[str, ...] | None:
-    if key not in data:
-        return None
-    value = data[key]
-    if isinstance(value, str):
-        c.add(key, f"must be a list of strings, e.g. {key} = [\"--dtype\", \"bfloat16\"], "
-                   "not one string")
-        return None
-    if not isinstance(value, list):
-        c.add(key, f"must be a list of strings, not {_kind(value)}")
-        return None
-    words = [c.word(item, f"{key}[{i}]") for i, item in enumerate(value)]
-    if any(w is None for w in words):
-        return None
-    return tuple(w for w in words if w is not None)
-
-
-def _env_table(c: _Checker, data: dict[str, Any]) -> tuple[tuple[str, str], ...]:
-    if "env" not in data:
-        return ()
-    table = data["env"]
-    if not isinstance(table, dict):
-        c.add("env", f"must be a table of NAME = \"value\", not {_kind(table)}")
-        return ()
-    out: list[tuple[str, str]] = []
-    for name, value in table.items():
-        if not ENV_NAME_RE.match(name):
-            c.add(f"env.{name}", "is not a valid environment variable name "
-                                 "(letters, digits, '_', not starting with a digit)")
-            continue
-        word = c.word(value, f"env.{name}")
-        if word is not None:
-            out.append((name, word))
-    return tuple(out)
-
-
-def _systemd_tables(
-    c: _Checker, data: dict[str, Any]
-) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
-    if "systemd" not in data:
-        return (), ()
-    table = data["systemd"]
-    if not isinstance(table, dict):
-        c.add("systemd", f"must be a table ([systemd.service]), not {_kind(table)}")
-        return (), ()
-    c.unknown_keys(table, SYSTEMD_KEYS, "systemd.")
-    result: list[tuple[tuple[str, str], ...]] = []
-    for section in SYSTEMD_KEYS:
-        entries: list[tuple[str, str]] = []
-        sub = table.get(section, {})
-        if not isinstance(sub, dict):
-            c.add(f"systemd.{section}", f"must be a table, not {_kind(sub)}")
-            sub = {}
-        for key, value in sub.items():
-            where = f"systemd.{section}.{key}"
-            if not DIRECTIVE_RE.match(key):
-                c.add(where, "is not a systemd directive name (like Nice or MemoryMax)")
-                continue
-            word = c.word(value, where)
-            if word is None:
-                continue
-            if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in word):
-                c.add(where, "must be one line without control characters")
-                continue
-            entries.append((key, word))
-        result.append(tuple(entries))
-    return result[0], result[1]
-
-
-def _gpu_keys(
-    c: _Checker, data: dict[str, Any]
-) -> tuple[int | tuple[int, ...] | tuple[str, ...] | None, int | None, bool]:
-    gpus: int | tuple[int, ...] | tuple[str, ...] | None = None
-    if "gpus" in data:
-        value = data["gpus"]
-        if isinstance(value, bool):
-            c.add("gpus", "must be a count, a list of indexes or a list of GPU UUIDs")
-        elif isinstance(value, int):
-            if not 0 <= value <= 64:
-                c.add("gpus", f"{value} is out of range 0..64")
-            else:
-                gpus = value
-        elif isinstance(value, list) and value and all(
-            isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 64 for v in value
-        ):
-            if len(set(value)) != len(value):
-                c.add("gpus", "lists a GPU twice")
-            else:
-                gpus = tuple(int(v) for v in value)
-        elif isinstance(value, list) and value and all(
-            isinstance(v, str) and re.match(r"^(GPU|MIG)-[0-9A-Za-z/-]+$", v) for v in value
-        ):
-            if len(set(value)) != len(value):
-                c.add("gpus", "lists a GPU twice")
-            else:
-                gpus = tuple(str(v) for v in value)
-        else:
-            c.add("gpus", "must be a count (gpus = 2), a list of indexes (gpus = [0, 1]) or a "
-                          "list of UUIDs (gpus = [\"GPU-...\"])")
-    gpu_memory: int | None = None
-    if "gpu_memory" in data:
-        raw = data["gpu_memory"]
-        try:
-            gpu_memory = parse_size(raw) if isinstance(raw, str) else None
-        except ValueError as exc:
-            c.add("gpu_memory", str(exc))
-        else:
-            if gpu_memory is None:
-                c.add("gpu_memory", f"must be a size like \"40GiB\", not {_kind(raw)}")
-        if gpus is None and "gpus" not in data:
-            c.add("gpu_memory", "needs gpus (how many GPUs, or which)")
-    gpu_share = c.boolean(data, "gpu_share") or False
-    return gpus, gpu_memory, gpu_share
+        return False
+    return True
 
 
 _SIZE_UNITS = {

@@ -242,6 +242,7 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
         "name": spec.name,
         "backend": spec.backend,
         "model": spec.model or spec.name,
+        "description": spec.description or "",
         "public_listen": inst.public.listen(),
         "free_bind": not (addr.is_loopback or addr.is_unspecified),
         "eager": spec.activation == "eager",
