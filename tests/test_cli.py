@@ -48,15 +48,17 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_render_prints_files_with_headers(tmp_path):
     done = unitgen("render", str(write_spec(tmp_path, "demo", GOOD)))
     assert done.returncode == 0
-    heads = [ln for ln in done.stdout.splitlines() if ln.startswith("# demo")]
-    assert heads == ["# demo.socket", "# demo.service", "# demo-backend.service"]
+    # files are separated by a line no unit can contain (not a "#" comment)
+    heads = [ln for ln in done.stdout.splitlines() if ln.startswith("----- unitgen: ")]
+    assert heads == ["----- unitgen: demo.socket -----", "----- unitgen: demo.service -----",
+                     "----- unitgen: demo-backend.service -----"]
 
 
 def test_render_redacts_secrets_on_stdout(tmp_path):
     spec = write_spec(tmp_path, "k", GOOD + 'args = ["--api-key", "sk-secret"]\n')
     done = unitgen("render", str(spec))
     assert done.returncode == 0 and "sk-secret" not in done.stdout
-    assert "# demo.env" in done.stdout
+    assert "----- unitgen: demo.env -----" in done.stdout
 
 
 def test_render_out_writes_and_rewrites_our_files(tmp_path):

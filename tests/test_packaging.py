@@ -50,4 +50,4 @@ def test_wheel_carries_templates_and_renders(tmp_path):
     assert run.returncode == 0, run.stderr
     first, rest = run.stdout.split("\n", 1)
     assert first.startswith(site) and first.endswith("unitgen/templates")
-    assert "# w.socket" in rest and "ListenStream=127.0.0.1:9" in rest
+    assert "----- unitgen: w.socket -----" in rest and "ListenStream=127.0.0.1:9" in rest

@@ -3,6 +3,7 @@ prints the result. Exceptions become exit codes here, and only here."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from unitgen import __version__
-from unitgen.errors import EXIT_FAILURE, EXIT_USAGE, SpecError, UnitgenError
+from unitgen.errors import EXIT_FAILURE, EXIT_USAGE, SpecError, UnitgenError, printable
 from unitgen.result import Result, to_json, to_text
 
 if TYPE_CHECKING:
@@ -36,7 +37,23 @@ def emit(result: Result, *, as_json: bool) -> int:
     return result.exit_code
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+EPILOG = """\b
+Examples:
+  unitgen check examples/*.toml
+  unitgen deploy --user examples/demo.toml
+  unitgen status --json
+
+\b
+Exit codes (every verb):
+  0  done, or nothing to do (e.g. remove of an instance that is not installed)
+  1  the operation failed (a unit did not start, systemd refused, I/O error)
+  2  bad input: spec problems, busy or overlapping ports, bad options; nothing changed
+  3  cannot check here: GPU placement needs NVML (use --gpus-from); nothing changed
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"],
+                               "max_content_width": 110, "terminal_width": 110}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="unitgen")
 def cli() -> None:
     """Model servers as systemd units whose socket owns the port."""
@@ -48,28 +65,49 @@ def _ctx(user: bool) -> RenderContext:
     return Ctx.detect(scope="user" if user else "system")
 
 
-@cli.command()
+GPUS_FROM = click.option(
+    "--gpus-from", type=click.Path(path_type=Path, dir_okay=False),
+    help="Place GPUs as on the host whose `unitgen gpus --json` output is in this file.")
+
+
+@cli.command(epilog="Example: unitgen check examples/*.toml --gpus-from gpu-host.json")
 @click.argument("specs", nargs=-1, required=True, type=SPEC)
 @click.option("--user", is_flag=True, help="Units for the per-user manager.")
+@GPUS_FROM
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def check(specs: tuple[Path, ...], user: bool, as_json: bool) -> int:
-    """Validate specs and explain every problem; write nothing."""
+def check(specs: tuple[Path, ...], user: bool, gpus_from: Path | None, as_json: bool) -> int:
+    """Validate specs and explain every problem of every file; write nothing."""
     from unitgen.ops import core  # noqa: PLC0415
 
-    return emit(core.check(list(specs), _ctx(user)), as_json=as_json)
+    return emit(core.check(list(specs), _ctx(user), gpus_from=gpus_from), as_json=as_json)
 
 
-@cli.command()
+@cli.command(epilog="Example: unitgen render examples/demo.toml --out /tmp/units\n\n"
+                    "On stdout each file follows a line '----- unitgen: NAME -----'.")
 @click.argument("spec", type=SPEC)
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
-              help="Write the files into this directory instead of printing them.")
+              help="Write the files into this directory (created if missing) instead of "
+                   "printing them.")
 @click.option("--user", is_flag=True, help="Units for the per-user manager (WantedBy=default.target).")
+@GPUS_FROM
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def render(spec: Path, out: Path | None, user: bool, as_json: bool) -> int:
+def render(spec: Path, out: Path | None, user: bool, gpus_from: Path | None, as_json: bool) -> int:
     """Print (or write with --out) the units of one spec."""
     from unitgen.ops import core  # noqa: PLC0415
 
-    return emit(core.render(spec, _ctx(user), out), as_json=as_json)
+    return emit(core.render(spec, _ctx(user), out, gpus_from=gpus_from), as_json=as_json)
+
+
+@cli.command(epilog="Example: unitgen schema > unitgen.schema.json (see docs/spec.md, Editors)")
+@click.option("--markdown", is_flag=True, help="The reference table of docs/spec.md instead.")
+def schema(markdown: bool) -> int:
+    """Print the JSON Schema of spec files, for editors that validate TOML."""
+    import json  # noqa: PLC0415
+
+    from unitgen.spec.keys import json_schema, markdown_table  # noqa: PLC0415
+
+    click.echo(markdown_table().rstrip("\n") if markdown else json.dumps(json_schema(), indent=2))
+    return 0
 
 
 USER = click.option("--user", is_flag=True,
@@ -102,7 +140,8 @@ def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wa
                                  param_hint="--port-range")
     opts = DeployOptions(scope=_scope(user), ctx=_ctx(user), dry_run=dry_run, diff=diff,
                          wait=not no_wait, tty=sys.stderr.isatty() and not as_json,
-                         port_range=(int(lo), int(hi)))
+                         port_range=(int(lo), int(hi)),
+                         show=None if (as_json or dry_run) else click.echo)
     return emit(run(list(specs), opts), as_json=as_json)
 
 
@@ -252,26 +291,43 @@ def probe(args: tuple[str, ...]) -> int:
     return probe_main(list(args))
 
 
-def _handle_errors(func: Callable[[], Any]) -> int:
-    """The one place where exceptions become exit codes and messages."""
+def _json_failure(problems: list[dict[str, str]]) -> None:
+    click.echo(json.dumps({"ok": False, "problems": problems}, indent=2, sort_keys=True))
+
+
+def _handle_errors(func: Callable[[], Any], *, as_json: bool = False) -> int:
+    """The one place where exceptions become exit codes and messages. With
+    ``--json``, a failure also prints ``{"ok": false, "problems": [...]}`` on
+    stdout, with the same exit code."""
     try:
         rc = func()
     except SpecError as exc:
         for problem in exc.problems:
             click.echo(f"error: {problem}", err=True)
+        if as_json:
+            _json_failure([{"file": p.file, "key": p.key, "message": p.message, "code": p.code}
+                           for p in exc.problems])
         return exc.exit_code
     except UnitgenError as exc:
-        click.echo(f"error: {exc.message}", err=True)
+        text = "\n".join(printable(line) for line in exc.message.split("\n"))
+        click.echo(f"error: {text}", err=True)
+        if as_json:
+            _json_failure([{"file": "", "key": "", "message": exc.message, "code": ""}])
         return exc.exit_code
     except OSError as exc:
         # A last resort: every expected I/O failure is already a UnitgenError.
         where = f"{exc.filename}: " if exc.filename else ""
         click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        if as_json:
+            _json_failure([{"file": str(exc.filename or ""), "key": "",
+                            "message": str(exc.strerror or exc), "code": ""}])
         return EXIT_FAILURE
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
         exc.show()
+        if as_json:
+            _json_failure([{"file": "", "key": "", "message": exc.format_message(), "code": ""}])
         return EXIT_USAGE
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -284,4 +340,6 @@ def _handle_errors(func: Callable[[], Any]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    sys.exit(_handle_errors(lambda: cli.main(args=argv, standalone_mode=False)))
+    words = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in words[: words.index("--")] if "--" in words else "--json" in words
+    sys.exit(_handle_errors(lambda: cli.main(args=argv, standalone_mode=False), as_json=as_json))

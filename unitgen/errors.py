@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "EXIT_CANNOT_CHECK",
     "EXIT_FAILURE",
     "EXIT_OK",
     "EXIT_USAGE",
@@ -17,11 +18,16 @@ __all__ = [
     "SpecError",
     "SystemdError",
     "UnitgenError",
+    "printable",
 ]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the operation ran and failed (a unit did not start, D-Bus refused)
 EXIT_USAGE = 2  # the input is wrong (spec problems, bad options): nothing was changed
+# The specs may be fine but this host cannot check them: GPU placement needs an
+# NVIDIA driver (or --gpus-from). Nothing was changed; every other problem is
+# reported as usual (and then the exit code is EXIT_USAGE).
+EXIT_CANNOT_CHECK = 3
 
 
 class UnitgenError(Exception):
@@ -41,10 +47,19 @@ class Problem:
     file: str
     key: str
     message: str
+    code: str = ""  # machine-readable kind, for exit codes and --json ("" = bad input)
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.key}" if self.key else self.file
-        return f"{where}: {self.message}"
+        return printable(f"{where}: {self.message}")
+
+
+def printable(text: str) -> str:
+    """Text for a terminal or a log line: control characters (a newline in a key
+    name, an escape sequence) shown escaped, never acted on."""
+    return "".join(
+        ch if ch == "\t" or (ord(ch) >= 0x20 and ord(ch) != 0x7F and ch not in "\x85\u2028\u2029")
+        else repr(ch)[1:-1] for ch in text)
 
 
 class SpecError(UnitgenError):
@@ -56,6 +71,8 @@ class SpecError(UnitgenError):
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = problems
         self.partial = partial  # the spec built from the valid keys, when there is one
+        if problems and all(p.code == "gpus-unavailable" for p in problems):
+            self.exit_code = EXIT_CANNOT_CHECK
 
 
 class OwnershipError(UnitgenError):

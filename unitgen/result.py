@@ -4,7 +4,7 @@ text or JSON (``--json``), in one place."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from unitgen.errors import EXIT_OK
@@ -20,12 +20,12 @@ class Result:
     lines: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()  # printed to stderr in text mode
     exit_code: int = EXIT_OK
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def to_json(result: Result) -> str:
-    """Machine form: the data, plus the warnings under ``"notices"``."""
+    """Machine form: the data, ``"ok"``, and the warnings under ``"notices"``."""
     data = dict(result.data)
+    data.setdefault("ok", result.exit_code == EXIT_OK)
     if result.warnings:
         data.setdefault("notices", list(result.warnings))
     return json.dumps(data, indent=2, sort_keys=True)

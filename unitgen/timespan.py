@@ -10,17 +10,22 @@ import re
 
 __all__ = ["format_seconds", "parse_timespan"]
 
+# systemd's own table (src/basic/time-util.c): case matters ("M" is months,
+# "m" minutes); a month is 30.44 days and a year 365.25 days, as there.
 _UNITS: dict[str, float] = {
-    "us": 1e-6, "usec": 1e-6, "µs": 1e-6,
+    "ns": 1e-9, "nsec": 1e-9,
+    "us": 1e-6, "usec": 1e-6, "µs": 1e-6, "μs": 1e-6,
     "ms": 1e-3, "msec": 1e-3,
     "s": 1, "sec": 1, "second": 1, "seconds": 1,
     "m": 60, "min": 60, "minute": 60, "minutes": 60,
     "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
     "d": 86400, "day": 86400, "days": 86400,
     "w": 604800, "week": 604800, "weeks": 604800,
+    "M": 2629800, "month": 2629800, "months": 2629800,
+    "y": 31557600, "year": 31557600, "years": 31557600,
 }
 
-_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-zµ]*)", re.ASCII | re.IGNORECASE)
+_PART = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*([A-Za-zµμ]*)")
 
 
 def parse_timespan(text: str) -> float:
@@ -33,9 +38,10 @@ def parse_timespan(text: str) -> float:
         match = _PART.match(rest)
         if not match or not match.group(0).strip():
             raise ValueError(f"not a time span: {text!r} (examples: 90s, 15min, 1h 30min)")
-        number, unit = match.group(1), match.group(2).lower()
+        number, unit = match.group(1), match.group(2)
         if unit and unit not in _UNITS:
-            raise ValueError(f"unknown time unit {unit!r} in {text!r}")
+            raise ValueError(f"unknown time unit {unit!r} in {text!r} (systemd's units: us, "
+                             "ms, s, min, h, d, w, M or month, y)")
         total += float(number) * _UNITS[unit or "s"]
         rest = rest[match.end() :].strip()
     return total

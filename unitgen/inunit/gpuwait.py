@@ -17,14 +17,18 @@ import os
 import sys
 import time
 
-from unitgen.plan.gpus import Gpu, GpuUnavailableError, gib, read_gpus
+from unitgen.plan.gpus import Gpu, GpuUnavailableError, gib, instance_of_pid, read_gpus
 from unitgen.timespan import format_seconds, parse_timespan
 
 __all__ = ["held", "main"]
 
 
-def held(gpus: list[Gpu], instance: str, uuids: set[str]) -> list[str]:
-    """Descriptions of memory still held for ``instance`` on the given GPUs."""
+def held(gpus: list[Gpu], instance: str, uuids: set[str], manager: str | None = None) -> list[str]:
+    """Descriptions of memory still held for ``instance`` (of ``manager``: by
+    default the manager running this process) on the given GPUs."""
+    if manager is None:
+        own = instance_of_pid("self")
+        manager = own[1] if own else "system"
     out = []
     for g in gpus:
         if g.uuid not in uuids:
@@ -32,7 +36,7 @@ def held(gpus: list[Gpu], instance: str, uuids: set[str]) -> list[str]:
         for p in g.processes:
             if p.pid == os.getpid():
                 continue
-            if not p.alive or p.instance == instance:
+            if not p.alive or p.belongs_to(instance, manager):
                 state = "exited" if not p.alive else "still running"
                 out.append(f"GPU {g.index} ({g.uuid}): pid {p.pid} ({state}) holds "
                            f"{gib(p.used_bytes)}")

@@ -7,17 +7,34 @@ import contextlib
 import fcntl
 import os
 import socket
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-from unitgen.errors import UnitgenError
-from unitgen.spec.ports import DEFAULT_PORT_RANGE
-from unitgen.targets.systemd.installed import Installed
+from unitgen.errors import Problem, UnitgenError
+from unitgen.ops.pipeline import HostGpus, listen_overlap, place_or_report
+from unitgen.plan.gpus import Placement
+from unitgen.plan.instance import ProblemSink
+from unitgen.spec.model import InstanceSpec
+from unitgen.spec.ports import (
+    DEFAULT_PORT_RANGE,
+    default_port,
+    default_private_port,
+    private_range_for,
+)
+from unitgen.targets.systemd.installed import Installed, gpu_claims
 
-__all__ = ["Listener", "PortBusyError", "deploy_lock", "listeners", "pick_port"]
+__all__ = [
+    "HostAllocator",
+    "Listener",
+    "PortBusyError",
+    "deploy_lock",
+    "listeners",
+    "pick_port",
+    "port_problem",
+]
 
 
 
@@ -80,19 +97,41 @@ def owners(installed: dict[str, Installed]) -> dict[int, str]:
     return out
 
 
-def check_port(port: int, name: str, installed: dict[str, Installed], busy: dict[int, Listener],
-               what: str = "port") -> None:
-    """Raise PortBusyError when ``port`` is owned by another instance or process."""
-    owner = owners(installed).get(port)
-    if owner is not None and owner != name:
-        raise PortBusyError(f"{name}: {what} {port} is owned by unitgen instance {owner!r}")
+def port_problem(port: int, name: str, installed: dict[str, Installed],
+                 busy: dict[int, Listener], host: str = "") -> str | None:
+    """Why ``port`` cannot be this instance's: owned by another instance (on an
+    overlapping address) or held by a process; None when it is free or its own."""
+    for other in installed.values():
+        if other.name == name:
+            continue
+        if other.private_port == port:
+            return f"{port} is the private port of unitgen instance {other.name!r}"
+        if other.public_port == port and (not host or not other.public_host or _overlap(
+                host, other.public_host, port)):
+            return f"{port} is owned by unitgen instance {other.name!r}"
     mine = installed.get(name)
     ours = mine is not None and port in (mine.public_port, mine.private_port)
     if port in busy and not ours:
-        raise PortBusyError(f"{name}: {what} {port} is in use by {busy[port].describe()}")
+        return f"{port} is in use by {busy[port].describe()}"
     if not ours and not bindable(port):
-        raise PortBusyError(f"{name}: {what} {port} cannot be bound now (held by a connection "
-                            "or another network namespace); choose another")
+        return (f"{port} cannot be bound now (held by a connection or another network "
+                "namespace); choose another")
+    return None
+
+
+def _overlap(host_a: str, host_b: str, port: int) -> bool:
+    try:
+        return listen_overlap(host_a, port, host_b, port)
+    except ValueError:
+        return True
+
+
+def check_port(port: int, name: str, installed: dict[str, Installed], busy: dict[int, Listener],
+               what: str = "port") -> None:
+    """Raise PortBusyError when ``port`` is owned by another instance or process."""
+    why = port_problem(port, name, installed, busy)
+    if why:
+        raise PortBusyError(f"{name}: {what} {why}")
 
 
 def pick_port(name: str, preferred: int, installed: dict[str, Installed],
@@ -111,15 +150,104 @@ def pick_port(name: str, preferred: int, installed: dict[str, Installed],
 
 
 @contextlib.contextmanager
-def deploy_lock(scope: str) -> Iterator[None]:
+def deploy_lock(scope: str, say: Callable[[str], None] | None = None) -> Iterator[None]:
     """Serialize deploys to one manager: two deploys never pick the same port.
-    The lock lives in the runtime directory, not among the unit files."""
+    The lock lives in the manager's runtime directory, not among the unit files;
+    a deploy that has to wait says so."""
     runtime = os.environ.get("XDG_RUNTIME_DIR") if scope == "user" else "/run"
-    directory = Path(runtime or "/tmp")  # noqa: S108 - last resort when no runtime dir is set
-    fd = os.open(directory / "unitgen-deploy.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if runtime:
+            directory = Path(runtime)
+        else:
+            # Never /tmp (anyone can plant a symlink there): the user's own cache dir.
+            directory = Path.home() / ".cache" / "unitgen"
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = directory / "unitgen-deploy.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise UnitgenError(f"cannot open the deploy lock in {runtime or '~/.cache/unitgen'}: "
+                           f"{exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if say is not None:
+                say(f"waiting for another unitgen deploy or remove to finish (lock {path})")
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+@dataclass
+class HostAllocator:
+    """Plans for ``deploy``: ports and GPUs of this host, under the deploy lock.
+    An instance keeps the ports and GPUs it has (the installed units are the
+    database); new ones get free ports; what cannot be had is a problem of the
+    spec, reported with every other one before anything changes."""
+
+    scope: str
+    installed: dict[str, Installed]
+    busy: dict[int, Listener]
+    port_range: tuple[int, int] = DEFAULT_PORT_RANGE
+    host_gpus: HostGpus | None = None
+    taken: set[int] = field(default_factory=set)
+    unplaceable: list[Problem] = field(default_factory=list)
+
+    def public_port(self, spec: InstanceSpec, explicit: int | None, host: str,
+                    problem: ProblemSink) -> int:
+        """See :class:`~unitgen.plan.instance.Allocator`."""
+        mine = self.installed.get(spec.name)
+        if explicit is not None:
+            why = port_problem(explicit, spec.name, self.installed, self.busy, host)
+            if why:
+                problem("port", why)
+            port = explicit
+        elif mine and mine.public_port:
+            port = mine.public_port  # kept: redeploys change nothing
+        else:
+            try:
+                port = pick_port(spec.name, default_port(spec.name), self.installed, self.busy,
+                                 self.taken, self.port_range)
+            except PortBusyError as exc:
+                problem("port", exc.message.split(": ", 1)[1])
+                port = default_port(spec.name)
+        self.taken.add(port)
+        return port
+
+    def private_port(self, spec: InstanceSpec, public: int, problem: ProblemSink) -> int:
+        """See :class:`~unitgen.plan.instance.Allocator`. A spec's own
+        ``private_port`` is checked here too."""
+        prange = private_range_for(self.scope)
+        mine = self.installed.get(spec.name)
+        if spec.private_port:
+            why = port_problem(spec.private_port, spec.name, self.installed, self.busy)
+            if why:
+                problem("private_port", why)
+            port = spec.private_port
+        elif mine and mine.private_port and prange[0] <= mine.private_port <= prange[1]:
+            port = mine.private_port  # kept; one from 0.1 (20000+) moves to a privileged one
+        else:
+            try:
+                port = pick_port(spec.name, default_private_port(spec.name, prange),
+                                 self.installed, self.busy, self.taken | {public}, prange)
+            except PortBusyError as exc:
+                problem("private_port", exc.message.split(": ", 1)[1])
+                port = default_private_port(spec.name, prange)
+        self.taken.add(port)
+        return port
+
+    def placement(self, spec: InstanceSpec, problem: ProblemSink) -> Placement | None:
+        """See :class:`~unitgen.plan.instance.Allocator`; later specs of the run see
+        this one's claim."""
+        if spec.gpus is None or spec.gpus == 0:
+            return None
+        if self.host_gpus is None:
+            self.host_gpus = HostGpus.here()
+        placed = place_or_report(spec, self.host_gpus, gpu_claims(self.installed), problem,
+                                 self.unplaceable, self.scope)
+        if placed is not None:
+            entry = self.installed.setdefault(spec.name, Installed(name=spec.name))
+            entry.gpus, entry.gpu_share = placed.uuids, placed.share
+        return placed

@@ -9,12 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unitgen.errors import OwnershipError, Problem, SpecError, UnitgenError
-from unitgen.plan.gpus import Gpu, GpuUnavailableError, Placement, place, read_gpus
-from unitgen.plan.instance import Instance, resolve
+from unitgen.ops.pipeline import CheckAllocator, HostGpus, Planned, place_or_report, plan_paths
+from unitgen.plan.gpus import Gpu, Placement
+from unitgen.plan.instance import Instance
 from unitgen.result import Result
-from unitgen.spec.model import InstanceSpec, load_spec
+from unitgen.spec.model import InstanceSpec
 from unitgen.spec.ports import private_range_for
-from unitgen.targets.systemd.render import MARKER, RenderContext, RenderedFile, render_instance
+from unitgen.targets.base import RenderedFile
+from unitgen.targets.systemd.render import MARKER, RenderContext, SystemdTarget
+from unitgen.targets.systemd.verify import verify_units
 
 __all__ = ["Rendered", "check", "render", "render_spec", "write_files"]
 
@@ -29,28 +32,49 @@ class Rendered:
 
 def placement_for(spec: InstanceSpec, claims: dict[str, list[tuple[str, bool]]] | None = None,
                   *, gpus: list[Gpu] | None = None) -> Placement | None:
-    """GPU placement for a spec (None for CPU-only specs). Reads NVML unless the
-    caller passes what it read; where NVML is unavailable only UUID lists can be
-    placed."""
-    if spec.gpus is None or spec.gpus == 0:
-        return None
-    found = gpus
-    if found is None:
-        try:
-            found = read_gpus()
-        except GpuUnavailableError:
-            found = None
-    return place(source=spec.source, name=spec.name, want=spec.gpus, memory=spec.gpu_memory,
-                 share=spec.gpu_share, gpus=found, claims=claims or {})
+    """GPU placement for one spec (None for CPU-only specs); SpecError when it
+    cannot be placed. Reads NVML unless the caller passes what it read."""
+    host = HostGpus(gpus) if gpus is not None else HostGpus.here()
+    problems: list[Problem] = []
+    placed = place_or_report(spec, host, claims or {},
+                             lambda key, msg: problems.append(Problem(spec.source, key, msg)),
+                             problems)
+    if problems:
+        raise SpecError(problems=problems)
+    return placed
+
+
+def _planner(ctx: RenderContext, gpus_from: Path | None) -> tuple[SystemdTarget, CheckAllocator]:
+    host = HostGpus.from_file(gpus_from) if gpus_from else None
+    return SystemdTarget(ctx), CheckAllocator(host, private_range_for(ctx.scope))
 
 
 def render_spec(path: Path, ctx: RenderContext, *, port: int | None = None,
-                private_port: int | None = None) -> Rendered:
-    """Load, resolve and render one spec; raise SpecError with every problem."""
-    spec = load_spec(path)
-    inst = resolve(spec, port=port, private_port=private_port, placement=placement_for(spec),
-                   private_range=private_range_for(ctx.scope))
-    return Rendered(inst, tuple(render_instance(inst, ctx)))
+                private_port: int | None = None, gpus_from: Path | None = None) -> Rendered:
+    """Load, plan and render one spec; raise SpecError with every problem.
+    ``port``/``private_port`` fix the ports a spec leaves open."""
+    target, alloc = _planner(ctx, gpus_from)
+    alloc.fixed_port, alloc.fixed_private = port, private_port
+    planned = plan_paths([path], target, alloc, unplaceable=alloc.unplaceable)[0]
+    return Rendered(planned.instance, planned.files)
+
+
+def verify_rendered(planned: list[Planned]) -> list[str]:
+    """systemd-analyze verify over every planned instance's units: its complaints
+    become problems naming the spec key (raised together); returns notices."""
+    problems: list[Problem] = []
+    notices: list[str] = []
+    for p in planned:
+        spec = p.instance.spec
+        extras = {k: f"systemd.{section}.{k}" for section, pairs in
+                  (("unit", spec.systemd_unit), ("service", spec.systemd_service))
+                  for k, _ in pairs}
+        found, said = verify_units(str(p.path), p.files, extras)
+        problems += found
+        notices += said
+    if problems:
+        raise SpecError(problems=problems)
+    return notices
 
 
 def _describe(inst: Instance) -> str:
@@ -63,70 +87,49 @@ def _describe(inst: Instance) -> str:
     return f"public {inst.public.listen()}, {behind}"
 
 
-def check(paths: list[Path], ctx: RenderContext) -> Result:
-    """Validate specs and render them in memory; write nothing. Problems of every
-    file are collected before failing, so one run explains everything."""
-    problems: list[Problem] = []
+def check(paths: list[Path], ctx: RenderContext, *, gpus_from: Path | None = None) -> Result:
+    """Validate and plan specs, render them in memory and (where installed) have
+    ``systemd-analyze verify`` read the units; write nothing. Every problem of
+    every file is reported in one run."""
+    target, alloc = _planner(ctx, gpus_from)
+    planned = plan_paths(paths, target, alloc, unplaceable=alloc.unplaceable)
+    notices = verify_rendered(planned)
     lines: list[str] = []
-    notices: list[str] = []
     instances: list[dict[str, object]] = []
-    seen: dict[str, str] = {}
-    for path in paths:
-        try:
-            done = render_spec(path, ctx)
-        except SpecError as exc:
-            problems.extend(exc.problems)
-            problems.extend(_more_problems(exc))
-            continue
-        inst = done.instance
-        if inst.name in seen:
-            problems.append(Problem(str(path), "name", f"{inst.name!r} is also the name in "
-                                                       f"{seen[inst.name]}"))
-            continue
-        seen[inst.name] = str(path)
-        units = [f.name for f in done.files if not f.secret]
-        notices.extend(f"{path}: {n}" for n in inst.notices)
-        lines.append(f"ok: {path}: {inst.name} -> {', '.join(units)} ({_describe(inst)})")
+    for p in planned:
+        inst = p.instance
+        units = [f.name for f in p.files if not f.secret]
+        notices.extend(f"{p.path}: {n}" for n in inst.notices)
+        lines.append(f"ok: {p.path}: {inst.name} -> {', '.join(units)} ({_describe(inst)})")
         instances.append({
-            "file": str(path), "name": inst.name, "units": units,
+            "file": str(p.path), "name": inst.name, "units": units,
             "public": inst.public.listen(), "notices": list(inst.notices),
         })
-    if problems:
-        raise SpecError(problems=problems)
     return Result(data={"ok": True, "instances": instances}, lines=tuple(lines),
                   warnings=tuple(notices))
 
 
-def _more_problems(exc: SpecError) -> list[Problem]:
-    """Port-rule problems of a spec that also has key problems (so one check run
-    explains everything), skipping keys already reported."""
-    spec = exc.partial
-    if not isinstance(spec, InstanceSpec):
-        return []
-    if (spec.backend == "custom" and not spec.command) or (spec.backend != "custom" and not spec.model):
-        return []
-    seen = {p.key for p in exc.problems}
-    try:
-        resolve(spec)
-    except SpecError as more:
-        return [p for p in more.problems if p.key not in seen]
-    return []
+# Separates files in `render` output: a line no unit file can contain (units are
+# parsed line by line; this is not a comment, a section or an assignment).
+SEPARATOR = "----- unitgen: {name} -----"
 
 
-def render(path: Path, ctx: RenderContext, out: Path | None) -> Result:
-    """Render one spec: to text (each file after a ``# <file name>`` line; secrets
+def render(path: Path, ctx: RenderContext, out: Path | None, *,
+           gpus_from: Path | None = None) -> Result:
+    """Render one spec: to text (each file after a separator line, secrets
     redacted), or into ``out`` (all files or none)."""
-    done = render_spec(path, ctx)
+    done = render_spec(path, ctx, gpus_from=gpus_from)
     inst = done.instance
     notices = tuple(f"{path}: {n}" for n in inst.notices)
     if out is None:
         chunks: list[str] = []
         for f in done.files:
+            head = SEPARATOR.format(name=f.name)
             if f.secret:
-                chunks.append(f"# {f.name}\n# secret: written only with --out (mode 0600); "
+                chunks.append(f"{head}\n# secret: written only with --out (mode 0600); "
                               f"install it as {_secret_hint(inst.name)}\n")
             else:
-                chunks.append(f"# {f.name}\n{f.text}")
+                chunks.append(f"{head}\n{f.text}")
         text = "\n".join(chunks).rstrip("\n")
         return Result(data={"files": [f.name for f in done.files]}, lines=(text,),
                       warnings=notices)
@@ -149,7 +152,7 @@ def is_ours(path: Path, name: str | None = None) -> bool:
             head = fh.read(4096).decode("utf-8", "replace")
     except FileNotFoundError:
         return False
-    for line in head.splitlines():
+    for line in head.split("\n"):
         if line.startswith(MARKER):
             return name is None or line[len(MARKER):].strip() == name
     return False
@@ -206,8 +209,7 @@ def write_files(directory: Path, name: str, files: tuple[RenderedFile, ...]) -> 
     except OSError as exc:
         raise UnitgenError(f"cannot create {directory}: {exc.strerror}") from None
     for f in files:
-        if not f.secret:
-            check_ours(directory / f.name, name)
+        check_ours(directory / f.name, name)
     apply_changes([(directory / f.name, f.text) for f in files])
     return [directory / f.name for f in files]
 

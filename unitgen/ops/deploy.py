@@ -4,6 +4,7 @@ for readiness over D-Bus; roll back to the previous version on failure."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import sys
 import time
@@ -11,18 +12,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, Problem, SpecError, UnitgenError
-from unitgen.ops.allocate import Listener, check_port, deploy_lock, listeners, pick_port
-from unitgen.ops.core import apply_changes, check_ours, is_ours, placement_for, undo_changes
+from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, UnitgenError
+from unitgen.ops.allocate import HostAllocator, deploy_lock, listeners
+from unitgen.ops.core import apply_changes, check_ours, is_ours, undo_changes
 from unitgen.ops.journal import last_lines
+from unitgen.ops.pipeline import Planned, plan_paths
 from unitgen.ops.systemd import JobOutcome, Manager, connect
-from unitgen.plan.gpus import Gpu, GpuUnavailableError, read_gpus
-from unitgen.plan.instance import Instance, resolve
+from unitgen.plan.instance import Instance
 from unitgen.result import Result
-from unitgen.spec.model import InstanceSpec, load_spec
-from unitgen.spec.ports import DEFAULT_PORT_RANGE, default_port, default_private_port, private_range_for
-from unitgen.targets.systemd.installed import Installed, gpu_claims, require, scan, secrets_dir, unit_dir
-from unitgen.targets.systemd.render import RenderContext, RenderedFile, render_instance
+from unitgen.spec.ports import DEFAULT_PORT_RANGE
+from unitgen.targets.base import RenderedFile
+from unitgen.targets.systemd.installed import Installed, scan, secrets_dir, unit_dir
+from unitgen.targets.systemd.render import RenderContext, SystemdTarget
 
 __all__ = ["DeployOptions", "deploy", "remove"]
 
@@ -48,6 +49,8 @@ class DeployOptions:
     # rewrites one terminal line in place (used when tty is true)
     live: Say = _rewrite_line
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
+    # prints a diff before it is applied (stdout); None: diffs go only into the result
+    show: Say | None = None
 
 
 @dataclass
@@ -105,70 +108,17 @@ class Outcome:
     notices: list[str] = field(default_factory=list)
 
 
-def _load_all(paths: list[Path]) -> list[InstanceSpec]:
-    problems: list[Problem] = []
-    specs: list[InstanceSpec] = []
-    for path in paths:
-        try:
-            specs.append(load_spec(path))
-        except SpecError as exc:
-            problems.extend(exc.problems)
-    names: dict[str, str] = {}
-    for spec in specs:
-        if spec.name in names:
-            problems.append(Problem(spec.source, "name", f"{spec.name!r} is also the name in "
-                                                         f"{names[spec.name]}"))
-        names[spec.name] = spec.source
-    for spec in specs:
-        try:
-            resolve(spec)  # the port rules, before anything talks to systemd
-        except SpecError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise SpecError(problems=problems)
-    return specs
-
-
 def _target_dir(f: RenderedFile, scope: str) -> Path:
     return secrets_dir(scope) if f.secret else unit_dir(scope)
 
 
-async def _plan(
-    m: Manager,
-    spec: InstanceSpec,
-    opts: DeployOptions,
-    installed: dict[str, Installed],
-    busy: dict[int, Listener],
-    taken: set[int],
-    gpus: list[Gpu] | None,
-) -> Plan:
-    first = resolve(spec)
+async def _change(m: Manager, planned: Planned, opts: DeployOptions,
+                  installed: dict[str, Installed]) -> Plan:
+    """What deploying one planned instance changes on disk (and refusals of
+    files or units unitgen does not own)."""
+    inst, files = planned.instance, list(planned.files)
+    spec = inst.spec
     mine = installed.get(spec.name)
-    if first.port_from_spec:
-        port = first.public.port
-        check_port(port, spec.name, installed, busy)
-    elif mine and mine.public_port:
-        port = mine.public_port  # keep the port it already has: redeploys change nothing
-    else:
-        port = pick_port(spec.name, default_port(spec.name), installed, busy, taken,
-                         opts.port_range)
-    taken.add(port)
-    private_port = None
-    prange = private_range_for(opts.scope)
-    if first.private is not None and first.private.kind == "tcp":
-        if spec.private_port:
-            private_port = spec.private_port
-            check_port(private_port, spec.name, installed, busy, "private_port")
-        elif mine and mine.private_port and prange[0] <= mine.private_port <= prange[1]:
-            private_port = mine.private_port  # kept; one from 0.1 (20000+) moves to a privileged one
-        else:
-            private_port = pick_port(spec.name, default_private_port(spec.name, prange),
-                                     installed, busy, taken | {port}, prange)
-        taken.add(private_port)
-    placement = placement_for(spec, gpu_claims(installed), gpus=gpus)
-    inst = resolve(spec, port=port, private_port=private_port, placement=placement,
-                   private_range=prange)
-    files = render_instance(inst, opts.ctx)
     old: dict[str, str | None] = {}
     udir = unit_dir(opts.scope)
     unit_names = [f.name for f in files if not f.secret]
@@ -185,11 +135,15 @@ async def _plan(
             old[f.name] = path.read_text(encoding="utf-8") if path.exists() else None
         except OSError as exc:
             raise UnitgenError(f"cannot read {path}: {exc.strerror}") from None
-    stale = []
-    if mine:
+    stale: list[Path] = []
+    if mine and mine.files:
         stale = [p for n, p in mine.files.items() if n not in old and p.parent == udir]
+    secret = secrets_dir(opts.scope) / f"{spec.name}.env"
+    if f"{spec.name}.env" not in old and is_ours(secret, spec.name):
+        stale.append(secret)  # the key left the spec: its secret file goes too
     stale_text = {p: p.read_text(encoding="utf-8") for p in stale}
-    return Plan(inst, files, old, stale, stale_text, was_installed=mine is not None)
+    return Plan(inst, files, old, stale, stale_text,
+                was_installed=mine is not None and bool(mine.files))
 
 
 def _diff(plan: Plan) -> str:
@@ -245,7 +199,7 @@ async def _wait_start(m: Manager, plan: Plan, opts: DeployOptions) -> JobOutcome
     return await m.job("StartUnit", plan.entry, timeout=timeout, progress=progress)
 
 
-async def _why(m: Manager, plan: Plan, outcome: JobOutcome, scope: str) -> str:
+async def _why(m: Manager, plan: Plan, outcome: JobOutcome, scope: str, since: float) -> str:
     units = plan.units
     infos = await m.info(units)
     parts = [f"{plan.entry} start job ended '{outcome.result}' after {outcome.seconds:.1f} s"]
@@ -257,41 +211,39 @@ async def _why(m: Manager, plan: Plan, outcome: JobOutcome, scope: str) -> str:
                 detail += f": {info.status_text}"
             parts.append(detail)
     backend = plan.inst.server_unit
-    lines = last_lines(backend, scope, 8)
+    lines = last_lines(backend, scope, 8, since=since)
     text = "; ".join(parts)
     if lines:
-        text += "\n  last journal lines of " + backend + ":\n    " + "\n    ".join(lines)
+        text += ("\n  last journal lines of " + backend + " (this attempt):\n    "
+                 + "\n    ".join(lines))
     return text
 
 
-async def _stop_instance(m: Manager, name: str, units: list[str]) -> None:
-    for unit in (f"{name}.socket", f"{name}.service", f"{name}-backend.service"):
+async def _stop_instance(m: Manager, name: str, units: list[str], *,
+                         keep_socket: bool = False) -> None:
+    """Stop an instance's units, the server side first and its socket last (so the
+    public port is never free while a big model takes a minute to exit), or not
+    at all with ``keep_socket``: clients then wait in it for the new version."""
+    order = [f"{name}.service", f"{name}-backend.service"] + ([] if keep_socket
+                                                              else [f"{name}.socket"])
+    for unit in order:
         if unit in units:
             await m.job("StopUnit", unit, timeout=120)
             await m.reset_failed(unit)
 
 
 async def _run(paths: list[Path], opts: DeployOptions) -> Result:
-    specs = _load_all(paths)
     outcomes: list[Outcome] = []
-    async with connect(opts.scope) as m:
-        await m.subscribe()
-        udir = unit_dir(opts.scope)
-        with deploy_lock(opts.scope):
-            installed = scan(udir)
-            busy = listeners()
-            taken: set[int] = set()
-            try:
-                gpus: list[Gpu] | None = read_gpus()
-            except GpuUnavailableError:
-                gpus = None  # CPU-only host: GPU specs with UUIDs still render
-            plans = []
-            for s in specs:
-                plan = await _plan(m, s, opts, installed, busy, taken, gpus)
-                plans.append(plan)
-                if plan.inst.gpus:  # later specs in this run see this claim
-                    entry = installed.setdefault(s.name, Installed(name=s.name))
-                    entry.gpus, entry.gpu_share = plan.inst.gpus.uuids, plan.inst.gpus.share
+    with contextlib.ExitStack() as held:
+        # Planning needs no manager: every spec, port and GPU problem of every file
+        # is reported before anything is contacted or changed.
+        held.enter_context(deploy_lock(opts.scope, opts.say))
+        installed = scan(unit_dir(opts.scope))
+        alloc = HostAllocator(opts.scope, installed, listeners(), opts.port_range)
+        planned = plan_paths(paths, SystemdTarget(opts.ctx), alloc, unplaceable=alloc.unplaceable)
+        async with connect(opts.scope) as m:
+            await m.subscribe()
+            plans = [await _change(m, p, opts, installed) for p in planned]
             if opts.dry_run:
                 for p in plans:
                     action = ("would-update" if p.was_installed else "would-create") if p.changed \
@@ -300,31 +252,44 @@ async def _run(paths: list[Path], opts: DeployOptions) -> Result:
                                             p.units, diff=_diff(p) if opts.diff else "",
                                             notices=list(p.inst.notices)))
                 return _result(outcomes, dry_run=True)
-            written: list[Plan] = []
-            try:
-                for p in plans:
+            if opts.diff and opts.show is not None:
+                for p in plans:  # shown before anything is applied
                     if p.changed:
-                        _write(p, opts.scope)
-                        written.append(p)
-                if written:
-                    await m.reload()
-                    for p in written:
-                        await _enable(m, p)
-                    await m.reload()
-            except UnitgenError:
-                for p in written:
-                    _restore_plan(p, opts.scope)
-                if written:
-                    await m.reload()
-                raise
+                        opts.show(_diff(p).rstrip("\n"))
+            await _apply(m, plans, opts)
+            held.close()  # the new units hold their ports now: other deploys may go on
+            for p in plans:
+                outcomes.append(await _activate(m, p, opts))
+    return _result(outcomes, dry_run=False, diff_shown=opts.show is not None)
+
+
+async def _apply(m: Manager, plans: list[Plan], opts: DeployOptions) -> None:
+    """Write every changed instance, reload, enable; on any failure put every
+    file of this run back as it was (all or nothing across specs)."""
+    written: list[Plan] = []
+    try:
         for p in plans:
-            outcomes.append(await _activate(m, p, opts))
-    return _result(outcomes, dry_run=False)
+            if p.changed:
+                _write(p, opts.scope)  # all or nothing itself: undone when it raises
+                written.append(p)
+        if written:
+            await m.reload()
+            for p in written:
+                await _enable(m, p)
+            await m.reload()
+    except UnitgenError:
+        for p in written:
+            _restore_plan(p, opts.scope)
+        if written:
+            with contextlib.suppress(UnitgenError):
+                await m.reload()
+        raise
 
 
 async def _activate(m: Manager, p: Plan, opts: DeployOptions) -> Outcome:
     out = Outcome(p.name, "unchanged", p.changed, p.inst.public.listen(), p.units,
                   diff=_diff(p) if opts.diff else "", notices=list(p.inst.notices))
+    since = time.time()
     if not p.changed:
         info = (await m.info([p.entry]))[p.entry]
         if info.active_state in ("active", "activating", "reloading"):
@@ -336,14 +301,21 @@ async def _activate(m: Manager, p: Plan, opts: DeployOptions) -> Outcome:
         out.action, out.changed = "started", True
     else:
         out.action = "updated" if p.was_installed else "created"
-        if p.was_installed:
-            await _stop_instance(m, p.name, p.units)
-    if not opts.wait:
-        await m.start_nowait(p.entry)
-        opts.say(f"{p.name}: start queued ({p.entry}); not waiting (--no-wait)")
-        return out
-    opts.say(f"{p.name}: starting {p.entry} (public {out.public})")
-    job = await _wait_start(m, p, opts)
+    try:
+        if p.changed and p.was_installed:
+            socket_changed = any(f.name == f"{p.name}.socket" for f in p.changed_files)
+            await _stop_instance(m, p.name, p.units, keep_socket=not socket_changed)
+        if not opts.wait:
+            await m.start_nowait(p.entry)
+            opts.say(f"{p.name}: start queued ({p.entry}); not waiting (--no-wait)")
+            return out
+        opts.say(f"{p.name}: starting {p.entry} (public {out.public})")
+        job = await _wait_start(m, p, opts)
+        refused = ""
+    except UnitgenError as exc:
+        # systemd refused the start itself (a setting it rejects at load time):
+        # this is a failed deploy like any other, and is rolled back like one.
+        job, refused = JobOutcome(p.entry, "refused", time.time() - since), exc.message
     if opts.tty:
         opts.live("")
     out.seconds = round(job.seconds, 2)
@@ -357,29 +329,41 @@ async def _activate(m: Manager, p: Plan, opts: DeployOptions) -> Outcome:
             opts.say(f"{p.name}: ready on {out.public} after {job.seconds:.1f} s")
         return out
     out.ready = False
-    reason = await _why(m, p, job, opts.scope)
-    if p.changed and p.was_installed:
-        await _stop_instance(m, p.name, p.units)
-        _restore_plan(p, opts.scope)
-        await m.reload()
-        back = await m.job("StartUnit", p.entry, timeout=p.inst.health_timeout + 120)
-        state = "running again" if back.ok else f"restored but did not start ({back.result})"
-        reason += f"\n  the previous version of {p.name} was restored and is {state}"
-    elif p.changed:
-        await _stop_instance(m, p.name, p.units)
-        await m.disable([f"{p.name}.socket", f"{p.name}.service"])
-        for f in p.files:
-            (_target_dir(f, opts.scope) / f.name).unlink(missing_ok=True)
-        await m.reload()
-        reason += f"\n  {p.name} was new: its units were removed again"
+    reason = refused or await _why(m, p, job, opts.scope, since)
+    if p.changed:
+        reason += await _roll_back(m, p, opts)
     out.action, out.error = "failed", reason
     return out
 
 
-def _result(outcomes: list[Outcome], *, dry_run: bool) -> Result:
+async def _roll_back(m: Manager, p: Plan, opts: DeployOptions) -> str:
+    """Undo one instance's failed deploy: the previous version back and running,
+    or a new instance's files gone. Returns what happened, for the message."""
+    with contextlib.suppress(UnitgenError):
+        await _stop_instance(m, p.name, p.units)
+    if p.was_installed:
+        _restore_plan(p, opts.scope)
+        await m.reload()
+        try:
+            back = await m.job("StartUnit", p.entry, timeout=p.inst.health_timeout + 120)
+            state = "running again" if back.ok else f"restored but did not start ({back.result})"
+        except UnitgenError as exc:
+            state = f"restored but did not start ({exc.message})"
+        return f"\n  the previous version of {p.name} was restored and is {state}"
+    with contextlib.suppress(UnitgenError):
+        await m.disable([f"{p.name}.socket", f"{p.name}.service"])
+    for f in p.files:
+        (_target_dir(f, opts.scope) / f.name).unlink(missing_ok=True)
+    await m.reload()
+    for unit in p.units:
+        await m.reset_failed(unit)
+    return f"\n  {p.name} was new: its units were removed again"
+
+
+def _result(outcomes: list[Outcome], *, dry_run: bool, diff_shown: bool = False) -> Result:
     lines: list[str] = []
     for o in outcomes:
-        if o.diff:
+        if o.diff and not diff_shown:
             lines.append(o.diff.rstrip("\n"))
         status = {True: "ready", False: "NOT ready", None: ""}[o.ready]
         if o.listening:
@@ -407,16 +391,25 @@ def deploy(paths: list[Path], opts: DeployOptions) -> Result:
 
 async def _remove(names: list[str], scope: str) -> Result:
     removed: list[dict[str, object]] = []
+    absent: list[str] = []
     lines: list[str] = []
     async with connect(scope) as m:
         await m.subscribe()
         with deploy_lock(scope):
-            installed = require(scope, names)
+            installed = scan(unit_dir(scope))
             for name in names:
-                inst = installed[name]
+                inst = installed.get(name)
+                if inst is None:
+                    absent.append(name)  # already gone: nothing to do (idempotent)
+                    lines.append(f"{name}: not installed (nothing to do)")
+                    continue
                 t0 = time.monotonic()
-                await _stop_instance(m, name, inst.units)
-                await m.disable(inst.units)
+                # whatever state the units are in (failed, not loadable): stop what
+                # can be stopped, then the files go regardless
+                with contextlib.suppress(UnitgenError):
+                    await _stop_instance(m, name, inst.units)
+                with contextlib.suppress(UnitgenError):
+                    await m.disable(inst.units)
                 files = [p for p in inst.files.values() if is_ours(p, name)]
                 for path in files:
                     path.unlink()
@@ -427,11 +420,13 @@ async def _remove(names: list[str], scope: str) -> Result:
                 removed.append({"name": name, "files": [str(p) for p in files]})
                 lines.append(f"{name}: removed ({', '.join(p.name for p in files)}) "
                              f"in {time.monotonic() - t0:.1f} s")
-            await m.reload()
-            for name in names:
-                for unit in installed[name].units:
+            if removed:
+                await m.reload()
+            for entry in removed:
+                for unit in installed[str(entry["name"])].units:
                     await m.reset_failed(unit)
-    return Result(data={"changed": bool(removed), "removed": removed}, lines=tuple(lines))
+    return Result(data={"changed": bool(removed), "removed": removed, "absent": absent},
+                  lines=tuple(lines))
 
 
 def remove(names: list[str], scope: str) -> Result:

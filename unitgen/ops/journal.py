@@ -30,10 +30,12 @@ def journal_argv(unit: str | None, scope: str, *, lines: int | None = None, foll
     return argv
 
 
-def last_lines(unit: str, scope: str, lines: int = 10) -> list[str]:
-    """The unit's last journal lines (message text only); empty when unreadable."""
+def last_lines(unit: str, scope: str, lines: int = 10, *, since: float | None = None) -> list[str]:
+    """The unit's last journal lines (message text only), of the time after
+    ``since`` (a Unix time: this attempt, not older runs); empty when unreadable."""
+    extra = ["--since", f"@{since:.6f}"] if since is not None else []
     try:
-        done = subprocess.run([*journal_argv(unit, scope, lines=lines), "-o", "cat"],
+        done = subprocess.run([*journal_argv(unit, scope, lines=lines), *extra, "-o", "cat"],
                               capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return []

@@ -111,13 +111,13 @@ async def _status(names: list[str], scope: str) -> list[InstanceStatus]:
             gpus = read_gpus()
         except GpuUnavailableError:
             gpus = []
-        rows = [_with_gpus(r, installed[r.name], gpus) for r in rows]
+        rows = [_with_gpus(r, installed[r.name], gpus, scope) for r in rows]
     return rows
 
 
-def _with_gpus(row: InstanceStatus, inst: Installed, gpus: list[Gpu]) -> InstanceStatus:
+def _with_gpus(row: InstanceStatus, inst: Installed, gpus: list[Gpu], scope: str) -> InstanceStatus:
     index = {g.uuid: g.index for g in gpus}
-    used = sum(p.used_bytes for g in gpus for p in g.processes if p.instance == row.name)
+    used = sum(p.used_bytes for g in gpus for p in g.processes if p.belongs_to(row.name, scope))
     return replace(row, gpus=tuple(index[u] for u in inst.gpus if u in index),
                    gpu_memory_bytes=used if gpus else None)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
 SOCKET = "org.freedesktop.systemd1.Socket"
 PROPS = "org.freedesktop.DBus.Properties"
+# One D-Bus call (not a job: jobs have their own deadlines). systemd answers in
+# milliseconds; a minute means it is hung, and saying so beats waiting for ever.
+CALL_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -86,9 +90,13 @@ class Manager:
 
     async def _call(self, interface: str, member: str, signature: str = "",
                     body: list[Any] | None = None, path: str = PATH) -> list[Any]:
-        reply = await self._bus.call(Message(
-            destination=DEST, path=path, interface=interface, member=member,
-            signature=signature, body=body or []))
+        try:
+            reply = await asyncio.wait_for(self._bus.call(Message(
+                destination=DEST, path=path, interface=interface, member=member,
+                signature=signature, body=body or [])), CALL_TIMEOUT)
+        except TimeoutError:
+            raise SystemdError(f"systemd did not answer {member} within {CALL_TIMEOUT:g} s "
+                               "(is the manager hung or reloading?)") from None
         if reply is None:
             raise SystemdError(f"systemd did not answer {member}")
         if reply.message_type == MessageType.ERROR:
@@ -215,12 +223,17 @@ class connect:  # noqa: N801 - reads as a function at the call site: `async with
         try:
             self._bus = await asyncio.wait_for(MessageBus(bus_type=bus_type).connect(), 10)
         except Exception as exc:  # dbus-fast raises several kinds for "no bus here"
-            where = ("the user manager (DBUS_SESSION_BUS_ADDRESS)" if self.scope == "user"
-                     else "the system manager (/run/dbus/system_bus_socket)")
+            if self.scope == "user":
+                address = os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+                where = f"the user manager (session bus {address})" if address else (
+                    "the user manager: DBUS_SESSION_BUS_ADDRESS is not set (no login session?)")
+            else:
+                where = "the system manager (/run/dbus/system_bus_socket)"
+            # dbus-fast's own wording mentions X11's DISPLAY, which misleads here
+            detail = "" if "DISPLAY" in str(exc) else f": {type(exc).__name__}: {exc}"
             raise SystemdError(
-                f"cannot reach {where}: {type(exc).__name__}: {exc}. On a host or container "
-                "without systemd, "
-                "run `unitgen sandbox start` and use --user with the environment it prints"
+                f"cannot reach {where}{detail}. On a host or container without systemd, run "
+                "`unitgen sandbox start` and use --user with the environment it prints"
             ) from None
         return Manager(self._bus, self.scope)
 

@@ -27,6 +27,7 @@ __all__ = [
     "instance_of_pid",
     "place",
     "read_gpus",
+    "unit_of_cgroup",
 ]
 
 
@@ -42,6 +43,12 @@ class GpuProcess:
     used_bytes: int
     instance: str | None = None  # the unitgen instance it belongs to, if any
     alive: bool = True
+    manager: str = ""  # "system" or "user": which manager's unit runs it
+
+    def belongs_to(self, name: str, manager: str) -> bool:
+        """True for a process of instance ``name`` of that manager (a user's own
+        ``app.slice/qwen2.service`` is not system instance ``qwen2``)."""
+        return self.instance == name and self.manager == manager
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,21 @@ class Gpu:
     used: int
     free: int
     processes: tuple[GpuProcess, ...] = ()
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Gpu:
+        """One GPU of ``unitgen gpus --json`` (another host's, for --gpus-from)."""
+        procs = data.get("processes") or []
+        assert isinstance(procs, list)  # noqa: S101 - a TypeError below says the same
+        return cls(
+            index=int(str(data["index"])), uuid=str(data["uuid"]), name=str(data["name"]),
+            minor=None if data.get("minor") is None else int(str(data["minor"])),
+            total=int(str(data["total"])), used=int(str(data["used"])),
+            free=int(str(data["free"])),
+            processes=tuple(GpuProcess(int(p["pid"]), int(p["used_bytes"]), p.get("instance"),
+                                       bool(p.get("alive", True)), str(p.get("manager", "")))
+                            for p in procs),
+        )
 
 
 @dataclass(frozen=True)
@@ -90,18 +112,48 @@ def _reason(nv: ModuleType, exc: Exception) -> str:
     return f"NVML error: {exc}"
 
 
-def instance_of_pid(pid: int) -> str | None:
-    """The unitgen instance whose unit runs ``pid`` (from /proc/PID/cgroup)."""
+_UNIT_CGROUP = re.compile(
+    r"^(?P<root>.*?)/(?P<slice>system\.slice|app\.slice)/"
+    r"(?P<name>[a-z0-9][a-z0-9-]*?)(?:-backend)?\.service(?:/.*)?$")
+
+
+def unit_of_cgroup(text: str) -> tuple[str, str] | None:
+    """(instance, manager) from the text of /proc/PID/cgroup: ``system`` for
+    ``/system.slice/NAME(-backend).service``, ``user`` for a user manager's
+    ``.../user@UID.service/app.slice/NAME(-backend).service``; None otherwise.
+    Reads the cgroup2 line, or systemd's named v1 hierarchy on hybrid hosts."""
+    for line in text.splitlines():
+        _, controllers, path = ([*line.split(":", 2), "", ""])[:3]
+        if controllers not in ("", "name=systemd"):
+            continue
+        match = _UNIT_CGROUP.match(path)
+        if not match:
+            continue
+        root, kind = match.group("root"), match.group("slice")
+        if kind == "system.slice" and root == "":
+            return match.group("name"), "system"
+        if kind == "app.slice" and re.search(r"/user@\d+\.service$", root):
+            return match.group("name"), "user"
+    return None
+
+
+def instance_of_pid(pid: int | str) -> tuple[str, str] | None:
+    """(instance, manager) of the unit that runs ``pid``."""
     try:
         text = Path(f"/proc/{pid}/cgroup").read_text()
     except OSError:
         return None
-    match = re.search(r"/([a-z0-9][a-z0-9-]*?)(?:-backend)?\.service(?:/|$)", text, re.M)
-    return match.group(1) if match else None
+    return unit_of_cgroup(text)
 
 
 def _pid_alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists()
+
+
+def _process(pid: int, used: int) -> GpuProcess:
+    owner = instance_of_pid(pid)
+    return GpuProcess(pid, used, owner[0] if owner else None, _pid_alive(pid),
+                      owner[1] if owner else "")
 
 
 def read_gpus() -> list[Gpu]:
@@ -132,8 +184,7 @@ def read_gpus() -> list[Gpu]:
                 index=index, uuid=_text(nv.nvmlDeviceGetUUID(handle)),
                 name=_text(nv.nvmlDeviceGetName(handle)), minor=minor,
                 total=int(mem.total), used=int(mem.used), free=int(mem.free),
-                processes=tuple(GpuProcess(pid, used, instance_of_pid(pid), _pid_alive(pid))
-                                for pid, used in sorted(procs.items())),
+                processes=tuple(_process(pid, used) for pid, used in sorted(procs.items())),
             ))
         return gpus
     except nv.NVMLError as exc:
@@ -157,6 +208,7 @@ def place(
     share: bool,
     gpus: list[Gpu] | None,
     claims: dict[str, list[tuple[str, bool]]],
+    scope: str = "system",
 ) -> Placement:
     """Choose GPUs for instance ``name``.
 
@@ -191,7 +243,7 @@ def place(
         if len(current) == want:
             chosen = sorted(current, key=lambda g: g.index)  # a redeploy keeps its GPUs
         else:
-            usable.sort(key=lambda g: (-_free_for(g, name), g.index))
+            usable.sort(key=lambda g: (-_free_for(g, name, scope), g.index))
             chosen = sorted(usable[:want], key=lambda g: g.index)
     else:
         chosen = []
@@ -204,11 +256,12 @@ def place(
         _check_claims(fail, tuple(g.uuid for g in chosen), others, share, name)
     if memory is not None:
         for g in chosen:
-            free = _free_for(g, name)
+            free = _free_for(g, name, scope)
             if free < memory:
                 holders = ", ".join(
                     f"pid {p.pid}" + (f" ({p.instance})" if p.instance else "")
-                    + f" {gib(p.used_bytes)}" for p in g.processes if p.instance != name
+                    + f" {gib(p.used_bytes)}" for p in g.processes
+                    if not p.belongs_to(name, scope)
                 ) or "no process NVML can see"
                 raise SpecError(problems=[Problem(
                     source, "gpu_memory",
@@ -219,10 +272,10 @@ def place(
                      minors if len(minors) == len(chosen) else None, share)
 
 
-def _free_for(g: Gpu, name: str) -> int:
+def _free_for(g: Gpu, name: str, scope: str) -> int:
     """Free memory, counting what this instance's own processes hold as free
     (a redeploy replaces them)."""
-    return g.free + sum(p.used_bytes for p in g.processes if p.instance == name)
+    return g.free + sum(p.used_bytes for p in g.processes if p.belongs_to(name, scope))
 
 
 def _may_use(claimers: list[tuple[str, bool]], share: bool) -> bool:
@@ -257,7 +310,8 @@ def gpus_report() -> Result:
         lines.append(f"{g.index}  {g.uuid}  {g.name}  {gib(g.used)} used / {gib(g.total)} "
                      f"({gib(g.free)} free)")
         for p in g.processes:
-            owner = p.instance or ("exited" if not p.alive else "not a unitgen instance")
+            owner = (f"{p.instance} ({p.manager} manager)" if p.instance else
+                     "exited" if not p.alive else "not a unitgen instance")
             lines.append(f"     pid {p.pid}  {gib(p.used_bytes)}  {owner}")
     if not gpus:
         lines.append("NVML works but reports 0 GPUs")

@@ -138,9 +138,9 @@ KEYS: tuple[Key, ...] = (
         "first connection starts it", default="eager",
         choices=tuple(a.value for a in Activation)),
     Key("idle_stop", Kind.DURATION, "stop the model after this long without connections; the "
-        "socket keeps listening", activation="on-demand", lo=10, hi=365 * _DAY,
-        bounds_why="shorter stops a model between two requests of one client; "
-                   "longer than a year is a typo"),
+        "socket keeps listening", activation="on-demand", lo=1, hi=365 * _DAY,
+        bounds_why="below a second the model stops between a client's request and its "
+                   "next one, and proxyd counts whole seconds; longer than a year is a typo"),
     Key("health.path", Kind.TEXT, "readiness path", default="per backend",
         pattern=r"/[\x21-\x7e]*",
         pattern_doc="must start with '/' and contain no spaces or control characters"),

@@ -12,7 +12,7 @@ from pathlib import Path
 from unitgen.errors import UnitgenError
 from unitgen.targets.systemd.render import MARKER
 
-__all__ = ["Installed", "gpu_claims", "require", "scan", "secrets_dir", "unit_dir"]
+__all__ = ["Installed", "gpu_claims", "own_unit_names", "require", "scan", "secrets_dir", "unit_dir"]
 
 
 def _config_dir(scope: str) -> Path:
@@ -65,6 +65,11 @@ _LISTEN = re.compile(r"^ListenStream=\[?([^\]\s]*?)\]?:(\d+)\s*$", re.M)
 _TARGET = re.compile(r"--target\s+\"?(\S+?)\"?\s+--path\s+(\S+).*--label public")
 
 
+def own_unit_names(name: str) -> tuple[str, ...]:
+    """The only unit file names instance ``name`` can have."""
+    return (f"{name}.socket", f"{name}.service", f"{name}-backend.service")
+
+
 def scan(directory: Path) -> dict[str, Installed]:
     """Every unitgen instance installed in ``directory``."""
     found: dict[str, Installed] = {}
@@ -78,7 +83,9 @@ def scan(directory: Path) -> dict[str, Installed]:
         except OSError:
             continue
         name = _field(text, MARKER)
-        if name is None:
+        # Only the instance's own unit names count: a copy of one of its units saved
+        # under another name carries the marker too, and is the user's file.
+        if name is None or path.name not in own_unit_names(name):
             continue
         inst = found.setdefault(name, Installed(name=name))
         inst.files[path.name] = path
@@ -126,7 +133,9 @@ def gpu_claims(installed: dict[str, Installed]) -> dict[str, list[tuple[str, boo
 
 
 def _field(text: str, prefix: str) -> str | None:
-    for line in text.splitlines()[:10]:
+    # split on "\n" only: systemd does, and str.splitlines() would also split on
+    # U+2028 and the like, which a spec value could smuggle into a Description=.
+    for line in text.split("\n")[:10]:
         if line.startswith(prefix):
             return line[len(prefix):].strip()
     return None

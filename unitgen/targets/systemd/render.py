@@ -19,6 +19,8 @@ import jinja2
 
 from unitgen.errors import Problem, SpecError, UnitgenError
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
+from unitgen.spec.model import InstanceSpec
+from unitgen.targets.base import RenderedFile
 from unitgen.targets.systemd import escape
 from unitgen.timespan import format_seconds
 
@@ -27,10 +29,12 @@ __all__ = [
     "OWNED_DIRECTIVES",
     "RenderContext",
     "RenderedFile",
+    "SystemdTarget",
     "find_proxyd",
     "make_environment",
     "render_instance",
     "secret_path",
+    "spec_problems",
     "templates_dir",
 ]
 
@@ -65,16 +69,6 @@ class RenderContext:
     def detect(cls, *, scope: str = "system") -> RenderContext:
         """The context of this host: this interpreter and the installed proxyd."""
         return cls(python=sys.executable, proxyd=find_proxyd(), scope=scope)
-
-
-@dataclass(frozen=True)
-class RenderedFile:
-    """One file to install: unit files go in the manager's unit directory;
-    the secret file (mode 0600) goes to :func:`secret_path`."""
-
-    name: str
-    text: str
-    secret: bool = False
 
 
 def find_proxyd() -> str:
@@ -171,22 +165,37 @@ def _probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> l
     return cmd
 
 
-def _check_extras(inst: Instance) -> None:
+def spec_problems(spec: InstanceSpec) -> list[Problem]:
+    """What the systemd target refuses in a valid spec: directives unitgen owns,
+    and values that would continue onto the next line."""
     problems = [
-        Problem(inst.spec.source, f"systemd.{section}.{key}",
+        Problem(spec.source, f"systemd.{section}.{key}",
                 f"is set by unitgen and cannot be overridden ({_owned_hint(key)})")
-        for section, pairs in (("unit", inst.spec.systemd_unit),
-                               ("service", inst.spec.systemd_service))
+        for section, pairs in (("unit", spec.systemd_unit), ("service", spec.systemd_service))
         for key, _ in pairs if key in OWNED_DIRECTIVES
     ]
     problems += [
-        Problem(inst.spec.source, f"systemd.{section}.{key}", "must not end with a backslash")
-        for section, pairs in (("unit", inst.spec.systemd_unit),
-                               ("service", inst.spec.systemd_service))
+        Problem(spec.source, f"systemd.{section}.{key}", "must not end with a backslash")
+        for section, pairs in (("unit", spec.systemd_unit), ("service", spec.systemd_service))
         for key, value in pairs if value.endswith("\\")
     ]
-    if problems:
-        raise SpecError(problems=problems)
+    return problems
+
+
+@dataclass(frozen=True)
+class SystemdTarget:
+    """The systemd target for one manager (see :class:`RenderContext`)."""
+
+    ctx: RenderContext
+    name: str = "systemd"
+
+    def spec_problems(self, spec: InstanceSpec) -> list[Problem]:
+        """See :func:`spec_problems`."""
+        return spec_problems(spec)
+
+    def render(self, inst: Instance) -> list[RenderedFile]:
+        """See :func:`render_instance`."""
+        return render_instance(inst, self.ctx)
 
 
 def _owned_hint(key: str) -> str:
@@ -224,7 +233,9 @@ def render_instance(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
 
     A value that no escaping filter can write (validation should have refused it
     already) becomes a spec problem, never a half-written or injected unit."""
-    _check_extras(inst)
+    problems = spec_problems(inst.spec)
+    if problems:
+        raise SpecError(problems=problems)
     try:
         return _render_files(inst, ctx)
     except ValueError as exc:
@@ -284,6 +295,8 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
             f"{spec.name}-backend.service",
             env.get_template("backend.service.j2").render(private_ctx)))
     if secret:
-        lines = [escape.env_file_line(k, v) for k, v in inst.secrets]
+        lines = [f"# Secrets of unitgen instance {spec.name}; mode 0600. Generated: do not edit.",
+                 f"{MARKER}{spec.name}",
+                 *(escape.env_file_line(k, v) for k, v in inst.secrets)]
         files.append(RenderedFile(f"{spec.name}.env", "\n".join(lines) + "\n", secret=True))
     return files

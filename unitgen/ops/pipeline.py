@@ -1,0 +1,215 @@
+"""The one pipeline every verb runs a spec through, in order, each layer once:
+
+    spec file -> validated spec (unitgen.spec) -> the target's own spec checks
+    -> a complete, frozen plan (unitgen.plan: endpoints, ports, GPUs, secrets, argv)
+    -> rendered files (the target) -> cross-file checks (names, listen addresses)
+
+Every problem of every file is collected before anything is written or any
+manager is contacted, so ``check``, ``render`` and ``deploy`` explain everything
+in one run. Which host the plan is for (stable default ports for ``check``, the
+host's free ports and GPUs for ``deploy``) is the :class:`Allocator` passed in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unitgen.errors import Problem, SpecError
+from unitgen.plan.gpus import Gpu, GpuUnavailableError, Placement, place, read_gpus
+from unitgen.plan.instance import Allocator, Instance, ProblemSink, resolve
+from unitgen.spec.model import InstanceSpec, load_spec
+from unitgen.spec.ports import PRIVATE_PORT_RANGE, default_port, default_private_port
+from unitgen.targets.base import RenderedFile, Target
+
+__all__ = [
+    "GPUS_UNAVAILABLE",
+    "CheckAllocator",
+    "HostGpus",
+    "Planned",
+    "RenderedFile",
+    "Target",
+    "plan_paths",
+]
+
+# Problem code: the spec may be fine, but this host cannot say (no NVIDIA driver).
+GPUS_UNAVAILABLE = "gpus-unavailable"
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One spec file, planned and rendered."""
+
+    path: Path
+    instance: Instance
+    files: tuple[RenderedFile, ...]
+
+
+@dataclass
+class HostGpus:
+    """The GPUs plans are made for: read from NVML once per run, or from a file
+    written by ``unitgen gpus --json`` on the target host (``--gpus-from``)."""
+
+    gpus: list[Gpu] | None
+    reason: str = ""
+
+    @classmethod
+    def here(cls) -> HostGpus:
+        """This host's GPUs (None with the reason where NVML cannot be read)."""
+        try:
+            return cls(read_gpus())
+        except GpuUnavailableError as exc:
+            return cls(None, exc.message)
+
+    @classmethod
+    def from_file(cls, path: Path) -> HostGpus:
+        """GPUs from another host's ``unitgen gpus --json``."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not data.get("available", True):
+                return cls(None, f"{path} says: {data.get('reason', 'no GPUs')}")
+            return cls([Gpu.from_json(g) for g in data["gpus"]])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise SpecError(problems=[Problem(str(path), "", "is not the output of "
+                                              f"`unitgen gpus --json`: {exc}")]) from None
+
+
+@dataclass
+class CheckAllocator:
+    """Plans for ``check`` and ``render``: ports stable per name (or fixed), GPUs
+    from :class:`HostGpus` (this host's NVML, read once and only when a spec
+    asks for GPUs), claims of installed instances when given."""
+
+    host_gpus: HostGpus | None = None
+    private_range: tuple[int, int] = PRIVATE_PORT_RANGE
+    claims: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
+    unplaceable: list[Problem] = field(default_factory=list)
+    fixed_port: int | None = None
+    fixed_private: int | None = None
+
+    def public_port(self, spec: InstanceSpec, explicit: int | None, host: str,
+                    problem: ProblemSink) -> int:
+        """See :class:`~unitgen.plan.instance.Allocator`."""
+        if explicit is not None:
+            return explicit
+        return self.fixed_port if self.fixed_port is not None else default_port(spec.name)
+
+    def private_port(self, spec: InstanceSpec, public: int, problem: ProblemSink) -> int:
+        """See :class:`~unitgen.plan.instance.Allocator`."""
+        return self.fixed_private or default_private_port(spec.name, self.private_range)
+
+    def placement(self, spec: InstanceSpec, problem: ProblemSink) -> Placement | None:
+        """See :class:`~unitgen.plan.instance.Allocator`."""
+        if spec.gpus is None or spec.gpus == 0:
+            return None
+        if self.host_gpus is None:
+            self.host_gpus = HostGpus.here()
+        return place_or_report(spec, self.host_gpus, self.claims, problem, self.unplaceable)
+
+
+def place_or_report(spec: InstanceSpec, host_gpus: HostGpus,
+                    claims: dict[str, list[tuple[str, bool]]], problem: ProblemSink,
+                    unplaceable: list[Problem], scope: str = "system") -> Placement | None:
+    """Place a spec's GPUs; report why not through ``problem``, or into
+    ``unplaceable`` when this host cannot tell (no NVML and no ``--gpus-from``)."""
+    if spec.gpus is None or spec.gpus == 0:
+        return None
+    by_uuid = isinstance(spec.gpus, tuple) and bool(spec.gpus) and isinstance(spec.gpus[0], str)
+    if host_gpus.gpus is None and not by_uuid:
+        unplaceable.append(Problem(
+            spec.source, "gpus", f"cannot place GPUs here: choosing GPUs by count or index needs "
+            f"NVML ({host_gpus.reason}); check on the GPU host, or pass --gpus-from FILE with "
+            "its `unitgen gpus --json`, or give GPU UUIDs",
+            code=GPUS_UNAVAILABLE))
+        return None
+    try:
+        return place(source=spec.source, name=spec.name, want=spec.gpus,
+                     memory=spec.gpu_memory, share=spec.gpu_share, gpus=host_gpus.gpus,
+                     claims=claims, scope=scope)
+    except SpecError as exc:
+        for p in exc.problems:
+            problem(p.key, p.message)
+        return None
+
+
+def _complete(spec: InstanceSpec) -> bool:
+    """Enough of a partial spec is valid to plan it (and find more problems)."""
+    if spec.backend == "custom":
+        return bool(spec.command)
+    return bool(spec.model)
+
+
+def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
+               *, unplaceable: list[Problem] | None = None) -> list[Planned]:
+    """Run every spec through the pipeline; raise one SpecError with every
+    problem of every file (exit code: see :func:`unitgen.errors.SpecError`)."""
+    problems: list[Problem] = []
+    planned: list[Planned] = []
+    for path in paths:
+        here: list[Problem] = []
+        spec: InstanceSpec | None
+        try:
+            spec = load_spec(path)
+        except SpecError as exc:
+            here += exc.problems
+            spec = exc.partial if isinstance(exc.partial, InstanceSpec) else None
+        if spec is not None:
+            here += target.spec_problems(spec)
+        inst = None
+        if spec is not None and _complete(spec):
+            seen = {p.key for p in here}
+            try:
+                inst = resolve(spec, allocator=allocator)
+            except SpecError as exc:
+                here += [p for p in exc.problems if p.key not in seen]
+        if inst is not None and not here:
+            try:
+                planned.append(Planned(path, inst, tuple(target.render(inst))))
+            except SpecError as exc:
+                here += exc.problems
+        problems += here
+    problems += _cross_file(planned)
+    problems += unplaceable or []
+    if problems:
+        raise SpecError(problems=problems)
+    return planned
+
+
+def _cross_file(planned: list[Planned]) -> list[Problem]:
+    """Two specs of one run with one name, or wanting one listen address."""
+    out: list[Problem] = []
+    names: dict[str, Path] = {}
+    for p in planned:
+        first = names.get(p.instance.name)
+        if first is None:
+            names[p.instance.name] = p.path
+        elif first == p.path:
+            out.append(Problem(str(p.path), "", "is given twice"))
+        else:
+            out.append(Problem(str(p.path), "name", f"{p.instance.name!r} is also the name "
+                                                    f"in {first}"))
+    for i, a in enumerate(planned):
+        for b in planned[:i]:
+            if a.instance.name == b.instance.name:
+                continue
+            if listen_overlap(a.instance.public.host, a.instance.public.port,
+                              b.instance.public.host, b.instance.public.port):
+                out.append(Problem(str(a.path), "port", (
+                    f"{a.instance.public.listen()} overlaps {b.instance.public.listen()} of "
+                    f"{b.instance.name!r} ({b.path}): two sockets cannot own one port")))
+    return out
+
+
+def listen_overlap(host_a: str, port_a: int, host_b: str, port_b: int) -> bool:
+    """True when sockets on these two addresses cannot both listen: same port and
+    the same address, or one of them is a wildcard covering the other (``::``
+    also covers IPv4: systemd's sockets are dual-stack by default)."""
+    if port_a != port_b:
+        return False
+    a, b = ipaddress.ip_address(host_a), ipaddress.ip_address(host_b)
+    if a == b:
+        return True
+    return any(wild.is_unspecified and wild.version in (other.version, 6) for wild, other in ((a, b), (b, a)))
