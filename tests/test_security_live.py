@@ -181,3 +181,54 @@ def test_on_demand_client_gets_an_error_in_seconds_when_the_server_dies(box, tmp
     assert took < 60, f"the client waited {took:.0f} s"
     # the restart policy decided, and the server ended failed, not in a loop
     assert wait_for(lambda: prop(box, "dies2-backend.service", "ActiveState") == "failed", 60)
+
+
+def demo(directory: Path, name: str, extra: str = "", **env: str) -> Path:
+    env_toml = ", ".join(f'{k} = "{v}"' for k, v in env.items())
+    return write_spec(directory, name, (
+        f'name = "{name}"\nbackend = "custom"\n'
+        f'command = ["{sys.executable}", "{STANDIN}", "--host", "{{host}}", "--port", "{{port}}"]\n'
+        f"env = {{ {env_toml} }}\n{extra}"
+        '[health]\ntimeout = "60s"\n'))
+
+
+def test_redeploy_keeps_the_public_port_owned_while_the_server_restarts(box, tmp_path):
+    rc, data = cli_json(box, "deploy", "--user", str(demo(tmp_path, "keep")))
+    assert rc == 0, data
+    port = int(data["instances"][0]["public"].rsplit(":", 1)[1])
+    listen_since = prop(box, "keep.socket", "ActiveEnterTimestampMonotonic")
+    # a changed server (slow to stop and to load): the socket file does not change
+    rc, data = cli_json(box, "deploy", "--user",
+                        str(demo(tmp_path, "keep", STANDIN_LOAD_SECONDS="1")))
+    assert rc == 0 and data["instances"][0]["action"] == "updated", data
+    assert prop(box, "keep.socket", "ActiveEnterTimestampMonotonic") == listen_since
+    # nobody could bind the port in between: the socket never let go of it
+    with socket.socket() as squatter, pytest.raises(OSError):
+        squatter.bind(("127.0.0.1", port))
+    assert get(port)[0] == 200
+
+
+def test_remove_leaves_a_users_copy_of_a_unit_alone(box, tmp_path):
+    assert cli(box, "deploy", "--user", str(demo(tmp_path, "orig"))).returncode == 0
+    copy = box.unit_dir / "orig-copy.service"
+    copy.write_text((box.unit_dir / "orig.service").read_text())
+    done = cli(box, "deploy", "--user", "--dry-run", str(demo(tmp_path, "orig", X="1")))
+    assert "orig-copy" not in done.stdout
+    assert cli(box, "remove", "--user", "orig").returncode == 0
+    assert copy.exists()
+    copy.unlink()
+
+
+def test_a_start_systemd_refuses_is_rolled_back_and_remove_works_after(box, tmp_path):
+    # socket-activated: the server unit is the one deploy starts, and systemd refuses it
+    spec = write_spec(tmp_path, "refused", (
+        f'name = "refused"\nbackend = "custom"\nsocket_activation = true\n'
+        f'command = ["{sys.executable}", "{STANDIN}"]\n'
+        '[systemd.unit]\nRefuseManualStart = "yes"\n'))
+    done = cli(box, "deploy", "--user", str(spec))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "refused" in (done.stdout + done.stderr).lower()
+    assert not (box.unit_dir / "refused.service").exists()  # rolled back
+    assert prop(box, "refused.socket", "UnitFileState") in ("", "not-found")
+    # remove of what is not there is fine, and so is a second one
+    assert cli(box, "remove", "--user", "refused").returncode == 0

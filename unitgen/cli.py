@@ -183,14 +183,14 @@ def remove(names: tuple[str, ...], user: bool, as_json: bool) -> int:
 @click.option("-n", "--lines", default=100, show_default=True, help="How many lines.")
 @USER
 def logs(name: str, follow: bool, lines: int, user: bool) -> int:
-    """The server's journal (journalctl)."""
+    """An instance's whole story: all its units and systemd's messages, in time order."""
     import subprocess  # noqa: PLC0415
 
     from unitgen.ops.journal import journal_argv  # noqa: PLC0415
     from unitgen.targets.systemd.installed import require  # noqa: PLC0415
 
-    unit = require(_scope(user), [name])[name].server_unit
-    argv = journal_argv(unit, _scope(user), lines=lines, follow=follow)
+    units = require(_scope(user), [name])[name].units
+    argv = journal_argv(units, _scope(user), lines=lines, follow=follow)
     try:
         return subprocess.run(argv, check=False).returncode
     except FileNotFoundError:

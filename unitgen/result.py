@@ -9,7 +9,7 @@ from typing import Any
 
 from unitgen.errors import EXIT_OK
 
-__all__ = ["Result", "to_json", "to_text"]
+__all__ = ["Result", "table", "to_json", "to_text"]
 
 
 @dataclass(frozen=True)
@@ -34,3 +34,10 @@ def to_json(result: Result) -> str:
 def to_text(result: Result) -> str:
     """Human form: the lines."""
     return "\n".join(result.lines)
+
+
+def table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """Rows as aligned text columns under a header line."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+    return tuple("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                 for r in [headers, *rows])

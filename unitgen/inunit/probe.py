@@ -29,6 +29,7 @@ trickles one byte a second cannot keep the probe past it.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import socket
@@ -87,6 +88,17 @@ def _exchange(sock: socket.socket, request: bytes, deadline: float) -> bytes:
             break
         data += chunk
     return data
+
+
+def _is_local(sock: socket.socket) -> bool:
+    """The connection stays on this machine: a loopback destination, or one the
+    kernel reaches from that same address (how it routes to its own addresses).
+    Anything else left the machine (a FreeBind host not configured here), and
+    gets no API key."""
+    peer = ipaddress.ip_address(sock.getpeername()[0].partition("%")[0])
+    mapped = getattr(peer, "ipv4_mapped", None)
+    return bool(peer.is_loopback or (mapped is not None and mapped.is_loopback)
+                or sock.getsockname()[0] == sock.getpeername()[0])
 
 
 def _parse(raw: bytes) -> tuple[int, str, bytes]:
@@ -208,9 +220,7 @@ def attempt(target: str, path: str, key: str | None, timeout: float = 5.0,
     request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
     try:
         with _connect(target, timeout) as sock:
-            if sock.family != socket.AF_UNIX and sock.getsockname()[0] != sock.getpeername()[0]:
-                # A local destination is reached from its own address; anything else
-                # left the machine (a FreeBind host not configured here): no key there.
+            if sock.family != socket.AF_UNIX and not _is_local(sock):
                 return Attempt("wait", f"{target} is not an address of this machine: nothing "
                                        "was sent to it")
             raw = _exchange(sock, request, deadline)

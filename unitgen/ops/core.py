@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unitgen.errors import OwnershipError, Problem, SpecError, UnitgenError
+from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
 from unitgen.ops.pipeline import CheckAllocator, HostGpus, Planned, place_or_report, plan_paths
 from unitgen.plan.gpus import Gpu, Placement
 from unitgen.plan.instance import Instance
@@ -94,6 +95,11 @@ def check(paths: list[Path], ctx: RenderContext, *, gpus_from: Path | None = Non
     target, alloc = _planner(ctx, gpus_from)
     planned = plan_paths(paths, target, alloc, unplaceable=alloc.unplaceable)
     notices = verify_rendered(planned)
+    # check may be for another host: a program missing here is a notice, not an error
+    notices += [f"{found}; fine when the units are for another host, deploy here refuses it"
+                for p in planned if (found := missing_program(p.instance, SYSTEM_MANAGER_PATH
+                                                              if ctx.scope == "system"
+                                                              else os.environ.get("PATH", "")))]
     lines: list[str] = []
     instances: list[dict[str, object]] = []
     for p in planned:

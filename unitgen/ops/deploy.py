@@ -12,12 +12,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, UnitgenError
+from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, SpecError, UnitgenError
 from unitgen.ops.allocate import HostAllocator, deploy_lock, listeners
 from unitgen.ops.core import apply_changes, check_ours, is_ours, undo_changes
+from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
 from unitgen.ops.journal import last_lines
 from unitgen.ops.pipeline import Planned, plan_paths
 from unitgen.ops.systemd import JobOutcome, Manager, connect
+from unitgen.ops.trust import check_trusted
 from unitgen.plan.instance import Instance
 from unitgen.result import Result
 from unitgen.spec.ports import DEFAULT_PORT_RANGE
@@ -234,6 +236,8 @@ async def _stop_instance(m: Manager, name: str, units: list[str], *,
 
 async def _run(paths: list[Path], opts: DeployOptions) -> Result:
     outcomes: list[Outcome] = []
+    if opts.scope == "system" and not opts.dry_run:
+        check_trusted(opts.ctx.python)
     with contextlib.ExitStack() as held:
         # Planning needs no manager: every spec, port and GPU problem of every file
         # is reported before anything is contacted or changed.
@@ -243,6 +247,10 @@ async def _run(paths: list[Path], opts: DeployOptions) -> Result:
         planned = plan_paths(paths, SystemdTarget(opts.ctx), alloc, unplaceable=alloc.unplaceable)
         async with connect(opts.scope) as m:
             await m.subscribe()
+            path = (await m.environment()).get("PATH") or SYSTEM_MANAGER_PATH
+            missing = [found for p in planned if (found := missing_program(p.instance, path))]
+            if missing:
+                raise SpecError(problems=missing)
             plans = [await _change(m, p, opts, installed) for p in planned]
             if opts.dry_run:
                 for p in plans:

@@ -12,17 +12,19 @@ __all__ = ["journal_argv", "last_lines"]
 JOURNAL_DIR_ENV = "UNITGEN_JOURNAL_DIR"
 
 
-def journal_argv(unit: str | None, scope: str, *, lines: int | None = None, follow: bool = False,
-                 directory: str | None = None) -> list[str]:
-    """The journalctl command that shows ``unit`` (or everything) of the given manager;
-    ``directory`` (default: $UNITGEN_JOURNAL_DIR) selects a sandbox's own journal, whose
-    units journald records as user units."""
+def journal_argv(unit: str | list[str] | None, scope: str, *, lines: int | None = None,
+                 follow: bool = False, directory: str | None = None) -> list[str]:
+    """The journalctl command that shows ``unit`` (one or several, merged in time
+    order, with the manager's own messages about them; or everything) of the
+    given manager; ``directory`` (default: $UNITGEN_JOURNAL_DIR) selects a
+    sandbox's own journal, whose units journald records as user units."""
+    units = [unit] if isinstance(unit, str) else list(unit or [])
     argv = ["journalctl", "--no-pager"]
     directory = directory or os.environ.get(JOURNAL_DIR_ENV)
     if directory:
-        argv += ["-D", directory] + (["--user-unit", unit] if unit else [])
+        argv += ["-D", directory] + [w for u in units for w in ("--user-unit", u)]
     else:
-        argv += (["--user"] if scope == "user" else []) + (["-u", unit] if unit else [])
+        argv += (["--user"] if scope == "user" else []) + [w for u in units for w in ("-u", u)]
     if lines is not None:
         argv += ["-n", str(lines)]
     if follow:

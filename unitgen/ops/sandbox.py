@@ -49,7 +49,9 @@ fi
 echo $! > "$0/journald.pid"
 i=0
 while [ ! -S /run/systemd/journal/socket ] && [ $i -lt 100 ]; do sleep 0.02; i=$((i+1)); done
-exec env -i PATH="$3" HOME="$0/home" XDG_RUNTIME_DIR="$0/run" LANG=C.UTF-8 "$1" --user
+# like a real user manager, it logs its own messages about units to the journal
+exec env -i PATH="$3" HOME="$0/home" XDG_RUNTIME_DIR="$0/run" LANG=C.UTF-8 "$1" --user \
+  --log-target=journal
 """
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

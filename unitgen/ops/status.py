@@ -12,7 +12,7 @@ import psutil
 
 from unitgen.ops.systemd import UnitInfo, connect
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, read_gpus
-from unitgen.result import Result
+from unitgen.result import Result, table
 from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir
 
 __all__ = ["InstanceStatus", "list_instances", "status", "tree_memory"]
@@ -145,5 +145,7 @@ def list_instances(scope: str) -> Result:
     rows = [{"name": i.name, "backend": i.backend, "address": f"{i.public_host}:{i.public_port}",
              "activation": "eager" if i.eager else "on-demand", "units": i.units}
             for i in installed.values()]
-    lines = tuple(f"{r['name']}  {r['backend']}  {r['address']}  {r['activation']}" for r in rows)
-    return Result(data={"instances": rows}, lines=lines or ("no instances",))
+    lines = table(("NAME", "BACKEND", "ADDRESS", "ACTIVATION"),
+                  [(str(r["name"]), str(r["backend"]), str(r["address"]), str(r["activation"]))
+                   for r in rows]) if rows else ("no instances",)
+    return Result(data={"instances": rows}, lines=lines)

@@ -169,6 +169,12 @@ class Manager:
                 if progress is not None:
                     await progress(time.monotonic() - start)
 
+    async def environment(self) -> dict[str, str]:
+        """The manager's own environment (what its units inherit: PATH, ...)."""
+        (value,) = await self._call(PROPS, "Get", "ss", [MANAGER, "Environment"])
+        pairs = (str(item).partition("=") for item in value.value)
+        return {k: v for k, _, v in pairs}
+
     async def start_nowait(self, unit: str) -> None:
         """Queue a start job and return at once."""
         await self._call(MANAGER, "StartUnit", "ss", [unit, "replace"])

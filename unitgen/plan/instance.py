@@ -212,6 +212,12 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
                ("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
         args = _gpu_defaults(backend, args, len(gpus.uuids))
     argv = _argv(spec, backend, args, private, problem)
+    if argv and (not argv[0] or argv[0][0] in "-@:+!" or ("/" in argv[0] and argv[0][0] != "/")):
+        # Checked on the filled argv: a {model} in command[0] could otherwise smuggle
+        # in a prefix systemd reads as a flag ("+" runs it as root despite User=).
+        problem("command[0]" if spec.backend == "custom" else "executable",
+                f"{argv[0]!r} must be an absolute path or a program name, without a leading "
+                "'-@:+!' (systemd reads those as flags)")
     if problems:
         raise SpecError(problems=problems)
     return Instance(

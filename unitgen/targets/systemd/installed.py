@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unitgen.errors import UnitgenError
+from unitgen.errors import NoSuchInstanceError
 from unitgen.targets.systemd.render import MARKER
 
 __all__ = ["Installed", "gpu_claims", "own_unit_names", "require", "scan", "secrets_dir", "unit_dir"]
@@ -118,7 +118,7 @@ def require(scope: str, names: list[str], hint: str = "") -> dict[str, Installed
     installed = scan(unit_dir(scope))
     missing = [n for n in names if n not in installed]
     if missing:
-        raise UnitgenError(f"no unitgen instance named {', '.join(missing)} in "
+        raise NoSuchInstanceError(f"no unitgen instance named {', '.join(missing)} in "
                            f"{unit_dir(scope)}{hint}")
     return installed
 

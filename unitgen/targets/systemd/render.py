@@ -218,9 +218,10 @@ def _gpu_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     if placement is None:
         return {"gpu_header": "", "gpu_wait": [], "device_allow": []}
     header = ",".join(placement.uuids) + (" shared" if placement.share else " exclusive")
-    # Not -I: the GPU wait imports pynvml from this interpreter's environment and
-    # honours PYTHONPATH, so an operator (or the tests) can put an NVML shim first.
-    wait = [ctx.python, "-m", "unitgen.inunit.gpuwait", "--instance", inst.name,
+    # -P, not -I: no current or script directory on sys.path (a pynvml.py planted in
+    # WorkingDirectory must not run as the unit's user), but PYTHONPATH is honoured,
+    # so an operator (or the tests) can put an NVML shim first.
+    wait = [ctx.python, "-P", "-m", "unitgen.inunit.gpuwait", "--instance", inst.name,
             "--gpus", ",".join(placement.uuids), "--timeout", format_seconds(GPU_WAIT_TIMEOUT)]
     devices: list[str] = []
     if ctx.scope == "system" and placement.minors is not None:
