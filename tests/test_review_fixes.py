@@ -17,6 +17,7 @@ from unitgen.errors import SpecError
 from unitgen.inunit.probe import attempt
 from unitgen.ops.core import render_spec
 from unitgen.ops.deploy import DeployOptions, deploy
+from unitgen.ops.sandbox import Sandbox
 from unitgen.ops.trust import UnsafeInstallError, untrusted_paths
 from unitgen.plan.gpus import unit_of_cgroup
 from unitgen.targets.systemd.installed import scan
@@ -143,3 +144,14 @@ def test_an_untrusted_interpreter_refuses_a_system_deploy(tmp_path):
         deploy([spec], DeployOptions(scope="system", ctx=ctx))
     assert "writable by its group or by everyone" in info.value.message
     assert "docs/production.md" in info.value.message
+
+
+def test_sandbox_stop_never_kills_a_pid_that_is_no_longer_the_sandboxs(tmp_path):
+    stranger = subprocess.Popen(["sleep", "30"])
+    try:
+        Sandbox(root=tmp_path, manager_pid=stranger.pid, journald_pid=0, owns_root=False).stop(
+            timeout=1)
+        assert stranger.poll() is None, "stop killed a process that is not the sandbox's"
+    finally:
+        stranger.kill()
+        stranger.wait()

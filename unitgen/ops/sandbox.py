@@ -184,8 +184,8 @@ class Sandbox:
     def stop(self, *, timeout: float = 15.0) -> None:
         """Stop the manager (which stops its units) and journald, by their pids."""
         for pid in (self.manager_pid, self.journald_pid):
-            if pid <= 0:
-                continue
+            if pid <= 0 or not self._still_ours(pid):
+                continue  # gone, or the pid now belongs to someone else: never kill that
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + timeout
@@ -199,6 +199,18 @@ class Sandbox:
         _remove_cgroups(_cgroup_name(self.root))
         if self.owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def _still_ours(self, pid: int) -> bool:
+        """The recorded pid is still this sandbox's manager or journald: in its
+        cgroup, or (where no cgroup could be made) the same systemd program."""
+        try:
+            cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+            exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+        except OSError:
+            return False
+        if _cgroup_name(self.root) in cgroup:
+            return True
+        return exe in ("systemd", "systemd-journald")
 
     def run(self, *argv: str, check: bool = False, timeout: float = 120.0
             ) -> subprocess.CompletedProcess[str]:
