@@ -191,6 +191,14 @@ class Manager:
             return {}
         return {k: v.value for k, v in props.items()}
 
+    async def exec_and_environment(self, name: str) -> tuple[list[str], list[str]]:
+        """A service's ``ExecStart`` argv and ``Environment`` as systemd parsed
+        them (after ``%`` specifiers, before ``$`` expansion)."""
+        props = await self._props(await self.unit_path(name), SERVICE)
+        exec_start = props.get("ExecStart") or []
+        argv = [str(w) for w in exec_start[0][1]] if exec_start else []
+        return argv, [str(e) for e in props.get("Environment", [])]
+
     async def info(self, names: list[str]) -> dict[str, UnitInfo]:
         """Properties of many units, requested all at once (one round trip's wait)."""
         paths = await asyncio.gather(*(self.unit_path(n) for n in names))

@@ -99,6 +99,11 @@ class InstanceSpec:
     gpu_share: bool = False
 
 
+# Only a spec given as a mapping (JSON, YAML via Ansible) can hold these; TOML files
+# are UTF-8 and cannot.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class _Checker:
     """Collects problems while reading one spec."""
 
@@ -131,6 +136,9 @@ class _Checker:
         if "\x00" in value:
             self.add(key, "must not contain a NUL character (no argv or environment can hold one)")
             return None
+        if _SURROGATE.search(value):
+            self.add(key, "must be valid Unicode (a lone surrogate cannot be written to a file)")
+            return None
         return value
 
 
@@ -159,6 +167,9 @@ def _read_text(c: _Checker, key: Key, value: object) -> str | None:
         return None
     if "\x00" in value:
         c.add(key.name, "must not contain a NUL character")
+        return None
+    if _SURROGATE.search(value):
+        c.add(key.name, "must be valid Unicode (a lone surrogate cannot be written to a file)")
         return None
     if key.pattern and not fullmatch(key.pattern, value):
         c.add(key.name, f"{value!r} {key.pattern_doc}")

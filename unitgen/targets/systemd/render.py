@@ -6,6 +6,7 @@ is a bug, not an empty string); quoting lives in :mod:`unitgen.targets.systemd.e
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import shutil
@@ -94,8 +95,10 @@ def templates_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "templates"
 
 
+@functools.cache
 def make_environment() -> jinja2.Environment:
-    """The one Jinja environment: strict, no autoescape (units are not HTML)."""
+    """The one Jinja environment: strict, no autoescape (units are not HTML).
+    Built once per process: compiling the templates is most of a render's cost."""
     # Units are not HTML: systemd escaping is done by the filters registered below.
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir() / "systemd")),
@@ -190,8 +193,14 @@ class SystemdTarget:
     name: str = "systemd"
 
     def spec_problems(self, spec: InstanceSpec) -> list[Problem]:
-        """See :func:`spec_problems`."""
-        return spec_problems(spec)
+        """See :func:`spec_problems`; and a user manager cannot switch users."""
+        problems = spec_problems(spec)
+        for key in ("user", "group"):
+            if self.ctx.scope == "user" and getattr(spec, key):
+                problems.append(Problem(spec.source, key, f"is for the system manager: a user "
+                                        f"manager runs everything as its own user (drop {key} "
+                                        "or deploy without --user)"))
+        return problems
 
     def render(self, inst: Instance) -> list[RenderedFile]:
         """See :func:`render_instance`."""
