@@ -373,6 +373,7 @@ def test_role_refuses_the_unrelated_pypi_name(tmp_path):
             "unitgen_package": package, "unitgen_venv": str(tmp_path / "venv")}}}}))
         run = run_playbook(play, inv, tmp_path)
         assert run.failures("h") == 1
-        failed = [t["hosts"]["h"] for t in run.doc["tasks"] if t["hosts"].get("h", {}).get("status") == "failed"]
+        failed = [t["hosts"]["h"] for t in run.doc["tasks"]
+                  if t["hosts"].get("h", {}).get("status") == "failed"]
         assert words in failed[0]["msg"]
         assert not (tmp_path / "venv").exists()  # refused before installing anything

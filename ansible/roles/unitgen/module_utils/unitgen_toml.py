@@ -19,7 +19,7 @@ from typing import Any
 
 __all__ = ["TomlWriteError", "dumps"]
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -51,7 +51,7 @@ def _string(text: str, where: str) -> str:
 def _key(key: object, where: str) -> str:
     if not isinstance(key, str):
         raise TomlWriteError(where, f"keys must be strings, not {type(key).__name__}")
-    return key if _BARE_KEY.match(key) else _string(key, where)
+    return key if _BARE_KEY.fullmatch(key) else _string(key, where)
 
 
 def _join(where: str, key: str) -> str:
