@@ -87,10 +87,11 @@ class Run:
 
 
 def run_playbook(playbook: Path, inventory: Path, home: Path, *args: str,
-                 timeout: float = 300) -> Run:
+                 timeout: float = 300, env: dict[str, str] | None = None) -> Run:
     done = subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(inventory), str(playbook), *args],
-        env=ansible_env(home), cwd=home, capture_output=True, text=True, timeout=timeout)
+        env={**ansible_env(home), **(env or {})}, cwd=home, capture_output=True, text=True,
+        timeout=timeout)
     try:
         doc = json.loads(done.stdout)
     except ValueError:

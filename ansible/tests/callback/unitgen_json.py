@@ -12,6 +12,7 @@ and ``ANSIBLE_STDOUT_CALLBACK=unitgen_json``.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from ansible.module_utils.common.json import AnsibleJSONEncoder
@@ -24,7 +25,8 @@ short_description: One JSON document per run with every task result and the reca
 description:
   - When the run ends, prints one JSON object with the keys C(plays), C(tasks)
     and C(stats). Each task has its name, action and one result per host, with
-    C(status) set to C(ok), C(changed), C(failed), C(skipped) or C(unreachable).
+    C(status) set to C(ok), C(changed), C(failed), C(skipped) or C(unreachable),
+    and C(elapsed_s), the seconds from the task's start to that result.
 """
 
 
@@ -46,7 +48,7 @@ class CallbackModule(CallbackBase):
 
     def _start(self, task: Any) -> None:  # noqa: ANN401
         entry = {"task": task.get_name(), "action": task.action, "play": self.plays[-1:],
-                 "hosts": {}}
+                 "hosts": {}, "started": time.monotonic()}
         self.tasks.append(entry)
         self.by_uuid[task._uuid] = entry
 
@@ -66,6 +68,7 @@ class CallbackModule(CallbackBase):
         if status == "ok" and data.get("changed"):
             status = "changed"
         data["status"] = status
+        data["elapsed_s"] = round(time.monotonic() - entry["started"], 2)  # since the task started
         entry["hosts"][result._host.get_name()] = data
 
     def v2_runner_on_ok(self, result: Any) -> None:  # noqa: ANN401
