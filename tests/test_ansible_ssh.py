@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import STANDIN, free_port, get
-from tests.test_ansible_live import BIN, PLAYBOOK, run_playbook
+from tests.test_ansible_live import PLAYBOOK, run_playbook
 from unitgen.ops.sandbox import Sandbox, sandbox_unavailable_reason
 
 pytestmark = [pytest.mark.ansible, pytest.mark.systemd]
