@@ -3,6 +3,7 @@ playbooks, and the same run does catch a broken copy of them."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -45,3 +46,17 @@ def test_ansible_lint_catches_a_broken_role(tmp_path):
     done = lint(project, tmp_path)
     assert done.returncode != 0
     assert "name[missing]" in done.stdout + done.stderr
+
+
+def test_ansible_doc_reads_both_modules(tmp_path):
+    doc = LINT.parent / "ansible-doc"
+    if not doc.exists():
+        pytest.skip("ansible-core is not installed")
+    done = subprocess.run(
+        [str(doc), "--json", "-M", str(ANSIBLE / "roles" / "unitgen" / "library"),
+         "unitgen_instance", "unitgen_status"],
+        env={**os.environ, "ANSIBLE_HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    docs = json.loads(done.stdout)
+    assert docs["unitgen_instance"]["doc"]["options"]["state"]["choices"] == ["present", "absent"]
+    assert "instances" in docs["unitgen_status"]["return"]

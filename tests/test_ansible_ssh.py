@@ -149,6 +149,12 @@ def test_role_installs_from_a_wheel_and_deploys_over_ssh(tmp_path, sshd, wheel, 
     env = {"ANSIBLE_SSH_ARGS": "-o ControlMaster=no", "ANSIBLE_PIPELINING": "True",
            "ANSIBLE_TIMEOUT": "20"}
 
+    # --check on a fresh host: says what it would do, installs and deploys nothing
+    check = run_playbook(playbook, inventory, tmp_path, "--check", "--diff", env=env, timeout=600)
+    assert check.rc == 0, (check.doc["tasks"][-3:], check.stderr[-3000:])
+    assert check.items("remote")["remote1"]["action"] == "would-create"
+    assert not venv.exists() and not list(box.unit_dir.glob("remote1*"))
+
     t0 = time.monotonic()
     first = run_playbook(playbook, inventory, tmp_path, env=env, timeout=600)
     first_s = time.monotonic() - t0

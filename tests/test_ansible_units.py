@@ -5,8 +5,10 @@ Ansible ships them to a host."""
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import math
+import re
 import sys
 import tomllib
 from datetime import date
@@ -15,6 +17,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+import yaml  # type: ignore[import-untyped]
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -151,3 +154,43 @@ def test_address_parts(address, parts):
 def test_parse_json_accepts_objects_only():
     assert cli.parse_json('{"changed": false}\n') == {"changed": False}
     assert cli.parse_json("") is None and cli.parse_json("[1]") is None and cli.parse_json("x") is None
+
+
+ROLE = UTILS.parent
+
+
+def _module_constants(path: Path) -> dict[str, Any]:
+    """DOCUMENTATION and ARGUMENT_SPEC of a module file, read without importing it."""
+    found: dict[str, Any] = {}
+    for node in ast.parse(path.read_text()).body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id in ("DOCUMENTATION", "ARGUMENT_SPEC"):
+            found[target.id] = ast.literal_eval(node.value)  # type: ignore[attr-defined]
+    return found
+
+
+@pytest.mark.parametrize("module", ["unitgen_instance", "unitgen_status"])
+def test_module_documentation_matches_its_argument_spec(module):
+    consts = _module_constants(ROLE / "library" / f"{module}.py")
+    documented = yaml.safe_load(consts["DOCUMENTATION"])["options"]
+    spec = consts["ARGUMENT_SPEC"]
+    assert set(documented) == set(spec)
+    for name, arg in spec.items():
+        doc = documented[name]
+        for key in ("type", "default", "choices", "elements"):
+            assert doc.get(key) == arg.get(key), (module, name, key)
+
+
+def test_role_variables_are_declared_defaulted_and_documented():
+    specs = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())
+    options = specs["argument_specs"]["main"]["options"]
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    assert set(options) == set(defaults)
+    for name, option in options.items():
+        if "default" in option:
+            assert option["default"] == defaults[name], name
+        else:  # computed from facts in defaults/main.yml
+            assert "{{" in str(defaults[name]), name
+    readme = (ROLE / "README.md").read_text()
+    table = set(re.findall(r"^\| `(unitgen_\w+)` \|", readme, re.M))
+    assert table == set(options)

@@ -19,10 +19,10 @@ description:
   - O(state=absent) runs C(unitgen remove) when unitgen manages an instance of
     that name and deletes its spec file; otherwise it changes nothing.
   - When unitgen refuses a spec or an instance does not start, the task fails
-    with unitgen's message (C(file: key: message), or why the start failed),
-    and the previous spec file is put back. unitgen has already restored the
+    with unitgen's message (the file, the key and what is wrong, or why the
+    start failed), and the previous spec file is put back. unitgen has already restored the
     previous units in that case.
-  - The module runs the C(unitgen) command line, not its Python API: the
+  - The module runs the C(unitgen) command line, not its Python API, because the
     command line is unitgen's stable interface, so the module needs only the
     standard library and works with whichever unitgen the host has installed.
 version_added: "0.1.0"
@@ -393,6 +393,19 @@ def absent(module: AnsibleModule, run: Runner, name: str, path: str) -> None:
     module.exit_json(**result)
 
 
+ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
+    "spec": {"type": "dict"},
+    "name": {"type": "str"},
+    "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
+    "scope": {"type": "str", "choices": ["system", "user"], "default": "system"},
+    "target": {"type": "str", "choices": ["systemd", "supervisor"], "default": "systemd"},
+    "executable": {"type": "str", "default": "unitgen"},
+    "spec_dir": {"type": "path"},
+    "wait": {"type": "bool", "default": True},
+    "port_range": {"type": "str"},
+}
+
+
 def find_executable(module: AnsibleModule, executable: str) -> str | None:
     """The unitgen command as a path, or None when it is not installed."""
     if "/" in executable:
@@ -404,17 +417,7 @@ def find_executable(module: AnsibleModule, executable: str) -> str | None:
 def main() -> None:
     """Module entry point."""
     module = AnsibleModule(
-        argument_spec={
-            "spec": {"type": "dict"},
-            "name": {"type": "str"},
-            "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
-            "scope": {"type": "str", "choices": ["system", "user"], "default": "system"},
-            "target": {"type": "str", "choices": ["systemd", "supervisor"], "default": "systemd"},
-            "executable": {"type": "str", "default": "unitgen"},
-            "spec_dir": {"type": "path"},
-            "wait": {"type": "bool", "default": True},
-            "port_range": {"type": "str"},
-        },
+        argument_spec=ARGUMENT_SPEC,
         required_if=[("state", "present", ("spec",))],
         required_one_of=[("spec", "name")],
         supports_check_mode=True,

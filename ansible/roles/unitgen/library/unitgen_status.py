@@ -15,7 +15,7 @@ description:
     the public address its socket owns, so a play can, for example, template a
     load balancer from the ports that were actually chosen.
   - Changes nothing; runs in check mode too.
-  - The module runs the C(unitgen) command line, not its Python API: the
+  - The module runs the C(unitgen) command line, not its Python API, because the
     command line is unitgen's stable interface, so the module needs only the
     standard library and works with whichever unitgen the host has installed.
 version_added: "0.1.0"
@@ -92,23 +92,23 @@ by_name:
 """
 
 import os
+from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.unitgen_cli import address_parts, argv_for, error_message, parse_json
 
+ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
+    "names": {"type": "list", "elements": "str", "default": []},
+    "live": {"type": "bool", "default": True},
+    "scope": {"type": "str", "choices": ["system", "user"], "default": "system"},
+    "target": {"type": "str", "choices": ["systemd", "supervisor"], "default": "systemd"},
+    "executable": {"type": "str", "default": "unitgen"},
+}
+
 
 def main() -> None:
     """Module entry point."""
-    module = AnsibleModule(
-        argument_spec={
-            "names": {"type": "list", "elements": "str", "default": []},
-            "live": {"type": "bool", "default": True},
-            "scope": {"type": "str", "choices": ["system", "user"], "default": "system"},
-            "target": {"type": "str", "choices": ["systemd", "supervisor"], "default": "systemd"},
-            "executable": {"type": "str", "default": "unitgen"},
-        },
-        supports_check_mode=True,
-    )
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
     executable = p["executable"]
     if "/" not in executable:
