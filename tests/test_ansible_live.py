@@ -255,8 +255,7 @@ def test_editing_one_instance_changes_only_it(fleet):
 
 
 def test_absent_removes_the_instance(fleet):
-    fleet.converge(BASE)
-    port = fleet.play(BASE).items("a")["a2"]["port"]
+    port = fleet.converge(BASE).status("a")["a2"]["port"]
     run = fleet.play({"a": [standin("a1"), {"name": "a2", "state": "absent"}], "b": BASE["b"]})
     assert run.rc == 0, run.stderr[-2000:]
     assert run.changed("a") == 1 and run.changed("b") == 0
