@@ -290,7 +290,10 @@ def present(module: AnsibleModule, run: Runner, name: str, spec: dict[str, Any],
         text = HEADER + dumps(ordered(spec))
     except TomlWriteError as exc:
         module.fail_json(msg=f"{name}: spec: {exc}")
-    old = read_text(path)
+    try:
+        old = read_text(path)
+    except OSError as exc:
+        module.fail_json(msg=f"cannot read {path}: {exc.strerror}")
     spec_changed = old != text
     argv = run.argv("deploy")
     if module.params["port_range"]:
@@ -310,7 +313,10 @@ def present(module: AnsibleModule, run: Runner, name: str, spec: dict[str, Any],
             argv.append("--no-wait")
         deploy_path = path
         if spec_changed:
-            write_text(path, text)
+            try:
+                write_text(path, text)
+            except OSError as exc:  # e.g. system scope without become
+                module.fail_json(msg=f"cannot write {path}: {exc.strerror}", spec_file=path)
     argv.append(deploy_path)
     try:
         rc, data, out, err = run.run(argv)
@@ -323,7 +329,10 @@ def present(module: AnsibleModule, run: Runner, name: str, spec: dict[str, Any],
     inst = instances[0] if instances and isinstance(instances[0], dict) else None
     if rc != 0 or inst is None or (data or {}).get("failed"):
         if spec_changed and not module.check_mode:
-            restore(path, old)
+            try:
+                restore(path, old)
+            except OSError as exc:
+                module.warn(f"could not put the previous {path} back: {exc.strerror}")
         msg = (inst or {}).get("error") or json_error(data) or error_message(err, out)
         module.fail_json(msg=msg, name=name, rc=rc, cmd=argv, stderr=err, instance=inst,
                          spec_file=path)
@@ -363,7 +372,10 @@ def absent(module: AnsibleModule, run: Runner, name: str, path: str) -> None:
                          stderr=err)
     rows = [r for r in data.get("instances", []) if isinstance(r, dict) and r.get("name") == name]
     units = list(rows[0].get("units", [])) if rows else []
-    old = read_text(path)
+    try:
+        old = read_text(path)
+    except OSError as exc:
+        module.fail_json(msg=f"cannot read {path}: {exc.strerror}")
     changed = bool(rows) or old is not None
     result: dict[str, Any] = {
         "changed": changed,
@@ -389,7 +401,10 @@ def absent(module: AnsibleModule, run: Runner, name: str, path: str) -> None:
                              stderr=err, name=name)
         result["removed"] = (data or {}).get("removed", [])
     if old is not None:
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            module.fail_json(msg=f"cannot remove {path}: {exc.strerror}", **result)
     module.exit_json(**result)
 
 
@@ -437,8 +452,10 @@ def main() -> None:
         module.fail_json(msg=f"spec: name: {name!r} must be lowercase letters, digits and '-'")
     executable = find_executable(module, p["executable"])
     if executable is None:
-        if module.check_mode:  # the install step has not run yet: everything would change
-            module.exit_json(changed=True, name=name, action="would-create",
+        if module.check_mode:  # the install step has not run yet
+            present_ = p["state"] == "present"
+            module.exit_json(changed=present_, name=name,
+                             action="would-create" if present_ else "absent",
                              msg=f"{p['executable']} is not installed yet (check mode)")
         module.fail_json(msg=f"unitgen not found: {p['executable']} (install unitgen-units on "
                              "the host, or set executable)")
