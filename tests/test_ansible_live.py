@@ -289,6 +289,23 @@ def test_bad_spec_fails_that_host_with_unitgens_message(fleet):
     assert unit_state(fleet.boxes["b"], ["b1"]) == b_before
 
 
+def test_a_start_that_fails_reports_why_and_keeps_the_previous_version(fleet):
+    fleet.converge(BASE)
+    spec_before = fleet.spec_file("a", "a2").read_text()
+    broken = standin("a2", env={"STANDIN_NEVER_READY": "1"}, health={"timeout": "3s"})
+    run = fleet.play({"a": [standin("a1"), broken], "b": BASE["b"]})
+    assert run.failures("a") == 1 and run.failures("b") == 0
+    result = run.items("a")["a2"]
+    assert result["failed"] is True
+    assert "a2.service start job ended" in result["msg"]
+    assert "the previous version of a2 was restored and is running again" in result["msg"]
+    assert "Traceback" not in json.dumps(result)
+    assert fleet.spec_file("a", "a2").read_text() == spec_before  # the host's spec matches its units
+    again = fleet.play(BASE)  # the previous version is exactly what runs: nothing to do
+    assert again.changed("a") == 0
+    assert get(again.items("a")["a2"]["port"])[0] == 200
+
+
 def test_check_diff_shows_the_diff_and_changes_nothing(fleet):
     fleet.converge(BASE)
     files = {h: unit_files(b) for h, b in fleet.boxes.items()}
