@@ -1,0 +1,214 @@
+"""Small wrappers that supervisord runs (the supervisor target has no unit
+directives for these jobs). Standard library only.
+
+``exec``: prepare and exec the server, keeping its pid.
+    --mkdir DIR       create the directory of its private Unix socket (mode 0700)
+    --env-file FILE   add KEY=VALUE lines (the API key: never in a conf file or argv)
+    --fd3             the socket supervisord passed as fd 0 becomes fd 3 with
+                      LISTEN_FDS=1 and LISTEN_PID (what systemd would pass)
+
+``proxy``: hold the public socket supervisord passed as fd 0; wait until the
+server answers its health path on the private endpoint; then run
+systemd-socket-proxyd with the socket as fd 3. When the private endpoint stops
+accepting (the server died) the proxy is stopped and the wait starts again, so
+clients queue in the socket's backlog instead of being reset.
+
+    python -m unitgen.inunit.supwrap exec --mkdir /run/unitgen/unitgen-x -- vllm serve ...
+    python -m unitgen.inunit.supwrap proxy --private 127.0.0.1:20001 --path /health -- \\
+        /lib/systemd/systemd-socket-proxyd 127.0.0.1:20001
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+from types import FrameType
+
+from unitgen.inunit.probe import attempt
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines (written by unitgen; values are single lines)."""
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh.read().split("\n"):
+            if line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                out[key] = value
+    return out
+
+
+def _fd0_to_fd3(env: dict[str, str]) -> None:
+    os.dup2(0, 3)
+    os.set_inheritable(3, True)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    env["LISTEN_FDS"] = "1"
+    env["LISTEN_PID"] = str(os.getpid())  # exec keeps the pid
+    env.pop("LISTEN_FDNAMES", None)
+
+
+def _exec(ns: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if ns.mkdir:
+        os.makedirs(ns.mkdir, mode=0o700, exist_ok=True)
+    if ns.env_file:
+        env.update(read_env_file(ns.env_file))
+    if ns.fd3:
+        _fd0_to_fd3(env)
+    try:
+        os.execvpe(ns.argv[0], ns.argv, env)  # noqa: S606 - exec is the job; argv, no shell
+    except OSError as exc:
+        print(f"unitgen supwrap: cannot run {ns.argv[0]}: {exc.strerror}", file=sys.stderr)
+    return 127
+
+
+def _accepting(target: str) -> bool:
+    """False only when the endpoint definitely refuses (nothing listens)."""
+    if target.startswith("/"):
+        family, addr = socket.AF_UNIX, target
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        where: object = addr
+    else:
+        host, _, port = target.rpartition(":")
+        host = host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        where = (host, int(port))
+    sock.settimeout(2.0)
+    try:
+        sock.connect(where)  # type: ignore[arg-type]  # a path or (host, port)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # busy or slow is not dead
+    finally:
+        sock.close()
+    return True
+
+
+def _spawn_proxy(argv: list[str]) -> int:
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            env = dict(os.environ)
+            _fd0_to_fd3(env)
+            os.execve(argv[0], argv, env)  # noqa: S606 - exec is the job; argv, no shell
+        finally:
+            os._exit(127)
+    return pid
+
+
+def _stop(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if os.waitpid(pid, os.WNOHANG)[0]:
+            return
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def _say(line: str) -> None:
+    print(f"unitgen proxy: {line}", file=sys.stderr, flush=True)
+
+
+def _proxy(ns: argparse.Namespace) -> int:
+    key = None
+    if ns.key_env:
+        key = read_env_file(ns.env_file).get(ns.key_env) if ns.env_file else None
+        key = key or os.environ.get(ns.key_env)
+    child = 0
+    stopping = False
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    interval = ns.interval
+    while not stopping:
+        started = time.monotonic()
+        last = ""
+        while not stopping:
+            result = attempt(ns.private, ns.path, key, timeout=5.0)
+            if result.outcome == "ready":
+                break
+            if result.detail != last:
+                _say(f"waiting for {ns.private}{ns.path}: {result.detail}")
+                last = result.detail
+            time.sleep(interval)
+        if stopping:
+            break
+        _say(f"{ns.private} ready after {time.monotonic() - started:.1f} s; forwarding")
+        child = _spawn_proxy(ns.argv)
+        while not stopping:
+            done, status = os.waitpid(child, os.WNOHANG)
+            if done:
+                _say(f"systemd-socket-proxyd exited ({status}); waiting again")
+                child = 0
+                break
+            if not _accepting(ns.private):
+                _say(f"{ns.private} stopped accepting (the server exited); connections "
+                     "wait in the socket until it answers again")
+                _stop(child)
+                child = 0
+                break
+            time.sleep(interval)
+    if child:
+        _stop(child)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m unitgen.inunit.supwrap",
+                                description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    e = sub.add_parser("exec", help="prepare and exec the server")
+    e.add_argument("--mkdir")
+    e.add_argument("--env-file")
+    e.add_argument("--fd3", action="store_true")
+    x = sub.add_parser("proxy", help="hold fd 0, wait for the server, run the proxy on it")
+    x.add_argument("--private", required=True)
+    x.add_argument("--path", default="/health")
+    x.add_argument("--key-env")
+    x.add_argument("--env-file")
+    x.add_argument("--interval", type=float, default=0.1)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m unitgen.inunit.supwrap``."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--" not in args:
+        print("unitgen supwrap: the command goes after --", file=sys.stderr)
+        return EXIT_USAGE
+    cut = args.index("--")
+    # options before "--", the command after it, taken as is (argparse would
+    # read a word of the server's argv such as "--" or "-x" as its own)
+    ns = _parser().parse_args(args[:cut])
+    ns.argv = args[cut + 1:]
+    if not ns.argv:
+        print("unitgen supwrap: no command after --", file=sys.stderr)
+        return EXIT_USAGE
+    if ns.mode == "exec":
+        return _exec(ns)
+    return _proxy(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
