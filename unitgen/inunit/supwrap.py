@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import socket
 import sys
@@ -96,6 +97,63 @@ def _accepting(target: str) -> bool:
     return True
 
 
+def _listening_inodes(target: str) -> set[str]:
+    """Inodes of the listening socket(s) at ``target``, from /proc/net."""
+    found: set[str] = set()
+    if target.startswith("/"):
+        try:
+            with open("/proc/net/unix", encoding="utf-8") as fh:
+                for line in fh.read().splitlines()[1:]:
+                    fields = line.split()
+                    # Flags 00010000 = __SO_ACCEPTCON: a listening socket
+                    if len(fields) >= 8 and fields[7] == target and fields[3] == "00010000":
+                        found.add(fields[6])
+        except OSError:
+            pass
+        return found
+    port = int(target.rpartition(":")[2])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="utf-8") as fh:
+                for line in fh.read().splitlines()[1:]:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A" and \
+                            int(fields[1].rpartition(":")[2], 16) == port:
+                        found.add(fields[9])
+        except OSError:
+            pass
+    return found
+
+
+def listener_pid(target: str) -> int | None:
+    """The process that holds the listening socket at ``target`` (the server),
+    found through /proc; None when it cannot be seen."""
+    inodes = {f"socket:[{i}]" for i in _listening_inodes(target)}
+    if not inodes:
+        return None
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
+                    return int(entry)
+        except OSError:
+            continue
+    return None
+
+
+def _watch(pid: int | None) -> int | None:
+    """A pidfd that becomes readable the moment ``pid`` exits."""
+    if pid is None:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
 def _spawn_proxy(argv: list[str]) -> int:
     pid = os.fork()
     if pid == 0:  # child
@@ -108,9 +166,9 @@ def _spawn_proxy(argv: list[str]) -> int:
     return pid
 
 
-def _stop(pid: int) -> None:
+def _stop(pid: int, sig: int = signal.SIGTERM) -> None:
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 5
@@ -154,7 +212,10 @@ def _proxy(ns: argparse.Namespace) -> int:
             time.sleep(interval)
         if stopping:
             break
-        _say(f"{ns.private} ready after {time.monotonic() - started:.1f} s; forwarding")
+        server = listener_pid(ns.private)
+        watch = _watch(server)
+        _say(f"{ns.private} ready after {time.monotonic() - started:.1f} s (server pid "
+             f"{server or 'not visible'}); forwarding")
         child = _spawn_proxy(ns.argv)
         while not stopping:
             done, status = os.waitpid(child, os.WNOHANG)
@@ -162,13 +223,21 @@ def _proxy(ns: argparse.Namespace) -> int:
                 _say(f"systemd-socket-proxyd exited ({status}); waiting again")
                 child = 0
                 break
-            if not _accepting(ns.private):
-                _say(f"{ns.private} stopped accepting (the server exited); connections "
-                     "wait in the socket until it answers again")
-                _stop(child)
+            if watch is not None:
+                # wakes at once when the server exits: the proxy is gone before
+                # supervisord has respawned it, so no client is forwarded to nothing
+                died = bool(select.select([watch], [], [], interval)[0])
+            else:
+                time.sleep(interval)
+                died = not _accepting(ns.private)
+            if died:
+                _stop(child, signal.SIGKILL)  # its connections died with the server
                 child = 0
+                _say(f"{ns.private}: the server exited; connections wait in the socket "
+                     "until it answers again")
                 break
-            time.sleep(interval)
+        if watch is not None:
+            os.close(watch)
     if child:
         _stop(child)
     return 0
