@@ -21,7 +21,7 @@ from unitgen.ops.supervisor.rpc import (
 from unitgen.targets.supervisor.render import SupervisorContext
 from unitgen.targets.systemd.render import find_proxyd  # the same binary serves both targets
 
-__all__ = ["ENV_VARS", "Target"]
+__all__ = ["ENV_VARS", "Target", "context"]
 
 # Every setting can come from the environment, so a container image sets them once.
 ENV_VARS = {
@@ -65,11 +65,16 @@ class Target:
             where = str(config) if config else "no supervisord.conf found in the usual places"
             raise UnitgenError(f"no directory for conf files ({where} has no [include] files); "
                                "pass --conf-dir or set UNITGEN_SUPERVISOR_CONF_DIR")
-        ctx = SupervisorContext(
-            python=sys.executable,
-            proxyd=find_proxyd() if need_proxyd else "systemd-socket-proxyd",
-            run_dir=os.environ.get(ENV_VARS["run_dir"], "/run/unitgen"),
-            log_dir=os.environ.get(ENV_VARS["log_dir"], "/var/log/unitgen"),
-            secrets_dir=os.environ.get(ENV_VARS["secrets_dir"], "/etc/unitgen/secrets"),
-        )
-        return cls(Endpoint(url, credentials(config)), conf_dir, ctx)
+        return cls(Endpoint(url, credentials(config)), conf_dir, context(need_proxyd=need_proxyd))
+
+
+def context(*, need_proxyd: bool = True) -> SupervisorContext:
+    """This interpreter, the installed proxyd, and the run/log/secret directories
+    (environment variables, else /run/unitgen, /var/log/unitgen, /etc/unitgen/secrets)."""
+    return SupervisorContext(
+        python=sys.executable,
+        proxyd=find_proxyd() if need_proxyd else "systemd-socket-proxyd",
+        run_dir=os.environ.get(ENV_VARS["run_dir"], "/run/unitgen"),
+        log_dir=os.environ.get(ENV_VARS["log_dir"], "/var/log/unitgen"),
+        secrets_dir=os.environ.get(ENV_VARS["secrets_dir"], "/etc/unitgen/secrets"),
+    )
