@@ -5,7 +5,7 @@
               the port ([fcgi-program], fd 0); a wrapper waits for the server and
               runs systemd-socket-proxyd on it (fd 3); the server is private
 * fd3:        a custom server with socket_activation = true: supervisord owns the
-              port and the server takes it as fd 3
+              port, a holder program keeps it and hands it to the server as fd 3
 
 For each, with a stand-in server that loads for LOAD seconds (``refuse``: not
 listening while loading, like vLLM and vox-box; ``503``: answering 503, like
@@ -133,7 +133,7 @@ def measure(design: str, loading: str, load: float, window: float, root: Path) -
             th.start()
             deploy([spec], sd.target(), Options(say=lambda line: None))
             th.join()
-            program = "x" if sock else "x-backend"
+            program = "x-backend"
         out.append(f"{design:9} {loading:7} start:    {summary(results)}")
         wait_answer(port, 30)
         results = []

@@ -233,8 +233,12 @@ def test_socket_activated_server_gets_fd3(sd, target, tmp_path):
         assert result.data["instances"][0]["ready"], result.lines
         rec = json.loads(record.read_text())
         assert rec["env"]["LISTEN_FDS"] == "1" and rec["env"]["LISTEN_PID"] == str(rec["pid"])
-        assert rec["pid"] == _pid(sd, "sa")
+        assert rec["pid"] == _pid(sd, "sa-backend")
         assert get(port)[1]["pid"] == rec["pid"]
+        # the held socket outlives a crash: a client during the restart waits
+        os.kill(rec["pid"], signal.SIGKILL)
+        code, body = get(port, timeout=30)
+        assert code == 200 and body["pid"] not in (0, rec["pid"])
     finally:
         remove(["sa"], target)
 

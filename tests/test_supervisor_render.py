@@ -36,7 +36,8 @@ def test_examples_read_back_as_resolved(example):
     conf = files[0]
     assert conf.name == f"unitgen-{inst.name}.conf"
     programs = {p.group: p for p in read_back(conf.text)}
-    server = programs[f"{inst.name}-backend" if inst.uses_proxy else inst.name]
+    assert set(programs) == {inst.name, f"{inst.name}-backend"}
+    server = programs[f"{inst.name}-backend"]
     argv = server.argv[server.argv.index("--") + 1:] if "--" in server.argv else server.argv
     assert argv == [w.replace(RUNTIME_DIR, "/run/unitgen") for w in inst.argv]
     assert server.environment == dict(inst.env)
@@ -46,7 +47,8 @@ def test_examples_read_back_as_resolved(example):
         assert public.argv[-1] == inst.private.listen().replace(RUNTIME_DIR, "/run/unitgen")
         assert public.argv[-3].endswith("systemd-socket-proxyd")
     else:
-        assert "--fd3" in server.argv
+        hold = public.argv[public.argv.index("--serve") + 1]
+        assert server.argv[server.argv.index("--fd3-from") + 1] == hold
 
 
 def test_marker_makes_files_ours(tmp_path):

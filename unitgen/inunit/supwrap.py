@@ -6,6 +6,15 @@ directives for these jobs). Standard library only.
     --env-file FILE   add KEY=VALUE lines (the API key: never in a conf file or argv)
     --fd3             the socket supervisord passed as fd 0 becomes fd 3 with
                       LISTEN_FDS=1 and LISTEN_PID (what systemd would pass)
+    --fd3-from PATH   the same with the socket received from ``hold --serve PATH``
+
+``hold``: for a server that takes its socket (``socket_activation = true``):
+hold the public socket supervisord passed as fd 0 for as long as supervisord
+runs this program, and hand it (SCM_RIGHTS) to whoever connects to
+``--serve PATH``. The server's ``exec --fd3-from PATH`` receives it as fd 3, so
+the socket outlives a crash of the server and clients wait in its backlog
+while it restarts (supervisord itself closes a fcgi socket when the process
+that holds it exits).
 
 ``proxy``: hold the public socket supervisord passed as fd 0; wait until the
 server answers its health path on the private endpoint; then run
@@ -21,6 +30,7 @@ clients queue in the socket's backlog instead of being reset.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -58,12 +68,39 @@ def _fd0_to_fd3(env: dict[str, str]) -> None:
     env.pop("LISTEN_FDNAMES", None)
 
 
+def receive_socket(path: str, timeout: float = 30.0) -> int:
+    """The listening socket that ``hold`` serves at ``path`` (waits for it to start)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(5.0)
+                conn.connect(path)
+                _, fds, _, _ = socket.recv_fds(conn, 16, 1)
+                if fds:
+                    return fds[0]
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise OSError(f"no socket from {path} within {timeout:g} s")
+        time.sleep(0.05)
+
+
 def _exec(ns: argparse.Namespace) -> int:
     env = dict(os.environ)
     if ns.mkdir:
         os.makedirs(ns.mkdir, mode=0o700, exist_ok=True)
     if ns.env_file:
         env.update(read_env_file(ns.env_file))
+    if ns.fd3_from:
+        try:
+            fd = receive_socket(ns.fd3_from)
+        except OSError as exc:
+            print(f"unitgen supwrap: {exc}", file=sys.stderr)
+            return 1
+        os.dup2(fd, 0)
+        os.close(fd)
+        ns.fd3 = True
     if ns.fd3:
         _fd0_to_fd3(env)
     try:
@@ -95,6 +132,33 @@ def _accepting(target: str) -> bool:
     finally:
         sock.close()
     return True
+
+
+def _hold(ns: argparse.Namespace) -> int:
+    os.makedirs(os.path.dirname(ns.serve), mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(ns.serve)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(ns.serve)
+    os.chmod(ns.serve, 0o600)
+    server.listen(16)
+    public = socket.socket(fileno=os.dup(0))
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    print(f"unitgen hold: holding {public.getsockname()}; serving it at {ns.serve}",
+          file=sys.stderr, flush=True)
+    try:
+        while True:
+            conn, _ = server.accept()
+            with conn, contextlib.suppress(OSError):
+                socket.send_fds(conn, [b"\0"], [public.fileno()])
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(ns.serve)
 
 
 def _listening_inodes(target: str) -> set[str]:
@@ -251,6 +315,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--mkdir")
     e.add_argument("--env-file")
     e.add_argument("--fd3", action="store_true")
+    e.add_argument("--fd3-from")
+    h = sub.add_parser("hold", help="hold fd 0 and hand it to the server (socket activation)")
+    h.add_argument("--serve", required=True)
     x = sub.add_parser("proxy", help="hold fd 0, wait for the server, run the proxy on it")
     x.add_argument("--private", required=True)
     x.add_argument("--path", default="/health")
@@ -263,9 +330,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m unitgen.inunit.supwrap``."""
     args = sys.argv[1:] if argv is None else argv
-    if "--" not in args:
+    if "--" not in args and args[:1] != ["hold"]:
         print("unitgen supwrap: the command goes after --", file=sys.stderr)
         return EXIT_USAGE
+    if args[:1] == ["hold"]:
+        return _hold(_parser().parse_args(args))
     cut = args.index("--")
     # options before "--", the command after it, taken as is (argparse would
     # read a word of the server's argv such as "--" or "-x" as its own)

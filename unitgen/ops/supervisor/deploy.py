@@ -10,6 +10,7 @@ import contextlib
 import difflib
 import fcntl
 import os
+import pwd
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -292,7 +293,7 @@ def _wait_ready(rpc: SupervisorRPC, inst: Instance, opts: Options) -> tuple[bool
     """Poll the PUBLIC port with the probe code until ready, supervisord gave up,
     or the [health] timeout. Returns (ready, seconds, reason)."""
     target = inst.public.probe_target()
-    server = f"{inst.name}-backend" if inst.uses_proxy else inst.name
+    server = f"{inst.name}-backend"
     start = time.monotonic()
     deadline = start + inst.health_timeout
     next_say = start + 5
@@ -356,6 +357,7 @@ def deploy(paths: list[Path], target: Target, opts: Options) -> Result:
             for p in plans:
                 if p.changed:
                     written.append((p, apply_changes(p.changes())))
+                    _hand_to_user(p, target)
             diff = rpc.reload_config()
         except UnitgenError:
             for _, undo in reversed(written):
@@ -365,6 +367,30 @@ def deploy(paths: list[Path], target: Target, opts: Options) -> Result:
         for p in plans:
             outcomes.append(_activate(rpc, p, undo_of.get(p.name), diff, states, opts))
     return _result(outcomes, dry_run=False)
+
+
+def _hand_to_user(p: Plan, target: Target) -> None:
+    """supervisord drops to ``user =`` before it execs the wrapper: that user must
+    read its secret file and create its socket directory."""
+    user = p.inst.spec.user
+    if user is None or os.geteuid() != 0:
+        return
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise UnitgenError(f"{p.inst.spec.source}: user: no such user {user!r}") from None
+    secret = target.secrets_dir / secret_name(p.name)
+    run = Path(target.ctx.run_dir)
+    try:
+        if secret.exists():
+            os.chown(secret, entry.pw_uid, entry.pw_gid)
+        run.mkdir(parents=True, exist_ok=True, mode=0o755)
+        mine = run / f"unitgen-{p.name}"
+        mine.mkdir(exist_ok=True, mode=0o700)
+        os.chown(mine, entry.pw_uid, entry.pw_gid)
+    except OSError as exc:
+        raise UnitgenError(f"cannot hand files to user {user}: {exc.strerror} "
+                           f"({exc.filename})") from None
 
 
 def _mkdir(directory: Path) -> None:
@@ -405,7 +431,7 @@ def _activate(rpc: SupervisorRPC, p: Plan, undo: list[tuple[Path, str | None]] |
     if ok:
         opts.say(f"{p.name}: ready on {out.public} after {seconds:.1f} s")
         return out
-    server = f"{p.name}-backend" if p.inst.uses_proxy else p.name
+    server = f"{p.name}-backend"
     lines = last_log_lines(rpc, server)
     if lines:
         reason += f"\n  last log lines of {server}:\n    " + "\n    ".join(lines)

@@ -43,12 +43,12 @@ class InstalledConf:
     @property
     def groups(self) -> list[str]:
         """supervisord process groups, the public one first."""
-        return [self.name, f"{self.name}-backend"] if self.uses_proxy else [self.name]
+        return [self.name, f"{self.name}-backend"]
 
     @property
     def server(self) -> str:
         """The namespec of the process that runs the model server."""
-        return f"{self.name}-backend" if self.uses_proxy else self.name
+        return f"{self.name}-backend"
 
     def probe_target(self) -> str:
         """host:port to probe the public socket at."""

@@ -2,12 +2,12 @@
 on disk), plus a mode-0600 secret file when the instance has an API key.
 
 Topology (docs/supervisor.md says why): supervisord owns the public port as an
-``[fcgi-program:NAME]`` socket. For servers that cannot take a socket, that
-program is a small wrapper that waits until the server answers on its private
-endpoint and then runs systemd-socket-proxyd on the socket (fd 3), and the
-server runs as ``[program:NAME-backend]``. A custom server with
-``socket_activation = true`` is the fcgi-program itself and gets the socket as
-fd 3. Quoting lives in :mod:`unitgen.targets.supervisor.escape`.
+``[fcgi-program:NAME]`` socket and the server runs as ``[program:NAME-backend]``.
+For servers that cannot take a socket, the fcgi-program is a small wrapper that
+waits until the server answers on its private endpoint and then runs
+systemd-socket-proxyd on the socket (fd 3). For a custom server with
+``socket_activation = true`` it holds the socket and hands it to the server,
+which gets it as fd 3. Quoting lives in :mod:`unitgen.targets.supervisor.escape`.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def secret_name(name: str) -> str:
 
 def group_names(inst: Instance) -> list[str]:
     """supervisord process groups of an instance: the public one first."""
-    return [inst.name, f"{inst.name}-backend"] if inst.uses_proxy else [inst.name]
+    return [inst.name, f"{inst.name}-backend"]
 
 
 def _refusals(inst: Instance) -> list[Problem]:
@@ -181,8 +181,9 @@ def render_instance(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
         wrap += ["--mkdir", f"{ctx.run_dir}/{runtime_subdir(spec.name)}"]
     if secret:
         wrap += ["--env-file", secret_file]
+    hold_path = f"{ctx.run_dir}/{runtime_subdir(spec.name)}/listen.sock"
     if inst.private is None:
-        wrap += ["--fd3"]
+        wrap += ["--fd3-from", hold_path]
     server = " ".join(server_words)
     if wrap:
         head = [ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "exec", *wrap, "--"]
@@ -190,7 +191,10 @@ def render_instance(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
 
     proxy = ""
     private = ""
-    if inst.private is not None:
+    if inst.private is None:
+        proxy = escape.command_line([ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "hold",
+                                     "--serve", hold_path])
+    else:
         target = _runtime(inst.private.probe_target(), ctx)
         private = _runtime(inst.private.listen(), ctx)
         cmd = [ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "proxy",
@@ -214,7 +218,8 @@ def render_instance(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
         "timeout": f"{inst.health_timeout:g}",
         "key_env": inst.probe_key_env or "",
         "gpu_header": gpu_header,
-        "proxy_command": proxy,
+        "public_command": proxy,
+        "hold": inst.private is None,
         "server_command": server,
         "environment": ",".join(env_parts),
         "directory": directory,
