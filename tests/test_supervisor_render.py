@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import write_spec
+from tests.nvml import eight_gpus, fake_nvml, uuid
 from tests.supervisor_readback import read_back
 from unitgen.errors import SpecError
-from unitgen.ops.core import is_ours
+from unitgen.ops.core import is_ours, placement_for
 from unitgen.plan.instance import RUNTIME_DIR, resolve
 from unitgen.spec.model import load_spec
 from unitgen.targets.supervisor.render import SupervisorContext, render_instance
@@ -21,6 +22,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CTX = SupervisorContext(python="/usr/bin/python3", proxyd="/usr/lib/systemd/systemd-socket-proxyd",
                         run_dir="/run/unitgen", log_dir=tempfile.gettempdir(),  # supervisor checks it exists
                         secrets_dir="/etc/unitgen/secrets")
+__all__ = ["fake_nvml"]  # the fixture, re-exported for pytest
 SUPPORTED = ["qwen2-vllm", "custom-socket-activated", "custom-tcp", "demo", "llama-box",
              "llama-server-1gpu", "vllm-2gpu"]
 
@@ -95,3 +97,20 @@ def test_api_key_stays_out_of_the_conf_file(tmp_path):
     assert "--env-file" in programs["x-backend"].argv
     assert "sk-secret-123" not in " ".join(programs["x-backend"].argv)
     assert programs["x"].argv[programs["x"].argv.index("--key-env") + 1] == "VLLM_API_KEY"
+
+
+def test_gpu_pinning_as_systemd(fake_nvml):
+    """The placement's CUDA_VISIBLE_DEVICES (UUIDs) and defaults reach the server."""
+    fake_nvml(eight_gpus())
+    spec = load_spec(EXAMPLES / "vllm-2gpu.toml")
+    placement = placement_for(spec)
+    assert placement is not None
+    inst = resolve(spec, placement=placement)
+    [server] = [p for p in read_back(render_instance(inst, CTX)[0].text)
+                if p.group.endswith("-backend")]
+    uuids = ",".join(placement.uuids)
+    assert uuids == f"{uuid(0)},{uuid(1)}"
+    assert server.environment["CUDA_VISIBLE_DEVICES"] == uuids
+    assert server.environment["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert server.argv[-2:] == ["--tensor-parallel-size", "2"]
+    assert f"# unitgen-gpus: {uuids} exclusive" in render_instance(inst, CTX)[0].text
