@@ -1,8 +1,9 @@
 #!/bin/sh
 # The demo under supervisord instead of systemd: starts a private supervisord
 # in a temp dir (what a container runs as its main process), deploys
-# examples/demo.toml with --target supervisor, shows it answering on port 8765
-# through supervisord's socket, then stops that supervisord by its pid.
+# examples/demo.toml with --target supervisor (on port 8766: 8765 is the systemd
+# demo's), shows it answering through supervisord's socket, then stops that
+# supervisord by its pid.
 # Run from the repo after ./setup:   sh examples/demo-supervisor.sh
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -42,10 +43,11 @@ export UNITGEN_SUPERVISOR_CONF_DIR="$dir/conf.d"
 export UNITGEN_SUPERVISOR_RUN_DIR="$dir/run" UNITGEN_SUPERVISOR_LOG_DIR="$dir/log"
 export UNITGEN_SUPERVISOR_SECRETS_DIR="$dir/secrets"
 
-"$bin/unitgen" deploy "$here/demo.toml"
+sed -e 's/^port = 8765$/port = 8766/' -e "s|{spec_dir}|$here|" "$here/demo.toml" > "$dir/demo.toml"
+"$bin/unitgen" deploy "$dir/demo.toml"
 echo
-echo "GET http://127.0.0.1:8765/v1/models through supervisord's socket:"
-python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8765/v1/models", timeout=30).read().decode())'
+echo "GET http://127.0.0.1:8766/v1/models through supervisord's socket:"
+python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:8766/v1/models", timeout=30).read().decode())'
 echo
 "$bin/unitgen" status
 echo
