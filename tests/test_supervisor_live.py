@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +133,34 @@ def test_kill_9_clients_wait_instead_of_refused(sd, target):
     code, body = get(port, timeout=30)  # sent while the stand-in is still loading (1.5 s)
     assert code == 200 and body["pid"] != old
     assert time.monotonic() - t0 > 0.5  # it waited in the socket instead of getting 503
+
+
+def test_server_only_change_keeps_the_socket(sd, target, tmp_path):
+    """A change of the server's environment replaces only NAME-backend: the
+    public socket stays open and clients wait through the restart."""
+    port = int(status(["ready"], target).data["instances"][0]["public"].rpartition(":")[2])
+    public_pid = _pid(sd, "ready")
+    outcomes: list[int | str] = []
+
+    def client() -> None:
+        end = time.monotonic() + 4
+        while time.monotonic() < end:
+            try:
+                outcomes.append(get(port, timeout=30)[0])
+            except OSError as exc:
+                outcomes.append(type(exc).__name__)
+            time.sleep(0.05)
+
+    th = threading.Thread(target=client)
+    th.start()
+    time.sleep(0.3)
+    spec = write_spec(tmp_path, "ready", custom_spec(
+        "ready", port=port, env={"STANDIN_LOAD_SECONDS": "1.5", "CHANGED": "1"}))
+    result = deploy([spec], target, QUIET)
+    th.join()
+    assert result.data["instances"][0]["ready"], result.lines
+    assert _pid(sd, "ready") == public_pid  # the socket's program was not touched
+    assert outcomes and set(outcomes) == {200}, outcomes
 
 
 def test_changed_spec_never_ready_rolls_back(sd, target, tmp_path):
