@@ -110,6 +110,20 @@ def test_redeploy_unchanged_touches_nothing(sd, target, tmp_path):
     assert (_pid(sd, "ready"), _pid(sd, "ready-backend")) == before
 
 
+def test_dry_run_diff_changes_nothing(sd, target, tmp_path):
+    port = int(status(["ready"], target).data["instances"][0]["public"].rpartition(":")[2])
+    conf = target.conf_dir / "unitgen-ready.conf"
+    before = (conf.read_text(), _pid(sd, "ready-backend"))
+    spec = write_spec(tmp_path, "ready", custom_spec("ready", port=port,
+                                                     env={"STANDIN_LOAD_SECONDS": "2"}))
+    result = deploy([spec], target, Options(dry_run=True, diff=True, say=lambda line: None))
+    [inst] = result.data["instances"]
+    assert (inst["action"], inst["changed"]) == ("would-update", True)
+    assert '-environment=STANDIN_LOAD_SECONDS="1.5"' in inst["diff"]
+    assert '+environment=STANDIN_LOAD_SECONDS="2"' in inst["diff"]
+    assert (conf.read_text(), _pid(sd, "ready-backend")) == before
+
+
 def test_kill_9_restarts_and_ready_again(sd, target):
     old = _pid(sd, "ready-backend")
     os.kill(old, signal.SIGKILL)
