@@ -314,6 +314,31 @@ def test_secret_stays_out_of_conf_and_argv(sd, target, tmp_path):
     assert not secret.exists()
 
 
+def test_status_when_the_public_program_is_stopped(sd, target):
+    sd.rpc().call("stopProcess", "ready", True)
+    try:
+        [row] = status(["ready"], target).data["instances"]
+        assert row["state"] == "stopped" and "port is closed" in row["detail"], row
+    finally:
+        sd.rpc().call("startProcess", "ready", True)
+    assert wait_for(lambda: status(["ready"], target).data["instances"][0]["state"] == "ready", 30)
+
+
+def test_doctor_finds_a_server_listening_elsewhere(sd, target, tmp_path):
+    """The GPUStack #2154 shape: the server also listens on a port of its own."""
+    extra = free_port()
+    spec = write_spec(tmp_path, "stray", custom_spec("stray", port=free_port(),
+                                                     env={"STANDIN_EXTRA_PORT": str(extra)}))
+    try:
+        deploy([spec], target, QUIET)
+        result = doctor("stray", target)
+        assert result.exit_code == 1
+        assert any(line.startswith("problem: the server also listens on " + str(extra))
+                   for line in result.lines), result.lines
+    finally:
+        remove(["stray"], target)
+
+
 def test_logs_and_doctor(sd, target):
     seen: list[str] = []
     assert logs("ready", target, lines=500, write=seen.append) == 0

@@ -78,6 +78,13 @@ def _row(target: Target, conf: InstalledConf, states: dict[str, dict[str, Any]])
         return Row(conf.name, "starting", conf.public, None, None,
                    f"restarting after an exit: {server.get('spawnerr') or 'backing off'}",
                    programs)
+    public = states.get(conf.name)
+    pstate = str(public["statename"]) if public else "NOT-LOADED"
+    if pstate in ("FATAL", "STOPPED", "EXITED", "NOT-LOADED"):
+        # the server runs, but nothing holds the public socket: clients are refused
+        return Row(conf.name, "failed" if pstate == "FATAL" else "stopped", conf.public, pid,
+                   uptime, f"the public socket's program {conf.name} is {pstate}; the port "
+                           "is closed", programs)
     probe = attempt(conf.probe_target(), conf.health_path, _key(target, conf), timeout=3.0)
     if probe.outcome == "ready":
         return Row(conf.name, "ready", conf.public, pid, uptime, probe.detail, programs)
