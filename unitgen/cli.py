@@ -82,6 +82,20 @@ def check(specs: tuple[Path, ...], user: bool, gpus_from: Path | None, as_json: 
     return emit(core.check(list(specs), _ctx(user), gpus_from=gpus_from), as_json=as_json)
 
 
+def _target_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--target, and where supervisord and its include directory are (docs/supervisor.md)."""
+    func = click.option("--conf-dir", type=click.Path(path_type=Path, file_okay=False),
+                        envvar="UNITGEN_SUPERVISOR_CONF_DIR",
+                        help="supervisor: include directory for conf files (default: from "
+                             "[include] of supervisord.conf; env UNITGEN_SUPERVISOR_CONF_DIR).")(func)
+    func = click.option("--supervisor-url", envvar="UNITGEN_SUPERVISOR_URL",
+                        help="supervisor: unix:///path or http://host:port (default: "
+                             "[supervisorctl] serverurl; env UNITGEN_SUPERVISOR_URL).")(func)
+    return click.option("--target", "target", type=click.Choice(["systemd", "supervisor"]),
+                        default="systemd", envvar="UNITGEN_TARGET", show_default=True,
+                        help="Service manager (env UNITGEN_TARGET).")(func)
+
+
 @cli.command(epilog="Example: unitgen render examples/demo.toml --out /tmp/units\n\n"
                     "On stdout each file follows a line '----- unitgen: NAME -----'.")
 @click.argument("spec", type=SPEC)
@@ -91,10 +105,16 @@ def check(specs: tuple[Path, ...], user: bool, gpus_from: Path | None, as_json: 
 @click.option("--user", is_flag=True, help="Units for the per-user manager (WantedBy=default.target).")
 @GPUS_FROM
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def render(spec: Path, out: Path | None, user: bool, gpus_from: Path | None, as_json: bool) -> int:
+@_target_options
+def render(spec: Path, out: Path | None, user: bool, gpus_from: Path | None, as_json: bool,
+           target: str, supervisor_url: str | None, conf_dir: Path | None) -> int:
     """Print (or write with --out) the units of one spec."""
     from unitgen.ops import core  # noqa: PLC0415
 
+    if target == "supervisor":
+        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
+
+        return emit(sup.render(spec, out), as_json=as_json)
     return emit(core.render(spec, _ctx(user), out, gpus_from=gpus_from), as_json=as_json)
 
 
@@ -128,8 +148,10 @@ def _scope(user: bool) -> str:
 @click.option("--port-range", envvar="UNITGEN_PORT_RANGE", default="31000-31999", show_default=True,
               help="Where ports for specs without one come from (env UNITGEN_PORT_RANGE).")
 @JSON
+@_target_options
 def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wait: bool,
-           port_range: str, as_json: bool) -> int:
+           port_range: str, as_json: bool, target: str, supervisor_url: str | None,
+           conf_dir: Path | None) -> int:
     """Install or update instances and wait until they answer."""
     from unitgen.ops.deploy import DeployOptions  # noqa: PLC0415
     from unitgen.ops.deploy import deploy as run  # noqa: PLC0415
@@ -138,6 +160,12 @@ def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wa
     if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= 65535):
         raise click.BadParameter(f"{port_range!r} is not LOW-HIGH, e.g. 31000-31999",
                                  param_hint="--port-range")
+    if target == "supervisor":
+        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
+
+        return emit(sup.deploy(list(specs), url=supervisor_url, conf_dir=conf_dir,
+                               dry_run=dry_run, diff=diff, wait=not no_wait,
+                               port_range=(int(lo), int(hi))), as_json=as_json)
     opts = DeployOptions(scope=_scope(user), ctx=_ctx(user), dry_run=dry_run, diff=diff,
                          wait=not no_wait, tty=sys.stderr.isatty() and not as_json,
                          port_range=(int(lo), int(hi)),
@@ -149,8 +177,15 @@ def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wa
 @click.argument("names", nargs=-1)
 @USER
 @JSON
-def status(names: tuple[str, ...], user: bool, as_json: bool) -> int:
+@_target_options
+def status(names: tuple[str, ...], user: bool, as_json: bool, target: str,
+           supervisor_url: str | None, conf_dir: Path | None) -> int:
     """State, address, PID, uptime and memory of instances (all by default)."""
+    if target == "supervisor":
+        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
+
+        return emit(sup.status(list(names), url=supervisor_url, conf_dir=conf_dir),
+                    as_json=as_json)
     from unitgen.ops.status import status as run  # noqa: PLC0415
 
     return emit(run(list(names), _scope(user)), as_json=as_json)
@@ -170,8 +205,15 @@ def ls_(user: bool, as_json: bool) -> int:
 @click.argument("names", nargs=-1, required=True)
 @USER
 @JSON
-def remove(names: tuple[str, ...], user: bool, as_json: bool) -> int:
+@_target_options
+def remove(names: tuple[str, ...], user: bool, as_json: bool, target: str,
+           supervisor_url: str | None, conf_dir: Path | None) -> int:
     """Stop, disable and delete an instance's generated files (nothing else)."""
+    if target == "supervisor":
+        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
+
+        return emit(sup.remove(list(names), url=supervisor_url, conf_dir=conf_dir),
+                    as_json=as_json)
     from unitgen.ops.deploy import remove as run  # noqa: PLC0415
 
     return emit(run(list(names), _scope(user)), as_json=as_json)
@@ -182,8 +224,15 @@ def remove(names: tuple[str, ...], user: bool, as_json: bool) -> int:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("-n", "--lines", default=100, show_default=True, help="How many lines.")
 @USER
-def logs(name: str, follow: bool, lines: int, user: bool) -> int:
-    """An instance's whole story: all its units and systemd's messages, in time order."""
+@_target_options
+def logs(name: str, follow: bool, lines: int, user: bool, target: str,
+         supervisor_url: str | None, conf_dir: Path | None) -> int:
+    """An instance's whole story: all its units and systemd's messages, in time order
+    (supervisor: its log files)."""
+    if target == "supervisor":
+        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
+
+        return sup.logs(name, url=supervisor_url, conf_dir=conf_dir, lines=lines, follow=follow)
     import subprocess  # noqa: PLC0415
 
     from unitgen.ops.journal import journal_argv  # noqa: PLC0415
@@ -204,9 +253,15 @@ def logs(name: str, follow: bool, lines: int, user: bool) -> int:
 @click.option("--path", default="/health", show_default=True, help="Its health path.")
 @USER
 @JSON
+@_target_options
 def doctor(name: str | None, unit: str | None, port: int | None, path: str, user: bool,
-           as_json: bool) -> int:
+           as_json: bool, target: str, supervisor_url: str | None,
+           conf_dir: Path | None) -> int:
     """Find port mismatches (GPUStack #2154) and say how to fix them."""
+    if target == "supervisor" and name:
+        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
+
+        return emit(sup.doctor(name, url=supervisor_url, conf_dir=conf_dir), as_json=as_json)
     from unitgen.ops import doctor as doc  # noqa: PLC0415
 
     if unit:

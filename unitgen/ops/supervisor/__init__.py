@@ -1,0 +1,2 @@
+"""Operations of the supervisor target: deploy, status, logs, doctor and remove
+over supervisord's XML-RPC API."""

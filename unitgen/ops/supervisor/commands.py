@@ -1,0 +1,85 @@
+"""The CLI's door to the supervisor target: one function per command, taking
+the options as the CLI parsed them (``unitgen ... --target supervisor``)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from unitgen.errors import UnitgenError
+from unitgen.ops.core import apply_changes, check_ours, placement_for
+from unitgen.ops.supervisor import deploy as dep
+from unitgen.ops.supervisor import status as st
+from unitgen.ops.supervisor.target import Target, context
+from unitgen.plan.instance import resolve
+from unitgen.result import Result
+from unitgen.spec.model import load_spec
+from unitgen.targets.supervisor.render import render_instance, target_notices
+
+__all__ = ["deploy", "doctor", "logs", "remove", "render", "status"]
+
+
+def render(spec_path: Path, out: Path | None) -> Result:
+    """Print the conf file (secret redacted), or write conf and secret into ``out``."""
+    spec = load_spec(spec_path)
+    inst = resolve(spec, placement=placement_for(spec))
+    ctx = context()
+    files = render_instance(inst, ctx)
+    notices = tuple(f"{spec_path}: {n}" for n in (*inst.notices, *target_notices(inst)))
+    if out is None:
+        chunks = []
+        for f in files:
+            if f.secret:
+                chunks.append(f"# {f.name}\n# secret: written only with --out (mode 0600); "
+                              f"install it as {ctx.secrets_dir}/{f.name}\n")
+            else:
+                chunks.append(f"# {f.name}\n{f.text}")
+        return Result(data={"files": [f.name for f in files], "target": "supervisor"},
+                      lines=("\n".join(chunks).rstrip("\n"),), warnings=notices)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UnitgenError(f"cannot create {out}: {exc.strerror}") from None
+    for f in files:
+        if not f.secret:
+            check_ours(out / f.name, inst.name)
+    apply_changes([(out / f.name, f.text) for f in files])
+    lines = tuple(f"wrote {out / f.name}" for f in files)
+    if any(f.secret for f in files):
+        lines += (f"install {inst.name}.env (mode 0600) as {ctx.secrets_dir}/{inst.name}.env",)
+    return Result(data={"files": [str(out / f.name) for f in files], "target": "supervisor"},
+                  lines=lines, warnings=notices)
+
+
+def deploy(specs: list[Path], *, url: str | None, conf_dir: Path | None, dry_run: bool,
+           diff: bool, wait: bool, port_range: tuple[int, int]) -> Result:
+    """``unitgen deploy --target supervisor``."""
+    target = Target.resolve(url, conf_dir)
+    opts = dep.Options(dry_run=dry_run, diff=diff, wait=wait, port_range=port_range)
+    return dep.deploy(specs, target, opts)
+
+
+def status(names: list[str], *, url: str | None, conf_dir: Path | None) -> Result:
+    """``unitgen status --target supervisor``."""
+    return st.status(names, Target.resolve(url, conf_dir, need_proxyd=False))
+
+
+def remove(names: list[str], *, url: str | None, conf_dir: Path | None) -> Result:
+    """``unitgen remove --target supervisor``."""
+    return dep.remove(names, Target.resolve(url, conf_dir, need_proxyd=False))
+
+
+def logs(name: str, *, url: str | None, conf_dir: Path | None, lines: int,
+         follow: bool) -> int:
+    """``unitgen logs --target supervisor``: the server's log file over XML-RPC."""
+    try:
+        return st.logs(name, Target.resolve(url, conf_dir, need_proxyd=False), lines=lines,
+                       follow=follow)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        return 0
+
+
+def doctor(name: str, *, url: str | None, conf_dir: Path | None) -> Result:
+    """``unitgen doctor --target supervisor``."""
+    return st.doctor(name, Target.resolve(url, conf_dir, need_proxyd=False))

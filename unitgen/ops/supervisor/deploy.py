@@ -1,0 +1,524 @@
+"""deploy and remove for the supervisor target: render, write atomically,
+``reloadConfig`` and then remove/add only the changed process groups of our own
+instances (what ``supervisorctl update`` does, minus other people's programs);
+wait until the public port answers the health path; put the previous version
+back when a changed instance does not become ready."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fcntl
+import os
+import pwd
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, Problem, SpecError, UnitgenError
+from unitgen.inunit.probe import attempt
+from unitgen.ops.allocate import Listener, PortBusyError, bindable, listeners, pick_port
+from unitgen.ops.core import apply_changes, check_ours, is_ours, placement_for, undo_changes
+from unitgen.ops.supervisor.rpc import SupervisorRPC
+from unitgen.ops.supervisor.target import Target
+from unitgen.plan.instance import Instance, resolve
+from unitgen.result import Result
+from unitgen.spec.model import InstanceSpec, load_spec
+from unitgen.spec.ports import DEFAULT_PORT_RANGE, PRIVATE_PORT_RANGE, default_port, default_private_port
+from unitgen.targets.supervisor.installed import InstalledConf, require, scan
+from unitgen.targets.supervisor.render import (
+    ConfFile,
+    conf_name,
+    group_names,
+    render_instance,
+    secret_name,
+    target_notices,
+)
+
+__all__ = ["Options", "deploy", "last_log_lines", "remove"]
+
+Say = Callable[[str], None]
+# supervisord's state names (supervisor/states.py)
+GAVE_UP = ("FATAL",)
+DOWN = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Options:
+    """How deploy runs. ``say`` prints progress (stderr)."""
+
+    dry_run: bool = False
+    diff: bool = False
+    wait: bool = True
+    port_range: tuple[int, int] = DEFAULT_PORT_RANGE
+    say: Say = field(default=_stderr)
+    poll: float = 0.2
+
+
+@dataclass
+class Plan:
+    """One instance's deploy: what to write, what is there now."""
+
+    inst: Instance
+    files: list[ConfFile]
+    paths: dict[str, Path]
+    old: dict[str, str | None]
+    installed: InstalledConf | None
+    stale: list[Path]  # files of the installed version no longer rendered (the secret)
+
+    @property
+    def name(self) -> str:
+        """Instance name."""
+        return self.inst.name
+
+    @property
+    def groups(self) -> list[str]:
+        """Process groups of the new version."""
+        return group_names(self.inst)
+
+    @property
+    def all_groups(self) -> list[str]:
+        """Groups of the new and of the installed version."""
+        old = self.installed.groups if self.installed else []
+        return list(dict.fromkeys([*self.groups, *old]))
+
+    @property
+    def changed_files(self) -> list[ConfFile]:
+        """Files whose content differs from what is installed."""
+        return [f for f in self.files if self.old.get(f.name) != f.text]
+
+    @property
+    def changed(self) -> bool:
+        """True when anything on disk would change."""
+        return bool(self.changed_files or self.stale)
+
+    def changes(self) -> list[tuple[Path, str | None]]:
+        """For apply_changes: write the changed files, delete stale ones."""
+        return ([(self.paths[f.name], f.text) for f in self.changed_files]
+                + [(p, None) for p in self.stale])
+
+
+@dataclass
+class Outcome:
+    """What happened to one instance."""
+
+    name: str
+    action: str  # created, updated, unchanged, started, would-create, would-update, failed
+    changed: bool
+    public: str
+    programs: list[str]
+    ready: bool | None = None
+    seconds: float = 0.0
+    error: str = ""
+    diff: str = ""
+    notices: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _lock(conf_dir: Path) -> Iterator[None]:
+    """Serialize deploys to one include directory (two never pick the same port)."""
+    try:
+        fd = os.open(conf_dir / ".unitgen.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise UnitgenError(f"cannot use {conf_dir}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _load_all(paths: list[Path], target: Target) -> list[InstanceSpec]:
+    """Load specs and apply the port rules and the target's refusals, before
+    anything talks to supervisord; every problem of every file at once."""
+    problems: list[Problem] = []
+    specs: list[InstanceSpec] = []
+    for path in paths:
+        try:
+            specs.append(load_spec(path))
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    names: dict[str, str] = {}
+    ports: dict[int, str] = {}
+    for spec in specs:
+        if spec.name in names:
+            problems.append(Problem(spec.source, "name", f"{spec.name!r} is also the name in "
+                                                         f"{names[spec.name]}"))
+        names[spec.name] = spec.source
+        try:
+            inst = resolve(spec)
+            render_instance(inst, target.ctx)
+        except SpecError as exc:
+            problems.extend(exc.problems)
+            continue
+        if inst.port_from_spec:
+            if inst.public.port in ports:
+                problems.append(Problem(spec.source, "port", f"{inst.public.port} is also the "
+                                        f"port of {ports[inst.public.port]} in this deploy; "
+                                        "one port has one owner"))
+            ports[inst.public.port] = spec.source
+    if problems:
+        raise SpecError(problems=problems)
+    return specs
+
+
+def _owners(installed: dict[str, InstalledConf]) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for conf in installed.values():
+        out[conf.public_port] = conf.name
+        if conf.private_port:
+            out[conf.private_port] = conf.name
+    return out
+
+
+def _check_port(port: int, name: str, what: str, mine: InstalledConf | None,
+                owners: dict[int, str], busy: dict[int, Listener], taken: set[int]) -> None:
+    owner = owners.get(port)
+    if owner is not None and owner != name:
+        raise PortBusyError(f"{name}: {what} {port} is owned by unitgen instance {owner!r}")
+    if port in taken:
+        raise PortBusyError(f"{name}: {what} {port} is taken by another spec in this deploy")
+    ours = mine is not None and port in (mine.public_port, mine.private_port)
+    if port in busy and not ours:
+        raise PortBusyError(f"{name}: {what} {port} is in use by {busy[port].describe()}")
+    if not ours and not bindable(port):
+        raise PortBusyError(f"{name}: {what} {port} cannot be bound now; choose another")
+
+
+def _plan(spec: InstanceSpec, target: Target, opts: Options,
+          installed: dict[str, InstalledConf], foreign: set[str],
+          busy: dict[int, Listener], taken: set[int]) -> Plan:
+    first = resolve(spec)
+    mine = installed.get(spec.name)
+    owners = _owners(installed)
+    if first.port_from_spec:
+        port = first.public.port
+        _check_port(port, spec.name, "port", mine, owners, busy, taken)
+    elif mine is not None:
+        port = mine.public_port  # keep the port it has: a redeploy changes nothing
+    else:
+        port = pick_port(spec.name, default_port(spec.name), {}, busy, taken | set(owners),
+                         opts.port_range)
+    taken.add(port)
+    private_port = None
+    if first.private is not None and first.private.kind == "tcp":
+        if spec.private_port:
+            private_port = spec.private_port
+            _check_port(private_port, spec.name, "private_port", mine, owners, busy, taken)
+        elif mine is not None and mine.private_port:
+            private_port = mine.private_port
+        else:
+            private_port = pick_port(spec.name, default_private_port(spec.name), {}, busy,
+                                     taken | set(owners), PRIVATE_PORT_RANGE)
+        taken.add(private_port)
+    inst = resolve(spec, port=port, private_port=private_port, placement=placement_for(spec))
+    files = render_instance(inst, target.ctx)
+    for group in group_names(inst):
+        if group in foreign:
+            raise OwnershipError(f"{spec.source}: name: supervisord already runs a program "
+                                 f"group {group!r} that unitgen did not write; choose another "
+                                 "instance name")
+    paths: dict[str, Path] = {}
+    old: dict[str, str | None] = {}
+    for f in files:
+        path = (target.secrets_dir if f.secret else target.conf_dir) / f.name
+        if not f.secret:
+            check_ours(path, spec.name, f"{spec.source}: ")
+        paths[f.name] = path
+        try:
+            old[f.name] = path.read_text(encoding="utf-8") if path.exists() else None
+        except OSError as exc:
+            raise UnitgenError(f"cannot read {path}: {exc.strerror}") from None
+    stale: list[Path] = []
+    secret = target.secrets_dir / secret_name(spec.name)
+    if secret_name(spec.name) not in paths and secret.exists():
+        stale.append(secret)
+    return Plan(inst, files, paths, old, mine, stale)
+
+
+def _diff(plan: Plan) -> str:
+    chunks: list[str] = []
+    for f in plan.files:
+        before = plan.old.get(f.name)
+        if before == f.text:
+            continue
+        if f.secret:
+            chunks.append(f"--- {f.name} (secret, content not shown) changed\n")
+            continue
+        chunks.extend(difflib.unified_diff(
+            (before or "").splitlines(keepends=True), f.text.splitlines(keepends=True),
+            fromfile=f"a/{f.name}" if before is not None else "/dev/null", tofile=f"b/{f.name}"))
+    chunks.extend(f"--- {p.name} removed\n" for p in plan.stale)
+    return "".join(chunks)
+
+
+def _apply_groups(rpc: SupervisorRPC, groups: list[str],
+                  diff: tuple[list[str], list[str], list[str]]) -> None:
+    """What ``supervisorctl update`` does, for these groups only."""
+    added, changed, removed = diff
+    for g in groups:  # the public group first: it stops taking connections first
+        if g in removed or g in changed:
+            rpc.remove_group(g)
+    for g in reversed(groups):  # the server first, then the public socket
+        if g in changed or g in added:
+            rpc.add_group(g)
+
+
+def _process_states(rpc: SupervisorRPC) -> dict[str, dict[str, object]]:
+    return {f"{p['group']}:{p['name']}" if p["group"] != p["name"] else str(p["name"]): p
+            for p in rpc.processes()}
+
+
+def last_log_lines(rpc: SupervisorRPC, program: str, count: int = 8) -> list[str]:
+    """The last lines a program wrote (stdout, with stderr redirected into it)."""
+    try:
+        text, _, _ = rpc.tail(program, 0, 8192)
+    except UnitgenError:
+        return []
+    return [ln for ln in text.splitlines() if ln.strip()][-count:]
+
+
+def _key(inst: Instance) -> str | None:
+    return dict(inst.secrets).get(inst.probe_key_env or "") if inst.probe_key_env else None
+
+
+def _wait_ready(rpc: SupervisorRPC, inst: Instance, opts: Options) -> tuple[bool, float, str]:
+    """Poll the PUBLIC port with the probe code until ready, supervisord gave up,
+    or the [health] timeout. Returns (ready, seconds, reason)."""
+    target = inst.public.probe_target()
+    server = f"{inst.name}-backend"
+    start = time.monotonic()
+    deadline = start + inst.health_timeout
+    next_say = start + 5
+    while True:
+        result = attempt(target, inst.health_path, _key(inst), timeout=5.0)
+        now = time.monotonic()
+        if result.outcome == "ready":
+            return True, now - start, ""
+        if result.outcome == "fatal":
+            return False, now - start, f"public {target}{inst.health_path}: {result.detail}"
+        state = _process_states(rpc).get(server, {})
+        if state.get("statename") in GAVE_UP:
+            why = state.get("spawnerr") or state.get("description") or ""
+            return False, now - start, (f"supervisord gave up on {server} "
+                                        f"({state.get('statename')}: {why}); last answer on "
+                                        f"{target}: {result.detail}")
+        if now >= deadline:
+            return False, now - start, (f"public {target}{inst.health_path}: not ready after "
+                                        f"{inst.health_timeout:g} s (the [health] timeout); "
+                                        f"last answer: {result.detail}")
+        if now >= next_say:
+            opts.say(f"{inst.name}: starting, {now - start:.0f} s, "
+                     f"{state.get('statename', '?')}: {result.detail}")
+            next_say = now + 5
+        time.sleep(opts.poll)
+
+
+def _needs_start(states: dict[str, dict[str, object]], plan: Plan) -> bool:
+    for group in plan.groups:
+        info = states.get(group)
+        if info is None or info.get("statename") in DOWN:
+            return True
+    return False
+
+
+def deploy(paths: list[Path], target: Target, opts: Options) -> Result:
+    """Deploy specs to supervisord; see the module docstring."""
+    specs = _load_all(paths, target)
+    rpc = target.rpc(timeout=None)
+    outcomes: list[Outcome] = []
+    _mkdir(target.conf_dir)
+    with _lock(target.conf_dir):
+        installed = scan(target.conf_dir)
+        ours = {g for conf in installed.values() for g in conf.groups}
+        states = _process_states(rpc)
+        foreign = {str(p["group"]) for p in states.values()} - ours
+        busy = listeners()
+        taken: set[int] = set()
+        plans = [_plan(s, target, opts, installed, foreign, busy, taken) for s in specs]
+        if opts.dry_run:
+            for p in plans:
+                action = ("would-update" if p.installed else "would-create") if p.changed \
+                    else "unchanged"
+                outcomes.append(Outcome(p.name, action, p.changed, p.inst.public.listen(),
+                                        p.groups, diff=_diff(p) if opts.diff else "",
+                                        notices=_notices(p.inst)))
+            return _result(outcomes, dry_run=True)
+        written: list[tuple[Plan, list[tuple[Path, str | None]]]] = []
+        _mkdir(Path(target.ctx.log_dir))  # supervisord does not create log directories
+        try:
+            for p in plans:
+                if p.changed:
+                    written.append((p, apply_changes(p.changes())))
+                    _hand_to_user(p, target)
+            diff = rpc.reload_config()
+        except UnitgenError:
+            for _, undo in reversed(written):
+                undo_changes(undo)
+            raise
+        undo_of = {p.name: undo for p, undo in written}
+        for p in plans:
+            outcomes.append(_activate(rpc, p, undo_of.get(p.name), diff, states, opts))
+    return _result(outcomes, dry_run=False)
+
+
+def _hand_to_user(p: Plan, target: Target) -> None:
+    """supervisord drops to ``user =`` before it execs the wrapper: that user must
+    read its secret file and create its socket directory."""
+    user = p.inst.spec.user
+    if user is None or os.geteuid() != 0:
+        return
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise UnitgenError(f"{p.inst.spec.source}: user: no such user {user!r}") from None
+    secret = target.secrets_dir / secret_name(p.name)
+    run = Path(target.ctx.run_dir)
+    try:
+        if secret.exists():
+            os.chown(secret, entry.pw_uid, entry.pw_gid)
+        run.mkdir(parents=True, exist_ok=True, mode=0o755)
+        mine = run / f"unitgen-{p.name}"
+        mine.mkdir(exist_ok=True, mode=0o700)
+        os.chown(mine, entry.pw_uid, entry.pw_gid)
+    except OSError as exc:
+        raise UnitgenError(f"cannot hand files to user {user}: {exc.strerror} "
+                           f"({exc.filename})") from None
+
+
+def _mkdir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UnitgenError(f"cannot create {directory}: {exc.strerror}") from None
+
+
+def _notices(inst: Instance) -> list[str]:
+    return [*inst.notices, *target_notices(inst)]
+
+
+def _activate(rpc: SupervisorRPC, p: Plan, undo: list[tuple[Path, str | None]] | None,
+              diff: tuple[list[str], list[str], list[str]],
+              states: dict[str, dict[str, object]], opts: Options) -> Outcome:
+    out = Outcome(p.name, "unchanged", p.changed, p.inst.public.listen(), p.groups,
+                  diff=_diff(p) if opts.diff else "", notices=_notices(p.inst))
+    if undo is None:
+        if not _needs_start(states, p):
+            out.ready = _answers(p.inst)
+            return out
+        out.action, out.changed = "started", True
+        _apply_groups(rpc, p.groups, diff)
+        for group in p.groups:
+            info = states.get(group)
+            if info is not None and info.get("statename") in DOWN:
+                rpc.fault_code("startProcessGroup", group, False)
+    else:
+        out.action = "updated" if p.installed else "created"
+        _apply_groups(rpc, p.all_groups, diff)
+    if not opts.wait:
+        opts.say(f"{p.name}: started; not waiting (--no-wait)")
+        return out
+    opts.say(f"{p.name}: starting (public {out.public})")
+    ok, seconds, reason = _wait_ready(rpc, p.inst, opts)
+    out.seconds, out.ready = round(seconds, 2), ok
+    if ok:
+        opts.say(f"{p.name}: ready on {out.public} after {seconds:.1f} s")
+        return out
+    server = f"{p.name}-backend"
+    lines = last_log_lines(rpc, server)
+    if lines:
+        reason += f"\n  last log lines of {server}:\n    " + "\n    ".join(lines)
+    if undo is not None and p.installed is not None:
+        undo_changes(undo)
+        _apply_groups(rpc, p.all_groups, rpc.reload_config())
+        back = _wait_installed(rpc, p.installed, opts)
+        reason += f"\n  the previous version of {p.name} was restored and {back}"
+    elif undo is not None:
+        for group in p.groups:
+            rpc.remove_group(group)
+        undo_changes(undo)
+        rpc.reload_config()
+        reason += f"\n  {p.name} was new: its conf file was removed again"
+    out.action, out.error = "failed", reason
+    return out
+
+
+def _answers(inst: Instance) -> bool:
+    return attempt(inst.public.probe_target(), inst.health_path, _key(inst),
+                   timeout=5.0).outcome == "ready"
+
+
+def _wait_installed(rpc: SupervisorRPC, conf: InstalledConf, opts: Options) -> str:
+    """Wait for a restored version (its own [health] timeout)."""
+    start = time.monotonic()
+    while time.monotonic() - start < conf.timeout:
+        result = attempt(conf.probe_target(), conf.health_path, None, timeout=5.0)
+        if result.outcome == "ready":
+            return f"answers again (after {time.monotonic() - start:.1f} s)"
+        if result.outcome == "fatal":
+            return f"is running (its probe needs the key: {result.detail})"
+        state = _process_states(rpc).get(conf.server, {})
+        if state.get("statename") in GAVE_UP:
+            return f"did not start ({state.get('statename')})"
+        time.sleep(opts.poll)
+    return "did not answer within its [health] timeout"
+
+
+def _result(outcomes: list[Outcome], *, dry_run: bool) -> Result:
+    lines: list[str] = []
+    for o in outcomes:
+        if o.diff:
+            lines.append(o.diff.rstrip("\n"))
+        status = {True: "ready", False: "NOT ready", None: ""}[o.ready]
+        lines.append(f"{o.name}: {o.action}{', ' + status if status else ''} ({o.public}; "
+                     f"{', '.join(o.programs)})")
+        if o.error:
+            lines.append(f"error: {o.name}: {o.error}")
+    failed = any(o.action == "failed" for o in outcomes)
+    data = {
+        "changed": any(o.changed for o in outcomes),
+        "dry_run": dry_run,
+        "failed": failed,
+        "target": "supervisor",
+        "instances": [asdict(o) for o in outcomes],
+    }
+    notices = tuple(f"{o.name}: {n}" for o in outcomes for n in o.notices)
+    return Result(data=data, lines=tuple(lines), warnings=notices,
+                  exit_code=EXIT_FAILURE if failed else EXIT_OK)
+
+
+def remove(names: list[str], target: Target) -> Result:
+    """Stop and remove the named instances' groups from supervisord and delete
+    exactly the files unitgen wrote for them."""
+    rpc = target.rpc(timeout=None)
+    removed: list[dict[str, object]] = []
+    lines: list[str] = []
+    with _lock(target.conf_dir):
+        installed = require(target.conf_dir, names)
+        for name in names:
+            conf = installed[name]
+            t0 = time.monotonic()
+            for group in conf.groups:
+                rpc.remove_group(group)
+            files = [p for p in (conf.path, target.conf_dir / conf_name(name))
+                     if p.exists() and is_ours(p, name)]
+            secret = target.secrets_dir / secret_name(name)
+            if secret.exists():
+                files.append(secret)
+            for path in dict.fromkeys(files):
+                path.unlink()
+            removed.append({"name": name, "files": [str(p) for p in dict.fromkeys(files)],
+                            "programs": conf.groups})
+            lines.append(f"{name}: removed ({', '.join(conf.groups)}; "
+                         f"{', '.join(p.name for p in dict.fromkeys(files))}) "
+                         f"in {time.monotonic() - t0:.1f} s")
+        rpc.reload_config()
+    return Result(data={"changed": bool(removed), "removed": removed, "target": "supervisor"},
+                  lines=tuple(lines))

@@ -1,0 +1,80 @@
+"""Where the supervisor target works: supervisord's URL, its include directory,
+and the directories for runtime sockets, logs and secrets. Built once from
+options and environment variables and passed to every operation."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from unitgen.errors import UnitgenError
+from unitgen.ops.supervisor.rpc import (
+    Endpoint,
+    SupervisorRPC,
+    credentials,
+    default_conf_dir,
+    default_url,
+    find_config,
+)
+from unitgen.targets.supervisor.render import SupervisorContext
+from unitgen.targets.systemd.render import find_proxyd  # the same binary serves both targets
+
+__all__ = ["ENV_VARS", "Target", "context"]
+
+# Every setting can come from the environment, so a container image sets them once.
+ENV_VARS = {
+    "url": "UNITGEN_SUPERVISOR_URL",
+    "conf_dir": "UNITGEN_SUPERVISOR_CONF_DIR",
+    "config": "UNITGEN_SUPERVISOR_CONFIG",
+    "run_dir": "UNITGEN_SUPERVISOR_RUN_DIR",
+    "log_dir": "UNITGEN_SUPERVISOR_LOG_DIR",
+    "secrets_dir": "UNITGEN_SUPERVISOR_SECRETS_DIR",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One supervisord and the directories unitgen uses with it."""
+
+    endpoint: Endpoint
+    conf_dir: Path
+    ctx: SupervisorContext
+
+    @property
+    def secrets_dir(self) -> Path:
+        """Where mode-0600 secret files go."""
+        return Path(self.ctx.secrets_dir)
+
+    def rpc(self, timeout: float | None = 30.0) -> SupervisorRPC:
+        """An XML-RPC client."""
+        return SupervisorRPC(self.endpoint, timeout=timeout)
+
+    @classmethod
+    def resolve(cls, url: str | None = None, conf_dir: Path | None = None,
+                *, need_proxyd: bool = True) -> Target:
+        """Options first, then environment variables, then what supervisorctl would
+        read (``[supervisorctl] serverurl``, the ``[include]`` directory)."""
+        config = find_config(os.environ.get(ENV_VARS["config"]) or None)
+        url = url or os.environ.get(ENV_VARS["url"]) or default_url(config)
+        if conf_dir is None:
+            env_dir = os.environ.get(ENV_VARS["conf_dir"])
+            conf_dir = Path(env_dir) if env_dir else default_conf_dir(config)
+        if conf_dir is None:
+            where = str(config) if config else "no supervisord.conf found in the usual places"
+            raise UnitgenError(f"no directory for conf files ({where} has no [include] files); "
+                               "pass --conf-dir or set UNITGEN_SUPERVISOR_CONF_DIR")
+        return cls(Endpoint(url, credentials(config)), conf_dir, context(need_proxyd=need_proxyd))
+
+
+def context(*, need_proxyd: bool = True) -> SupervisorContext:
+    """This interpreter, the installed proxyd, and the run/log/secret directories
+    (environment variables, else /run/unitgen, /var/log/unitgen, /etc/unitgen/secrets)."""
+    return SupervisorContext(
+        python=sys.executable,
+        proxyd=find_proxyd() if need_proxyd else "systemd-socket-proxyd",
+        run_dir=os.environ.get(ENV_VARS["run_dir"], "/run/unitgen"),
+        log_dir=os.environ.get(ENV_VARS["log_dir"], "/var/log/unitgen"),
+        secrets_dir=os.environ.get(ENV_VARS["secrets_dir"], "/etc/unitgen/secrets"),
+    )
