@@ -155,3 +155,19 @@ def test_sandbox_stop_never_kills_a_pid_that_is_no_longer_the_sandboxs(tmp_path)
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_trailing_newline_in_an_argument_cannot_start_a_directive(tmp_path):
+    """Found by the hostile-input property test: re.match(...$) let "x\\n" through
+    as a plain word, so the next word became a line of its own."""
+    spec = write_spec(tmp_path, "nl", (
+        'name = "nl"\nbackend = "vllm"\nmodel = "m"\n'
+        'args = ["x\\n", "ExecStartPre=/bin/touch", "/tmp/pwned"]\n'))
+    for f in render_spec(spec, GOLDEN_CTX).files:
+        lines = f.text.split("\n")
+        assert not any(line.lstrip().startswith("ExecStartPre=/bin/touch") for line in lines)
+        exec_start = [line for line in lines if line.startswith("ExecStart=")]
+        if f.name == "nl-backend.service":
+            assert exec_start == [
+                'ExecStart=vllm serve m --uds "%t/unitgen-nl/http.sock" "x\\n" '
+                'ExecStartPre=/bin/touch /tmp/pwned']

@@ -227,8 +227,9 @@ def remove(names: tuple[str, ...], user: bool, as_json: bool, target: str,
 @_target_options
 def logs(name: str, follow: bool, lines: int, user: bool, target: str,
          supervisor_url: str | None, conf_dir: Path | None) -> int:
-    """An instance's whole story: all its units and systemd's messages, in time order
-    (supervisor: its log files)."""
+    """An instance's whole story: its units and the manager's messages, in time order.
+
+    Under supervisor: the program's log files."""
     if target == "supervisor":
         from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
 

@@ -126,7 +126,7 @@ def unit_of_cgroup(text: str) -> tuple[str, str] | None:
         _, controllers, path = ([*line.split(":", 2), "", ""])[:3]
         if controllers not in ("", "name=systemd"):
             continue
-        match = _UNIT_CGROUP.match(path)
+        match = _UNIT_CGROUP.fullmatch(path)
         if not match:
             continue
         root, kind = match.group("root"), match.group("slice")
