@@ -46,7 +46,7 @@ def test_render_prints_the_conf_file(tmp_path):
     spec = write_spec(tmp_path, "r", custom_spec("r", port=8123))
     done = unitgen("render", str(spec), "--target", "supervisor")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("# unitgen-r.conf\n")
+    assert done.stdout.startswith("----- unitgen: unitgen-r.conf -----\n")
     assert "[fcgi-program:r]\nsocket=tcp://127.0.0.1:8123\n" in done.stdout
     assert "[program:r-backend]" in done.stdout
 

@@ -24,7 +24,6 @@ from tests.helpers import STANDIN, custom_spec, free_port, get, standin_exe, wai
 from tests.supervisord import Supervisord, supervisord_unavailable_reason
 from tests.test_quoting_live import HOSTILE, toml_str
 from unitgen.errors import SpecError
-from unitgen.ops.allocate import PortBusyError
 from unitgen.ops.supervisor.deploy import Options, deploy, remove
 from unitgen.ops.supervisor.status import doctor, logs, status
 from unitgen.ops.supervisor.target import Target
@@ -245,7 +244,8 @@ def test_port_adopted_from_args(sd, target, tmp_path):
 def test_port_held_by_another_instance_refused(sd, target, tmp_path):
     port = int(status(["ready"], target).data["instances"][0]["public"].rpartition(":")[2])
     spec = write_spec(tmp_path, "thief", custom_spec("thief", port=port))
-    with pytest.raises(PortBusyError, match="owned by unitgen instance 'ready'"):
+    # the same port rules as the systemd target: refused input, naming the owner
+    with pytest.raises(SpecError, match=r"port: \d+ is owned by unitgen instance 'ready'"):
         deploy([spec], target, QUIET)
 
 
@@ -255,8 +255,8 @@ def test_two_specs_one_port_refused(sd, target, tmp_path):
     b = write_spec(tmp_path, "two", custom_spec("two", port=port))
     with pytest.raises(SpecError) as err:
         deploy([a, b], target, QUIET)
-    assert any(p.key == "port" and "one port has one owner" in p.message
-               for p in err.value.problems)
+    assert any(p.key == "port" and "two sockets cannot own one port" in p.message
+               and "'one'" in p.message for p in err.value.problems)
     assert not list(target.conf_dir.glob("unitgen-one.conf")) + list(
         target.conf_dir.glob("unitgen-two.conf"))
 

@@ -75,8 +75,16 @@ GPUS_FROM = click.option(
 @click.option("--user", is_flag=True, help="Units for the per-user manager.")
 @GPUS_FROM
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def check(specs: tuple[Path, ...], user: bool, gpus_from: Path | None, as_json: bool) -> int:
+@click.option("--target", "target", type=click.Choice(["systemd", "supervisor"]),
+              default="systemd", envvar="UNITGEN_TARGET", show_default=True,
+              help="Service manager (env UNITGEN_TARGET).")
+def check(specs: tuple[Path, ...], user: bool, gpus_from: Path | None, as_json: bool,
+          target: str) -> int:
     """Validate specs and explain every problem of every file; write nothing."""
+    if target == "supervisor":
+        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
+
+        return emit(sup.check(list(specs)), as_json=as_json)
     from unitgen.ops import core  # noqa: PLC0415
 
     return emit(core.check(list(specs), _ctx(user), gpus_from=gpus_from), as_json=as_json)

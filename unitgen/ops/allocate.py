@@ -7,9 +7,10 @@ import contextlib
 import fcntl
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 
@@ -24,18 +25,47 @@ from unitgen.spec.ports import (
     default_private_port,
     private_range_for,
 )
-from unitgen.targets.systemd.installed import Installed, gpu_claims
 
 __all__ = [
     "HostAllocator",
+    "Installed",
     "Listener",
     "PortBusyError",
     "deploy_lock",
+    "gpu_claims",
     "listeners",
     "pick_port",
     "port_problem",
 ]
 
+
+
+class Installed(Protocol):
+    """What allocation needs to know of an installed instance, whatever the
+    target: the systemd target's units and the supervisor target's conf files
+    both describe it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def public_host(self) -> str: ...
+    @property
+    def public_port(self) -> int: ...
+    @property
+    def private_port(self) -> int | None: ...
+    @property
+    def gpus(self) -> tuple[str, ...]: ...
+    @property
+    def gpu_share(self) -> bool: ...
+
+
+def gpu_claims(installed: Mapping[str, Installed]) -> dict[str, list[tuple[str, bool]]]:
+    """GPU UUID -> the instances placed there and whether each shares."""
+    claims: dict[str, list[tuple[str, bool]]] = {}
+    for inst in installed.values():
+        for uuid in inst.gpus:
+            claims.setdefault(uuid, []).append((inst.name, inst.gpu_share))
+    return claims
 
 
 class PortBusyError(UnitgenError):
@@ -86,7 +116,7 @@ def bindable(port: int) -> bool:
     return True
 
 
-def owners(installed: dict[str, Installed]) -> dict[int, str]:
+def owners(installed: Mapping[str, Installed]) -> dict[int, str]:
     """Port -> the instance that owns it (public or private)."""
     out: dict[int, str] = {}
     for inst in installed.values():
@@ -97,7 +127,7 @@ def owners(installed: dict[str, Installed]) -> dict[int, str]:
     return out
 
 
-def port_problem(port: int, name: str, installed: dict[str, Installed],
+def port_problem(port: int, name: str, installed: Mapping[str, Installed],
                  busy: dict[int, Listener], host: str = "") -> str | None:
     """Why ``port`` cannot be this instance's: owned by another instance (on an
     overlapping address) or held by a process; None when it is free or its own."""
@@ -126,7 +156,7 @@ def _overlap(host_a: str, host_b: str, port: int) -> bool:
         return True
 
 
-def check_port(port: int, name: str, installed: dict[str, Installed], busy: dict[int, Listener],
+def check_port(port: int, name: str, installed: Mapping[str, Installed], busy: dict[int, Listener],
                what: str = "port") -> None:
     """Raise PortBusyError when ``port`` is owned by another instance or process."""
     why = port_problem(port, name, installed, busy)
@@ -134,7 +164,7 @@ def check_port(port: int, name: str, installed: dict[str, Installed], busy: dict
         raise PortBusyError(f"{name}: {what} {why}")
 
 
-def pick_port(name: str, preferred: int, installed: dict[str, Installed],
+def pick_port(name: str, preferred: int, installed: Mapping[str, Installed],
               busy: dict[int, Listener], also_taken: set[int],
               span: tuple[int, int] = DEFAULT_PORT_RANGE) -> int:
     """The first free port from ``preferred`` onward, wrapping inside ``span``."""
@@ -188,12 +218,16 @@ class HostAllocator:
     spec, reported with every other one before anything changes."""
 
     scope: str
-    installed: dict[str, Installed]
+    installed: Mapping[str, Installed]
     busy: dict[int, Listener]
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
     host_gpus: HostGpus | None = None
     taken: set[int] = field(default_factory=set)
     unplaceable: list[Problem] = field(default_factory=list)
+    # GPU claims of installed instances and of the specs placed so far in this run
+    claims: dict[str, list[tuple[str, bool]]] | None = None
+    # where a spec's private port comes from (default: by the manager's user)
+    private_range: Callable[[InstanceSpec], tuple[int, int]] | None = None
 
     def public_port(self, spec: InstanceSpec, explicit: int | None, host: str,
                     problem: ProblemSink) -> int:
@@ -219,7 +253,8 @@ class HostAllocator:
     def private_port(self, spec: InstanceSpec, public: int, problem: ProblemSink) -> int:
         """See :class:`~unitgen.plan.instance.Allocator`. A spec's own
         ``private_port`` is checked here too."""
-        prange = private_range_for(self.scope)
+        prange = (self.private_range(spec) if self.private_range is not None
+                  else private_range_for(self.scope))
         mine = self.installed.get(spec.name)
         if spec.private_port:
             why = port_problem(spec.private_port, spec.name, self.installed, self.busy)
@@ -245,9 +280,13 @@ class HostAllocator:
             return None
         if self.host_gpus is None:
             self.host_gpus = HostGpus.here()
-        placed = place_or_report(spec, self.host_gpus, gpu_claims(self.installed), problem,
+        if self.claims is None:
+            self.claims = gpu_claims(self.installed)
+        placed = place_or_report(spec, self.host_gpus, self.claims, problem,
                                  self.unplaceable, self.scope)
         if placed is not None:
-            entry = self.installed.setdefault(spec.name, Installed(name=spec.name))
-            entry.gpus, entry.gpu_share = placed.uuids, placed.share
+            for claimers in self.claims.values():
+                claimers[:] = [c for c in claimers if c[0] != spec.name]
+            for uuid in placed.uuids:
+                self.claims.setdefault(uuid, []).append((spec.name, placed.share))
         return placed

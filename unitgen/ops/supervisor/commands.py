@@ -7,33 +7,34 @@ import sys
 from pathlib import Path
 
 from unitgen.errors import UnitgenError
-from unitgen.ops.core import apply_changes, check_ours, placement_for
+from unitgen.ops.core import SEPARATOR, apply_changes, check_ours
+from unitgen.ops.pipeline import CheckAllocator, plan_paths
 from unitgen.ops.supervisor import deploy as dep
 from unitgen.ops.supervisor import status as st
 from unitgen.ops.supervisor.target import Target, context
-from unitgen.plan.instance import resolve
 from unitgen.result import Result
-from unitgen.spec.model import load_spec
-from unitgen.targets.supervisor.render import render_instance, target_notices
+from unitgen.spec.ports import PRIVATE_PORT_RANGE
+from unitgen.targets.supervisor.render import SupervisorTarget, target_notices
 
-__all__ = ["deploy", "doctor", "logs", "remove", "render", "status"]
+__all__ = ["check", "deploy", "doctor", "logs", "remove", "render", "status"]
 
 
 def render(spec_path: Path, out: Path | None) -> Result:
     """Print the conf file (secret redacted), or write conf and secret into ``out``."""
-    spec = load_spec(spec_path)
-    inst = resolve(spec, placement=placement_for(spec))
     ctx = context()
-    files = render_instance(inst, ctx)
+    alloc = CheckAllocator(private_range=PRIVATE_PORT_RANGE)
+    planned = plan_paths([spec_path], SupervisorTarget(ctx), alloc,
+                         unplaceable=alloc.unplaceable)[0]
+    inst, files = planned.instance, list(planned.files)
     notices = tuple(f"{spec_path}: {n}" for n in (*inst.notices, *target_notices(inst)))
     if out is None:
         chunks = []
         for f in files:
             if f.secret:
-                chunks.append(f"# {f.name}\n# secret: written only with --out (mode 0600); "
-                              f"install it as {ctx.secrets_dir}/{f.name}\n")
+                chunks.append(f"{SEPARATOR.format(name=f.name)}\n# secret: written only with "
+                              f"--out (mode 0600); install it as {ctx.secrets_dir}/{f.name}\n")
             else:
-                chunks.append(f"# {f.name}\n{f.text}")
+                chunks.append(f"{SEPARATOR.format(name=f.name)}\n{f.text}")
         return Result(data={"files": [f.name for f in files], "target": "supervisor"},
                       lines=("\n".join(chunks).rstrip("\n"),), warnings=notices)
     try:
@@ -49,6 +50,20 @@ def render(spec_path: Path, out: Path | None) -> Result:
         lines += (f"install {inst.name}.env (mode 0600) as {ctx.secrets_dir}/{inst.name}.env",)
     return Result(data={"files": [str(out / f.name) for f in files], "target": "supervisor"},
                   lines=lines, warnings=notices)
+
+
+def check(specs: list[Path]) -> Result:
+    """``unitgen check --target supervisor``: the shared pipeline with this target."""
+    alloc = CheckAllocator(private_range=PRIVATE_PORT_RANGE)
+    planned = plan_paths(specs, SupervisorTarget(context(need_proxyd=False)), alloc,
+                         unplaceable=alloc.unplaceable)
+    lines = tuple(f"ok: {p.path}: {p.instance.name} -> {', '.join(f.name for f in p.files)} "
+                  f"(public {p.instance.public.listen()}, supervisord owns it)" for p in planned)
+    notices = tuple(f"{p.path}: {n}" for p in planned
+                    for n in (*p.instance.notices, *target_notices(p.instance)))
+    return Result(data={"ok": True, "target": "supervisor", "instances": [
+        {"file": str(p.path), "name": p.instance.name, "public": p.instance.public.listen(),
+         "files": [f.name for f in p.files]} for p in planned]}, lines=lines, warnings=notices)
 
 
 def deploy(specs: list[Path], *, url: str | None, conf_dir: Path | None, dry_run: bool,

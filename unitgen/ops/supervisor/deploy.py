@@ -17,22 +17,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, Problem, SpecError, UnitgenError
+from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, UnitgenError
 from unitgen.inunit.probe import attempt
-from unitgen.ops.allocate import Listener, PortBusyError, bindable, listeners, pick_port
-from unitgen.ops.core import apply_changes, check_ours, is_ours, placement_for, undo_changes
+from unitgen.ops.allocate import HostAllocator, listeners
+from unitgen.ops.core import apply_changes, check_ours, is_ours, undo_changes
+from unitgen.ops.pipeline import Planned, plan_paths
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.target import Target
-from unitgen.plan.instance import Instance, resolve
+from unitgen.plan.instance import Instance
 from unitgen.result import Result
-from unitgen.spec.model import InstanceSpec, load_spec
-from unitgen.spec.ports import DEFAULT_PORT_RANGE, PRIVATE_PORT_RANGE, default_port, default_private_port
+from unitgen.spec.model import InstanceSpec
+from unitgen.spec.ports import (
+    DEFAULT_PORT_RANGE,
+    PRIVATE_PORT_RANGE,
+    UNPRIVILEGED_PRIVATE_PORT_RANGE,
+)
 from unitgen.targets.supervisor.installed import InstalledConf, require, scan
 from unitgen.targets.supervisor.render import (
     ConfFile,
+    SupervisorTarget,
     conf_name,
     group_names,
-    render_instance,
     secret_name,
     target_notices,
 )
@@ -135,91 +140,19 @@ def _lock(conf_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _load_all(paths: list[Path], target: Target) -> list[InstanceSpec]:
-    """Load specs and apply the port rules and the target's refusals, before
-    anything talks to supervisord; every problem of every file at once."""
-    problems: list[Problem] = []
-    specs: list[InstanceSpec] = []
-    for path in paths:
-        try:
-            specs.append(load_spec(path))
-        except SpecError as exc:
-            problems.extend(exc.problems)
-    names: dict[str, str] = {}
-    ports: dict[int, str] = {}
-    for spec in specs:
-        if spec.name in names:
-            problems.append(Problem(spec.source, "name", f"{spec.name!r} is also the name in "
-                                                         f"{names[spec.name]}"))
-        names[spec.name] = spec.source
-        try:
-            inst = resolve(spec)
-            render_instance(inst, target.ctx)
-        except SpecError as exc:
-            problems.extend(exc.problems)
-            continue
-        if inst.port_from_spec:
-            if inst.public.port in ports:
-                problems.append(Problem(spec.source, "port", f"{inst.public.port} is also the "
-                                        f"port of {ports[inst.public.port]} in this deploy; "
-                                        "one port has one owner"))
-            ports[inst.public.port] = spec.source
-    if problems:
-        raise SpecError(problems=problems)
-    return specs
+def _private_range(spec: InstanceSpec) -> tuple[int, int]:
+    """supervisord starts a program as ``user =`` with no capabilities, so such a
+    server cannot bind a privileged private port; others get one (only root, as
+    supervisord runs, can then serve it: see PRIVATE_PORT_RANGE)."""
+    return UNPRIVILEGED_PRIVATE_PORT_RANGE if spec.user else PRIVATE_PORT_RANGE
 
 
-def _owners(installed: dict[str, InstalledConf]) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for conf in installed.values():
-        out[conf.public_port] = conf.name
-        if conf.private_port:
-            out[conf.private_port] = conf.name
-    return out
-
-
-def _check_port(port: int, name: str, what: str, mine: InstalledConf | None,
-                owners: dict[int, str], busy: dict[int, Listener], taken: set[int]) -> None:
-    owner = owners.get(port)
-    if owner is not None and owner != name:
-        raise PortBusyError(f"{name}: {what} {port} is owned by unitgen instance {owner!r}")
-    if port in taken:
-        raise PortBusyError(f"{name}: {what} {port} is taken by another spec in this deploy")
-    ours = mine is not None and port in (mine.public_port, mine.private_port)
-    if port in busy and not ours:
-        raise PortBusyError(f"{name}: {what} {port} is in use by {busy[port].describe()}")
-    if not ours and not bindable(port):
-        raise PortBusyError(f"{name}: {what} {port} cannot be bound now; choose another")
-
-
-def _plan(spec: InstanceSpec, target: Target, opts: Options,
-          installed: dict[str, InstalledConf], foreign: set[str],
-          busy: dict[int, Listener], taken: set[int]) -> Plan:
-    first = resolve(spec)
-    mine = installed.get(spec.name)
-    owners = _owners(installed)
-    if first.port_from_spec:
-        port = first.public.port
-        _check_port(port, spec.name, "port", mine, owners, busy, taken)
-    elif mine is not None:
-        port = mine.public_port  # keep the port it has: a redeploy changes nothing
-    else:
-        port = pick_port(spec.name, default_port(spec.name), {}, busy, taken | set(owners),
-                         opts.port_range)
-    taken.add(port)
-    private_port = None
-    if first.private is not None and first.private.kind == "tcp":
-        if spec.private_port:
-            private_port = spec.private_port
-            _check_port(private_port, spec.name, "private_port", mine, owners, busy, taken)
-        elif mine is not None and mine.private_port:
-            private_port = mine.private_port
-        else:
-            private_port = pick_port(spec.name, default_private_port(spec.name), {}, busy,
-                                     taken | set(owners), PRIVATE_PORT_RANGE)
-        taken.add(private_port)
-    inst = resolve(spec, port=port, private_port=private_port, placement=placement_for(spec))
-    files = render_instance(inst, target.ctx)
+def _plan(planned: Planned, target: Target, installed: dict[str, InstalledConf],
+          foreign: set[str]) -> Plan:
+    """What deploying one planned instance changes on disk (and refusals of
+    files or programs unitgen did not write)."""
+    inst, files = planned.instance, list(planned.files)
+    spec = inst.spec
     for group in group_names(inst):
         if group in foreign:
             raise OwnershipError(f"{spec.source}: name: supervisord already runs a program "
@@ -240,7 +173,7 @@ def _plan(spec: InstanceSpec, target: Target, opts: Options,
     secret = target.secrets_dir / secret_name(spec.name)
     if secret_name(spec.name) not in paths and secret.exists():
         stale.append(secret)
-    return Plan(inst, files, paths, old, mine, stale)
+    return Plan(inst, files, paths, old, installed.get(spec.name), stale)
 
 
 def _diff(plan: Plan) -> str:
@@ -330,19 +263,22 @@ def _needs_start(states: dict[str, dict[str, object]], plan: Plan) -> bool:
 
 
 def deploy(paths: list[Path], target: Target, opts: Options) -> Result:
-    """Deploy specs to supervisord; see the module docstring."""
-    specs = _load_all(paths, target)
-    rpc = target.rpc(timeout=None)
+    """Deploy specs to supervisord; see the module docstring. Specs go through the
+    same pipeline as the systemd target (unitgen.ops.pipeline): every problem of
+    every file before supervisord is contacted or a file changes."""
     outcomes: list[Outcome] = []
     _mkdir(target.conf_dir)
     with _lock(target.conf_dir):
         installed = scan(target.conf_dir)
+        alloc = HostAllocator("system", installed, listeners(), opts.port_range,
+                              private_range=_private_range)
+        planned = plan_paths(paths, SupervisorTarget(target.ctx), alloc,
+                             unplaceable=alloc.unplaceable)
+        rpc = target.rpc(timeout=None)
         ours = {g for conf in installed.values() for g in conf.groups}
         states = _process_states(rpc)
         foreign = {str(p["group"]) for p in states.values()} - ours
-        busy = listeners()
-        taken: set[int] = set()
-        plans = [_plan(s, target, opts, installed, foreign, busy, taken) for s in specs]
+        plans = [_plan(p, target, installed, foreign) for p in planned]
         if opts.dry_run:
             for p in plans:
                 action = ("would-update" if p.installed else "would-create") if p.changed \

@@ -23,6 +23,13 @@ class InstalledConf:
     health_path: str
     timeout: float
     key_env: str | None
+    gpus: tuple[str, ...] = ()
+    gpu_share: bool = False
+
+    @property
+    def public_host(self) -> str:
+        """The public listen address."""
+        return self.public.rpartition(":")[0].strip("[]")
 
     @property
     def public_port(self) -> int:
@@ -88,6 +95,8 @@ def scan(conf_dir: Path) -> dict[str, InstalledConf]:
                 name=fields["instance"], path=path, public=fields["public"],
                 private=fields.get("private", ""), health_path=fields.get("health", "/health"),
                 timeout=float(fields.get("timeout", "1800")), key_env=fields.get("key-env"),
+                gpus=tuple(fields["gpus"].split(" ")[0].split(",")) if fields.get("gpus") else (),
+                gpu_share=fields.get("gpus", "").endswith(" shared"),
             )
         except (KeyError, ValueError):
             continue  # an older or damaged header: not something to act on

@@ -21,17 +21,20 @@ import jinja2
 
 from unitgen.errors import Problem, SpecError
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
+from unitgen.spec.model import InstanceSpec
+from unitgen.targets.base import MARKER, RenderedFile, find_proxyd, templates_dir
 from unitgen.targets.supervisor import escape
-from unitgen.targets.systemd.render import MARKER, find_proxyd, templates_dir
 
 __all__ = [
     "MARKER",
     "ConfFile",
     "SupervisorContext",
+    "SupervisorTarget",
     "conf_name",
     "group_names",
     "render_instance",
     "secret_name",
+    "spec_refusals",
     "target_notices",
 ]
 
@@ -68,14 +71,9 @@ class SupervisorContext:
                    log_dir=log_dir, secrets_dir=secrets_dir)
 
 
-@dataclass(frozen=True)
-class ConfFile:
-    """One file to install: the conf file goes in the include directory, the
-    secret file (mode 0600) in the context's secrets directory."""
-
-    name: str
-    text: str
-    secret: bool = False
+# One file to install: the conf file goes in the include directory, the secret
+# file (mode 0600) in the context's secrets directory.
+ConfFile = RenderedFile
 
 
 def conf_name(name: str) -> str:
@@ -93,8 +91,9 @@ def group_names(inst: Instance) -> list[str]:
     return [inst.name, f"{inst.name}-backend"]
 
 
-def _refusals(inst: Instance) -> list[Problem]:
-    spec = inst.spec
+def spec_refusals(spec: InstanceSpec) -> list[Problem]:
+    """What supervisord cannot do with a valid spec, said with file and key (never
+    dropped silently)."""
     out: list[Problem] = []
 
     def no(key: str, message: str) -> None:
@@ -115,9 +114,31 @@ def _refusals(inst: Instance) -> list[Problem]:
     if spec.group is not None:
         no("group", "supervisord runs a program as user = ... with that user's own groups; "
                     "it has no group setting")
-    if ipaddress.ip_address(inst.public.host).version == 6:
-        no("host", f"{inst.public.host}: supervisord's sockets (socket=tcp://) are IPv4 only")
     return out
+
+
+def _refusals(inst: Instance) -> list[Problem]:
+    out = spec_refusals(inst.spec)
+    if ipaddress.ip_address(inst.public.host).version == 6:
+        out.append(Problem(inst.spec.source, "host", f"{inst.public.host}: supervisord's "
+                           "sockets (socket=tcp://) are IPv4 only"))
+    return out
+
+
+@dataclass(frozen=True)
+class SupervisorTarget:
+    """The supervisor target for the pipeline (unitgen.ops.pipeline)."""
+
+    ctx: SupervisorContext
+    name: str = "supervisor"
+
+    def spec_problems(self, spec: InstanceSpec) -> list[Problem]:
+        """See :func:`spec_refusals`."""
+        return spec_refusals(spec)
+
+    def render(self, inst: Instance) -> list[RenderedFile]:
+        """See :func:`render_instance`."""
+        return render_instance(inst, self.ctx)
 
 
 def _word(value: str, key: str, problems: list[Problem], source: str) -> str:

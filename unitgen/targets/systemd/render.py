@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import os
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import jinja2
 
-from unitgen.errors import Problem, SpecError, UnitgenError
+from unitgen.errors import Problem, SpecError
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
 from unitgen.spec.model import InstanceSpec
-from unitgen.targets.base import RenderedFile
+from unitgen.targets.base import MARKER, RenderedFile, find_proxyd, templates_dir
 from unitgen.targets.systemd import escape
 from unitgen.timespan import format_seconds
 
@@ -39,7 +36,6 @@ __all__ = [
     "templates_dir",
 ]
 
-MARKER = "# unitgen-instance: "  # proves a unit file is ours (see header.j2)
 
 # Directives unitgen sets itself; [systemd.*] in a spec may not override them,
 # because each one could move the port, the probe or the process that owns them.
@@ -70,29 +66,6 @@ class RenderContext:
     def detect(cls, *, scope: str = "system") -> RenderContext:
         """The context of this host: this interpreter and the installed proxyd."""
         return cls(python=sys.executable, proxyd=find_proxyd(), scope=scope)
-
-
-def find_proxyd() -> str:
-    """Locate systemd-socket-proxyd (not on PATH on Debian; /usr/lib on merged-/usr)."""
-    found = shutil.which("systemd-socket-proxyd")
-    if found:
-        return found
-    for candidate in ("/usr/lib/systemd/systemd-socket-proxyd", "/lib/systemd/systemd-socket-proxyd"):
-        if os.access(candidate, os.X_OK):
-            return candidate
-    raise UnitgenError(
-        "systemd-socket-proxyd not found (looked on PATH, /usr/lib/systemd, /lib/systemd); "
-        "it ships with systemd (Debian: package systemd)"
-    )
-
-
-def templates_dir() -> Path:
-    """The templates: inside the installed package (wheel), or the repo's top-level
-    ``templates/`` (editable install and source checkout)."""
-    packaged = Path(str(resources.files("unitgen"))) / "templates"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parents[3] / "templates"
 
 
 @functools.cache
