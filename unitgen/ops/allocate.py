@@ -223,11 +223,18 @@ class HostAllocator:
     port_range: tuple[int, int] = DEFAULT_PORT_RANGE
     host_gpus: HostGpus | None = None
     taken: set[int] = field(default_factory=set)
+    reserved: set[int] = field(default_factory=set)
     unplaceable: list[Problem] = field(default_factory=list)
     # GPU claims of installed instances and of the specs placed so far in this run
     claims: dict[str, list[tuple[str, bool]]] | None = None
     # where a spec's private port comes from (default: by the manager's user)
     private_range: Callable[[InstanceSpec], tuple[int, int]] | None = None
+    # the ports planned here are the ones the instances get (see plan_paths)
+    final_ports: bool = True
+
+    def reserve(self, ports: set[int]) -> None:
+        """Ports specs of this run fix: never allocated to another spec."""
+        self.reserved = set(ports)
 
     def public_port(self, spec: InstanceSpec, explicit: int | None, host: str,
                     problem: ProblemSink) -> int:
@@ -243,7 +250,7 @@ class HostAllocator:
         else:
             try:
                 port = pick_port(spec.name, default_port(spec.name), self.installed, self.busy,
-                                 self.taken, self.port_range)
+                                 self.taken | self.reserved, self.port_range)
             except PortBusyError as exc:
                 problem("port", exc.message.split(": ", 1)[1])
                 port = default_port(spec.name)
@@ -266,7 +273,8 @@ class HostAllocator:
         else:
             try:
                 port = pick_port(spec.name, default_private_port(spec.name, prange),
-                                 self.installed, self.busy, self.taken | {public}, prange)
+                                 self.installed, self.busy, self.taken | self.reserved | {public},
+                                 prange)
             except PortBusyError as exc:
                 problem("private_port", exc.message.split(": ", 1)[1])
                 port = default_private_port(spec.name, prange)

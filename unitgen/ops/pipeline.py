@@ -148,6 +148,7 @@ def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
     problem of every file (exit code: see :func:`unitgen.errors.SpecError`)."""
     problems: list[Problem] = []
     planned: list[Planned] = []
+    loaded: list[tuple[Path, InstanceSpec | None, list[Problem]]] = []
     for path in paths:
         here: list[Problem] = []
         spec: InstanceSpec | None
@@ -156,6 +157,12 @@ def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
         except SpecError as exc:
             here += exc.problems
             spec = exc.partial if isinstance(exc.partial, InstanceSpec) else None
+        loaded.append((path, spec, here))
+    reserve = getattr(allocator, "reserve", None)
+    if reserve is not None:  # ports the specs fix are not handed to others of this run
+        reserve({s.port for _, s, _ in loaded if s is not None and s.port is not None})
+    for path, spec, found in loaded:
+        here = list(found)
         if spec is not None:
             here += target.spec_problems(spec)
         inst = None
@@ -171,15 +178,17 @@ def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
             except SpecError as exc:
                 here += exc.problems
         problems += here
-    problems += _cross_file(planned)
+    problems += _cross_file(planned, final=bool(getattr(allocator, "final_ports", False)))
     problems += unplaceable or []
     if problems:
         raise SpecError(problems=problems)
     return planned
 
 
-def _cross_file(planned: list[Planned]) -> list[Problem]:
-    """Two specs of one run with one name, or wanting one listen address."""
+def _cross_file(planned: list[Planned], *, final: bool) -> list[Problem]:
+    """Two specs of one run with one name, or wanting one listen address: ports
+    both specs fix, or (``final``: deploy) any ports they would really get. A
+    default port of ``check``/``render`` is not final: deploy picks a free one."""
     out: list[Problem] = []
     names: dict[str, Path] = {}
     for p in planned:
@@ -191,15 +200,21 @@ def _cross_file(planned: list[Planned]) -> list[Problem]:
         else:
             out.append(Problem(str(p.path), "name", f"{p.instance.name!r} is also the name "
                                                     f"in {first}"))
-    for i, a in enumerate(planned):
-        for b in planned[:i]:
-            if a.instance.name == b.instance.name:
-                continue
-            if listen_overlap(a.instance.public.host, a.instance.public.port,
-                              b.instance.public.host, b.instance.public.port):
-                out.append(Problem(str(a.path), "port", (
-                    f"{a.instance.public.listen()} overlaps {b.instance.public.listen()} of "
-                    f"{b.instance.name!r} ({b.path}): two sockets cannot own one port")))
+    by_port: dict[int, list[Planned]] = {}
+    for p in planned:
+        by_port.setdefault(p.instance.public.port, []).append(p)
+    for same in by_port.values():
+        for i, a in enumerate(same):
+            for b in same[:i]:
+                if a.instance.name == b.instance.name:
+                    continue
+                if not final and not (a.instance.port_from_spec and b.instance.port_from_spec):
+                    continue
+                if listen_overlap(a.instance.public.host, a.instance.public.port,
+                                  b.instance.public.host, b.instance.public.port):
+                    out.append(Problem(str(a.path), "port", (
+                        f"{a.instance.public.listen()} overlaps {b.instance.public.listen()} of "
+                        f"{b.instance.name!r} ({b.path}): two sockets cannot own one port")))
     return out
 
 
