@@ -36,6 +36,9 @@ RESTART_POLICIES = ("on-failure", "always", "on-abnormal", "no")
 # graph capture and warm-up that is 15 to 20 minutes. 30 minutes leaves room
 # without letting a wedged server sit in "starting" for ever.
 DEFAULT_HEALTH_TIMEOUT = 1800.0
+# After ready, a server that has not answered its health path for this long is
+# restarted by systemd's watchdog: three checks of 10 s each.
+DEFAULT_WATCHDOG = 30.0
 
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -47,18 +50,20 @@ TOP_KEYS = (
     "command", "socket_activation", "activation", "idle_stop", "health",
     "user", "group", "working_directory", "restart", "private_port",
     "max_connections", "description", "api_key_env", "systemd",
-    "gpus", "gpu_memory", "gpu_share",
+    "gpus", "gpu_memory", "gpu_share", "hardening", "offline",
 )
-HEALTH_KEYS = ("path", "timeout")
+HEALTH_KEYS = ("path", "timeout", "watchdog")
 SYSTEMD_KEYS = ("unit", "service")
 
 
 @dataclass(frozen=True)
 class HealthSpec:
-    """How readiness is judged: the HTTP path to poll and the start deadline."""
+    """How readiness is judged: the HTTP path to poll, the start deadline, and
+    how long a ready server may stop answering before it is restarted (None: never)."""
 
     path: str | None = None
     timeout: float = DEFAULT_HEALTH_TIMEOUT
+    watchdog: float | None = DEFAULT_WATCHDOG
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,8 @@ class InstanceSpec:
     gpus: int | tuple[int, ...] | tuple[str, ...] | None = None
     gpu_memory: int | None = None
     gpu_share: bool = False
+    hardening: bool = True  # system scope: sandbox the server (docs/reliability.md)
+    offline: bool = False  # the server needs no network: PrivateNetwork= where it can
 
 
 class _Checker:
@@ -300,7 +307,16 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
                                      "control characters")
                 path = None
             timeout = c.duration(table, "timeout", prefix="health.")
-            health = HealthSpec(path=path, timeout=timeout or DEFAULT_HEALTH_TIMEOUT)
+            watchdog: float | None = DEFAULT_WATCHDOG
+            raw_watchdog = table.get("watchdog")
+            if raw_watchdog is False or raw_watchdog == "off":
+                watchdog = None
+            elif "watchdog" in table:
+                watchdog = c.duration(table, "watchdog", prefix="health.") or DEFAULT_WATCHDOG
+                if watchdog < 3:
+                    c.add("health.watchdog", "must be at least 3s (or \"off\")")
+            health = HealthSpec(path=path, timeout=timeout or DEFAULT_HEALTH_TIMEOUT,
+                                watchdog=watchdog)
 
     user = c.text(data, "user")
     group = c.text(data, "group")
@@ -322,6 +338,8 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
 
     systemd_unit, systemd_service = _systemd_tables(c, data)
     gpus, gpu_memory, gpu_share = _gpu_keys(c, data)
+    hardening = c.boolean(data, "hardening")
+    offline = c.boolean(data, "offline")
 
     if c.problems and (name is None or backend is None):
         raise SpecError(problems=c.problems)
@@ -335,6 +353,7 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
         max_connections=max_connections or 1024, description=description,
         api_key_env=api_key_env, systemd_unit=systemd_unit, systemd_service=systemd_service,
         gpus=gpus, gpu_memory=gpu_memory, gpu_share=gpu_share,
+        hardening=hardening is not False, offline=bool(offline),
     )
     if c.problems:
         # The valid keys still make a spec, so `check` can go on to the port
