@@ -171,6 +171,18 @@ def _probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> l
     return cmd
 
 
+def _watch_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> list[str]:
+    """The liveness checker started after ready (empty: [health] watchdog = "off")."""
+    bound = inst.spec.health.watchdog
+    if bound is None:
+        return []
+    cmd = [ctx.python, "-I", "-m", "unitgen.inunit.watch", "--target", target,
+           "--path", inst.health_path, "--bound", format_seconds(bound), "--label", label]
+    if inst.probe_key_env:
+        cmd += ["--key-env", inst.probe_key_env]
+    return cmd
+
+
 def _check_extras(inst: Instance) -> None:
     problems = [
         Problem(inst.spec.source, f"systemd.{section}.{key}",
@@ -257,6 +269,7 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
         "unit_extra": list(spec.systemd_unit),
         "service_extra": list(spec.systemd_service),
         "probe_public": _probe_cmd(ctx, inst, inst.public.probe_target(), "public"),
+        "watch": _watch_cmd(ctx, inst, inst.public.probe_target(), "public"),
         # a server run as another user needs the right to bind its privileged private port
         "bind_low_port": bool(spec.user and inst.private is not None
                               and inst.private.kind == "tcp" and inst.private.port < 1024),
@@ -274,7 +287,13 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
         private_ctx = {
             **common,
             "proxy_cmd": proxy_cmd,
+            # Only an idle_stop instance needs this (its proxy exits on its own). Elsewhere
+            # it would undo a restart: a server that dies leaving processes behind (workers,
+            # the liveness checker) passes through "deactivating", which stops the proxy
+            # (BindsTo=), and an unneeded server would then be stopped instead of restarted.
+            "idle_stop": spec.idle_stop is not None,
             "probe_private": _probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
+            "watch": _watch_cmd(ctx, inst, inst.private.probe_target(), "private"),
             "runtime_dir": runtime_subdir(spec.name) if RUNTIME_DIR in inst.private.path else "",
         }
         files.append(RenderedFile(
