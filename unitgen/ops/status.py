@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import psutil
 
+from unitgen.inunit.probe import attempt
+from unitgen.ops.journal import last_lines
 from unitgen.ops.systemd import UnitInfo, connect
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, read_gpus
 from unitgen.result import Result
 from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir
 
-__all__ = ["InstanceStatus", "list_instances", "status", "tree_memory"]
+__all__ = ["HEALTH_TIMEOUT", "InstanceStatus", "health_target", "list_instances",
+           "restart_reason", "status", "tree_memory"]
+
+# "ready" means the health path answered just now, within this long; every
+# instance is asked at once, so 100 instances take about this long at worst.
+HEALTH_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -23,7 +32,7 @@ class InstanceStatus:
     """One instance's state for ``unitgen status``."""
 
     name: str
-    state: str  # stopped, listening, starting, ready, idle-stopped, failed
+    state: str  # stopped, listening, starting, ready, unhealthy, idle-stopped, failed
     address: str
     backend: str
     pid: int | None
@@ -32,6 +41,7 @@ class InstanceStatus:
     detail: str
     gpus: tuple[int, ...] = ()  # GPU indexes it is placed on
     gpu_memory_bytes: int | None = None  # GPU memory its processes hold
+    restarts: int = 0  # automatic restarts of the server since it was started
 
 
 def tree_memory(pid: int) -> int | None:
@@ -64,7 +74,10 @@ def describe(inst: Installed, infos: dict[str, UnitInfo]) -> InstanceStatus:
     elif "activating" in (server.active_state, svc.active_state):
         state = "starting"
         detail = server.status_text or svc.status_text
-    elif server.active_state == "active" and svc.active_state == "active":
+    elif server.active_state == "active" and (svc.active_state == "active" or (
+            server is not svc and sock.active_state == "active")):
+        # After a restart of the server its proxy starts again with the next
+        # connection (the socket holds it meanwhile): that is still ready.
         state = "ready"
     elif sock.active_state == "active":
         state = "idle-stopped" if server.exec_main_start_usec else "listening"
@@ -75,7 +88,58 @@ def describe(inst: Installed, infos: dict[str, UnitInfo]) -> InstanceStatus:
     if pid and server.active_enter_usec:
         uptime = max(0.0, time.time() - server.active_enter_usec / 1e6)
     return InstanceStatus(name, state, address, inst.backend, pid, uptime,
-                          tree_memory(pid) if pid else None, detail)
+                          tree_memory(pid) if pid else None, detail, restarts=server.n_restarts)
+
+
+def health_target(inst: Installed, scope: str) -> str:
+    """Where an instance's health path is asked from outside: the server's private
+    endpoint when it has one (a check through the public port would count as a
+    connection and keep an idle_stop instance running), else the public port."""
+    if inst.private_unix:
+        runtime = os.environ.get("XDG_RUNTIME_DIR", "/run") if scope == "user" else "/run"
+        return inst.private_unix.replace("%t", runtime)
+    if inst.private_port:
+        return f"127.0.0.1:{inst.private_port}"
+    return inst.probe_target
+
+
+def _check_health(row: InstanceStatus, inst: Installed, scope: str) -> InstanceStatus:
+    if row.state != "ready":
+        return row
+    target = health_target(inst, scope)
+    result = attempt(target, inst.probe_path, None, timeout=HEALTH_TIMEOUT)
+    if result.outcome in ("ready", "fatal"):  # 401/403 answers too: only the key is missing
+        return row
+    return replace(row, state="unhealthy",
+                   detail=f"{target}{inst.probe_path} did not answer: {result.detail}")
+
+
+_WHY_MARKS = ("did not answer", "no answer for", "exited while loading", "not ready",
+              "Main process exited", "Watchdog timeout")
+
+
+def restart_reason(unit: str, scope: str) -> str:
+    """Why systemd last restarted ``unit``, from its journal: the manager's verdict
+    (``Failed with result 'watchdog'``, where the journal has the manager's lines)
+    and the liveness checker's or probe's last complaint before it."""
+    lines = last_lines(unit, scope, lines=300)
+    verdicts = [i for i, ln in enumerate(lines) if "Failed with result" in ln]
+    cut = verdicts[-1] if verdicts else len(lines)
+    why = [ln.strip() for ln in lines[:cut] if any(mark in ln for mark in _WHY_MARKS)]
+    reason = why[-1] if why else ""
+    if verdicts:
+        result = lines[cut].partition("Failed with result")[2].strip(" '.")
+        return f"{result} ({reason})" if reason else result
+    return reason
+
+
+def _with_restarts(row: InstanceStatus, inst: Installed, scope: str) -> InstanceStatus:
+    if not row.restarts:
+        return row
+    reason = restart_reason(inst.server_unit, scope)
+    times = "time" if row.restarts == 1 else "times"
+    note = f"restarted {row.restarts} {times}" + (f"; last: {reason}" if reason else "")
+    return replace(row, detail=f"{row.detail}; {note}" if row.detail else note)
 
 
 def _human_bytes(n: int | None) -> str:
@@ -106,6 +170,11 @@ async def _status(names: list[str], scope: str) -> list[InstanceStatus]:
     async with connect(scope) as m:
         infos = await m.info(units) if units else {}
     rows = [describe(installed[n], infos) for n in chosen]
+    if rows:
+        # Health and restart reasons are network and journal reads: all at once.
+        with ThreadPoolExecutor(max_workers=min(64, len(rows))) as pool:
+            rows = list(pool.map(lambda r: _with_restarts(
+                _check_health(r, installed[r.name], scope), installed[r.name], scope), rows))
     if any(installed[n].gpus for n in chosen):
         try:
             gpus = read_gpus()
