@@ -258,7 +258,10 @@ def _hardening_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     # Only plain paths can be listed (spaces would split them): others keep the
     # read-only view and the docs say to set ReadWritePaths= in [systemd.service].
     writable = sorted({p for p in writable if _PLAIN_PATH.fullmatch(p)})
-    read = [ctx.python, *(w for w in (spec.model, spec.executable) if w and w.startswith("/"))]
+    # Where the interpreter really lives counts too (a venv's python is a symlink,
+    # often into /root/.pyenv or a home directory).
+    read = [ctx.python, os.path.realpath(ctx.python),
+            *(w for w in (spec.model, spec.executable) if w and w.startswith("/"))]
     state = runtime_subdir(spec.name)
     # A dynamic user's home is "/": caches go to its own state and cache directories.
     defaults = [(k, v) for k, v in (("HOME", f"/var/lib/{state}"),
