@@ -114,8 +114,9 @@ def _check_health(row: InstanceStatus, inst: Installed, scope: str) -> InstanceS
                    detail=f"{target}{inst.probe_path} did not answer: {result.detail}")
 
 
-_WHY_MARKS = ("did not answer", "no answer for", "exited while loading", "not ready",
-              "Main process exited", "Watchdog timeout")
+# Our own tools say why best (the checker, the probe); the manager's lines next.
+_WHY_MARKS = (("did not answer", "exited while loading", "not ready"),
+              ("Watchdog timeout", "Main process exited"))
 
 
 def restart_reason(unit: str, scope: str) -> str:
@@ -125,7 +126,10 @@ def restart_reason(unit: str, scope: str) -> str:
     lines = last_lines(unit, scope, lines=300)
     verdicts = [i for i, ln in enumerate(lines) if "Failed with result" in ln]
     cut = verdicts[-1] if verdicts else len(lines)
-    why = [ln.strip() for ln in lines[:cut] if any(mark in ln for mark in _WHY_MARKS)]
+    begin = verdicts[-2] + 1 if len(verdicts) > 1 else 0  # not an earlier restart's cause
+    why: list[str] = []
+    for marks in _WHY_MARKS:
+        why = why or [ln.strip() for ln in lines[begin:cut] if any(m in ln for m in marks)]
     reason = why[-1] if why else ""
     if verdicts:
         result = lines[cut].partition("Failed with result")[2].strip(" '.")

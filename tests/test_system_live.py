@@ -1,0 +1,155 @@
+"""The system-scope tier: unitgen at system scope on a real system manager (this
+machine's OS booted as a throwaway container, tests/nspawn.py), with every
+hardening default on. For each built-in backend's rendered unit: deploy,
+the stand-in answering through the public port as a sandboxed dynamic user,
+status, remove; and a liveness restart where the journal has the manager's
+own verdict."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.helpers import STANDIN, get, wait_for
+from tests.nspawn import Container, nspawn_unavailable_reason
+from unitgen.spec.backends import BACKENDS
+
+pytestmark = pytest.mark.systemd
+
+WRAPPER = "/opt/unitgen-test/standin"  # not in /tmp: the units have PrivateTmp=yes
+SANDBOX_KEYS = {
+    "DynamicUser": "yes", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
+    "PrivateTmp": "yes", "ProtectKernelTunables": "yes", "ProtectKernelModules": "yes",
+    "ProtectKernelLogs": "yes", "ProtectControlGroups": "yes", "ProtectClock": "yes",
+    "ProtectHostname": "yes", "RestrictNamespaces": "no", "DevicePolicy": "closed",
+    "UMask": "0077", "RestrictRealtime": "yes", "LockPersonality": "yes",
+}
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    """A booted container, with the stand-in wrapper installed inside."""
+    reason = nspawn_unavailable_reason()
+    if reason:
+        pytest.skip(f"no system manager to test on: {reason}")
+    log = tmp_path_factory.mktemp("nspawn") / "nspawn.log"
+    try:
+        container = Container.boot(f"unitgen-t{int(time.time() * 1000) % 10**8}", log)
+    except RuntimeError as exc:
+        pytest.skip(f"systemd-nspawn cannot boot this machine's OS here: {exc}")
+    try:
+        container.put(WRAPPER, f'#!/bin/sh\nexec {sys.executable} {STANDIN} "$@"\n', 0o755)
+        yield container
+    finally:
+        container.stop()
+
+
+def deploy(box: Container, name: str, text: str) -> tuple[int, dict[str, Any]]:
+    path = f"/srv/specs/{name}.toml"
+    box.put(path, text)
+    done = box.unitgen("deploy", path, "--json")
+    try:
+        return done.returncode, json.loads(done.stdout)
+    except ValueError:
+        raise AssertionError(f"{done.stdout}\n{done.stderr}") from None
+
+
+def remove(box: Container, name: str) -> None:
+    done = box.unitgen("remove", name)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def backend_spec(backend: str, name: str, *, health: str = "", env: str = "") -> str:
+    """A spec of ``backend`` whose executable is the stand-in; ``health`` adds
+    [health] keys, ``env`` is the inside of an inline env table."""
+    if backend == "custom":
+        head = (f'name = "{name}"\nbackend = "custom"\n'
+                f'command = ["{WRAPPER}", "--host", "{{host}}", "--port", "{{port}}"]\n')
+    else:
+        head = (f'name = "{name}"\nbackend = "{backend}"\nmodel = "org/model"\n'
+                f'executable = "{WRAPPER}"\n')
+    return head + f"env = {{ {env} }}\n" + '[health]\ntimeout = "60s"\n' + health
+
+
+def status_row(box: Container, name: str) -> dict[str, Any]:
+    done = box.unitgen("status", name, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    row: dict[str, Any] = json.loads(done.stdout)["instances"][0]
+    return row
+
+
+def public_port(data: dict[str, Any]) -> int:
+    return int(data["instances"][0]["public"].rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+def test_each_backend_runs_sandboxed_at_system_scope(box, backend):
+    name = f"sys-{backend}"
+    rc, data = deploy(box, name, backend_spec(backend, name))
+    try:
+        assert rc == 0, (data, box.journal(f"{name}-backend.service"))
+        port = public_port(data)
+        code, body = get(port, "/v1/models")
+        assert code == 200, body
+        server = f"{name}-backend.service"
+        shown = {k: box.prop(server, k) for k in SANDBOX_KEYS}
+        expected = dict(SANDBOX_KEYS, RestrictNamespaces=shown["RestrictNamespaces"])
+        assert shown == expected
+        assert box.prop(server, "CapabilityBoundingSet") in ("", "cap_net_bind_service")
+        # the server really runs as its own unprivileged user, under the sandbox
+        pid = box.prop(server, "MainPID")
+        uid = box.run(["stat", "-c", "%u", f"/proc/{pid}"]).stdout.strip()
+        assert uid.isdigit() and int(uid) != 0, uid
+        assert body["pid"] == int(pid)
+        row = status_row(box, name)
+        assert row["state"] == "ready", row
+        doctor = box.unitgen("doctor", name)
+        assert doctor.returncode == 0, doctor.stdout
+        assert "the liveness checker runs" in doctor.stdout
+    finally:
+        remove(box, name)
+    assert box.run(["test", "-e", f"/etc/systemd/system/{name}.socket"]).returncode != 0
+    with pytest.raises(OSError):
+        get(port, timeout=2)
+
+
+def test_offline_unix_socket_server_has_no_network_and_answers(box):
+    name = "sys-offline"
+    rc, data = deploy(box, name, (f'name = "{name}"\nbackend = "vllm"\n'
+                                  f'model = "/srv/models/qwen"\nexecutable = "{WRAPPER}"\n'))
+    try:
+        assert rc == 0, data
+        assert box.prop(f"{name}-backend.service", "PrivateNetwork") == "yes"
+        assert get(public_port(data))[0] == 200
+    finally:
+        remove(box, name)
+
+
+def test_hang_is_restarted_by_the_watchdog_at_system_scope(box):
+    name = "sys-hang"
+    state = f"/var/lib/unitgen-{name}"  # the dynamic user's own state directory
+    rc, data = deploy(box, name, backend_spec(
+        "custom", name, health='watchdog = "6s"\n',
+        env=f'STANDIN_HANG_AFTER = "4", STANDIN_HANG_ONCE = "{state}/hung"'))
+    server = f"{name}-backend.service"
+    try:
+        assert rc == 0, data
+        port = public_port(data)
+        first = int(box.prop(server, "MainPID"))
+        assert wait_for(lambda: box.prop(server, "NRestarts") == "1", 40), \
+            box.journal(server)
+        assert wait_for(lambda: status_row(box, name)["state"] == "ready", 30)
+        row = status_row(box, name)
+        assert row["pid"] != first
+        # here the journal has the manager's own verdict
+        assert "restarted 1 time; last: watchdog (" in row["detail"], row
+        assert "did not answer" in row["detail"], row
+        code, body = get(port, "/v1/models")
+        assert code == 200 and body["pid"] != first
+    finally:
+        remove(box, name)
