@@ -18,6 +18,7 @@ STANDIN_HANG_AFTER     after answering this many requests, accept but never answ
                        (a wedged CUDA context behind a live HTTP layer)
 STANDIN_HANG_ONCE      with STANDIN_HANG_AFTER: a file created when the hang starts; a
                        server started while it exists does not hang (so a restart heals)
+STANDIN_EXIT_AFTER     exit with status 3 this many seconds after starting (a crash)
 STANDIN_SLOW_PATH      requests to this path take STANDIN_SLOW_SECONDS (a long generation)
 
 Every answer is JSON and carries the server's pid, so a test can tell restarts apart.
@@ -159,6 +160,13 @@ def main() -> None:
         threading.Thread(target=side.serve_forever, daemon=True).start()
     server = make_server(argv)
     print("standin: listening", file=sys.stderr, flush=True)
+    exit_after = os.environ.get("STANDIN_EXIT_AFTER")
+    if exit_after:
+        def crash() -> None:
+            time.sleep(float(exit_after))
+            print("standin: crashing (STANDIN_EXIT_AFTER)", file=sys.stderr, flush=True)
+            os._exit(3)
+        threading.Thread(target=crash, daemon=True).start()
     server.serve_forever()
 
 

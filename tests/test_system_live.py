@@ -7,10 +7,13 @@ own verdict."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import secrets
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,3 +156,54 @@ def test_hang_is_restarted_by_the_watchdog_at_system_scope(box):
         assert code == 200 and body["pid"] != first
     finally:
         remove(box, name)
+
+
+def test_an_api_key_appears_nowhere_but_its_secret_file(box):
+    key = "sk-unitgen-" + secrets.token_hex(12)
+    name = "sys-secret"
+    text = (f'name = "{name}"\nbackend = "vllm"\nmodel = "org/model"\nexecutable = "{WRAPPER}"\n'
+            f'args = ["--api-key", "{key}"]\nenv = {{ STANDIN_KEY_ENV = "VLLM_API_KEY" }}\n'
+            '[health]\ntimeout = "60s"\nwatchdog = "3s"\n')
+    path = f"/srv/specs/{name}.toml"
+    box.put(path, text, 0o600)
+    outputs = []
+    try:
+        done = box.unitgen("deploy", path, "--json")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, done.stdout + done.stderr
+        port = public_port(json.loads(done.stdout))
+        assert get(port, "/v1/models", key=key)[0] == 200
+        assert get(port, "/v1/models")[0] == 401  # the server really wants the key
+        time.sleep(4)  # the liveness checker has sent the key a few times by now
+        for args in (["status"], ["status", "--json"], ["doctor", name], ["doctor", name, "--json"],
+                     ["ls"], ["logs", name]):
+            done = box.unitgen(*args)
+            outputs.append(done.stdout + done.stderr)
+        places = {
+            "unitgen output": "\n".join(outputs),
+            "unit files": box.run(["sh", "-c", f"cat /etc/systemd/system/{name}*"]).stdout,
+            "systemctl show": box.run(["systemctl", "show", f"{name}.service",
+                                       f"{name}-backend.service"]).stdout,
+            "argv in the container": box.run(
+                ["sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '"]).stdout,
+            "argv on the host": "".join(_host_cmdlines()),
+            "the journal": box.run(["journalctl", "--no-pager", "-o", "export"]).stdout,
+        }
+        assert all(places.values()), [k for k, v in places.items() if not v]
+        leaked = [where for where, content in places.items() if key in content]
+        assert not leaked, f"the key leaked into: {leaked}"
+        # where it is: the secret file, readable by root only
+        secret = f"/etc/unitgen/secrets/{name}.env"
+        assert key in box.run(["cat", secret]).stdout
+        assert box.run(["stat", "-c", "%a %U", secret]).stdout.split() == ["600", "root"]
+    finally:
+        remove(box, name)
+
+
+def _host_cmdlines() -> list[str]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                out.append((entry / "cmdline").read_bytes().decode("utf-8", "replace"))
+    return out

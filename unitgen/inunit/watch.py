@@ -73,10 +73,12 @@ def check_loop(target: str, path: str, bound: float, *, key: str | None = None,
         done += 1
         if result.outcome in ("ready", "fatal"):
             # 401/403 is an answer: the server is alive, the key is the probe's business.
-            notify("WATCHDOG=1", "STATUS=answering")
             if failures:
+                notify("WATCHDOG=1", f"STATUS=answering again after {failures} failed check(s)")
                 _say(f"liveness: {where} answers again ({result.detail}) after "
                      f"{failures} failed check(s)")
+            else:
+                notify("WATCHDOG=1")
             failures = 0
         else:
             failures += 1

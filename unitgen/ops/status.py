@@ -57,6 +57,21 @@ def tree_memory(pid: int) -> int | None:
         return None
 
 
+START_LIMIT_BURST = 5  # as the units say (StartLimitBurst=)
+
+# systemd's Result= values of a failed unit, in words.
+_RESULTS = {
+    "start-limit-hit": "failed again and again and was stopped at its start limit (5 starts in "
+                       "10 min); see `unitgen logs`, fix it, then deploy again",
+    "exit-code": "the server exited with an error",
+    "signal": "the server was killed by a signal",
+    "core-dump": "the server crashed (core dump)",
+    "watchdog": "did not answer its health path within the watchdog bound",
+    "timeout": "did not become ready before the [health] timeout",
+    "resources": "systemd could not set it up (a missing directory, user or device?)",
+}
+
+
 def describe(inst: Installed, infos: dict[str, UnitInfo]) -> InstanceStatus:
     """Turn unit states into one word and a reason."""
     name = inst.name
@@ -70,7 +85,11 @@ def describe(inst: Installed, infos: dict[str, UnitInfo]) -> InstanceStatus:
     if failed:
         unit = failed[0]
         state = "failed"
-        detail = f"{unit.name}: {unit.status_text or 'Result: ' + unit.result}"
+        words = _RESULTS.get(unit.result, f"Result: {unit.result}")
+        if unit.n_restarts >= START_LIMIT_BURST - 1:
+            # systemd 252 keeps the last run's Result= when the start limit stops it
+            words = _RESULTS["start-limit-hit"] + f" (last run: {words})"
+        detail = f"{unit.name}: {words}" + (f"; {unit.status_text}" if unit.status_text else "")
     elif "activating" in (server.active_state, svc.active_state):
         state = "starting"
         detail = server.status_text or svc.status_text
