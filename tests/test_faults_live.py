@@ -328,6 +328,7 @@ def load_and_kill(box: Sandbox, port: int, server: str, *, clients: int = 6,
 @pytest.mark.parametrize(("label", "extra", "health"), [
     # the settings before this change: restart after 2 s, nothing left in the unit
     ("before", '[systemd.service]\nRestartSec = "2s"\n', 'watchdog = "off"\n'),
+    ("no-checker", "", 'watchdog = "off"\n'),
     ("defaults", "", ""),
 ])
 def test_kill_9_under_load(box, tmp_path, label, extra, health):
@@ -345,8 +346,9 @@ def test_kill_9_under_load(box, tmp_path, label, extra, health):
     assert tally.hung == 0 and tally.slowest < REQUEST_BOUND
     assert tally.refused == 0  # the socket owns the port throughout
     assert tally.ok > 0
-    # only what was in flight when the server died is lost: one request per client
-    assert tally.reset + tally.other <= 6, tally
+    # what is lost: requests in flight when the server died, and those the proxy
+    # forwarded before systemd noticed (a few ms; more on a loaded machine)
+    assert tally.reset + tally.other <= max(6, total // 50), tally
     assert wait_for(lambda: prop(box, f"{name}-backend.service", "NRestarts") == "1", 30)
     assert get(port)[0] == 200  # and afterwards it serves again
 
