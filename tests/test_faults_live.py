@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 
 from tests.helpers import custom_spec, get, prop, wait_for, write_spec
+from tests.nvml import FAKE_DIR, GIB, eight_gpus, write_scenario
+from tests.test_gpus_live import cli as gpu_cli
 from tests.test_operate_live import cli, cli_json
 from unitgen.ops.sandbox import Sandbox
 
@@ -397,3 +399,26 @@ def test_concurrent_deploys_removes_and_a_racing_daemon_reload(box, tmp_path):
         assert get(ports[n])[0] == 200
     assert not list(box.unit_dir.glob("race-gone*"))
     assert not list(box.unit_dir.glob(".*"))  # no temp files left
+
+
+def test_a_watchdog_restart_waits_for_the_gpu_memory(box, tmp_path):
+    scenario = write_scenario(tmp_path / "nvml.json", eight_gpus())
+    marker = tmp_path / "hung"
+    path = spec(tmp_path, "gpuhang", health='timeout = "30s"\nwatchdog = "6s"\n',
+                extra="gpus = 1\n", PYTHONPATH=str(FAKE_DIR),
+                FAKE_NVML_SCENARIO=str(scenario), STANDIN_HANG_AFTER="3",
+                STANDIN_HANG_ONCE=str(marker))
+    done = gpu_cli(box, scenario, "deploy", "--user", "--json", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert wait_for(marker.exists, 20)
+    # the hung server's memory is released late (a wedged CUDA context takes its time)
+    until = time.time() + 9
+    write_scenario(scenario, eight_gpus(processes={0: [
+        {"pid": 2**22 + 5, "used": 30 * GIB, "until": until}]}))
+    server = "gpuhang-backend.service"
+    assert wait_for(lambda: prop(box, server, "NRestarts") == "1", 30)
+    assert wait_for(lambda: prop(box, server, "SubState") == "running", 30)
+    started = int(prop(box, server, "ExecMainStartTimestampMonotonic"))
+    assert started > 0
+    assert time.time() >= until
+    assert "gpu wait: GPU memory released after" in box.journal(server)
