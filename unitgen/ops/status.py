@@ -152,6 +152,10 @@ def _check_health(row: InstanceStatus, inst: Installed, scope: str) -> InstanceS
     result = attempt(target, inst.probe_path, None, timeout=HEALTH_TIMEOUT)
     if result.outcome in ("ready", "fatal"):  # 401/403 answers too: only the key is missing
         return row
+    if result.detail.startswith("PermissionError"):
+        # a sandboxed server's socket is its own user's; only root may ask it
+        return replace(row, detail=f"health not checked: no permission to reach {target} "
+                                   "(run status as root)")
     return replace(row, state="unhealthy",
                    detail=f"{target}{inst.probe_path} did not answer: {result.detail}")
 
