@@ -349,8 +349,9 @@ def test_kill_9_under_load(box, tmp_path, label, extra, health):
     assert tally.refused == 0  # the socket owns the port throughout
     assert tally.ok > 0
     # what is lost: requests in flight when the server died, and those the proxy
-    # forwarded before systemd noticed (a few ms; more on a loaded machine)
-    assert tally.reset + tally.other <= max(6, total // 50), tally
+    # forwarded before it was stopped (usually a few ms; up to ~0.5 s seen on a
+    # loaded machine). A proxy left running through the restart loses half.
+    assert tally.reset + tally.other <= max(6, total // 4), tally
     assert wait_for(lambda: prop(box, f"{name}-backend.service", "NRestarts") == "1", 30)
     assert get(port)[0] == 200  # and afterwards it serves again
 
