@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,6 +272,11 @@ class Tally:
     other: int = 0
     slowest: float = 0.0
 
+    def line(self) -> str:
+        total = self.ok + self.reset + self.refused + self.hung + self.other
+        return (f"{total} requests: {self.ok} ok, {self.reset} reset, {self.refused} refused, "
+                f"{self.hung} hung, {self.other} other; slowest {self.slowest:.1f} s")
+
     def add(self, outcome: str, seconds: float) -> None:
         setattr(self, outcome, getattr(self, outcome) + 1)
         self.slowest = max(self.slowest, seconds)
@@ -301,10 +306,10 @@ def one_request(port: int) -> str:
     return "reset" if not data else "other"
 
 
-def load_and_kill(box: Sandbox, port: int, server: str, *, clients: int = 6,
+def load_and_kill(port: int, kill: Callable[[], None], *, clients: int = 6,
                   seconds: float = 6.0, kill_at: float = 2.0) -> Tally:
-    """``clients`` loops of requests through the public port for ``seconds``; the
-    server is killed with SIGKILL at ``kill_at``."""
+    """``clients`` loops of requests through the public port for ``seconds``;
+    ``kill`` (the server, with SIGKILL) runs at ``kill_at``."""
     tally = Tally()
     lock = threading.Lock()
     end = time.monotonic() + seconds
@@ -320,7 +325,7 @@ def load_and_kill(box: Sandbox, port: int, server: str, *, clients: int = 6,
     for t in threads:
         t.start()
     time.sleep(kill_at)
-    os.kill(int(prop(box, server, "MainPID")), signal.SIGKILL)
+    kill()
     for t in threads:
         t.join(seconds + REQUEST_BOUND + 10)
     assert not any(t.is_alive() for t in threads), "a client is still waiting"
@@ -340,11 +345,10 @@ def test_kill_9_under_load(box, tmp_path, label, extra, health):
     rc, data = cli_json(box, "deploy", "--user", str(path))
     assert rc == 0, data
     port = public_port(data)
-    tally = load_and_kill(box, port, f"{name}-backend.service")
+    server = f"{name}-backend.service"
+    tally = load_and_kill(port, lambda: os.kill(int(prop(box, server, "MainPID")), signal.SIGKILL))
     total = tally.ok + tally.reset + tally.refused + tally.hung + tally.other
-    print(f"\nkill -9 under load ({label}): {total} requests: {tally.ok} ok, {tally.reset} reset, "
-          f"{tally.refused} refused, {tally.hung} hung, {tally.other} other; slowest "
-          f"{tally.slowest:.1f} s")
+    print(f"\nkill -9 under load ({label}): {tally.line()}")
     assert tally.hung == 0 and tally.slowest < REQUEST_BOUND
     assert tally.refused == 0  # the socket owns the port throughout
     assert tally.ok > 0

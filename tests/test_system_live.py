@@ -20,6 +20,7 @@ import pytest
 
 from tests.helpers import STANDIN, get, wait_for
 from tests.nspawn import Container, nspawn_unavailable_reason
+from tests.test_faults_live import REQUEST_BOUND, load_and_kill
 from unitgen.spec.backends import BACKENDS
 
 pytestmark = pytest.mark.systemd
@@ -207,3 +208,26 @@ def _host_cmdlines() -> list[str]:
             with contextlib.suppress(OSError):
                 out.append((entry / "cmdline").read_bytes().decode("utf-8", "replace"))
     return out
+
+
+def test_kill_9_under_load_at_system_scope(box):
+    name = "sys-load"
+    rc, data = deploy(box, name, backend_spec("custom", name, env='STANDIN_LOAD_SECONDS = "1", '
+                                                                  'STANDIN_LOADING = "refuse"'))
+    server = f"{name}-backend.service"
+    try:
+        assert rc == 0, data
+        port = public_port(data)
+        tally = load_and_kill(port, lambda: box.run(
+            ["kill", "-9", box.prop(server, "MainPID")], check=True))
+        print(f"\nkill -9 under load (system scope): {tally.line()}")
+        total = tally.ok + tally.reset + tally.refused + tally.hung + tally.other
+        if tally.reset > 50:
+            print(box.journal(server, 60), box.journal(f"{name}.service", 60))
+        assert tally.hung == 0 and tally.slowest < REQUEST_BOUND
+        assert tally.refused == 0 and tally.ok > 0
+        assert tally.reset + tally.other <= max(6, total // 4), tally
+        assert wait_for(lambda: box.prop(server, "NRestarts") == "1", 30)
+        assert get(port)[0] == 200
+    finally:
+        remove(box, name)
