@@ -14,6 +14,7 @@ import pytest
 
 from tests.golden_files import eight_fake_gpus, example_specs
 from tests.helpers import GOLDEN_CTX, write_spec
+from unitgen.errors import SpecError
 from unitgen.ops.core import render_spec
 from unitgen.spec.backends import BACKENDS
 from unitgen.targets.systemd.render import RenderContext
@@ -137,3 +138,17 @@ def test_placed_gpus_allow_exactly_their_nodes(tmp_path):
     assert allowed and all(a.startswith("/dev/nvidia") for a in allowed), allowed
     assert "char-nvidia* rw" not in allowed
     assert directives(text, "DevicePolicy") == ["closed"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('hardening = "yes"\n', "hardening: must be true or false, not a string"),
+    ('offline = 1\n', "offline: must be true or false, not an integer"),
+    ('[health]\nwatchdog = "1s"\n', 'health.watchdog: must be at least 3s (or "off")'),
+    ('[health]\nwatchdog = "soon"\n', "health.watchdog: not a time span"),
+    ('[health]\nwatchdg = "30s"\n', "did you mean 'watchdog'?"),
+])
+def test_new_keys_are_checked(tmp_path, text, message):
+    spec = write_spec(tmp_path, "k", minimal_spec("vllm").replace("m-vllm", "k") + text)
+    with pytest.raises(SpecError) as err:
+        render_spec(spec, GOLDEN_CTX)
+    assert message in str(err.value), str(err.value)
