@@ -14,6 +14,12 @@ STANDIN_KEY_ENV        name of a variable holding the API key; requests without
 STANDIN_RECORD         file to write ``{"argv": [...], "env": {...}, "pid": N}`` to at start
 STANDIN_EXTRA_PORT     also listen on this loopback TCP port (a misconfigured server)
 STANDIN_WORKERS        start this many child processes, like tensor-parallel workers
+STANDIN_HANG_AFTER     after answering this many requests, accept but never answer
+                       (a wedged CUDA context behind a live HTTP layer)
+STANDIN_HANG_ONCE      with STANDIN_HANG_AFTER: a file created when the hang starts; a
+                       server started while it exists does not hang (so a restart heals)
+STANDIN_EXIT_AFTER     exit with status 3 this many seconds after starting (a crash)
+STANDIN_SLOW_PATH      requests to this path take STANDIN_SLOW_SECONDS (a long generation)
 
 Every answer is JSON and carries the server's pid, so a test can tell restarts apart.
 """
@@ -31,6 +37,26 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 STARTED = time.monotonic()
+_COUNT_LOCK = threading.Lock()
+_ANSWERED = [0]
+_HANG_ONCE = os.environ.get("STANDIN_HANG_ONCE")
+_WILL_HANG = bool(os.environ.get("STANDIN_HANG_AFTER")) and not (
+    _HANG_ONCE and os.path.exists(_HANG_ONCE))
+
+
+def _hang_if_due() -> None:
+    """Once the configured number of requests was answered, block this request for ever."""
+    if not _WILL_HANG:
+        return
+    with _COUNT_LOCK:
+        _ANSWERED[0] += 1
+        due = _ANSWERED[0] > int(os.environ.get("STANDIN_HANG_AFTER", "0"))
+    if due:
+        if _HANG_ONCE and not os.path.exists(_HANG_ONCE):
+            with open(_HANG_ONCE, "w", encoding="utf-8") as fh:
+                fh.write(str(os.getpid()))
+        while True:
+            time.sleep(3600)
 
 
 def _arg(argv: list[str], *names: str) -> str | None:
@@ -61,6 +87,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
+        _hang_if_due()
         key_env = os.environ.get("STANDIN_KEY_ENV")
         key = os.environ.get(key_env) if key_env else None
         if key and self.headers.get("Authorization") != f"Bearer {key}":
@@ -71,6 +98,8 @@ class Handler(BaseHTTPRequestHandler):
             status = 404 if mode == "404" else 503
             self._send(status, {"error": {"message": "Loading model"}})
             return
+        if self.path == os.environ.get("STANDIN_SLOW_PATH"):
+            time.sleep(float(os.environ.get("STANDIN_SLOW_SECONDS", "60")))
         if self.path in ("/health", "/v1/models", "/"):
             self._send(200, {"status": "ok", "path": self.path})
         else:
@@ -131,6 +160,13 @@ def main() -> None:
         threading.Thread(target=side.serve_forever, daemon=True).start()
     server = make_server(argv)
     print("standin: listening", file=sys.stderr, flush=True)
+    exit_after = os.environ.get("STANDIN_EXIT_AFTER")
+    if exit_after:
+        def crash() -> None:
+            time.sleep(float(exit_after))
+            print("standin: crashing (STANDIN_EXIT_AFTER)", file=sys.stderr, flush=True)
+            os._exit(3)
+        threading.Thread(target=crash, daemon=True).start()
     server.serve_forever()
 
 

@@ -14,7 +14,8 @@ import psutil
 
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
 from unitgen.inunit.probe import attempt
-from unitgen.ops.systemd import connect
+from unitgen.ops.status import restart_reason
+from unitgen.ops.systemd import UnitInfo, connect
 from unitgen.result import Result
 from unitgen.targets.systemd.installed import require
 
@@ -57,12 +58,55 @@ def _runtime_dir(scope: str) -> str:
     return os.environ.get("XDG_RUNTIME_DIR", "/run") if scope == "user" else "/run"
 
 
-async def _main_pid(unit: str, scope: str) -> tuple[int, str]:
+async def _unit_info(unit: str, scope: str) -> UnitInfo:
     async with connect(scope) as m:
         info = (await m.info([unit]))[unit]
     if info.load_state == "not-found":
         raise UnitgenError(f"unit {unit} is not known to the {scope} manager")
+    return info
+
+
+async def _main_pid(unit: str, scope: str) -> tuple[int, str]:
+    info = await _unit_info(unit, scope)
     return info.main_pid, info.active_state
+
+
+def _checkers(pid: int) -> list[int]:
+    """Liveness checkers (unitgen.inunit.watch) in the same unit as ``pid``."""
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as fh:
+            cgroup = fh.read()
+    except OSError:
+        return []
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if "unitgen.inunit.watch" not in (proc.info["cmdline"] or []):
+                continue
+            with open(f"/proc/{proc.pid}/cgroup", encoding="utf-8") as fh:
+                if fh.read() == cgroup:
+                    found.append(proc.pid)
+        except OSError:
+            continue
+    return found
+
+
+def _liveness(findings: list[Finding], installed_text: str, info: UnitInfo, scope: str) -> None:
+    watched = "unitgen.inunit.watch" in installed_text
+    if info.main_pid and info.active_state == "active":
+        checkers = _checkers(info.main_pid)
+        if watched and checkers:
+            findings.append(Finding(True, f"the liveness checker runs (pid {checkers[0]}): "
+                                          "systemd restarts the server if it stops answering"))
+        elif watched:
+            findings.append(Finding(False, f"{info.name} has a liveness checker but none runs: "
+                                           "a hang would not be noticed; restart the instance"))
+    if info.n_restarts:
+        reason = restart_reason(info.name, scope)
+        times = "time" if info.n_restarts == 1 else "times"
+        findings.append(Finding(True, f"{info.name} was restarted {info.n_restarts} {times} "
+                                      f"since it was started" + (f"; last: {reason}" if reason
+                                                                 else "")))
 
 
 def _answer(findings: list[Finding], target: str, path: str) -> None:
@@ -99,7 +143,13 @@ def doctor(name: str, scope: str) -> Result:
         findings.append(Finding(False, f"the socket owns port {public} but the probe checks "
                                        f"{installed.probe_target}: re-render the instance"))
     server_unit = installed.server_unit
-    pid, state = asyncio.run(_main_pid(server_unit, scope))
+    info = asyncio.run(_unit_info(server_unit, scope))
+    pid, state = info.main_pid, info.active_state
+    try:
+        server_text = installed.files[server_unit].read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        server_text = ""
+    _liveness(findings, server_text, info, scope)
     if not pid:
         findings.append(Finding(True, f"{server_unit} is {state}: no server process to inspect "
                                       "(on-demand instances start on the first connection)"))

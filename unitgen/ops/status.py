@@ -4,18 +4,26 @@ one round of D-Bus calls."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import psutil
 
+from unitgen.inunit.probe import attempt
+from unitgen.ops.journal import last_lines
 from unitgen.ops.systemd import UnitInfo, connect
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, read_gpus
 from unitgen.result import Result, table
 from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir
 
-__all__ = ["InstanceStatus", "list_instances", "status", "tree_memory"]
+__all__ = ["HEALTH_TIMEOUT", "InstanceStatus", "ProcessTable", "health_target", "list_instances",
+           "restart_reason", "status", "tree_memory"]
+
+# "ready" means the health path answered just now, within this long; every
+# instance is asked at once, so 100 instances take about this long at worst.
+HEALTH_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -23,7 +31,7 @@ class InstanceStatus:
     """One instance's state for ``unitgen status``."""
 
     name: str
-    state: str  # stopped, listening, starting, ready, idle-stopped, failed
+    state: str  # stopped, listening, starting, ready, unhealthy, idle-stopped, failed
     address: str
     backend: str
     pid: int | None
@@ -32,22 +40,61 @@ class InstanceStatus:
     detail: str
     gpus: tuple[int, ...] = ()  # GPU indexes it is placed on
     gpu_memory_bytes: int | None = None  # GPU memory its processes hold
+    restarts: int = 0  # automatic restarts of the server since it was started
+
+
+class ProcessTable:
+    """Parents and resident memory of every process, read once: asking psutil for
+    each instance's children scans all of /proc again (1.2 s for 100 instances)."""
+
+    def __init__(self) -> None:
+        self.children: dict[int, list[int]] = {}
+        self.rss: dict[int, int] = {}
+        for proc in psutil.process_iter(["ppid", "memory_info"]):
+            info = proc.info
+            if info.get("memory_info") is None:
+                continue
+            self.children.setdefault(int(info["ppid"] or 0), []).append(proc.pid)
+            self.rss[proc.pid] = int(info["memory_info"].rss)
+
+    def tree_memory(self, pid: int) -> int | None:
+        """Resident memory of a process and all its descendants."""
+        if pid not in self.rss:
+            return None
+        total, todo, seen = 0, [pid], set()
+        while todo:
+            current = todo.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            total += self.rss.get(current, 0)
+            todo.extend(self.children.get(current, []))
+        return total
 
 
 def tree_memory(pid: int) -> int | None:
     """Resident memory of a process and all its descendants."""
-    try:
-        proc = psutil.Process(pid)
-        total = proc.memory_info().rss
-        for child in proc.children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
-        return int(total)
-    except psutil.Error:
-        return None
+    return ProcessTable().tree_memory(pid)
 
 
-def describe(inst: Installed, infos: dict[str, UnitInfo]) -> InstanceStatus:
+INFO_SLICE = 60  # units per burst of D-Bus calls
+START_LIMIT_BURST = 5  # as the units say (StartLimitBurst=)
+
+# systemd's Result= values of a failed unit, in words.
+_RESULTS = {
+    "start-limit-hit": "failed again and again and was stopped at its start limit (5 starts in "
+                       "10 min); see `unitgen logs`, fix it, then deploy again",
+    "exit-code": "the server exited with an error",
+    "signal": "the server was killed by a signal",
+    "core-dump": "the server crashed (core dump)",
+    "watchdog": "did not answer its health path within the watchdog bound",
+    "timeout": "did not become ready before the [health] timeout",
+    "resources": "systemd could not set it up (a missing directory, user or device?)",
+}
+
+
+def describe(inst: Installed, infos: dict[str, UnitInfo],
+             table: ProcessTable | None = None) -> InstanceStatus:
     """Turn unit states into one word and a reason."""
     name = inst.name
     sock = infos[f"{name}.socket"]
@@ -60,11 +107,18 @@ def describe(inst: Installed, infos: dict[str, UnitInfo]) -> InstanceStatus:
     if failed:
         unit = failed[0]
         state = "failed"
-        detail = f"{unit.name}: {unit.status_text or 'Result: ' + unit.result}"
+        words = _RESULTS.get(unit.result, f"Result: {unit.result}")
+        if unit.n_restarts >= START_LIMIT_BURST - 1:
+            # systemd 252 keeps the last run's Result= when the start limit stops it
+            words = _RESULTS["start-limit-hit"] + f" (last run: {words})"
+        detail = f"{unit.name}: {words}" + (f"; {unit.status_text}" if unit.status_text else "")
     elif "activating" in (server.active_state, svc.active_state):
         state = "starting"
         detail = server.status_text or svc.status_text
-    elif server.active_state == "active" and svc.active_state == "active":
+    elif server.active_state == "active" and (svc.active_state == "active" or (
+            server is not svc and sock.active_state == "active")):
+        # After a restart of the server its proxy starts again with the next
+        # connection (the socket holds it meanwhile): that is still ready.
         state = "ready"
     elif sock.active_state == "active":
         state = "idle-stopped" if server.exec_main_start_usec else "listening"
@@ -75,7 +129,67 @@ def describe(inst: Installed, infos: dict[str, UnitInfo]) -> InstanceStatus:
     if pid and server.active_enter_usec:
         uptime = max(0.0, time.time() - server.active_enter_usec / 1e6)
     return InstanceStatus(name, state, address, inst.backend, pid, uptime,
-                          tree_memory(pid) if pid else None, detail)
+                          (table or ProcessTable()).tree_memory(pid) if pid else None, detail,
+                          restarts=server.n_restarts)
+
+
+def health_target(inst: Installed, scope: str) -> str:
+    """Where an instance's health path is asked from outside: the server's private
+    endpoint when it has one (a check through the public port would count as a
+    connection and keep an idle_stop instance running), else the public port."""
+    if inst.private_unix:
+        runtime = os.environ.get("XDG_RUNTIME_DIR", "/run") if scope == "user" else "/run"
+        return inst.private_unix.replace("%t", runtime)
+    if inst.private_port:
+        return f"127.0.0.1:{inst.private_port}"
+    return inst.probe_target
+
+
+def _check_health(row: InstanceStatus, inst: Installed, scope: str) -> InstanceStatus:
+    if row.state != "ready":
+        return row
+    target = health_target(inst, scope)
+    result = attempt(target, inst.probe_path, None, timeout=HEALTH_TIMEOUT)
+    if result.outcome in ("ready", "fatal"):  # 401/403 answers too: only the key is missing
+        return row
+    if result.detail.startswith("PermissionError"):
+        # a sandboxed server's socket is its own user's; only root may ask it
+        return replace(row, detail=f"health not checked: no permission to reach {target} "
+                                   "(run status as root)")
+    return replace(row, state="unhealthy",
+                   detail=f"{target}{inst.probe_path} did not answer: {result.detail}")
+
+
+# Our own tools say why best (the checker, the probe); the manager's lines next.
+_WHY_MARKS = (("did not answer", "exited while loading", "not ready"),
+              ("Watchdog timeout", "Main process exited"))
+
+
+def restart_reason(unit: str, scope: str) -> str:
+    """Why systemd last restarted ``unit``, from its journal: the manager's verdict
+    (``Failed with result 'watchdog'``, where the journal has the manager's lines)
+    and the liveness checker's or probe's last complaint before it."""
+    lines = last_lines(unit, scope, lines=300)
+    verdicts = [i for i, ln in enumerate(lines) if "Failed with result" in ln]
+    cut = verdicts[-1] if verdicts else len(lines)
+    begin = verdicts[-2] + 1 if len(verdicts) > 1 else 0  # not an earlier restart's cause
+    why: list[str] = []
+    for marks in _WHY_MARKS:
+        why = why or [ln.strip() for ln in lines[begin:cut] if any(m in ln for m in marks)]
+    reason = why[-1] if why else ""
+    if verdicts:
+        result = lines[cut].partition("Failed with result")[2].strip(" '.")
+        return f"{result} ({reason})" if reason else result
+    return reason
+
+
+def _with_restarts(row: InstanceStatus, inst: Installed, scope: str) -> InstanceStatus:
+    if not row.restarts:
+        return row
+    reason = restart_reason(inst.server_unit, scope)
+    times = "time" if row.restarts == 1 else "times"
+    note = f"restarted {row.restarts} {times}" + (f"; last: {reason}" if reason else "")
+    return replace(row, detail=f"{row.detail}; {note}" if row.detail else note)
 
 
 def _human_bytes(n: int | None) -> str:
@@ -103,9 +217,19 @@ async def _status(names: list[str], scope: str) -> list[InstanceStatus]:
     installed = require(scope, names)
     chosen = names or sorted(installed)
     units = [u for n in chosen for u in installed[n].units]
+    infos: dict[str, UnitInfo] = {}
     async with connect(scope) as m:
-        infos = await m.info(units) if units else {}
-    rows = [describe(installed[n], infos) for n in chosen]
+        # dbus-fast fails (BlockingIOError in its writer) when some 250 calls are
+        # queued at once: ask in slices, each still one round trip's wait.
+        for start in range(0, len(units), INFO_SLICE):
+            infos.update(await m.info(units[start:start + INFO_SLICE]))
+    table = ProcessTable()
+    rows = [describe(installed[n], infos, table) for n in chosen]
+    if rows:
+        # Health and restart reasons are network and journal reads: all at once.
+        with ThreadPoolExecutor(max_workers=min(64, len(rows))) as pool:
+            rows = list(pool.map(lambda r: _with_restarts(
+                _check_health(r, installed[r.name], scope), installed[r.name], scope), rows))
     if any(installed[n].gpus for n in chosen):
         try:
             gpus = read_gpus()

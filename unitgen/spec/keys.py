@@ -92,6 +92,7 @@ class Key:
     activation: str = ""  # non-empty: only with this activation
     pattern: str = ""  # a regular expression the whole value must match
     pattern_doc: str = ""
+    can_be_off: bool = False  # a duration that "off" (or false) turns off
 
     @property
     def applies_to(self) -> str:
@@ -148,6 +149,10 @@ KEYS: tuple[Key, ...] = (
         default="30min", lo=1, hi=7 * _DAY,
         bounds_why="a start deadline beyond a week would leave a wedged server "
                    "'starting' for ever"),
+    Key("health.watchdog", Kind.DURATION, "after ready, restart a server that has not answered "
+        "its health path for this long (`\"off\"`: never); a slow request does not count",
+        default="30s", lo=3, hi=_DAY, can_be_off=True,
+        bounds_why="the checker asks every third of it; longer than a day is a typo"),
     Key("user", Kind.TEXT, "run the server as this user (system manager)",
         pattern=r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", pattern_doc="is not a valid user or group name"),
     Key("group", Kind.TEXT, "run the server with this group (system manager)",
@@ -169,6 +174,10 @@ KEYS: tuple[Key, ...] = (
     Key("gpus", Kind.GPUS, "a count, a list of indexes, or a list of GPU UUIDs"),
     Key("gpu_memory", Kind.SIZE, "memory needed on each GPU (`\"40GiB\"`)"),
     Key("gpu_share", Kind.BOOLEAN, "allow other instances on the same GPUs", default="false"),
+    Key("hardening", Kind.BOOLEAN, "system scope: sandbox the server (docs/reliability.md lists "
+        "the directives and what each opt-out costs)", default="true"),
+    Key("offline", Kind.BOOLEAN, "the server needs no network (a local model): "
+        "`PrivateNetwork=yes` where it listens on a Unix socket", default="false"),
 )
 
 # Keys that are tables of keys, with the word a wrong type is told to use.
@@ -259,6 +268,8 @@ def _schema_of(key: Key) -> dict[str, Any]:
         schema = {"type": "integer", "minimum": key.lo, "maximum": key.hi}
     elif key.kind is Kind.BOOLEAN:
         schema = {"type": "boolean"}
+    elif key.kind is Kind.DURATION and key.can_be_off:
+        schema = {"anyOf": [{"type": ["string", "number"]}, {"const": False}]}
     elif key.kind is Kind.DURATION:
         schema = {"type": ["string", "number"], "not": {"type": "boolean"}}
     elif key.kind is Kind.WORDS:

@@ -51,6 +51,12 @@ RESTART_POLICIES = tuple(r.value for r in RestartPolicy)
 # graph capture and warm-up that is 15 to 20 minutes. 30 minutes leaves room
 # without letting a wedged server sit in "starting" for ever.
 DEFAULT_HEALTH_TIMEOUT = 1800.0
+# After ready, a server that has not answered its health path for this long is
+# restarted by systemd's watchdog: three checks of 10 s each.
+DEFAULT_WATCHDOG = 30.0
+
+# What a duration key that can be turned off reads as when it is ("off", false).
+OFF = -1.0
 
 ENV_NAME_RE = r"[A-Za-z_][A-Za-z0-9_]*"
 # Keys of the [systemd.*] escape hatch look like systemd directives.
@@ -63,6 +69,7 @@ class HealthSpec:
 
     path: str | None = None
     timeout: float = DEFAULT_HEALTH_TIMEOUT
+    watchdog: float | None = DEFAULT_WATCHDOG  # None: "off"
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,8 @@ class InstanceSpec:
     gpus: int | tuple[int, ...] | tuple[str, ...] | None = None
     gpu_memory: int | None = None
     gpu_share: bool = False
+    hardening: bool = True  # system scope: sandbox the server (docs/reliability.md)
+    offline: bool = False  # the server needs no network: PrivateNetwork= where it can
 
 
 # Only a spec given as a mapping (JSON, YAML via Ansible) can hold these; TOML files
@@ -213,6 +222,8 @@ def _read_boolean(c: _Checker, key: Key, value: object) -> bool | None:
 
 
 def _read_duration(c: _Checker, key: Key, value: object) -> float | None:
+    if key.can_be_off and (value is False or value == "off"):
+        return OFF
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         c.add(key.name, f"must be a time span like \"15min\", not {_kind(value)}")
         return None
@@ -474,8 +485,10 @@ def _build(source: str, values: dict[str, Any]) -> InstanceSpec:
         value = values.get(name)
         return default if value is None else value
 
+    watchdog = get("health.watchdog", DEFAULT_WATCHDOG)
     health = HealthSpec(path=get("health.path"),
-                        timeout=get("health.timeout", DEFAULT_HEALTH_TIMEOUT))
+                        timeout=get("health.timeout", DEFAULT_HEALTH_TIMEOUT),
+                        watchdog=None if watchdog == OFF else watchdog)
     return InstanceSpec(
         source=source, name=values["name"], backend=BackendName(values["backend"]),
         model=get("model"), executable=get("executable"), host=get("host"), port=get("port"),
@@ -489,6 +502,7 @@ def _build(source: str, values: dict[str, Any]) -> InstanceSpec:
         api_key_env=get("api_key_env"), systemd_unit=get("systemd.unit", ()),
         systemd_service=get("systemd.service", ()), gpus=values.get("gpus"),
         gpu_memory=get("gpu_memory"), gpu_share=get("gpu_share", False),
+        hardening=get("hardening", True), offline=get("offline", False),
     )
 
 

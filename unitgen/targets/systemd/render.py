@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,6 +143,18 @@ def _probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> l
     return cmd
 
 
+def _watch_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> list[str]:
+    """The liveness checker started after ready (empty: [health] watchdog = "off")."""
+    bound = inst.spec.health.watchdog
+    if bound is None:
+        return []
+    cmd = [ctx.python, "-I", "-m", "unitgen.inunit.watch", "--target", target,
+           "--path", inst.health_path, "--bound", format_seconds(bound), "--label", label]
+    if inst.probe_key_env:
+        cmd += ["--key-env", inst.probe_key_env]
+    return cmd
+
+
 def spec_problems(spec: InstanceSpec) -> list[Problem]:
     """What the systemd target refuses in a valid spec: directives unitgen owns,
     and values that would continue onto the next line."""
@@ -211,6 +225,54 @@ def _gpu_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     return {"gpu_header": header, "gpu_wait": wait, "device_allow": devices}
 
 
+# Variables that name where a model server writes its caches: made writable.
+CACHE_ENV = ("HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+             "TRANSFORMERS_CACHE", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+             "LLAMA_CACHE", "MODELSCOPE_CACHE", "OUTLINES_CACHE_DIR")
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+@:=,-]*")
+_HOMES = ("/home", "/root", "/run/user")
+
+
+def _under(path: str, tops: tuple[str, ...]) -> bool:
+    return any(path == top or path.startswith(top + "/") for top in tops)
+
+
+def _hardening_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    """The sandbox of a system-scope server (docs/reliability.md#hardening):
+    nothing at user scope (a user manager cannot set up most of it) or with
+    ``hardening = false``."""
+    spec = inst.spec
+    if ctx.scope != "system" or not spec.hardening:
+        return {"hardening": False}
+    env = dict(inst.env)
+    writable = [v for k, v in inst.env if k in CACHE_ENV and v.startswith("/")]
+    if spec.working_directory:
+        writable.append(spec.working_directory)
+    # Only plain paths can be listed (spaces would split them): others keep the
+    # read-only view and the docs say to set ReadWritePaths= in [systemd.service].
+    writable = sorted({p for p in writable if _PLAIN_PATH.fullmatch(p)})
+    # Where the interpreter really lives counts too (a venv's python is a symlink,
+    # often into /root/.pyenv or a home directory).
+    read = [ctx.python, os.path.realpath(ctx.python),
+            *(w for w in (spec.model, spec.executable) if w and w.startswith("/"))]
+    state = runtime_subdir(spec.name)
+    # A dynamic user's home is "/": caches go to its own state and cache directories.
+    defaults = [(k, v) for k, v in (("HOME", f"/var/lib/{state}"),
+                                    ("XDG_CACHE_HOME", f"/var/cache/{state}"))
+                if k not in env and not spec.user]
+    unix = inst.private is not None and inst.private.kind == "unix"
+    local_model = bool(spec.model and spec.model.startswith("/"))
+    return {
+        "hardening": True,
+        "state_dir": state,
+        "home_defaults": defaults,
+        "writable": writable,
+        "protect_home": "read-only" if any(_under(p, _HOMES) for p in [*read, *writable])
+                        else "yes",
+        "private_network": unix and (spec.offline or local_model),
+    }
+
+
 def render_instance(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
     """Render an instance's unit files (and its secret file, if it has a key).
 
@@ -231,6 +293,7 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
     spec = inst.spec
     addr = ipaddress.ip_address(inst.public.host)
     secret = bool(inst.secrets)
+    hardening = _hardening_context(inst, ctx)
     common = {
         "source": Path(spec.source).name,
         "name": spec.name,
@@ -252,9 +315,11 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
         "unit_extra": list(spec.systemd_unit),
         "service_extra": list(spec.systemd_service),
         "probe_public": _probe_cmd(ctx, inst, inst.public.probe_target(), "public"),
+        "watch": _watch_cmd(ctx, inst, inst.public.probe_target(), "public"),
         # a server run as another user needs the right to bind its privileged private port
-        "bind_low_port": bool(spec.user and inst.private is not None
+        "bind_low_port": bool((spec.user or hardening["hardening"]) and inst.private is not None
                               and inst.private.kind == "tcp" and inst.private.port < 1024),
+        **hardening,
         **_gpu_context(inst, ctx),
     }
     files = [RenderedFile(f"{spec.name}.socket", env.get_template("socket.j2").render(common))]
@@ -269,7 +334,13 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
         private_ctx = {
             **common,
             "proxy_cmd": proxy_cmd,
+            # Only an idle_stop instance needs this (its proxy exits on its own). Elsewhere
+            # it would undo a restart: a server that dies leaving processes behind (workers,
+            # the liveness checker) passes through "deactivating", which stops the proxy
+            # (BindsTo=), and an unneeded server would then be stopped instead of restarted.
+            "idle_stop": spec.idle_stop is not None,
             "probe_private": _probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
+            "watch": _watch_cmd(ctx, inst, inst.private.probe_target(), "private"),
             "runtime_dir": runtime_subdir(spec.name) if RUNTIME_DIR in inst.private.path else "",
         }
         files.append(RenderedFile(
