@@ -21,6 +21,7 @@ __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
     "DEFAULT_HEALTH_TIMEOUT",
+    "DEFAULT_SWAP_DRAIN",
     "RESTART_POLICIES",
     "HealthSpec",
     "InstanceSpec",
@@ -37,6 +38,11 @@ RESTART_POLICIES = ("on-failure", "always", "on-abnormal", "no")
 # without letting a wedged server sit in "starting" for ever.
 DEFAULT_HEALTH_TIMEOUT = 1800.0
 
+# How long a member of a swap group may finish the requests it is serving once
+# another member wants the GPU: long enough for a long generation, short enough
+# that a member that keeps receiving requests cannot starve the others.
+DEFAULT_SWAP_DRAIN = 180.0
+
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Keys of the [systemd.*] escape hatch look like systemd directives.
@@ -47,7 +53,7 @@ TOP_KEYS = (
     "command", "socket_activation", "activation", "idle_stop", "health",
     "user", "group", "working_directory", "restart", "private_port",
     "max_connections", "description", "api_key_env", "systemd",
-    "gpus", "gpu_memory", "gpu_share",
+    "gpus", "gpu_memory", "gpu_share", "swap_group", "swap_drain",
 )
 HEALTH_KEYS = ("path", "timeout")
 SYSTEMD_KEYS = ("unit", "service")
@@ -92,6 +98,8 @@ class InstanceSpec:
     gpus: int | tuple[int, ...] | tuple[str, ...] | None = None
     gpu_memory: int | None = None
     gpu_share: bool = False
+    swap_group: str | None = None
+    swap_drain: float = DEFAULT_SWAP_DRAIN
 
 
 class _Checker:
@@ -322,6 +330,20 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
 
     systemd_unit, systemd_service = _systemd_tables(c, data)
     gpus, gpu_memory, gpu_share = _gpu_keys(c, data)
+    swap_group = c.text(data, "swap_group")
+    if swap_group is not None and not NAME_RE.match(swap_group):
+        c.add("swap_group", f"{swap_group!r} must be 1-48 lowercase letters, digits or '-'")
+        swap_group = None
+    elif swap_group is not None and activation != "on-demand":
+        c.add("swap_group", "needs activation = \"on-demand\": members of a swap group take "
+                            "turns, each loaded when a request asks for it")
+    if swap_group is not None and socket_activation:
+        c.add("swap_group", "is not available with socket_activation = true: a member drains "
+                            "its requests through unitgen's proxy before it yields the GPU")
+    swap_drain = c.duration(data, "swap_drain")
+    if swap_drain is not None and swap_group is None and "swap_group" not in data:
+        c.add("swap_drain", "needs swap_group: it bounds how long a member finishes its "
+                            "requests before another member of its group loads")
 
     if c.problems and (name is None or backend is None):
         raise SpecError(problems=c.problems)
@@ -334,7 +356,8 @@ def _from_table(data: dict[str, Any], source: str) -> InstanceSpec:
         restart=restart, private_port=private_port,
         max_connections=max_connections or 1024, description=description,
         api_key_env=api_key_env, systemd_unit=systemd_unit, systemd_service=systemd_service,
-        gpus=gpus, gpu_memory=gpu_memory, gpu_share=gpu_share,
+        gpus=gpus, gpu_memory=gpu_memory, gpu_share=gpu_share, swap_group=swap_group,
+        swap_drain=swap_drain or DEFAULT_SWAP_DRAIN,
     )
     if c.problems:
         # The valid keys still make a spec, so `check` can go on to the port
