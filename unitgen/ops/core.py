@@ -28,7 +28,8 @@ class Rendered:
 
 
 def placement_for(spec: InstanceSpec, claims: dict[str, list[tuple[str, bool]]] | None = None,
-                  *, gpus: list[Gpu] | None = None) -> Placement | None:
+                  *, gpus: list[Gpu] | None = None,
+                  mates: frozenset[str] = frozenset()) -> Placement | None:
     """GPU placement for a spec (None for CPU-only specs). Reads NVML unless the
     caller passes what it read; where NVML is unavailable only UUID lists can be
     placed."""
@@ -41,7 +42,7 @@ def placement_for(spec: InstanceSpec, claims: dict[str, list[tuple[str, bool]]] 
         except GpuUnavailableError:
             found = None
     return place(source=spec.source, name=spec.name, want=spec.gpus, memory=spec.gpu_memory,
-                 share=spec.gpu_share, gpus=found, claims=claims or {})
+                 share=spec.gpu_share, gpus=found, claims=claims or {}, mates=mates)
 
 
 def render_spec(path: Path, ctx: RenderContext, *, port: int | None = None,

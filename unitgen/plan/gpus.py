@@ -157,16 +157,20 @@ def place(
     share: bool,
     gpus: list[Gpu] | None,
     claims: dict[str, list[tuple[str, bool]]],
+    mates: frozenset[str] = frozenset(),
 ) -> Placement:
     """Choose GPUs for instance ``name``.
 
     ``gpus`` is None when NVML is unavailable (offline render: only UUIDs work).
     ``claims`` maps a GPU UUID to the other instances placed there (name, shares).
+    ``mates`` are the other members of its swap group: they never run at the
+    same time, so their claims are no conflict and their memory counts as free.
     """
     def fail(message: str) -> SpecError:
         return SpecError(problems=[Problem(source, "gpus", message)])
 
-    others = {u: [(n, s) for n, s in c if n != name] for u, c in claims.items()}
+    mine = mates | {name}
+    others = {u: [(n, s) for n, s in c if n not in mine] for u, c in claims.items()}
     if gpus is None:
         if isinstance(want, tuple) and want and isinstance(want[0], str):
             uuids = tuple(str(w) for w in want)
@@ -191,7 +195,7 @@ def place(
         if len(current) == want:
             chosen = sorted(current, key=lambda g: g.index)  # a redeploy keeps its GPUs
         else:
-            usable.sort(key=lambda g: (-_free_for(g, name), g.index))
+            usable.sort(key=lambda g: (-_free_for(g, mine), g.index))
             chosen = sorted(usable[:want], key=lambda g: g.index)
     else:
         chosen = []
@@ -204,7 +208,7 @@ def place(
         _check_claims(fail, tuple(g.uuid for g in chosen), others, share, name)
     if memory is not None:
         for g in chosen:
-            free = _free_for(g, name)
+            free = _free_for(g, mine)
             if free < memory:
                 holders = ", ".join(
                     f"pid {p.pid}" + (f" ({p.instance})" if p.instance else "")
@@ -219,10 +223,10 @@ def place(
                      minors if len(minors) == len(chosen) else None, share)
 
 
-def _free_for(g: Gpu, name: str) -> int:
-    """Free memory, counting what this instance's own processes hold as free
-    (a redeploy replaces them)."""
-    return g.free + sum(p.used_bytes for p in g.processes if p.instance == name)
+def _free_for(g: Gpu, names: frozenset[str]) -> int:
+    """Free memory, counting what this instance's own processes (a redeploy
+    replaces them) and its swap-group mates' (they unload first) hold as free."""
+    return g.free + sum(p.used_bytes for p in g.processes if p.instance in names)
 
 
 def _may_use(claimers: list[tuple[str, bool]], share: bool) -> bool:
