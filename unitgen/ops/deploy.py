@@ -15,9 +15,11 @@ from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, Problem, SpecE
 from unitgen.ops.allocate import Listener, check_port, deploy_lock, listeners, pick_port
 from unitgen.ops.core import apply_changes, check_ours, is_ours, placement_for, undo_changes
 from unitgen.ops.journal import last_lines
+from unitgen.ops.swap import dropin_changes, installed_groups, write_dropins
 from unitgen.ops.systemd import JobOutcome, Manager, connect
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, read_gpus
 from unitgen.plan.instance import Instance, resolve
+from unitgen.plan.swap import after_change, mates_of
 from unitgen.result import Result
 from unitgen.spec.model import InstanceSpec, load_spec
 from unitgen.spec.ports import DEFAULT_PORT_RANGE, default_port, default_private_port, private_range_for
@@ -141,6 +143,7 @@ async def _plan(
     busy: dict[int, Listener],
     taken: set[int],
     gpus: list[Gpu] | None,
+    swap_members: dict[str, str],
 ) -> Plan:
     first = resolve(spec)
     mine = installed.get(spec.name)
@@ -165,7 +168,8 @@ async def _plan(
             private_port = pick_port(spec.name, default_private_port(spec.name, prange),
                                      installed, busy, taken | {port}, prange)
         taken.add(private_port)
-    placement = placement_for(spec, gpu_claims(installed), gpus=gpus)
+    placement = placement_for(spec, gpu_claims(installed), gpus=gpus,
+                              mates=frozenset(mates_of(spec.name, swap_members)))
     inst = resolve(spec, port=port, private_port=private_port, placement=placement,
                    private_range=prange)
     files = render_instance(inst, opts.ctx)
@@ -286,8 +290,10 @@ async def _run(paths: list[Path], opts: DeployOptions) -> Result:
             except GpuUnavailableError:
                 gpus = None  # CPU-only host: GPU specs with UUIDs still render
             plans = []
+            swap_members = after_change(installed_groups(installed), specs)
+            swap_changes = dropin_changes(opts.scope, installed, specs)
             for s in specs:
-                plan = await _plan(m, s, opts, installed, busy, taken, gpus)
+                plan = await _plan(m, s, opts, installed, busy, taken, gpus, swap_members)
                 plans.append(plan)
                 if plan.inst.gpus:  # later specs in this run see this claim
                     entry = installed.setdefault(s.name, Installed(name=s.name))
@@ -301,12 +307,15 @@ async def _run(paths: list[Path], opts: DeployOptions) -> Result:
                                             notices=list(p.inst.notices)))
                 return _result(outcomes, dry_run=True)
             written: list[Plan] = []
+            swap_undo: list[tuple[Path, str | None]] = []
             try:
                 for p in plans:
                     if p.changed:
                         _write(p, opts.scope)
                         written.append(p)
-                if written:
+                # swap groups: every member's Conflicts= follow the member list
+                swap_undo = write_dropins(swap_changes)
+                if written or swap_undo:
                     await m.reload()
                     for p in written:
                         await _enable(m, p)
@@ -314,7 +323,8 @@ async def _run(paths: list[Path], opts: DeployOptions) -> Result:
             except UnitgenError:
                 for p in written:
                     _restore_plan(p, opts.scope)
-                if written:
+                undo_changes(swap_undo)
+                if written or swap_undo:
                     await m.reload()
                 raise
         for p in plans:
@@ -412,6 +422,8 @@ async def _remove(names: list[str], scope: str) -> Result:
         await m.subscribe()
         with deploy_lock(scope):
             installed = require(scope, names)
+            # swap groups: the remaining members stop naming the removed ones
+            write_dropins(dropin_changes(scope, installed, removed=names))
             for name in names:
                 inst = installed[name]
                 t0 = time.monotonic()

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 
 import psutil
 
+from unitgen.ops.swap import status_section
 from unitgen.ops.systemd import UnitInfo, connect
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, read_gpus
 from unitgen.result import Result
@@ -135,8 +136,10 @@ def status(names: list[str], scope: str) -> Result:
         "  ".join(cell.ljust(w) for cell, w in zip(row[:9], widths, strict=True)) + "  " + row[9]
         for row in table
     )
-    return Result(data={"instances": [asdict(r) for r in rows]},
-                  lines=tuple(ln.rstrip() for ln in lines) if rows else ("no instances",))
+    swap_data, swap_lines = status_section(scope)
+    return Result(data={"instances": [asdict(r) for r in rows], **swap_data},
+                  lines=(tuple(ln.rstrip() for ln in lines) if rows else ("no instances",))
+                  + swap_lines)
 
 
 def list_instances(scope: str) -> Result:
