@@ -14,6 +14,9 @@ STANDIN_KEY_ENV        name of a variable holding the API key; requests without
 STANDIN_RECORD         file to write ``{"argv": [...], "env": {...}, "pid": N}`` to at start
 STANDIN_EXTRA_PORT     also listen on this loopback TCP port (a misconfigured server)
 STANDIN_WORKERS        start this many child processes, like tensor-parallel workers
+STANDIN_STREAM_SECONDS stream answers to paths other than /health, /v1/models and /
+                       over this many seconds (10 chunks, like tokens), then a last
+                       line ``{"done": true, ...}``
 
 Every answer is JSON and carries the server's pid, so a test can tell restarts apart.
 """
@@ -60,6 +63,22 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _stream(self, seconds: float) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        lines = [{"chunk": i, "pid": os.getpid()} for i in range(10)]
+        lines.append({"done": True, "path": self.path, "pid": os.getpid()})
+        for i, line in enumerate(lines):
+            if i:
+                time.sleep(seconds / 10)
+            data = (json.dumps(line) + "\n").encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
     def do_GET(self) -> None:
         key_env = os.environ.get("STANDIN_KEY_ENV")
         key = os.environ.get(key_env) if key_env else None
@@ -73,6 +92,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path in ("/health", "/v1/models", "/"):
             self._send(200, {"status": "ok", "path": self.path})
+        elif os.environ.get("STANDIN_STREAM_SECONDS"):
+            self._stream(float(os.environ["STANDIN_STREAM_SECONDS"]))
         else:
             self._send(200, {"status": "ok", "path": self.path, "echo": True})
 
