@@ -31,7 +31,6 @@ Standard library only: it runs inside the unit.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import fcntl
 import os
@@ -39,10 +38,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from unitgen.timespan import format_seconds, parse_timespan
+from unitgen.timespan import parse_timespan
 
 __all__ = ["main", "mates_from_conflicts"]
 
@@ -81,16 +81,25 @@ class Systemctl:
     def __init__(self, scope: str) -> None:
         self.base = ["systemctl", "--no-ask-password"] + (["--user"] if scope == "user" else [])
 
+    def popen(self, *args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*self.base, *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.base, *args], capture_output=True, text=True, check=False)
 
-    def show(self, unit: str, *props: str) -> dict[str, str]:
-        done = self.run("show", unit, *(f"-p{p}" for p in props))
-        values = dict.fromkeys(props, "")
+    def show(self, units: list[str], *props: str) -> dict[str, dict[str, str]]:
+        """Properties of several units in one call: unit -> property -> value."""
+        done = self.run("show", *units, "-pId", *(f"-p{p}" for p in props))
+        out = {u: dict.fromkeys(props, "") for u in units}
+        current: dict[str, str] = {}
         for line in done.stdout.splitlines():
             key, _, value = line.partition("=")
-            values[key] = value
-        return values
+            if key == "Id":
+                current = out.setdefault(value, dict.fromkeys(props, ""))
+            elif key in props:
+                current[key] = value
+        return out
 
 
 def _held_by(lock: Path) -> str:
@@ -117,28 +126,29 @@ def take_turn(ns: argparse.Namespace, ctl: Systemctl) -> int:
     os.pwrite(fd, ns.name.encode() + b"\n", 0)
     t_lock = time.monotonic()
     me = f"{ns.name}-backend.service"
-    mates = mates_from_conflicts(ctl.show(me, "Conflicts")["Conflicts"], ns.name)
+    mine = ctl.show([me], "Conflicts", "ActiveState", "Result")[me]
+    mates = mates_from_conflicts(mine["Conflicts"], ns.name)
+    reset = None
+    if mine["ActiveState"] != "active" and mine["Result"] in ("success", ""):
+        # Each turn is a deliberate start: it must not count toward the start
+        # limit meant for crash loops (a failed server keeps its count).
+        reset = ctl.popen("reset-failed", me)
+    states = ctl.show([f"{m}-backend.service" for m in mates], "ActiveState") if mates else {}
     busy = [m for m in mates
-            if ctl.show(f"{m}-backend.service", "ActiveState")["ActiveState"]
-            not in ("inactive", "failed", "")]
+            if states[f"{m}-backend.service"]["ActiveState"] not in ("inactive", "failed", "")]
     if busy:
         notify(f"swap group {ns.group}: asking {', '.join(busy)} to finish its requests and unload")
+        # proxy first (it drains), then the server; one job each, ordered by After=
         units = [u for m in busy for u in (f"{m}.service", f"{m}-backend.service")]
         done = ctl.run("stop", *units)
         if done.returncode != 0:
-            log(f"stopping {', '.join(units)}: {done.stderr.strip()}")
-        still = [m for m in busy
-                 if ctl.show(f"{m}-backend.service", "ActiveState")["ActiveState"] == "active"]
-        if still:
-            log(f"{', '.join(still)} did not stop; not loading next to it")
+            log(f"stopping {', '.join(units)} failed: {done.stderr.strip()}; not loading next "
+                "to it")
             return -1
     t_stopped = time.monotonic()
     notify(f"swap group {ns.group}: loading")
-    state = ctl.show(me, "ActiveState", "Result")
-    if state["ActiveState"] != "active" and state["Result"] in ("success", ""):
-        # Each turn is a deliberate start: it must not count toward the start
-        # limit meant for crash loops (a failed server keeps its count).
-        ctl.run("reset-failed", me)
+    if reset is not None:
+        reset.wait()
     done = ctl.run("start", me)
     if done.returncode != 0:
         log(f"{me} did not start: {done.stderr.strip()}")
@@ -150,174 +160,8 @@ def take_turn(ns: argparse.Namespace, ctl: Systemctl) -> int:
     return fd
 
 
-class Forwarder:
-    """Forwards accepted connections to the private endpoint; drains on request."""
-
-    def __init__(self, ns: argparse.Namespace, listener: socket.socket) -> None:
-        self.ns = ns
-        self.listener = listener
-        self.conns: set[asyncio.Task[None]] = set()
-        self.stopping = asyncio.Event()
-        self.last_activity = time.monotonic()
-
-    async def connect_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        target: str = self.ns.target
-        deadline = time.monotonic() + self.ns.connect_timeout
-        while True:
-            try:
-                if target.startswith("/"):
-                    return await asyncio.open_unix_connection(target)
-                host, _, port = target.rpartition(":")
-                return await asyncio.open_connection(host.strip("[]"), int(port))
-            except (ConnectionRefusedError, FileNotFoundError):
-                # The server is restarting (crash, Restart=): wait for it.
-                if time.monotonic() >= deadline:
-                    raise
-                await asyncio.sleep(0.1)
-
-    async def handle(self, client: socket.socket) -> None:
-        try:
-            try:
-                br, bw = await self.connect_backend()
-            except OSError as exc:
-                log(f"cannot reach the server at {self.ns.target}: {exc}")
-                client.close()
-                return
-            cr, cw = await asyncio.open_connection(sock=client)
-            await asyncio.gather(self.pipe(cr, bw), self.pipe(br, cw))
-            for w in (cw, bw):
-                w.close()
-                with contextlib.suppress(OSError):
-                    await w.wait_closed()
-        finally:
-            self.last_activity = time.monotonic()
-
-    async def pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-            if w.can_write_eof():
-                w.write_eof()
-        except OSError:
-            w.close()
-
-    def start(self, client: socket.socket) -> None:
-        client.setblocking(False)
-        task = asyncio.get_running_loop().create_task(self.handle(client))
-        self.conns.add(task)
-        task.add_done_callback(self.conns.discard)
-
-    async def accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self.stopping.is_set():
-            while len(self.conns) >= self.ns.connections_max:
-                await asyncio.sleep(0.05)
-            client, _ = await loop.sock_accept(self.listener)
-            self.last_activity = time.monotonic()
-            self.start(client)
-
-    def sweep(self) -> int:
-        """Accept what already waits in the socket's queue (non-blocking)."""
-        taken = 0
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return taken
-            except OSError:
-                return taken
-            self.start(client)
-            taken += 1
-
-    async def idle_watch(self) -> None:
-        idle = self.ns.exit_idle_time
-        while not self.stopping.is_set():
-            await asyncio.sleep(min(1.0, idle / 4))
-            if not self.conns and time.monotonic() - self.last_activity >= idle:
-                log(f"idle for {format_seconds(idle)}: exiting (the server unloads)")
-                self.stopping.set()
-                return
-
-
-async def serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
-                ctl: Systemctl, *, termed: bool) -> int:
-    """Forward until SIGTERM (drain) or idle exit."""
-    loop = asyncio.get_running_loop()
-    listener.setblocking(False)
-    fw = Forwarder(ns, listener)
-    term = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, term.set)
-    loop.add_signal_handler(signal.SIGINT, term.set)
-    if termed:
-        term.set()
-    accepting = loop.create_task(fw.accept_loop())
-    watchers: list[asyncio.Task[object]] = [loop.create_task(term.wait())]
-    if ns.exit_idle_time:
-        watchers.append(loop.create_task(fw.idle_watch()))
-    notify(f"serving (swap group {ns.group})")
-
-    async def release_lock() -> None:
-        # Hold the turn until our unit is active: its queued connections are ours.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            proc = await asyncio.create_subprocess_exec(
-                *ctl.base, "show", "-pActiveState", "--value", f"{ns.name}.service",
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-            out, _ = await proc.communicate()
-            if out.decode().strip() != "activating":
-                break
-            await asyncio.sleep(0.05)
-        os.close(lock_fd)
-
-    releasing = loop.create_task(release_lock())
-    await asyncio.wait([*watchers, loop.create_task(fw.stopping.wait())],
-                       return_when=asyncio.FIRST_COMPLETED)
-    fw.stopping.set()
-    accepting.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await accepting
-    swept = fw.sweep() if term.is_set() else 0
-    # Only our copy of the socket closes: the socket unit keeps listening.
-    listener.close()
-    if fw.conns:
-        t0 = time.monotonic()
-        notify(f"draining {len(fw.conns)} connection(s) (at most {format_seconds(ns.drain)})")
-        log(f"draining {len(fw.conns)} connection(s) ({swept} taken from the queue), "
-            f"at most {format_seconds(ns.drain)}")
-        _, pending = await asyncio.wait(set(fw.conns), timeout=ns.drain)
-        if pending:
-            log(f"drain bound {format_seconds(ns.drain)} reached: closing {len(pending)} "
-                "connection(s)")
-            for task in pending:
-                task.cancel()
-        else:
-            log(f"drained in {time.monotonic() - t0:.2f} s")
-    releasing.cancel()
-    for w in watchers:
-        w.cancel()
-    return 0
-
-
-def unload(argv: list[str]) -> int:
-    """``unload --scope S NAME`` (the proxy's ExecStopPost=): however the proxy
-    ended, queue the stop of its server; never wait for it (that would wait on
-    the proxy's own stop job)."""
-    p = argparse.ArgumentParser(prog="python -m unitgen.inunit.swapproxy unload")
-    p.add_argument("--scope", choices=("system", "user"), default="system")
-    p.add_argument("name")
-    ns = p.parse_args(argv)
-    done = Systemctl(ns.scope).run("stop", "--no-block", f"{ns.name}-backend.service")
-    if done.returncode != 0:
-        log(f"could not stop {ns.name}-backend.service: {done.stderr.strip()}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: take the turn, forward, drain (or ``unload``)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["unload"]:
-        return unload(argv[1:])
+    """Entry point: take the turn, forward, drain."""
     p = argparse.ArgumentParser(prog="python -m unitgen.inunit.swapproxy")
     p.add_argument("--name", required=True, help="instance name")
     p.add_argument("--group", required=True, help="swap group name")
@@ -344,13 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, leave)
+    # asyncio takes ~60 ms to import: do it while the turn is taken, not after
+    threading.Thread(target=__import__, args=("unitgen.inunit.swapforward",), daemon=True).start()
     ctl = Systemctl(ns.scope)
     fd = take_turn(ns, ctl)
     if fd < 0:
         return 1
     termed: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: termed.append(signum))
-    return asyncio.run(serve(ns, listener, fd, ctl, termed=bool(termed)))
+    from unitgen.inunit.swapforward import forward  # noqa: PLC0415 - see the thread above
+
+    return forward(ns, listener, fd, ctl, termed=bool(termed))
 
 
 if __name__ == "__main__":

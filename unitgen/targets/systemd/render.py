@@ -241,9 +241,10 @@ def _swap_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "proxy_cmd": cmd,
         "probe_public": _probe_cmd(ctx, replace(inst, health_timeout=wait),
                                    inst.public.probe_target(), "public"),
-        "start_timeout": format_seconds(wait + START_MARGIN),
-        "swap_unload": [ctx.python, "-I", "-m", "unitgen.inunit.swapproxy", "unload",
-                        "--scope", ctx.scope, spec.name],
+        "swap_start_timeout": format_seconds(wait + START_MARGIN),
+        # every swap waits for this probe: poll faster than a load that happens once
+        "probe_private": [*_probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
+                          "--interval", "50ms"],
         "swap_stop_timeout": format_seconds(spec.swap_drain + START_MARGIN),
     }
 
