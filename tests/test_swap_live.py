@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import custom_spec, get, prop, wait_for, write_spec
+from tests.helpers import custom_spec, get, prop, standin_exe, wait_for, write_spec
 from unitgen.ops.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd
@@ -120,6 +120,7 @@ def stream(port: int, path: str = "/generate", timeout: float = 90,
         out["error"] = f"{type(exc).__name__}: {exc}"
     finally:
         out["ended"] = time.time()
+        out["ended_mono"] = time.monotonic()
         conn.close()
     return out
 
@@ -207,21 +208,14 @@ def test_request_in_flight_completes_before_the_next_member_loads(box, tmp_path)
     assert out["a2"]["status"] == 200 and out["a2"]["done"], out["a2"]
     assert out["a2"]["pid"] != out["a1"]["pid"]  # served in a's next turn
     assert out["a2"]["ended"] > out["b"]["ended"]
-    # b's server started only after a's request had ended (realtime clocks)
-    b_start_realtime = _realtime_usec(box, "b-backend.service") / 1e6
-    assert b_start_realtime >= out["a1"]["ended"] - 0.05, (b_start_realtime, out["a1"]["ended"])
+    # b's server started only after a's request had ended (both CLOCK_MONOTONIC)
+    b_start = int(prop(box, "b-backend.service", "ExecMainStartTimestampMonotonic")) / 1e6
+    assert b_start >= out["a1"]["ended_mono"] - 0.01, (b_start, out["a1"]["ended_mono"])
     group = status["swap_groups"][0]
     assert group["members"] == ["a", "b"] and group["loaded"] == "a"
     assert "b" in group["waiting"] and "a" in group["draining"]
     assert "waited" in doctor and "for its turn in swap group g" in doctor, doctor
     assert "a is finishing its requests first" in doctor, doctor
-
-
-def _realtime_usec(box: Sandbox, unit: str) -> int:
-    """ExecMainStartTimestamp of the unit's current run as realtime microseconds."""
-    out = box.systemctl("show", "--timestamp=unix", "-p", "ExecMainStartTimestamp", "--value",
-                        unit).stdout.strip()
-    return int(float(out.lstrip("@")) * 1e6)
 
 
 def test_kill_9_of_the_running_member_restarts_it_alone(box, tmp_path):
@@ -311,3 +305,61 @@ def test_idle_stop_unloads_the_running_member(box, tmp_path):
     assert prop(box, "a.socket", "ActiveState") == "active"
     assert get(ports["b"], "/x", timeout=60)[0] == 200
     assert failed_units(box) == ""
+
+
+def test_members_on_private_unix_sockets(box, tmp_path):
+    """llama-server style members (the stand-in plays it): the proxy forwards to
+    the server's Unix socket in its RuntimeDirectory=, which goes with each unload."""
+    exe = standin_exe(tmp_path)
+    specs = [write_spec(tmp_path, n, f'name = "{n}"\nbackend = "llama-server"\nmodel = "/m.gguf"\n'
+                        f'executable = "{exe}"\nactivation = "on-demand"\nswap_group = "u"\n'
+                        f'env = {{ STANDIN_LOAD_SECONDS = "{LOAD}" }}\n') for n in ("ua", "ub")]
+    ports = deploy(box, *specs)
+    pids = []
+    for name in ("ua", "ub", "ua"):
+        status, body = get(ports[name], "/v1/models", timeout=60)
+        assert status == 200
+        pids.append(body["pid"])
+    assert len(set(pids)) == 3
+    assert prop(box, "ub-backend.service", "ActiveState") == "inactive"
+    assert failed_units(box) == ""
+
+
+def test_kept_alive_connections_do_not_hold_the_turn(box, tmp_path):
+    """A client that reuses one connection (an SDK's pool) gets its answer in
+    full, then Connection: close; it does not keep its member loaded for the
+    whole drain bound, and none of its requests fails."""
+    ports = deploy(box, member(tmp_path, "a", drain="60s", STANDIN_STREAM_SECONDS="0.5"),
+                   member(tmp_path, "b"))
+    stop = threading.Event()
+    codes: list[int] = []
+    errors: list[str] = []
+
+    def keepalive_client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", ports["a"], timeout=90)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/generate")
+                resp = conn.getresponse()
+                body = resp.read()
+                codes.append(resp.status if body.endswith(b'"done": true, "path": "/generate", '
+                                                          + b'"pid": ' + body.rsplit(b" ", 1)[1])
+                             else -1)
+            except (OSError, http.client.HTTPException) as exc:
+                errors.append(repr(exc))
+                conn.close()
+        conn.close()
+
+    client = threading.Thread(target=keepalive_client)
+    client.start()
+    assert wait_for(lambda: len(codes) >= 2, 30)
+    t0 = time.monotonic()
+    status, _ = get(ports["b"], "/x", timeout=60)
+    took = time.monotonic() - t0
+    time.sleep(1)
+    stop.set()
+    client.join(120)
+    assert status == 200
+    assert took < 10, (f"b waited {took:.1f} s: the kept-alive connection held a's turn\n"
+                       + box.journal("a.service", lines=30))
+    assert errors == [] and codes and all(c == 200 for c in codes), (codes, errors)

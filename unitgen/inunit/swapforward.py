@@ -12,10 +12,31 @@ import signal
 import socket
 import time
 
+from unitgen.inunit.httpframes import ResponseFrames
 from unitgen.inunit.swapproxy import Systemctl, log, notify
 from unitgen.timespan import format_seconds
 
 __all__ = ["forward"]
+
+
+# A kept-alive connection quiet this long after its last answer is taken as idle.
+DRAIN_GRACE = 1.0
+
+
+class Conn:
+    """One client connection: where its answers stand."""
+
+    def __init__(self) -> None:
+        self.frames = ResponseFrames()
+        self.outstanding = False  # the client sent something not yet fully answered
+        self.answered = 0
+        self.answered_at = 0.0
+
+    @property
+    def idle(self) -> bool:
+        """Kept alive between requests: closing it cuts nothing. (A connection
+        that has had no answer yet is a client waiting for its first.)"""
+        return self.answered > 0 and not self.outstanding and self.frames.between
 
 
 class Forwarder:
@@ -25,7 +46,8 @@ class Forwarder:
         self.ns = ns
         self.listener = listener
         self.ctl = ctl
-        self.conns: set[asyncio.Task[None]] = set()
+        self.conns: dict[asyncio.Task[None], Conn] = {}
+        self.draining = False
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()  # the server is up: forward; cleared while it restarts
         self.ready.set()  # the turn was taken: systemctl start returned with it ready
@@ -87,7 +109,8 @@ class Forwarder:
                     raise
                 await asyncio.sleep(0.1)
 
-    async def handle(self, client: socket.socket) -> None:
+    async def handle(self, client: socket.socket, conn: Conn) -> None:
+        writers: list[asyncio.StreamWriter] = []
         try:
             try:
                 await asyncio.wait_for(self.ready.wait(), self.ns.connect_timeout)
@@ -96,19 +119,39 @@ class Forwarder:
                 log(f"cannot reach the server at {self.ns.target}: {exc!r}")
                 client.close()
                 return
+            writers.append(bw)
             cr, cw = await asyncio.open_connection(sock=client)
-            await asyncio.gather(self.pipe(cr, bw), self.pipe(br, cw))
-            for w in (cw, bw):
-                w.close()
-                with contextlib.suppress(OSError):
-                    await w.wait_closed()
+            writers.append(cw)
+            await asyncio.gather(self.up(cr, bw, conn), self.down(br, cw, conn))
         finally:
+            for w in writers:
+                w.close()
             self.last_activity = time.monotonic()
 
-    async def pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, conn: Conn) -> None:
+        """Client to server."""
         try:
             while data := await r.read(65536):
+                conn.frames.saw_request(data)
+                conn.outstanding = True
                 w.write(data)
+                await w.drain()
+            if w.can_write_eof():
+                w.write_eof()
+        except OSError:
+            w.close()
+
+    async def down(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, conn: Conn) -> None:
+        """Server to client; while draining, ask the client to close after each
+        answer, and close a kept-alive connection once it is between requests."""
+        try:
+            while data := await r.read(65536):
+                out, done = conn.frames.feed(data, close=self.draining)
+                if done:
+                    conn.outstanding = False
+                    conn.answered += done
+                    conn.answered_at = time.monotonic()
+                w.write(out)
                 await w.drain()
             if w.can_write_eof():
                 w.write_eof()
@@ -117,9 +160,23 @@ class Forwarder:
 
     def start(self, client: socket.socket) -> None:
         client.setblocking(False)
-        task = asyncio.get_running_loop().create_task(self.handle(client))
-        self.conns.add(task)
-        task.add_done_callback(self.conns.discard)
+        conn = Conn()
+        task = asyncio.get_running_loop().create_task(self.handle(client, conn))
+        self.conns[task] = conn
+        task.add_done_callback(lambda t: self.conns.pop(t, None))
+
+    async def drain(self) -> None:
+        """From now on answers carry ``Connection: close``; a connection kept
+        alive between requests is closed once it has been quiet for
+        DRAIN_GRACE, so a client that reuses it at once gets its request
+        answered instead of racing the close."""
+        self.draining = True
+        while self.conns:
+            now = time.monotonic()
+            for task, conn in list(self.conns.items()):
+                if conn.idle and now - conn.answered_at >= DRAIN_GRACE:
+                    task.cancel()
+            await asyncio.sleep(0.1)
 
     async def accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -193,6 +250,7 @@ async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
     with contextlib.suppress(asyncio.CancelledError):
         await accepting
     swept = fw.sweep() if term.is_set() else 0
+    closing = loop.create_task(fw.drain())
     # Only our copy of the socket closes: the socket unit keeps listening.
     listener.close()
     if fw.conns:
@@ -212,6 +270,7 @@ async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
         # idle (or the server is gone): unload the model; a stop job of this
         # unit does that itself (PartOf=), and must not be waited for from here
         ctl.run("stop", "--no-block", f"{ns.name}-backend.service")
+    closing.cancel()
     releasing.cancel()
     watching.cancel()
     for w in watchers:
