@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,8 +59,9 @@ def main() -> None:
     ex = min(exit_time() for _ in range(3))
     try:
         print(f"stand-in exit on SIGTERM: {ex * 1000:.0f} ms; GPU memory release: 0 (no GPU)")
-        print(f"{'load s':>7} {'own load s':>11} {'swap s':>7} {'overhead s':>11}   "
-              "from the journal: others stopped / own server started")
+        print(f"{'load s':>7} {'own load s':>11} {'swap s':>7} {'overhead s':>11} "
+              f"{'median swap s':>14} {'median overhead s':>18}   "
+              "journal (best): others stopped / own server started")
         for load in LOADS:
             own = min(bare(load) for _ in range(3))
             ports = {n: free_port() for n in ("sa", "sb")}
@@ -80,9 +82,9 @@ def main() -> None:
                                r"([\d.]+) s", journal)[-len(swaps):]
             stop = min(float(a) for a, _ in turns) if turns else float("nan")
             start = min(float(b) for _, b in turns) if turns else float("nan")
-            best = min(swaps)
-            print(f"{load:7.1f} {own:11.2f} {best:7.2f} {best - ex - own:11.2f}   "
-                  f"{stop:.2f} / {start:.2f} (best of {len(swaps)})")
+            best, med = min(swaps), statistics.median(swaps)
+            print(f"{load:7.1f} {own:11.2f} {best:7.2f} {best - ex - own:11.2f} {med:14.2f} "
+                  f"{med - ex - own:18.2f}   {stop:.2f} / {start:.2f} ({len(swaps)} swaps)")
             cli(box, "remove", "--user", "sa", "sb")
     finally:
         box.stop()

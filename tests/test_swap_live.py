@@ -301,7 +301,7 @@ def test_idle_stop_unloads_the_running_member(box, tmp_path):
     ports = deploy(box, member(tmp_path, "a", extra='idle_stop = "1s"\n'), member(tmp_path, "b"))
     assert get(ports["a"], "/x", timeout=60)[0] == 200
     assert wait_for(lambda: prop(box, "a-backend.service", "ActiveState") == "inactive", 10)
-    assert prop(box, "a.service", "ActiveState") == "inactive"
+    assert wait_for(lambda: prop(box, "a.service", "ActiveState") == "inactive", 10)
     assert prop(box, "a.socket", "ActiveState") == "active"
     assert get(ports["b"], "/x", timeout=60)[0] == 200
     assert failed_units(box) == ""

@@ -212,7 +212,7 @@ class Forwarder:
 
 
 async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
-                ctl: Systemctl, *, termed: bool) -> int:
+                ctl: Systemctl, *, termed: list[int]) -> int:
     """Forward until SIGTERM (drain) or idle exit."""
     loop = asyncio.get_running_loop()
     listener.setblocking(False)
@@ -220,7 +220,7 @@ async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
     term = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, term.set)
     loop.add_signal_handler(signal.SIGINT, term.set)
-    if termed:
+    if termed:  # SIGTERM came before the loop's own handler was in place
         term.set()
     accepting = loop.create_task(fw.accept_loop())
     watching = loop.create_task(fw.watch_server())
@@ -279,6 +279,6 @@ async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
 
 
 def forward(ns: argparse.Namespace, listener: socket.socket, lock_fd: int, ctl: Systemctl,
-            *, termed: bool) -> int:
+            *, termed: list[int]) -> int:
     """Forward until SIGTERM (then drain) or idle; the exit code of the proxy."""
     return asyncio.run(_serve(ns, listener, lock_fd, ctl, termed=termed))

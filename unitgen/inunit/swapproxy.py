@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: termed.append(signum))
     from unitgen.inunit.swapforward import forward  # noqa: PLC0415 - see the thread above
 
-    return forward(ns, listener, fd, ctl, termed=bool(termed))
+    return forward(ns, listener, fd, ctl, termed=termed)
 
 
 if __name__ == "__main__":
