@@ -363,3 +363,23 @@ def test_kept_alive_connections_do_not_hold_the_turn(box, tmp_path):
     assert took < 10, (f"b waited {took:.1f} s: the kept-alive connection held a's turn\n"
                        + box.journal("a.service", lines=30))
     assert errors == [] and codes and all(c == 200 for c in codes), (codes, errors)
+
+
+def test_the_drain_bound_ends_a_turn_that_would_starve_the_others(box, tmp_path):
+    """Fairness: an answer longer than swap_drain does not keep the GPU; the
+    waiting member loads once the bound is reached."""
+    ports = deploy(box, member(tmp_path, "a", drain="1s", STANDIN_STREAM_SECONDS="8"),
+                   member(tmp_path, "b"))
+    first = threading.Event()
+    out: dict[str, dict[str, Any]] = {}
+    long_a = threading.Thread(target=lambda: out.update(a=stream(ports["a"], first_chunk=first)))
+    long_a.start()
+    assert first.wait(30)
+    t0 = time.monotonic()
+    status, _ = get(ports["b"], "/x", timeout=60)
+    took = time.monotonic() - t0
+    long_a.join(60)
+    assert status == 200
+    assert took < 5, f"b waited {took:.1f} s behind an 8 s answer with swap_drain = 1s"
+    assert not out["a"]["done"] and out["a"]["chunks"] < 10  # cut at the bound, as documented
+    assert "drain bound 1s reached" in box.journal("a.service", lines=20)
