@@ -85,6 +85,11 @@ class Systemctl:
         return subprocess.Popen([*self.base, *args], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
 
+    def conflicts(self, unit: str) -> subprocess.Popen[str]:
+        """``systemctl show -p Conflicts`` of ``unit``, started (read its stdout)."""
+        return subprocess.Popen([*self.base, "show", unit, "-pConflicts", "--value"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.base, *args], capture_output=True, text=True, check=False)
 
@@ -115,6 +120,9 @@ def take_turn(ns: argparse.Namespace, ctl: Systemctl) -> int:
     lock = Path(ns.lock)
     lock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    me = f"{ns.name}-backend.service"
+    # ask for our server's Conflicts= (the mates) while taking the lock
+    asking = ctl.conflicts(me)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -122,18 +130,20 @@ def take_turn(ns: argparse.Namespace, ctl: Systemctl) -> int:
         notify(f"waiting for its turn in swap group {ns.group} ({holder} is taking its turn)")
         log(f"waiting for its turn in swap group {ns.group} ({holder} is taking its turn)")
         fcntl.flock(fd, fcntl.LOCK_EX)
+        asking.communicate()
+        asking = ctl.conflicts(me)  # a deploy may have changed them meanwhile
     os.ftruncate(fd, 0)
     os.pwrite(fd, ns.name.encode() + b"\n", 0)
     t_lock = time.monotonic()
-    me = f"{ns.name}-backend.service"
-    mine = ctl.show([me], "Conflicts", "ActiveState", "Result")[me]
-    mates = mates_from_conflicts(mine["Conflicts"], ns.name)
+    mates = mates_from_conflicts(asking.communicate()[0], ns.name)
+    # states only now that we hold the turn: they change while others take theirs
+    states = ctl.show([me, *(f"{m}-backend.service" for m in mates)], "ActiveState", "Result")
+    mine = states[me]
     reset = None
     if mine["ActiveState"] != "active" and mine["Result"] in ("success", ""):
         # Each turn is a deliberate start: it must not count toward the start
         # limit meant for crash loops (a failed server keeps its count).
         reset = ctl.popen("reset-failed", me)
-    states = ctl.show([f"{m}-backend.service" for m in mates], "ActiveState") if mates else {}
     busy = [m for m in mates
             if states[f"{m}-backend.service"]["ActiveState"] not in ("inactive", "failed", "")]
     if busy:
