@@ -3,6 +3,9 @@ group drop-ins, GPU placement of members, and the proxy's pieces (issue 12)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,3 +138,38 @@ def test_member_units_use_the_swap_proxy(tmp_path):
     plain = _spec(tmp_path, "p", None)
     assert "StopWhenUnneeded=yes" in {f.name: f.text for f in render_spec(
         plain, GOLDEN_CTX).files}["p-backend.service"]
+
+
+def _verify(root: Path, units: Path, names: list[str]) -> str:
+    done = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "--man=no",
+                           *(str(units / n) for n in names)], capture_output=True, text=True)
+    return f"rc={done.returncode}\n{done.stdout}{done.stderr}".strip()
+
+
+def test_member_units_and_dropin_pass_systemd_analyze_verify(tmp_path):
+    """The drop-in is read with its unit, and verify prints nothing about either."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    spec = _spec(tmp_path, "m", "g")
+    files = {f.name: f.text for f in render_spec(spec, GOLDEN_CTX).files}
+    dropin = render_swap_dropin("m", "g", ["a", "z"])
+    root = tmp_path / "root"
+    units = root / "etc/systemd/system"
+    for src in ("/usr/lib/systemd/system", "/lib/systemd/system"):
+        if Path(src).is_dir():
+            shutil.copytree(src, root / "usr/lib/systemd/system", symlinks=True)
+            break
+    (units / "m-backend.service.d").mkdir(parents=True)
+    for name, text in {**files, dropin.name: dropin.text}.items():
+        (units / name).write_text(text)
+    for mate in ("a", "z"):
+        (units / f"{mate}-backend.service").write_text("[Service]\nExecStart=/bin/true\n")
+    for program in ("/usr/bin/python3", sys.executable):
+        stub = root / program.lstrip("/")
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#!/bin/sh\n")
+        stub.chmod(0o755)
+    assert _verify(root, units, list(files)) == "rc=0"
+    # the drop-in is really read: a bad line in it is reported
+    (units / dropin.name).write_text(dropin.text + "Bogus=1\n")
+    assert "Unknown key 'Bogus'" in _verify(root, units, list(files))
