@@ -20,6 +20,9 @@ STANDIN_HANG_ONCE      with STANDIN_HANG_AFTER: a file created when the hang sta
                        server started while it exists does not hang (so a restart heals)
 STANDIN_EXIT_AFTER     exit with status 3 this many seconds after starting (a crash)
 STANDIN_SLOW_PATH      requests to this path take STANDIN_SLOW_SECONDS (a long generation)
+STANDIN_STREAM_SECONDS stream answers to paths other than /health, /v1/models and /
+                       over this many seconds (10 chunks, like tokens), then a last
+                       line ``{"done": true, ...}``
 
 Every answer is JSON and carries the server's pid, so a test can tell restarts apart.
 """
@@ -86,6 +89,22 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _stream(self, seconds: float) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        lines = [{"chunk": i, "pid": os.getpid()} for i in range(10)]
+        lines.append({"done": True, "path": self.path, "pid": os.getpid()})
+        for i, line in enumerate(lines):
+            if i:
+                time.sleep(seconds / 10)
+            data = (json.dumps(line) + "\n").encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
     def do_GET(self) -> None:
         _hang_if_due()
         key_env = os.environ.get("STANDIN_KEY_ENV")
@@ -102,6 +121,8 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(float(os.environ.get("STANDIN_SLOW_SECONDS", "60")))
         if self.path in ("/health", "/v1/models", "/"):
             self._send(200, {"status": "ok", "path": self.path})
+        elif os.environ.get("STANDIN_STREAM_SECONDS"):
+            self._stream(float(os.environ["STANDIN_STREAM_SECONDS"]))
         else:
             self._send(200, {"status": "ok", "path": self.path, "echo": True})
 

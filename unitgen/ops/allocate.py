@@ -229,6 +229,8 @@ class HostAllocator:
     claims: dict[str, list[tuple[str, bool]]] | None = None
     # where a spec's private port comes from (default: by the manager's user)
     private_range: Callable[[InstanceSpec], tuple[int, int]] | None = None
+    # swap-group mates of a spec: their GPU claims are no conflict, their memory is free
+    mates: Callable[[InstanceSpec], frozenset[str]] | None = None
     # the ports planned here are the ones the instances get (see plan_paths)
     final_ports: bool = True
 
@@ -291,7 +293,8 @@ class HostAllocator:
         if self.claims is None:
             self.claims = gpu_claims(self.installed)
         placed = place_or_report(spec, self.host_gpus, self.claims, problem,
-                                 self.unplaceable, self.scope)
+                                 self.unplaceable, self.scope,
+                                 self.mates(spec) if self.mates is not None else frozenset())
         if placed is not None:
             for claimers in self.claims.values():
                 claimers[:] = [c for c in claimers if c[0] != spec.name]

@@ -32,14 +32,15 @@ class Rendered:
 
 
 def placement_for(spec: InstanceSpec, claims: dict[str, list[tuple[str, bool]]] | None = None,
-                  *, gpus: list[Gpu] | None = None) -> Placement | None:
+                  *, gpus: list[Gpu] | None = None,
+                  mates: frozenset[str] = frozenset()) -> Placement | None:
     """GPU placement for one spec (None for CPU-only specs); SpecError when it
     cannot be placed. Reads NVML unless the caller passes what it read."""
     host = HostGpus(gpus) if gpus is not None else HostGpus.here()
     problems: list[Problem] = []
     placed = place_or_report(spec, host, claims or {},
                              lambda key, msg: problems.append(Problem(spec.source, key, msg)),
-                             problems)
+                             problems, mates=mates)
     if problems:
         raise SpecError(problems=problems)
     return placed

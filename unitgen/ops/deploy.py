@@ -18,10 +18,13 @@ from unitgen.ops.core import apply_changes, check_ours, is_ours, undo_changes
 from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
 from unitgen.ops.journal import last_lines
 from unitgen.ops.pipeline import Planned, plan_paths
+from unitgen.ops.swap import dropin_changes, installed_groups, write_dropins
 from unitgen.ops.systemd import JobOutcome, Manager, connect
 from unitgen.ops.trust import check_trusted
 from unitgen.plan.instance import Instance
+from unitgen.plan.swap import after_change, mates_of
 from unitgen.result import Result
+from unitgen.spec.model import InstanceSpec
 from unitgen.spec.ports import DEFAULT_PORT_RANGE
 from unitgen.targets.base import RenderedFile
 from unitgen.targets.systemd.installed import Installed, scan, secrets_dir, unit_dir
@@ -243,8 +246,17 @@ async def _run(paths: list[Path], opts: DeployOptions) -> Result:
         # is reported before anything is contacted or changed.
         held.enter_context(deploy_lock(opts.scope, opts.say))
         installed = scan(unit_dir(opts.scope))
-        alloc = HostAllocator(opts.scope, installed, listeners(), opts.port_range)
+        groups = installed_groups(installed)
+        seen: list[InstanceSpec] = []
+
+        def mates(spec: InstanceSpec) -> frozenset[str]:
+            seen.append(spec)  # members deployed together are mates too
+            return frozenset(mates_of(spec.name, after_change(groups, seen)))
+
+        alloc = HostAllocator(opts.scope, installed, listeners(), opts.port_range, mates=mates)
         planned = plan_paths(paths, SystemdTarget(opts.ctx), alloc, unplaceable=alloc.unplaceable)
+        # swap groups: every member's Conflicts= follow the member list
+        swap_changes = dropin_changes(opts.scope, installed, [p.instance.spec for p in planned])
         async with connect(opts.scope) as m:
             await m.subscribe()
             path = (await m.environment()).get("PATH") or SYSTEM_MANAGER_PATH
@@ -264,23 +276,27 @@ async def _run(paths: list[Path], opts: DeployOptions) -> Result:
                 for p in plans:  # shown before anything is applied
                     if p.changed:
                         opts.show(_diff(p).rstrip("\n"))
-            await _apply(m, plans, opts)
+            await _apply(m, plans, opts, swap_changes)
             held.close()  # the new units hold their ports now: other deploys may go on
             for p in plans:
                 outcomes.append(await _activate(m, p, opts))
     return _result(outcomes, dry_run=False, diff_shown=opts.show is not None)
 
 
-async def _apply(m: Manager, plans: list[Plan], opts: DeployOptions) -> None:
-    """Write every changed instance, reload, enable; on any failure put every
-    file of this run back as it was (all or nothing across specs)."""
+async def _apply(m: Manager, plans: list[Plan], opts: DeployOptions,
+                 swap_changes: list[tuple[Path, str | None]]) -> None:
+    """Write every changed instance (and the swap groups' drop-ins), reload,
+    enable; on any failure put every file of this run back as it was (all or
+    nothing across specs)."""
     written: list[Plan] = []
+    swap_undo: list[tuple[Path, str | None]] = []
     try:
         for p in plans:
             if p.changed:
                 _write(p, opts.scope)  # all or nothing itself: undone when it raises
                 written.append(p)
-        if written:
+        swap_undo = write_dropins(swap_changes)
+        if written or swap_undo:
             await m.reload()
             for p in written:
                 await _enable(m, p)
@@ -288,7 +304,8 @@ async def _apply(m: Manager, plans: list[Plan], opts: DeployOptions) -> None:
     except UnitgenError:
         for p in written:
             _restore_plan(p, opts.scope)
-        if written:
+        undo_changes(swap_undo)
+        if written or swap_undo:
             with contextlib.suppress(UnitgenError):
                 await m.reload()
         raise
@@ -405,6 +422,9 @@ async def _remove(names: list[str], scope: str) -> Result:
         await m.subscribe()
         with deploy_lock(scope):
             installed = scan(unit_dir(scope))
+            # swap groups: the remaining members stop naming the removed ones
+            write_dropins(dropin_changes(scope, installed,
+                                         removed=[n for n in names if n in installed]))
             for name in names:
                 inst = installed.get(name)
                 if inst is None:

@@ -15,6 +15,7 @@ import psutil
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
 from unitgen.inunit.probe import attempt
 from unitgen.ops.status import restart_reason
+from unitgen.ops.swap import waiting_findings
 from unitgen.ops.systemd import UnitInfo, connect
 from unitgen.result import Result
 from unitgen.targets.systemd.installed import require
@@ -178,6 +179,7 @@ def doctor(name: str, scope: str) -> Result:
                                            f"{', '.join(map(str, stray))}, which nothing probes or "
                                            "forwards to: a --port in its arguments or config? "
                                            "Remove it; the public port is the socket's"))
+    findings.extend(Finding(ok, text) for ok, text in waiting_findings(name, scope))
     _answer(findings, installed.probe_target, installed.probe_path)
     return _render(name, findings, {"public_port": public, "probe_target": installed.probe_target})
 

@@ -112,7 +112,8 @@ class CheckAllocator:
 
 def place_or_report(spec: InstanceSpec, host_gpus: HostGpus,
                     claims: dict[str, list[tuple[str, bool]]], problem: ProblemSink,
-                    unplaceable: list[Problem], scope: str = "system") -> Placement | None:
+                    unplaceable: list[Problem], scope: str = "system",
+                    mates: frozenset[str] = frozenset()) -> Placement | None:
     """Place a spec's GPUs; report why not through ``problem``, or into
     ``unplaceable`` when this host cannot tell (no NVML and no ``--gpus-from``)."""
     if spec.gpus is None or spec.gpus == 0:
@@ -128,7 +129,7 @@ def place_or_report(spec: InstanceSpec, host_gpus: HostGpus,
     try:
         return place(source=spec.source, name=spec.name, want=spec.gpus,
                      memory=spec.gpu_memory, share=spec.gpu_share, gpus=host_gpus.gpus,
-                     claims=claims, scope=scope)
+                     claims=claims, scope=scope, mates=mates)
     except SpecError as exc:
         for p in exc.problems:
             problem(p.key, p.message)

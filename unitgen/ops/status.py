@@ -13,6 +13,7 @@ import psutil
 
 from unitgen.inunit.probe import attempt
 from unitgen.ops.journal import last_lines
+from unitgen.ops.swap import status_section
 from unitgen.ops.systemd import UnitInfo, connect
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, read_gpus
 from unitgen.result import Result, table
@@ -259,8 +260,10 @@ def status(names: list[str], scope: str) -> Result:
         "  ".join(cell.ljust(w) for cell, w in zip(row[:9], widths, strict=True)) + "  " + row[9]
         for row in table
     )
-    return Result(data={"instances": [asdict(r) for r in rows]},
-                  lines=tuple(ln.rstrip() for ln in lines) if rows else ("no instances",))
+    swap_data, swap_lines = status_section(scope)
+    return Result(data={"instances": [asdict(r) for r in rows], **swap_data},
+                  lines=(tuple(ln.rstrip() for ln in lines) if rows else ("no instances",))
+                  + swap_lines)
 
 
 def list_instances(scope: str) -> Result:

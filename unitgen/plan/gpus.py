@@ -209,16 +209,20 @@ def place(
     gpus: list[Gpu] | None,
     claims: dict[str, list[tuple[str, bool]]],
     scope: str = "system",
+    mates: frozenset[str] = frozenset(),
 ) -> Placement:
     """Choose GPUs for instance ``name``.
 
     ``gpus`` is None when NVML is unavailable (offline render: only UUIDs work).
     ``claims`` maps a GPU UUID to the other instances placed there (name, shares).
+    ``mates`` are the other members of its swap group: they never run at the
+    same time, so their claims are no conflict and their memory counts as free.
     """
     def fail(message: str) -> SpecError:
         return SpecError(problems=[Problem(source, "gpus", message)])
 
-    others = {u: [(n, s) for n, s in c if n != name] for u, c in claims.items()}
+    mine = mates | {name}
+    others = {u: [(n, s) for n, s in c if n not in mine] for u, c in claims.items()}
     if gpus is None:
         if isinstance(want, tuple) and want and isinstance(want[0], str):
             uuids = tuple(str(w) for w in want)
@@ -243,7 +247,7 @@ def place(
         if len(current) == want:
             chosen = sorted(current, key=lambda g: g.index)  # a redeploy keeps its GPUs
         else:
-            usable.sort(key=lambda g: (-_free_for(g, name, scope), g.index))
+            usable.sort(key=lambda g: (-_free_for(g, mine, scope), g.index))
             chosen = sorted(usable[:want], key=lambda g: g.index)
     else:
         chosen = []
@@ -256,7 +260,7 @@ def place(
         _check_claims(fail, tuple(g.uuid for g in chosen), others, share, name)
     if memory is not None:
         for g in chosen:
-            free = _free_for(g, name, scope)
+            free = _free_for(g, mine, scope)
             if free < memory:
                 holders = ", ".join(
                     f"pid {p.pid}" + (f" ({p.instance})" if p.instance else "")
@@ -272,10 +276,11 @@ def place(
                      minors if len(minors) == len(chosen) else None, share)
 
 
-def _free_for(g: Gpu, name: str, scope: str) -> int:
-    """Free memory, counting what this instance's own processes hold as free
-    (a redeploy replaces them)."""
-    return g.free + sum(p.used_bytes for p in g.processes if p.belongs_to(name, scope))
+def _free_for(g: Gpu, names: frozenset[str], scope: str) -> int:
+    """Free memory, counting what this instance's own processes (a redeploy
+    replaces them) and its swap-group mates' (they unload first) hold as free."""
+    return g.free + sum(p.used_bytes for p in g.processes
+                        if any(p.belongs_to(n, scope) for n in names))
 
 
 def _may_use(claimers: list[tuple[str, bool]], share: bool) -> bool:

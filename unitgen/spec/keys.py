@@ -174,6 +174,13 @@ KEYS: tuple[Key, ...] = (
     Key("gpus", Kind.GPUS, "a count, a list of indexes, or a list of GPU UUIDs"),
     Key("gpu_memory", Kind.SIZE, "memory needed on each GPU (`\"40GiB\"`)"),
     Key("gpu_share", Kind.BOOLEAN, "allow other instances on the same GPUs", default="false"),
+    Key("swap_group", Kind.TEXT, "members of one group take turns on the GPU: a request to a "
+        "stopped member waits while the running one drains and stops (docs/swap.md)",
+        activation="on-demand", pattern=r"[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?",
+        pattern_doc="must be 1-48 lowercase letters, digits or '-'"),
+    Key("swap_drain", Kind.DURATION, "how long a member may finish what it serves before the "
+        "next member of its group loads", default="3min", lo=1, hi=_DAY,
+        bounds_why="a member that keeps receiving requests must not hold the GPU for ever"),
     Key("hardening", Kind.BOOLEAN, "system scope: sandbox the server (docs/reliability.md lists "
         "the directives and what each opt-out costs)", default="true"),
     Key("offline", Kind.BOOLEAN, "the server needs no network (a local model): "

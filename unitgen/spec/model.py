@@ -35,6 +35,7 @@ __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
     "DEFAULT_HEALTH_TIMEOUT",
+    "DEFAULT_SWAP_DRAIN",
     "RESTART_POLICIES",
     "HealthSpec",
     "InstanceSpec",
@@ -51,6 +52,11 @@ RESTART_POLICIES = tuple(r.value for r in RestartPolicy)
 # graph capture and warm-up that is 15 to 20 minutes. 30 minutes leaves room
 # without letting a wedged server sit in "starting" for ever.
 DEFAULT_HEALTH_TIMEOUT = 1800.0
+# How long a member of a swap group may finish the requests it is serving once
+# another member wants the GPU: long enough for a long generation, short enough
+# that a member that keeps receiving requests cannot starve the others.
+DEFAULT_SWAP_DRAIN = 180.0
+
 # After ready, a server that has not answered its health path for this long is
 # restarted by systemd's watchdog: three checks of 10 s each.
 DEFAULT_WATCHDOG = 30.0
@@ -104,6 +110,8 @@ class InstanceSpec:
     gpus: int | tuple[int, ...] | tuple[str, ...] | None = None
     gpu_memory: int | None = None
     gpu_share: bool = False
+    swap_group: str | None = None
+    swap_drain: float = DEFAULT_SWAP_DRAIN
     hardening: bool = True  # system scope: sandbox the server (docs/reliability.md)
     offline: bool = False  # the server needs no network: PrivateNetwork= where it can
 
@@ -474,6 +482,16 @@ def _rules(c: _Checker, data: dict[str, Any], values: dict[str, Any]) -> None:
                            "connections, so only it can know it is idle")
     if "gpu_memory" in data and "gpus" not in data:
         c.add("gpu_memory", "needs gpus (how many GPUs, or which)")
+    swap_group = values.get("swap_group")
+    if swap_group is not None and activation != "on-demand":
+        c.add("swap_group", "needs activation = \"on-demand\": members of a swap group take "
+                            "turns, each loaded when a request asks for it")
+    if swap_group is not None and values.get("socket_activation"):
+        c.add("swap_group", "is not available with socket_activation = true: a member drains "
+                            "its requests through unitgen's proxy before it yields the GPU")
+    if "swap_drain" in data and "swap_group" not in data:
+        c.add("swap_drain", "needs swap_group: it bounds how long a member finishes its "
+                            "requests before another member of its group loads")
     env_names = {k for k, _ in values.get("env") or ()}
     for i, var in enumerate(values.get("secret_env") or ()):
         if var not in env_names:
@@ -502,6 +520,7 @@ def _build(source: str, values: dict[str, Any]) -> InstanceSpec:
         api_key_env=get("api_key_env"), systemd_unit=get("systemd.unit", ()),
         systemd_service=get("systemd.service", ()), gpus=values.get("gpus"),
         gpu_memory=get("gpu_memory"), gpu_share=get("gpu_share", False),
+        swap_group=get("swap_group"), swap_drain=get("swap_drain", DEFAULT_SWAP_DRAIN),
         hardening=get("hardening", True), offline=get("offline", False),
     )
 

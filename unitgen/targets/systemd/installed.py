@@ -103,7 +103,8 @@ def scan(directory: Path) -> dict[str, Installed]:
             m = _TARGET.search(text)
             if m:
                 inst.probe_target, inst.probe_path = m.group(1), m.group(2)
-            proxy = re.search(r"^ExecStart=\S*systemd-socket-proxyd .*? (\"?)(\S+)\1$", text, re.M)
+            proxy = re.search(r"^ExecStart=\S*(?:systemd-socket-proxyd|"
+                              r" -I -m unitgen\.inunit\.swapproxy) .*? (\"?)(\S+)\1$", text, re.M)
             if proxy:
                 target = proxy.group(2)
                 if target.startswith("127.0.0.1:"):

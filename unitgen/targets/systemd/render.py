@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import jinja2
@@ -33,6 +33,7 @@ __all__ = [
     "find_proxyd",
     "make_environment",
     "render_instance",
+    "render_swap_dropin",
     "secret_path",
     "spec_problems",
     "templates_dir",
@@ -273,6 +274,48 @@ def _hardening_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     }
 
 
+# A waiting member may stand behind a few turns of the others (each: drain + load).
+SWAP_TURNS = 4
+
+
+def _swap_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    """The proxy of a swap-group member (issue 12): unitgen's draining proxy,
+    which takes the group's turn before it forwards (docs/swap.md)."""
+    spec = inst.spec
+    assert spec.swap_group is not None and inst.private is not None  # noqa: S101
+    wait = SWAP_TURNS * (inst.health_timeout + spec.swap_drain)
+    cmd = [ctx.python, "-I", "-m", "unitgen.inunit.swapproxy", "--name", spec.name,
+           "--group", spec.swap_group, "--lock", f"{RUNTIME_DIR}/unitgen-swap/{spec.swap_group}.lock",
+           "--scope", ctx.scope, "--drain", format_seconds(spec.swap_drain),
+           f"--connections-max={spec.max_connections}"]
+    if spec.idle_stop is not None:
+        cmd.append(f"--exit-idle-time={format_seconds(spec.idle_stop)}")
+    cmd.append(inst.private.listen())
+    return {
+        "proxy_cmd": cmd,
+        "probe_public": _probe_cmd(ctx, replace(inst, health_timeout=wait),
+                                   inst.public.probe_target(), "public"),
+        "swap_start_timeout": format_seconds(wait + START_MARGIN),
+        # every swap waits for this probe: poll faster than a load that happens once
+        "probe_private": [*_probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
+                          "--interval", "50ms"],
+        "swap_stop_timeout": format_seconds(spec.swap_drain + START_MARGIN),
+    }
+
+
+def render_swap_dropin(name: str, group: str, mates: list[str]) -> RenderedFile:
+    """``<name>-backend.service.d/unitgen-swap.conf``: the group's ``Conflicts=``,
+    rewritten for every member whenever the member list changes."""
+    text = make_environment().get_template("swap-group.conf.j2").render({
+        "name": name, "group": group,
+        "conflicts": [f"{m}-backend.service" for m in mates],
+        # one ordering edge per pair (no cycle): a stop is then always ordered
+        # before the other member's start, whichever way the edge points
+        "after": [f"{m}-backend.service" for m in mates if m < name],
+    })
+    return RenderedFile(f"{name}-backend.service.d/unitgen-swap.conf", text)
+
+
 def render_instance(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
     """Render an instance's unit files (and its secret file, if it has a key).
 
@@ -321,6 +364,7 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
                               and inst.private.kind == "tcp" and inst.private.port < 1024),
         **hardening,
         **_gpu_context(inst, ctx),
+        "swap_group": spec.swap_group or "",
     }
     files = [RenderedFile(f"{spec.name}.socket", env.get_template("socket.j2").render(common))]
     if inst.private is None:
@@ -343,6 +387,8 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
             "watch": _watch_cmd(ctx, inst, inst.private.probe_target(), "private"),
             "runtime_dir": runtime_subdir(spec.name) if RUNTIME_DIR in inst.private.path else "",
         }
+        if spec.swap_group:
+            private_ctx.update(_swap_context(inst, ctx))
         files.append(RenderedFile(
             f"{spec.name}.service", env.get_template("proxy.service.j2").render(private_ctx)))
         files.append(RenderedFile(

@@ -1,0 +1,284 @@
+"""The forwarding half of a swap-group member's proxy (see
+:mod:`unitgen.inunit.swapproxy`, which takes the turn and then calls
+:func:`forward`): asyncio, standard library only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+
+from unitgen.inunit.httpframes import ResponseFrames
+from unitgen.inunit.swapproxy import Systemctl, log, notify
+from unitgen.timespan import format_seconds
+
+__all__ = ["forward"]
+
+
+# A kept-alive connection quiet this long after its last answer is taken as idle.
+DRAIN_GRACE = 1.0
+
+
+class Conn:
+    """One client connection: where its answers stand."""
+
+    def __init__(self) -> None:
+        self.frames = ResponseFrames()
+        self.outstanding = False  # the client sent something not yet fully answered
+        self.answered = 0
+        self.answered_at = 0.0
+
+    @property
+    def idle(self) -> bool:
+        """Kept alive between requests: closing it cuts nothing. (A connection
+        that has had no answer yet is a client waiting for its first.)"""
+        return self.answered > 0 and not self.outstanding and self.frames.between
+
+
+class Forwarder:
+    """Forwards accepted connections to the private endpoint; drains on request."""
+
+    def __init__(self, ns: argparse.Namespace, listener: socket.socket, ctl: Systemctl) -> None:
+        self.ns = ns
+        self.listener = listener
+        self.ctl = ctl
+        self.conns: dict[asyncio.Task[None], Conn] = {}
+        self.draining = False
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()  # the server is up: forward; cleared while it restarts
+        self.ready.set()  # the turn was taken: systemctl start returned with it ready
+        self.failed = False
+        self.last_activity = time.monotonic()
+
+    async def _server_state(self) -> dict[str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *self.ctl.base, "show", f"{self.ns.name}-backend.service", "-pActiveState",
+            "-pMainPID", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await proc.communicate()
+        return dict(line.partition("=")[::2] for line in out.decode().splitlines())
+
+    async def watch_server(self) -> None:
+        """While the server runs, forward; when its main process dies (a crash),
+        hold new connections until systemd's Restart= has it ready again, as the
+        socket does for a plain instance. No restart coming: exit with failure."""
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            state = await self._server_state()
+            pid = int(state.get("MainPID") or 0)
+            if state.get("ActiveState") != "active" or not pid:
+                if state.get("ActiveState") in ("inactive", "failed"):
+                    log(f"{self.ns.name}-backend.service is {state.get('ActiveState')} and "
+                        "not restarting")
+                    self.failed = True
+                    self.stopping.set()
+                    return
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            self.ready.set()
+            exited = asyncio.Event()
+            loop.add_reader(pidfd, exited.set)
+            try:
+                await exited.wait()
+            finally:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+            self.ready.clear()
+            log(f"the server (pid {pid}) exited; holding new connections until it is back")
+            notify(f"server exited; waiting for its restart (swap group {self.ns.group})")
+
+    async def connect_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        target: str = self.ns.target
+        deadline = time.monotonic() + self.ns.connect_timeout
+        while True:
+            try:
+                if target.startswith("/"):
+                    return await asyncio.open_unix_connection(target)
+                host, _, port = target.rpartition(":")
+                return await asyncio.open_connection(host.strip("[]"), int(port))
+            except (ConnectionRefusedError, FileNotFoundError):
+                # The server is restarting (crash, Restart=): wait for it.
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def handle(self, client: socket.socket, conn: Conn) -> None:
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            try:
+                await asyncio.wait_for(self.ready.wait(), self.ns.connect_timeout)
+                br, bw = await self.connect_backend()
+            except (OSError, TimeoutError) as exc:
+                log(f"cannot reach the server at {self.ns.target}: {exc!r}")
+                client.close()
+                return
+            writers.append(bw)
+            cr, cw = await asyncio.open_connection(sock=client)
+            writers.append(cw)
+            await asyncio.gather(self.up(cr, bw, conn), self.down(br, cw, conn))
+        finally:
+            for w in writers:
+                w.close()
+            self.last_activity = time.monotonic()
+
+    async def up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, conn: Conn) -> None:
+        """Client to server."""
+        try:
+            while data := await r.read(65536):
+                conn.frames.saw_request(data)
+                conn.outstanding = True
+                w.write(data)
+                await w.drain()
+            if w.can_write_eof():
+                w.write_eof()
+        except OSError:
+            w.close()
+
+    async def down(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, conn: Conn) -> None:
+        """Server to client; while draining, ask the client to close after each
+        answer, and close a kept-alive connection once it is between requests."""
+        try:
+            while data := await r.read(65536):
+                out, done = conn.frames.feed(data, close=self.draining)
+                if done:
+                    conn.outstanding = False
+                    conn.answered += done
+                    conn.answered_at = time.monotonic()
+                w.write(out)
+                await w.drain()
+            if w.can_write_eof():
+                w.write_eof()
+        except OSError:
+            w.close()
+
+    def start(self, client: socket.socket) -> None:
+        client.setblocking(False)
+        conn = Conn()
+        task = asyncio.get_running_loop().create_task(self.handle(client, conn))
+        self.conns[task] = conn
+        task.add_done_callback(lambda t: self.conns.pop(t, None))
+
+    async def drain(self) -> None:
+        """From now on answers carry ``Connection: close``; a connection kept
+        alive between requests is closed once it has been quiet for
+        DRAIN_GRACE, so a client that reuses it at once gets its request
+        answered instead of racing the close."""
+        self.draining = True
+        while self.conns:
+            now = time.monotonic()
+            for task, conn in list(self.conns.items()):
+                if conn.idle and now - conn.answered_at >= DRAIN_GRACE:
+                    task.cancel()
+            await asyncio.sleep(0.1)
+
+    async def accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            while len(self.conns) >= self.ns.connections_max:
+                await asyncio.sleep(0.05)
+            await self.ready.wait()
+            client, _ = await loop.sock_accept(self.listener)
+            self.last_activity = time.monotonic()
+            self.start(client)
+
+    def sweep(self) -> int:
+        """Accept what already waits in the socket's queue (non-blocking)."""
+        taken = 0
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return taken
+            except OSError:
+                return taken
+            self.start(client)
+            taken += 1
+
+    async def idle_watch(self) -> None:
+        idle = self.ns.exit_idle_time
+        while not self.stopping.is_set():
+            await asyncio.sleep(min(1.0, idle / 4))
+            if not self.conns and time.monotonic() - self.last_activity >= idle:
+                log(f"idle for {format_seconds(idle)}: exiting (the server unloads)")
+                self.stopping.set()
+                return
+
+
+async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
+                ctl: Systemctl, *, termed: list[int]) -> int:
+    """Forward until SIGTERM (drain) or idle exit."""
+    loop = asyncio.get_running_loop()
+    listener.setblocking(False)
+    fw = Forwarder(ns, listener, ctl)
+    term = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, term.set)
+    loop.add_signal_handler(signal.SIGINT, term.set)
+    if termed:  # SIGTERM came before the loop's own handler was in place
+        term.set()
+    accepting = loop.create_task(fw.accept_loop())
+    watching = loop.create_task(fw.watch_server())
+    watchers: list[asyncio.Task[object]] = [loop.create_task(term.wait())]
+    if ns.exit_idle_time:
+        watchers.append(loop.create_task(fw.idle_watch()))
+    notify(f"serving (swap group {ns.group})")
+
+    async def release_lock() -> None:
+        # Hold the turn until our unit is active: its queued connections are ours.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            proc = await asyncio.create_subprocess_exec(
+                *ctl.base, "show", "-pActiveState", "--value", f"{ns.name}.service",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            out, _ = await proc.communicate()
+            if out.decode().strip() != "activating":
+                break
+            await asyncio.sleep(0.05)
+        os.close(lock_fd)
+
+    releasing = loop.create_task(release_lock())
+    await asyncio.wait([*watchers, loop.create_task(fw.stopping.wait())],
+                       return_when=asyncio.FIRST_COMPLETED)
+    fw.stopping.set()
+    accepting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await accepting
+    swept = fw.sweep() if term.is_set() else 0
+    closing = loop.create_task(fw.drain())
+    # Only our copy of the socket closes: the socket unit keeps listening.
+    listener.close()
+    if fw.conns:
+        t0 = time.monotonic()
+        notify(f"draining {len(fw.conns)} connection(s) (at most {format_seconds(ns.drain)})")
+        log(f"draining {len(fw.conns)} connection(s) ({swept} taken from the queue), "
+            f"at most {format_seconds(ns.drain)}")
+        _, pending = await asyncio.wait(set(fw.conns), timeout=ns.drain)
+        if pending:
+            log(f"drain bound {format_seconds(ns.drain)} reached: closing {len(pending)} "
+                "connection(s)")
+            for task in pending:
+                task.cancel()
+        else:
+            log(f"drained in {time.monotonic() - t0:.2f} s")
+    if not term.is_set():
+        # idle (or the server is gone): unload the model; a stop job of this
+        # unit does that itself (PartOf=), and must not be waited for from here
+        ctl.run("stop", "--no-block", f"{ns.name}-backend.service")
+    closing.cancel()
+    releasing.cancel()
+    watching.cancel()
+    for w in watchers:
+        w.cancel()
+    return 1 if fw.failed else 0
+
+
+def forward(ns: argparse.Namespace, listener: socket.socket, lock_fd: int, ctl: Systemctl,
+            *, termed: list[int]) -> int:
+    """Forward until SIGTERM (then drain) or idle; the exit code of the proxy."""
+    return asyncio.run(_serve(ns, listener, lock_fd, ctl, termed=termed))
