@@ -3,28 +3,43 @@ prints the result. Exceptions become exit codes here, and only here."""
 
 from __future__ import annotations
 
-import shlex
 import sys
-from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from unitgen import __version__
-from unitgen.errors import EXIT_FAILURE, EXIT_USAGE, SpecError, UnitgenError
-from unitgen.result import Result, to_json, to_text
 
+# Everything else is imported where it is used: `unitgen --help` pays for click
+# and nothing more (bench/: the --help and render rows).
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from unitgen.result import Result
     from unitgen.targets.systemd.render import RenderContext
 
 __all__ = ["cli", "main"]
 
-SPEC = click.Path(path_type=Path, dir_okay=False)
+
+class _LazyPath(click.Path):
+    """click.Path converting to pathlib.Path, without importing pathlib until used."""
+
+    def convert(self, value: Any, param: click.Parameter | None,  # noqa: ANN401 - click's signature
+                ctx: click.Context | None) -> Any:  # noqa: ANN401
+        import pathlib  # noqa: PLC0415
+
+        path = super().convert(value, param, ctx)
+        return pathlib.Path(path.decode() if isinstance(path, bytes) else path)
+
+
+SPEC = _LazyPath(dir_okay=False)
 
 
 def emit(result: Result, *, as_json: bool) -> int:
     """Print a result as JSON or text; return its exit code."""
+    from unitgen.result import to_json, to_text  # noqa: PLC0415
+
     if as_json:
         click.echo(to_json(result))
     else:
@@ -61,7 +76,7 @@ def check(specs: tuple[Path, ...], user: bool, as_json: bool) -> int:
 
 @cli.command()
 @click.argument("spec", type=SPEC)
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False),
+@click.option("--out", type=_LazyPath(file_okay=False),
               help="Write the files into this directory instead of printing them.")
 @click.option("--user", is_flag=True, help="Units for the per-user manager (WantedBy=default.target).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -147,6 +162,7 @@ def logs(name: str, follow: bool, lines: int, user: bool) -> int:
     """The server's journal (journalctl)."""
     import subprocess  # noqa: PLC0415
 
+    from unitgen.errors import UnitgenError  # noqa: PLC0415
     from unitgen.ops.journal import journal_argv  # noqa: PLC0415
     from unitgen.targets.systemd.installed import require  # noqa: PLC0415
 
@@ -194,10 +210,12 @@ def sandbox() -> None:
 
 
 @sandbox.command(name="start")
-@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False),
+@click.option("--dir", "directory", type=_LazyPath(file_okay=False),
               help="Where to keep it (default: a new temporary directory).")
 def sandbox_start(directory: Path | None) -> int:
     """Start one; print the environment that selects it (eval it in a shell)."""
+    import shlex  # noqa: PLC0415
+
     from unitgen.ops.sandbox import Sandbox  # noqa: PLC0415
 
     box = Sandbox.start(directory)
@@ -209,7 +227,7 @@ def sandbox_start(directory: Path | None) -> int:
 
 
 @sandbox.command(name="stop")
-@click.argument("directory", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.argument("directory", type=_LazyPath(file_okay=False, exists=True))
 @click.option("--keep", is_flag=True, help="Keep the directory (units, journal).")
 def sandbox_stop(directory: Path, keep: bool) -> int:
     """Stop a sandbox started with `unitgen sandbox start` (by its recorded pids)."""
@@ -229,6 +247,7 @@ def sandbox_run(command: tuple[str, ...]) -> int:
     import os  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
 
+    from unitgen.errors import UnitgenError  # noqa: PLC0415
     from unitgen.ops.sandbox import Sandbox  # noqa: PLC0415
 
     box = Sandbox.start(tie_to_parent=True)
@@ -254,6 +273,8 @@ def probe(args: tuple[str, ...]) -> int:
 
 def _handle_errors(func: Callable[[], Any]) -> int:
     """The one place where exceptions become exit codes and messages."""
+    from unitgen.errors import EXIT_FAILURE, EXIT_USAGE, SpecError, UnitgenError  # noqa: PLC0415
+
     try:
         rc = func()
     except SpecError as exc:

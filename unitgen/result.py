@@ -3,7 +3,6 @@ text or JSON (``--json``), in one place."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +24,8 @@ class Result:
 
 def to_json(result: Result) -> str:
     """Machine form: the data, plus the warnings under ``"notices"``."""
+    import json  # noqa: PLC0415 - only --json pays for it
+
     data = dict(result.data)
     if result.warnings:
         data.setdefault("notices", list(result.warnings))
