@@ -4,7 +4,6 @@ listen, their servers are not started) against what a script does without it:
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from bench.cli import UNITGEN
 from bench.rows import Profile, Row
-from bench.tools import free_port, median
+from bench.tools import free_port, median, user_env
 from tests.helpers import custom_spec, user_ctx, write_spec
 from unitgen.ops.core import render_spec, write_files
 from unitgen.ops.sandbox import Sandbox
@@ -31,7 +30,9 @@ def install_many(box: Sandbox, tmp: Path, count: int) -> list[str]:
         write_files(box.unit_dir, name, tuple(f for f in done.files if not f.secret))
         names.append(name)
     box.systemctl("daemon-reload", check=True)
-    box.systemctl("start", *(f"{n}.socket" for n in names), check=True)
+    started = box.systemctl("start", *(f"{n}.socket" for n in names))
+    if started.returncode != 0:
+        raise RuntimeError(f"starting the sockets failed: {started.stderr.strip()}")
     return names
 
 
@@ -54,7 +55,7 @@ def status_rows(box: Sandbox, profile: Profile) -> list[Row]:
     """unitgen status (all instances) vs systemctl show per unit and in one call."""
     count = profile.status_instances
     rounds = 1 if profile.quick else 5
-    env = {**os.environ, **box.env}
+    env = user_env(box.env)
     with tempfile.TemporaryDirectory(prefix="bench-status-") as tmpname:
         names = install_many(box, Path(tmpname), count)
         try:

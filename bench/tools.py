@@ -27,16 +27,37 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+_next_port = [12000 + (os.getpid() * 7) % 6000]
+
+
 def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nobody uses right now, below the ephemeral range: wrk's
+    thousands of client connections take ephemeral ports (and leave them in
+    TIME_WAIT), so a port picked there can be gone when systemd binds it."""
+    for _ in range(8000):
+        port = _next_port[0]
+        _next_port[0] = 12000 + (port - 12000 + 1) % 8000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 12000-19999")
+
+
+def user_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment as a user's shell would have it: bytecode caching on
+    (an installed package has its .pyc files; PYTHONDONTWRITEBYTECODE in a CI or
+    agent shell would make every run recompile unitgen and skew the CLI rows)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, **(extra or {})}
 
 
 def time_process(argv: Sequence[str], *, env: dict[str, str] | None = None,
                  cwd: Path | None = None) -> float:
     """Wall-clock seconds of one whole process (start, run, exit); it must succeed."""
+    env = user_env() if env is None else env
     t0 = time.perf_counter()
     subprocess.run(list(argv), env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
@@ -46,16 +67,23 @@ def time_process(argv: Sequence[str], *, env: dict[str, str] | None = None,
 def time_interleaved(a: Sequence[str], b: Sequence[str], rounds: int, *,
                      env: dict[str, str] | None = None, cwd: Path | None = None,
                      ) -> tuple[float, float]:
-    """Median wall time of two commands run alternately (a, b, a, b, ...), so a
-    burst of load from other processes hits both alike. One warm-up each first."""
-    time_process(a, env=env, cwd=cwd)
-    time_process(b, env=env, cwd=cwd)
-    ta: list[float] = []
-    tb: list[float] = []
+    """Median wall time of commands run alternately (a, b, a, b, ...), so a burst
+    of load from other processes hits them alike. One warm-up each first (it also
+    writes the .pyc files a real install has)."""
+    got = time_many([a, b], rounds, env=env, cwd=cwd)
+    return got[0], got[1]
+
+
+def time_many(commands: Sequence[Sequence[str]], rounds: int, *,
+              env: dict[str, str] | None = None, cwd: Path | None = None) -> list[float]:
+    """Median wall time of each command, run in turn ``rounds`` times after a warm-up."""
+    for argv in commands:
+        time_process(argv, env=env, cwd=cwd)
+    times: list[list[float]] = [[] for _ in commands]
     for _ in range(rounds):
-        ta.append(time_process(a, env=env, cwd=cwd))
-        tb.append(time_process(b, env=env, cwd=cwd))
-    return median(ta), median(tb)
+        for i, argv in enumerate(commands):
+            times[i].append(time_process(argv, env=env, cwd=cwd))
+    return [median(t) for t in times]
 
 
 @dataclass(frozen=True)
