@@ -116,7 +116,7 @@ def stream_rows(box: Sandbox, profile: Profile) -> list[Row]:
 def tiny_rows(box: Sandbox, profile: Profile) -> list[Row]:
     """Tiny keep-alive requests (16-byte body) and the latency the proxy adds at c=1."""
     rows = []
-    rounds = 1 if profile.quick else 3
+    rounds = 1 if profile.quick else 2
     workers = os.environ.get("BENCH_NGINX_WORKERS", "1")
     with deployed(box, "bfast", "fastserver.py", {"BENCH_NGINX_WORKERS": workers}) as dep:
         for c in (16, 64):

@@ -71,9 +71,9 @@ def _needs(*tools: str) -> None:
 
 def _check_rows(rows: list[Row]) -> None:
     assert rows
-    for r in rows:
-        if r.ours.startswith("n/a"):
-            continue
+    measured = [r for r in rows if not r.ours.startswith("n/a") and r.ours != "fails"]
+    assert measured or rows[0].ours.startswith("n/a"), rows
+    for r in measured:
         assert r.figures, r
         for name, value in r.figures.items():
             assert math.isfinite(value), (r.row, name, value)
