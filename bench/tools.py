@@ -91,6 +91,7 @@ class WrkResult:
     """wrk's figures for one run."""
 
     requests_per_s: float
+    mean_ms: float
     p50_ms: float
     p99_ms: float
     requests: int
@@ -110,10 +111,11 @@ def _ms(text: str) -> float:
 def parse_wrk(out: str) -> WrkResult:
     """Read requests/s, the 50th/99th latency percentiles and errors from wrk --latency."""
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    mean = re.search(r"^\s+Latency\s+(\S+)", out, re.M)
     p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
     p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
     total = re.search(r"(\d+) requests in", out)
-    if not (rps and p50 and p99 and total):
+    if not (rps and mean and p50 and p99 and total):
         raise RuntimeError(f"wrk printed no figures:\n{out}")
     errors = 0
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
@@ -122,7 +124,7 @@ def parse_wrk(out: str) -> WrkResult:
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
         errors += int(non2xx.group(1))
-    return WrkResult(float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)),
+    return WrkResult(float(rps.group(1)), _ms(mean.group(1)), _ms(p50.group(1)), _ms(p99.group(1)),
                      int(total.group(1)), errors)
 
 

@@ -41,6 +41,7 @@ Transfer/sec:     10.00MB
 def test_parse_wrk_reads_rate_percentiles_and_errors():
     res = parse_wrk(WRK_OUTPUT)
     assert res.requests_per_s == 70000.0
+    assert res.mean_ms == pytest.approx(0.1205)
     assert res.p50_ms == pytest.approx(0.11)
     assert res.p99_ms == pytest.approx(1.05)
     assert res.requests == 70000
