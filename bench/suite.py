@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import cli, memory, proxy, ready, status
+from bench import cli, llama, memory, proxy, ready, status
 from bench.rows import FULL, QUICK, Profile, Row, report, table, write_report
 from bench.tools import loadavg, machine
 from unitgen.ops.sandbox import Sandbox, sandbox_unavailable_reason
@@ -31,6 +31,7 @@ def _swap(_box: Sandbox, _profile: Profile) -> list[Row]:
 GROUPS: dict[str, Group] = {
     "stream": proxy.stream_rows,
     "tiny": proxy.tiny_rows,
+    "llama": llama.llama_rows,
     "ready": ready.ready_rows,
     "swap": _swap,
     "cli": lambda _box, profile: cli.cli_rows(profile),

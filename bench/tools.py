@@ -129,7 +129,7 @@ def parse_wrk(out: str) -> WrkResult:
 
 
 def wrk(url: str, *, connections: int, seconds: float, threads: int = 1,
-        cpus: str | None = None) -> WrkResult:
+        cpus: str | None = None, script: Path | None = None) -> WrkResult:
     """Run wrk against ``url`` (keep-alive) and return its figures.
 
     ``cpus``: pin wrk to these CPUs (taskset list), to study CPU placement."""
@@ -138,6 +138,8 @@ def wrk(url: str, *, connections: int, seconds: float, threads: int = 1,
         raise RuntimeError("wrk is not installed (Debian package wrk)")
     argv = [exe, f"-t{min(threads, connections)}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
             "--latency", "--timeout", "10s", url]
+    if script is not None:
+        argv[1:1] = ["-s", str(script)]
     if cpus is not None:
         argv = ["taskset", "-c", cpus, *argv]
     out = subprocess.run(argv, capture_output=True, text=True, check=True,
