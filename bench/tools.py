@@ -95,7 +95,8 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     requests: int
-    errors: int
+    errors: int  # socket errors of every kind, and answers other than 2xx/3xx
+    read_errors: int = 0  # of those, connections the server closed (after a stream, some do)
 
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -117,15 +118,16 @@ def parse_wrk(out: str) -> WrkResult:
     total = re.search(r"(\d+) requests in", out)
     if not (rps and mean and p50 and p99 and total):
         raise RuntimeError(f"wrk printed no figures:\n{out}")
-    errors = 0
+    errors = read_errors = 0
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if sock:
         errors += sum(int(g) for g in sock.groups())
+        read_errors = int(sock.group(2))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
         errors += int(non2xx.group(1))
     return WrkResult(float(rps.group(1)), _ms(mean.group(1)), _ms(p50.group(1)), _ms(p99.group(1)),
-                     int(total.group(1)), errors)
+                     int(total.group(1)), errors, read_errors)
 
 
 def wrk(url: str, *, connections: int, seconds: float, threads: int = 1,

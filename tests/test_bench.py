@@ -46,6 +46,7 @@ def test_parse_wrk_reads_rate_percentiles_and_errors():
     assert res.p99_ms == pytest.approx(1.05)
     assert res.requests == 70000
     assert res.errors == 7
+    assert res.read_errors == 2
 
 
 def test_parse_wrk_refuses_output_without_figures():
