@@ -17,12 +17,31 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.overhead import bare
 from tests.helpers import STANDIN, custom_spec, free_port, get, write_spec
 from unitgen.ops.sandbox import Sandbox
 
 LOADS = (0.0, 1.0, 3.0)
 ROUNDS = 5
+
+
+
+def bare(load: float) -> float:
+    """The stand-in's own start-up plus load, run directly (no unit)."""
+    port = free_port()
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, str(STANDIN), "--port", str(port)],
+                            env={"STANDIN_LOAD_SECONDS": str(load), "STANDIN_LOADING": "refuse",
+                                 "PATH": "/usr/bin:/bin"}, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                if get(port, timeout=1)[0] == 200:
+                    return time.monotonic() - t0
+            except OSError:
+                time.sleep(0.01)
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 def exit_time() -> float:
