@@ -77,6 +77,9 @@ class Manager:
         self.scope = scope
         self._jobs: dict[str, asyncio.Future[str]] = {}
         self._finished: dict[str, str] = {}
+        # dbus-fast drops the connection when the socket's send buffer fills (EAGAIN
+        # in its write callback, python-dbus-next#153): bound the calls in flight.
+        self._slots = asyncio.Semaphore(64)
         bus.add_message_handler(self._on_message)
 
     def _on_message(self, msg: Message) -> None:
@@ -91,9 +94,10 @@ class Manager:
     async def _call(self, interface: str, member: str, signature: str = "",
                     body: list[Any] | None = None, path: str = PATH) -> list[Any]:
         try:
-            reply = await asyncio.wait_for(self._bus.call(Message(
-                destination=DEST, path=path, interface=interface, member=member,
-                signature=signature, body=body or [])), CALL_TIMEOUT)
+            async with self._slots:
+                reply = await asyncio.wait_for(self._bus.call(Message(
+                    destination=DEST, path=path, interface=interface, member=member,
+                    signature=signature, body=body or [])), CALL_TIMEOUT)
         except TimeoutError:
             raise SystemdError(f"systemd did not answer {member} within {CALL_TIMEOUT:g} s "
                                "(is the manager hung or reloading?)") from None

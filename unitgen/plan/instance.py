@@ -187,7 +187,8 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
     extra_notices: list[str] = []
     if spec.socket_activation:
         private = None
-    elif backend.unix_flag is not None:
+    elif backend.unix_flag is not None or _uses_unix(spec):
+        # a custom command that says {unix} listens on the private Unix socket
         private = Endpoint("unix", path=private_socket(spec.name))
     else:
         pport = spec.private_port or alloc.private_port(spec, public.port, problem)
@@ -228,6 +229,12 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
         notices=listen.notices + tuple(extra_notices) + (gpus.notices if gpus else ()),
         gpus=gpus,
     )
+
+
+def _uses_unix(spec: InstanceSpec) -> bool:
+    words = (*(spec.command or ()), *spec.args)
+    return spec.backend == "custom" and any(
+        "{unix}" in w.replace("{{", "").replace("}}", "") for w in words)
 
 
 def _take_secret_env(
