@@ -23,6 +23,7 @@ class Script:
     def __init__(self, answers: list[tuple[int, bytes]]) -> None:
         self.answers = answers
         self.seen_auth: list[str | None] = []
+        self.sent: list[int] = []  # the status of every answer given, in order
 
 
 def serve(script: Script, server_cls: type[ThreadingHTTPServer], address: Any) -> ThreadingHTTPServer:
@@ -30,6 +31,7 @@ def serve(script: Script, server_cls: type[ThreadingHTTPServer], address: Any) -
         def do_GET(self) -> None:
             script.seen_auth.append(self.headers.get("Authorization"))
             status, body = script.answers.pop(0) if len(script.answers) > 1 else script.answers[0]
+            script.sent.append(status)
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -63,14 +65,24 @@ LOADING = (503, b'{"error":{"message":"Loading model"}}')
 
 
 def test_waits_through_503_then_ready(tcp, capsys):
-    target, _ = tcp([LOADING, LOADING, LOADING, (200, b'{"status":"ok"}')])
-    assert run(target, "/health", 10, interval=0.01) == 0
-    assert "ready after" in capsys.readouterr().err
+    target, script = tcp([LOADING, LOADING, LOADING, (200, b'{"status":"ok"}')])
+    assert run(target, "/health", 10, interval=0.01, progress_every=0) == 0
+    # every loading answer was asked for and waited through, and nothing after ready
+    assert script.sent == [503, 503, 503, 200]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4, err
+    assert all("still loading after" in line and line.endswith(": 503 Loading model")
+               for line in err[:3]), err
+    assert "ready after" in err[3] and err[3].endswith("(200 OK)"), err
 
 
-def test_404_while_loading_is_not_yet(tcp):
-    target, _ = tcp([(404, b"not found"), (200, b"ok")])
-    assert run(target, "/health", 10, interval=0.01) == 0
+def test_404_while_loading_is_not_yet(tcp, capsys):
+    target, script = tcp([(404, b"not found"), (404, b"not found"), (200, b"ok")])
+    assert run(target, "/health", 10, interval=0.01, progress_every=0) == 0
+    assert script.sent == [404, 404, 200]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.rsplit(": ", 1)[1] for line in err[:2]] == ["404 not found"] * 2, err
+    assert "ready after" in err[2] and err[2].endswith("(200 ok)"), err
 
 
 def test_deadline_gives_a_one_line_reason(tcp, capsys):
