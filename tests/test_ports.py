@@ -222,6 +222,7 @@ def test_probed_port_is_the_socket_port_and_never_the_servers(backend, args, por
     import json  # noqa: PLC0415
 
     extra = f"args = {json.dumps(args)}\n" + (f"port = {port}\n" if port else "")
+    refused: list[str] | None
     try:
         inst = resolve_text(spec_text(backend, extra))
     except SpecError as exc:
