@@ -23,6 +23,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -148,9 +149,10 @@ def test_systemd_reads_back_exactly_what_was_escaped(sandbox, stage, cases):
     for i, case in enumerate(cases):
         got = _read_back(sandbox, units[i])
         assert got["LoadState"] == "loaded", (case, got, sandbox.journal(lines=5))
-        (exec_start,) = got["ExecStart"]  # type: ignore[misc]
+        exec_start: list[list[Any]] = got["ExecStart"]  # type: ignore[assignment]
+        assert len(exec_start) == 1, got
         # the D-Bus argv is before $ expansion: a literal $ is still written $$ there
-        assert exec_start[1][5:] == [w.replace("$", "$$") for w in case["argv"]], case
+        assert exec_start[0][1][5:] == [w.replace("$", "$$") for w in case["argv"]], case
         assert got["Environment"] == [f"ESC_VALUE={case['env']}"], case
         # (systemd shows the unit's name for an empty description)
         assert got["Description"] == (_described(case["description"]) or units[i]), case
