@@ -110,3 +110,33 @@ def test_refusals():
         path_value("/a\nb")
     with pytest.raises(ValueError, match="one line"):
         env_file_line("K", "a\nb")
+
+
+def test_examples_at_the_edges():
+    # DEL is a control character, U+0080 and above are not; a space is text
+    assert exec_word("a\x7fb") == '"a\\x7fb"'
+    assert exec_word("a\x80b") == '"a\x80b"'
+    assert exec_word("\x1f") == '"\\x1f"'
+    assert environment_assignment("lower_case9", "\x7f") == '"lower_case9=\\x7f"'
+    assert text_value("a\x01b\x7fc\x80d e") == "a b c\x80d e"
+    assert text_value("  50% \\ \\") == "50%%"
+    assert text_value("a\\b") == "a\\b"
+    assert path_value("/srv/a b/50%/\x80") == "/srv/a b/50%%/\x80"
+    assert path_value("/a\\b") == "/a\\b"
+    assert env_file_line("K", "a b\x80") == 'K="a b\x80"'
+    assert env_file_line("K", "X\"\\`$Y") == 'K="X\\"\\\\\\`\\$Y"'
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: exec_word("a\x00b"), "a command-line word cannot contain a NUL character"),
+    (lambda: environment_assignment("A", "a\x00b"),
+     "an environment value cannot contain a NUL character"),
+    (lambda: environment_assignment("1A", "x"), "'1A' is not an environment variable name"),
+    (lambda: path_value("/a\x7f"), "'/a\\x7f' cannot be written into a unit file"),
+    (lambda: path_value("/a\\"), "'/a\\\\' cannot be written into a unit file"),
+    (lambda: env_file_line("K", "a\x7f"), "a secret must be one line of printable characters"),
+])
+def test_refusals_say_exactly_why(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == message
