@@ -46,6 +46,7 @@ FAST_TESTS = (
     "tests/test_gpus.py",
     "tests/test_cli.py",
     "tests/test_allocate.py",
+    "tests/test_port_messages.py",
 )
 
 # What the code needs next to the package at run time (templates, the stand-in
