@@ -47,6 +47,7 @@ FAST_TESTS = (
     "tests/test_cli.py",
     "tests/test_allocate.py",
     "tests/test_port_messages.py",
+    "tests/test_argscan.py",
 )
 
 # What the code needs next to the package at run time (templates, the stand-in
