@@ -48,6 +48,7 @@ FAST_TESTS = (
     "tests/test_allocate.py",
     "tests/test_port_messages.py",
     "tests/test_argscan.py",
+    "tests/test_gpus_report.py",
 )
 
 # What the code needs next to the package at run time (templates, the stand-in
