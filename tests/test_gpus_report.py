@@ -49,7 +49,9 @@ def test_report_lines(fake_nvml):
     assert lines[5] == f"     pid {gone}  1.0 GiB  exited"
 
 
-def place_offline(want, claims=None, share=False):
+def place_offline(want: int | tuple[int, ...] | tuple[str, ...],
+                  claims: dict[str, list[tuple[str, bool]]] | None = None,
+                  share: bool = False) -> Placement:
     return place(source="p.toml", name="me", want=want, memory=None, share=share, gpus=None,
                  claims=claims or {})
 
