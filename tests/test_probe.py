@@ -388,3 +388,92 @@ def test_main_unix_target_and_usage(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2 and "--target" in capsys.readouterr().err
+
+
+def test_help_names_every_option(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: unitgen probe [-h] --target TARGET")
+    assert "The readiness probe that units run as ``ExecStartPost=``." in out
+    for option, text in [
+        ("--target TARGET", "host:port, [v6]:port, or a Unix socket path"),
+        ("--path PATH", "HTTP path that answers 2xx when ready"),
+        ("--timeout TIMEOUT", "deadline, a systemd time span"),
+        ("--key-env KEY_ENV", "variable holding the bearer key to send"),
+        ("--label LABEL", "word printed before the target (public/private)"),
+        ("--interval INTERVAL", "time between polls"),
+        ("--progress-every PROGRESS_EVERY", "time between progress lines"),
+    ]:
+        assert f"{option} {text}" in out, option
+
+
+def test_main_takes_an_ipv6_target(capsys):
+    with socket.socket(socket.AF_INET6 if _ipv6_loopback() else socket.AF_INET) as s:
+        s.bind(("::1" if _ipv6_loopback() else "127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = f"[::1]:{port}" if _ipv6_loopback() else f"127.0.0.1:{port}"
+    # not a usage error (2): a reachable shape, just nobody listening (1)
+    assert main(["--target", target, "--timeout", "100ms", "--interval", "20ms"]) == 1
+    assert "connection refused" in capsys.readouterr().err
+
+
+def test_main_passes_its_interval_on(tcp):
+    target, script = tcp([LOADING] * 15 + [(200, b"ok")])
+    t0 = time.monotonic()
+    assert main(["--target", target, "--interval", "1ms"]) == 0
+    assert time.monotonic() - t0 < 1.2  # 15 polls 1 ms apart, not 100 ms apart
+    assert len(script.sent) == 16
+
+
+def test_run_polls_every_100ms_by_default(tcp):
+    target, script = tcp([LOADING, LOADING, (200, b"ok")])
+    t0 = time.monotonic()
+    assert run(target, "/health", 10) == 0
+    assert 0.18 <= time.monotonic() - t0 < 1.0
+    assert script.sent == [503, 503, 200]
+
+
+def test_a_body_that_never_ends_does_not_hold_the_probe():
+    # a server that promises a huge body and sends only part of it: the probe
+    # reads what it needs for the summary and moves on
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 10000000\r\n\r\n"
+                             + b'{"error": "busy"}' + b" " * 8000)
+                time.sleep(3)
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        t0 = time.monotonic()
+        got = attempt(f"127.0.0.1:{port}", "/health", None, timeout=2)
+        assert time.monotonic() - t0 < 1.5
+        thread.join(timeout=5)
+    assert got.outcome == "wait" and got.detail.startswith("503 ")
+
+
+def test_unix_requests_name_localhost(tmp_path):
+    class UnixServer(ThreadingHTTPServer):
+        address_family = socket.AF_UNIX
+
+        def server_bind(self) -> None:
+            self.socket.bind(self.server_address)
+            self.server_name, self.server_port = "localhost", 0
+
+    path = str(tmp_path / "h.sock")
+    script = Script([(200, b"ok")])
+    server = serve(script, UnixServer, path)
+    try:
+        assert attempt(path, "/health", None).outcome == "ready"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert script.requests[0][1]["Host"] == "localhost"
