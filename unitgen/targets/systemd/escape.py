@@ -77,7 +77,9 @@ def environment_assignment(name: str, value: str) -> str:
 def text_value(text: str) -> str:
     """Free text (``Description=``): one line, specifiers escaped, no continuation."""
     flat = "".join(" " if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in text)
-    return flat.replace("%", "%%").rstrip("\\ ").strip()
+    # strip() first: it also removes Unicode blanks, which could uncover a
+    # trailing backslash (a line continuation) if it ran last
+    return flat.replace("%", "%%").strip().rstrip("\\ ")
 
 
 def path_value(path: str) -> str:
