@@ -128,7 +128,7 @@ def _described(text: str) -> str:
     """What a one-line Description= of ``text`` should read: control characters
     become spaces; no leading or trailing blanks, no trailing backslash."""
     flat = "".join(" " if ord(ch) < 0x20 or ord(ch) == 0x7F else ch for ch in text)
-    return flat.rstrip("\\ ").strip()
+    return flat.strip().rstrip("\\ ")
 
 
 # No shrinking: one example is a batch of units, and a failing batch names its case.
