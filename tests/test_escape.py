@@ -122,6 +122,7 @@ def test_examples_at_the_edges():
     assert text_value("  50% \\ \\") == "50%%"
     assert text_value("a\\b") == "a\\b"
     assert text_value("x\\\xa0") == "x"  # no backslash left at the end once blanks go
+    assert text_value("aX\\") == "aX"
     assert path_value("/srv/a b/50%/\x80") == "/srv/a b/50%%/\x80"
     assert path_value("/a\\b") == "/a\\b"
     assert env_file_line("K", "a b\x80") == 'K="a b\x80"'

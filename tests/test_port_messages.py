@@ -99,3 +99,29 @@ def test_custom_command_options_are_not_abbreviated():
 ])
 def test_probe_host(host, probe):
     assert probe_host(host) == probe
+
+
+def test_every_bare_option_is_named():
+    assert refusals(builtin("vllm", 'args = ["--port", "--port"]')) == [
+        "p.toml: args: --port (without a value): the option needs a value; the port is set once, "
+        "with port = ... in the spec"] * 2
+
+
+def test_a_host_path_is_an_endpoint_and_only_that():
+    assert refusals(builtin("llama-server", 'args = ["--host", "/run/srv"]')) == [
+        f"p.toml: args: --host /run/srv {HOST_ENDPOINT}"]
+
+
+def test_host_options_take_argparse_prefixes_and_are_normalised():
+    inst = resolved(builtin("vllm", 'args = ["--hos", "0.0.0.0"]'))
+    assert inst.public.host == "0.0.0.0" and "--hos" not in inst.argv
+    assert resolved(builtin("vllm", 'host = "0:0:0:0:0:0:0:1"')).public.host == "::1"
+
+
+def test_notices_word_for_word():
+    inst = resolved(builtin("vllm", 'port = 9000\nargs = ["--port", "9000"]'))
+    assert inst.notices == ("args: --port 9000 repeats port = 9000; removed from the server's "
+                            "options (the socket owns it)",)
+    inst = resolved(builtin("vllm", 'args = ["--port=9001"]'))
+    assert inst.notices == ("args: --port=9001 taken as the public port; the socket owns it and "
+                            "the server listens on a private endpoint behind it",)

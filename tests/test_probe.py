@@ -280,8 +280,9 @@ def test_a_refused_key_is_named_as_such(tcp):
     target, _ = tcp([(403, b'{"error":"forbidden"}')])
     got = attempt(target, "/", "sk-wrong")
     assert got == Attempt("fatal", "403 forbidden: the key the probe sent was refused")
-    got = attempt(target, "/", None)
-    assert got.outcome == "fatal" and "declare it in the spec" in got.detail
+    assert attempt(target, "/", None) == Attempt(
+        "fatal", "403 forbidden: the server wants an API key the probe was not given: declare it "
+                 "in the spec (--api-key in args, or the server's key variable in env)")
 
 
 def test_output_lines_name_the_target_and_the_label(tcp, capsys):
@@ -397,6 +398,7 @@ def test_help_names_every_option(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert out.startswith("usage: unitgen probe [-h] --target TARGET")
     assert "The readiness probe that units run as ``ExecStartPost=``." in out
+    assert "Standard library only" not in out  # the first paragraph only
     for option, text in [
         ("--target TARGET", "host:port, [v6]:port, or a Unix socket path"),
         ("--path PATH", "HTTP path that answers 2xx when ready"),
@@ -477,3 +479,21 @@ def test_unix_requests_name_localhost(tmp_path):
         server.shutdown()
         server.server_close()
     assert script.requests[0][1]["Host"] == "localhost"
+
+
+def test_a_server_that_hangs_up_is_not_yet():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def hang_up() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+
+        thread = threading.Thread(target=hang_up, daemon=True)
+        thread.start()
+        got = attempt(f"127.0.0.1:{server.getsockname()[1]}", "/health", None, timeout=2)
+        thread.join(timeout=5)
+    assert got == Attempt("wait", "RemoteDisconnected: Remote end closed connection without "
+                                  "response")
