@@ -10,7 +10,7 @@ import pytest
 
 from tests.nvml import GIB, ZERO_GPUS, eight_gpus, fake_nvml, uuid
 from unitgen.errors import SpecError
-from unitgen.plan.gpus import Placement, gpus_report, place
+from unitgen.plan.gpus import Gpu, GpuProcess, Placement, gpus_report, place
 
 __all__ = ["fake_nvml"]  # the fixture, re-exported for pytest
 
@@ -85,3 +85,66 @@ def test_offline_placement_still_checks_claims():
     assert place_offline((uuid(1),), claims=shared, share=True).uuids == (uuid(1),)
     with pytest.raises(SpecError):
         place_offline((uuid(1),), claims=shared, share=False)
+
+
+def host_gpus(n: int = 4, free: dict[int, int] | None = None) -> list[Gpu]:
+    free = free or {}
+    return [Gpu(i, uuid(i), "H100", i, 80 * GIB, 80 * GIB - free.get(i, 70 * GIB),
+                 free.get(i, 70 * GIB)) for i in range(n)]
+
+
+def place_on(gpus: list[Gpu], want: int | tuple[int, ...] | tuple[str, ...],
+             claims: dict[str, list[tuple[str, bool]]] | None = None, share: bool = False,
+             memory: int | None = None) -> Placement:
+    return place(source="p.toml", name="me", want=want, memory=memory, share=share, gpus=gpus,
+                 claims=claims or {})
+
+
+def refused(**kwargs: object) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        place_on(**kwargs)  # type: ignore[arg-type]
+    return [str(p) for p in info.value.problems]
+
+
+def test_count_placement_prefers_free_memory_then_index():
+    gpus = host_gpus(free={0: 10 * GIB, 1: 70 * GIB, 2: 70 * GIB, 3: 40 * GIB})
+    assert place_on(gpus, 2) == Placement((uuid(1), uuid(2)), (1, 2), False)
+    assert place_on(gpus, 4).uuids == tuple(uuid(i) for i in range(4))  # every GPU there is
+
+
+def test_count_placement_refusals_name_the_numbers_and_the_claimers():
+    gpus = host_gpus()
+    assert refused(gpus=gpus, want=5) == ["p.toml: gpus: asks for 5 GPUs; this host has 4"]
+    claims = {uuid(0): [("a", False)], uuid(2): [("b", True), ("c", True)]}
+    assert refused(gpus=gpus, want=3, claims=claims) == [
+        "p.toml: gpus: asks for 3 GPUs but only 2 are not claimed by other instances "
+        "(claimed: 0 (a), 2 (b, c)); set gpu_share = true to share"]
+    # sharing GPUs whose claimers all share
+    assert place_on(gpus, 3, claims=claims, share=True).uuids == (uuid(1), uuid(2), uuid(3))
+    assert place_on(gpus, 2, claims=claims).uuids == (uuid(1), uuid(3))
+
+
+def test_a_redeploy_keeps_its_gpus():
+    gpus = host_gpus(free={0: 70 * GIB, 1: 10 * GIB, 2: 70 * GIB, 3: 70 * GIB})
+    claims = {uuid(1): [("me", False)], uuid(3): [("me", False)]}
+    assert place_on(gpus, 2, claims=claims).uuids == (uuid(1), uuid(3))
+
+
+def test_index_and_uuid_placement():
+    gpus = host_gpus()
+    assert place_on(gpus, (2, 0)).uuids == (uuid(2), uuid(0))
+    assert place_on(gpus, (uuid(3),)) == Placement((uuid(3),), (3,), False)
+    assert refused(gpus=gpus, want=(7,)) == [
+        "p.toml: gpus: GPU 7 is not on this host (GPUs: "
+        + ", ".join(f"{i}={uuid(i)}" for i in range(4)) + ")"]
+
+
+def test_memory_refusal_names_the_holders():
+    gpus = [Gpu(0, uuid(0), "H100", 0, 80 * GIB, 60 * GIB, 20 * GIB,
+                (GpuProcess(11, 30 * GIB, "other"), GpuProcess(12, 10 * GIB, "me"),
+                 GpuProcess(13, 20 * GIB, None)))]
+    # its own processes count as free (a redeploy replaces them)
+    assert place_on(gpus, 1, memory=30 * GIB).uuids == (uuid(0),)
+    assert refused(gpus=gpus, want=1, memory=31 * GIB) == [
+        f"p.toml: gpu_memory: needs 31.0 GiB but GPU 0 ({uuid(0)}) has 30.0 GiB free of "
+        "80.0 GiB; the rest is held by pid 11 (other) 30.0 GiB, pid 13 20.0 GiB"]
