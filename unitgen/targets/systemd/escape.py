@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 # Words made only of these characters need no quotes (and contain no % or $).
-_SAFE_WORD = re.compile(r"^[A-Za-z0-9_./:=,+@-]+$")
+_SAFE_WORD = re.compile(r"[A-Za-z0-9_./:=,+@-]+")  # fullmatch: "$" would allow a trailing newline
 _C_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
@@ -51,7 +51,7 @@ def exec_word(word: str) -> str:
     """
     if "\x00" in word.replace(RUNTIME_DIR, ""):
         raise ValueError("a command-line word cannot contain a NUL character")
-    if RUNTIME_DIR not in word and _SAFE_WORD.match(word):
+    if RUNTIME_DIR not in word and _SAFE_WORD.fullmatch(word):
         return word
     pieces = word.split(RUNTIME_DIR)
     return '"' + "%t".join(_c_escape(p, dollar=True) for p in pieces) + '"'
@@ -67,7 +67,7 @@ def environment_assignment(name: str, value: str) -> str:
 
     ``Environment=`` expands ``%`` specifiers and C escapes but not ``$``.
     """
-    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ValueError(f"{name!r} is not an environment variable name")
     if "\x00" in value:
         raise ValueError("an environment value cannot contain a NUL character")
