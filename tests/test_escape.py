@@ -142,3 +142,13 @@ def test_refusals_say_exactly_why(call, message):
     with pytest.raises(ValueError) as info:
         call()
     assert str(info.value) == message
+
+
+def test_a_trailing_newline_never_leaves_a_word_unquoted():
+    # found by test_escape_systemd.py: re.match(...$) let "x\n" pass as a plain
+    # word, so the next argv word started a new line of the unit: a directive
+    line = exec_line(["/bin/srv", "x\n", "ExecStartPre=/bin/evil"])
+    assert line == '/bin/srv "x\\n" ExecStartPre=/bin/evil'
+    assert systemd_words(line, dollar=True) == ["/bin/srv", "x\n", "ExecStartPre=/bin/evil"]
+    with pytest.raises(ValueError, match="is not an environment variable name"):
+        environment_assignment("A\n", "x")
