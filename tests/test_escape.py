@@ -18,14 +18,19 @@ from unitgen.targets.systemd.escape import (
     text_value,
 )
 
-TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"))
+# Any character, with the ones systemd treats specially drawn often enough that
+# every run meets them.
+TEXT = st.text(st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00")
+               | st.sampled_from("%$\\\" \n\t;'"))
 
 _UNESCAPE = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"'}
 
 
 def systemd_words(line: str, *, dollar: bool) -> list[str]:
     """A model of how systemd reads our output: %% -> %, quoted words with C
-    escapes, $$ -> $ (Exec lines). Only the forms exec_word emits."""
+    escapes, $$ -> $ (Exec lines). Only the forms exec_word emits; a lone % (or
+    $ on Exec lines) fails, as systemd would expand it. What systemd itself
+    parses is checked in test_escape_systemd.py."""
     words, i = [], 0
     while i < len(line):
         if line[i] == " ":
@@ -44,7 +49,10 @@ def systemd_words(line: str, *, dollar: bool) -> list[str]:
                     buf.append(_UNESCAPE[nxt])
                     i += 2
                     continue
-                if line.startswith("%%", i) or (dollar and line.startswith("$$", i)):
+                if line[i] == "%" or (dollar and line[i] == "$"):
+                    # systemd reads a lone %x as a specifier and a lone $x as a
+                    # variable: only the doubled form is the character itself
+                    assert line[i + 1:i + 2] == line[i], f"unescaped {line[i]!r} in {line!r}"
                     i += 1
                 buf.append(line[i])
                 i += 1
@@ -102,3 +110,45 @@ def test_refusals():
         path_value("/a\nb")
     with pytest.raises(ValueError, match="one line"):
         env_file_line("K", "a\nb")
+
+
+def test_examples_at_the_edges():
+    # DEL is a control character, U+0080 and above are not; a space is text
+    assert exec_word("a\x7fb") == '"a\\x7fb"'
+    assert exec_word("a\x80b") == '"a\x80b"'
+    assert exec_word("\x1f") == '"\\x1f"'
+    assert environment_assignment("lower_case9", "\x7f") == '"lower_case9=\\x7f"'
+    assert text_value("a\x01b\x7fc\x80d e") == "a b c\x80d e"
+    assert text_value("  50% \\ \\") == "50%%"
+    assert text_value("a\\b") == "a\\b"
+    assert text_value("x\\\xa0") == "x"  # no backslash left at the end once blanks go
+    assert text_value("aX\\") == "aX"
+    assert path_value("/srv/a b/50%/\x80") == "/srv/a b/50%%/\x80"
+    assert path_value("/a\\b") == "/a\\b"
+    assert env_file_line("K", "a b\x80") == 'K="a b\x80"'
+    assert env_file_line("K", "X\"\\`$Y") == 'K="X\\"\\\\\\`\\$Y"'
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: exec_word("a\x00b"), "a command-line word cannot contain a NUL character"),
+    (lambda: environment_assignment("A", "a\x00b"),
+     "an environment value cannot contain a NUL character"),
+    (lambda: environment_assignment("1A", "x"), "'1A' is not an environment variable name"),
+    (lambda: path_value("/a\x7f"), "'/a\\x7f' cannot be written into a unit file"),
+    (lambda: path_value("/a\\"), "'/a\\\\' cannot be written into a unit file"),
+    (lambda: env_file_line("K", "a\x7f"), "a secret must be one line of printable characters"),
+])
+def test_refusals_say_exactly_why(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == message
+
+
+def test_a_trailing_newline_never_leaves_a_word_unquoted():
+    # found by test_escape_systemd.py: re.match(...$) let "x\n" pass as a plain
+    # word, so the next argv word started a new line of the unit: a directive
+    line = exec_line(["/bin/srv", "x\n", "ExecStartPre=/bin/evil"])
+    assert line == '/bin/srv "x\\n" ExecStartPre=/bin/evil'
+    assert systemd_words(line, dollar=True) == ["/bin/srv", "x\n", "ExecStartPre=/bin/evil"]
+    with pytest.raises(ValueError, match="is not an environment variable name"):
+        environment_assignment("A\n", "x")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -101,17 +102,56 @@ def test_dry_run_and_diff_change_nothing(box, tmp_path):
     assert prop(box, "dry.socket", "LoadState") == "not-found"
 
 
+def _free_run(length: int) -> tuple[int, int]:
+    """``length`` consecutive loopback ports that nothing holds now, away from
+    the default ranges (31000-31999 public, the private range) and from each
+    other test's ``free_port()`` picks only by chance."""
+    for _ in range(200):
+        lo = random.randrange(42000, 44000 - length)
+        if all(_bindable(p) for p in range(lo, lo + length)):
+            return lo, lo + length - 1
+    raise AssertionError(f"no {length} consecutive free ports in 42000-44000")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def test_concurrent_deploys_get_distinct_ports(box, tmp_path):
-    specs = [demo_spec(tmp_path, f"conc{i}") for i in range(4)]
-    # Same preferred port for all: the lock, not luck, keeps them apart.
+    # Three deploys at once, sharing one range of four ports: every process starts
+    # from the same preferred port (the range's first, as the hashed default lies
+    # outside it), so only the deploy lock (scan, pick and write as one step)
+    # keeps them apart. Without it they all take the first port and two sockets
+    # fail to bind.
+    lo, hi = _free_run(4)
+    names = [f"conc{i}" for i in range(3)]
+    specs = [demo_spec(tmp_path, n) for n in names]
     procs = [subprocess.Popen([sys.executable, "-m", "unitgen", "deploy", "--user", "--json",
-                               "--no-wait", str(s)], env={**os.environ, **box.env},
+                               "--port-range", f"{lo}-{hi}", str(s)],
+                              env={**os.environ, **box.env},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for s in specs]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    ports = [json.loads(o)["instances"][0]["public"] for o, _ in outs]
-    assert len(set(ports)) == 4, ports
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    ports = {}
+    for name, (out, _) in zip(names, outs, strict=True):
+        inst = json.loads(out)["instances"][0]
+        assert (inst["name"], inst["action"], inst["ready"]) == (name, "created", True)
+        ports[name] = int(inst["public"].rsplit(":", 1)[1])
+    assert len(set(ports.values())) == 3, ports
+    assert all(lo <= port <= hi for port in ports.values()), (ports, lo, hi)
+    for name, port in ports.items():
+        # each socket holds its own port, and behind it answers its own server
+        assert prop(box, f"{name}.socket", "Listen") == f"127.0.0.1:{port} (Stream)"
+        assert prop(box, f"{name}.socket", "ActiveState") == "active"
+        status, body = get(port)
+        assert status == 200 and body["pid"] == backend_pid(box, name), (name, body)
 
 
 def test_busy_explicit_port_names_the_holder(box, tmp_path):
@@ -182,26 +222,38 @@ def test_failed_new_instance_leaves_nothing(box, tmp_path):
 
 
 def test_status_of_twenty_instances_in_one_call(box, tmp_path):
-    specs = []
-    for i in range(20):
-        spec = demo_spec(tmp_path, f"many{i:02d}", extra='activation = "on-demand"\n')
-        specs.append(str(spec))
+    names = [f"many{i:02d}" for i in range(20)]
+    specs = [str(demo_spec(tmp_path, n, extra='activation = "on-demand"\n')) for n in names]
     rc, data = cli_json(box, "deploy", "--user", *specs)
     assert rc == 0, data
+    assert [i["name"] for i in data["instances"]] == names
     assert {(i["ready"], i["listening"]) for i in data["instances"]} == {(None, True)}
     assert prop(box, "many00.socket", "UnitFileState") == "enabled"
     assert prop(box, "many00.service", "UnitFileState") != "enabled"
-    first = data["instances"][0]["public"]
-    get(int(first.rsplit(":", 1)[1]))  # wake one
+    public = {i["name"]: i["public"] for i in data["instances"]}
+    assert len(set(public.values())) == 20, public
+    status, body = get(int(public["many00"].rsplit(":", 1)[1]))  # wake one
+    assert status == 200
     t0 = time.monotonic()
-    rc, status = cli_json(box, "status", "--user")
+    rc, out = cli_json(box, "status", "--user")
     elapsed = time.monotonic() - t0
-    assert rc == 0 and len(status["instances"]) == 20
-    states = {r["name"]: r["state"] for r in status["instances"]}
-    assert states["many00"] == "ready"
-    assert {states[f"many{i:02d}"] for i in range(1, 20)} == {"listening"}
-    ready = next(r for r in status["instances"] if r["name"] == "many00")
-    assert ready["pid"] and ready["memory_bytes"] > 1_000_000
+    assert rc == 0
+    rows = {r["name"]: r for r in out["instances"]}
+    assert sorted(rows) == names
+    for name in names:
+        row = rows[name]
+        # the address status reports is the one deploy chose and the socket holds
+        assert row["address"] == public[name], row
+        assert prop(box, f"{name}.socket", "Listen") == f"{public[name]} (Stream)"
+        assert row["backend"] == "custom", row
+    woken = rows["many00"]
+    assert woken["state"] == "ready", woken
+    assert woken["pid"] == body["pid"] == backend_pid(box, "many00")
+    assert woken["memory_bytes"] > 1_000_000 and woken["uptime_s"] is not None
+    for name in names[1:]:
+        # asleep: the socket listens, no server process runs
+        assert (rows[name]["state"], rows[name]["pid"]) == ("listening", None), rows[name]
+        assert prop(box, f"{name}-backend.service", "ActiveState") == "inactive"
     print(f"status of 20 instances: {elapsed:.2f} s")
 
 
@@ -274,4 +326,31 @@ def test_write_failure_half_way_restores_every_file(box, tmp_path):
     assert {p.name: p.read_text() for p in box.unit_dir.glob("halfway*")} == before
     assert not list(box.unit_dir.glob(".halfway*"))  # no temp files left
     assert backend_pid(box, "halfway") == pid
+    assert get(port)[0] == 200
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="needs chattr (e2fsprogs)")
+def test_multi_spec_write_failure_restores_the_specs_written_before_it(box, tmp_path):
+    # One run, two specs: the first is written, the second cannot be. The first
+    # must be put back too (one deploy is all or nothing), and keep serving.
+    first, second = demo_spec(tmp_path, "early", free_port()), demo_spec(tmp_path, "late")
+    assert cli(box, "deploy", "--user", str(first), str(second)).returncode == 0
+    before = {p.name: p.read_text() for p in box.unit_dir.glob("*") if p.is_file()}
+    pid = backend_pid(box, "early")
+    port = int(prop(box, "early.socket", "Listen").split(":")[1].split()[0])
+    demo_spec(tmp_path, "early", free_port(), STANDIN_LOADING="404")  # all of early's files change
+    demo_spec(tmp_path, "late", STANDIN_LOADING="404")
+    locked = box.unit_dir / "late-backend.service"
+    subprocess.run(["chattr", "+i", str(locked)], check=True)
+    try:
+        done = cli(box, "deploy", "--user", str(first), str(second))
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot write" in done.stderr and "late-backend.service" in done.stderr
+    after = {p.name: p.read_text() for p in box.unit_dir.glob("*") if p.is_file()}
+    assert after == before  # early's three files included
+    assert not list(box.unit_dir.glob(".early*"))
+    assert prop(box, "early.socket", "Listen") == f"127.0.0.1:{port} (Stream)"
+    assert backend_pid(box, "early") == pid
     assert get(port)[0] == 200

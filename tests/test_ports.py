@@ -161,6 +161,60 @@ def _directive(text: str, key: str) -> list[str]:
     return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(key + "=")]
 
 
+def _occurrence(shown: str, args: list[str]) -> str:
+    """The value of an occurrence a message quotes (``--por 9000`` or
+    ``--port=9000``), after checking the user wrote exactly that."""
+    if " " in shown:
+        option, value = shown.split(" ", 1)
+        assert any(args[i:i + 2] == [option, value] for i in range(len(args))), (shown, args)
+        return value
+    assert shown in args and "=" in shown, (shown, args)
+    return shown.split("=", 1)[1]
+
+
+def _is_port(value: str) -> bool:
+    return value.isdigit() and 1 <= int(value) <= 65535
+
+
+def _is_host(value: str) -> bool:
+    import ipaddress  # noqa: PLC0415
+
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def assert_refusal_is_justified(message: str, args: list[str], port: int | None) -> None:
+    """A refusal names the file and the key, quotes the option as written, names
+    both values of a conflict, and is true of the spec it refuses."""
+    prefix = "p.toml: args: "
+    assert message.startswith(prefix), message
+    text = message[len(prefix):]
+    if m := re.fullmatch(r"(\S+) \(without a value\): the option needs a value; the (port|host) "
+                         r"is set once, with \2 = \.\.\. in the spec", text):
+        # the option is written last, or followed by another option
+        bare = [i for i, word in enumerate(args) if word == m[1] and (
+            i == len(args) - 1 or (args[i + 1].startswith("-") and not args[i + 1][1:].isdigit()))]
+        assert bare, (message, args)
+    elif m := re.fullmatch(r"(\S+(?: \S+)?): '(.*)' is not a valid (port|host)", text):
+        value = _occurrence(m[1], args)
+        assert value == m[2], (message, args)
+        assert not (_is_port(value) if m[3] == "port" else _is_host(value)), message
+    elif m := re.fullmatch(r"(.+) conflicts with port = (\d+); the port is written once: "
+                           r"remove one of them", text):
+        assert port is not None and int(m[2]) == port, (message, port)
+        value = _occurrence(m[1], args)
+        assert _is_port(value) and int(value) != port, (message, args)
+    elif m := re.fullmatch(r"(.+) disagree; set port = \.\.\. once in the spec", text):
+        assert port is None, message
+        values = {int(_occurrence(shown, args)) for shown in m[1].split(" and ")}
+        assert len(values) > 1, (message, args)
+    else:
+        raise AssertionError(f"a refusal of an unexpected kind: {message!r} for {args}")
+
+
 @settings(max_examples=300, deadline=None)
 @given(backend=st.sampled_from(BUILTIN), args=arg_lists(),
        port=st.one_of(st.none(), st.sampled_from([8000, 9000])))
@@ -168,10 +222,19 @@ def test_probed_port_is_the_socket_port_and_never_the_servers(backend, args, por
     import json  # noqa: PLC0415
 
     extra = f"args = {json.dumps(args)}\n" + (f"port = {port}\n" if port else "")
+    refused: list[str] | None
     try:
         inst = resolve_text(spec_text(backend, extra))
-    except SpecError:
-        return  # refused with a message: allowed by the rules
+    except SpecError as exc:
+        refused = [str(p) for p in exc.problems]
+    else:
+        refused = None
+    if refused is not None:
+        # a refusal is allowed, but it must be right and say why, like a compiler
+        assert refused
+        for message in refused:
+            assert_refusal_is_justified(message, args, port)
+        return
     files = {f.name: f.text for f in render_instance(inst, GOLDEN_CTX)}
     listen = _directive(files["p.socket"], "ListenStream")
     assert len(listen) == 1

@@ -39,7 +39,7 @@ def test_gpu_wait_does_not_import_from_the_working_directory(tmp_path):
         'gpus = ["GPU-00000000-1111-2222-3333-000000000000"]\n'))
     units = {f.name: f.text for f in render_spec(spec, GOLDEN_CTX).files}
     line = next(ln for ln in units["g-backend.service"].splitlines()
-                if ln.startswith("ExecStartPre="))
+                if ln.startswith("ExecStartPre=") and "gpuwait" in ln)
     argv = line.split("=", 1)[1].split()
     assert argv[1:4] == ["-P", "-m", "unitgen.inunit.gpuwait"]
     # run it the way systemd would, from a working directory holding a planted module

@@ -318,6 +318,10 @@ def _read_path(c: _Checker, key: Key, value: object) -> str | None:
         c.add(key.name, f"{text!r} must be one line without control characters or a "
                         "trailing backslash")
         return None
+    if text != text.strip(" \t"):
+        # systemd strips them, so the unit would name another directory
+        c.add(key.name, f"{text!r} must not start or end with a blank")
+        return None
     parts = text.split("/")
     if any(p in (".", "..") for p in parts):
         # systemd refuses such paths at load time ("not normalized"); say so here.

@@ -90,7 +90,9 @@ def text_value(text: str) -> str:
     """Free text (``Description=``): one line, specifiers escaped, no continuation."""
     flat = "".join(" " if ord(ch) < 0x20 or ord(ch) == 0x7F or ch in _LINE_BREAKS else ch
                    for ch in text)
-    return flat.replace("%", "%%").rstrip("\\ ").strip()
+    # strip() first: it also removes Unicode blanks, which could uncover a
+    # trailing backslash (a line continuation) if it ran last
+    return flat.replace("%", "%%").strip().rstrip("\\ ")
 
 
 _WORD = re.compile(r"[A-Za-z0-9_.:@+,=/\[\]-]+")
@@ -134,7 +136,8 @@ def specifier_path(path: str) -> str:
 
 def path_value(path: str) -> str:
     """An absolute path setting (``WorkingDirectory=``): specifiers escaped."""
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path) or path.endswith("\\"):
+    if (any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path) or path.endswith("\\")
+            or path != path.strip(" \t")):
         raise ValueError(f"{path!r} cannot be written into a unit file")
     return path.replace("%", "%%")
 
