@@ -7,7 +7,9 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,11 +34,45 @@ def cli(box: Sandbox, *args: str, timeout: float = 120) -> subprocess.CompletedP
                           timeout=timeout)
 
 
+# Ports of this test run, by instance name. The default ports follow from the
+# name, so another run of these tests on the same host (loopback is shared) would
+# use the same ones: its clients, left connected or retrying, would then reach
+# this run's members and keep them loaded (seen: an idle member that never
+# unloads, an unloaded one started again). Random ports outside the ephemeral
+# range keep runs apart; a name keeps its ports for the whole run.
+_PORTS: dict[str, tuple[int, int]] = {}
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def run_ports(name: str) -> tuple[int, int]:
+    """(public, private) ports of instance ``name`` for this test run."""
+    if name not in _PORTS:
+        taken = {p for pair in _PORTS.values() for p in pair}
+        pair = []
+        for lo, hi in ((10000, 19999), (20000, 29999)):
+            port = random.randint(lo, hi)
+            while port in taken or not _bindable(port):
+                port = random.randint(lo, hi)
+            pair.append(port)
+        _PORTS[name] = (pair[0], pair[1])
+    return _PORTS[name]
+
+
 def member(directory: Path, name: str, *, group: str = "g", drain: str = "30s",
            extra: str = "", **env: str) -> Path:
     env = {"STANDIN_LOAD_SECONDS": LOAD, **env}
-    keys = f'activation = "on-demand"\nswap_group = "{group}"\nswap_drain = "{drain}"\n{extra}'
-    return write_spec(directory, name, custom_spec(name, env=env, extra=keys
+    public, private = run_ports(name)
+    keys = (f'activation = "on-demand"\nswap_group = "{group}"\nswap_drain = "{drain}"\n'
+            f"private_port = {private}\n{extra}")
+    return write_spec(directory, name, custom_spec(name, port=public, env=env, extra=keys
                                                    + '[health]\ntimeout = "20s"\n'))
 
 
@@ -313,6 +349,7 @@ def test_members_on_private_unix_sockets(box, tmp_path):
     exe = standin_exe(tmp_path)
     specs = [write_spec(tmp_path, n, f'name = "{n}"\nbackend = "llama-server"\nmodel = "/m.gguf"\n'
                         f'executable = "{exe}"\nactivation = "on-demand"\nswap_group = "u"\n'
+                        f"port = {run_ports(n)[0]}\n"
                         f'env = {{ STANDIN_LOAD_SECONDS = "{LOAD}" }}\n') for n in ("ua", "ub")]
     ports = deploy(box, *specs)
     pids = []
