@@ -496,3 +496,26 @@ def test_a_server_that_hangs_up_is_not_yet():
         got = attempt(f"127.0.0.1:{server.getsockname()[1]}", "/health", None, timeout=2)
         thread.join(timeout=5)
     assert got == Attempt("wait", "the server closed the connection without an answer")
+
+
+def test_a_server_that_keeps_the_connection_open_is_read_by_its_length():
+    """Some servers ignore Connection: close; the answer ends at its Content-Length."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                time.sleep(3)  # keeps the connection open
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        t0 = time.monotonic()
+        got = attempt(f"127.0.0.1:{port}", "/health", None, timeout=2)
+        assert time.monotonic() - t0 < 1.0
+        thread.join(timeout=5)
+    assert got.outcome == "ready"

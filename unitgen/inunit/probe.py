@@ -88,13 +88,14 @@ def _connect(target: str, timeout: float) -> socket.socket:
 
 
 def _exchange(sock: socket.socket, request: bytes, deadline: float) -> bytes:
-    """Send the request, read the answer until EOF, 64 KiB, or the deadline."""
+    """Send the request, read the answer: until its Content-Length or its last
+    chunk is in (a server may ignore ``Connection: close`` and keep the
+    connection open), EOF, 4 KiB of body, or the deadline."""
     sock.sendall(request)
     data = b""
     while len(data) < 65536:
-        head_end = data.find(b"\r\n\r\n")
-        if head_end >= 0 and len(data) - head_end - 4 >= 4096:
-            break  # enough of the body for the summary: a body that never ends cannot hold us
+        if _complete(data):
+            break
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
@@ -104,6 +105,25 @@ def _exchange(sock: socket.socket, request: bytes, deadline: float) -> bytes:
             break
         data += chunk
     return data
+
+
+def _complete(data: bytes) -> bool:
+    head_end = data.find(b"\r\n\r\n")
+    if head_end < 0:
+        return False
+    body = len(data) - head_end - 4
+    if body >= 4096:
+        return True  # enough for the summary: a body that never ends cannot hold us
+    headers = data[:head_end].lower()
+    for line in headers.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip() == b"content-length" and value.strip().isdigit():
+            return body >= int(value.strip())
+        if name.strip() == b"transfer-encoding" and b"chunked" in value:
+            return data.endswith(b"0\r\n\r\n")
+    status = data.split(b" ", 2)[1:2]
+    # no length: 1xx/204/304 have no body; otherwise the body ends at EOF
+    return bool(status) and (status[0].startswith(b"1") or status[0] in (b"204", b"304"))
 
 
 def _is_local(sock: socket.socket) -> bool:
