@@ -25,42 +25,45 @@ _LINE = re.compile(r"^(?P<path>/\S+?):(?P<line>\d+): (?P<message>.*)$")
 _NOT_EXECUTABLE = re.compile(r"^(?P<unit>\S+): Command (?P<program>.+) is not executable")
 
 
-def verify_units(source: str, files: tuple[RenderedFile, ...],
-                 extras: dict[str, str]) -> tuple[list[Problem], list[str]]:
-    """Problems (naming ``source`` and the spec key) and notices from systemd's
-    verify of ``files``. ``extras`` maps a directive set through ``[systemd.*]``
-    to its spec key. Nothing when systemd-analyze is not installed."""
+def verify_units(batch: list[tuple[str, tuple[RenderedFile, ...], dict[str, str]]]
+                 ) -> tuple[list[Problem], list[str]]:
+    """Problems (naming each spec's ``source`` and key) and notices from one
+    ``systemd-analyze verify`` over the units of every ``(source, files,
+    extras)`` in ``batch``; ``extras`` maps a directive set through
+    ``[systemd.*]`` to its spec key. Nothing when systemd-analyze is missing."""
     analyze = shutil.which("systemd-analyze")
-    units = [f for f in files if not f.secret]
-    if analyze is None or not units:
+    owner: dict[str, tuple[str, RenderedFile, dict[str, str]]] = {}
+    for source, files, extras in batch:
+        for f in files:
+            if not f.secret:
+                owner[f.name] = (source, f, extras)
+    if analyze is None or not owner:
         return [], []
     with tempfile.TemporaryDirectory(prefix="unitgen-verify-") as tmp:
-        paths = []
-        for f in units:
-            path = Path(tmp) / f.name
-            path.write_text(f.text, encoding="utf-8")
-            paths.append(str(path))
+        for name, (_, f, _) in owner.items():
+            (Path(tmp) / name).write_text(f.text, encoding="utf-8")
         try:
-            done = subprocess.run([analyze, "verify", "--man=no", *paths], capture_output=True,
-                                  text=True, timeout=30, check=False)
+            done = subprocess.run([analyze, "verify", "--man=no",
+                                   *(str(Path(tmp) / n) for n in owner)],
+                                  capture_output=True, text=True, timeout=120, check=False)
         except (OSError, subprocess.TimeoutExpired):
             return [], ["systemd-analyze verify could not run; units were not checked by systemd"]
-        texts = {str(Path(tmp) / f.name): f.text.split("\n") for f in units}
         problems: list[Problem] = []
-        notices: list[str] = []
         for raw in (done.stdout + done.stderr).splitlines():
-            line = raw.replace(tmp + "/", "")
-            missing = _NOT_EXECUTABLE.match(line)
-            if missing:
+            if _NOT_EXECUTABLE.match(raw.replace(tmp + "/", "")):
                 continue  # unitgen.ops.executables says it better (with the fix)
             at = _LINE.match(raw)
             if at is None:
                 continue
-            text_lines = texts.get(at.group("path"), [])
+            unit = Path(at.group("path")).name
+            if unit not in owner:
+                continue
+            source, f, extras = owner[unit]
+            text_lines = f.text.split("\n")
             number = int(at.group("line"))
             directive = ""
             if 0 < number <= len(text_lines):
                 directive = text_lines[number - 1].split("=", 1)[0].strip()
             key = extras.get(directive) or _KEY_OF.get(directive, "")
             problems.append(Problem(source, key, f"systemd rejects it: {at.group('message')}"))
-    return problems, notices
+    return problems, []
