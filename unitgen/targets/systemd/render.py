@@ -64,11 +64,16 @@ class RenderContext:
     python: str
     proxyd: str
     scope: str = "system"  # "system" or "user"
+    # Where the interpreter's environment and unitgen's own package live: the
+    # units run code from there (the probe, the GPU wait).
+    code_paths: tuple[str, ...] = ()
 
     @classmethod
     def detect(cls, *, scope: str = "system") -> RenderContext:
         """The context of this host: this interpreter and the installed proxyd."""
-        return cls(python=sys.executable, proxyd=find_proxyd(), scope=scope)
+        package_root = str(Path(__file__).resolve().parents[3])
+        return cls(python=sys.executable, proxyd=find_proxyd(), scope=scope,
+                   code_paths=tuple(dict.fromkeys((sys.prefix, package_root))))
 
 
 @functools.cache
@@ -232,6 +237,7 @@ CACHE_ENV = ("HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_H
              "LLAMA_CACHE", "MODELSCOPE_CACHE", "OUTLINES_CACHE_DIR")
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+@:=,-]*")
 _HOMES = ("/home", "/root", "/run/user")
+_TMPS = ("/tmp", "/var/tmp")  # noqa: S108 - names of the host dirs PrivateTmp= hides
 
 
 def _under(path: str, tops: tuple[str, ...]) -> bool:
@@ -263,8 +269,13 @@ def _hardening_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
                 if k not in env and not spec.user]
     unix = inst.private is not None and inst.private.kind == "unix"
     local_model = bool(spec.model and spec.model.startswith("/"))
+    # PrivateTmp= hides the host's /tmp and /var/tmp: code or a model kept there
+    # (a checkout in /tmp, say) is bound into the unit read-only.
+    in_tmp = sorted({p for p in [*ctx.code_paths, *read]
+                     if _under(p, _TMPS) and _PLAIN_PATH.fullmatch(p)})
     return {
         "hardening": True,
+        "bind_ro": in_tmp,
         "state_dir": state,
         "home_defaults": defaults,
         "writable": writable,
