@@ -147,6 +147,11 @@ def doctor(name: str, target: Target) -> Result:
         if info is None:
             findings.append(Finding(False, f"{group} is not loaded in supervisord: run deploy "
                                            "again (it runs reloadConfig and adds the group)"))
+        elif info["statename"] == "STARTING" and info.get("pid"):
+            # supervisord says RUNNING only after startsecs; the health probe below
+            # says whether it answers, which is what counts
+            findings.append(Finding(True, f"{group} is STARTING (pid {info['pid']}; RUNNING "
+                                          "after startsecs)"))
         elif info["statename"] != "RUNNING":
             findings.append(Finding(False, f"{group} is {info['statename']}: "
                                            f"{info.get('spawnerr') or info['description']}"))
