@@ -3,8 +3,10 @@ files to results. The CLI only parses options and prints what comes back."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +151,25 @@ def render(path: Path, ctx: RenderContext, out: Path | None, *,
 def _secret_hint(name: str) -> str:
     return (f"/etc/unitgen/secrets/{name}.env (system) or "
             f"~/.config/unitgen/secrets/{name}.env (--user)")
+
+
+def files_diff(files: Sequence[RenderedFile], old: Mapping[str, str | None],
+               stale: Sequence[Path]) -> str:
+    """A unified diff of what writing ``files`` over ``old`` (name -> text, None:
+    absent) and deleting ``stale`` would change; secrets are never shown."""
+    chunks: list[str] = []
+    for f in files:
+        before = old.get(f.name)
+        if before == f.text:
+            continue
+        if f.secret:
+            chunks.append(f"--- {f.name} (secret, content not shown) changed\n")
+            continue
+        chunks.extend(difflib.unified_diff(
+            (before or "").splitlines(keepends=True), f.text.splitlines(keepends=True),
+            fromfile=f"a/{f.name}" if before is not None else "/dev/null", tofile=f"b/{f.name}"))
+    chunks.extend(f"--- {p.name} removed\n" for p in stale)
+    return "".join(chunks)
 
 
 def is_ours(path: Path, name: str | None = None) -> bool:

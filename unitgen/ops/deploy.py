@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import sys
 import time
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, SpecError, UnitgenError
 from unitgen.ops.allocate import HostAllocator, deploy_lock, listeners
-from unitgen.ops.core import apply_changes, check_ours, is_ours, undo_changes
+from unitgen.ops.core import apply_changes, check_ours, files_diff, is_ours, undo_changes
 from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
 from unitgen.ops.journal import last_lines
 from unitgen.ops.pipeline import Planned, plan_paths
@@ -152,19 +151,7 @@ async def _change(m: Manager, planned: Planned, opts: DeployOptions,
 
 
 def _diff(plan: Plan) -> str:
-    chunks: list[str] = []
-    for f in plan.files:
-        before = plan.old.get(f.name)
-        if before == f.text:
-            continue
-        if f.secret:
-            chunks.append(f"--- {f.name} (secret, content not shown) changed\n")
-            continue
-        chunks.extend(difflib.unified_diff(
-            (before or "").splitlines(keepends=True), f.text.splitlines(keepends=True),
-            fromfile=f"a/{f.name}" if before is not None else "/dev/null", tofile=f"b/{f.name}"))
-    chunks.extend(f"--- {p.name} removed\n" for p in plan.stale)
-    return "".join(chunks)
+    return files_diff(plan.files, plan.old, plan.stale)
 
 
 def _write(plan: Plan, scope: str) -> None:

@@ -7,7 +7,6 @@ back when a changed instance does not become ready."""
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import os
 import pwd
@@ -20,7 +19,7 @@ from pathlib import Path
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, UnitgenError
 from unitgen.inunit.probe import attempt
 from unitgen.ops.allocate import HostAllocator, listeners
-from unitgen.ops.core import apply_changes, check_ours, is_ours, undo_changes
+from unitgen.ops.core import apply_changes, check_ours, files_diff, is_ours, undo_changes
 from unitgen.ops.pipeline import Planned, plan_paths
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.target import Target
@@ -177,19 +176,7 @@ def _plan(planned: Planned, target: Target, installed: dict[str, InstalledConf],
 
 
 def _diff(plan: Plan) -> str:
-    chunks: list[str] = []
-    for f in plan.files:
-        before = plan.old.get(f.name)
-        if before == f.text:
-            continue
-        if f.secret:
-            chunks.append(f"--- {f.name} (secret, content not shown) changed\n")
-            continue
-        chunks.extend(difflib.unified_diff(
-            (before or "").splitlines(keepends=True), f.text.splitlines(keepends=True),
-            fromfile=f"a/{f.name}" if before is not None else "/dev/null", tofile=f"b/{f.name}"))
-    chunks.extend(f"--- {p.name} removed\n" for p in plan.stale)
-    return "".join(chunks)
+    return files_diff(plan.files, plan.old, plan.stale)
 
 
 def _apply_groups(rpc: SupervisorRPC, groups: list[str],
