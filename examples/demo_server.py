@@ -19,6 +19,8 @@ STANDIN_HANG_AFTER     after answering this many requests, accept but never answ
 STANDIN_HANG_ONCE      with STANDIN_HANG_AFTER: a file created when the hang starts; a
                        server started while it exists does not hang (so a restart heals)
 STANDIN_EXIT_AFTER     exit with status 3 this many seconds after starting (a crash)
+STANDIN_UNLISTEN_AFTER close the listening socket this many seconds after starting and
+                       live on (a server whose HTTP layer died: its port is free)
 STANDIN_SLOW_PATH      requests to this path take STANDIN_SLOW_SECONDS (a long generation)
 STANDIN_STREAM_SECONDS stream answers to paths other than /health, /v1/models and /
                        over this many seconds (10 chunks, like tokens), then a last
@@ -188,7 +190,19 @@ def main() -> None:
             print("standin: crashing (STANDIN_EXIT_AFTER)", file=sys.stderr, flush=True)
             os._exit(3)
         threading.Thread(target=crash, daemon=True).start()
+    unlisten = os.environ.get("STANDIN_UNLISTEN_AFTER")
+    if unlisten:
+        def close_listener() -> None:
+            time.sleep(float(unlisten))
+            print("standin: closing the listener (STANDIN_UNLISTEN_AFTER)", file=sys.stderr,
+                  flush=True)
+            server.shutdown()
+            server.server_close()
+        threading.Thread(target=close_listener, daemon=True).start()
     server.serve_forever()
+    if unlisten:
+        while True:
+            time.sleep(3600)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,9 @@ def test_probe_sends_nothing_to_a_squatter_on_an_unprivileged_private_port(box, 
         squatter.kill()
         out = squatter.communicate(timeout=10)[0]
     assert done.returncode == 1, done.stdout + done.stderr
-    assert "GOT" not in out, f"the squatter received: {out}"
+    # the probe may connect (that is how it sees who is there), but sends nothing
+    got = [ln for ln in out.splitlines() if ln.startswith("GOT") and ln.strip() != "GOT"]
+    assert not got, f"the squatter received: {out}"
     assert "sk-squat-test" not in out
     # the server could not bind and died: the start failed long before the 60 s deadline
     assert took < 45, took

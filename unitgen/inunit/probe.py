@@ -14,10 +14,11 @@ Two guards make "ready" mean *this* server answered:
   main process exits, so a server that dies while loading (a bad flag, a
   missing model, CUDA out of memory) would leave the start waiting for the
   whole deadline. The probe watches that pid and fails within one poll.
-* ``--own-listener`` (private loopback TCP endpoints): before sending a byte
-  (the API key included), the probe checks that the process listening on the
-  target belongs to its own unit's cgroup, so a squatter that bound the
-  private port while the server was down gets nothing.
+* ``--own-listener`` (private loopback TCP endpoints): after connecting and
+  before sending a byte (the API key included), the probe checks that the
+  other end of *this* connection was created by its own uid, the server's
+  (:mod:`unitgen.inunit.peer`), so a squatter that bound the private port
+  while the server was down gets nothing, however briefly it listens.
 
 The deadline covers each attempt as a whole, not each read: a server that
 trickles one byte a second cannot keep the probe past it.
@@ -35,6 +36,7 @@ import socket
 import sys
 import time
 
+from unitgen.inunit.peer import foreign_peer
 from unitgen.timespan import format_seconds, parse_timespan
 
 __all__ = ["Attempt", "attempt", "main", "run"]
@@ -187,72 +189,13 @@ def _summary(status: int, reason: str, body: bytes) -> str:
 
 
 
-def _cgroup(pid: int | str) -> str | None:
-    """The whole /proc/PID/cgroup text: equal for processes of one unit, on a
-    pure cgroup2 host as on a hybrid one (where /sys/fs/cgroup is not v2)."""
-    try:
-        with open(f"/proc/{pid}/cgroup", encoding="utf-8") as fh:
-            return fh.read()
-    except OSError:
-        return None
-
-
-def _listener_inodes(host: str, port: int) -> set[str]:
-    """Socket inodes of TCP listeners on ``host:port`` (LISTEN state, /proc/net)."""
-    found: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, encoding="ascii") as fh:
-                rows = fh.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if len(cols) < 10 or cols[3] != "0A":  # 0A: LISTEN
-                continue
-            if int(cols[1].rpartition(":")[2], 16) == port:
-                found.add(cols[9])
-    return found
-
-
-def listener_outside_unit(target: str) -> str | None:
-    """For a loopback TCP target: why the process listening there is not part of
-    this probe's own unit (its cgroup), or None when it is.
-
-    Only processes of the probe's cgroup are inspected, so this needs no
-    privilege beyond the unit's own."""
-    host, _, port_text = target.rpartition(":")
-    inodes = _listener_inodes(host.strip("[]"), int(port_text))
-    if not inodes:
-        return None  # nobody listens: the connection will be refused anyway
-    mine = _cgroup("self")
-    if mine is None:
-        return "cannot read this process's cgroup"
-    pids = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cgroup(pid) == mine]
-    wanted = {f"socket:[{i}]" for i in inodes}
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
-                    return None
-            except OSError:
-                continue
-    return (f"{target} is held by a process outside this unit (not the server): "
-            "nothing was sent to it")
-
-
 def attempt(target: str, path: str, key: str | None, timeout: float = 5.0,
-            *, own_listener: bool = False) -> Attempt:
-    """Poll once within ``timeout`` seconds in all; never raises for network trouble."""
+            *, peer_uid: int | None = None) -> Attempt:
+    """Poll once within ``timeout`` seconds in all; never raises for network trouble.
+
+    With ``peer_uid``, a TCP connection whose other end another uid created
+    gets nothing (see :func:`unitgen.inunit.peer.foreign_peer`)."""
     deadline = time.monotonic() + timeout
-    if own_listener and not target.startswith("/"):
-        foreign = listener_outside_unit(target)
-        if foreign:
-            return Attempt("wait", foreign)
     lines = [f"GET {path} HTTP/1.1", "Host: localhost", "Connection: close",
              "User-Agent: unitgen-probe"]
     if key:
@@ -263,6 +206,10 @@ def attempt(target: str, path: str, key: str | None, timeout: float = 5.0,
             if sock.family != socket.AF_UNIX and not _is_local(sock):
                 return Attempt("wait", f"{target} is not an address of this machine: nothing "
                                        "was sent to it")
+            if peer_uid is not None:
+                foreign = foreign_peer(sock, peer_uid)
+                if foreign:
+                    return Attempt("wait", foreign)
             raw = _exchange(sock, request, deadline)
         status, reason, body = _parse(raw)
     except FileNotFoundError:
@@ -327,7 +274,7 @@ def run(
     interval: float = 0.05,
     progress_every: float = 5.0,
     main_pid: int | None = None,
-    own_listener: bool = False,
+    peer_uid: int | None = None,
 ) -> int:
     """Poll until ready (0) or the deadline, a fatal answer or the death of
     ``main_pid`` (1)."""
@@ -345,7 +292,7 @@ def run(
             return EXIT_NOT_READY
         left = deadline - time.monotonic()
         result = attempt(target, path, key, timeout=min(5.0, max(0.05, left)),
-                         own_listener=own_listener)
+                         peer_uid=peer_uid)
         now = time.monotonic()
         elapsed = now - start
         if result.outcome == "ready":
@@ -378,7 +325,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--main-pid", default="", help="fail at once when this process exits "
                    "(units pass $MAINPID)")
     p.add_argument("--own-listener", action="store_true", help="send nothing unless the "
-                   "listener of a TCP target is a process of the probe's own cgroup")
+                   "other end of a TCP connection was created by the probe's own uid (the "
+                   "server's: the probe runs in its unit)")
     return p
 
 
@@ -412,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return EXIT_NOT_READY
     return run(target, ns.path, timeout, key=key, label=ns.label, interval=interval,
-               progress_every=progress, main_pid=main_pid, own_listener=ns.own_listener)
+               progress_every=progress, main_pid=main_pid,
+               peer_uid=os.geteuid() if ns.own_listener else None)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import socket
 import time
 
 from unitgen.inunit.httpframes import ResponseFrames
+from unitgen.inunit.peer import foreign_peer
 from unitgen.inunit.swapproxy import Systemctl, log, notify
 from unitgen.timespan import format_seconds
 
@@ -21,6 +22,18 @@ __all__ = ["forward"]
 
 # A kept-alive connection quiet this long after its last answer is taken as idle.
 DRAIN_GRACE = 1.0
+
+
+def _uid_of(pid: int) -> int | None:
+    """The real uid of a process, from /proc (None: gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 class Conn:
@@ -53,6 +66,7 @@ class Forwarder:
         self.ready.set()  # the turn was taken: systemctl start returned with it ready
         self.failed = False
         self.last_activity = time.monotonic()
+        self.server_uid: int | None = None  # the running server's uid (peer check)
 
     async def _server_state(self) -> dict[str, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -82,6 +96,7 @@ class Forwarder:
                 pidfd = os.pidfd_open(pid)
             except OSError:
                 continue
+            self.server_uid = _uid_of(pid)
             self.ready.set()
             exited = asyncio.Event()
             loop.add_reader(pidfd, exited.set)
@@ -94,7 +109,17 @@ class Forwarder:
             log(f"the server (pid {pid}) exited; holding new connections until it is back")
             notify(f"server exited; waiting for its restart (swap group {self.ns.group})")
 
+    async def _expected_uid(self) -> int | None:
+        if self.server_uid is None:
+            state = await self._server_state()
+            pid = int(state.get("MainPID") or 0)
+            self.server_uid = _uid_of(pid) if pid else None
+        return self.server_uid
+
     async def connect_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the server. On a loopback port, one whose other end the
+        server's uid did not create (a process that bound the port while the
+        server restarts) is closed before a byte of the client's goes to it."""
         target: str = self.ns.target
         deadline = time.monotonic() + self.ns.connect_timeout
         while True:
@@ -102,12 +127,24 @@ class Forwarder:
                 if target.startswith("/"):
                     return await asyncio.open_unix_connection(target)
                 host, _, port = target.rpartition(":")
-                return await asyncio.open_connection(host.strip("[]"), int(port))
+                reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
             except (ConnectionRefusedError, FileNotFoundError):
                 # The server is restarting (crash, Restart=): wait for it.
                 if time.monotonic() >= deadline:
                     raise
                 await asyncio.sleep(0.1)
+                continue
+            uid = await self._expected_uid()
+            foreign = ("the server's uid is not known (it is not running)" if uid is None
+                       else foreign_peer(writer.get_extra_info("socket"), uid))
+            if not foreign:
+                return reader, writer
+            writer.close()
+            self.server_uid = None  # ask again: the server may have been restarted
+            log(f"not forwarding to {target}: {foreign}")
+            if time.monotonic() >= deadline:
+                raise ConnectionRefusedError(foreign)
+            await asyncio.sleep(0.1)
 
     async def handle(self, client: socket.socket, conn: Conn) -> None:
         writers: list[asyncio.StreamWriter] = []

@@ -59,17 +59,20 @@ def _say(line: str) -> None:
 
 
 def check_loop(target: str, path: str, bound: float, *, key: str | None = None,
-               label: str = "", rounds: int | None = None) -> None:
+               label: str = "", rounds: int | None = None, peer_uid: int | None = None) -> None:
     """Check every ``bound / 3`` seconds; feed the watchdog while the server answers.
 
-    ``rounds`` bounds the loop (tests); units run it until systemd stops them."""
+    ``rounds`` bounds the loop (tests); units run it until systemd stops them.
+    With ``peer_uid``, a check whose connection reached a socket of another uid
+    (a squatter on a free private port) sends nothing and counts as no answer,
+    so a squatter cannot feed the watchdog of a dead server either."""
     where = f"{label} {target}{path}".strip()
     interval = bound / CHECKS_PER_BOUND
     failures = 0
     done = 0
     while rounds is None or done < rounds:
         started = time.monotonic()
-        result = attempt(target, path, key, timeout=interval)
+        result = attempt(target, path, key, timeout=interval, peer_uid=peer_uid)
         done += 1
         if result.outcome in ("ready", "fatal"):
             # 401/403 is an answer: the server is alive, the key is the probe's business.
@@ -123,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key-env", default=None, help="variable holding the bearer key to send")
     p.add_argument("--label", default="", help="word printed before the target")
     p.add_argument("--foreground", action="store_true", help="do not detach")
+    p.add_argument("--own-listener", action="store_true", help="send nothing unless the "
+                   "other end of a TCP connection was created by this checker's own uid")
     return p
 
 
@@ -147,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
          "without an answer")
     if not ns.foreground and _detach():
         return 0
-    check_loop(ns.target, ns.path, bound, key=key, label=ns.label)
+    check_loop(ns.target, ns.path, bound, key=key, label=ns.label,
+               peer_uid=os.geteuid() if ns.own_listener else None)
     return 0
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "RenderContext",
     "RenderedFile",
     "SystemdTarget",
+    "confine_argv",
     "find_proxyd",
     "make_environment",
     "render_instance",
@@ -144,9 +145,15 @@ def _probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> l
         cmd += ["--key-env", inst.probe_key_env]
     if label == "private" and inst.private is not None and inst.private.kind == "tcp":
         # A loopback port is free while the server is down: send nothing (no key)
-        # to a listener that is not a process of this unit.
+        # to the other end of a connection that the server's uid did not create.
         cmd.append("--own-listener")
     return cmd
+
+
+def confine_argv(python: str, port: int, argv: list[str]) -> list[str]:
+    """The server's argv behind the bind confinement (:mod:`unitgen.inunit.confine`):
+    among privileged ports it may bind ``port`` only."""
+    return [python, "-I", "-m", "unitgen.inunit.confine", "--bind-port", str(port), "--", *argv]
 
 
 def _watch_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> list[str]:
@@ -158,6 +165,8 @@ def _watch_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> l
            "--path", inst.health_path, "--bound", format_seconds(bound), "--label", label]
     if inst.probe_key_env:
         cmd += ["--key-env", inst.probe_key_env]
+    if label == "private" and inst.private is not None and inst.private.kind == "tcp":
+        cmd.append("--own-listener")  # as the probe: a squatter gets no key, feeds no watchdog
     return cmd
 
 
@@ -348,6 +357,15 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
     addr = ipaddress.ip_address(inst.public.host)
     secret = bool(inst.secrets)
     hardening = _hardening_context(inst, ctx)
+    # a server run as another user needs the right to bind its privileged private port
+    bind_low_port = bool((spec.user or hardening["hardening"]) and inst.private is not None
+                         and inst.private.kind == "tcp" and inst.private.port < 1024)
+    argv = list(inst.argv)
+    if bind_low_port:
+        assert inst.private is not None  # noqa: S101 - bind_low_port says so
+        # ... and only that one: with the capability alone it could bind any
+        # privileged port, another instance's private port included
+        argv = confine_argv(ctx.python, inst.private.port, argv)
     common = {
         "source": Path(spec.source).name,
         "name": spec.name,
@@ -360,7 +378,7 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
         "wanted_by": "default.target" if ctx.scope == "user" else "multi-user.target",
         "start_timeout": format_seconds(inst.health_timeout + START_MARGIN),
         "secret_file": secret_path(spec.name) if secret else "",
-        "argv": list(inst.argv),
+        "argv": argv,
         "env": list(inst.env),
         "working_directory": spec.working_directory or "",
         "user": spec.user or "",
@@ -370,9 +388,7 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
         "service_extra": list(spec.systemd_service),
         "probe_public": _probe_cmd(ctx, inst, inst.public.probe_target(), "public"),
         "watch": _watch_cmd(ctx, inst, inst.public.probe_target(), "public"),
-        # a server run as another user needs the right to bind its privileged private port
-        "bind_low_port": bool((spec.user or hardening["hardening"]) and inst.private is not None
-                              and inst.private.kind == "tcp" and inst.private.port < 1024),
+        "bind_low_port": bind_low_port,
         **hardening,
         **_gpu_context(inst, ctx),
         "swap_group": spec.swap_group or "",

@@ -1,0 +1,88 @@
+"""The second security review (issue 17), system scope: a co-hosted model server
+(a unitgen instance of its own, hardened, run as its dynamic user with the
+CAP_NET_BIND_SERVICE it gets for its own private port) against another
+instance, on a real system manager (tests/nspawn.py). Failed on the code
+before the fix: the co-hosted server bound the other's private port."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.helpers import get, wait_for
+from tests.test_system_live import WRAPPER, backend_spec, box, deploy, remove
+
+pytestmark = pytest.mark.systemd
+
+__all__ = ["box"]  # the module-scoped container fixture, shared with the system tier
+
+ATTACKER = "/opt/unitgen-test/squat-then-serve"
+# Tries to bind the victim's private port (argv[1]) every 50 ms for 2 s, printing
+# what the kernel said and the capabilities it holds, then becomes the stand-in
+# server (so it passes its own readiness probe like any server).
+SQUAT_THEN_SERVE = f"""#!{sys.executable}
+import os, socket, sys, time
+port = int(sys.argv[1])
+caps = [ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("CapEff:")][0]
+print("SQUAT caps", caps, "uid", os.getuid(), flush=True)
+end = time.monotonic() + 2
+result = "never tried"
+while time.monotonic() < end:
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port)); s.listen(); result = "BOUND"; s.close(); break
+    except OSError as exc:
+        result = f"refused errno {{exc.errno}}"
+    s.close(); time.sleep(0.05)
+print("SQUAT", port, result, flush=True)
+os.execv("{WRAPPER}", ["{WRAPPER}", *sys.argv[2:]])
+"""
+
+
+@pytest.fixture
+def attacker(box) -> str:  # type: ignore[no-untyped-def]
+    box.put(ATTACKER, SQUAT_THEN_SERVE, 0o755)
+    return ATTACKER
+
+
+def private_port(box, name: str) -> int:  # type: ignore[no-untyped-def]
+    words = box.prop(f"{name}.service", "ExecStart").split()
+    return int(next(w for w in words if w.startswith("127.0.0.1:")).rsplit(":", 1)[1].rstrip(";"))
+
+
+def test_a_co_hosted_server_cannot_bind_another_instances_private_port(box, attacker):
+    victim, other = "sys-victim", "sys-cohost"
+    rc, data = deploy(box, victim, backend_spec("custom", victim))
+    try:
+        assert rc == 0, data
+        port = private_port(box, victim)
+        assert port < 1024
+        # the victim restarts (or is idle-stopped): its private port is free
+        box.run(["systemctl", "stop", f"{victim}.service", f"{victim}-backend.service"],
+                check=True)
+        text = (f'name = "{other}"\nbackend = "custom"\n'
+                f'command = ["{attacker}", "{port}", "--host", "{{host}}", "--port", "{{port}}"]\n'
+                '[health]\ntimeout = "60s"\n')
+        rc, data = deploy(box, other, text)
+        journal = box.journal(f"{other}-backend.service")
+        assert rc == 0, (data, journal)
+        squat = [ln for ln in journal.splitlines() if "SQUAT" in ln]
+        # it really is a sandboxed server holding the capability (else this proves nothing)
+        caps = next(ln for ln in squat if "caps" in ln)
+        assert int(caps.split("caps ")[1].split()[0], 16) & (1 << 10), caps
+        assert "uid 0" not in caps, caps
+        assert any(f"SQUAT {port} refused errno 13" in ln for ln in squat), journal
+        assert "confine: warning" not in journal, journal
+        # and the victim comes back on its own port
+        box.run(["systemctl", "start", f"{victim}.service"], check=True)
+        assert wait_for(lambda: box.prop(f"{victim}.service", "ActiveState") == "active", 60)
+        assert get(_public(box, victim), "/v1/models")[0] == 200
+    finally:
+        remove(box, other)
+        remove(box, victim)
+
+
+def _public(box, name: str) -> int:  # type: ignore[no-untyped-def]
+    listen = box.prop(f"{name}.socket", "Listen")
+    return int(listen.split()[0].rsplit(":", 1)[1])
