@@ -41,12 +41,12 @@ os.execv("{WRAPPER}", ["{WRAPPER}", *sys.argv[2:]])
 
 
 @pytest.fixture
-def attacker(box) -> str:  # type: ignore[no-untyped-def]
+def attacker(box) -> str:
     box.put(ATTACKER, SQUAT_THEN_SERVE, 0o755)
     return ATTACKER
 
 
-def private_port(box, name: str) -> int:  # type: ignore[no-untyped-def]
+def private_port(box, name: str) -> int:
     words = box.prop(f"{name}.service", "ExecStart").split()
     return int(next(w for w in words if w.startswith("127.0.0.1:")).rsplit(":", 1)[1].rstrip(";"))
 
@@ -83,6 +83,6 @@ def test_a_co_hosted_server_cannot_bind_another_instances_private_port(box, atta
         remove(box, victim)
 
 
-def _public(box, name: str) -> int:  # type: ignore[no-untyped-def]
+def _public(box, name: str) -> int:
     listen = box.prop(f"{name}.socket", "Listen")
     return int(listen.split()[0].rsplit(":", 1)[1])
