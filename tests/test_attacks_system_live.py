@@ -86,3 +86,31 @@ def test_a_co_hosted_server_cannot_bind_another_instances_private_port(box, atta
 def _public(box, name: str) -> int:
     listen = box.prop(f"{name}.socket", "Listen")
     return int(listen.split()[0].rsplit(":", 1)[1])
+
+
+def test_hardened_swap_proxies_take_turns_at_system_scope(box):
+    # the proxy units are sandboxed now (root without capabilities, read-only
+    # system, no kernel access): the swap proxy must still take turns through
+    # the manager, hold the group's lock and reach its server (Unix and TCP)
+    names = {"sys-swap-u": "vllm", "sys-swap-t": "custom"}
+    try:
+        ports = {}
+        for name, backend in names.items():
+            text = backend_spec(backend, name).replace(
+                "[health]", 'activation = "on-demand"\nswap_group = "sysg"\n'
+                            'swap_drain = "10s"\n[health]')
+            rc, data = deploy(box, name, text)
+            assert rc == 0, data
+            ports[name] = int(data["instances"][0]["public"].rsplit(":", 1)[1])
+            assert "CapabilityBoundingSet" in box.run(
+                ["cat", f"/etc/systemd/system/{name}.service"]).stdout
+        for _ in range(2):
+            for name in names:
+                code, body = get(ports[name], "/v1/models", timeout=60)
+                assert code == 200, (body, box.journal(f"{name}.service"))
+                others = [n for n in names if n != name]
+                assert all(box.prop(f"{o}-backend.service", "ActiveState") != "active"
+                           for o in others), "two members loaded at once"
+    finally:
+        for name in names:
+            remove(box, name)

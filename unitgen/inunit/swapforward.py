@@ -24,16 +24,11 @@ __all__ = ["forward"]
 DRAIN_GRACE = 1.0
 
 
-def _uid_of(pid: int) -> int | None:
-    """The real uid of a process, from /proc (None: gone)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+def _uid_of(state: dict[str, str]) -> int:
+    """The uid the server runs as: systemd's ``UID`` of its unit (a dynamic user's
+    too), or, where the unit sets none, the manager's own (root, or the user)."""
+    uid = state.get("UID", "")
+    return int(uid) if uid.isdigit() else os.getuid()
 
 
 class Conn:
@@ -71,7 +66,7 @@ class Forwarder:
     async def _server_state(self) -> dict[str, str]:
         proc = await asyncio.create_subprocess_exec(
             *self.ctl.base, "show", f"{self.ns.name}-backend.service", "-pActiveState",
-            "-pMainPID", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+            "-pMainPID", "-pUID", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
         out, _ = await proc.communicate()
         return dict(line.partition("=")[::2] for line in out.decode().splitlines())
 
@@ -96,7 +91,7 @@ class Forwarder:
                 pidfd = os.pidfd_open(pid)
             except OSError:
                 continue
-            self.server_uid = _uid_of(pid)
+            self.server_uid = _uid_of(state)
             self.ready.set()
             exited = asyncio.Event()
             loop.add_reader(pidfd, exited.set)
@@ -112,8 +107,8 @@ class Forwarder:
     async def _expected_uid(self) -> int | None:
         if self.server_uid is None:
             state = await self._server_state()
-            pid = int(state.get("MainPID") or 0)
-            self.server_uid = _uid_of(pid) if pid else None
+            active = state.get("ActiveState") == "active" and int(state.get("MainPID") or 0)
+            self.server_uid = _uid_of(state) if active else None
         return self.server_uid
 
     async def connect_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -413,6 +413,7 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
             "probe_private": _probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
             "watch": _watch_cmd(ctx, inst, inst.private.probe_target(), "private"),
             "runtime_dir": runtime_subdir(spec.name) if RUNTIME_DIR in inst.private.path else "",
+            "proxy_reaches_socket_file": inst.private.kind == "unix",
             # a server killed with -9 leaves its socket file, and llama-server then
             # cannot bind it: the next start removes it first
             "clean_socket": (["/bin/rm", "-f", inst.private.path]
