@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.helpers import STANDIN, get, wait_for
-from unitgen.inunit.supwrap import listener_pid, read_env_file
+from unitgen.inunit.supwrap import UnsafeFileError, listener_pid, own_directory, read_env_file
 
 WRAP = [sys.executable, "-m", "unitgen.inunit.supwrap"]
 
@@ -31,6 +33,7 @@ def test_exec_fd3_env_file_and_same_pid(tmp_path):
     record = tmp_path / "rec.json"
     secret = tmp_path / "x.env"
     secret.write_text("MY_KEY=k=with=equals and spaces\n")
+    secret.chmod(0o600)  # as deploy writes it: the wrapper refuses a file others can read
     env = {**os.environ, "STANDIN_RECORD": str(record)}
     proc = subprocess.Popen([*WRAP, "exec", "--fd3", "--env-file", str(secret),
                              "--mkdir", str(tmp_path / "run" / "d"), "--",
@@ -100,7 +103,51 @@ def test_listener_pid_finds_tcp_and_unix_servers(tmp_path):
 def test_env_file_format(tmp_path):
     path = tmp_path / "e.env"
     path.write_text("A=1\n# comment\n\nB==x\n")
+    path.chmod(0o600)
     assert read_env_file(str(path)) == {"A": "1", "B": "=x"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the checks are root's: as another user it reads as itself")
+def test_root_reads_only_a_secret_file_of_its_own(tmp_path):
+    # issue 17, item 5: a secret file the server's user owned (0.x handed it over)
+    # let that user append PYTHONPATH=... and run code as root on the next start
+    path = tmp_path / "e.env"
+    path.write_text("A=1\n")
+    path.chmod(0o600)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(UnsafeFileError, match="not root's alone"):
+        read_env_file(str(path))
+    os.chown(path, 0, 0)
+    path.chmod(0o640)
+    with pytest.raises(UnsafeFileError, match="readable by others"):
+        read_env_file(str(path))
+    link = tmp_path / "l.env"
+    link.symlink_to(path)
+    with pytest.raises(OSError):
+        read_env_file(str(link))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_root_never_hands_a_linked_run_directory_to_a_user(tmp_path):
+    # issue 17, item 3: unitgen-NAME -> /etc planted by the user made /etc theirs
+    victim = tmp_path / "etc-stand-in"
+    victim.mkdir()
+    (victim / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    (run / "unitgen-x").symlink_to(victim)
+    with pytest.raises(OSError):
+        own_directory(str(run / "unitgen-x"), 65534, 65534)
+    assert victim.stat().st_uid == 0 and victim.lstat().st_uid == 0
+    # and a run directory another user can write is refused before anything is made
+    os.chmod(run, 0o777)
+    with pytest.raises(UnsafeFileError, match="not root's alone"):
+        own_directory(str(run / "unitgen-y"), 65534, 65534)
+    assert not (run / "unitgen-y").exists()
+    os.chmod(run, 0o755)
+    own_directory(str(run / "unitgen-z"), 65534, 65534)
+    st = (run / "unitgen-z").stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (65534, 0o700)
 
 
 def test_usage_errors():

@@ -1,9 +1,16 @@
 """Small wrappers that supervisord runs (the supervisor target has no unit
 directives for these jobs). Standard library only.
 
-``exec``: prepare and exec the server, keeping its pid.
-    --mkdir DIR       create the directory of its private Unix socket (mode 0700)
-    --env-file FILE   add KEY=VALUE lines (the API key: never in a conf file or argv)
+``exec``: prepare and exec the server, keeping its pid. supervisord runs it as
+root; it becomes the server's user only after the steps that need root:
+    --mkdir DIR       create the directory of its private Unix socket (mode 0700,
+                      owned by --user), never following a link; DIR's parent must
+                      be writable by root only
+    --env-file FILE   add KEY=VALUE lines (the API key: never in a conf file or
+                      argv); FILE must be root's, mode 0600 (read before --user)
+    --user NAME       run the server as this user (its groups), for good
+    --bind-port N     the server's privileged private port: with --user it keeps
+                      CAP_NET_BIND_SERVICE, and binds no other privileged port
     --fd3             the socket supervisord passed as fd 0 becomes fd 3 with
                       LISTEN_FDS=1 and LISTEN_PID (what systemd would pass)
     --fd3-from PATH   the same with the socket received from ``hold --serve PATH``
@@ -32,13 +39,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pwd
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 from types import FrameType
 
+from unitgen.inunit.confine import confine_binds, drop_to_user
 from unitgen.inunit.probe import attempt
 
 __all__ = ["main"]
@@ -46,15 +56,75 @@ __all__ = ["main"]
 EXIT_USAGE = 2
 
 
+class UnsafeFileError(OSError):
+    """A file or directory root uses could be changed by someone else."""
+
+
+def _refuse_foreign(st: os.stat_result, path: str) -> None:
+    """Root acts on ``path`` only when nobody but root can change it."""
+    if os.geteuid() != 0:
+        return  # a non-root supervisord: it can only act as itself anyway
+    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeFileError(f"{path} is not root's alone (owner uid {st.st_uid}, mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}): refusing to use it as root")
+
+
 def read_env_file(path: str) -> dict[str, str]:
-    """``KEY=VALUE`` lines (written by unitgen; values are single lines)."""
+    """``KEY=VALUE`` lines (written by unitgen; values are single lines). Run as
+    root, the file must be root's and readable by root only: whoever could
+    write it (``PYTHONPATH=...``) would run code as the server."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, encoding="utf-8") as fh:
+        st = os.fstat(fd)
+        _refuse_foreign(st, path)
+        if os.geteuid() == 0 and st.st_mode & 0o077:
+            raise UnsafeFileError(f"{path} is readable by others (mode "
+                                  f"{stat.S_IMODE(st.st_mode):04o}, want 0600)")
+        text = fh.read()
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh.read().split("\n"):
-            if line and not line.startswith("#"):
-                key, _, value = line.partition("=")
-                out[key] = value
+    for line in text.split("\n"):
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value
     return out
+
+
+def own_directory(path: str, uid: int, gid: int) -> None:
+    """Create ``path`` (mode 0700) for ``uid``/``gid``, or take it over: never
+    through a symlink (a link planted there would make root hand its target,
+    /etc say, to the user), and only inside a directory root alone can write."""
+    parent = os.path.dirname(path.rstrip("/")) or "/"
+    os.makedirs(parent, mode=0o755, exist_ok=True)
+    _refuse_foreign(os.stat(parent), parent)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.geteuid() == 0:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _user(name: str | None) -> tuple[int, int, list[int]]:
+    """uid, gid and groups of ``name``; this process's own without a name."""
+    if not name:
+        return os.getuid(), os.getgid(), os.getgroups()
+    entry = pwd.getpwnam(name)
+    return entry.pw_uid, entry.pw_gid, os.getgrouplist(name, entry.pw_gid)
+
+
+def _become(name: str | None, bind_port: int | None) -> None:
+    """Drop to ``name`` for good (keeping only the right to bind ``bind_port``),
+    then confine binds to that one privileged port."""
+    if name and os.geteuid() == 0:
+        uid, gid, groups = _user(name)
+        drop_to_user(uid, gid, groups, keep_bind=bind_port is not None)
+    if bind_port is not None:
+        why = confine_binds([bind_port])
+        if why:
+            print(f"unitgen supwrap: warning: {why}", file=sys.stderr, flush=True)
 
 
 def _fd0_to_fd3(env: dict[str, str]) -> None:
@@ -88,10 +158,20 @@ def receive_socket(path: str, timeout: float = 30.0) -> int:
 
 def _exec(ns: argparse.Namespace) -> int:
     env = dict(os.environ)
-    if ns.mkdir:
-        os.makedirs(ns.mkdir, mode=0o700, exist_ok=True)
-    if ns.env_file:
-        env.update(read_env_file(ns.env_file))
+    try:
+        uid, gid, _ = _user(ns.user)
+        if ns.mkdir:
+            own_directory(ns.mkdir, uid, gid)
+        if ns.env_file:
+            env.update(read_env_file(ns.env_file))
+        _become(ns.user, ns.bind_port)
+    except (OSError, KeyError) as exc:
+        why = exc.strerror or str(exc) if isinstance(exc, OSError) else f"no such user {exc}"
+        print(f"unitgen supwrap: {why}; not starting the server", file=sys.stderr)
+        return 1
+    if ns.user:
+        entry = pwd.getpwnam(ns.user)
+        env.update(HOME=entry.pw_dir, USER=ns.user, LOGNAME=ns.user)
     if ns.fd3_from:
         try:
             fd = receive_socket(ns.fd3_from)
@@ -135,14 +215,23 @@ def _accepting(target: str) -> bool:
 
 
 def _hold(ns: argparse.Namespace) -> int:
-    os.makedirs(os.path.dirname(ns.serve), mode=0o700, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(ns.serve)
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(ns.serve)
-    os.chmod(ns.serve, 0o600)
-    server.listen(16)
-    public = socket.socket(fileno=os.dup(0))
+    try:
+        uid, gid, _ = _user(ns.user)
+        own_directory(os.path.dirname(ns.serve), uid, gid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ns.serve)
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(ns.serve)
+        os.chmod(ns.serve, 0o600)
+        if os.geteuid() == 0:
+            os.chown(ns.serve, uid, gid, follow_symlinks=False)
+        server.listen(16)
+        public = socket.socket(fileno=os.dup(0))
+        _become(ns.user, None)  # it only hands the socket on: no root needed for that
+    except (OSError, KeyError) as exc:
+        why = exc.strerror or str(exc) if isinstance(exc, OSError) else f"no such user {exc}"
+        print(f"unitgen hold: {why}", file=sys.stderr)
+        return 1
 
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise SystemExit(0)
@@ -250,9 +339,17 @@ def _say(line: str) -> None:
 
 def _proxy(ns: argparse.Namespace) -> int:
     key = None
-    if ns.key_env:
-        key = read_env_file(ns.env_file).get(ns.key_env) if ns.env_file else None
-        key = key or os.environ.get(ns.key_env)
+    try:
+        if ns.key_env:
+            key = read_env_file(ns.env_file).get(ns.key_env) if ns.env_file else None
+            key = key or os.environ.get(ns.key_env)
+        # the server's uid: a connection to the private port whose other end
+        # another uid created (a squatter in a restart gap) gets no byte
+        server_uid = _user(ns.server_user)[0] if ns.server_user else os.geteuid()
+    except (OSError, KeyError) as exc:
+        why = exc.strerror or str(exc) if isinstance(exc, OSError) else f"no such user {exc}"
+        _say(f"{why}; not starting")
+        return 1
     child = 0
     stopping = False
 
@@ -267,7 +364,7 @@ def _proxy(ns: argparse.Namespace) -> int:
         started = time.monotonic()
         last = ""
         while not stopping:
-            result = attempt(ns.private, ns.path, key, timeout=5.0)
+            result = attempt(ns.private, ns.path, key, timeout=5.0, peer_uid=server_uid)
             if result.outcome == "ready":
                 break
             if result.detail != last:
@@ -316,14 +413,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--env-file")
     e.add_argument("--fd3", action="store_true")
     e.add_argument("--fd3-from")
+    e.add_argument("--user")
+    e.add_argument("--bind-port", type=int)
     h = sub.add_parser("hold", help="hold fd 0 and hand it to the server (socket activation)")
     h.add_argument("--serve", required=True)
+    h.add_argument("--user")
     x = sub.add_parser("proxy", help="hold fd 0, wait for the server, run the proxy on it")
     x.add_argument("--private", required=True)
     x.add_argument("--path", default="/health")
     x.add_argument("--key-env")
     x.add_argument("--env-file")
     x.add_argument("--interval", type=float, default=0.1)
+    x.add_argument("--server-user", help="the user the server runs as (default: this one)")
     return p
 
 

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import pwd
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,14 +24,10 @@ from unitgen.ops.core import apply_changes, check_ours, files_diff, is_ours, und
 from unitgen.ops.pipeline import Planned, plan_paths
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.target import Target
+from unitgen.ops.trust import check_trusted
 from unitgen.plan.instance import Instance
 from unitgen.result import Result
-from unitgen.spec.model import InstanceSpec
-from unitgen.spec.ports import (
-    DEFAULT_PORT_RANGE,
-    PRIVATE_PORT_RANGE,
-    UNPRIVILEGED_PRIVATE_PORT_RANGE,
-)
+from unitgen.spec.ports import DEFAULT_PORT_RANGE
 from unitgen.targets.supervisor.installed import InstalledConf, require, scan
 from unitgen.targets.supervisor.render import (
     ConfFile,
@@ -139,13 +136,6 @@ def _lock(conf_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _private_range(spec: InstanceSpec) -> tuple[int, int]:
-    """supervisord starts a program as ``user =`` with no capabilities, so such a
-    server cannot bind a privileged private port; others get one (only root, as
-    supervisord runs, can then serve it: see PRIVATE_PORT_RANGE)."""
-    return UNPRIVILEGED_PRIVATE_PORT_RANGE if spec.user else PRIVATE_PORT_RANGE
-
-
 def _plan(planned: Planned, target: Target, installed: dict[str, InstalledConf],
           foreign: set[str]) -> Plan:
     """What deploying one planned instance changes on disk (and refusals of
@@ -172,7 +162,19 @@ def _plan(planned: Planned, target: Target, installed: dict[str, InstalledConf],
     secret = target.secrets_dir / secret_name(spec.name)
     if secret_name(spec.name) not in paths and secret.exists():
         stale.append(secret)
+    elif secret_name(spec.name) in paths and not _root_only(secret):
+        # a secret file someone else owns or may read (0.x handed it to the user)
+        # is written again, root's and 0600: the wrapper refuses any other
+        old[secret_name(spec.name)] = None
     return Plan(inst, files, paths, old, installed.get(spec.name), stale)
+
+
+def _root_only(path: Path) -> bool:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return True
+    return not stat.S_ISLNK(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
 def _diff(plan: Plan) -> str:
@@ -254,11 +256,16 @@ def deploy(paths: list[Path], target: Target, opts: Options) -> Result:
     same pipeline as the systemd target (unitgen.ops.pipeline): every problem of
     every file before supervisord is contacted or a file changes."""
     outcomes: list[Outcome] = []
+    if os.geteuid() == 0 and not opts.dry_run:
+        # supervisord runs unitgen's wrappers as root
+        check_trusted(target.ctx.python)
     _mkdir(target.conf_dir)
+    _check_run_dir(Path(target.ctx.run_dir))
     with _lock(target.conf_dir):
         installed = scan(target.conf_dir)
-        alloc = HostAllocator("system", installed, listeners(), opts.port_range,
-                              private_range=_private_range)
+        # private ports are privileged: supervisord runs as root, and the wrapper
+        # gives a server run as ``user`` the right to bind its own one only
+        alloc = HostAllocator("system", installed, listeners(), opts.port_range)
         planned = plan_paths(paths, SupervisorTarget(target.ctx), alloc,
                              unplaceable=alloc.unplaceable)
         rpc = target.rpc(timeout=None)
@@ -275,12 +282,12 @@ def deploy(paths: list[Path], target: Target, opts: Options) -> Result:
                                         notices=_notices(p.inst)))
             return _result(outcomes, dry_run=True)
         written: list[tuple[Plan, list[tuple[Path, str | None]]]] = []
-        _mkdir(Path(target.ctx.log_dir))  # supervisord does not create log directories
+        _log_dir(Path(target.ctx.log_dir))
         try:
             for p in plans:
                 if p.changed:
+                    _check_user(p.inst)
                     written.append((p, apply_changes(p.changes())))
-                    _hand_to_user(p, target)
             diff = rpc.reload_config()
         except UnitgenError:
             for _, undo in reversed(written):
@@ -292,28 +299,43 @@ def deploy(paths: list[Path], target: Target, opts: Options) -> Result:
     return _result(outcomes, dry_run=False)
 
 
-def _hand_to_user(p: Plan, target: Target) -> None:
-    """supervisord drops to ``user =`` before it execs the wrapper: that user must
-    read its secret file and create its socket directory."""
-    user = p.inst.spec.user
-    if user is None or os.geteuid() != 0:
+def _check_user(inst: Instance) -> None:
+    """The wrapper runs the server as ``user``: it must exist here."""
+    user = inst.spec.user
+    if user is None:
         return
     try:
-        entry = pwd.getpwnam(user)
+        pwd.getpwnam(user)
     except KeyError:
-        raise UnitgenError(f"{p.inst.spec.source}: user: no such user {user!r}") from None
-    secret = target.secrets_dir / secret_name(p.name)
-    run = Path(target.ctx.run_dir)
+        raise UnitgenError(f"{inst.spec.source}: user: no such user {user!r}") from None
+
+
+def _check_run_dir(run: Path) -> None:
+    """Root makes each instance's runtime directory in ``run`` and hands it to the
+    server's user: a ``run`` another user can write would let them plant a link
+    there (``unitgen-NAME -> /etc``), so it is refused."""
     try:
-        if secret.exists():
-            os.chown(secret, entry.pw_uid, entry.pw_gid)
         run.mkdir(parents=True, exist_ok=True, mode=0o755)
-        mine = run / f"unitgen-{p.name}"
-        mine.mkdir(exist_ok=True, mode=0o700)
-        os.chown(mine, entry.pw_uid, entry.pw_gid)
+        st = run.stat()
     except OSError as exc:
-        raise UnitgenError(f"cannot hand files to user {user}: {exc.strerror} "
-                           f"({exc.filename})") from None
+        raise UnitgenError(f"cannot create {run}: {exc.strerror}") from None
+    if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        raise UnitgenError(f"the run directory {run} can be written by a user other than root "
+                           f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); root "
+                           "makes each instance's socket directory there: use a directory only "
+                           "root can write (UNITGEN_SUPERVISOR_RUN_DIR; docs/supervisor.md)")
+
+
+def _log_dir(directory: Path) -> None:
+    """supervisord does not create log directories. The servers' logs can hold
+    prompts (vLLM's request log): the directory is root's alone (0700)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = directory.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            directory.chmod(0o700)
+    except OSError as exc:
+        raise UnitgenError(f"cannot create {directory}: {exc.strerror}") from None
 
 
 def _mkdir(directory: Path) -> None:
@@ -344,6 +366,12 @@ def _activate(rpc: SupervisorRPC, p: Plan, undo: list[tuple[Path, str | None]] |
                 rpc.fault_code("startProcessGroup", group, False)
     else:
         out.action = "updated" if p.installed else "created"
+        if any(f.secret for f in p.changed_files):
+            # only the secret file changed (a rotated key): supervisord sees no
+            # change, yet the server and the proxy read the file at start
+            added, changed, removed = diff
+            diff = (added, sorted({*changed, *(g for g in p.groups if g not in added)}),
+                    removed)
         _apply_groups(rpc, p.all_groups, diff)
     if not opts.wait:
         opts.say(f"{p.name}: started; not waiting (--no-wait)")

@@ -197,6 +197,9 @@ def render_instance(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
 
     secret = bool(inst.secrets)
     secret_file = f"{ctx.secrets_dir}/{secret_name(spec.name)}" if secret else ""
+    # supervisord runs every program as root; the wrapper reads the root-owned
+    # secret file and makes the runtime directory, then becomes ``user`` (never
+    # supervisord's own user= line: that would run the wrapper as the user)
     wrap: list[str] = []
     if inst.private is not None and RUNTIME_DIR in inst.private.path:
         wrap += ["--mkdir", f"{ctx.run_dir}/{runtime_subdir(spec.name)}"]
@@ -205,6 +208,10 @@ def render_instance(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
     hold_path = f"{ctx.run_dir}/{runtime_subdir(spec.name)}/listen.sock"
     if inst.private is None:
         wrap += ["--fd3-from", hold_path]
+    if spec.user:
+        wrap += ["--user", spec.user]
+    if inst.private is not None and inst.private.kind == "tcp" and inst.private.port < 1024:
+        wrap += ["--bind-port", str(inst.private.port)]
     server = " ".join(server_words)
     if wrap:
         head = [ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "exec", *wrap, "--"]
@@ -214,7 +221,8 @@ def render_instance(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
     private = ""
     if inst.private is None:
         proxy = escape.command_line([ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "hold",
-                                     "--serve", hold_path])
+                                     "--serve", hold_path, *(["--user", spec.user]
+                                                             if spec.user else [])])
     else:
         target = _runtime(inst.private.probe_target(), ctx)
         private = _runtime(inst.private.listen(), ctx)
@@ -222,6 +230,8 @@ def render_instance(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
                "--private", target, "--path", inst.health_path]
         if inst.probe_key_env:
             cmd += ["--key-env", inst.probe_key_env, "--env-file", secret_file]
+        if spec.user:
+            cmd += ["--server-user", spec.user]
         cmd += ["--", ctx.proxyd, f"--connections-max={spec.max_connections}", private]
         proxy = escape.command_line(cmd)
 
