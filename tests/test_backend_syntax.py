@@ -120,6 +120,17 @@ def test_port_spellings_are_adopted(backend, args):
     assert inst.public.port == 9000 and "9000" not in inst.argv
 
 
+@pytest.mark.parametrize("variable", ["LLAMA_ARG_SSL_KEY_FILE", "LLAMA_ARG_SSL_CERT_FILE"])
+def test_llama_server_tls_variables_are_refused_like_its_options(variable):
+    """common/arg.cpp reads --ssl-key-file from LLAMA_ARG_SSL_KEY_FILE too."""
+    text = ('name = "k"\nbackend = "llama-server"\nmodel = "m"\n'
+            f'env = {{ {variable} = "/etc/k.pem" }}\n')
+    with pytest.raises(SpecError) as info:
+        resolve(parse_spec(text, "k.toml"))
+    assert [p.key for p in info.value.problems] == [f"env.{variable}"]
+    assert "TLS" in info.value.problems[0].message
+
+
 def test_gpu_defaults_see_an_underscore_spelling(tmp_path):
     """llama-server reads --n_gpu_layers as --n-gpu-layers: no default is added."""
     files = render(tmp_path, "llama-server", ["--n_gpu_layers", "20"],

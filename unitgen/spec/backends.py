@@ -35,6 +35,7 @@ class Backend:
     key_flags: tuple[str, ...] = ("--api-key",)
     key_env: str | None = None  # variable the server reads its key from; None: argv only
     refused_flags: tuple[tuple[str, str], ...] = ()  # (flag, why)
+    refused_env: tuple[tuple[str, str], ...] = ()  # (variable, why): the same options, by variable
     syntax: OptionSyntax = EXACT  # how its parser reads option words: every scan uses it
     loading: str = ""  # how it behaves while loading, for messages and docs
     gpu_defaults: str = ""  # "tensor-parallel" or "offload-layers"
@@ -90,6 +91,7 @@ BACKENDS: dict[str, Backend] = {
                                    "--api-key and unitgen keeps it in a secret file"),
                 ("--ssl-key-file", _TLS_WHY), ("--ssl-cert-file", _TLS_WHY),
             ),
+            refused_env=(("LLAMA_ARG_SSL_KEY_FILE", _TLS_WHY), ("LLAMA_ARG_SSL_CERT_FILE", _TLS_WHY)),
             syntax=LLAMA_CPP, loading="503 {\"error\":\"Loading model\"} until loaded",
             gpu_defaults="offload-layers",
         ),

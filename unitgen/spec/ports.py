@@ -144,6 +144,10 @@ def resolve_listen(
     for flag, why in backend.refused_flags:
         for f in find_options(args, (flag,), syntax):
             problem("args", f"{f.shown()} is not supported: {why}")
+    env_names = dict(env)
+    for var, why in backend.refused_env:
+        if var in env_names:
+            problem(f"env.{var}", f"is not supported: {why}")
     for f in find_options(args, backend.endpoint_flags, syntax):
         problem("args", f"{f.shown()} is not allowed: the server's own endpoint belongs to "
                         "unitgen (it listens privately and the socket owns the public port)")
@@ -151,7 +155,6 @@ def resolve_listen(
     port_hits = find_options(args, backend.port_flags, syntax)
     host_hits = find_options(args, backend.host_flags, syntax)
     kept_args = remove_found(args, port_hits + host_hits)
-    env_names = dict(env)
     port_vars = [(k, env_names[k]) for k in backend.port_env if k in env_names]
     host_vars = [(k, env_names[k]) for k in backend.host_env if k in env_names]
     drop_env = {k for k, _ in port_vars + host_vars}
