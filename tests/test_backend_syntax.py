@@ -80,6 +80,14 @@ def test_llama_server_takes_the_next_word_as_the_key_even_with_a_dash(tmp_path):
         KEY = saved
 
 
+def test_vllm_several_keys_are_refused_and_none_is_left_in_argv():
+    """vLLM's --api-key takes one or more keys (nargs="+"); one secret file
+    variable holds one, so unitgen refuses rather than leave the rest behind."""
+    out = refused("vllm", ["--api-key", KEY, "sk-second-key"])
+    assert any("one key" in m for m in out), out
+    assert all(KEY not in m and "sk-second-key" not in m for m in out)
+
+
 @pytest.mark.parametrize(("backend", "args"), [
     ("sglang", ["--api_key", KEY]),  # argparse does not read it: the server would not start
     ("llama-box", ["--api_key", KEY]),

@@ -365,7 +365,11 @@ def _take_api_key(
         kept = tuple((k, v) for k, v in env if k != spec.api_key_env)
         return args, kept, ((spec.api_key_env, values[0]),), spec.api_key_env
 
-    hits = find_options(args, backend.key_flags, backend.syntax)
+    hits = find_options(args, backend.key_flags, backend.syntax, many=backend.key_many)
+    if any(h.more for h in hits):
+        problem("args", f"{hits[0].spelled} is given several keys; unitgen keeps one key in the "
+                        f"secret file ({backend.key_env}): give one")
+        return args, env, (), None
     claims = [("args", h.shown(), h.value) for h in hits]
     if backend.key_env:
         claims += [(f"env.{k}", k, v) for k, v in env if k == backend.key_env]

@@ -34,6 +34,7 @@ class Backend:
     host_env: tuple[str, ...] = ()
     key_flags: tuple[str, ...] = ("--api-key",)
     key_env: str | None = None  # variable the server reads its key from; None: argv only
+    key_many: bool = False  # the key option takes several keys (vLLM: nargs="+")
     refused_flags: tuple[tuple[str, str], ...] = ()  # (flag, why)
     refused_env: tuple[tuple[str, str], ...] = ()  # (variable, why): the same options, by variable
     syntax: OptionSyntax = EXACT  # how its parser reads option words: every scan uses it
@@ -69,7 +70,7 @@ BACKENDS: dict[str, Backend] = {
         Backend(
             name="vllm", program="vllm", prefix=("serve",), model_flag=None,
             health_path="/health", unix_flag="--uds", host_flag="--host", port_flag="--port",
-            endpoint_flags=("--uds",), key_env="VLLM_API_KEY",
+            endpoint_flags=("--uds",), key_env="VLLM_API_KEY", key_many=True,
             refused_flags=(("--ssl-keyfile", _TLS_WHY), ("--ssl-certfile", _TLS_WHY)),
             syntax=VLLM_ARGS, loading="connection refused until loaded",
             gpu_defaults="tensor-parallel",
