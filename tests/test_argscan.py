@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from unitgen.spec.argscan import Found, find_options, remove_found
+from unitgen.spec.argscan import EXACT, Found, OptionSyntax, find_options, remove_found
+
+PREFIXES = OptionSyntax(abbrev=True)
 
 FLAGS = ("--port", "-p")
 
@@ -24,11 +26,12 @@ FLAGS = ("--port", "-p")
     # nothing after a -- terminator is an option
     (("--", "--port", "1"), False, []),
     (("a", "--", "--port", "1"), True, []),
-    # argparse prefixes: from four characters, only where the parser allows them
+    # argparse prefixes, only where the parser allows them; any length, since
+    # argparse refuses an ambiguous one (vox-box's only option starting --p is --port)
     (("--por", "1"), True, [Found("--port", "--por", "1", 0, 2)]),
     (("--po=1",), True, [Found("--port", "--po=1", "1", 0, 1)]),
     (("--por", "1"), False, []),
-    (("--p", "1"), True, []),
+    (("--p", "1"), True, [Found("--port", "--p", "1", 0, 2)]),
     (("--portx", "1"), True, []),
     (("-", "1"), True, []),
     # the option's value is never read as an option itself
@@ -36,12 +39,12 @@ FLAGS = ("--port", "-p")
                                    Found("--port", "--port", None, 1, 1)]),
 ])
 def test_find_options(argv, abbrev, found):
-    assert find_options(argv, FLAGS, abbrev=abbrev) == found
+    assert find_options(argv, FLAGS, PREFIXES if abbrev else EXACT) == found
 
 
 def test_the_first_matching_flag_is_named():
-    assert find_options(("--host", "h"), ("--host", "--ho"), abbrev=True)[0].flag == "--host"
-    assert find_options(("--hos", "h"), ("--host", "--hostname"), abbrev=True)[0].flag == "--host"
+    assert find_options(("--host", "h"), ("--host", "--ho"), PREFIXES)[0].flag == "--host"
+    assert find_options(("--hos", "h"), ("--host", "--hostname"), PREFIXES)[0].flag == "--host"
 
 
 @pytest.mark.parametrize(("found", "shown"), [
@@ -55,7 +58,7 @@ def test_shown_as_written(found, shown):
 
 def test_remove_found_drops_exactly_those_words():
     argv = ("a", "--port", "1", "b", "--port=2", "c", "--port")
-    found = find_options(argv, FLAGS, abbrev=False)
+    found = find_options(argv, FLAGS, EXACT)
     assert remove_found(argv, found) == ("a", "b", "c")
     assert remove_found(argv, found[1:2]) == ("a", "--port", "1", "b", "c", "--port")
     assert remove_found(argv, []) == argv

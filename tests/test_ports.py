@@ -250,8 +250,8 @@ def test_probed_port_is_the_socket_port_and_never_the_servers(backend, args, por
         server = server[cut + 1:]
     # the server is told exactly one listen address, the private one
     b = inst.backend
-    ports = find_options(tuple(server), b.port_flags, abbrev=b.argparse_abbrev)
-    hosts = find_options(tuple(server), b.host_flags + b.endpoint_flags, abbrev=b.argparse_abbrev)
+    ports = find_options(tuple(server), b.port_flags, b.syntax)
+    hosts = find_options(tuple(server), b.host_flags + b.endpoint_flags, b.syntax)
     assert inst.private is not None
     if inst.private.kind == "tcp":
         assert [f.value for f in ports] == [str(inst.private.port)]

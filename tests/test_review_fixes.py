@@ -54,7 +54,7 @@ def test_gpu_wait_does_not_import_from_the_working_directory(tmp_path):
     ("0::/system.slice/qwen2-backend.service\n", ("qwen2", "system")),
     ("0::/system.slice/qwen2.service\n", ("qwen2", "system")),
     ("0::/user.slice/user-1000.slice/user@1000.service/app.slice/qwen2.service\n",
-     ("qwen2", "user")),
+     ("qwen2", "user@1000")),
     # a user's own unit with an instance's name is not the system instance
     ("0::/user.slice/user-1000.slice/app.slice/qwen2.service\n", None),
     ("0::/system.slice/foo.slice/qwen2.service\n", None),

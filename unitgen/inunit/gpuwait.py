@@ -24,8 +24,9 @@ __all__ = ["held", "main"]
 
 
 def held(gpus: list[Gpu], instance: str, uuids: set[str], manager: str | None = None) -> list[str]:
-    """Descriptions of memory still held for ``instance`` (of ``manager``: by
-    default the manager running this process) on the given GPUs."""
+    """Descriptions of memory still held for ``instance`` (of ``manager``,
+    ``system`` or ``user@UID``: by default the manager running this process, so
+    another user's instance of the same name is not waited for) on the given GPUs."""
     if manager is None:
         own = instance_of_pid("self")
         manager = own[1] if own else "system"

@@ -15,7 +15,7 @@ from unitgen.inunit.probe import attempt
 from unitgen.ops.journal import last_lines
 from unitgen.ops.swap import status_section
 from unitgen.ops.systemd import UnitInfo, connect
-from unitgen.plan.gpus import Gpu, GpuUnavailableError, read_gpus
+from unitgen.plan.gpus import Gpu, GpuUnavailableError, manager_of_scope, read_gpus
 from unitgen.result import Result, table
 from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir
 
@@ -242,7 +242,8 @@ async def _status(names: list[str], scope: str) -> list[InstanceStatus]:
 
 def _with_gpus(row: InstanceStatus, inst: Installed, gpus: list[Gpu], scope: str) -> InstanceStatus:
     index = {g.uuid: g.index for g in gpus}
-    used = sum(p.used_bytes for g in gpus for p in g.processes if p.belongs_to(row.name, scope))
+    manager = manager_of_scope(scope)
+    used = sum(p.used_bytes for g in gpus for p in g.processes if p.belongs_to(row.name, manager))
     return replace(row, gpus=tuple(index[u] for u in inst.gpus if u in index),
                    gpu_memory_bytes=used if gpus else None)
 

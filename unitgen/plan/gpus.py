@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ __all__ = [
     "Placement",
     "gpus_report",
     "instance_of_pid",
+    "manager_of_scope",
     "place",
     "read_gpus",
     "unit_of_cgroup",
@@ -43,11 +45,12 @@ class GpuProcess:
     used_bytes: int
     instance: str | None = None  # the unitgen instance it belongs to, if any
     alive: bool = True
-    manager: str = ""  # "system" or "user": which manager's unit runs it
+    manager: str = ""  # whose unit runs it: "system", or "user@UID" for a user's manager
 
     def belongs_to(self, name: str, manager: str) -> bool:
-        """True for a process of instance ``name`` of that manager (a user's own
-        ``app.slice/qwen2.service`` is not system instance ``qwen2``)."""
+        """True for a process of instance ``name`` of that manager (``system`` or
+        ``user@UID``): a user's own ``app.slice/qwen2.service`` is not system
+        instance ``qwen2``, and user 1000's ``qwen2`` is not user 1001's."""
         return self.instance == name and self.manager == manager
 
 
@@ -117,11 +120,21 @@ _UNIT_CGROUP = re.compile(
     r"(?P<name>[a-z0-9][a-z0-9-]*?)(?:-backend)?\.service(?:/.*)?$")
 
 
+_USER_MANAGER = re.compile(r"/user@(?P<uid>\d+)\.service$")
+
+
+def manager_of_scope(scope: str) -> str:
+    """The manager unitgen talks to for ``scope``, named as :func:`unit_of_cgroup`
+    names a process's: ``system``, or ``user@UID`` for this user's own manager."""
+    return "system" if scope == "system" else f"user@{os.getuid()}"
+
+
 def unit_of_cgroup(text: str) -> tuple[str, str] | None:
     """(instance, manager) from the text of /proc/PID/cgroup: ``system`` for
-    ``/system.slice/NAME(-backend).service``, ``user`` for a user manager's
-    ``.../user@UID.service/app.slice/NAME(-backend).service``; None otherwise.
-    Reads the cgroup2 line, or systemd's named v1 hierarchy on hybrid hosts."""
+    ``/system.slice/NAME(-backend).service``, ``user@UID`` for the user manager
+    of UID, ``.../user@UID.service/app.slice/NAME(-backend).service`` (two users'
+    managers may each run a ``qwen2``); None otherwise. Reads the cgroup2 line,
+    or systemd's named v1 hierarchy on hybrid hosts."""
     for line in text.splitlines():
         _, controllers, path = ([*line.split(":", 2), "", ""])[:3]
         if controllers not in ("", "name=systemd"):
@@ -132,8 +145,9 @@ def unit_of_cgroup(text: str) -> tuple[str, str] | None:
         root, kind = match.group("root"), match.group("slice")
         if kind == "system.slice" and root == "":
             return match.group("name"), "system"
-        if kind == "app.slice" and re.search(r"/user@\d+\.service$", root):
-            return match.group("name"), "user"
+        user = _USER_MANAGER.search(root)
+        if kind == "app.slice" and user:
+            return match.group("name"), f"user@{user.group('uid')}"
     return None
 
 
@@ -215,12 +229,15 @@ def place(
 
     ``gpus`` is None when NVML is unavailable (offline render: only UUIDs work).
     ``claims`` maps a GPU UUID to the other instances placed there (name, shares).
+    ``scope`` is the manager the instance goes to: only processes of its units
+    under that very manager (``user@UID`` for a user's) are its own.
     ``mates`` are the other members of its swap group: they never run at the
     same time, so their claims are no conflict and their memory counts as free.
     """
     def fail(message: str) -> SpecError:
         return SpecError(problems=[Problem(source, "gpus", message)])
 
+    manager = manager_of_scope(scope)
     mine = mates | {name}
     others = {u: [(n, s) for n, s in c if n not in mine] for u, c in claims.items()}
     if gpus is None:
@@ -247,7 +264,7 @@ def place(
         if len(current) == want:
             chosen = sorted(current, key=lambda g: g.index)  # a redeploy keeps its GPUs
         else:
-            usable.sort(key=lambda g: (-_free_for(g, mine, scope), g.index))
+            usable.sort(key=lambda g: (-_free_for(g, mine, manager), g.index))
             chosen = sorted(usable[:want], key=lambda g: g.index)
     else:
         chosen = []
@@ -260,12 +277,12 @@ def place(
         _check_claims(fail, tuple(g.uuid for g in chosen), others, share, name)
     if memory is not None:
         for g in chosen:
-            free = _free_for(g, mine, scope)
+            free = _free_for(g, mine, manager)
             if free < memory:
                 holders = ", ".join(
                     f"pid {p.pid}" + (f" ({p.instance})" if p.instance else "")
                     + f" {gib(p.used_bytes)}" for p in g.processes
-                    if not p.belongs_to(name, scope)
+                    if not p.belongs_to(name, manager)
                 ) or "no process NVML can see"
                 raise SpecError(problems=[Problem(
                     source, "gpu_memory",
@@ -276,11 +293,11 @@ def place(
                      minors if len(minors) == len(chosen) else None, share)
 
 
-def _free_for(g: Gpu, names: frozenset[str], scope: str) -> int:
+def _free_for(g: Gpu, names: frozenset[str], manager: str) -> int:
     """Free memory, counting what this instance's own processes (a redeploy
     replaces them) and its swap-group mates' (they unload first) hold as free."""
     return g.free + sum(p.used_bytes for p in g.processes
-                        if any(p.belongs_to(n, scope) for n in names))
+                        if any(p.belongs_to(n, manager) for n in names))
 
 
 def _may_use(claimers: list[tuple[str, bool]], share: bool) -> bool:

@@ -267,9 +267,9 @@ def _gpu_defaults(backend: Backend, args: tuple[str, ...], count: int) -> tuple[
     (vLLM, SGLang), every layer offloaded (llama-server, llama-box)."""
     if backend.gpu_defaults == "tensor-parallel" and count > 1:
         flags = _TP_FLAGS[backend.name]
-        if not find_options(args, flags, abbrev=backend.argparse_abbrev):
+        if not find_options(args, flags, backend.syntax):
             return (*args, flags[0], str(count))
-    if backend.gpu_defaults == "offload-layers" and not find_options(args, _NGL_FLAGS, abbrev=False):
+    if backend.gpu_defaults == "offload-layers" and not find_options(args, _NGL_FLAGS, backend.syntax):
         return (*args, "--n-gpu-layers", "999")
     return args
 
@@ -365,7 +365,11 @@ def _take_api_key(
         kept = tuple((k, v) for k, v in env if k != spec.api_key_env)
         return args, kept, ((spec.api_key_env, values[0]),), spec.api_key_env
 
-    hits = find_options(args, backend.key_flags, abbrev=backend.argparse_abbrev)
+    hits = find_options(args, backend.key_flags, backend.syntax, many=backend.key_many)
+    if any(h.more for h in hits):
+        problem("args", f"{hits[0].spelled} is given several keys; unitgen keeps one key in the "
+                        f"secret file ({backend.key_env}): give one")
+        return args, env, (), None
     claims = [("args", h.shown(), h.value) for h in hits]
     if backend.key_env:
         claims += [(f"env.{k}", k, v) for k, v in env if k == backend.key_env]

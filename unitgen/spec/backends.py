@@ -7,7 +7,9 @@ Pure data, shared by every target (systemd today, supervisor later).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from unitgen.spec.argscan import EXACT, OptionSyntax
 
 __all__ = ["BACKENDS", "GENERIC_LISTEN_FLAGS", "Backend", "get_backend"]
 
@@ -32,8 +34,10 @@ class Backend:
     host_env: tuple[str, ...] = ()
     key_flags: tuple[str, ...] = ("--api-key",)
     key_env: str | None = None  # variable the server reads its key from; None: argv only
+    key_many: bool = False  # the key option takes several keys (vLLM: nargs="+")
     refused_flags: tuple[tuple[str, str], ...] = ()  # (flag, why)
-    argparse_abbrev: bool = False  # Python argparse accepts unambiguous prefixes (--por)
+    refused_env: tuple[tuple[str, str], ...] = ()  # (variable, why): the same options, by variable
+    syntax: OptionSyntax = EXACT  # how its parser reads option words: every scan uses it
     loading: str = ""  # how it behaves while loading, for messages and docs
     gpu_defaults: str = ""  # "tensor-parallel" or "offload-layers"
 
@@ -43,15 +47,32 @@ _TLS_WHY = (
     "disagree; terminate TLS in front of the public port instead"
 )
 
+# How each server's own parser reads its options (unitgen.spec.argscan has the rules).
+# SGLang (``argparse.ArgumentParser(prog="sglang serve")``) and vox-box (its
+# ``start`` subparser) are Python argparse with its defaults: prefixes, ``-p9000``.
+ARGPARSE = OptionSyntax(abbrev=True, attached_short=True)
+# vLLM's FlexibleArgumentParser (vllm/utils/argparse_utils.py) rewrites every word
+# that starts with "--": '_' becomes '-' in the name up to the first '.' or '=',
+# and ``--NAME.FIELD V`` becomes ``--NAME '{"FIELD": V}'``; then argparse (its
+# default allow_abbrev=True).
+VLLM_ARGS = replace(ARGPARSE, underscores=True, dotted=True)
+# llama.cpp's common/arg.cpp: '_' becomes '-' in a word that starts with "--",
+# then the name must be one of an option's spellings exactly; a value option
+# takes the next word, whatever it is. There is no --name=value form.
+LLAMA_CPP = OptionSyntax(underscores=True, value_always_next=True)
+# llama-box (llama-box/engine_param.hpp) compares each word with strcmp and
+# takes the next word as the value, like llama.cpp but without the '_' rewrite.
+LLAMA_BOX = OptionSyntax(value_always_next=True)
+
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend(
             name="vllm", program="vllm", prefix=("serve",), model_flag=None,
             health_path="/health", unix_flag="--uds", host_flag="--host", port_flag="--port",
-            endpoint_flags=("--uds",), key_env="VLLM_API_KEY",
+            endpoint_flags=("--uds",), key_env="VLLM_API_KEY", key_many=True,
             refused_flags=(("--ssl-keyfile", _TLS_WHY), ("--ssl-certfile", _TLS_WHY)),
-            argparse_abbrev=True, loading="connection refused until loaded",
+            syntax=VLLM_ARGS, loading="connection refused until loaded",
             gpu_defaults="tensor-parallel",
         ),
         Backend(
@@ -59,7 +80,7 @@ BACKENDS: dict[str, Backend] = {
             model_flag="--model-path", health_path="/health", unix_flag=None,
             host_flag="--host", port_flag="--port", key_env=None,
             refused_flags=(("--ssl-keyfile", _TLS_WHY), ("--ssl-certfile", _TLS_WHY)),
-            argparse_abbrev=True, loading="503 until loaded", gpu_defaults="tensor-parallel",
+            syntax=ARGPARSE, loading="503 until loaded", gpu_defaults="tensor-parallel",
         ),
         Backend(
             name="llama-server", program="llama-server", prefix=(), model_flag="-m",
@@ -71,7 +92,8 @@ BACKENDS: dict[str, Backend] = {
                                    "--api-key and unitgen keeps it in a secret file"),
                 ("--ssl-key-file", _TLS_WHY), ("--ssl-cert-file", _TLS_WHY),
             ),
-            loading="503 {\"error\":\"Loading model\"} until loaded",
+            refused_env=(("LLAMA_ARG_SSL_KEY_FILE", _TLS_WHY), ("LLAMA_ARG_SSL_CERT_FILE", _TLS_WHY)),
+            syntax=LLAMA_CPP, loading="503 {\"error\":\"Loading model\"} until loaded",
             gpu_defaults="offload-layers",
         ),
         Backend(
@@ -80,12 +102,12 @@ BACKENDS: dict[str, Backend] = {
             # llama-box forks llama.cpp's argument parser; catching its variables too costs nothing.
             port_env=("LLAMA_ARG_PORT",), host_env=("LLAMA_ARG_HOST",), key_env=None,
             refused_flags=(("--ssl-key-file", _TLS_WHY), ("--ssl-cert-file", _TLS_WHY)),
-            loading="404 until loaded", gpu_defaults="offload-layers",
+            syntax=LLAMA_BOX, loading="404 until loaded", gpu_defaults="offload-layers",
         ),
         Backend(
             name="vox-box", program="vox-box", prefix=("start",), model_flag="--model",
             health_path="/v1/models", unix_flag=None, host_flag="--host", port_flag="--port",
-            port_flags=("--port", "-p"), key_flags=(), argparse_abbrev=True,
+            port_flags=("--port", "-p"), key_flags=(), syntax=ARGPARSE,
             loading="connection refused: it loads before it listens",
         ),
         Backend(

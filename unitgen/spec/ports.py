@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from unitgen.errors import Problem
-from unitgen.spec.argscan import find_options, remove_found
+from unitgen.spec.argscan import EXACT, find_misspelled, find_options, remove_found
 from unitgen.spec.backends import GENERIC_LISTEN_FLAGS, Backend
 
 __all__ = [
@@ -132,17 +132,29 @@ def resolve_listen(
         _check_custom(source, "command", command or (), problems)
         _check_custom(source, "args", args, problems)
 
+    syntax = backend.syntax
+    if backend.name != "custom":
+        # a spelling the server does not read (--api_key for SGLang) or reads in a way
+        # unitgen does not take (vLLM's --api-key.x) would keep its value in the unit
+        watched = (*backend.port_flags, *backend.host_flags, *backend.endpoint_flags,
+                   *(flag for flag, _ in backend.refused_flags), *backend.key_flags)
+        for f in find_misspelled(args, watched, syntax):
+            problem("args", f"{f.spelled.partition('=')[0]} is not allowed: {f.why}; write "
+                            f"{f.flag}")
     for flag, why in backend.refused_flags:
-        for f in find_options(args, (flag,), abbrev=backend.argparse_abbrev):
+        for f in find_options(args, (flag,), syntax):
             problem("args", f"{f.shown()} is not supported: {why}")
-    for f in find_options(args, backend.endpoint_flags, abbrev=backend.argparse_abbrev):
+    env_names = dict(env)
+    for var, why in backend.refused_env:
+        if var in env_names:
+            problem(f"env.{var}", f"is not supported: {why}")
+    for f in find_options(args, backend.endpoint_flags, syntax):
         problem("args", f"{f.shown()} is not allowed: the server's own endpoint belongs to "
                         "unitgen (it listens privately and the socket owns the public port)")
 
-    port_hits = find_options(args, backend.port_flags, abbrev=backend.argparse_abbrev)
-    host_hits = find_options(args, backend.host_flags, abbrev=backend.argparse_abbrev)
+    port_hits = find_options(args, backend.port_flags, syntax)
+    host_hits = find_options(args, backend.host_flags, syntax)
     kept_args = remove_found(args, port_hits + host_hits)
-    env_names = dict(env)
     port_vars = [(k, env_names[k]) for k in backend.port_env if k in env_names]
     host_vars = [(k, env_names[k]) for k in backend.host_env if k in env_names]
     drop_env = {k for k, _ in port_vars + host_vars}
@@ -257,7 +269,8 @@ def _check_custom(
     source: str, key: str, argv: tuple[str, ...], problems: list[Problem]
 ) -> None:
     """A custom command must listen where unitgen says ({port}, {host}, {unix})."""
-    for f in find_options(argv, GENERIC_LISTEN_FLAGS, abbrev=False):
+    # unitgen does not know a custom program's parser: exact names, as it always has
+    for f in find_options(argv, GENERIC_LISTEN_FLAGS, EXACT):
         if f.value is not None and "{" in f.value:
             continue  # a placeholder: unitgen fills it in
         problems.append(Problem(source, key, f"{f.shown()} fixes the server's own listen "
