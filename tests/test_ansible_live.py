@@ -79,9 +79,9 @@ class Run:
         return dict(found[-1])
 
     def items(self, host: str) -> dict[str, dict[str, Any]]:
-        """The role's deploy task, one result per instance name."""
+        """The role's deploy task, one result per instance name (the loop item)."""
         result = self.task("Deploy and remove instances", host)
-        return {r["item"]["name"]: r for r in result.get("results", [])}
+        return {r["item"]: r for r in result.get("results", [])}
 
     def status(self, host: str) -> dict[str, dict[str, Any]]:
         """The role's closing unitgen_status result, by instance name."""
@@ -468,8 +468,9 @@ def _leaks(texts: dict[str, str], values: dict[str, str]) -> list[str]:
 
 def test_secrets_never_reach_logs_diffs_or_callback_output(fleet):
     """A spec with an API key and Hugging Face tokens: a first deploy (-v), a
-    check run with --diff that would change both, a real run that changes them
-    (--diff -v), in the JSON callback and in Ansible's own text output at -vvv.
+    check run with --diff that would change them, real runs that change them
+    (--diff), a check run of its removal, in the JSON callback and in Ansible's
+    own text output at -vvv.
     No secret value is in any stdout, stderr, callback document or what the
     module logged about its invocation; the spec diff shows a placeholder that
     still says the secret changed."""
@@ -487,7 +488,7 @@ def test_secrets_never_reach_logs_diffs_or_callback_output(fleet):
         return {"a": [standin("a1"), spec], "b": BASE["b"]}
 
     def json_run(label: str, spec: dict[str, Any], *args: str) -> Run:
-        run = fleet.play(wanted(spec), *args, env=env)
+        run: Run = fleet.play(wanted(spec), *args, env=env)
         seen[f"{label}: stdout (JSON callback)"] = run.stdout
         seen[f"{label}: stderr"] = run.stderr
         assert run.failures("a") == 0, (run.doc["tasks"][-3:], run.stderr[-2000:])
@@ -522,10 +523,21 @@ def test_secrets_never_reach_logs_diffs_or_callback_output(fleet):
     every.update({f"{k} (third)": v for k, v in third.items()})
     text_run("change", third_spec, "--diff", "-vvv")
     assert get(port, key=third["VLLM_API_KEY"])[0] == 200
+    # removing it (the item keeps its secrets) shows the spec file going, redacted
+    gone = json_run("remove", {**third_spec, "state": "absent"}, "--check", "--diff", "-v")
+    removal = gone.items("a")["s1"]
+    assert removal["action"] == "would-remove"
+    assert 'VLLM_API_KEY = "<redacted>"' in next(d for d in removal["diff"] if "before" in d)["before"]
 
     seen["module syslog"] = syslog_file.read_text()
-    assert "ansible-unitgen_instance: Invoked with" in seen["module syslog"]
+    log = seen["module syslog"].splitlines()
+    invoked = [ln for ln in log if ln.startswith("ansible-unitgen_instance: Invoked with")]
+    assert invoked and all("spec=NOT_LOGGING_PARAMETER" in ln for ln in invoked)
+    assert "ansible-unitgen_instance: Instance s1: state=present spec_file=" \
+        f"{fleet.spec_file('a', 's1')}" in log
     assert _leaks(seen, every) == []
+    # unitgen puts an undeclared token into the unit file: the module says so
+    assert "s1: env.HUGGING_FACE_HUB_TOKEN looks like a secret" in seen["check: stderr"]
 
     # the check run's spec diff: secrets as a placeholder that shows they change
     spec_diff = next(d for d in result["diff"] if "before" in d)
