@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,7 @@ class Run:
     rc: int
     doc: dict[str, Any]
     stderr: str
+    stdout: str = ""
 
     def stats(self, host: str) -> dict[str, int]:
         """The play recap of one host (ok, changed, failures, ...)."""
@@ -77,27 +79,36 @@ class Run:
         return dict(found[-1])
 
     def items(self, host: str) -> dict[str, dict[str, Any]]:
-        """The role's deploy task, one result per instance name."""
+        """The role's deploy task, one result per instance name (the loop item)."""
         result = self.task("Deploy and remove instances", host)
-        return {r["item"]["name"]: r for r in result.get("results", [])}
+        return {r["item"]: r for r in result.get("results", [])}
 
     def status(self, host: str) -> dict[str, dict[str, Any]]:
         """The role's closing unitgen_status result, by instance name."""
         return dict(self.task("Read the state and address", host)["by_name"])
 
 
-def run_playbook(playbook: Path, inventory: Path, home: Path, *args: str,
-                 timeout: float = 300, env: dict[str, str] | None = None) -> Run:
-    done = subprocess.run(
+def ansible_playbook(playbook: Path, inventory: Path, home: Path, *args: str,
+                     timeout: float = 300,
+                     env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """One ansible-playbook run, its output as text."""
+    return subprocess.run(
         [str(BIN / "ansible-playbook"), "-i", str(inventory), str(playbook), *args],
         env={**ansible_env(home), **(env or {})}, cwd=home, capture_output=True, text=True,
         timeout=timeout)
+
+
+def run_playbook(playbook: Path, inventory: Path, home: Path, *args: str,
+                 timeout: float = 300, env: dict[str, str] | None = None) -> Run:
+    done = ansible_playbook(playbook, inventory, home, *args, timeout=timeout, env=env)
+    # with -v, ansible-playbook says which config file it uses before the document
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     try:
-        doc = json.loads(done.stdout)
+        doc = json.loads(lines[-1] if lines else done.stdout)
     except ValueError:
         raise AssertionError(f"ansible-playbook printed no JSON (rc {done.returncode}):\n"
                              f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}") from None
-    return Run(done.returncode, doc, done.stderr)
+    return Run(done.returncode, doc, done.stderr, done.stdout)
 
 
 def standin(name: str, **extra: Any) -> dict[str, Any]:
@@ -144,11 +155,17 @@ class Fleet:
         return path
 
     def play(self, instances: dict[str, list[dict[str, Any]]], *args: str,
-             playbook: Path | None = None, **group_vars: Any) -> Run:
+             playbook: Path | None = None, env: dict[str, str] | None = None,
+             **group_vars: Any) -> Run:
+        return run_playbook(self.playbook(playbook), self.inventory(instances, **group_vars),
+                            self.work, *args, env=env)
+
+    def playbook(self, playbook: Path | None = None) -> Path:
+        """``playbook``, or the converge play that runs the role."""
         if playbook is None:
             playbook = self.work / "converge.yml"
             playbook.write_text(PLAYBOOK)
-        return run_playbook(playbook, self.inventory(instances, **group_vars), self.work, *args)
+        return playbook
 
     def converge(self, instances: dict[str, list[dict[str, Any]]], **group_vars: Any) -> Run:
         """Bring the fleet to exactly ``instances`` (purging the rest); must not fail."""
@@ -394,3 +411,146 @@ def test_role_refuses_the_unrelated_pypi_name(tmp_path):
                   if t["hosts"].get("h", {}).get("status") == "failed"]
         assert words in failed[0]["msg"]
         assert not (tmp_path / "venv").exists()  # refused before installing anything
+
+
+# Stands in for the syslog extension module in the modules Ansible runs (a
+# PYTHONPATH entry comes before lib-dynload), since these "hosts" have no
+# /dev/log: what AnsibleModule logs about its invocation lands in a file.
+SYSLOG_STANDIN = '''\
+import os
+
+LOG_USER = 8
+LOG_INFO = 6
+_ident = ["python"]
+
+
+def __getattr__(name):
+    if name.startswith("LOG_"):
+        return 0
+    raise AttributeError(name)
+
+
+def openlog(ident="python", logoption=0, facility=LOG_USER):
+    _ident[0] = ident
+
+
+def syslog(priority, message=None):
+    if message is None:
+        message = priority
+    with open(os.environ["UNITGEN_TEST_SYSLOG"], "a", encoding="utf-8") as fh:
+        fh.write("%s: %s\\n" % (_ident[0], message))
+
+
+def closelog():
+    pass
+'''
+
+
+def secret_standin(name: str, tag: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """A stand-in spec that carries secrets as a vLLM inventory would: an API key
+    (which the server demands, and unitgen's probe sends), a declared HF_TOKEN,
+    and a token unitgen is not told about. Returns the spec and its secrets."""
+    values = {
+        "VLLM_API_KEY": f"sk-{tag}-{secrets.token_hex(12)}",
+        "HF_TOKEN": f"hf_{tag}{secrets.token_hex(12)}",
+        "HUGGING_FACE_HUB_TOKEN": f"hf_hub{tag}{secrets.token_hex(12)}",
+    }
+    spec = standin(name, api_key_env="VLLM_API_KEY", secret_env=["HF_TOKEN"],
+                   env={"STANDIN_LOAD_SECONDS": "0.3", "STANDIN_KEY_ENV": "VLLM_API_KEY",
+                        "HF_HOME": "/var/lib/models/hf", **values})
+    return spec, values
+
+
+def _leaks(texts: dict[str, str], values: dict[str, str]) -> list[str]:
+    return [f"{var} in {where}" for where, text in texts.items()
+            for var, value in values.items() if value in text]
+
+
+def test_secrets_never_reach_logs_diffs_or_callback_output(fleet):
+    """A spec with an API key and Hugging Face tokens: a first deploy (-v), a
+    check run with --diff that would change them, real runs that change them
+    (--diff), a check run of its removal, in the JSON callback and in Ansible's
+    own text output at -vvv.
+    No secret value is in any stdout, stderr, callback document or what the
+    module logged about its invocation; the spec diff shows a placeholder that
+    still says the secret changed."""
+    fleet.converge(BASE)
+    work = fleet.work / "secrets"
+    (work / "pythonpath").mkdir(parents=True, exist_ok=True)
+    (work / "pythonpath" / "syslog.py").write_text(SYSLOG_STANDIN)
+    syslog_file = work / "syslog.txt"
+    env = {"PYTHONPATH": str(work / "pythonpath"), "UNITGEN_TEST_SYSLOG": str(syslog_file)}
+    text_env = {**env, "ANSIBLE_STDOUT_CALLBACK": "default"}
+    seen: dict[str, str] = {}
+    every: dict[str, str] = {}
+
+    def wanted(spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        return {"a": [standin("a1"), spec], "b": BASE["b"]}
+
+    def json_run(label: str, spec: dict[str, Any], *args: str) -> Run:
+        run: Run = fleet.play(wanted(spec), *args, env=env)
+        seen[f"{label}: stdout (JSON callback)"] = run.stdout
+        seen[f"{label}: stderr"] = run.stderr
+        assert run.failures("a") == 0, (run.doc["tasks"][-3:], run.stderr[-2000:])
+        return run
+
+    def text_run(label: str, spec: dict[str, Any], *args: str) -> None:
+        done = ansible_playbook(fleet.playbook(), fleet.inventory(wanted(spec)), fleet.work,
+                                *args, env=text_env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        seen[f"{label}: stdout (default callback)"] = done.stdout
+        seen[f"{label}: stderr"] = done.stderr
+
+    first_spec, first = secret_standin("s1", "one")
+    every.update({f"{k} (first)": v for k, v in first.items()})
+    run = json_run("deploy", first_spec, "-v")
+    assert run.items("a")["s1"]["action"] == "created"
+    port = run.status("a")["s1"]["port"]
+    assert get(port, key=first["VLLM_API_KEY"])[0] == 200  # the key reached the server
+    assert get(port)[0] == 401
+
+    second_spec, second = secret_standin("s1", "two")
+    every.update({f"{k} (second)": v for k, v in second.items()})
+    check = json_run("check", second_spec, "--check", "--diff", "-v")
+    result = check.items("a")["s1"]
+    assert result["action"] == "would-update"
+    text_run("check", second_spec, "--check", "--diff", "-vvv")
+    changed = json_run("change", second_spec, "--diff", "-v")
+    assert changed.items("a")["s1"]["action"] == "updated"
+    assert get(port, key=second["VLLM_API_KEY"])[0] == 200
+
+    third_spec, third = secret_standin("s1", "three")
+    every.update({f"{k} (third)": v for k, v in third.items()})
+    text_run("change", third_spec, "--diff", "-vvv")
+    assert get(port, key=third["VLLM_API_KEY"])[0] == 200
+    # removing it (the item keeps its secrets) shows the spec file going, redacted
+    gone = json_run("remove", {**third_spec, "state": "absent"}, "--check", "--diff", "-v")
+    removal = gone.items("a")["s1"]
+    assert removal["action"] == "would-remove"
+    assert 'VLLM_API_KEY = "<redacted>"' in next(d for d in removal["diff"] if "before" in d)["before"]
+
+    seen["module syslog"] = syslog_file.read_text()
+    log = seen["module syslog"].splitlines()
+    invoked = [ln for ln in log if ln.startswith("ansible-unitgen_instance: Invoked with")]
+    assert invoked and all("spec=NOT_LOGGING_PARAMETER" in ln for ln in invoked)
+    assert "ansible-unitgen_instance: Instance s1: state=present spec_file=" \
+        f"{fleet.spec_file('a', 's1')}" in log
+    assert _leaks(seen, every) == []
+    # unitgen puts an undeclared token into the unit file: the module says so
+    assert "s1: env.HUGGING_FACE_HUB_TOKEN looks like a secret" in seen["check: stderr"]
+
+    # the check run's spec diff: secrets as a placeholder that shows they change
+    spec_diff = next(d for d in result["diff"] if "before" in d)
+    for var in ("VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        before = [ln for ln in spec_diff["before"].splitlines() if ln.startswith(f"{var} =")]
+        after = [ln for ln in spec_diff["after"].splitlines() if ln.startswith(f"{var} =")]
+        assert before and after and before != after, (var, spec_diff)
+        assert "<redacted" in before[0] and "<redacted" in after[0]
+    assert 'HF_HOME = "/var/lib/models/hf"' in spec_diff["after"]  # the rest is shown
+    # the host keeps the spec (0600); declared secrets are in no unit file
+    spec_file = fleet.spec_file("a", "s1")
+    assert third["VLLM_API_KEY"] in spec_file.read_text()
+    assert spec_file.stat().st_mode & 0o777 == 0o600
+    units = {n: text for n, (text, _) in unit_files(fleet.boxes["a"]).items()}
+    declared = {k: v for k, v in third.items() if k != "HUGGING_FACE_HUB_TOKEN"}
+    assert _leaks(units, declared) == []

@@ -18,6 +18,9 @@ from typing import Any
 
 import pytest
 import yaml  # type: ignore[import-untyped]
+from ansible.module_utils.common.parameters import (  # type: ignore[import-untyped]
+    _return_datastructure_name,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -39,6 +42,7 @@ def _load(name: str) -> ModuleType:
 
 toml = _load("unitgen_toml")
 cli = _load("unitgen_cli")
+sec = _load("unitgen_secrets")
 
 HOSTILE = [
     "", " ", '"', '""', '"""', "'", "'''", "\\", "\\\\", "\\n", "a\nb", "a\r\nb", "\r", "\t",
@@ -119,6 +123,146 @@ def test_a_full_spec_reads_back_as_unitgen_reads_it():
     assert dict(parsed.env)["NOTE"] == '100% "ready" for $USER\n'
     assert parsed.health.timeout == 1200
     assert dict(parsed.systemd_service) == {"Nice": "5", "MemoryMax": "64G"}
+
+
+HEADER = "# Written by the unitgen_instance Ansible module\n# second line\n"
+
+
+@given(st.dictionaries(text_st, values, max_size=6))
+def test_own_reader_reads_back_what_the_writer_wrote(doc):
+    """Hosts whose Python has no tomllib (before 3.11) read the previous spec
+    file with the writer's own reader."""
+    assert toml._loads_own(HEADER + toml.dumps(doc)) == doc
+    assert toml.loads(HEADER + toml.dumps(doc)) == doc
+
+
+@pytest.mark.parametrize("text", [
+    'name = "x"\nenv = { HF_TOKEN = "hf_1" }\n',  # an inline table the writer never writes
+    "name = 'x'\n",  # a literal string
+    'name = "x"  # a comment\n',
+    'name = "x"\n\n\n[health]\ntimeout = "1m"\n',  # not the writer's spacing
+    'args = [\n  "--api-key",\n  "sk",\n]\n',
+])
+def test_own_reader_refuses_what_the_writer_would_not_write(text):
+    assert tomllib.loads(text)  # valid TOML, which tomllib reads
+    assert toml.loads(text) == tomllib.loads(text)
+    assert toml._loads_own(text) is None
+
+
+@pytest.mark.parametrize("text", ['name = "x', "= 1\n", "[env\n", 'a = "\\q"\n'])
+def test_a_file_that_is_not_toml_reads_as_none(text):
+    assert toml.loads(text) is None and toml._loads_own(text) is None
+
+
+def _found(spec: dict[str, Any]) -> dict[str, str]:
+    return {label: value for label, _, _, value in sec.secrets(spec)}
+
+
+@pytest.mark.parametrize(("spec", "found"), [
+    ({"backend": "vllm", "env": {"VLLM_API_KEY": "sk-1", "HF_HOME": "/m"}},
+     {"env.VLLM_API_KEY": "sk-1"}),
+    ({"backend": "llama-server", "env": {"LLAMA_API_KEY": "k2"}}, {"env.LLAMA_API_KEY": "k2"}),
+    # what unitgen is told: api_key_env and secret_env, whatever the names
+    ({"backend": "custom", "api_key_env": "SERVE_AUTH", "env": {"SERVE_AUTH": "a"}},
+     {"env.SERVE_AUTH": "a"}),
+    ({"secret_env": ["MODEL_REPO"], "env": {"MODEL_REPO": "org/private"}},
+     {"env.MODEL_REPO": "org/private"}),
+    # what looks like a secret, declared or not
+    ({"env": {"HF_TOKEN": "hf_x", "HUGGING_FACE_HUB_TOKEN": "hf_y", "OPENAI_API_KEY": "sk",
+              "DB_PASSWORD": "pw", "AWS_SECRET_ACCESS_KEY": "aws"}},
+     {"env.HF_TOKEN": "hf_x", "env.HUGGING_FACE_HUB_TOKEN": "hf_y", "env.OPENAI_API_KEY": "sk",
+      "env.DB_PASSWORD": "pw", "env.AWS_SECRET_ACCESS_KEY": "aws"}),
+    # where a secret is, what cannot be one, what only contains the letters
+    ({"env": {"HF_TOKEN_PATH": "/etc/hf", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+              "TOKENIZERS_PARALLELISM": "false", "AWS_ACCESS_KEY_ID": "AKIA", "HF_HOME": "/m"}},
+     {}),
+    ({"env": {"HF_TOKEN": "", "API_KEY": None, "PASSWORD": True}}, {}),
+    ({"args": ["--dtype", "bfloat16", "--api-key", "sk-a", "--max-model-len", "8192"]},
+     {"args --api-key": "sk-a"}),
+    ({"args": ["--api-key=sk-b"]}, {"args --api-key": "sk-b"}),
+    ({"args": ["--api_key", "sk-c"]}, {"args --api-key": "sk-c"}),
+    ({"args": ["--api-k", "sk-d"]}, {"args --api-k": "sk-d"}),  # argparse reads a prefix
+    ({"args": ["--api-key", "-starts-with-dash"]}, {"args --api-key": "-starts-with-dash"}),
+    ({"args": ["--api-key", 12345]}, {"args --api-key": "12345"}),
+    ({"args": ["--hf-token", "hf_z", "--admin-api-key", "adm"]},
+     {"args --hf-token": "hf_z", "args --admin-api-key": "adm"}),
+    ({"args": ["--api-key", "one", "--api-key", "two"]},
+     {"args --api-key": "one", "args --api-key #2": "two"}),
+    ({"command": ["/srv/bin/serve", "--token", "t0k", "--port", "{port}"]},
+     {"command --token": "t0k"}),
+    # not a key: a file option, a missing value, after the end of options
+    ({"args": ["--api-key-file", "/etc/k", "--ssl-keyfile", "/etc/tls.key", "--max-tokens", "9",
+               "--api-key", "--port", "1", "--", "--api-key", "x"]}, {}),
+    ({"args": ["--api-key"]}, {}),
+    ({"args": "--api-key sk"}, {}),
+])
+def test_which_values_of_a_spec_are_secrets(spec, found):
+    assert _found(spec) == found
+
+
+def test_names_that_look_like_secrets():
+    for name in ("HF_TOKEN", "--hf-token", "api-key", "KEY", "SECRET", "github_pat_token",
+                 "SSL_KEYFILE_PASSWORD", "CREDENTIALS"):
+        assert sec.looks_secret(name), name
+    for name in ("HF_HOME", "TOKENIZERS_PARALLELISM", "MAX_TOKENS", "--ssl-keyfile",
+                 "--api-key-file", "HF_TOKEN_PATH", "KEY_DIR", "MONKEY", ""):
+        assert not sec.looks_secret(name), name
+
+
+def test_undeclared_secrets_are_those_unitgen_would_put_in_the_unit():
+    spec = {"backend": "vllm", "secret_env": ["HF_TOKEN"],
+            "env": {"VLLM_API_KEY": "k", "HF_TOKEN": "h", "WANDB_API_KEY": "w", "HF_HOME": "/m"}}
+    assert sec.undeclared(spec) == ["WANDB_API_KEY"]
+    assert sec.undeclared(None) == []
+
+
+SPEC: dict[str, Any] = {
+    "name": "qwen2", "backend": "vllm", "model": "Qwen/Qwen2-7B-Instruct",
+    "args": ["--api-key=sk-old-key", "--dtype", "bfloat16", "--hf-token", "hf_old"],
+    "env": {"HF_HOME": "/m", "WANDB_API_KEY": "w-old"},
+    "health": {"timeout": "20min"},
+}
+
+
+def test_redacted_replaces_exactly_the_secrets_and_copies():
+    spec = {**SPEC, "args": list(SPEC["args"]), "env": dict(SPEC["env"])}
+    shown = sec.redacted(spec, sec.secrets(spec))
+    assert shown == {**SPEC, "args": ["--api-key=<redacted>", "--dtype", "bfloat16",
+                                      "--hf-token", "<redacted>"],
+                     "env": {"HF_HOME": "/m", "WANDB_API_KEY": "<redacted>"}}
+    assert spec == SPEC  # the input is left alone
+
+
+def test_redacted_says_which_secrets_changed():
+    old = sec.secrets(SPEC)
+    new_spec = {**SPEC, "args": ["--dtype", "bfloat16", "--api-key=sk-new-key",
+                                 "--hf-token", "hf_old"],
+                "env": {"HF_HOME": "/m", "WANDB_API_KEY": "w-old", "HF_TOKEN": "hf_added"}}
+    shown = sec.redacted(new_spec, sec.secrets(new_spec), old)
+    # moved within args but the same value: unchanged; a new one counts as changed
+    assert shown["args"] == ["--dtype", "bfloat16", "--api-key=<redacted: changed>",
+                             "--hf-token", "<redacted>"]
+    assert shown["env"] == {"HF_HOME": "/m", "WANDB_API_KEY": "<redacted>",
+                            "HF_TOKEN": "<redacted: changed>"}
+    text = toml.dumps(shown)
+    for _, _, _, value in [*old, *sec.secrets(new_spec)]:
+        assert value not in text
+
+
+def test_redacted_spec_file_diff_hides_secrets_but_shows_their_lines_changed():
+    old_text = toml.dumps(SPEC)
+    new = {**SPEC, "env": {"HF_HOME": "/m", "WANDB_API_KEY": "w-new"}}
+    before = toml.dumps(sec.redacted(toml.loads(old_text), sec.secrets(toml.loads(old_text))))
+    after = toml.dumps(sec.redacted(new, sec.secrets(new), sec.secrets(SPEC)))
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
+    assert changed == [('WANDB_API_KEY = "<redacted>"', 'WANDB_API_KEY = "<redacted: changed>"')]
+
+
+@given(st.dictionaries(text_st, values, max_size=6))
+def test_spec_strings_are_what_ansible_masks_for_a_no_log_option(doc):
+    """The module takes back out of no_log_values exactly what Ansible put there
+    for its no_log spec option (then adds the secrets)."""
+    assert set(sec.spec_strings(doc)) == set(_return_datastructure_name(doc))
 
 
 @pytest.mark.parametrize(("stderr", "message"), [

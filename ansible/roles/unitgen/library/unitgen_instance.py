@@ -36,6 +36,8 @@ options:
         (C(name), C(backend), C(model), C(port), C(args), C(env), C(health) as
         a nested mapping, ...). Keys whose value is null are left out.
       - Required with O(state=present).
+      - Its secrets never appear in a result, a diff or the host's log (see the
+        notes); the host's log records the instance's name and state, not the spec.
     type: dict
   name:
     description:
@@ -85,6 +87,19 @@ options:
         C(--port-range)); unitgen's default when empty.
     type: str
 notes:
+  - "Secrets: the variable named by C(api_key_env) (or the backend's API key
+    variable, C(VLLM_API_KEY), C(LLAMA_API_KEY)), every variable in
+    C(secret_env), the value of C(--api-key) (or another option whose name
+    says key, token, secret or password) in C(args) or C(command), and every
+    C(env) variable whose name looks like a secret (C(HF_TOKEN),
+    C(OPENAI_API_KEY)). The spec file's diff shows each as C(<redacted>), or
+    C(<redacted: changed>) when it changes; Ansible masks their values
+    everywhere else in the result (C(********), C(VALUE_SPECIFIED_IN_NO_LOG_PARAMETER)),
+    unitgen's unit diff included. The same holds for the secrets of the spec
+    file the host had before."
+  - A variable that looks like a secret but is neither the API key variable
+    nor in C(secret_env) gets a warning, since unitgen writes it into the unit
+    file, which every local user can read; add it to C(secret_env).
   - Check mode runs C(unitgen deploy --dry-run --diff) on the spec, so it
     reports exactly what a real run would change. When the spec itself
     changed, the dry run reads it from a temporary directory, so a custom
@@ -171,12 +186,15 @@ from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.unitgen_cli import address_parts, argv_for, error_message, parse_json
-from ansible.module_utils.unitgen_toml import TomlWriteError, dumps
+from ansible.module_utils.unitgen_secrets import Secret, redacted, secrets, spec_strings, undeclared
+from ansible.module_utils.unitgen_toml import TomlWriteError, dumps, loads
 
 HEADER = (
     "# Written by the unitgen_instance Ansible module: the next run overwrites\n"
     "# changes made here. Edit the play or inventory instead.\n"
 )
+# The diff's "before" when the previous spec file cannot be read to redact it.
+UNREADABLE = "# (the previous spec file is not shown: it could not be read to hide its secrets)\n"
 # Written first, in this order; the rest alphabetically (tables go last anyway).
 FIRST_KEYS = ("name", "backend", "model", "executable", "command", "host", "port")
 
@@ -255,8 +273,35 @@ def json_error(data: dict[str, Any] | None) -> str:
     return ""
 
 
+class Previous:
+    """The spec file the host has, and its secrets (masked in every output)."""
+
+    def __init__(self, module: AnsibleModule, path: str) -> None:
+        try:
+            self.text = read_text(path)
+        except OSError as exc:
+            module.fail_json(msg=f"cannot read {path}: {exc.strerror}")
+        self.spec = loads(self.text) if self.text is not None else None
+        self.secrets: list[Secret] = secrets(self.spec) if self.spec is not None else []
+        module.no_log_values.update(value for _, _, _, value in self.secrets)
+
+    def shown(self) -> str | None:
+        """The file as the diff shows it: its secrets as ``<redacted>``."""
+        if self.text is None:
+            return None
+        if self.spec is None:
+            return UNREADABLE
+        # Comments are left out: the module writes only its header, and a
+        # comment added by hand could quote a key.
+        header = HEADER if self.text.startswith(HEADER) else ""
+        try:
+            return header + dumps(redacted(self.spec, self.secrets))
+        except TomlWriteError:
+            return UNREADABLE
+
+
 def spec_diff(path: str, old: str | None, new: str | None) -> dict[str, str]:
-    """An Ansible before/after diff of the spec file."""
+    """An Ansible before/after diff of the spec file (both already redacted)."""
     return {
         "before": old or "",
         "after": new or "",
@@ -286,14 +331,17 @@ class Runner:
 
 def present(module: AnsibleModule, run: Runner, name: str, spec: dict[str, Any], path: str) -> None:
     """Write the spec file and deploy it (or dry-run it in check mode)."""
+    found = secrets(spec)
     try:
         text = HEADER + dumps(ordered(spec))
     except TomlWriteError as exc:
         module.fail_json(msg=f"{name}: spec: {exc}")
-    try:
-        old = read_text(path)
-    except OSError as exc:
-        module.fail_json(msg=f"cannot read {path}: {exc.strerror}")
+    previous = Previous(module, path)
+    old = previous.text
+    for var in undeclared(spec):
+        module.warn(f"{name}: env.{var} looks like a secret, but unitgen writes it into the "
+                    "unit file, which every local user can read (systemctl show); add it to "
+                    "secret_env to keep it in unitgen's 0600 secret file")
     spec_changed = old != text
     argv = run.argv("deploy")
     if module.params["port_range"]:
@@ -356,7 +404,9 @@ def present(module: AnsibleModule, run: Runner, name: str, spec: dict[str, Any],
     if module._diff:
         diffs = []
         if spec_changed:
-            diffs.append(spec_diff(path, old, text))
+            known = previous.secrets if previous.spec is not None else None
+            shown = HEADER + dumps(ordered(redacted(spec, found, known)))
+            diffs.append(spec_diff(path, previous.shown(), shown))
         if inst.get("diff"):
             diffs.append({"prepared": inst["diff"]})
         result["diff"] = diffs
@@ -372,10 +422,8 @@ def absent(module: AnsibleModule, run: Runner, name: str, path: str) -> None:
                          stderr=err)
     rows = [r for r in data.get("instances", []) if isinstance(r, dict) and r.get("name") == name]
     units = list(rows[0].get("units", [])) if rows else []
-    try:
-        old = read_text(path)
-    except OSError as exc:
-        module.fail_json(msg=f"cannot read {path}: {exc.strerror}")
+    previous = Previous(module, path)
+    old = previous.text
     changed = bool(rows) or old is not None
     result: dict[str, Any] = {
         "changed": changed,
@@ -387,7 +435,7 @@ def absent(module: AnsibleModule, run: Runner, name: str, path: str) -> None:
     if module._diff and changed:
         diffs = []
         if old is not None:
-            diffs.append(spec_diff(path, old, None))
+            diffs.append(spec_diff(path, previous.shown(), None))
         if units:
             diffs.append({"prepared": "".join(f"--- {u} removed\n" for u in units)})
         result["diff"] = diffs
@@ -409,7 +457,8 @@ def absent(module: AnsibleModule, run: Runner, name: str, path: str) -> None:
 
 
 ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
-    "spec": {"type": "dict"},
+    # no_log: see main()
+    "spec": {"type": "dict", "no_log": True},
     "name": {"type": "str"},
     "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
     "scope": {"type": "str", "choices": ["system", "user"], "default": "system"},
@@ -438,6 +487,19 @@ def main() -> None:
         supports_check_mode=True,
     )
     p = module.params
+    # Secrets travel in spec (env, args). AnsibleModule logs its invocation to
+    # the host's syslog/journal while it is being constructed, before this code
+    # can tell which values are secret, so only no_log on the whole option keeps
+    # them out of that log (it then says spec=NOT_LOGGING_PARAMETER; the host
+    # keeps the spec in its 0600 file anyway). no_log also lists every value of
+    # the spec in no_log_values, which Ansible masks in everything the module
+    # returns: the instance's name, backend, port and path would turn into
+    # "********". So no_log_values keeps the secrets only (plus those of the
+    # previous spec file, added when it is read): results, diffs, warnings and
+    # unitgen's own output keep everything else readable, and a secret is masked
+    # wherever it shows up, invocation.module_args included.
+    module.no_log_values.difference_update(spec_strings(p["spec"]))
+    module.no_log_values.update(value for _, _, _, value in secrets(p["spec"]))
     spec = dict(p["spec"]) if p["spec"] is not None else None
     name = p["name"]
     if spec is not None:
@@ -460,6 +522,9 @@ def main() -> None:
         module.fail_json(msg=f"unitgen not found: {p['executable']} (install unitgen-units on "
                              "the host, or set executable)")
     path = os.path.join(p["spec_dir"] or default_spec_dir(p["scope"]), f"{name}.toml")
+    # The invocation line masked every value of the spec, the name included:
+    # say which instance this is, now that only the secrets are masked.
+    module.log(f"Instance {name}: state={p['state']} spec_file={path}")
     run = Runner(module, executable)
     if p["state"] == "present":
         present(module, run, name, spec or {}, path)

@@ -9,6 +9,10 @@ It writes what a spec holds (strings, integers, floats, booleans, lists, and
 tables such as ``health`` and ``systemd.service``) and refuses anything TOML
 cannot say (``None`` inside a list, dates, unpaired surrogates) with the key
 that holds it, instead of writing something that reads back differently.
+
+``loads`` reads a spec file back (the module redacts the secrets of the
+previous file in its diff): with ``tomllib`` where the interpreter has it
+(3.11+), else with a reader of exactly what ``dumps`` writes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import math
 import re
 from typing import Any
 
-__all__ = ["TomlWriteError", "dumps"]
+__all__ = ["TomlWriteError", "dumps", "loads"]
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
@@ -121,3 +125,152 @@ def dumps(data: dict[Any, Any]) -> str:
     out: list[str] = []
     _table(data, [], "", out)
     return "\n".join(out) + "\n" if out else ""
+
+
+def loads(text: str) -> dict[str, Any] | None:
+    """A TOML document as a mapping, or None when it cannot be read here: not
+    TOML, or, on an interpreter without ``tomllib``, not as ``dumps`` writes it
+    (after leading comment lines such as the module's header)."""
+    try:
+        import tomllib  # noqa: PLC0415 - Python 3.11+; the fallback covers older hosts
+    except ImportError:
+        return _loads_own(text)
+    try:
+        return tomllib.loads(text)
+    except (ValueError, TypeError):
+        return None
+
+
+_SCALAR = re.compile(r"true|false|nan|[+-]?inf|-?[0-9]+(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+_STRING = re.compile(r'"((?:[^"\\]|\\["\\btnfr]|\\u[0-9a-fA-F]{4})*)"')
+_UNESCAPES = {v[1]: k for k, v in _ESCAPES.items()}
+
+
+class _UnreadableError(ValueError):
+    pass
+
+
+class _Line:
+    """One line of ``dumps`` output, read left to right."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def eat(self, token: str) -> None:
+        if not self.text.startswith(token, self.pos):
+            raise _UnreadableError(token)
+        self.pos += len(token)
+
+    def eat_end(self) -> None:
+        if self.pos != len(self.text):
+            raise _UnreadableError("trailing text")
+
+    def peek(self, token: str) -> bool:
+        return self.text.startswith(token, self.pos)
+
+    def string(self) -> str:
+        match = _STRING.match(self.text, self.pos)
+        if not match:
+            raise _UnreadableError("string")
+        self.pos = match.end()
+        return re.sub(r"\\(u[0-9a-fA-F]{4}|.)", _unescape, match.group(1))
+
+    def key(self) -> str:
+        if self.peek('"'):
+            return self.string()
+        match = _BARE_KEY.match(self.text, self.pos)
+        if not match:
+            raise _UnreadableError("key")
+        self.pos = match.end()
+        return match.group(0)
+
+    def value(self) -> Any:  # noqa: ANN401 - any TOML value
+        if self.peek('"'):
+            return self.string()
+        if self.peek("["):
+            self.eat("[")
+            items: list[Any] = []
+            while not self.peek("]"):
+                if items:
+                    self.eat(", ")
+                items.append(self.value())
+            self.eat("]")
+            return items
+        if self.peek("{}"):
+            self.eat("{}")
+            return {}
+        if self.peek("{ "):
+            self.eat("{ ")
+            table: dict[str, Any] = {}
+            while not self.peek(" }"):
+                if table:
+                    self.eat(", ")
+                key = self.key()
+                self.eat(" = ")
+                table[key] = self.value()
+            self.eat(" }")
+            return table
+        match = _SCALAR.match(self.text, self.pos)
+        if not match:
+            raise _UnreadableError("value")
+        self.pos = match.end()
+        word = match.group(0)
+        if word in ("true", "false"):
+            return word == "true"
+        if word.lstrip("+-") in ("inf", "nan") or match.group(1) or match.group(2):
+            return float(word)
+        return int(word)
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code = match.group(1)
+    return chr(int(code[1:], 16)) if code.startswith("u") else _UNESCAPES[code]
+
+
+def _loads_own(text: str) -> dict[str, Any] | None:
+    lines = text.split("\n")
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    try:
+        doc = _read_lines(lines)
+    except (_UnreadableError, KeyError, ValueError):
+        return None
+    # Only what dumps would write back identically was read correctly.
+    try:
+        return doc if dumps(doc) == "\n".join(lines) else None
+    except TomlWriteError:
+        return None
+
+
+def _read_lines(lines: list[str]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    table = doc
+    for raw in lines:
+        if not raw:
+            continue
+        line = _Line(raw)
+        if line.peek("["):
+            table = _header(line, doc)
+        else:
+            key = line.key()
+            line.eat(" = ")
+            table[key] = line.value()
+        line.eat_end()
+    return doc
+
+
+def _header(line: _Line, doc: dict[str, Any]) -> dict[str, Any]:
+    """The table a ``[a."b c"]`` line opens (created in ``doc``)."""
+    line.eat("[")
+    path = [line.key()]
+    while line.peek("."):
+        line.eat(".")
+        path.append(line.key())
+    line.eat("]")
+    table = doc
+    for part in path:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise _UnreadableError(part)
+    return table
