@@ -59,9 +59,6 @@ def test_what_it_cannot_follow_is_never_between():
         frames = ResponseFrames()
         out, _ = frames.feed(stream)
         assert out == stream and not frames.between
-    frames = ResponseFrames()
-    frames.saw_request(b"HEAD / HTTP/1.1\r\n\r\n")
-    assert frames.feed(LENGTH) == (LENGTH, 0) and not frames.between
 
 
 def test_the_answer_to_a_head_request_has_no_body():

@@ -41,12 +41,6 @@ class ResponseFrames:
         """True when the last response ended and nothing of a next one came."""
         return not self.lost and self._state == "head" and not self._buf
 
-    def saw_request(self, data: bytes) -> None:
-        """Client bytes: a HEAD request's answer has no body whatever its
-        Content-Length says, so stop following rather than miscount."""
-        if b"HEAD " in data:
-            self.lost = True
-
     def expect(self, method: bytes) -> None:
         """The client sent a request head with this method (in order): the answer
         to a HEAD has no body whatever its Content-Length says."""
