@@ -1,14 +1,16 @@
-"""Response boundaries for the swap proxy's drain: split anywhere, the count
-and the bytes come out right; anything it cannot follow is never 'between'."""
+"""Request and response boundaries for the swap proxy's drain: split anywhere,
+the count and the bytes come out right; anything it cannot follow is never
+'between' (responses) or is 'lost' (requests)."""
 
 from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from unitgen.inunit.httpframes import ResponseFrames
+from unitgen.inunit.httpframes import RequestFrames, ResponseFrames
 
 LENGTH = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\n\r\nhello"
 CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -57,6 +59,66 @@ def test_what_it_cannot_follow_is_never_between():
         frames = ResponseFrames()
         out, _ = frames.feed(stream)
         assert out == stream and not frames.between
+
+
+def test_the_answer_to_a_head_request_has_no_body():
+    """Told by the request side, in order: the HEAD answer's Content-Length
+    announces a body that never comes, the GET answer's body does."""
+    head_answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
     frames = ResponseFrames()
-    frames.saw_request(b"HEAD / HTTP/1.1\r\n\r\n")
-    assert frames.feed(LENGTH) == (LENGTH, 0) and not frames.between
+    frames.expect(b"HEAD")
+    frames.expect(b"GET")
+    assert frames.feed(CONTINUE + head_answer) == (CONTINUE + head_answer, 1)
+    assert frames.between
+    assert frames.feed(LENGTH) == (LENGTH, 1) and frames.between
+
+
+GET = b"GET /v1/models HTTP/1.1\r\nHost: a\r\n\r\n"
+POST = b"POST /v1/chat HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n{\"a\": \"b\"}\n"
+CHUNKED_POST = (b"POST /v1/audio HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                b"4;x=y\r\nabcd\r\n10\r\n" + b"z" * 16 + b"\r\n0\r\nX-Sum: 1\r\n\r\n")
+BARE_LF = b"HEAD / HTTP/1.0\nHost: a\n\n"
+REQUESTS = [b"\r\n", GET, POST, CHUNKED_POST, BARE_LF, POST]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(b"".join(REQUESTS))), max_size=12))
+def test_requests_split_anywhere_are_counted_in_order(cuts):
+    whole = b"".join(REQUESTS)
+    bounds = sorted({0, len(whole), *cuts})
+    frames = RequestFrames()
+    methods = []
+    for a, b in itertools.pairwise(bounds):
+        methods += frames.feed(whole[a:b])
+    assert methods == [b"GET", b"POST", b"POST", b"HEAD", b"POST"]
+    assert frames.completed == 5 and frames.phase == "none" and not frames.lost
+    assert frames.parts == 5 + 3  # five heads, three bodies
+
+
+def test_phase_follows_a_request_as_it_comes():
+    frames = RequestFrames()
+    assert frames.phase == "none" and frames.feed(b"\r\n") == [] and frames.parts == 0
+    frames.feed(POST[:10])
+    assert frames.phase == "head" and frames.parts == 1
+    assert frames.feed(POST[10:-3]) == [b"POST"]
+    assert frames.phase == "body" and frames.parts == 2 and frames.completed == 0
+    frames.feed(POST[-3:] + GET[:3])
+    assert frames.phase == "head" and frames.parts == 3 and frames.completed == 1
+    frames.feed(GET[3:])
+    assert frames.phase == "none" and frames.completed == 2
+    frames.feed(b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    assert frames.phase == "none" and frames.completed == 3 and frames.parts == 4
+
+
+@pytest.mark.parametrize("stream", [
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",                      # HTTP/2 without TLS
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS
+    b"GET / HTTP/1.1\r\nContent-Length: abc\r\n\r\n",
+    b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET / HTTP/1.1\r\nX: " + b"x" * 70000,
+])
+def test_what_is_not_a_request_it_can_delimit_is_lost(stream):
+    frames = RequestFrames()
+    frames.feed(stream)
+    assert frames.lost

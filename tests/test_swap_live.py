@@ -420,3 +420,91 @@ def test_the_drain_bound_ends_a_turn_that_would_starve_the_others(box, tmp_path)
     assert took < 5, f"b waited {took:.1f} s behind an 8 s answer with swap_drain = 1s"
     assert not out["a"]["done"] and out["a"]["chunks"] < 10  # cut at the bound, as documented
     assert "drain bound 1s reached" in box.journal("a.service", lines=20)
+
+
+def _open(port: int, first: bytes = b"") -> socket.socket:
+    """A loopback TCP connection to ``port`` that has sent ``first`` (maybe nothing)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    if first:
+        sock.sendall(first)
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> bool:
+    """True when the other end closed ``sock`` (EOF or reset) within ``within`` s;
+    whatever the server answered before that is read and dropped."""
+    sock.settimeout(within)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def _swap_time(box: Sandbox, ports: dict[str, int], held: list[socket.socket]) -> float:
+    """Seconds from b's request to its answer while a holds ``held``."""
+    t0 = time.monotonic()
+    status, _ = get(ports["b"], "/x", timeout=60)
+    took = time.monotonic() - t0
+    assert status == 200
+    print(f"\nswap with {len(held)} held connection(s) to a: {took:.2f} s")
+    return took
+
+
+def test_a_silent_connection_does_not_hold_the_turn(box, tmp_path):
+    """Security review item 9: a TCP connection to the running member that never
+    sends a byte held every swap for the whole swap_drain (20.26 s here). Once the
+    drain begins it is closed after the grace (1 s), so b loads at once."""
+    ports = deploy(box, member(tmp_path, "a", drain="20s"), member(tmp_path, "b"))
+    assert get(ports["a"], "/x", timeout=60)[0] == 200
+    silent = _open(ports["a"])
+    try:
+        time.sleep(0.5)  # accepted by a's proxy well before the drain begins
+        took = _swap_time(box, ports, [silent])
+        assert took < 5, (f"b waited {took:.1f} s behind a connection that sent nothing\n"
+                          + box.journal("a.service", lines=30))
+        assert _closed_by_peer(silent, 10)
+    finally:
+        silent.close()
+    assert "closed 1 connection(s) that sent nothing" in box.journal("a.service", lines=30)
+    assert failed_units(box) == ""
+
+
+def test_stalled_and_trickled_requests_do_not_hold_the_turn(box, tmp_path):
+    """Slowloris: a request head left unfinished, one sent a byte every half
+    second, and a body that stops coming are closed 5 s after the drain begins
+    (DRAIN_STALL), not at swap_drain (20 s)."""
+    ports = deploy(box, member(tmp_path, "a", drain="20s"), member(tmp_path, "b"))
+    assert get(ports["a"], "/x", timeout=60)[0] == 200
+    stalled = _open(ports["a"], b"GET /x HTTP/1.1\r\nHost: a\r\n")
+    body = _open(ports["a"], b"GET /x HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    trickled = _open(ports["a"], b"G")
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for byte in b"ET /x HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"y" * 200:
+            if stop.wait(0.5):
+                return
+            try:
+                trickled.send(bytes([byte]))
+            except OSError:
+                return
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    held = [stalled, body, trickled]
+    try:
+        time.sleep(0.5)
+        took = _swap_time(box, ports, held)
+        assert took < 10, (f"b waited {took:.1f} s behind stalled requests\n"
+                           + box.journal("a.service", lines=30))
+        assert all(_closed_by_peer(s, 10) for s in held)
+    finally:
+        stop.set()
+        sender.join(10)
+        for s in held:
+            s.close()
+    assert failed_units(box) == ""

@@ -1,6 +1,7 @@
-"""Where HTTP/1.x responses end in a byte stream, so a draining proxy can tell a
-kept-alive connection that sits between requests from one in the middle of an
-answer (a streamed generation included), and ask the client to close it.
+"""Where HTTP/1.x requests and responses end in a byte stream, so a draining
+proxy can tell a kept-alive connection that sits between requests from one in
+the middle of an answer (a streamed generation included), and a client that is
+still sending its request from one that sends nothing.
 
 Standard library only; it never changes a byte except, on request, by adding a
 ``Connection: close`` header to a response head.
@@ -9,11 +10,14 @@ Standard library only; it never changes a byte except, on request, by adding a
 from __future__ import annotations
 
 import re
+from collections import deque
 
-__all__ = ["ResponseFrames"]
+__all__ = ["RequestFrames", "ResponseFrames"]
 
 _MAX_HEAD = 64 * 1024
 _STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3})")
+# method SP request-target SP HTTP-version (RFC 9112 section 3)
+_REQUEST_LINE = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) [^ \r\n]+ HTTP/1\.[01]\r?\n")
 
 
 class ResponseFrames:
@@ -30,17 +34,18 @@ class ResponseFrames:
         self._state = "head"  # head, body, chunk-size, chunk-data, chunk-crlf, trailers, eof
         self._buf = bytearray()
         self._left = 0
+        self._heads: deque[bool] = deque()  # per request not yet answered: was it HEAD?
 
     @property
     def between(self) -> bool:
         """True when the last response ended and nothing of a next one came."""
         return not self.lost and self._state == "head" and not self._buf
 
-    def saw_request(self, data: bytes) -> None:
-        """Client bytes: a HEAD request's answer has no body whatever its
-        Content-Length says, so stop following rather than miscount."""
-        if b"HEAD " in data:
-            self.lost = True
+    def expect(self, method: bytes) -> None:
+        """The client sent a request head with this method (in order): the answer
+        to a HEAD has no body whatever its Content-Length says."""
+        if not self.lost:
+            self._heads.append(method == b"HEAD")
 
     def feed(self, data: bytes, *, close: bool = False) -> tuple[bytes, int]:
         """Take server bytes; return (bytes to forward, responses completed).
@@ -143,7 +148,10 @@ class ResponseFrames:
                 fields[key] = (fields[key] + b"," if key in fields else b"") + value.strip()
         if status == 101:
             return None  # an upgraded connection is no longer HTTP
-        if status < 200 or status in (204, 304):
+        if status < 200:
+            self._state = "head"
+            return status
+        if (self._heads.popleft() if self._heads else False) or status in (204, 304):
             self._state = "head"
             return status
         if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
@@ -155,3 +163,138 @@ class ResponseFrames:
             self._state = "body" if self._left else "head"
             return status
         return None  # the body lasts until the server closes
+
+
+def _head_end(buf: bytearray) -> int:
+    """Offset just past the empty line that ends a head in ``buf``, or -1. Bare LF
+    line ends count too: lenient servers accept them, so a request they answer
+    must not look unfinished here."""
+    ends = [i + n for i, n in ((buf.find(b"\n\r\n"), 3), (buf.find(b"\n\n"), 2)) if i >= 0]
+    return min(ends) if ends else -1
+
+
+class RequestFrames:
+    """Follows the requests a client sends on one connection, observing only.
+
+    :meth:`feed` takes bytes as they arrive and returns the methods of the
+    request heads completed in them. ``phase`` says whether a request is being
+    received (``"head"``, ``"body"``) or none (``"none"``); ``parts`` counts the
+    heads and bodies begun, so a caller sees a new one start; ``completed``
+    counts requests received in full. ``lost`` turns true on anything that is
+    not an HTTP/1.x request with a length it can follow (RFC 9112 section 6.3)."""
+
+    def __init__(self) -> None:
+        self.lost = False
+        self.completed = 0
+        self.parts = 0
+        self._state = "none"  # none, head, body, chunk-size, chunk-data, chunk-crlf, trailers
+        self._buf = bytearray()
+        self._left = 0
+
+    @property
+    def phase(self) -> str:
+        """``none`` between requests, ``head`` or ``body`` while one is coming."""
+        if self._state in ("none", "head"):
+            return self._state
+        return "body"
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Take client bytes; return the methods of the heads completed in them."""
+        methods: list[bytes] = []
+        view = memoryview(data)
+        while view and not self.lost:
+            if self._state == "none":
+                # empty lines before a request are allowed (RFC 9112 section 2.2)
+                rest = bytes(view).lstrip(b"\r\n")
+                view = memoryview(rest)
+                if rest:
+                    self._state = "head"
+                    self.parts += 1
+            elif self._state == "head":
+                self._buf += view
+                view = memoryview(b"")
+                end = _head_end(self._buf)
+                if end < 0:
+                    if len(self._buf) > _MAX_HEAD:
+                        self._lose()
+                    break
+                head, rest = bytes(self._buf[:end]), bytes(self._buf[end:])
+                self._buf.clear()
+                method = self._start(head)
+                if method is None:
+                    self._lose()
+                    break
+                methods.append(method)
+                view = memoryview(rest)
+            elif self._state in ("body", "chunk-data", "chunk-crlf"):
+                take = min(self._left, len(view))
+                view = view[take:]
+                self._left -= take
+                if not self._left:
+                    if self._state == "body":
+                        self._end()
+                    elif self._state == "chunk-data":
+                        self._state, self._left = "chunk-crlf", 2
+                    else:
+                        self._state = "chunk-size"
+            else:  # chunk-size or trailers: line based
+                nl = bytes(view).find(b"\n")
+                if nl < 0:
+                    self._buf += view
+                    if len(self._buf) > _MAX_HEAD:
+                        self._lose()
+                    break
+                line = bytes(self._buf) + bytes(view[:nl + 1])
+                view = view[nl + 1:]
+                self._buf.clear()
+                if self._state == "chunk-size":
+                    size = line.split(b";", 1)[0].strip()
+                    if not size or any(c not in b"0123456789abcdefABCDEF" for c in size):
+                        self._lose()
+                    elif int(size, 16):
+                        self._state, self._left = "chunk-data", int(size, 16)
+                    else:
+                        self._state = "trailers"
+                elif line in (b"\r\n", b"\n"):
+                    self._end()
+        return methods
+
+    def _end(self) -> None:
+        self._state = "none"
+        self.completed += 1
+
+    def _lose(self) -> None:
+        self.lost = True
+        self._buf.clear()
+
+    def _start(self, head: bytes) -> bytes | None:
+        """Read a request head; set the state for its body. None: cannot follow."""
+        match = _REQUEST_LINE.match(head)
+        if not match:
+            return None
+        fields: dict[bytes, list[bytes]] = {}
+        for line in head.split(b"\n")[1:]:
+            name, sep, value = line.partition(b":")
+            if sep:
+                fields.setdefault(name.strip().lower(), []).append(value.strip())
+        codings = b",".join(fields.get(b"transfer-encoding", [])).lower()
+        lengths = ({v.strip() for v in b",".join(fields[b"content-length"]).split(b",")}
+                   if b"content-length" in fields else set())
+        if codings:
+            # chunked must come last; a request without it cannot be delimited
+            if codings.split(b",")[-1].strip() != b"chunked":
+                return None
+            self._state = "chunk-size"
+            self.parts += 1
+        elif lengths:
+            if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+                return None
+            self._left = int(next(iter(lengths)))
+            if self._left:
+                self._state = "body"
+                self.parts += 1
+            else:
+                self._end()
+        else:
+            self._end()  # no body (RFC 9112 section 6.3, last rule for requests)
+        return match.group(1)

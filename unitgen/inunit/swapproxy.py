@@ -20,7 +20,9 @@ Taking the turn (before the first connection is accepted):
 
 On SIGTERM it accepts what is already queued, closes its copy of the listening
 socket (the socket unit keeps listening: new requests wait there for the next
-turn), finishes the connections in flight within ``--drain``, and exits 0.
+turn), finishes the requests being answered within ``--drain``, closes the
+connections that are not being answered after a short grace (``DrainPolicy`` in
+:mod:`unitgen.inunit.swapforward`), and exits 0.
 
     python -I -m unitgen.inunit.swapproxy --name a --group gpu0 --lock PATH \\
         --scope user --drain 3min TARGET
