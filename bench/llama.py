@@ -27,7 +27,7 @@ from pathlib import Path
 from bench.rows import Profile, Row
 from bench.tools import free_port, stop_pid, wait_until, wrk
 from tests.helpers import install, uninstall, write_spec
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 ENABLED = os.environ.get("BENCH_LLAMA") == "1"
 WHY_OFF = "opt-in: BENCH_LLAMA=1 with llama-server and gguf installed (see bench/llama.py)"

@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.rows import Profile, Row
 from bench.tools import PYTHON, WrkResult, free_port, median, wrk
 from tests.helpers import install, uninstall, write_spec
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 HERE = Path(__file__).resolve().parent
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.proxy import HERE, deployed
 from bench.rows import Profile, Row
 from bench.tools import PYTHON, free_port, median, stop_pid
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 SERVER = HERE / "readyserver.py"
 GPUSTACK_POLL = 3.0  # GPUStack's health poll interval (it has no start deadline either)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tests.helpers import custom_spec, write_spec
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
         if os.environ.get("BENCH_PROFILE"):
             subprocess.run([sys.executable, "-c", (
                 "import cProfile, pstats, time\n"
-                "from unitgen.ops.status import status\n"
+                "from unitgen.ops.systemd.status import status\n"
                 "t = time.monotonic(); status([], 'user'); print('in process', time.monotonic() - t)\n"
                 "cProfile.run(\"status([], 'user')\", '/tmp/status.prof')\n"
                 "pstats.Stats('/tmp/status.prof').sort_stats('cumulative').print_stats(25)\n")],

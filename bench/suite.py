@@ -15,7 +15,7 @@ from pathlib import Path
 from bench import cli, llama, memory, proxy, ready, status
 from bench.rows import FULL, QUICK, Profile, Row, report, table, write_report
 from bench.tools import loadavg, machine
-from unitgen.ops.sandbox import Sandbox, sandbox_unavailable_reason
+from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tests.helpers import STANDIN, custom_spec, free_port, get, write_spec
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 LOADS = (0.0, 1.0, 3.0)
 ROUNDS = 5

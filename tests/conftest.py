@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from unitgen.ops.sandbox import Sandbox, sandbox_unavailable_reason
+from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
 
 ALLOW_SKIP_ENV = "UNITGEN_ALLOW_SKIP_LIVE"
 HOST_MANAGER_ENV = "UNITGEN_TEST_HOST_MANAGER"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from unitgen.ops.core import render_spec, write_files
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 from unitgen.targets.systemd.render import RenderContext, find_proxyd
 
 # The stand-in server ships in examples/ (the demo uses it too).

@@ -13,7 +13,7 @@ import xmlrpc.client
 from pathlib import Path
 
 from unitgen.ops.supervisor.rpc import Endpoint, SupervisorRPC
-from unitgen.ops.supervisor.target import Target
+from unitgen.ops.supervisor.site import Site
 from unitgen.targets.supervisor.render import SupervisorContext
 from unitgen.targets.systemd.render import find_proxyd
 
@@ -105,13 +105,13 @@ class Supervisord:
         """The plain proxy, for calls tests make directly."""
         return self.rpc()._proxy
 
-    def target(self, root: Path | None = None) -> Target:
+    def target(self, root: Path | None = None) -> Site:
         """A unitgen target for this supervisord; run, log and secret dirs under ``root``."""
         base = root or self.root
         ctx = SupervisorContext(python=sys.executable, proxyd=find_proxyd(),
                                 run_dir=str(base / "run"), log_dir=str(base / "log"),
                                 secrets_dir=str(base / "secrets"))
-        return Target(Endpoint(self.url), self.conf_dir, ctx)
+        return Site(Endpoint(self.url), self.conf_dir, ctx)
 
     def stop(self) -> None:
         """SIGTERM by pid (supervisord stops its programs), SIGKILL after 30 s."""

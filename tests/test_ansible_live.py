@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import STANDIN, get
-from unitgen.ops.sandbox import Sandbox, sandbox_unavailable_reason
+from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
 
 pytestmark = [pytest.mark.ansible, pytest.mark.systemd]
 

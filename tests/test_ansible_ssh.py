@@ -22,7 +22,7 @@ import pytest
 
 from tests.helpers import STANDIN, free_port, get
 from tests.test_ansible_live import PLAYBOOK, run_playbook
-from unitgen.ops.sandbox import Sandbox, sandbox_unavailable_reason
+from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
 
 pytestmark = [pytest.mark.ansible, pytest.mark.systemd]
 

@@ -19,7 +19,7 @@ from tests.helpers import STANDIN, free_port, get, wait_for, write_spec
 from tests.supervisord import Supervisord, supervisord_unavailable_reason
 from tests.test_attacks_live import SQUATTER, received
 from unitgen.ops.supervisor.deploy import Options, deploy, remove
-from unitgen.ops.supervisor.target import Target
+from unitgen.ops.supervisor.site import Site
 from unitgen.targets.supervisor.installed import scan
 
 QUIET = Options(say=lambda line: None)
@@ -49,7 +49,7 @@ def sd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisord]:
 
 
 @pytest.fixture
-def target(sd: Supervisord) -> Iterator[Target]:
+def target(sd: Supervisord) -> Iterator[Site]:
     t = sd.target()
     yield t
     names = sorted(scan(t.conf_dir))
@@ -84,11 +84,11 @@ def attacker(port: int, seconds: float, *, burst: bool = False) -> subprocess.Po
     return proc
 
 
-def conf_text(target: Target, name: str) -> str:
+def conf_text(target: Site, name: str) -> str:
     return (target.conf_dir / f"unitgen-{name}.conf").read_text()
 
 
-def private_port(target: Target, name: str) -> int:
+def private_port(target: Site, name: str) -> int:
     line = next(ln for ln in conf_text(target, name).splitlines()
                 if ln.startswith("# unitgen-private: "))
     return int(line.rsplit(":", 1)[1])

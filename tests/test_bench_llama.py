@@ -23,7 +23,7 @@ import pytest
 
 from bench import llama
 from tests.helpers import free_port, install, prop, uninstall, wait_for, write_spec
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 pytestmark = [
     pytest.mark.systemd,

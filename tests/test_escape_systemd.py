@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 from unitgen.plan.instance import RUNTIME_DIR
 from unitgen.targets.systemd.escape import (
     environment_assignment,

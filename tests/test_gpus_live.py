@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import custom_spec, prop, wait_for, write_spec
 from tests.nvml import FAKE_DIR, GIB, eight_gpus, uuid, write_scenario
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd
 

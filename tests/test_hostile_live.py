@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from tests.helpers import user_ctx
 from unitgen.errors import SpecError, printable
 from unitgen.ops.core import write_files
-from unitgen.ops.sandbox import Sandbox
-from unitgen.ops.systemd import connect
+from unitgen.ops.systemd.manager import connect
+from unitgen.ops.systemd.sandbox import Sandbox
 from unitgen.plan.instance import RUNTIME_DIR, resolve
 from unitgen.spec.model import from_mapping
 from unitgen.targets.systemd.render import render_instance

@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import STANDIN, write_spec
 from tests.test_operate_live import cli, cli_json
 from unitgen.cli import cli as unitgen_cli
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import STANDIN, custom_spec, free_port, get, prop, wait_for, write_spec
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import free_port, install, standin_exe, uninstall, write_spec
 from unitgen.errors import SpecError
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd
 

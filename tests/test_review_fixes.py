@@ -16,8 +16,8 @@ from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
 from unitgen.inunit.probe import attempt
 from unitgen.ops.core import render_spec
-from unitgen.ops.deploy import DeployOptions, deploy
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.deploy import DeployOptions, deploy
+from unitgen.ops.systemd.sandbox import Sandbox
 from unitgen.ops.trust import UnsafeInstallError, untrusted_paths
 from unitgen.plan.gpus import unit_of_cgroup
 from unitgen.targets.systemd.installed import scan

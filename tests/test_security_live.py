@@ -18,7 +18,7 @@ import pytest
 
 from tests.helpers import STANDIN, free_port, get, prop, wait_for, write_spec
 from tests.test_operate_live import cli, cli_json
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd
 

@@ -25,8 +25,8 @@ from tests.supervisord import Supervisord, supervisord_unavailable_reason
 from tests.test_quoting_live import HOSTILE, toml_str
 from unitgen.errors import SpecError
 from unitgen.ops.supervisor.deploy import Options, deploy, remove
+from unitgen.ops.supervisor.site import Site
 from unitgen.ops.supervisor.status import doctor, logs, status
-from unitgen.ops.supervisor.target import Target
 
 QUIET = Options(say=lambda line: None)
 FOREIGN = "[program:foreign]\ncommand=/bin/sleep 3600\nautostart=true\nstartsecs=0\n"
@@ -48,7 +48,7 @@ def sd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervisord]:
 
 
 @pytest.fixture(scope="module")
-def target(sd: Supervisord) -> Target:
+def target(sd: Supervisord) -> Site:
     return sd.target()
 
 
@@ -349,7 +349,7 @@ def test_logs_and_doctor(sd, target):
 
 
 @pytest.fixture(scope="module")
-def stage(target: Target, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def stage(target: Site, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     directory = tmp_path_factory.mktemp("hostile")
     yield directory
     if (target.conf_dir / "unitgen-hostile.conf").exists():

@@ -14,7 +14,7 @@ from tests.helpers import GOLDEN_CTX, custom_spec, write_spec
 from unitgen.errors import SpecError
 from unitgen.inunit.swapproxy import mates_from_conflicts
 from unitgen.ops.core import render_spec, write_files
-from unitgen.ops.swap import dropin_changes, installed_groups, write_dropins
+from unitgen.ops.systemd.swap import dropin_changes, installed_groups, write_dropins
 from unitgen.plan.gpus import Gpu, GpuProcess, place
 from unitgen.plan.swap import after_change, groups_of, mates_of
 from unitgen.spec.model import DEFAULT_SWAP_DRAIN, parse_spec

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import custom_spec, get, prop, standin_exe, wait_for, write_spec
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd
 

@@ -25,7 +25,7 @@ from tests.helpers import (
     wait_for,
     write_spec,
 )
-from unitgen.ops.sandbox import Sandbox
+from unitgen.ops.systemd.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd
 

@@ -164,8 +164,8 @@ def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wa
            port_range: str, as_json: bool, target: str, supervisor_url: str | None,
            conf_dir: Path | None) -> int:
     """Install or update instances and wait until they answer."""
-    from unitgen.ops.deploy import DeployOptions  # noqa: PLC0415
-    from unitgen.ops.deploy import deploy as run  # noqa: PLC0415
+    from unitgen.ops.systemd.deploy import DeployOptions  # noqa: PLC0415
+    from unitgen.ops.systemd.deploy import deploy as run  # noqa: PLC0415
 
     lo, _, hi = port_range.partition("-")
     if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= 65535):
@@ -197,7 +197,7 @@ def status(names: tuple[str, ...], user: bool, as_json: bool, target: str,
 
         return emit(sup.status(list(names), url=supervisor_url, conf_dir=conf_dir),
                     as_json=as_json)
-    from unitgen.ops.status import status as run  # noqa: PLC0415
+    from unitgen.ops.systemd.status import status as run  # noqa: PLC0415
 
     return emit(run(list(names), _scope(user)), as_json=as_json)
 
@@ -207,7 +207,7 @@ def status(names: tuple[str, ...], user: bool, as_json: bool, target: str,
 @JSON
 def ls_(user: bool, as_json: bool) -> int:
     """List installed instances (from the unit files)."""
-    from unitgen.ops.status import list_instances  # noqa: PLC0415
+    from unitgen.ops.systemd.status import list_instances  # noqa: PLC0415
 
     return emit(list_instances(_scope(user)), as_json=as_json)
 
@@ -225,7 +225,7 @@ def remove(names: tuple[str, ...], user: bool, as_json: bool, target: str,
 
         return emit(sup.remove(list(names), url=supervisor_url, conf_dir=conf_dir),
                     as_json=as_json)
-    from unitgen.ops.deploy import remove as run  # noqa: PLC0415
+    from unitgen.ops.systemd.deploy import remove as run  # noqa: PLC0415
 
     return emit(run(list(names), _scope(user)), as_json=as_json)
 
@@ -247,7 +247,7 @@ def logs(name: str, follow: bool, lines: int, user: bool, target: str,
         return sup.logs(name, url=supervisor_url, conf_dir=conf_dir, lines=lines, follow=follow)
     import subprocess  # noqa: PLC0415
 
-    from unitgen.ops.journal import journal_argv  # noqa: PLC0415
+    from unitgen.ops.systemd.journal import journal_argv  # noqa: PLC0415
     from unitgen.targets.systemd.installed import require  # noqa: PLC0415
 
     units = require(_scope(user), [name])[name].units
@@ -274,7 +274,7 @@ def doctor(name: str | None, unit: str | None, port: int | None, path: str, user
         from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
 
         return emit(sup.doctor(name, url=supervisor_url, conf_dir=conf_dir), as_json=as_json)
-    from unitgen.ops import doctor as doc  # noqa: PLC0415
+    from unitgen.ops.systemd import doctor as doc  # noqa: PLC0415
 
     if unit:
         if port is None:
@@ -304,7 +304,7 @@ def sandbox() -> None:
               help="Where to keep it (default: a new temporary directory).")
 def sandbox_start(directory: Path | None) -> int:
     """Start one; print the environment that selects it (eval it in a shell)."""
-    from unitgen.ops.sandbox import Sandbox  # noqa: PLC0415
+    from unitgen.ops.systemd.sandbox import Sandbox  # noqa: PLC0415
 
     box = Sandbox.start(directory)
     for key, value in box.env.items():
@@ -319,7 +319,7 @@ def sandbox_start(directory: Path | None) -> int:
 @click.option("--keep", is_flag=True, help="Keep the directory (units, journal).")
 def sandbox_stop(directory: Path, keep: bool) -> int:
     """Stop a sandbox started with `unitgen sandbox start` (by its recorded pids)."""
-    from unitgen.ops.sandbox import Sandbox  # noqa: PLC0415
+    from unitgen.ops.systemd.sandbox import Sandbox  # noqa: PLC0415
 
     box = Sandbox.attach(directory)
     box.owns_root = not keep
@@ -335,7 +335,7 @@ def sandbox_run(command: tuple[str, ...]) -> int:
     import os  # noqa: PLC0415
     import subprocess  # noqa: PLC0415
 
-    from unitgen.ops.sandbox import Sandbox  # noqa: PLC0415
+    from unitgen.ops.systemd.sandbox import Sandbox  # noqa: PLC0415
 
     box = Sandbox.start(tie_to_parent=True)
     click.echo(f"unitgen sandbox: private systemd user manager (pid {box.manager_pid}) in "

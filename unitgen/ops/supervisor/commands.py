@@ -11,7 +11,7 @@ from unitgen.ops.core import SEPARATOR, apply_changes, check_ours
 from unitgen.ops.pipeline import CheckAllocator, plan_paths
 from unitgen.ops.supervisor import deploy as dep
 from unitgen.ops.supervisor import status as st
-from unitgen.ops.supervisor.target import Target, context
+from unitgen.ops.supervisor.site import Site, context
 from unitgen.result import Result
 from unitgen.spec.ports import PRIVATE_PORT_RANGE
 from unitgen.targets.supervisor.render import SupervisorTarget, target_notices
@@ -69,26 +69,26 @@ def check(specs: list[Path]) -> Result:
 def deploy(specs: list[Path], *, url: str | None, conf_dir: Path | None, dry_run: bool,
            diff: bool, wait: bool, port_range: tuple[int, int]) -> Result:
     """``unitgen deploy --target supervisor``."""
-    target = Target.resolve(url, conf_dir)
+    target = Site.resolve(url, conf_dir)
     opts = dep.Options(dry_run=dry_run, diff=diff, wait=wait, port_range=port_range)
     return dep.deploy(specs, target, opts)
 
 
 def status(names: list[str], *, url: str | None, conf_dir: Path | None) -> Result:
     """``unitgen status --target supervisor``."""
-    return st.status(names, Target.resolve(url, conf_dir, need_proxyd=False))
+    return st.status(names, Site.resolve(url, conf_dir, need_proxyd=False))
 
 
 def remove(names: list[str], *, url: str | None, conf_dir: Path | None) -> Result:
     """``unitgen remove --target supervisor``."""
-    return dep.remove(names, Target.resolve(url, conf_dir, need_proxyd=False))
+    return dep.remove(names, Site.resolve(url, conf_dir, need_proxyd=False))
 
 
 def logs(name: str, *, url: str | None, conf_dir: Path | None, lines: int,
          follow: bool) -> int:
     """``unitgen logs --target supervisor``: the server's log file over XML-RPC."""
     try:
-        return st.logs(name, Target.resolve(url, conf_dir, need_proxyd=False), lines=lines,
+        return st.logs(name, Site.resolve(url, conf_dir, need_proxyd=False), lines=lines,
                        follow=follow)
     except KeyboardInterrupt:
         sys.stdout.flush()
@@ -97,4 +97,4 @@ def logs(name: str, *, url: str | None, conf_dir: Path | None, lines: int,
 
 def doctor(name: str, *, url: str | None, conf_dir: Path | None) -> Result:
     """``unitgen doctor --target supervisor``."""
-    return st.doctor(name, Target.resolve(url, conf_dir, need_proxyd=False))
+    return st.doctor(name, Site.resolve(url, conf_dir, need_proxyd=False))

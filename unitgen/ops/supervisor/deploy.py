@@ -23,7 +23,7 @@ from unitgen.ops.allocate import HostAllocator, listeners
 from unitgen.ops.core import apply_changes, check_ours, files_diff, is_ours, undo_changes
 from unitgen.ops.pipeline import Planned, plan_paths
 from unitgen.ops.supervisor.rpc import SupervisorRPC
-from unitgen.ops.supervisor.target import Target
+from unitgen.ops.supervisor.site import Site
 from unitgen.ops.trust import check_trusted
 from unitgen.plan.instance import Instance
 from unitgen.result import Result
@@ -136,7 +136,7 @@ def _lock(conf_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _plan(planned: Planned, target: Target, installed: dict[str, InstalledConf],
+def _plan(planned: Planned, target: Site, installed: dict[str, InstalledConf],
           foreign: set[str]) -> Plan:
     """What deploying one planned instance changes on disk (and refusals of
     files or programs unitgen did not write)."""
@@ -251,7 +251,7 @@ def _needs_start(states: dict[str, dict[str, object]], plan: Plan) -> bool:
     return False
 
 
-def deploy(paths: list[Path], target: Target, opts: Options) -> Result:
+def deploy(paths: list[Path], target: Site, opts: Options) -> Result:
     """Deploy specs to supervisord; see the module docstring. Specs go through the
     same pipeline as the systemd target (unitgen.ops.pipeline): every problem of
     every file before supervisord is contacted or a file changes."""
@@ -445,7 +445,7 @@ def _result(outcomes: list[Outcome], *, dry_run: bool) -> Result:
                   exit_code=EXIT_FAILURE if failed else EXIT_OK)
 
 
-def remove(names: list[str], target: Target) -> Result:
+def remove(names: list[str], target: Site) -> Result:
     """Stop and remove the named instances' groups from supervisord and delete
     exactly the files unitgen wrote for them."""
     rpc = target.rpc(timeout=None)

@@ -15,9 +15,9 @@ import psutil
 from unitgen.errors import EXIT_FAILURE, EXIT_OK
 from unitgen.inunit.probe import attempt
 from unitgen.inunit.supwrap import read_env_file
-from unitgen.ops.doctor import Finding, listening
 from unitgen.ops.supervisor.rpc import SupervisorRPC
-from unitgen.ops.supervisor.target import Target
+from unitgen.ops.supervisor.site import Site
+from unitgen.ops.systemd.doctor import Finding, listening
 from unitgen.result import Result
 from unitgen.targets.supervisor.installed import InstalledConf, require, scan
 from unitgen.targets.supervisor.render import secret_name
@@ -43,7 +43,7 @@ def _states(rpc: SupervisorRPC) -> dict[str, dict[str, Any]]:
             for p in rpc.processes()}
 
 
-def _key(target: Target, conf: InstalledConf) -> str | None:
+def _key(target: Site, conf: InstalledConf) -> str | None:
     if not conf.key_env:
         return None
     try:
@@ -52,7 +52,7 @@ def _key(target: Target, conf: InstalledConf) -> str | None:
         return None
 
 
-def _row(target: Target, conf: InstalledConf, states: dict[str, dict[str, Any]]) -> Row:
+def _row(target: Site, conf: InstalledConf, states: dict[str, dict[str, Any]]) -> Row:
     programs = {g: str(states[g]["statename"]) if g in states else "NOT-LOADED"
                 for g in conf.groups}
     server = states.get(conf.server)
@@ -94,7 +94,7 @@ def _row(target: Target, conf: InstalledConf, states: dict[str, dict[str, Any]])
                f"{sname.lower()}; public port: {probe.detail}", programs)
 
 
-def status(names: list[str], target: Target) -> Result:
+def status(names: list[str], target: Site) -> Result:
     """Every (or the named) instance: state from supervisord plus a live probe."""
     confs = require(target.conf_dir, names) if names else scan(target.conf_dir)
     rpc = target.rpc()
@@ -112,7 +112,7 @@ def status(names: list[str], target: Target) -> Result:
                   lines=tuple(lines), exit_code=EXIT_FAILURE if failed else EXIT_OK)
 
 
-def logs(name: str, target: Target, *, lines: int = 100, follow: bool = False,
+def logs(name: str, target: Site, *, lines: int = 100, follow: bool = False,
          write: Callable[[str], None] | None = None, poll: float = 0.5,
          until: Callable[[], bool] | None = None) -> int:
     """Print the server's log (supervisord's log file of the server program,
@@ -136,7 +136,7 @@ def _stdout(text: str) -> None:
     sys.stdout.flush()
 
 
-def doctor(name: str, target: Target) -> Result:
+def doctor(name: str, target: Site) -> Result:
     """Does the server listen where the proxy forwards and the probe checks?"""
     conf = require(target.conf_dir, [name])[name]
     rpc = target.rpc()

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass, replace
 import psutil
 
 from unitgen.inunit.probe import attempt
-from unitgen.ops.journal import last_lines
-from unitgen.ops.swap import status_section
-from unitgen.ops.systemd import UnitInfo, connect
+from unitgen.ops.systemd.journal import last_lines
+from unitgen.ops.systemd.manager import UnitInfo, connect
+from unitgen.ops.systemd.swap import status_section
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, manager_of_scope, read_gpus
 from unitgen.result import Result, table
 from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir

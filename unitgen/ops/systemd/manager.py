@@ -3,7 +3,7 @@ D-Bus types: everything else gets plain values (:class:`UnitInfo`, job results).
 
 Both managers are supported: ``scope="system"`` (the system bus) and
 ``scope="user"`` (the session bus of ``DBUS_SESSION_BUS_ADDRESS``, which is also
-how a :mod:`unitgen.ops.sandbox` manager is reached).
+how a :mod:`unitgen.ops.systemd.sandbox` manager is reached).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from unitgen.ops.supervisor.rpc import (
 from unitgen.targets.supervisor.render import SupervisorContext
 from unitgen.targets.systemd.render import find_proxyd  # the same binary serves both targets
 
-__all__ = ["ENV_VARS", "Target", "context"]
+__all__ = ["ENV_VARS", "Site", "context"]
 
 # Every setting can come from the environment, so a container image sets them once.
 ENV_VARS = {
@@ -35,7 +35,7 @@ ENV_VARS = {
 
 
 @dataclass(frozen=True)
-class Target:
+class Site:
     """One supervisord and the directories unitgen uses with it."""
 
     endpoint: Endpoint
@@ -53,7 +53,7 @@ class Target:
 
     @classmethod
     def resolve(cls, url: str | None = None, conf_dir: Path | None = None,
-                *, need_proxyd: bool = True) -> Target:
+                *, need_proxyd: bool = True) -> Site:
         """Options first, then environment variables, then what supervisorctl would
         read (``[supervisorctl] serverurl``, the ``[include]`` directory)."""
         config = find_config(os.environ.get(ENV_VARS["config"]) or None)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from unitgen.ops.core import apply_changes
-from unitgen.ops.systemd import UnitInfo, connect
+from unitgen.ops.systemd.manager import UnitInfo, connect
 from unitgen.plan.swap import after_change, groups_of, mates_of
 from unitgen.spec.model import InstanceSpec
 from unitgen.targets.systemd.installed import Installed, scan, unit_dir

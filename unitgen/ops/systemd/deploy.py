@@ -15,10 +15,10 @@ from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, SpecError, Uni
 from unitgen.ops.allocate import HostAllocator, deploy_lock, listeners
 from unitgen.ops.core import apply_changes, check_ours, files_diff, is_ours, undo_changes
 from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
-from unitgen.ops.journal import last_lines
 from unitgen.ops.pipeline import Planned, plan_paths
-from unitgen.ops.swap import dropin_changes, installed_groups, write_dropins
-from unitgen.ops.systemd import JobOutcome, Manager, connect
+from unitgen.ops.systemd.journal import last_lines
+from unitgen.ops.systemd.manager import JobOutcome, Manager, connect
+from unitgen.ops.systemd.swap import dropin_changes, installed_groups, write_dropins
 from unitgen.ops.trust import check_trusted
 from unitgen.plan.instance import Instance
 from unitgen.plan.swap import after_change, mates_of

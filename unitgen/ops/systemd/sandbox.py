@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unitgen.errors import UnitgenError
-from unitgen.ops.journal import journal_argv
+from unitgen.ops.systemd.journal import journal_argv
 
 __all__ = ["Sandbox", "SandboxError", "find_systemd", "sandbox_unavailable_reason"]
 

@@ -14,9 +14,9 @@ import psutil
 
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
 from unitgen.inunit.probe import attempt
-from unitgen.ops.status import restart_reason
-from unitgen.ops.swap import waiting_findings
-from unitgen.ops.systemd import UnitInfo, connect
+from unitgen.ops.systemd.manager import UnitInfo, connect
+from unitgen.ops.systemd.status import restart_reason
+from unitgen.ops.systemd.swap import waiting_findings
 from unitgen.result import Result
 from unitgen.targets.systemd.installed import require
 
