@@ -13,8 +13,9 @@ from bench.cli import UNITGEN
 from bench.rows import Profile, Row
 from bench.tools import free_port, median, user_env
 from tests.helpers import custom_spec, user_ctx, write_spec
-from unitgen.ops.core import render_spec, write_files
+from unitgen.ops.files import write_files
 from unitgen.ops.systemd.sandbox import Sandbox
+from unitgen.ops.systemd.specs import render_spec
 
 
 def install_many(box: Sandbox, tmp: Path, count: int) -> list[str]:

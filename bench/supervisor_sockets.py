@@ -31,7 +31,8 @@ from pathlib import Path
 
 from tests.helpers import STANDIN, free_port, write_spec
 from tests.supervisord import Supervisord
-from unitgen.ops.supervisor.deploy import Options, deploy
+from unitgen.ops.interface import DeployOptions as Options
+from unitgen.ops.supervisor.deploy import deploy
 
 
 def one_request(port: int) -> tuple[str, float]:

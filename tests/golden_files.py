@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.helpers import GOLDEN_CTX
 from tests.nvml import FAKE_DIR, eight_gpus, write_scenario
-from unitgen.ops.core import render_spec
+from unitgen.ops.systemd.specs import render_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

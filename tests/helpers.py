@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unitgen.ops.core import render_spec, write_files
+from unitgen.ops.files import write_files
 from unitgen.ops.systemd.sandbox import Sandbox
+from unitgen.ops.systemd.specs import render_spec
 from unitgen.targets.systemd.render import RenderContext, find_proxyd
 
 # The stand-in server ships in examples/ (the demo uses it too).

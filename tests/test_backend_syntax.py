@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
-from unitgen.ops.core import render_spec
+from unitgen.ops.systemd.specs import render_spec
 from unitgen.plan.instance import resolve
 from unitgen.spec.model import parse_spec
 

@@ -15,7 +15,7 @@ from tests.helpers import GOLDEN_CTX, write_spec
 from tests.nvml import DRIVER_NOT_LOADED, GIB, NO_DRIVER, ZERO_GPUS, eight_gpus, fake_nvml, uuid
 from unitgen.errors import SpecError
 from unitgen.inunit.gpuwait import main as gpuwait
-from unitgen.ops.core import placement_for
+from unitgen.ops.pipeline import placement_for
 from unitgen.plan.gpus import read_gpus
 from unitgen.plan.instance import resolve
 from unitgen.spec.model import parse_spec

@@ -15,7 +15,7 @@ import pytest
 from tests.golden_files import eight_fake_gpus, example_specs
 from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
-from unitgen.ops.core import render_spec
+from unitgen.ops.systemd.specs import render_spec
 from unitgen.spec.backends import BACKENDS
 from unitgen.targets.systemd.render import RenderContext
 

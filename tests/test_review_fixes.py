@@ -15,9 +15,11 @@ import pytest
 from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
 from unitgen.inunit.probe import attempt
-from unitgen.ops.core import render_spec
-from unitgen.ops.systemd.deploy import DeployOptions, deploy
+from unitgen.ops.interface import DeployOptions
+from unitgen.ops.systemd.deploy import SystemdDeploy
 from unitgen.ops.systemd.sandbox import Sandbox
+from unitgen.ops.systemd.specs import render_spec
+from unitgen.ops.transaction import run
 from unitgen.ops.trust import UnsafeInstallError, untrusted_paths
 from unitgen.plan.gpus import unit_of_cgroup
 from unitgen.targets.systemd.installed import scan
@@ -141,7 +143,7 @@ def test_an_untrusted_interpreter_refuses_a_system_deploy(tmp_path):
     spec = write_spec(tmp_path, "t", 'name = "t"\nbackend = "vllm"\nmodel = "m"\n')
     ctx = RenderContext(python=str(python), proxyd=GOLDEN_CTX.proxyd, scope="system")
     with pytest.raises(UnsafeInstallError) as info:
-        deploy([spec], DeployOptions(scope="system", ctx=ctx))
+        run(SystemdDeploy("system", ctx), [spec], DeployOptions())
     assert "writable by its group or by everyone" in info.value.message
     assert "docs/production.md" in info.value.message
 

@@ -24,7 +24,8 @@ from tests.helpers import STANDIN, custom_spec, free_port, get, standin_exe, wai
 from tests.supervisord import Supervisord, supervisord_unavailable_reason
 from tests.test_quoting_live import HOSTILE, toml_str
 from unitgen.errors import SpecError
-from unitgen.ops.supervisor.deploy import Options, deploy, remove
+from unitgen.ops.interface import DeployOptions as Options
+from unitgen.ops.supervisor.deploy import deploy, remove
 from unitgen.ops.supervisor.site import Site
 from unitgen.ops.supervisor.status import doctor, logs, status
 

@@ -13,7 +13,8 @@ from tests.helpers import write_spec
 from tests.nvml import eight_gpus, fake_nvml, uuid
 from tests.supervisor_readback import read_back
 from unitgen.errors import SpecError
-from unitgen.ops.core import is_ours, placement_for
+from unitgen.ops.files import is_ours
+from unitgen.ops.pipeline import placement_for
 from unitgen.plan.instance import RUNTIME_DIR, resolve
 from unitgen.spec.model import load_spec
 from unitgen.targets.supervisor.render import SupervisorContext, render_instance

@@ -13,7 +13,8 @@ import pytest
 from tests.helpers import GOLDEN_CTX, custom_spec, write_spec
 from unitgen.errors import SpecError
 from unitgen.inunit.swapproxy import mates_from_conflicts
-from unitgen.ops.core import render_spec, write_files
+from unitgen.ops.files import write_files
+from unitgen.ops.systemd.specs import render_spec
 from unitgen.ops.systemd.swap import dropin_changes, installed_groups, write_dropins
 from unitgen.plan.gpus import Gpu, GpuProcess, place
 from unitgen.plan.swap import after_change, groups_of, mates_of

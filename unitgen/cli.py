@@ -17,7 +17,7 @@ from unitgen.errors import EXIT_FAILURE, EXIT_USAGE, SpecError, UnitgenError, pr
 from unitgen.result import Result, to_json, to_text
 
 if TYPE_CHECKING:
-    from unitgen.targets.systemd.render import RenderContext
+    from unitgen.ops.interface import TargetOps
 
 __all__ = ["cli", "main"]
 
@@ -29,6 +29,8 @@ def emit(result: Result, *, as_json: bool) -> int:
     if as_json:
         click.echo(to_json(result))
     else:
+        for problem in result.problems:
+            click.echo(f"error: {problem}", err=True)
         for warning in result.warnings:
             click.echo(f"notice: {warning}", err=True)
         text = to_text(result)
@@ -59,42 +61,23 @@ def cli() -> None:
     """Model servers as systemd units whose socket owns the port."""
 
 
-def _ctx(user: bool) -> RenderContext:
-    from unitgen.targets.systemd.render import RenderContext as Ctx  # noqa: PLC0415 - keeps `unitgen probe` light
+def _targets() -> list[str]:
+    from unitgen.ops.registry import names  # noqa: PLC0415 - keeps `unitgen probe` light
 
-    return Ctx.detect(scope="user" if user else "system")
+    return list(names())
 
 
 GPUS_FROM = click.option(
     "--gpus-from", type=click.Path(path_type=Path, dir_okay=False),
     help="Place GPUs as on the host whose `unitgen gpus --json` output is in this file.")
-
-
-@cli.command(epilog="Example: unitgen check examples/*.toml --gpus-from gpu-host.json")
-@click.argument("specs", nargs=-1, required=True, type=SPEC)
-@click.option("--user", is_flag=True, help="Units for the per-user manager.")
-@GPUS_FROM
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--target", "target", type=click.Choice(["systemd", "supervisor"]),
-              default="systemd", envvar="UNITGEN_TARGET", show_default=True,
-              help="Service manager (env UNITGEN_TARGET).")
-@click.option("--no-verify", is_flag=True,
-              help="Skip systemd-analyze verify of the rendered units (it costs ~2 ms a unit).")
-def check(specs: tuple[Path, ...], user: bool, gpus_from: Path | None, as_json: bool,
-          target: str, no_verify: bool) -> int:
-    """Validate specs and explain every problem of every file; write nothing."""
-    if target == "supervisor":
-        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
-
-        return emit(sup.check(list(specs)), as_json=as_json)
-    from unitgen.ops import core  # noqa: PLC0415
-
-    return emit(core.check(list(specs), _ctx(user), gpus_from=gpus_from, verify=not no_verify),
-                as_json=as_json)
+USER = click.option("--user", is_flag=True,
+                    help="The per-user manager (~/.config/systemd/user) instead of the system one.")
+JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
 def _target_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--target, and where supervisord and its include directory are (docs/supervisor.md)."""
+    """--target (from the registry) and where supervisord and its include
+    directory are (docs/supervisor.md)."""
     func = click.option("--conf-dir", type=click.Path(path_type=Path, file_okay=False),
                         envvar="UNITGEN_SUPERVISOR_CONF_DIR",
                         help="supervisor: include directory for conf files (default: from "
@@ -102,9 +85,35 @@ def _target_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option("--supervisor-url", envvar="UNITGEN_SUPERVISOR_URL",
                         help="supervisor: unix:///path or http://host:port (default: "
                              "[supervisorctl] serverurl; env UNITGEN_SUPERVISOR_URL).")(func)
-    return click.option("--target", "target", type=click.Choice(["systemd", "supervisor"]),
+    return click.option("--target", "target", type=click.Choice(_targets()),
                         default="systemd", envvar="UNITGEN_TARGET", show_default=True,
                         help="Service manager (env UNITGEN_TARGET).")(func)
+
+
+def _ops(target: str, *, user: bool = False, supervisor_url: str | None = None,
+         conf_dir: Path | None = None, gpus_from: Path | None = None) -> TargetOps:
+    """The one dispatch: the target's operations for the manager the options name."""
+    from unitgen.ops.interface import Where  # noqa: PLC0415
+    from unitgen.ops.registry import target as lookup  # noqa: PLC0415
+
+    return lookup(target, Where(user=user, supervisor_url=supervisor_url, conf_dir=conf_dir,
+                                gpus_from=gpus_from))
+
+
+@cli.command(epilog="Example: unitgen check examples/*.toml --gpus-from gpu-host.json")
+@click.argument("specs", nargs=-1, required=True, type=SPEC)
+@USER
+@GPUS_FROM
+@JSON
+@_target_options
+@click.option("--no-verify", is_flag=True,
+              help="Skip systemd-analyze verify of the rendered units (it costs ~2 ms a unit).")
+def check(specs: tuple[Path, ...], user: bool, gpus_from: Path | None, as_json: bool,
+          target: str, supervisor_url: str | None, conf_dir: Path | None,
+          no_verify: bool) -> int:
+    """Validate specs and explain every problem of every file; write nothing."""
+    ops = _ops(target, user=user, gpus_from=gpus_from)
+    return emit(ops.check(list(specs), verify=not no_verify), as_json=as_json)
 
 
 @cli.command(epilog="Example: unitgen render examples/demo.toml --out /tmp/units\n\n"
@@ -115,18 +124,12 @@ def _target_options(func: Callable[..., Any]) -> Callable[..., Any]:
                    "printing them.")
 @click.option("--user", is_flag=True, help="Units for the per-user manager (WantedBy=default.target).")
 @GPUS_FROM
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@JSON
 @_target_options
 def render(spec: Path, out: Path | None, user: bool, gpus_from: Path | None, as_json: bool,
            target: str, supervisor_url: str | None, conf_dir: Path | None) -> int:
     """Print (or write with --out) the units of one spec."""
-    from unitgen.ops import core  # noqa: PLC0415
-
-    if target == "supervisor":
-        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
-
-        return emit(sup.render(spec, out), as_json=as_json)
-    return emit(core.render(spec, _ctx(user), out, gpus_from=gpus_from), as_json=as_json)
+    return emit(_ops(target, user=user, gpus_from=gpus_from).render(spec, out), as_json=as_json)
 
 
 @cli.command(epilog="Example: unitgen schema > unitgen.schema.json (see docs/spec.md, Editors)")
@@ -139,15 +142,6 @@ def schema(markdown: bool) -> int:
 
     click.echo(markdown_table().rstrip("\n") if markdown else json.dumps(json_schema(), indent=2))
     return 0
-
-
-USER = click.option("--user", is_flag=True,
-                    help="The per-user manager (~/.config/systemd/user) instead of the system one.")
-JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-
-
-def _scope(user: bool) -> str:
-    return "user" if user else "system"
 
 
 @cli.command()
@@ -164,24 +158,17 @@ def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wa
            port_range: str, as_json: bool, target: str, supervisor_url: str | None,
            conf_dir: Path | None) -> int:
     """Install or update instances and wait until they answer."""
-    from unitgen.ops.systemd.deploy import DeployOptions  # noqa: PLC0415
-    from unitgen.ops.systemd.deploy import deploy as run  # noqa: PLC0415
+    from unitgen.ops.interface import DeployOptions  # noqa: PLC0415
 
     lo, _, hi = port_range.partition("-")
     if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= 65535):
         raise click.BadParameter(f"{port_range!r} is not LOW-HIGH, e.g. 31000-31999",
                                  param_hint="--port-range")
-    if target == "supervisor":
-        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
-
-        return emit(sup.deploy(list(specs), url=supervisor_url, conf_dir=conf_dir,
-                               dry_run=dry_run, diff=diff, wait=not no_wait,
-                               port_range=(int(lo), int(hi))), as_json=as_json)
-    opts = DeployOptions(scope=_scope(user), ctx=_ctx(user), dry_run=dry_run, diff=diff,
-                         wait=not no_wait, tty=sys.stderr.isatty() and not as_json,
-                         port_range=(int(lo), int(hi)),
+    opts = DeployOptions(dry_run=dry_run, diff=diff, wait=not no_wait,
+                         tty=sys.stderr.isatty() and not as_json, port_range=(int(lo), int(hi)),
                          show=None if (as_json or dry_run) else click.echo)
-    return emit(run(list(specs), opts), as_json=as_json)
+    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
+    return emit(ops.deploy(list(specs), opts), as_json=as_json)
 
 
 @cli.command()
@@ -192,24 +179,19 @@ def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wa
 def status(names: tuple[str, ...], user: bool, as_json: bool, target: str,
            supervisor_url: str | None, conf_dir: Path | None) -> int:
     """State, address, PID, uptime and memory of instances (all by default)."""
-    if target == "supervisor":
-        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
-
-        return emit(sup.status(list(names), url=supervisor_url, conf_dir=conf_dir),
-                    as_json=as_json)
-    from unitgen.ops.systemd.status import status as run  # noqa: PLC0415
-
-    return emit(run(list(names), _scope(user)), as_json=as_json)
+    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
+    return emit(ops.status(list(names)), as_json=as_json)
 
 
 @cli.command(name="ls")
 @USER
 @JSON
-def ls_(user: bool, as_json: bool) -> int:
+@_target_options
+def ls_(user: bool, as_json: bool, target: str, supervisor_url: str | None,
+        conf_dir: Path | None) -> int:
     """List installed instances (from the unit files)."""
-    from unitgen.ops.systemd.status import list_instances  # noqa: PLC0415
-
-    return emit(list_instances(_scope(user)), as_json=as_json)
+    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
+    return emit(ops.ls(), as_json=as_json)
 
 
 @cli.command()
@@ -220,14 +202,8 @@ def ls_(user: bool, as_json: bool) -> int:
 def remove(names: tuple[str, ...], user: bool, as_json: bool, target: str,
            supervisor_url: str | None, conf_dir: Path | None) -> int:
     """Stop, disable and delete an instance's generated files (nothing else)."""
-    if target == "supervisor":
-        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
-
-        return emit(sup.remove(list(names), url=supervisor_url, conf_dir=conf_dir),
-                    as_json=as_json)
-    from unitgen.ops.systemd.deploy import remove as run  # noqa: PLC0415
-
-    return emit(run(list(names), _scope(user)), as_json=as_json)
+    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
+    return emit(ops.remove(list(names)), as_json=as_json)
 
 
 @cli.command()
@@ -241,21 +217,8 @@ def logs(name: str, follow: bool, lines: int, user: bool, target: str,
     """An instance's whole story: its units and the manager's messages, in time order.
 
     Under supervisor: the program's log files."""
-    if target == "supervisor":
-        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
-
-        return sup.logs(name, url=supervisor_url, conf_dir=conf_dir, lines=lines, follow=follow)
-    import subprocess  # noqa: PLC0415
-
-    from unitgen.ops.systemd.journal import journal_argv  # noqa: PLC0415
-    from unitgen.targets.systemd.installed import require  # noqa: PLC0415
-
-    units = require(_scope(user), [name])[name].units
-    argv = journal_argv(units, _scope(user), lines=lines, follow=follow)
-    try:
-        return subprocess.run(argv, check=False).returncode
-    except FileNotFoundError:
-        raise UnitgenError("journalctl is not installed") from None
+    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
+    return ops.logs(name, lines=lines, follow=follow)
 
 
 @cli.command()
@@ -270,19 +233,18 @@ def doctor(name: str | None, unit: str | None, port: int | None, path: str, user
            as_json: bool, target: str, supervisor_url: str | None,
            conf_dir: Path | None) -> int:
     """Find port mismatches (GPUStack #2154) and say how to fix them."""
-    if target == "supervisor" and name:
-        from unitgen.ops.supervisor import commands as sup  # noqa: PLC0415
-
-        return emit(sup.doctor(name, url=supervisor_url, conf_dir=conf_dir), as_json=as_json)
-    from unitgen.ops.systemd import doctor as doc  # noqa: PLC0415
-
+    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
     if unit:
         if port is None:
             raise click.UsageError("--unit needs --port (the port its health check probes)")
-        return emit(doc.doctor_unit(unit, port, _scope(user), path=path), as_json=as_json)
+        doctor_unit = getattr(ops, "doctor_unit", None)
+        if doctor_unit is None:
+            raise click.UsageError(f"--unit diagnoses a systemd unit; the {target} target has "
+                                   "no units of its own to diagnose (give an instance NAME)")
+        return emit(doctor_unit(unit, port, path), as_json=as_json)
     if not name:
         raise click.UsageError("give an instance NAME, or --unit UNIT --port PORT")
-    return emit(doc.doctor(name, _scope(user)), as_json=as_json)
+    return emit(ops.doctor(name), as_json=as_json)
 
 
 @cli.command()

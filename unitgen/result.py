@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from unitgen.errors import EXIT_OK
+from unitgen.errors import EXIT_OK, Problem
 
 __all__ = ["Result", "table", "to_json", "to_text"]
 
@@ -20,12 +20,18 @@ class Result:
     lines: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()  # printed to stderr in text mode
     exit_code: int = EXIT_OK
+    # what went wrong while the rest went through (check: the files that are fine
+    # are reported with the ones that are not); printed as errors
+    problems: tuple[Problem, ...] = ()
 
 
 def to_json(result: Result) -> str:
     """Machine form: the data, ``"ok"``, and the warnings under ``"notices"``."""
     data = dict(result.data)
     data.setdefault("ok", result.exit_code == EXIT_OK)
+    if result.problems:
+        data["problems"] = [{"file": p.file, "key": p.key, "message": p.message, "code": p.code}
+                            for p in result.problems]
     if result.warnings:
         data.setdefault("notices", list(result.warnings))
     return json.dumps(data, indent=2, sort_keys=True)

@@ -32,6 +32,7 @@ __all__ = [
     "Planned",
     "RenderedFile",
     "Target",
+    "placement_for",
     "plan_paths",
 ]
 
@@ -136,6 +137,21 @@ def place_or_report(spec: InstanceSpec, host_gpus: HostGpus,
         return None
 
 
+def placement_for(spec: InstanceSpec, claims: dict[str, list[tuple[str, bool]]] | None = None,
+                  *, gpus: list[Gpu] | None = None,
+                  mates: frozenset[str] = frozenset()) -> Placement | None:
+    """GPU placement for one spec (None for CPU-only specs); SpecError when it
+    cannot be placed. Reads NVML unless the caller passes what it read."""
+    host = HostGpus(gpus) if gpus is not None else HostGpus.here()
+    problems: list[Problem] = []
+    placed = place_or_report(spec, host, claims or {},
+                             lambda key, msg: problems.append(Problem(spec.source, key, msg)),
+                             problems, mates=mates)
+    if problems:
+        raise SpecError(problems=problems)
+    return placed
+
+
 def _complete(spec: InstanceSpec) -> bool:
     """Enough of a partial spec is valid to plan it (and find more problems)."""
     if spec.backend == "custom":
@@ -182,7 +198,8 @@ def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
     problems += _cross_file(planned, final=bool(getattr(allocator, "final_ports", False)))
     problems += unplaceable or []
     if problems:
-        raise SpecError(problems=problems)
+        # partial: the files that were fine, for a verb that reports them too (check)
+        raise SpecError(problems=problems, partial=planned)
     return planned
 
 

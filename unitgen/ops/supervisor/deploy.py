@@ -1,8 +1,9 @@
-"""deploy and remove for the supervisor target: render, write atomically,
-``reloadConfig`` and then remove/add only the changed process groups of our own
-instances (what ``supervisorctl update`` does, minus other people's programs);
-wait until the public port answers the health path; put the previous version
-back when a changed instance does not become ready."""
+"""deploy and remove for the supervisor target: the adapter the one deploy
+transaction (:mod:`unitgen.ops.transaction`) runs on. Files are written
+atomically, ``reloadConfig`` is called, and only the changed process groups of
+our own instances are removed and added (what ``supervisorctl update`` does,
+minus other people's programs); readiness is the public port answering the
+health path, asked with the probe's own code."""
 
 from __future__ import annotations
 
@@ -11,26 +12,25 @@ import fcntl
 import os
 import pwd
 import stat
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, UnitgenError
-from unitgen.inunit.probe import attempt
+from unitgen.errors import OwnershipError, UnitgenError
+from unitgen.inunit.probe import Attempt, attempt
 from unitgen.ops.allocate import HostAllocator, listeners
-from unitgen.ops.core import apply_changes, check_ours, files_diff, is_ours, undo_changes
+from unitgen.ops.files import check_ours, is_ours
+from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned, plan_paths
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.site import Site
-from unitgen.ops.trust import check_trusted
+from unitgen.ops.transaction import Change, Ready
+from unitgen.ops.transaction import run as transaction
+from unitgen.ops.wait import wait_until
 from unitgen.plan.instance import Instance
 from unitgen.result import Result
-from unitgen.spec.ports import DEFAULT_PORT_RANGE
-from unitgen.targets.supervisor.installed import InstalledConf, require, scan
+from unitgen.targets.supervisor.installed import InstalledConf, scan
 from unitgen.targets.supervisor.render import (
-    ConfFile,
     SupervisorTarget,
     conf_name,
     group_names,
@@ -38,87 +38,12 @@ from unitgen.targets.supervisor.render import (
     target_notices,
 )
 
-__all__ = ["Options", "deploy", "last_log_lines", "remove"]
+__all__ = ["SupervisorDeploy", "deploy", "last_log_lines", "remove"]
 
-Say = Callable[[str], None]
 # supervisord's state names (supervisor/states.py)
 GAVE_UP = ("FATAL",)
 DOWN = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-@dataclass(frozen=True)
-class Options:
-    """How deploy runs. ``say`` prints progress (stderr)."""
-
-    dry_run: bool = False
-    diff: bool = False
-    wait: bool = True
-    port_range: tuple[int, int] = DEFAULT_PORT_RANGE
-    say: Say = field(default=_stderr)
-    poll: float = 0.2
-
-
-@dataclass
-class Plan:
-    """One instance's deploy: what to write, what is there now."""
-
-    inst: Instance
-    files: list[ConfFile]
-    paths: dict[str, Path]
-    old: dict[str, str | None]
-    installed: InstalledConf | None
-    stale: list[Path]  # files of the installed version no longer rendered (the secret)
-
-    @property
-    def name(self) -> str:
-        """Instance name."""
-        return self.inst.name
-
-    @property
-    def groups(self) -> list[str]:
-        """Process groups of the new version."""
-        return group_names(self.inst)
-
-    @property
-    def all_groups(self) -> list[str]:
-        """Groups of the new and of the installed version."""
-        old = self.installed.groups if self.installed else []
-        return list(dict.fromkeys([*self.groups, *old]))
-
-    @property
-    def changed_files(self) -> list[ConfFile]:
-        """Files whose content differs from what is installed."""
-        return [f for f in self.files if self.old.get(f.name) != f.text]
-
-    @property
-    def changed(self) -> bool:
-        """True when anything on disk would change."""
-        return bool(self.changed_files or self.stale)
-
-    def changes(self) -> list[tuple[Path, str | None]]:
-        """For apply_changes: write the changed files, delete stale ones."""
-        return ([(self.paths[f.name], f.text) for f in self.changed_files]
-                + [(p, None) for p in self.stale])
-
-
-@dataclass
-class Outcome:
-    """What happened to one instance."""
-
-    name: str
-    action: str  # created, updated, unchanged, started, would-create, would-update, failed
-    changed: bool
-    public: str
-    programs: list[str]
-    ready: bool | None = None
-    seconds: float = 0.0
-    error: str = ""
-    diff: str = ""
-    notices: list[str] = field(default_factory=list)
+Diff = tuple[list[str], list[str], list[str]]
 
 
 @contextlib.contextmanager
@@ -134,51 +59,6 @@ def _lock(conf_dir: Path) -> Iterator[None]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def _plan(planned: Planned, target: Site, installed: dict[str, InstalledConf],
-          foreign: set[str]) -> Plan:
-    """What deploying one planned instance changes on disk (and refusals of
-    files or programs unitgen did not write)."""
-    inst, files = planned.instance, list(planned.files)
-    spec = inst.spec
-    for group in group_names(inst):
-        if group in foreign:
-            raise OwnershipError(f"{spec.source}: name: supervisord already runs a program "
-                                 f"group {group!r} that unitgen did not write; choose another "
-                                 "instance name")
-    paths: dict[str, Path] = {}
-    old: dict[str, str | None] = {}
-    for f in files:
-        path = (target.secrets_dir if f.secret else target.conf_dir) / f.name
-        if not f.secret:
-            check_ours(path, spec.name, f"{spec.source}: ")
-        paths[f.name] = path
-        try:
-            old[f.name] = path.read_text(encoding="utf-8") if path.exists() else None
-        except OSError as exc:
-            raise UnitgenError(f"cannot read {path}: {exc.strerror}") from None
-    stale: list[Path] = []
-    secret = target.secrets_dir / secret_name(spec.name)
-    if secret_name(spec.name) not in paths and secret.exists():
-        stale.append(secret)
-    elif secret_name(spec.name) in paths and not _root_only(secret):
-        # a secret file someone else owns or may read (0.x handed it to the user)
-        # is written again, root's and 0600: the wrapper refuses any other
-        old[secret_name(spec.name)] = None
-    return Plan(inst, files, paths, old, installed.get(spec.name), stale)
-
-
-def _root_only(path: Path) -> bool:
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return True
-    return not stat.S_ISLNK(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
-
-
-def _diff(plan: Plan) -> str:
-    return files_diff(plan.files, plan.old, plan.stale)
 
 
 def _apply_groups(rpc: SupervisorRPC, groups: list[str],
@@ -211,92 +91,12 @@ def _key(inst: Instance) -> str | None:
     return dict(inst.secrets).get(inst.probe_key_env or "") if inst.probe_key_env else None
 
 
-def _wait_ready(rpc: SupervisorRPC, inst: Instance, opts: Options) -> tuple[bool, float, str]:
-    """Poll the PUBLIC port with the probe code until ready, supervisord gave up,
-    or the [health] timeout. Returns (ready, seconds, reason)."""
-    target = inst.public.probe_target()
-    server = f"{inst.name}-backend"
-    start = time.monotonic()
-    deadline = start + inst.health_timeout
-    next_say = start + 5
-    while True:
-        result = attempt(target, inst.health_path, _key(inst), timeout=5.0)
-        now = time.monotonic()
-        if result.outcome == "ready":
-            return True, now - start, ""
-        if result.outcome == "fatal":
-            return False, now - start, f"public {target}{inst.health_path}: {result.detail}"
-        state = _process_states(rpc).get(server, {})
-        if state.get("statename") in GAVE_UP:
-            why = state.get("spawnerr") or state.get("description") or ""
-            return False, now - start, (f"supervisord gave up on {server} "
-                                        f"({state.get('statename')}: {why}); last answer on "
-                                        f"{target}: {result.detail}")
-        if now >= deadline:
-            return False, now - start, (f"public {target}{inst.health_path}: not ready after "
-                                        f"{inst.health_timeout:g} s (the [health] timeout); "
-                                        f"last answer: {result.detail}")
-        if now >= next_say:
-            opts.say(f"{inst.name}: starting, {now - start:.0f} s, "
-                     f"{state.get('statename', '?')}: {result.detail}")
-            next_say = now + 5
-        time.sleep(opts.poll)
-
-
-def _needs_start(states: dict[str, dict[str, object]], plan: Plan) -> bool:
-    for group in plan.groups:
-        info = states.get(group)
-        if info is None or info.get("statename") in DOWN:
-            return True
-    return False
-
-
-def deploy(paths: list[Path], target: Site, opts: Options) -> Result:
-    """Deploy specs to supervisord; see the module docstring. Specs go through the
-    same pipeline as the systemd target (unitgen.ops.pipeline): every problem of
-    every file before supervisord is contacted or a file changes."""
-    outcomes: list[Outcome] = []
-    if os.geteuid() == 0 and not opts.dry_run:
-        # supervisord runs unitgen's wrappers as root
-        check_trusted(target.ctx.python)
-    _mkdir(target.conf_dir)
-    _check_run_dir(Path(target.ctx.run_dir))
-    with _lock(target.conf_dir):
-        installed = scan(target.conf_dir)
-        # private ports are privileged: supervisord runs as root, and the wrapper
-        # gives a server run as ``user`` the right to bind its own one only
-        alloc = HostAllocator("system", installed, listeners(), opts.port_range)
-        planned = plan_paths(paths, SupervisorTarget(target.ctx), alloc,
-                             unplaceable=alloc.unplaceable)
-        rpc = target.rpc(timeout=None)
-        ours = {g for conf in installed.values() for g in conf.groups}
-        states = _process_states(rpc)
-        foreign = {str(p["group"]) for p in states.values()} - ours
-        plans = [_plan(p, target, installed, foreign) for p in planned]
-        if opts.dry_run:
-            for p in plans:
-                action = ("would-update" if p.installed else "would-create") if p.changed \
-                    else "unchanged"
-                outcomes.append(Outcome(p.name, action, p.changed, p.inst.public.listen(),
-                                        p.groups, diff=_diff(p) if opts.diff else "",
-                                        notices=_notices(p.inst)))
-            return _result(outcomes, dry_run=True)
-        written: list[tuple[Plan, list[tuple[Path, str | None]]]] = []
-        _log_dir(Path(target.ctx.log_dir))
-        try:
-            for p in plans:
-                if p.changed:
-                    _check_user(p.inst)
-                    written.append((p, apply_changes(p.changes())))
-            diff = rpc.reload_config()
-        except UnitgenError:
-            for _, undo in reversed(written):
-                undo_changes(undo)
-            raise
-        undo_of = {p.name: undo for p, undo in written}
-        for p in plans:
-            outcomes.append(_activate(rpc, p, undo_of.get(p.name), diff, states, opts))
-    return _result(outcomes, dry_run=False)
+def _root_only(path: Path) -> bool:
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return True
+    return not stat.S_ISLNK(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
 def _check_user(inst: Instance) -> None:
@@ -345,131 +145,239 @@ def _mkdir(directory: Path) -> None:
         raise UnitgenError(f"cannot create {directory}: {exc.strerror}") from None
 
 
-def _notices(inst: Instance) -> list[str]:
-    return [*inst.notices, *target_notices(inst)]
-
-
-def _activate(rpc: SupervisorRPC, p: Plan, undo: list[tuple[Path, str | None]] | None,
-              diff: tuple[list[str], list[str], list[str]],
-              states: dict[str, dict[str, object]], opts: Options) -> Outcome:
-    out = Outcome(p.name, "unchanged", p.changed, p.inst.public.listen(), p.groups,
-                  diff=_diff(p) if opts.diff else "", notices=_notices(p.inst))
-    if undo is None:
-        if not _needs_start(states, p):
-            out.ready = _answers(p.inst)
-            return out
-        out.action, out.changed = "started", True
-        _apply_groups(rpc, p.groups, diff)
-        for group in p.groups:
-            info = states.get(group)
-            if info is not None and info.get("statename") in DOWN:
-                rpc.fault_code("startProcessGroup", group, False)
-    else:
-        out.action = "updated" if p.installed else "created"
-        if any(f.secret for f in p.changed_files):
-            # only the secret file changed (a rotated key): supervisord sees no
-            # change, yet the server and the proxy read the file at start
-            added, changed, removed = diff
-            diff = (added, sorted({*changed, *(g for g in p.groups if g not in added)}),
-                    removed)
-        _apply_groups(rpc, p.all_groups, diff)
-    if not opts.wait:
-        opts.say(f"{p.name}: started; not waiting (--no-wait)")
-        return out
-    opts.say(f"{p.name}: starting (public {out.public})")
-    ok, seconds, reason = _wait_ready(rpc, p.inst, opts)
-    out.seconds, out.ready = round(seconds, 2), ok
-    if ok:
-        opts.say(f"{p.name}: ready on {out.public} after {seconds:.1f} s")
-        return out
-    server = f"{p.name}-backend"
-    lines = last_log_lines(rpc, server)
-    if lines:
-        reason += f"\n  last log lines of {server}:\n    " + "\n    ".join(lines)
-    if undo is not None and p.installed is not None:
-        undo_changes(undo)
-        _apply_groups(rpc, p.all_groups, rpc.reload_config())
-        back = _wait_installed(rpc, p.installed, opts)
-        reason += f"\n  the previous version of {p.name} was restored and {back}"
-    elif undo is not None:
-        for group in p.groups:
-            rpc.remove_group(group)
-        undo_changes(undo)
-        rpc.reload_config()
-        reason += f"\n  {p.name} was new: its conf file was removed again"
-    out.action, out.error = "failed", reason
-    return out
-
-
 def _answers(inst: Instance) -> bool:
     return attempt(inst.public.probe_target(), inst.health_path, _key(inst),
                    timeout=5.0).outcome == "ready"
 
 
-def _wait_installed(rpc: SupervisorRPC, conf: InstalledConf, opts: Options) -> str:
+class SupervisorDeploy:
+    """The supervisor target's steps of the deploy transaction, for one supervisord."""
+
+    name = "supervisor"
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.python = site.ctx.python
+        # supervisord (root) runs unitgen's wrappers as root: the trust check is owed
+        self.root_runs_code = os.geteuid() == 0
+        self._rpc: SupervisorRPC | None = None
+        self._installed: dict[str, InstalledConf] = {}
+        self._states: dict[str, dict[str, object]] = {}
+        self._diff: Diff = ([], [], [])
+
+    @property
+    def rpc(self) -> SupervisorRPC:
+        """The XML-RPC client (made on first use)."""
+        if self._rpc is None:
+            self._rpc = self.site.rpc(timeout=None)
+        return self._rpc
+
+    def close(self) -> None:
+        """Nothing to let go: each XML-RPC call is its own request."""
+
+    def lock(self, say: Say) -> contextlib.AbstractContextManager[None]:
+        """Deploys to one include directory wait for each other."""
+        _mkdir(self.site.conf_dir)
+        _check_run_dir(Path(self.site.ctx.run_dir))
+        return _lock(self.site.conf_dir)
+
+    def plan(self, paths: Sequence[Path], opts: DeployOptions) -> list[Planned]:
+        """Ports as the systemd target picks them. Private ports are privileged:
+        supervisord runs as root, and the wrapper gives a server run as ``user``
+        the right to bind its own one only."""
+        installed = self._installed = scan(self.site.conf_dir)
+        alloc = HostAllocator("system", installed, listeners(), opts.port_range)
+        planned = plan_paths(paths, SupervisorTarget(self.site.ctx), alloc,
+                             unplaceable=alloc.unplaceable)
+        self._states = _process_states(self.rpc)
+        return planned
+
+    def change(self, planned: Planned) -> Change:
+        """Refuse files or program groups unitgen did not write; read what is there."""
+        inst, spec = planned.instance, planned.instance.spec
+        ours = {g for conf in self._installed.values() for g in conf.groups}
+        foreign = {str(p["group"]) for p in self._states.values()} - ours
+        for group in group_names(inst):
+            if group in foreign:
+                raise OwnershipError(f"{spec.source}: name: supervisord already runs a program "
+                                     f"group {group!r} that unitgen did not write; choose another "
+                                     "instance name")
+        paths: dict[str, Path] = {}
+        old: dict[str, str | None] = {}
+        for f in planned.files:
+            path = paths[f.name] = (self.site.secrets_dir if f.secret else self.site.conf_dir) / f.name
+            if not f.secret:
+                check_ours(path, spec.name, f"{spec.source}: ")
+            try:
+                old[f.name] = path.read_text(encoding="utf-8") if path.exists() else None
+            except OSError as exc:
+                raise UnitgenError(f"cannot read {path}: {exc.strerror}") from None
+        stale: dict[Path, str] = {}
+        secret = self.site.secrets_dir / secret_name(spec.name)
+        if secret_name(spec.name) not in paths and secret.exists():
+            stale[secret] = secret.read_text(encoding="utf-8")
+        elif secret_name(spec.name) in paths and not _root_only(secret):
+            # a secret file someone else owns or may read (0.x handed it to the user)
+            # is written again, root's and 0600: the wrapper refuses any other
+            old[secret_name(spec.name)] = None
+        installed = self._installed.get(spec.name)
+        return Change(planned, paths, old, stale, was_installed=installed is not None,
+                      units=group_names(inst), notices=[*inst.notices, *target_notices(inst)],
+                      extra=installed)
+
+    def preflight(self, changes: list[Change]) -> list[tuple[Path, str | None]]:
+        """The log directory (supervisord does not make one) and the servers' users."""
+        _log_dir(Path(self.site.ctx.log_dir))
+        for c in changes:
+            if c.changed:
+                _check_user(c.inst)
+        return []
+
+    def reload(self, written: list[Change]) -> None:
+        """``reloadConfig``: supervisord reads the include directory again."""
+        self._diff = self.rpc.reload_config()
+
+    def running(self, change: Change) -> Ready | None:
+        """Unchanged and both programs up: ready when the public port answers."""
+        for group in change.units:
+            info = self._states.get(group)
+            if info is None or info.get("statename") in DOWN:
+                return None
+        return Ready(_answers(change.inst))
+
+    def start(self, change: Change, opts: DeployOptions) -> None:
+        """Replace the changed groups (all of them when only the secret changed:
+        supervisord sees no change, yet both programs read it when they start),
+        or start the stopped ones of an unchanged instance."""
+        added, changed, removed = self._diff
+        if not change.changed:
+            _apply_groups(self.rpc, change.units, self._diff)
+            for group in change.units:
+                info = self._states.get(group)
+                if info is not None and info.get("statename") in DOWN:
+                    self.rpc.fault_code("startProcessGroup", group, False)
+            return
+        if any(f.secret for f in change.changed_files):
+            changed = sorted({*changed, *(g for g in change.units if g not in added)})
+        old = change.extra.groups if change.extra is not None else []
+        _apply_groups(self.rpc, list(dict.fromkeys([*change.units, *old])),
+                      (added, changed, removed))
+        if opts.wait:
+            opts.say(f"{change.name}: starting (public {change.inst.public.listen()})")
+
+    def wait(self, change: Change, opts: DeployOptions) -> Ready:
+        """Poll the PUBLIC port until it answers, supervisord gives up, or the
+        [health] timeout; the server's last log lines when it did not."""
+        inst = change.inst
+        target = inst.public.probe_target()
+        server = f"{inst.name}-backend"
+        last: list[Attempt] = []
+        state: dict[str, object] = {}
+        t0 = time.monotonic()
+
+        def poll() -> Ready | None:
+            nonlocal state
+            result = attempt(target, inst.health_path, _key(inst), timeout=5.0)
+            last[:] = [result]
+            seconds = time.monotonic() - t0
+            if result.outcome == "ready":
+                return Ready(True, seconds)
+            if result.outcome == "fatal":
+                return Ready(False, seconds, f"public {target}{inst.health_path}: {result.detail}")
+            state = _process_states(self.rpc).get(server, {})
+            if state.get("statename") in GAVE_UP:
+                why = state.get("spawnerr") or state.get("description") or ""
+                return Ready(False, seconds, f"supervisord gave up on {server} "
+                             f"({state.get('statename')}: {why}); last answer on {target}: "
+                             f"{result.detail}")
+            return None
+
+        def progress(elapsed: float) -> None:
+            opts.say(f"{inst.name}: starting, {elapsed:.0f} s, {state.get('statename', '?')}: "
+                     f"{last[0].detail if last else ''}")
+
+        ready = wait_until(poll, timeout=inst.health_timeout, every=opts.poll, progress=progress)
+        if ready is None:
+            ready = Ready(False, time.monotonic() - t0, (
+                f"public {target}{inst.health_path}: not ready after {inst.health_timeout:g} s "
+                f"(the [health] timeout); last answer: {last[0].detail if last else ''}"))
+        if not ready.ok:
+            lines = last_log_lines(self.rpc, server)
+            if lines:
+                ready = Ready(False, ready.seconds, ready.reason + f"\n  last log lines of "
+                              f"{server}:\n    " + "\n    ".join(lines))
+        return ready
+
+    def restore(self, change: Change, opts: DeployOptions) -> str:
+        """The previous conf is back on disk: its groups again, or a new instance's gone."""
+        installed: InstalledConf | None = change.extra
+        if installed is not None:
+            groups = list(dict.fromkeys([*change.units, *installed.groups]))
+            _apply_groups(self.rpc, groups, self.rpc.reload_config())
+            return f"\n  the previous version of {change.name} was restored and " \
+                   f"{_wait_installed(self.rpc, installed, opts)}"
+        for group in change.units:
+            self.rpc.remove_group(group)
+        self.rpc.reload_config()
+        return f"\n  {change.name} was new: its conf file was removed again"
+
+
+def _wait_installed(rpc: SupervisorRPC, conf: InstalledConf, opts: DeployOptions) -> str:
     """Wait for a restored version (its own [health] timeout)."""
-    start = time.monotonic()
-    while time.monotonic() - start < conf.timeout:
+    t0 = time.monotonic()
+
+    def poll() -> str | None:
         result = attempt(conf.probe_target(), conf.health_path, None, timeout=5.0)
         if result.outcome == "ready":
-            return f"answers again (after {time.monotonic() - start:.1f} s)"
+            return f"answers again (after {time.monotonic() - t0:.1f} s)"
         if result.outcome == "fatal":
             return f"is running (its probe needs the key: {result.detail})"
         state = _process_states(rpc).get(conf.server, {})
         if state.get("statename") in GAVE_UP:
             return f"did not start ({state.get('statename')})"
-        time.sleep(opts.poll)
-    return "did not answer within its [health] timeout"
+        return None
+
+    answer = wait_until(poll, timeout=conf.timeout, every=opts.poll)
+    return answer or "did not answer within its [health] timeout"
 
 
-def _result(outcomes: list[Outcome], *, dry_run: bool) -> Result:
-    lines: list[str] = []
-    for o in outcomes:
-        if o.diff:
-            lines.append(o.diff.rstrip("\n"))
-        status = {True: "ready", False: "NOT ready", None: ""}[o.ready]
-        lines.append(f"{o.name}: {o.action}{', ' + status if status else ''} ({o.public}; "
-                     f"{', '.join(o.programs)})")
-        if o.error:
-            lines.append(f"error: {o.name}: {o.error}")
-    failed = any(o.action == "failed" for o in outcomes)
-    data = {
-        "changed": any(o.changed for o in outcomes),
-        "dry_run": dry_run,
-        "failed": failed,
-        "target": "supervisor",
-        "instances": [asdict(o) for o in outcomes],
-    }
-    notices = tuple(f"{o.name}: {n}" for o in outcomes for n in o.notices)
-    return Result(data=data, lines=tuple(lines), warnings=notices,
-                  exit_code=EXIT_FAILURE if failed else EXIT_OK)
+def deploy(paths: list[Path], site: Site, opts: DeployOptions) -> Result:
+    """Deploy specs to supervisord through the one transaction."""
+    return transaction(SupervisorDeploy(site), paths, opts)
 
 
-def remove(names: list[str], target: Site) -> Result:
+def remove(names: list[str], site: Site) -> Result:
     """Stop and remove the named instances' groups from supervisord and delete
     exactly the files unitgen wrote for them."""
-    rpc = target.rpc(timeout=None)
+    rpc = site.rpc(timeout=None)
     removed: list[dict[str, object]] = []
     lines: list[str] = []
-    with _lock(target.conf_dir):
-        installed = require(target.conf_dir, names)
+    absent: list[str] = []
+    with _lock(site.conf_dir):
+        installed = scan(site.conf_dir)
         for name in names:
-            conf = installed[name]
+            conf = installed.get(name)
+            if conf is None:
+                absent.append(name)  # already gone: nothing to do (idempotent)
+                lines.append(f"{name}: not installed (nothing to do)")
+                continue
             t0 = time.monotonic()
             for group in conf.groups:
                 rpc.remove_group(group)
-            files = [p for p in (conf.path, target.conf_dir / conf_name(name))
+            files = [p for p in (conf.path, site.conf_dir / conf_name(name))
                      if p.exists() and is_ours(p, name)]
-            secret = target.secrets_dir / secret_name(name)
+            secret = site.secrets_dir / secret_name(name)
             if secret.exists():
                 files.append(secret)
             for path in dict.fromkeys(files):
                 path.unlink()
             removed.append({"name": name, "files": [str(p) for p in dict.fromkeys(files)],
-                            "programs": conf.groups})
+                            "units": conf.groups})
             lines.append(f"{name}: removed ({', '.join(conf.groups)}; "
                          f"{', '.join(p.name for p in dict.fromkeys(files))}) "
                          f"in {time.monotonic() - t0:.1f} s")
-        rpc.reload_config()
-    return Result(data={"changed": bool(removed), "removed": removed, "target": "supervisor"},
+        if removed:
+            rpc.reload_config()
+    return Result(data={"changed": bool(removed), "removed": removed, "absent": absent,
+                        "target": "supervisor"},
                   lines=tuple(lines))

@@ -18,11 +18,11 @@ from unitgen.inunit.supwrap import read_env_file
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.site import Site
 from unitgen.ops.systemd.doctor import Finding, listening
-from unitgen.result import Result
+from unitgen.result import Result, table
 from unitgen.targets.supervisor.installed import InstalledConf, require, scan
 from unitgen.targets.supervisor.render import secret_name
 
-__all__ = ["doctor", "logs", "status"]
+__all__ = ["doctor", "list_instances", "logs", "status"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,17 @@ def status(names: list[str], target: Site) -> Result:
     failed = any(r.state == "failed" for r in rows)
     return Result(data={"target": "supervisor", "instances": [asdict(r) for r in rows]},
                   lines=tuple(lines), exit_code=EXIT_FAILURE if failed else EXIT_OK)
+
+
+def list_instances(site: Site) -> Result:
+    """Installed instances, from the conf files alone (supervisord not asked)."""
+    confs = scan(site.conf_dir)
+    rows = [{"name": c.name, "backend": c.backend, "address": c.public,
+             "activation": "eager", "units": c.groups} for c in confs.values()]
+    lines = table(("NAME", "BACKEND", "ADDRESS", "ACTIVATION"),
+                  [(str(r["name"]), str(r["backend"]), str(r["address"]), "eager")
+                   for r in rows]) if rows else ("no instances",)
+    return Result(data={"target": "supervisor", "instances": rows}, lines=lines)
 
 
 def logs(name: str, target: Site, *, lines: int = 100, follow: bool = False,

@@ -1,218 +1,55 @@
-"""deploy and remove: render, write atomically, reload, enable, start and wait
-for readiness over D-Bus; roll back to the previous version on failure."""
+"""deploy and remove for the systemd target: the adapter the one deploy
+transaction (:mod:`unitgen.ops.transaction`) runs on; systemd over D-Bus does
+the reload, enable, start and the readiness wait (the units' own probes
+decide readiness; a start job ends when they do)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
-from unitgen.errors import EXIT_FAILURE, EXIT_OK, OwnershipError, SpecError, UnitgenError
+from unitgen.errors import OwnershipError, SpecError, UnitgenError
 from unitgen.ops.allocate import HostAllocator, deploy_lock, listeners
-from unitgen.ops.core import apply_changes, check_ours, files_diff, is_ours, undo_changes
 from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
+from unitgen.ops.files import check_ours, is_ours
+from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned, plan_paths
 from unitgen.ops.systemd.journal import last_lines
-from unitgen.ops.systemd.manager import JobOutcome, Manager, connect
+from unitgen.ops.systemd.manager import Manager, connect
 from unitgen.ops.systemd.swap import dropin_changes, installed_groups, write_dropins
-from unitgen.ops.trust import check_trusted
-from unitgen.plan.instance import Instance
+from unitgen.ops.transaction import Change, Ready
+from unitgen.ops.wait import wait_until
 from unitgen.plan.swap import after_change, mates_of
 from unitgen.result import Result
 from unitgen.spec.model import InstanceSpec
-from unitgen.spec.ports import DEFAULT_PORT_RANGE
 from unitgen.targets.base import RenderedFile
 from unitgen.targets.systemd.installed import Installed, scan, secrets_dir, unit_dir
 from unitgen.targets.systemd.render import RenderContext, SystemdTarget
 
-__all__ = ["DeployOptions", "deploy", "remove"]
+__all__ = ["SystemdDeploy", "remove", "stop_instance"]
 
-Say = Callable[[str], None]
-
-
-def _rewrite_line(line: str) -> None:
-    sys.stderr.write("\r\x1b[K" + line)
-    sys.stderr.flush()
+T = TypeVar("T")
+# A start job may take the probe's deadline and then some: the units' own
+# TimeoutStartSec= is the probe's deadline plus a margin; this is past both.
+JOB_MARGIN = 120.0
 
 
-@dataclass(frozen=True)
-class DeployOptions:
-    """How deploy runs. ``say`` prints progress (stderr); ``tty`` allows a live line."""
-
-    scope: str
-    ctx: RenderContext
-    dry_run: bool = False
-    diff: bool = False
-    wait: bool = True
-    say: Say = field(default=lambda line: print(line, file=sys.stderr, flush=True))
-    tty: bool = False
-    # rewrites one terminal line in place (used when tty is true)
-    live: Say = _rewrite_line
-    port_range: tuple[int, int] = DEFAULT_PORT_RANGE
-    # prints a diff before it is applied (stdout); None: diffs go only into the result
-    show: Say | None = None
-
-
-@dataclass
-class Plan:
-    """One instance's deploy: what to write, what is there now."""
-
-    inst: Instance
-    files: list[RenderedFile]
-    old: dict[str, str | None]  # file name -> current text (None: absent)
-    stale: list[Path]  # files of this instance no longer rendered
-    stale_text: dict[Path, str]
-    was_installed: bool
-
-    @property
-    def name(self) -> str:
-        """Instance name."""
-        return self.inst.name
-
-    @property
-    def changed_files(self) -> list[RenderedFile]:
-        """Files whose content differs from what is installed."""
-        return [f for f in self.files if self.old.get(f.name) != f.text]
-
-    @property
-    def changed(self) -> bool:
-        """True when anything on disk would change."""
-        return bool(self.changed_files or self.stale)
-
-    @property
-    def units(self) -> list[str]:
-        """Unit names."""
-        return [f.name for f in self.files if not f.secret]
-
-    @property
-    def entry(self) -> str:
-        """What to start: the service (eager) or the socket (on-demand)."""
-        eager = self.inst.spec.activation == "eager"
-        return f"{self.name}.service" if eager else f"{self.name}.socket"
-
-
-@dataclass
-class Outcome:
-    """What happened to one instance."""
-
-    name: str
-    action: str  # created, updated, unchanged, started, would-create, would-update, failed
-    changed: bool
-    public: str
-    units: list[str]
-    ready: bool | None = None  # eager: the model answered; None for on-demand
-    listening: bool | None = None  # on-demand: the socket is up
-    seconds: float = 0.0
-    error: str = ""
-    diff: str = ""
-    notices: list[str] = field(default_factory=list)
-
-
-def _target_dir(f: RenderedFile, scope: str) -> Path:
+def _dir(f: RenderedFile, scope: str) -> Path:
     return secrets_dir(scope) if f.secret else unit_dir(scope)
 
 
-async def _change(m: Manager, planned: Planned, opts: DeployOptions,
-                  installed: dict[str, Installed]) -> Plan:
-    """What deploying one planned instance changes on disk (and refusals of
-    files or units unitgen does not own)."""
-    inst, files = planned.instance, list(planned.files)
-    spec = inst.spec
-    mine = installed.get(spec.name)
-    old: dict[str, str | None] = {}
-    udir = unit_dir(opts.scope)
-    unit_names = [f.name for f in files if not f.secret]
-    loaded = await m.info(unit_names)
-    for f in files:
-        path = _target_dir(f, opts.scope) / f.name
-        if not f.secret:
-            check_ours(path, spec.name, f"{spec.source}: ")
-            info = loaded[f.name]
-            if info.load_state != "not-found" and info.fragment_path not in ("", str(path)):
-                raise OwnershipError(f"{spec.source}: name: unit {f.name} already exists "
-                                     f"({info.fragment_path}); choose another instance name")
-        try:
-            old[f.name] = path.read_text(encoding="utf-8") if path.exists() else None
-        except OSError as exc:
-            raise UnitgenError(f"cannot read {path}: {exc.strerror}") from None
-    stale: list[Path] = []
-    if mine and mine.files:
-        stale = [p for n, p in mine.files.items() if n not in old and p.parent == udir]
-    secret = secrets_dir(opts.scope) / f"{spec.name}.env"
-    if f"{spec.name}.env" not in old and is_ours(secret, spec.name):
-        stale.append(secret)  # the key left the spec: its secret file goes too
-    stale_text = {p: p.read_text(encoding="utf-8") for p in stale}
-    return Plan(inst, files, old, stale, stale_text,
-                was_installed=mine is not None and bool(mine.files))
+def _entry(inst_spec: InstanceSpec) -> str:
+    """What to start: the service (eager) or the socket (on-demand)."""
+    kind = "service" if inst_spec.activation == "eager" else "socket"
+    return f"{inst_spec.name}.{kind}"
 
 
-def _diff(plan: Plan) -> str:
-    return files_diff(plan.files, plan.old, plan.stale)
-
-
-def _write(plan: Plan, scope: str) -> None:
-    """Write the changed files and delete stale ones, all or nothing."""
-    apply_changes([(_target_dir(f, scope) / f.name, f.text) for f in plan.changed_files]
-                  + [(path, None) for path in plan.stale])
-
-
-def _restore_plan(plan: Plan, scope: str) -> None:
-    undo_changes([(_target_dir(f, scope) / f.name, plan.old.get(f.name))
-                  for f in plan.changed_files] + list(plan.stale_text.items()))
-
-
-async def _enable(m: Manager, plan: Plan) -> None:
-    eager = plan.inst.spec.activation == "eager"
-    await m.enable([f"{plan.name}.socket"] + ([f"{plan.name}.service"] if eager else []))
-    if not eager:
-        await m.disable([f"{plan.name}.service"])
-
-
-async def _wait_start(m: Manager, plan: Plan, opts: DeployOptions) -> JobOutcome:
-    backend = plan.inst.server_unit
-    last_plain = [0.0]
-
-    async def progress(elapsed: float) -> None:
-        info = (await m.info([backend]))[backend]
-        line = f"{plan.name}: starting, {elapsed:.0f} s, {info.active_state}/{info.sub_state}"
-        if info.status_text:
-            line += f": {info.status_text}"
-        if opts.tty:
-            opts.live(line[:200])
-        elif elapsed - last_plain[0] >= 5:
-            last_plain[0] = elapsed
-            opts.say(line)
-
-    timeout = plan.inst.health_timeout + 120
-    return await m.job("StartUnit", plan.entry, timeout=timeout, progress=progress)
-
-
-async def _why(m: Manager, plan: Plan, outcome: JobOutcome, scope: str, since: float) -> str:
-    units = plan.units
-    infos = await m.info(units)
-    parts = [f"{plan.entry} start job ended '{outcome.result}' after {outcome.seconds:.1f} s"]
-    for name in units:
-        info = infos[name]
-        if info.active_state == "failed" or info.result not in ("", "success"):
-            detail = f"{name} {info.active_state} (Result: {info.result})"
-            if info.status_text:
-                detail += f": {info.status_text}"
-            parts.append(detail)
-    backend = plan.inst.server_unit
-    lines = last_lines(backend, scope, 8, since=since)
-    text = "; ".join(parts)
-    if lines:
-        text += ("\n  last journal lines of " + backend + " (this attempt):\n    "
-                 + "\n    ".join(lines))
-    return text
-
-
-async def _stop_instance(m: Manager, name: str, units: list[str], *,
-                         keep_socket: bool = False) -> None:
+async def stop_instance(m: Manager, name: str, units: list[str], *,
+                        keep_socket: bool = False) -> None:
     """Stop an instance's units, the server side first and its socket last (so the
     public port is never free while a big model takes a minute to exit), or not
     at all with ``keep_socket``: clients then wait in it for the new version."""
@@ -224,15 +61,52 @@ async def _stop_instance(m: Manager, name: str, units: list[str], *,
             await m.reset_failed(unit)
 
 
-async def _run(paths: list[Path], opts: DeployOptions) -> Result:
-    outcomes: list[Outcome] = []
-    if opts.scope == "system" and not opts.dry_run:
-        check_trusted(opts.ctx.python)
-    with contextlib.ExitStack() as held:
-        # Planning needs no manager: every spec, port and GPU problem of every file
-        # is reported before anything is contacted or changed.
-        held.enter_context(deploy_lock(opts.scope, opts.say))
-        installed = scan(unit_dir(opts.scope))
+class SystemdDeploy:
+    """The systemd target's steps of the deploy transaction, for one manager.
+    D-Bus calls run on one event loop for the whole deploy (one connection)."""
+
+    name = "systemd"
+
+    def __init__(self, scope: str, ctx: RenderContext) -> None:
+        self.scope = scope
+        self.ctx = ctx
+        self.python = ctx.python
+        # root runs the units' probes and GPU waits: the trust check is owed
+        self.root_runs_code = scope == "system"
+        self._runner = asyncio.Runner()
+        self._conn: connect | None = None
+        self._m: Manager | None = None
+        self._installed: dict[str, Installed] = {}
+        self._swap: list[tuple[Path, str | None]] = []
+        self._jobs: dict[str, tuple[str, float]] = {}  # name -> (job path, started)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(coro)
+
+    @property
+    def m(self) -> Manager:
+        """The connected manager (connected on first use, subscribed to jobs)."""
+        if self._m is None:
+            self._conn = connect(self.scope)
+            self._m = self._run(self._conn.__aenter__())
+            self._run(self._m.subscribe())
+        return self._m
+
+    def close(self) -> None:
+        """Disconnect and close the event loop."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._run(self._conn.__aexit__(None, None, None))
+        self._runner.close()
+
+    def lock(self, say: Say) -> contextlib.AbstractContextManager[None]:
+        """Deploys to one manager wait for each other (see deploy_lock)."""
+        return deploy_lock(self.scope, say)
+
+    def plan(self, paths: Sequence[Path], opts: DeployOptions) -> list[Planned]:
+        """Ports from the installed units and the host's listeners, GPUs from NVML;
+        the swap groups' drop-ins follow the member lists."""
+        installed = self._installed = scan(unit_dir(self.scope))
         groups = installed_groups(installed)
         seen: list[InstanceSpec] = []
 
@@ -240,165 +114,154 @@ async def _run(paths: list[Path], opts: DeployOptions) -> Result:
             seen.append(spec)  # members deployed together are mates too
             return frozenset(mates_of(spec.name, after_change(groups, seen)))
 
-        alloc = HostAllocator(opts.scope, installed, listeners(), opts.port_range, mates=mates)
-        planned = plan_paths(paths, SystemdTarget(opts.ctx), alloc, unplaceable=alloc.unplaceable)
-        # swap groups: every member's Conflicts= follow the member list
-        swap_changes = dropin_changes(opts.scope, installed, [p.instance.spec for p in planned])
-        async with connect(opts.scope) as m:
-            await m.subscribe()
-            path = (await m.environment()).get("PATH") or SYSTEM_MANAGER_PATH
-            missing = [found for p in planned if (found := missing_program(p.instance, path))]
-            if missing:
-                raise SpecError(problems=missing)
-            plans = [await _change(m, p, opts, installed) for p in planned]
-            if opts.dry_run:
-                for p in plans:
-                    action = ("would-update" if p.was_installed else "would-create") if p.changed \
-                        else "unchanged"
-                    outcomes.append(Outcome(p.name, action, p.changed, p.inst.public.listen(),
-                                            p.units, diff=_diff(p) if opts.diff else "",
-                                            notices=list(p.inst.notices)))
-                return _result(outcomes, dry_run=True)
-            if opts.diff and opts.show is not None:
-                for p in plans:  # shown before anything is applied
-                    if p.changed:
-                        opts.show(_diff(p).rstrip("\n"))
-            await _apply(m, plans, opts, swap_changes)
-            held.close()  # the new units hold their ports now: other deploys may go on
-            for p in plans:
-                outcomes.append(await _activate(m, p, opts))
-    return _result(outcomes, dry_run=False, diff_shown=opts.show is not None)
+        alloc = HostAllocator(self.scope, installed, listeners(), opts.port_range, mates=mates)
+        planned = plan_paths(paths, SystemdTarget(self.ctx), alloc, unplaceable=alloc.unplaceable)
+        self._swap = dropin_changes(self.scope, installed, [p.instance.spec for p in planned])
+        return planned
 
+    def change(self, planned: Planned) -> Change:
+        """Refuse unit files or units unitgen does not own; read what is installed."""
+        spec = planned.instance.spec
+        units = [f.name for f in planned.files if not f.secret]
+        loaded = self._run(self.m.info(units))
+        paths: dict[str, Path] = {}
+        old: dict[str, str | None] = {}
+        for f in planned.files:
+            path = paths[f.name] = _dir(f, self.scope) / f.name
+            if not f.secret:
+                check_ours(path, spec.name, f"{spec.source}: ")
+                info = loaded[f.name]
+                if info.load_state != "not-found" and info.fragment_path not in ("", str(path)):
+                    raise OwnershipError(f"{spec.source}: name: unit {f.name} already exists "
+                                         f"({info.fragment_path}); choose another instance name")
+            try:
+                old[f.name] = path.read_text(encoding="utf-8") if path.exists() else None
+            except OSError as exc:
+                raise UnitgenError(f"cannot read {path}: {exc.strerror}") from None
+        mine = self._installed.get(spec.name)
+        stale: list[Path] = []
+        if mine and mine.files:
+            stale = [p for n, p in mine.files.items() if n not in old and p.parent == unit_dir(self.scope)]
+        secret = secrets_dir(self.scope) / f"{spec.name}.env"
+        if f"{spec.name}.env" not in old and is_ours(secret, spec.name):
+            stale.append(secret)  # the key left the spec: its secret file goes too
+        return Change(planned, paths, old, {p: p.read_text(encoding="utf-8") for p in stale},
+                      was_installed=mine is not None and bool(mine.files), units=units,
+                      notices=list(planned.instance.notices))
 
-async def _apply(m: Manager, plans: list[Plan], opts: DeployOptions,
-                 swap_changes: list[tuple[Path, str | None]]) -> None:
-    """Write every changed instance (and the swap groups' drop-ins), reload,
-    enable; on any failure put every file of this run back as it was (all or
-    nothing across specs)."""
-    written: list[Plan] = []
-    swap_undo: list[tuple[Path, str | None]] = []
-    try:
-        for p in plans:
-            if p.changed:
-                _write(p, opts.scope)  # all or nothing itself: undone when it raises
-                written.append(p)
-        swap_undo = write_dropins(swap_changes)
-        if written or swap_undo:
-            await m.reload()
-            for p in written:
-                await _enable(m, p)
-            await m.reload()
-    except UnitgenError:
-        for p in written:
-            _restore_plan(p, opts.scope)
-        undo_changes(swap_undo)
-        if written or swap_undo:
-            with contextlib.suppress(UnitgenError):
-                await m.reload()
-        raise
+    def preflight(self, changes: list[Change]) -> list[tuple[Path, str | None]]:
+        """Every server program must be where the manager looks (its own PATH)."""
+        path = self._run(self.m.environment()).get("PATH") or SYSTEM_MANAGER_PATH
+        missing = [found for c in changes if (found := missing_program(c.inst, path))]
+        if missing:
+            raise SpecError(problems=missing)
+        return self._swap
 
+    def reload(self, written: list[Change]) -> None:
+        """daemon-reload, enable what starts at boot (the socket; an eager service)."""
+        async def go() -> None:
+            await self.m.reload()
+            for c in written:
+                eager = c.inst.spec.activation == "eager"
+                await self.m.enable([f"{c.name}.socket"] + ([f"{c.name}.service"] if eager else []))
+                if not eager:
+                    await self.m.disable([f"{c.name}.service"])
+            if written:
+                await self.m.reload()
+        self._run(go())
 
-async def _activate(m: Manager, p: Plan, opts: DeployOptions) -> Outcome:
-    out = Outcome(p.name, "unchanged", p.changed, p.inst.public.listen(), p.units,
-                  diff=_diff(p) if opts.diff else "", notices=list(p.inst.notices))
-    since = time.time()
-    if not p.changed:
-        info = (await m.info([p.entry]))[p.entry]
-        if info.active_state in ("active", "activating", "reloading"):
-            if p.entry.endswith(".socket"):
-                out.listening = info.active_state == "active"
-            else:
-                out.ready = info.active_state == "active"
-            return out
-        out.action, out.changed = "started", True
-    else:
-        out.action = "updated" if p.was_installed else "created"
-    try:
-        if p.changed and p.was_installed:
-            socket_changed = any(f.name == f"{p.name}.socket" for f in p.changed_files)
-            await _stop_instance(m, p.name, p.units, keep_socket=not socket_changed)
-        if not opts.wait:
-            await m.start_nowait(p.entry)
-            opts.say(f"{p.name}: start queued ({p.entry}); not waiting (--no-wait)")
-            return out
-        opts.say(f"{p.name}: starting {p.entry} (public {out.public})")
-        job = await _wait_start(m, p, opts)
-        refused = ""
-    except UnitgenError as exc:
-        # systemd refused the start itself (a setting it rejects at load time):
-        # this is a failed deploy like any other, and is rolled back like one.
-        job, refused = JobOutcome(p.entry, "refused", time.time() - since), exc.message
-    if opts.tty:
-        opts.live("")
-    out.seconds = round(job.seconds, 2)
-    if job.ok:
-        if p.entry.endswith(".socket"):
-            out.listening = True
-            opts.say(f"{p.name}: listening on {out.public}; the model starts on the first "
-                     "connection (on-demand)")
-        else:
-            out.ready = True
-            opts.say(f"{p.name}: ready on {out.public} after {job.seconds:.1f} s")
-        return out
-    out.ready = False
-    reason = refused or await _why(m, p, job, opts.scope, since)
-    if p.changed:
-        reason += await _roll_back(m, p, opts)
-    out.action, out.error = "failed", reason
-    return out
+    def running(self, change: Change) -> Ready | None:
+        """Unchanged: its entry unit active (or on its way) needs nothing."""
+        entry = _entry(change.inst.spec)
+        info = self._run(self.m.info([entry]))[entry]
+        if info.active_state not in ("active", "activating", "reloading"):
+            return None
+        return Ready(info.active_state == "active", listening=entry.endswith(".socket"))
 
+    def start(self, change: Change, opts: DeployOptions) -> None:
+        """Stop a changed instance (keeping its socket unless that changed), queue the start."""
+        entry = _entry(change.inst.spec)
+        started = time.time()
+        if change.changed and change.was_installed:
+            socket_changed = any(f.name == f"{change.name}.socket" for f in change.changed_files)
+            self._run(stop_instance(self.m, change.name, change.units,
+                                    keep_socket=not socket_changed))
+        if opts.wait:
+            opts.say(f"{change.name}: starting {entry} (public {change.inst.public.listen()})")
+        self._jobs[change.name] = (self._run(self.m.queue("StartUnit", entry)), started)
 
-async def _roll_back(m: Manager, p: Plan, opts: DeployOptions) -> str:
-    """Undo one instance's failed deploy: the previous version back and running,
-    or a new instance's files gone. Returns what happened, for the message."""
-    with contextlib.suppress(UnitgenError):
-        await _stop_instance(m, p.name, p.units)
-    if p.was_installed:
-        _restore_plan(p, opts.scope)
-        await m.reload()
-        try:
-            back = await m.job("StartUnit", p.entry, timeout=p.inst.health_timeout + 120)
-            state = "running again" if back.ok else f"restored but did not start ({back.result})"
-        except UnitgenError as exc:
-            state = f"restored but did not start ({exc.message})"
-        return f"\n  the previous version of {p.name} was restored and is {state}"
-    with contextlib.suppress(UnitgenError):
-        await m.disable([f"{p.name}.socket", f"{p.name}.service"])
-    for f in p.files:
-        (_target_dir(f, opts.scope) / f.name).unlink(missing_ok=True)
-    await m.reload()
-    for unit in p.units:
-        await m.reset_failed(unit)
-    return f"\n  {p.name} was new: its units were removed again"
+    def wait(self, change: Change, opts: DeployOptions) -> Ready:
+        """Until the start job ends (the units' probes decide), with a live line."""
+        job, started = self._jobs.pop(change.name)
+        entry = _entry(change.inst.spec)
+        server = change.inst.server_unit
+        last_plain = [0.0]
+        t0 = time.monotonic()
 
+        def progress(elapsed: float) -> None:
+            info = self._run(self.m.info([server]))[server]
+            line = f"{change.name}: starting, {elapsed:.0f} s, {info.active_state}/{info.sub_state}"
+            if info.status_text:
+                line += f": {info.status_text}"
+            if opts.tty:
+                opts.live(line[:200])
+            elif elapsed - last_plain[0] >= 5:
+                last_plain[0] = elapsed
+                opts.say(line)
 
-def _result(outcomes: list[Outcome], *, dry_run: bool, diff_shown: bool = False) -> Result:
-    lines: list[str] = []
-    for o in outcomes:
-        if o.diff and not diff_shown:
-            lines.append(o.diff.rstrip("\n"))
-        status = {True: "ready", False: "NOT ready", None: ""}[o.ready]
-        if o.listening:
-            status = "listening (on-demand)"
-        lines.append(f"{o.name}: {o.action}{', ' + status if status else ''} ({o.public}; "
-                     f"{', '.join(o.units)})")
-        if o.error:
-            lines.append(f"error: {o.name}: {o.error}")
-    failed = any(o.action == "failed" for o in outcomes)
-    data = {
-        "changed": any(o.changed for o in outcomes),
-        "dry_run": dry_run,
-        "failed": failed,
-        "instances": [asdict(o) for o in outcomes],
-    }
-    notices = tuple(f"{o.name}: {n}" for o in outcomes for n in o.notices)
-    return Result(data=data, lines=tuple(lines), warnings=notices,
-                  exit_code=EXIT_FAILURE if failed else EXIT_OK)
+        result = wait_until(lambda: self._run(self.m.finish(job, 0.5)),
+                            timeout=change.inst.health_timeout + JOB_MARGIN, every=0.5,
+                            progress=progress, progress_every=0.5)
+        if result is None:
+            self.m.forget(job)
+            result = "timeout"
+        if opts.tty:
+            opts.live("")
+        seconds = time.monotonic() - t0
+        if result == "done":
+            return Ready(True, seconds, listening=entry.endswith(".socket"))
+        return Ready(False, seconds, self._run(self._why(change, entry, result, seconds, started)))
 
+    async def _why(self, c: Change, entry: str, result: str, seconds: float, since: float) -> str:
+        infos = await self.m.info(c.units)
+        parts = [f"{entry} start job ended '{result}' after {seconds:.1f} s"]
+        for name in c.units:
+            info = infos[name]
+            if info.active_state == "failed" or info.result not in ("", "success"):
+                detail = f"{name} {info.active_state} (Result: {info.result})"
+                if info.status_text:
+                    detail += f": {info.status_text}"
+                parts.append(detail)
+        backend = c.inst.server_unit
+        lines = last_lines(backend, self.scope, 8, since=since)
+        text = "; ".join(parts)
+        if lines:
+            text += ("\n  last journal lines of " + backend + " (this attempt):\n    "
+                     + "\n    ".join(lines))
+        return text
 
-def deploy(paths: list[Path], opts: DeployOptions) -> Result:
-    """Deploy specs; see the module docstring."""
-    return asyncio.run(_run(paths, opts))
+    def restore(self, change: Change, opts: DeployOptions) -> str:
+        """The previous version running again, or a new instance's units gone."""
+        return self._run(self._restore(change))
+
+    async def _restore(self, c: Change) -> str:
+        with contextlib.suppress(UnitgenError):
+            await stop_instance(self.m, c.name, c.units)
+        await self.m.reload()
+        if c.was_installed:
+            try:
+                back = await self.m.job("StartUnit", _entry(c.inst.spec),
+                                        timeout=c.inst.health_timeout + JOB_MARGIN)
+                state = "running again" if back.ok else f"restored but did not start ({back.result})"
+            except UnitgenError as exc:
+                state = f"restored but did not start ({exc.message})"
+            return f"\n  the previous version of {c.name} was restored and is {state}"
+        with contextlib.suppress(UnitgenError):
+            await self.m.disable([f"{c.name}.socket", f"{c.name}.service"])
+        await self.m.reload()
+        for unit in c.units:
+            await self.m.reset_failed(unit)
+        return f"\n  {c.name} was new: its units were removed again"
 
 
 async def _remove(names: list[str], scope: str) -> Result:
@@ -416,13 +279,13 @@ async def _remove(names: list[str], scope: str) -> Result:
                 inst = installed.get(name)
                 if inst is None:
                     absent.append(name)  # already gone: nothing to do (idempotent)
-                    lines.append(f"{name}: not installed (nothing to do)")
+                    lines.append(_absent_line(name, scope))
                     continue
                 t0 = time.monotonic()
                 # whatever state the units are in (failed, not loadable): stop what
                 # can be stopped, then the files go regardless
                 with contextlib.suppress(UnitgenError):
-                    await _stop_instance(m, name, inst.units)
+                    await stop_instance(m, name, inst.units)
                 with contextlib.suppress(UnitgenError):
                     await m.disable(inst.units)
                 files = [p for p in inst.files.values() if is_ours(p, name)]
@@ -442,6 +305,17 @@ async def _remove(names: list[str], scope: str) -> Result:
                     await m.reset_failed(unit)
     return Result(data={"changed": bool(removed), "removed": removed, "absent": absent},
                   lines=tuple(lines))
+
+
+def _absent_line(name: str, scope: str) -> str:
+    """What remove says of a name that is not a unitgen instance here: nothing to
+    do, or a unit of that name someone else wrote, which was left alone."""
+    foreign = [p.name for p in (unit_dir(scope) / f"{name}.service",
+                                unit_dir(scope) / f"{name}.socket") if p.exists()]
+    if foreign:
+        return (f"{name}: not a unitgen instance ({', '.join(foreign)} exists and was not "
+                "generated by unitgen): left alone")
+    return f"{name}: not installed (nothing to do)"
 
 
 def remove(names: list[str], scope: str) -> Result:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,36 +141,42 @@ class Manager:
         with contextlib.suppress(SystemdError):
             await self._call(MANAGER, "ResetFailedUnit", "s", [name])
 
-    async def job(
-        self,
-        verb: str,
-        unit: str,
-        *,
-        timeout: float,
-        progress: Callable[[float], Awaitable[None]] | None = None,
-        every: float = 0.5,
-    ) -> JobOutcome:
-        """Run StartUnit/StopUnit/RestartUnit and wait for its JobRemoved.
-
-        Subscription happens before the call, and the signal is matched by job
-        path, so a job that finishes instantly is not missed."""
+    async def job(self, verb: str, unit: str, *, timeout: float) -> JobOutcome:
+        """Run StartUnit/StopUnit/RestartUnit and wait (up to ``timeout``) for its end."""
         start = time.monotonic()
+        job_path = await self.queue(verb, unit)
+        result = await self.finish(job_path, timeout)
+        if result is None:
+            self.forget(job_path)
+            result = "timeout"
+        return JobOutcome(unit, result, time.monotonic() - start)
+
+    async def queue(self, verb: str, unit: str) -> str:
+        """Start a StartUnit/StopUnit/RestartUnit job; its path, for :meth:`finish`.
+        (Subscribed before the call: a job that ends at once is not missed.)"""
         (job_path,) = await self._call(MANAGER, verb, "ss", [unit, "replace"])
+        if job_path not in self._finished:
+            self._jobs[job_path] = asyncio.get_running_loop().create_future()
+        return str(job_path)
+
+    async def finish(self, job_path: str, within: float) -> str | None:
+        """The job's result (done, failed, ...) if it ends within ``within``
+        seconds, else None (ask again)."""
         if job_path in self._finished:
-            return JobOutcome(unit, self._finished.pop(job_path), time.monotonic() - start)
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._jobs[job_path] = fut
-        deadline = start + timeout
-        while True:
-            try:
-                result = await asyncio.wait_for(asyncio.shield(fut), timeout=every)
-                return JobOutcome(unit, result, time.monotonic() - start)
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    self._jobs.pop(job_path, None)
-                    return JobOutcome(unit, "timeout", time.monotonic() - start)
-                if progress is not None:
-                    await progress(time.monotonic() - start)
+            return self._finished.pop(job_path)
+        fut = self._jobs.get(job_path)
+        if fut is None:
+            return "canceled"  # not ours to wait for any more
+        try:
+            result = await asyncio.wait_for(asyncio.shield(fut), timeout=within)
+        except TimeoutError:
+            return None
+        self._jobs.pop(job_path, None)
+        return result
+
+    def forget(self, job_path: str) -> None:
+        """Stop waiting for a job (its deadline passed)."""
+        self._jobs.pop(job_path, None)
 
     async def environment(self) -> dict[str, str]:
         """The manager's own environment (what its units inherit: PATH, ...)."""

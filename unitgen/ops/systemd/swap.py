@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from unitgen.ops.core import apply_changes
+from unitgen.ops.files import apply_changes
 from unitgen.ops.systemd.manager import UnitInfo, connect
 from unitgen.plan.swap import after_change, groups_of, mates_of
 from unitgen.spec.model import InstanceSpec

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from unitgen.errors import UnitgenError
+from unitgen.errors import NoSuchInstanceError
 from unitgen.targets.supervisor.render import MARKER
 
 __all__ = ["InstalledConf", "require", "scan"]
@@ -25,6 +25,7 @@ class InstalledConf:
     key_env: str | None
     gpus: tuple[str, ...] = ()
     gpu_share: bool = False
+    backend: str = ""
 
     @property
     def public_host(self) -> str:
@@ -97,6 +98,7 @@ def scan(conf_dir: Path) -> dict[str, InstalledConf]:
                 timeout=float(fields.get("timeout", "1800")), key_env=fields.get("key-env"),
                 gpus=tuple(fields["gpus"].split(" ")[0].split(",")) if fields.get("gpus") else (),
                 gpu_share=fields.get("gpus", "").endswith(" shared"),
+                backend=fields.get("backend", ""),
             )
         except (KeyError, ValueError):
             continue  # an older or damaged header: not something to act on
@@ -104,11 +106,12 @@ def scan(conf_dir: Path) -> dict[str, InstalledConf]:
 
 
 def require(conf_dir: Path, names: list[str]) -> dict[str, InstalledConf]:
-    """The named instances; UnitgenError naming the missing ones."""
+    """The named instances; NoSuchInstanceError (bad input, exit 2, as for the
+    systemd target) naming the missing ones."""
     found = scan(conf_dir)
     missing = [n for n in names if n not in found]
     if missing:
         known = ", ".join(sorted(found)) or "none"
-        raise UnitgenError(f"no unitgen instance {', '.join(missing)} in {conf_dir} "
+        raise NoSuchInstanceError(f"no unitgen instance {', '.join(missing)} in {conf_dir} "
                            f"(installed: {known})")
     return {n: found[n] for n in names}
