@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import time
 from dataclasses import dataclass
@@ -229,6 +230,8 @@ async def _drain_scene() -> Scene:
     public = socket.create_server(("127.0.0.1", 0))
     public.setblocking(False)
     fw = Forwarder(ns, public, Systemctl("user"), FAST)
+    # what watch_server learns from systemd (UID=): the backend here is this process
+    fw.server_uid = os.getuid()
     loop = asyncio.get_running_loop()
 
     async def connect(first: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
