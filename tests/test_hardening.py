@@ -152,3 +152,29 @@ def test_new_keys_are_checked(tmp_path, text, message):
     with pytest.raises(SpecError) as err:
         render_spec(spec, GOLDEN_CTX)
     assert message in str(err.value), str(err.value)
+
+
+def proxy_unit(spec: Path, ctx: RenderContext = GOLDEN_CTX) -> tuple[str, str] | None:
+    """(file name, text) of the proxy unit in front of the server (None: the
+    server takes the socket itself)."""
+    done = render_spec(spec, ctx)
+    name = f"{done.instance.name}.service"
+    if name == done.instance.server_unit:
+        return None
+    return name, next(f.text for f in done.files if f.name == name)
+
+
+@needs_analyze
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("swap", [False, True], ids=["plain", "swap-group"])
+def test_every_proxy_unit_scores_at_most_the_bar(backend, swap, tmp_path):
+    # issue 17: the proxies face the network; they were unsandboxed root (9.8)
+    text = minimal_spec(backend) + ('activation = "on-demand"\nswap_group = "g"\n' if swap else "")
+    found = proxy_unit(write_spec(tmp_path, backend, text))
+    if found is None:
+        pytest.skip(f"{backend} takes its socket itself: no proxy unit")
+    name, unit = found
+    exposure = score(tmp_path, name, unit)
+    print(f"\n{backend} ({'swap' if swap else 'plain'}): {name} exposure {exposure}")
+    assert exposure <= BAR, f"{backend}: {exposure} > {BAR}\n{unit}"
+    assert directives(unit, "NoNewPrivileges") == ["yes"]

@@ -71,7 +71,9 @@ def test_all_is_true(path):
         assert hasattr(module, name), f"{_name(path)}.__all__ lists {name}, which is not there"
 
 
-@pytest.mark.parametrize("program", ["unitgen.inunit.probe", "unitgen.inunit.gpuwait"])
+@pytest.mark.parametrize("program", ["unitgen.inunit.probe", "unitgen.inunit.gpuwait",
+                                     "unitgen.inunit.confine", "unitgen.inunit.peer",
+                                     "unitgen.inunit.watch", "unitgen.inunit.supwrap"])
 def test_programs_inside_units_import_no_heavy_library(program):
     code = (f"import sys, {program}; "
             "print(sorted(m for m in ('click', 'jinja2', 'dbus_fast', 'psutil', 'pynvml') "

@@ -199,8 +199,10 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
         if spec.private_port is not None and spec.private_port >= 1024:
             extra_notices.append(
                 f"private_port: {spec.private_port} is not a privileged port: while the server "
-                "is down another local user could bind it (the probe then sends it nothing); "
-                "leave private_port unset to get one below 1024")
+                "is down another local user could bind it and receive the clients' traffic "
+                "(the probe, the liveness checker and the proxies send nothing, the key "
+                "included, to a socket of another uid); leave private_port unset to get one "
+                "below 1024")
     if spec.private_port is not None and (private is None or private.kind != "tcp"):
         problem("private_port", f"is only used by servers that listen on loopback TCP; "
                                 f"{spec.backend} listens on a private Unix socket")
