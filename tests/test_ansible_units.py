@@ -338,3 +338,19 @@ def test_role_variables_are_declared_defaulted_and_documented():
     readme = (ROLE / "README.md").read_text()
     table = set(re.findall(r"^\| `(unitgen_\w+)` \|", readme, re.M))
     assert table == set(options)
+
+
+def test_the_modules_offer_exactly_unitgens_targets():
+    # the modules travel to hosts without unitgen: they carry the list, and it
+    # must be the registry's (the CLI's --target choices come from the same)
+    from unitgen.ops.registry import names  # noqa: PLC0415
+
+    assert tuple(cli.TARGETS) == names()
+    role = Path(__file__).resolve().parent.parent / "ansible" / "roles" / "unitgen"
+    specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())
+    options = specs["argument_specs"]["main"]["options"]
+    assert tuple(options["unitgen_target"]["choices"]) == names()
+    for module in ("unitgen_instance", "unitgen_status"):
+        text = (role / "library" / f"{module}.py").read_text()
+        doc = yaml.safe_load(re.search(r'DOCUMENTATION = r"""(.*?)"""', text, re.S).group(1))
+        assert tuple(doc["options"]["target"]["choices"]) == names(), module

@@ -78,7 +78,6 @@ def tree_memory(pid: int) -> int | None:
     return ProcessTable().tree_memory(pid)
 
 
-INFO_SLICE = 60  # units per burst of D-Bus calls
 START_LIMIT_BURST = 5  # as the units say (StartLimitBurst=)
 
 # systemd's Result= values of a failed unit, in words.
@@ -218,12 +217,10 @@ async def _status(names: list[str], scope: str) -> list[InstanceStatus]:
     installed = require(scope, names)
     chosen = names or sorted(installed)
     units = [u for n in chosen for u in installed[n].units]
-    infos: dict[str, UnitInfo] = {}
     async with connect(scope) as m:
-        # dbus-fast fails (BlockingIOError in its writer) when some 250 calls are
-        # queued at once: ask in slices, each still one round trip's wait.
-        for start in range(0, len(units), INFO_SLICE):
-            infos.update(await m.info(units[start:start + INFO_SLICE]))
+        # one call for every unit's state; all properties only of each server
+        # unit (pid, restarts, status line) and of units in trouble
+        infos = await m.overview(units, {installed[n].server_unit for n in chosen})
     table = ProcessTable()
     rows = [describe(installed[n], infos, table) for n in chosen]
     if rows:

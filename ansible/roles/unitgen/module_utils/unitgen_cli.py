@@ -15,7 +15,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["address_parts", "argv_for", "error_message", "parse_json"]
+__all__ = ["TARGETS", "address_parts", "argv_for", "error_message", "parse_json"]
+
+# unitgen's targets (``unitgen.ops.registry.names()``; this file cannot import
+# unitgen, so a test keeps the two lists equal)
+TARGETS = ("systemd", "supervisor")
 
 
 def argv_for(executable: str, command: str, *, scope: str, target: str) -> list[str]:
