@@ -352,5 +352,7 @@ def test_the_modules_offer_exactly_unitgens_targets():
     assert tuple(options["unitgen_target"]["choices"]) == names()
     for module in ("unitgen_instance", "unitgen_status"):
         text = (role / "library" / f"{module}.py").read_text()
-        doc = yaml.safe_load(re.search(r'DOCUMENTATION = r"""(.*?)"""', text, re.S).group(1))
+        found = re.search(r'DOCUMENTATION = r"""(.*?)"""', text, re.S)
+        assert found, module
+        doc = yaml.safe_load(found.group(1))
         assert tuple(doc["options"]["target"]["choices"]) == names(), module
