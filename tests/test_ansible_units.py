@@ -356,3 +356,4 @@ def test_the_modules_offer_exactly_unitgens_targets():
         assert found, module
         doc = yaml.safe_load(found.group(1))
         assert tuple(doc["options"]["target"]["choices"]) == names(), module
+        assert f'"choices": {list(names())!r}'.replace("'", '"') in text, module

@@ -203,7 +203,7 @@ def _corpus() -> list[Path]:
 def test_malformed_spec_corpus(path):
     """Each file in tests/corpus says, in ``# expect: KEY: FRAGMENT`` lines, the
     problems `check` must report for it."""
-    from unitgen.ops.systemd.specs import planner  # noqa: PLC0415 - keeps collection light
+    from unitgen.ops.systemd.specs import planner, verify_rendered  # noqa: PLC0415 - light
     from unitgen.ops.verbs import check_specs  # noqa: PLC0415
     from unitgen.targets.systemd.render import RenderContext  # noqa: PLC0415
 
@@ -212,7 +212,7 @@ def test_malformed_spec_corpus(path):
     assert expected, f"{path.name} has no '# expect:' line"
     target, alloc = planner(RenderContext(python="/usr/bin/python3", proxyd="/bin/true"), None)
     with pytest.raises(SpecError) as info:
-        check_specs([path], target, alloc, describe=str)
+        check_specs([path], target, alloc, describe=str, notices=verify_rendered)
     problems = [(printable(p.key), p.message) for p in info.value.problems]
     for want in expected:
         assert any(k == want["key"] and want["fragment"] in msg for k, msg in problems), (

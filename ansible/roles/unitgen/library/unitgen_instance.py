@@ -185,7 +185,7 @@ import tempfile
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.unitgen_cli import TARGETS, address_parts, argv_for, error_message, parse_json
+from ansible.module_utils.unitgen_cli import address_parts, argv_for, error_message, parse_json
 from ansible.module_utils.unitgen_secrets import Secret, redacted, secrets, spec_strings, undeclared
 from ansible.module_utils.unitgen_toml import TomlWriteError, dumps, loads
 
@@ -462,7 +462,7 @@ ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
     "name": {"type": "str"},
     "state": {"type": "str", "choices": ["present", "absent"], "default": "present"},
     "scope": {"type": "str", "choices": ["system", "user"], "default": "system"},
-    "target": {"type": "str", "choices": list(TARGETS), "default": "systemd"},
+    "target": {"type": "str", "choices": ["systemd", "supervisor"], "default": "systemd"},
     "executable": {"type": "str", "default": "unitgen"},
     "spec_dir": {"type": "path"},
     "wait": {"type": "bool", "default": True},

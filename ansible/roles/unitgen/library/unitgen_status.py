@@ -95,13 +95,13 @@ import os
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.unitgen_cli import TARGETS, address_parts, argv_for, error_message, parse_json
+from ansible.module_utils.unitgen_cli import address_parts, argv_for, error_message, parse_json
 
 ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
     "names": {"type": "list", "elements": "str", "default": []},
     "live": {"type": "bool", "default": True},
     "scope": {"type": "str", "choices": ["system", "user"], "default": "system"},
-    "target": {"type": "str", "choices": list(TARGETS), "default": "systemd"},
+    "target": {"type": "str", "choices": ["systemd", "supervisor"], "default": "systemd"},
     "executable": {"type": "str", "default": "unitgen"},
 }
 

@@ -17,8 +17,10 @@ from typing import Any
 
 __all__ = ["TARGETS", "address_parts", "argv_for", "error_message", "parse_json"]
 
-# unitgen's targets (``unitgen.ops.registry.names()``; this file cannot import
-# unitgen, so a test keeps the two lists equal)
+# unitgen's targets (``unitgen.ops.registry.names()``). The modules travel to
+# hosts without unitgen and their argument specs must be literals (Ansible reads
+# them without running the module), so each spells the list; a test keeps every
+# copy equal to the registry's.
 TARGETS = ("systemd", "supervisor")
 
 
