@@ -12,6 +12,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from unitgen.inunit.swapctl import Systemctl
 from unitgen.inunit.swapforward import (
     KEPT_ALIVE,
     MALFORMED,
@@ -22,7 +23,6 @@ from unitgen.inunit.swapforward import (
     DrainPolicy,
     Forwarder,
 )
-from unitgen.inunit.swapproxy import Systemctl
 
 POLICY = DrainPolicy()  # grace 1 s, stall 5 s, 500 bytes/s
 GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"

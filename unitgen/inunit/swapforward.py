@@ -1,6 +1,8 @@
-"""The forwarding half of a swap-group member's proxy (see
-:mod:`unitgen.inunit.swapproxy`, which takes the turn and then calls
-:func:`forward`): asyncio, standard library only."""
+"""The forwarding half of a swap-group member's proxy: :mod:`unitgen.inunit.swapproxy`
+takes the turn, then calls :func:`forward`. It imports nothing of the proxy's
+entry point (what both use is :mod:`unitgen.inunit.swapctl`), so the entry point
+can import it in a thread while the turn is taken. asyncio, standard library
+only."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from unitgen.inunit.httpframes import RequestFrames, ResponseFrames
 from unitgen.inunit.peer import foreign_peer
-from unitgen.inunit.swapproxy import Systemctl, log, notify
+from unitgen.inunit.swapctl import Systemctl, log, notify
 from unitgen.timespan import format_seconds
 
 __all__ = ["DrainPolicy", "forward"]
