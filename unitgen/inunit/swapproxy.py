@@ -22,8 +22,9 @@ On SIGTERM it accepts what is already queued, closes its copy of the listening
 socket (the socket unit keeps listening: new requests wait there for the next
 turn), finishes the requests being answered within ``--drain``, closes the
 connections that are not being answered after a short grace (``DrainPolicy`` in
-:mod:`unitgen.inunit.swapforward`), and exits 0. The forwarding and the drain are
-imported while the turn is taken (see :func:`main`).
+:mod:`unitgen.inunit.swapdrain`), and exits 0. That half is
+:mod:`unitgen.inunit.swapforward`, imported while the turn is taken (see
+:func:`main`).
 
     python -I -m unitgen.inunit.swapproxy --name a --group gpu0 --lock PATH \\
         --scope user --drain 3min TARGET
