@@ -129,6 +129,25 @@ def test_mates_come_from_the_servers_conflicts():
     assert mates_from_conflicts("a-backend.service shutdown.target", "a") == []
 
 
+def _loaded_after(module: str) -> set[str]:
+    """Which of the swap proxy's modules (and asyncio) importing ``module`` loads."""
+    code = (f"import sys, {module}; print(' '.join(m for m in sys.modules "
+            "if m == 'asyncio' or m.startswith('unitgen.inunit.swap')))")
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          check=True)
+    return set(done.stdout.split())
+
+
+def test_the_entry_point_leaves_asyncio_and_the_forwarder_for_later():
+    """asyncio takes tens of milliseconds to import: the entry point imports it
+    (with the forwarder) in a thread while it takes the turn, so importing the
+    entry point must not pull it in; and the forwarder never imports the entry
+    point back."""
+    assert _loaded_after("unitgen.inunit.swapproxy") == {
+        "unitgen.inunit.swapproxy", "unitgen.inunit.swapctl"}
+    assert "unitgen.inunit.swapproxy" not in _loaded_after("unitgen.inunit.swapforward")
+
+
 def test_member_units_use_the_swap_proxy(tmp_path):
     path = _spec(tmp_path, "m", "g")
     units = {f.name: f.text for f in render_spec(path, GOLDEN_CTX).files}

@@ -12,17 +12,18 @@ import socket
 import time
 from dataclasses import dataclass
 
-from unitgen.inunit.swapforward import (
+from unitgen.inunit.swapctl import Systemctl
+from unitgen.inunit.swapdrain import (
     KEPT_ALIVE,
     MALFORMED,
     SENT_NOTHING,
     SERVER_CLOSED,
     STALLED,
     Conn,
+    DrainLedger,
     DrainPolicy,
-    Forwarder,
 )
-from unitgen.inunit.swapproxy import Systemctl
+from unitgen.inunit.swapforward import Forwarder
 
 POLICY = DrainPolicy()  # grace 1 s, stall 5 s, 500 bytes/s
 GET = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -155,6 +156,24 @@ def test_a_connection_the_server_closed_is_closed_after_the_grace():
     assert first_close(conn) == (DRAIN + 1.2, SERVER_CLOSED)
 
 
+def test_the_ledger_names_each_connection_once_and_counts_why():
+    ledger = DrainLedger(POLICY)
+    early, kept, late = Conn(now=10.0), Conn(now=10.0), Conn(now=DRAIN + 0.5)
+    kept.saw_request(GET, 20.0)
+    kept.saw_answer(kept.frames.feed(ANSWER)[1], 30.0)
+    ledger.join(early, 50.0)  # before the drain: no effect
+    assert not ledger.started
+    ledger.begin([early, kept], DRAIN)
+    ledger.join(late, DRAIN + 0.5)
+    conns = {"early": early, "kept": kept, "late": late}
+    assert ledger.due(conns, DRAIN) == ["kept"]
+    assert ledger.due(conns, DRAIN + 1) == ["early"]  # named once: kept is not again
+    assert ledger.due(conns, DRAIN + 1.5) == ["late"]  # its grace counts from its accept
+    assert ledger.due(conns, DRAIN + 9) == []
+    assert ledger.summary() == ("closed 2 connection(s) that sent nothing; closed 1 "
+                                "connection(s) that were kept alive after their answers")
+
+
 # The forwarder itself, on loopback: faster bounds than the defaults keep it short.
 FAST = DrainPolicy(grace=0.5, stall=1.5, min_rate=500)
 SLOW_ANSWER = 3.0  # longer than the stall bound: an answer in progress is never cut by it
@@ -266,7 +285,7 @@ async def _drain_scene() -> Scene:
     _, pending = await asyncio.wait(set(fw.conns), timeout=10)
     at = {name: await task - t0 for name, task in closed.items()}
     out = Scene(within=within_answer, stream=answers[0], slow=answers[1], silent=at["silent"],
-                head=at["head"], kept=at["kept"], pending=len(pending), closed=dict(fw.closed),
+                head=at["head"], kept=at["kept"], pending=len(pending), closed=dict(fw.ledger.closed),
                 took=time.monotonic() - t0)
     drain.cancel()
     for c in (silent, head, kept):

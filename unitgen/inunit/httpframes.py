@@ -78,28 +78,19 @@ class ResponseFrames:
                 if self._state == "head" and status >= 200:
                     done += 1
                 view = memoryview(rest)
-            elif self._state == "body":
+            elif self._state in ("body", "chunk-data", "chunk-crlf"):
                 take = min(self._left, len(view))
                 out += view[:take]
                 view = view[take:]
                 self._left -= take
                 if not self._left:
-                    self._state = "head"
-                    done += 1
-            elif self._state == "chunk-data":
-                take = min(self._left, len(view))
-                out += view[:take]
-                view = view[take:]
-                self._left -= take
-                if not self._left:
-                    self._state, self._left = "chunk-crlf", 2
-            elif self._state == "chunk-crlf":
-                take = min(self._left, len(view))
-                out += view[:take]
-                view = view[take:]
-                self._left -= take
-                if not self._left:
-                    self._state = "chunk-size"
+                    if self._state == "body":
+                        self._state = "head"
+                        done += 1
+                    elif self._state == "chunk-data":
+                        self._state, self._left = "chunk-crlf", 2
+                    else:
+                        self._state = "chunk-size"
             else:  # chunk-size or trailers: line based
                 nl = bytes(view).find(b"\n")
                 if nl < 0:

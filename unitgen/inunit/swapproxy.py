@@ -22,7 +22,9 @@ On SIGTERM it accepts what is already queued, closes its copy of the listening
 socket (the socket unit keeps listening: new requests wait there for the next
 turn), finishes the requests being answered within ``--drain``, closes the
 connections that are not being answered after a short grace (``DrainPolicy`` in
-:mod:`unitgen.inunit.swapforward`), and exits 0.
+:mod:`unitgen.inunit.swapdrain`), and exits 0. That half is
+:mod:`unitgen.inunit.swapforward`, imported while the turn is taken (see
+:func:`main`).
 
     python -I -m unitgen.inunit.swapproxy --name a --group gpu0 --lock PATH \\
         --scope user --drain 3min TARGET
@@ -38,34 +40,17 @@ import fcntl
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from unitgen.inunit.swapctl import Systemctl, log, notify
 from unitgen.timespan import parse_timespan
 
 __all__ = ["main", "mates_from_conflicts"]
 
 SD_LISTEN_FDS_START = 3
-
-
-def log(message: str) -> None:
-    """One line for the journal."""
-    print(f"swap: {message}", file=sys.stderr, flush=True)
-
-
-def notify(text: str) -> None:
-    """Tell systemd a status line (shown by systemctl status and unitgen status)."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(f"STATUS={text}".encode())
 
 
 def mates_from_conflicts(conflicts: str, me: str) -> list[str]:
@@ -75,38 +60,6 @@ def mates_from_conflicts(conflicts: str, me: str) -> list[str]:
         if unit.endswith("-backend.service") and unit != f"{me}-backend.service":
             out.append(unit[: -len("-backend.service")])
     return sorted(set(out))
-
-
-class Systemctl:
-    """systemctl for the manager this unit runs under."""
-
-    def __init__(self, scope: str) -> None:
-        self.base = ["systemctl", "--no-ask-password"] + (["--user"] if scope == "user" else [])
-
-    def popen(self, *args: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([*self.base, *args], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-
-    def conflicts(self, unit: str) -> subprocess.Popen[str]:
-        """``systemctl show -p Conflicts`` of ``unit``, started (read its stdout)."""
-        return subprocess.Popen([*self.base, "show", unit, "-pConflicts", "--value"],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self.base, *args], capture_output=True, text=True, check=False)
-
-    def show(self, units: list[str], *props: str) -> dict[str, dict[str, str]]:
-        """Properties of several units in one call: unit -> property -> value."""
-        done = self.run("show", *units, "-pId", *(f"-p{p}" for p in props))
-        out = {u: dict.fromkeys(props, "") for u in units}
-        current: dict[str, str] = {}
-        for line in done.stdout.splitlines():
-            key, _, value = line.partition("=")
-            if key == "Id":
-                current = out.setdefault(value, dict.fromkeys(props, ""))
-            elif key in props:
-                current[key] = value
-        return out
 
 
 def _held_by(lock: Path) -> str:
@@ -208,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     termed: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: termed.append(signum))
-    from unitgen.inunit.swapforward import forward  # noqa: PLC0415 - see the thread above
+    # late on purpose (asyncio, see the thread above), not to break a circle: there is none
+    from unitgen.inunit.swapforward import forward  # noqa: PLC0415
 
     return forward(ns, listener, fd, ctl, termed=termed)
 

@@ -1,0 +1,68 @@
+"""What both halves of a swap-group member's proxy say to the world: systemctl
+for the manager the unit runs under, a line for the journal, a status line for
+systemd. :mod:`unitgen.inunit.swapproxy` (the turn) and
+:mod:`unitgen.inunit.swapforward` (the forwarding) import this; it imports
+neither.
+
+Standard library only, and no asyncio: the proxy imports it before it takes
+the turn, when every millisecond of start-up delays the waiting request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+
+__all__ = ["Systemctl", "log", "notify"]
+
+
+def log(message: str) -> None:
+    """One line for the journal."""
+    print(f"swap: {message}", file=sys.stderr, flush=True)
+
+
+def notify(text: str) -> None:
+    """Tell systemd a status line (shown by systemctl status and unitgen status)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(f"STATUS={text}".encode())
+
+
+class Systemctl:
+    """systemctl for the manager this unit runs under."""
+
+    def __init__(self, scope: str) -> None:
+        self.base = ["systemctl", "--no-ask-password"] + (["--user"] if scope == "user" else [])
+
+    def popen(self, *args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([*self.base, *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    def conflicts(self, unit: str) -> subprocess.Popen[str]:
+        """``systemctl show -p Conflicts`` of ``unit``, started (read its stdout)."""
+        return subprocess.Popen([*self.base, "show", unit, "-pConflicts", "--value"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.base, *args], capture_output=True, text=True, check=False)
+
+    def show(self, units: list[str], *props: str) -> dict[str, dict[str, str]]:
+        """Properties of several units in one call: unit -> property -> value."""
+        done = self.run("show", *units, "-pId", *(f"-p{p}" for p in props))
+        out = {u: dict.fromkeys(props, "") for u in units}
+        current: dict[str, str] = {}
+        for line in done.stdout.splitlines():
+            key, _, value = line.partition("=")
+            if key == "Id":
+                current = out.setdefault(value, dict.fromkeys(props, ""))
+            elif key in props:
+                current[key] = value
+        return out
