@@ -16,7 +16,8 @@ import pytest
 
 from tests.helpers import write_spec
 from tests.nvml import ZERO_GPUS, eight_gpus, fake_nvml
-from unitgen.spec.keys import KEYS, docs_with_table, json_schema
+from unitgen.spec.backends import BACKENDS, BackendName
+from unitgen.spec.keys import KEYS, by_name, docs_with_table, json_schema
 from unitgen.spec.model import HealthSpec, InstanceSpec, parse_spec
 from unitgen.timespan import parse_timespan
 
@@ -45,6 +46,19 @@ def test_every_spec_field_has_exactly_one_key_declaration():
     declared = [k.name.replace("systemd.", "systemd_") for k in KEYS]
     assert len(declared) == len(set(declared))
     assert set(declared) == fields
+
+
+def test_backend_names_are_the_backend_tables():
+    """One list of backends: the table. The key's choices, the schema's enum and the
+    docs row follow it, and every name parses."""
+    names = list(BACKENDS)
+    assert [b.value for b in BackendName] == names
+    assert list(by_name("backend").choices) == names
+    assert json_schema()["properties"]["backend"]["enum"] == names
+    assert " / ".join(f"`{n}`" for n in names) in (ROOT / "docs" / "spec.md").read_text()
+    for name in names:
+        extra = 'command = ["srv", "{port}"]' if name == "custom" else 'model = "m"'
+        assert parse_spec(f'name = "a"\nbackend = "{name}"\n{extra}\n', "a.toml").backend == name
 
 
 def test_schema_validates_every_example_and_rejects_mistakes():

@@ -8,10 +8,11 @@ Pure data, shared by every target (systemd today, supervisor later).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from unitgen.spec.argscan import EXACT, OptionSyntax
 
-__all__ = ["BACKENDS", "GENERIC_LISTEN_FLAGS", "Backend", "GpuUse", "get_backend"]
+__all__ = ["BACKENDS", "GENERIC_LISTEN_FLAGS", "Backend", "BackendName", "GpuUse", "get_backend"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,12 @@ BACKENDS: dict[str, Backend] = {
         ),
     )
 }
+
+# The valid values of a spec's ``backend``: the table's names, in its order. A
+# backend is added by adding its entry above; nothing else lists them.
+BackendName = StrEnum(  # type: ignore[misc]  # mypy cannot list the members of a derived enum
+    "BackendName", {name.upper().replace("-", "_"): name for name in BACKENDS})
+BackendName.__doc__ = "The model servers unitgen knows: the names of :data:`BACKENDS`."
 
 # For custom commands: options that commonly fix a listen address. A literal
 # value here (rather than a {port}/{host}/{unix} placeholder) is refused.

@@ -17,28 +17,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from unitgen.spec.backends import BackendName
+
 __all__ = [
     "KEYS",
     "TABLES",
     "Activation",
-    "BackendName",
     "Key",
     "Kind",
     "RestartPolicy",
     "json_schema",
     "markdown_table",
 ]
-
-
-class BackendName(StrEnum):
-    """The model servers unitgen knows."""
-
-    VLLM = "vllm"
-    SGLANG = "sglang"
-    LLAMA_SERVER = "llama-server"
-    LLAMA_BOX = "llama-box"
-    VOX_BOX = "vox-box"
-    CUSTOM = "custom"
 
 
 class Activation(StrEnum):

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from unitgen.errors import Problem, SpecError
+from unitgen.spec.backends import BackendName
 from unitgen.spec.keys import (
     KEYS,
     TABLES,
     Activation,
-    BackendName,
     Key,
     Kind,
     RestartPolicy,
