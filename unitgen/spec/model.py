@@ -16,7 +16,15 @@ from typing import Any
 
 from unitgen.errors import Problem, SpecError
 from unitgen.spec.backends import BackendName
-from unitgen.spec.keys import KEYS, TABLES, Activation, RestartPolicy, sub_keys, top_keys
+from unitgen.spec.keys import (
+    KEYS,
+    TABLES,
+    Activation,
+    RestartPolicy,
+    default_of,
+    sub_keys,
+    top_keys,
+)
 from unitgen.spec.readers import OFF, READERS, Checker, check_executable, kind_of, parse_size
 
 __all__ = [
@@ -36,27 +44,22 @@ BACKENDS = tuple(b.value for b in BackendName)
 ACTIVATIONS = tuple(a.value for a in Activation)
 RESTART_POLICIES = tuple(r.value for r in RestartPolicy)
 
-# A 70B model in bf16 is ~140 GB; from a network disk at 200 MB/s plus CUDA
-# graph capture and warm-up that is 15 to 20 minutes. 30 minutes leaves room
-# without letting a wedged server sit in "starting" for ever.
-DEFAULT_HEALTH_TIMEOUT = 1800.0
-# How long a member of a swap group may finish the requests it is serving once
-# another member wants the GPU: long enough for a long generation, short enough
-# that a member that keeps receiving requests cannot starve the others.
-DEFAULT_SWAP_DRAIN = 180.0
+DEFAULT_HEALTH_TIMEOUT: float = default_of("health.timeout")
+DEFAULT_SWAP_DRAIN: float = default_of("swap_drain")
 
-# After ready, a server that has not answered its health path for this long is
-# restarted by systemd's watchdog: three checks of 10 s each.
-DEFAULT_WATCHDOG = 30.0
+# The fields of both records are the declared keys (unitgen.spec.keys), each
+# with its declared default: no default is written here. Their types are what
+# each key's reader returns.
 
 
 @dataclass(frozen=True)
 class HealthSpec:
-    """How readiness is judged: the HTTP path to poll and the start deadline."""
+    """How readiness is judged: the HTTP path to poll, the start deadline and the
+    liveness bound after ready."""
 
-    path: str | None = None
-    timeout: float = DEFAULT_HEALTH_TIMEOUT
-    watchdog: float | None = DEFAULT_WATCHDOG  # None: "off"
+    path: str | None = default_of("health.path")
+    timeout: float = default_of("health.timeout")
+    watchdog: float | None = default_of("health.watchdog")  # None: "off"
 
 
 @dataclass(frozen=True)
@@ -66,35 +69,39 @@ class InstanceSpec:
     source: str
     name: str
     backend: BackendName
-    model: str | None = None
-    executable: str | None = None
-    host: str | None = None
-    port: int | None = None
-    args: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    secret_env: tuple[str, ...] = ()
-    command: tuple[str, ...] | None = None
-    socket_activation: bool = False
-    activation: Activation = Activation.EAGER
-    idle_stop: float | None = None
+    model: str | None = default_of("model")
+    executable: str | None = default_of("executable")
+    host: str | None = default_of("host")
+    port: int | None = default_of("port")
+    args: tuple[str, ...] = default_of("args")
+    env: tuple[tuple[str, str], ...] = default_of("env")
+    secret_env: tuple[str, ...] = default_of("secret_env")
+    command: tuple[str, ...] | None = default_of("command")
+    socket_activation: bool = default_of("socket_activation")
+    activation: Activation = default_of("activation")  # noqa: RUF009 - an enum member
+    idle_stop: float | None = default_of("idle_stop")
     health: HealthSpec = field(default_factory=HealthSpec)
-    user: str | None = None
-    group: str | None = None
-    working_directory: str | None = None
-    restart: RestartPolicy = RestartPolicy.ON_FAILURE
-    private_port: int | None = None
-    max_connections: int = 1024
-    description: str | None = None
-    api_key_env: str | None = None
-    systemd_unit: tuple[tuple[str, str], ...] = ()
-    systemd_service: tuple[tuple[str, str], ...] = ()
-    gpus: int | tuple[int, ...] | tuple[str, ...] | None = None
-    gpu_memory: int | None = None
-    gpu_share: bool = False
-    swap_group: str | None = None
-    swap_drain: float = DEFAULT_SWAP_DRAIN
-    hardening: bool = True  # system scope: sandbox the server (docs/reliability.md)
-    offline: bool = False  # the server needs no network: PrivateNetwork= where it can
+    user: str | None = default_of("user")
+    group: str | None = default_of("group")
+    working_directory: str | None = default_of("working_directory")
+    restart: RestartPolicy = default_of("restart")  # noqa: RUF009 - an enum member
+    private_port: int | None = default_of("private_port")
+    max_connections: int = default_of("max_connections")
+    description: str | None = default_of("description")
+    api_key_env: str | None = default_of("api_key_env")
+    systemd_unit: tuple[tuple[str, str], ...] = default_of("systemd.unit")
+    systemd_service: tuple[tuple[str, str], ...] = default_of("systemd.service")
+    gpus: int | tuple[int, ...] | tuple[str, ...] | None = default_of("gpus")
+    gpu_memory: int | None = default_of("gpu_memory")
+    gpu_share: bool = default_of("gpu_share")
+    swap_group: str | None = default_of("swap_group")
+    swap_drain: float = default_of("swap_drain")
+    hardening: bool = default_of("hardening")  # system scope: sandbox the server
+    offline: bool = default_of("offline")  # no network: PrivateNetwork= where it can
+
+
+# The records that hold a table's keys (Key.field names the record).
+_RECORDS: dict[str, type[HealthSpec]] = {"health": HealthSpec}
 
 
 def load_spec(path: Path) -> InstanceSpec:
@@ -166,7 +173,8 @@ def _rules(c: Checker, data: dict[str, Any], values: dict[str, Any]) -> None:
         values["name"] = None
     if "backend" not in data:
         c.add("backend", f"is required: one of {', '.join(BACKENDS)}")
-    backend = values.get("backend")
+    # as text: messages show it as the spec writes it ('vllm', not a member's repr)
+    backend = None if values.get("backend") is None else str(values["backend"])
     if backend not in (None, "custom") and "model" not in data:
         c.add("model", f"is required for backend {backend!r} (a model path or id)")
     if values.get("model") == "":
@@ -186,7 +194,7 @@ def _rules(c: Checker, data: dict[str, Any], values: dict[str, Any]) -> None:
     elif "command" not in data and backend == "custom":
         c.add("command", "is required for backend 'custom': the server's argv, with "
                          "{host}/{port} or {unix} where it listens")
-    activation = values.get("activation") or "eager"
+    activation = values.get("activation") or default_of("activation")
     if values.get("idle_stop") is not None and activation != "on-demand":
         c.add("idle_stop", "needs activation = \"on-demand\": an eager instance is started "
                            "again at boot and by deploy, so stopping it when idle would fight that")
@@ -212,27 +220,17 @@ def _rules(c: Checker, data: dict[str, Any], values: dict[str, Any]) -> None:
 
 
 def _build(source: str, values: dict[str, Any]) -> InstanceSpec:
-    def get(name: str, default: Any = None) -> Any:  # noqa: ANN401 - typed by each key's reader
-        value = values.get(name)
-        return default if value is None else value
-
-    watchdog = get("health.watchdog", DEFAULT_WATCHDOG)
-    health = HealthSpec(path=get("health.path"),
-                        timeout=get("health.timeout", DEFAULT_HEALTH_TIMEOUT),
-                        watchdog=None if watchdog == OFF else watchdog)
-    return InstanceSpec(
-        source=source, name=values["name"], backend=BackendName(values["backend"]),
-        model=get("model"), executable=get("executable"), host=get("host"), port=get("port"),
-        args=get("args", ()), env=get("env", ()), secret_env=get("secret_env", ()),
-        command=values.get("command"), socket_activation=get("socket_activation", False),
-        activation=Activation(get("activation", "eager")), idle_stop=get("idle_stop"),
-        health=health, user=get("user"), group=get("group"),
-        working_directory=get("working_directory"),
-        restart=RestartPolicy(get("restart", "on-failure")), private_port=get("private_port"),
-        max_connections=get("max_connections", 1024), description=get("description"),
-        api_key_env=get("api_key_env"), systemd_unit=get("systemd.unit", ()),
-        systemd_service=get("systemd.service", ()), gpus=values.get("gpus"),
-        gpu_memory=get("gpu_memory"), gpu_share=get("gpu_share", False),
-        swap_group=get("swap_group"), swap_drain=get("swap_drain", DEFAULT_SWAP_DRAIN),
-        hardening=get("hardening", True), offline=get("offline", False),
-    )
+    """The spec from what the readers returned: every declared key becomes its
+    field, the declared default where the key is absent or its value was wrong
+    (None). No key is listed here, so none can be left out."""
+    records: dict[str, dict[str, Any]] = {"": {}, **{r: {} for r in _RECORDS}}
+    for key in KEYS:
+        value = values.get(key.name)
+        if value is None:
+            value = key.default
+        elif key.can_be_off and value == OFF:
+            value = None
+        record, attr = key.field
+        records[record][attr] = value
+    nested: dict[str, Any] = {name: cls(**records[name]) for name, cls in _RECORDS.items()}
+    return InstanceSpec(source=source, **nested, **records[""])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 from unitgen.errors import Problem
@@ -104,16 +105,17 @@ def _read_text(c: Checker, key: Key, value: object) -> str | None:
     return value
 
 
-def _read_choice(c: Checker, key: Key, value: object) -> str | None:
+def _read_choice(c: Checker, key: Key, value: object) -> StrEnum | None:
     text = _read_text(c, key, value)
     if text is None:
         return None
-    if text not in key.choices:
-        close = difflib.get_close_matches(text, key.choices, n=1, cutoff=0.5)
+    values = key.choice_values
+    if key.choices is None or text not in values:
+        close = difflib.get_close_matches(text, values, n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        c.add(key.name, f"{text!r} is not one of {', '.join(key.choices)}{hint}")
+        c.add(key.name, f"{text!r} is not one of {', '.join(values)}{hint}")
         return None
-    return text
+    return key.choices(text)
 
 
 def _read_integer(c: Checker, key: Key, value: object) -> int | None:
