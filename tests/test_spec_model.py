@@ -16,8 +16,9 @@ import pytest
 from tests.helpers import write_spec
 from tests.nvml import ZERO_GPUS, eight_gpus, fake_nvml
 from unitgen.spec.backends import BACKENDS, BackendName
-from unitgen.spec.keys import KEYS, by_name, docs_with_table, json_schema
+from unitgen.spec.keys import KEYS, by_name
 from unitgen.spec.model import parse_spec
+from unitgen.spec.reference import docs_with_table, json_schema
 from unitgen.timespan import parse_timespan
 
 __all__ = ["fake_nvml"]
@@ -32,7 +33,7 @@ def unitgen(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_docs_table_is_the_generated_one():
     docs = (ROOT / "docs" / "spec.md").read_text(encoding="utf-8")
-    assert docs_with_table(docs) == docs, "run: python -m unitgen.spec.keys"
+    assert docs_with_table(docs) == docs, "run: python -m unitgen.spec.reference"
     for key in KEYS:
         shown = key.name if "." not in key.name or key.name.startswith("systemd") \
             else f"[{key.name.split('.')[0]}] {key.name.split('.')[1]}"

@@ -4,9 +4,9 @@ Each :class:`Key` says what a key is (its kind, default, bounds, which backends
 and activations it applies to, one line of documentation). That one list drives
 reading (:mod:`unitgen.spec.readers`: one reader per kind), validation and the
 construction of :class:`~unitgen.spec.model.InstanceSpec` (:mod:`unitgen.spec.model`:
-every declared key becomes its field, its default the dataclass's), the reference
-table in ``docs/spec.md`` (:func:`markdown_table`, checked by a test) and the JSON
-Schema that ``unitgen schema`` prints (:func:`json_schema`). Adding a key means one
+every declared key becomes its field, its default the dataclass's), and what
+:mod:`unitgen.spec.reference` derives: the reference table in ``docs/spec.md`` and
+the JSON Schema that ``unitgen schema`` prints. Adding a key means one
 entry here and its typed field on ``InstanceSpec`` (tests check that the two agree
 and that a value set in a spec arrives there), the way mkosi declares one
 ``ConfigSetting`` per key.
@@ -24,17 +24,23 @@ from unitgen.spec.backends import BackendName
 from unitgen.spec.ports import DEFAULT_HOST, DEFAULT_PORT_RANGE, PRIVATE_PORT_RANGE
 
 __all__ = [
+    "DIRECTIVE_RE",
+    "ENV_NAME_RE",
+    "GPU_UUID_RE",
     "KEYS",
+    "MAX_GPUS",
     "TABLES",
     "Activation",
     "Key",
     "Kind",
     "RestartPolicy",
     "by_name",
+    "check_bounds",
     "default_of",
-    "docs_with_table",
-    "json_schema",
-    "markdown_table",
+    "fullmatch",
+    "span",
+    "sub_keys",
+    "top_keys",
 ]
 
 
@@ -108,42 +114,20 @@ class Key:
         """The values a choice may take, in declaration order."""
         return tuple(c.value for c in self.choices or ())
 
-    @property
-    def shown_default(self) -> str:
-        """The default as the docs table shows it, derived from :attr:`default`."""
-        value = self.default
-        if self.required:
-            return "required"
-        if self.default_doc:
-            return self.default_doc
-        if value is None:
-            return "none"
-        if value == ():
-            return _EMPTY.get(self.kind, "none")
-        if isinstance(value, bool):
-            return "`true`" if value else "`false`"
-        if self.kind is Kind.DURATION:
-            return f"`{_span(value)}`"
-        return f"`{value}`"
-
-    @property
-    def applies_to(self) -> str:
-        """Which backends/activations, as the docs say it."""
-        parts = []
-        if self.backends:
-            parts.append(", ".join(f"`{b}`" for b in self.backends) + " only")
-        if self.activation:
-            parts.append(f"`activation = \"{self.activation}\"` only")
-        return "; ".join(parts) or "all"
-
 
 _DAY = 86400.0
+
+# What values of some kinds look like: the readers check them, the schema says them.
+ENV_NAME_RE = r"[A-Za-z_][A-Za-z0-9_]*"
+DIRECTIVE_RE = r"[A-Z][A-Za-z0-9]*"  # keys of [systemd.*] look like systemd directives
+GPU_UUID_RE = r"(GPU|MIG)-[0-9A-Za-z/-]+"
+MAX_GPUS = 64  # a count up to this, indexes below it
+_NAME_RE = r"[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?"  # instance and swap group names
+_ACCOUNT_RE = r"[A-Za-z_][A-Za-z0-9_.-]{0,31}"
 
 # Tables whose keys make a record of their own on the spec (``spec.health.timeout``);
 # a key of any other table is a field named after both (``spec.systemd_unit``).
 RECORDS = ("health",)
-# How the docs show an empty default; an absent table of directives adds nothing.
-_EMPTY = {Kind.WORDS: "`[]`", Kind.ENV: "`{}`"}
 
 
 def _range(port_range: tuple[int, int]) -> str:
@@ -153,7 +137,7 @@ def _range(port_range: tuple[int, int]) -> str:
 KEYS: tuple[Key, ...] = (
     Key("name", Kind.TEXT, "instance name; units are `<name>.socket`, `<name>.service`, "
         "`<name>-backend.service`", required=True,
-        pattern=r"[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?",
+        pattern=_NAME_RE,
         pattern_doc="must be 1-48 lowercase letters, digits or '-', not starting or ending "
                     "with '-'"),
     Key("backend", Kind.CHOICE, "the model server", required=True,
@@ -201,9 +185,9 @@ KEYS: tuple[Key, ...] = (
         default=30.0, lo=3, hi=_DAY, can_be_off=True,
         bounds_why="the checker asks every third of it; longer than a day is a typo"),
     Key("user", Kind.TEXT, "run the server as this user (system manager)",
-        pattern=r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", pattern_doc="is not a valid user or group name"),
+        pattern=_ACCOUNT_RE, pattern_doc="is not a valid user or group name"),
     Key("group", Kind.TEXT, "run the server with this group (system manager)",
-        pattern=r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", pattern_doc="is not a valid user or group name"),
+        pattern=_ACCOUNT_RE, pattern_doc="is not a valid user or group name"),
     Key("working_directory", Kind.PATH, "the server's working directory"),
     Key("restart", Kind.CHOICE, "systemd `Restart=`", default=RestartPolicy.ON_FAILURE,
         choices=RestartPolicy),
@@ -214,7 +198,7 @@ KEYS: tuple[Key, ...] = (
     Key("api_key_env", Kind.TEXT, "the variable in `env` that holds the server's API key",
         backends=("custom",),
         only_why="{backend!r} has a known key option (put it in args or env)",
-        pattern=r"[A-Za-z_][A-Za-z0-9_]*", pattern_doc="is not an environment variable name"),
+        pattern=ENV_NAME_RE, pattern_doc="is not an environment variable name"),
     Key("systemd.unit", Kind.DIRECTIVES, "extra `[Unit]` directives for the server's unit",
         default=()),
     Key("systemd.service", Kind.DIRECTIVES, "extra `[Service]` directives for the server's "
@@ -224,7 +208,7 @@ KEYS: tuple[Key, ...] = (
     Key("gpu_share", Kind.BOOLEAN, "allow other instances on the same GPUs", default=False),
     Key("swap_group", Kind.TEXT, "members of one group take turns on the GPU: a request to a "
         "stopped member waits while the running one drains and stops (docs/swap.md)",
-        activation=Activation.ON_DEMAND, pattern=r"[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?",
+        activation=Activation.ON_DEMAND, pattern=_NAME_RE,
         pattern_doc="must be 1-48 lowercase letters, digits or '-'"),
     # Long enough for a long generation, short enough that a member that keeps
     # receiving requests cannot starve the others.
@@ -277,132 +261,20 @@ def check_bounds(key: Key, seconds: float) -> str | None:
     if not math.isfinite(seconds):
         return "must be a finite time span"
     if key.lo is not None and seconds < key.lo:
-        return f"{_span(seconds)} is shorter than {_span(key.lo)}: {key.bounds_why}"
+        return f"{span(seconds)} is shorter than {span(key.lo)}: {key.bounds_why}"
     if key.hi is not None and seconds > key.hi:
-        return f"{_span(seconds)} is longer than {_span(key.hi)}: {key.bounds_why}"
+        return f"{span(seconds)} is longer than {span(key.hi)}: {key.bounds_why}"
     return None
 
 
-def _span(seconds: float) -> str:
+def span(seconds: float) -> str:
+    """Seconds as the docs and messages show them: ``30min``, ``3d``, ``1.5s``."""
     for unit, size in (("d", _DAY), ("h", 3600.0), ("min", 60.0)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
 
 
-# ---------------------------------------------------------------------------
-# Derived documents: the docs table and the JSON Schema
-
-
-def markdown_table() -> str:
-    """The reference table of docs/spec.md, generated from :data:`KEYS`."""
-    rows = ["| key | type | default | applies to | meaning |", "|---|---|---|---|---|"]
-    for key in KEYS:
-        name = key.name
-        if key.kind is Kind.DIRECTIVES:
-            name = f"[{name}]"
-        elif "." in name:
-            table, sub = name.split(".", 1)
-            name = f"[{table}] {sub}"
-        kind = key.kind.value
-        if key.kind is Kind.CHOICE:
-            kind = " / ".join(f"`{c}`" for c in key.choice_values)
-        doc = key.doc
-        if key.lo is not None and key.kind is Kind.DURATION:
-            doc += f" ({_span(key.lo)} to {_span(key.hi or 0)})"
-        rows.append(f"| `{name}` | {kind} | {key.shown_default} | {key.applies_to} | {doc} |")
-    return "\n".join(rows) + "\n"
-
-
-def _schema_of(key: Key) -> dict[str, Any]:
-    doc = key.doc.replace("`", "")
-    word = {"type": ["string", "number"], "not": {"type": "boolean"}}
-    schema: dict[str, Any]
-    if key.kind in (Kind.TEXT, Kind.PROGRAM, Kind.PATH):
-        schema = {"type": "string"}
-        if key.pattern:
-            schema["pattern"] = f"^(?:{key.pattern})$"
-        if key.kind is Kind.PATH:
-            schema["pattern"] = "^/"
-    elif key.kind is Kind.CHOICE:
-        schema = {"type": "string", "enum": list(key.choice_values)}
-    elif key.kind is Kind.INTEGER:
-        schema = {"type": "integer", "minimum": key.lo, "maximum": key.hi}
-    elif key.kind is Kind.BOOLEAN:
-        schema = {"type": "boolean"}
-    elif key.kind is Kind.DURATION and key.can_be_off:
-        schema = {"anyOf": [{"type": ["string", "number"]}, {"const": False}]}
-    elif key.kind is Kind.DURATION:
-        schema = {"type": ["string", "number"], "not": {"type": "boolean"}}
-    elif key.kind is Kind.WORDS:
-        schema = {"type": "array", "items": word}
-    elif key.kind is Kind.ENV:
-        schema = {"type": "object", "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
-                  "additionalProperties": word}
-    elif key.kind is Kind.DIRECTIVES:
-        schema = {"type": "object", "propertyNames": {"pattern": "^[A-Z][A-Za-z0-9]*$"},
-                  "additionalProperties": word}
-    elif key.kind is Kind.GPUS:
-        schema = {"oneOf": [
-            {"type": "integer", "minimum": 0, "maximum": 64},
-            {"type": "array", "minItems": 1, "uniqueItems": True,
-             "items": {"type": "integer", "minimum": 0, "maximum": 63}},
-            {"type": "array", "minItems": 1, "uniqueItems": True,
-             "items": {"type": "string", "pattern": "^(GPU|MIG)-[0-9A-Za-z/-]+$"}},
-        ]}
-    else:  # Kind.SIZE
-        schema = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[A-Za-z]*\s*$"}
-    return {"description": doc, **schema}
-
-
-def json_schema() -> dict[str, Any]:
-    """A JSON Schema (draft 2020-12) for spec files, for editors that validate TOML
-    (Even Better TOML / taplo). unitgen's own checks stay the authority: they also
-    check what a schema cannot (port rules, GPUs, cross-key rules)."""
-    props: dict[str, Any] = {}
-    tables: dict[str, dict[str, Any]] = {}
-    for key in KEYS:
-        if "." in key.name:
-            table, sub = key.name.split(".", 1)
-            tables.setdefault(table, {})[sub] = _schema_of(key)
-        else:
-            props[key.name] = _schema_of(key)
-    for table, subs in tables.items():
-        props[table] = {"type": "object", "properties": subs, "additionalProperties": False}
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://unitgen.invalid/spec.schema.json",
-        "title": "unitgen instance spec",
-        "type": "object",
-        "properties": props,
-        "required": [k.name for k in KEYS if k.required],
-        "additionalProperties": False,
-    }
-
-
 def fullmatch(pattern: str, value: str) -> bool:
     """``re.fullmatch``: ``$`` in ``re.match`` accepts a trailing newline."""
     return re.fullmatch(pattern, value) is not None
-
-
-DOCS_BEGIN = ("<!-- keys: generated from unitgen/spec/keys.py by `python -m unitgen.spec.keys`; "
-              "do not edit -->")
-DOCS_END = "<!-- keys: end -->"
-
-
-def docs_with_table(text: str) -> str:
-    """``text`` (docs/spec.md) with the generated table put between the markers."""
-    head, sep, rest = text.partition(DOCS_BEGIN)
-    _, sep2, tail = rest.partition(DOCS_END)
-    if not sep or not sep2:
-        raise ValueError("docs/spec.md has no key table markers")
-    return f"{head}{DOCS_BEGIN}\n{markdown_table()}{DOCS_END}{tail}"
-
-
-if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/spec.md")
-    target.write_text(docs_with_table(target.read_text(encoding="utf-8")), encoding="utf-8")
-    print(f"wrote the key table into {target}")

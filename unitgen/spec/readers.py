@@ -12,17 +12,25 @@ from enum import StrEnum
 from typing import Any
 
 from unitgen.errors import Problem
-from unitgen.spec.keys import Key, Kind, check_bounds, fullmatch
+from unitgen.spec.keys import (
+    DIRECTIVE_RE,
+    ENV_NAME_RE,
+    GPU_UUID_RE,
+    MAX_GPUS,
+    Key,
+    Kind,
+    check_bounds,
+    fullmatch,
+)
 from unitgen.timespan import parse_timespan
 
-__all__ = ["OFF", "READERS", "Checker", "check_executable", "kind_of", "parse_size"]
+__all__ = ["OFF", "READERS", "SIZE_RE", "Checker", "check_executable", "kind_of", "parse_size"]
 
 # What a duration key that can be turned off reads as when it is ("off", false).
 OFF = -1.0
 
-ENV_NAME_RE = r"[A-Za-z_][A-Za-z0-9_]*"
-# Keys of the [systemd.*] escape hatch look like systemd directives.
-DIRECTIVE_RE = r"[A-Z][A-Za-z0-9]*"
+# A size: a number and a unit of _SIZE_UNITS.
+SIZE_RE = r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*"
 
 # Only a spec given as a mapping (JSON, YAML via Ansible) can hold these; TOML files
 # are UTF-8 and cannot.
@@ -242,27 +250,24 @@ def _read_path(c: Checker, key: Key, value: object) -> str | None:
     return text
 
 
-_GPU_UUID = r"(GPU|MIG)-[0-9A-Za-z/-]+"
-
-
 def _read_gpus(c: Checker, key: Key, value: object) -> int | tuple[int, ...] | tuple[str, ...] | None:
     if isinstance(value, bool):
         c.add(key.name, "must be a count, a list of indexes or a list of GPU UUIDs")
         return None
     if isinstance(value, int):
-        if not 0 <= value <= 64:
-            c.add(key.name, f"{value} is out of range 0..64")
+        if not 0 <= value <= MAX_GPUS:
+            c.add(key.name, f"{value} is out of range 0..{MAX_GPUS}")
             return None
         return value
     if isinstance(value, list) and value and all(
-        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 64 for v in value
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_GPUS for v in value
     ):
         if len(set(value)) != len(value):
             c.add(key.name, "lists a GPU twice")
             return None
         return tuple(int(v) for v in value)
     if isinstance(value, list) and value and all(
-        isinstance(v, str) and fullmatch(_GPU_UUID, v) for v in value
+        isinstance(v, str) and fullmatch(GPU_UUID_RE, v) for v in value
     ):
         if len(set(value)) != len(value):
             c.add(key.name, "lists a GPU twice")
@@ -322,7 +327,7 @@ _SIZE_UNITS = {
 
 def parse_size(text: str) -> int:
     """Parse ``40GiB`` / ``500MB`` / ``1024`` into bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    match = re.fullmatch(SIZE_RE, text)
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"{text!r} is not a size (examples: 40GiB, 500MiB, 24GB)")
     size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
