@@ -16,8 +16,9 @@ from tests.nvml import DRIVER_NOT_LOADED, GIB, NO_DRIVER, ZERO_GPUS, eight_gpus,
 from unitgen.errors import SpecError
 from unitgen.inunit.gpuwait import main as gpuwait
 from unitgen.ops.pipeline import placement_for
-from unitgen.plan.gpus import read_gpus
+from unitgen.plan.gpus import Placement, read_gpus
 from unitgen.plan.instance import resolve
+from unitgen.spec.backends import BACKENDS
 from unitgen.spec.model import parse_spec
 from unitgen.targets.systemd.render import RenderContext, render_instance
 
@@ -105,6 +106,25 @@ def test_backend_defaults_respect_user_choices(fake_nvml):
     assert "--n-gpu-layers 999" in backend_unit(spec("gpus = 1", "llama-server"))
     assert "--n-gpu-layers" not in backend_unit(spec('gpus = 1\nargs = ["-ngl", "20"]',
                                                      "llama-box"))
+
+
+@pytest.mark.parametrize("backend", sorted(n for n, b in BACKENDS.items() if b.gpu_use))
+def test_how_a_server_uses_its_gpus_is_the_backend_tables_data(backend):
+    """The words a GPU count adds come from the backend table alone, and any of the
+    table's spellings in args keeps them out."""
+    use = BACKENDS[backend].gpu_use
+    assert use is not None
+
+    def argv(count: int, args: str = "[]") -> tuple[str, ...]:
+        placement = Placement(tuple(f"GPU-{i}" for i in range(count)), None) if count else None
+        return resolve(spec(f"args = {args}", backend), placement=placement).argv
+
+    without = len(argv(0))
+    for count in (1, 2, 4):
+        want = tuple(w.replace("{count}", str(count)) for w in use.words)
+        assert argv(count)[without:] == (want if count >= use.min_count else ()), count
+        for flag in use.flags:
+            assert argv(count, f'["{flag}", "3"]')[without:] == (flag, "3"), (count, flag)
 
 
 def test_user_units_get_no_device_policy(fake_nvml):

@@ -3,7 +3,6 @@ docs table and the JSON Schema; one check run reports every kind of problem."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -16,8 +15,10 @@ import pytest
 
 from tests.helpers import write_spec
 from tests.nvml import ZERO_GPUS, eight_gpus, fake_nvml
-from unitgen.spec.keys import KEYS, docs_with_table, json_schema
-from unitgen.spec.model import HealthSpec, InstanceSpec, parse_spec
+from unitgen.spec.backends import BACKENDS, BackendName
+from unitgen.spec.keys import KEYS, by_name
+from unitgen.spec.model import parse_spec
+from unitgen.spec.reference import docs_with_table, json_schema
 from unitgen.timespan import parse_timespan
 
 __all__ = ["fake_nvml"]
@@ -32,19 +33,24 @@ def unitgen(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_docs_table_is_the_generated_one():
     docs = (ROOT / "docs" / "spec.md").read_text(encoding="utf-8")
-    assert docs_with_table(docs) == docs, "run: python -m unitgen.spec.keys"
+    assert docs_with_table(docs) == docs, "run: python -m unitgen.spec.reference"
     for key in KEYS:
         shown = key.name if "." not in key.name or key.name.startswith("systemd") \
             else f"[{key.name.split('.')[0]}] {key.name.split('.')[1]}"
         assert f"`{shown}`" in docs or f"`[{key.name}]`" in docs, key.name
 
 
-def test_every_spec_field_has_exactly_one_key_declaration():
-    fields = {f.name for f in dataclasses.fields(InstanceSpec)} - {"source", "health"}
-    fields |= {f"health.{f.name}" for f in dataclasses.fields(HealthSpec)}
-    declared = [k.name.replace("systemd.", "systemd_") for k in KEYS]
-    assert len(declared) == len(set(declared))
-    assert set(declared) == fields
+def test_backend_names_are_the_backend_tables():
+    """One list of backends: the table. The key's choices, the schema's enum and the
+    docs row follow it, and every name parses."""
+    names = list(BACKENDS)
+    assert [b.value for b in BackendName] == names
+    assert list(by_name("backend").choice_values) == names
+    assert json_schema()["properties"]["backend"]["enum"] == names
+    assert " / ".join(f"`{n}`" for n in names) in (ROOT / "docs" / "spec.md").read_text()
+    for name in names:
+        extra = 'command = ["srv", "{port}"]' if name == "custom" else 'model = "m"'
+        assert parse_spec(f'name = "a"\nbackend = "{name}"\n{extra}\n', "a.toml").backend == name
 
 
 def test_schema_validates_every_example_and_rejects_mistakes():

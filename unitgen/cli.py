@@ -138,7 +138,7 @@ def schema(markdown: bool) -> int:
     """Print the JSON Schema of spec files, for editors that validate TOML."""
     import json  # noqa: PLC0415
 
-    from unitgen.spec.keys import json_schema, markdown_table  # noqa: PLC0415
+    from unitgen.spec.reference import json_schema, markdown_table  # noqa: PLC0415
 
     click.echo(markdown_table().rstrip("\n") if markdown else json.dumps(json_schema(), indent=2))
     return 0

@@ -259,21 +259,14 @@ def _take_secret_env(
             secrets + tuple((k, v) for k, v in moved if k not in taken))
 
 
-# Options that already say how to use the GPUs; unitgen adds its default only when none is given.
-_TP_FLAGS = {"vllm": ("--tensor-parallel-size", "-tp"), "sglang": ("--tp-size", "--tp")}
-_NGL_FLAGS = ("-ngl", "--n-gpu-layers", "--gpu-layers")
-
-
 def _gpu_defaults(backend: Backend, args: tuple[str, ...], count: int) -> tuple[str, ...]:
-    """What users expect from the GPU count: tensor parallel over all of them
-    (vLLM, SGLang), every layer offloaded (llama-server, llama-box)."""
-    if backend.gpu_defaults == "tensor-parallel" and count > 1:
-        flags = _TP_FLAGS[backend.name]
-        if not find_options(args, flags, backend.syntax):
-            return (*args, flags[0], str(count))
-    if backend.gpu_defaults == "offload-layers" and not find_options(args, _NGL_FLAGS, backend.syntax):
-        return (*args, "--n-gpu-layers", "999")
-    return args
+    """What users expect from the GPU count, as the backend table says it: tensor
+    parallel over all of them (vLLM, SGLang), every layer offloaded (llama-server,
+    llama-box). Nothing when ``args`` already say it, in any spelling the server reads."""
+    use = backend.gpu_use
+    if use is None or count < use.min_count or find_options(args, use.flags, backend.syntax):
+        return args
+    return (*args, *(w.replace("{count}", str(count)) for w in use.words))
 
 
 def _argv(

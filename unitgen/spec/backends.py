@@ -8,10 +8,31 @@ Pure data, shared by every target (systemd today, supervisor later).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from unitgen.spec.argscan import EXACT, OptionSyntax
 
-__all__ = ["BACKENDS", "GENERIC_LISTEN_FLAGS", "Backend", "get_backend"]
+__all__ = ["BACKENDS", "GENERIC_LISTEN_FLAGS", "Backend", "BackendName", "GpuUse", "get_backend"]
+
+
+@dataclass(frozen=True)
+class GpuUse:
+    """How a server is told to use the GPUs a spec gives it, when its ``args`` do
+    not already say: the defaults users expect from the GPU count."""
+
+    flags: tuple[str, ...]  # options that already say it (found in the server's own syntax)
+    words: tuple[str, ...]  # added otherwise; "{count}" becomes the number of GPUs
+    min_count: int = 1  # added only from this many GPUs on
+
+
+def _tensor_parallel(*flags: str) -> GpuUse:
+    """Tensor parallel over every GPU (one GPU needs no flag)."""
+    return GpuUse(flags=flags, words=(flags[0], "{count}"), min_count=2)
+
+
+# Every layer on the GPU (999: more layers than any model has).
+_OFFLOAD_LAYERS = GpuUse(flags=("-ngl", "--n-gpu-layers", "--gpu-layers"),
+                         words=("--n-gpu-layers", "999"))
 
 
 @dataclass(frozen=True)
@@ -39,7 +60,7 @@ class Backend:
     refused_env: tuple[tuple[str, str], ...] = ()  # (variable, why): the same options, by variable
     syntax: OptionSyntax = EXACT  # how its parser reads option words: every scan uses it
     loading: str = ""  # how it behaves while loading, for messages and docs
-    gpu_defaults: str = ""  # "tensor-parallel" or "offload-layers"
+    gpu_use: GpuUse | None = None  # None: told nothing about its GPUs
 
 
 _TLS_WHY = (
@@ -73,14 +94,15 @@ BACKENDS: dict[str, Backend] = {
             endpoint_flags=("--uds",), key_env="VLLM_API_KEY", key_many=True,
             refused_flags=(("--ssl-keyfile", _TLS_WHY), ("--ssl-certfile", _TLS_WHY)),
             syntax=VLLM_ARGS, loading="connection refused until loaded",
-            gpu_defaults="tensor-parallel",
+            gpu_use=_tensor_parallel("--tensor-parallel-size", "-tp"),
         ),
         Backend(
             name="sglang", program="python3", prefix=("-m", "sglang.launch_server"),
             model_flag="--model-path", health_path="/health", unix_flag=None,
             host_flag="--host", port_flag="--port", key_env=None,
             refused_flags=(("--ssl-keyfile", _TLS_WHY), ("--ssl-certfile", _TLS_WHY)),
-            syntax=ARGPARSE, loading="503 until loaded", gpu_defaults="tensor-parallel",
+            syntax=ARGPARSE, loading="503 until loaded",
+            gpu_use=_tensor_parallel("--tp-size", "--tp"),
         ),
         Backend(
             name="llama-server", program="llama-server", prefix=(), model_flag="-m",
@@ -94,7 +116,7 @@ BACKENDS: dict[str, Backend] = {
             ),
             refused_env=(("LLAMA_ARG_SSL_KEY_FILE", _TLS_WHY), ("LLAMA_ARG_SSL_CERT_FILE", _TLS_WHY)),
             syntax=LLAMA_CPP, loading="503 {\"error\":\"Loading model\"} until loaded",
-            gpu_defaults="offload-layers",
+            gpu_use=_OFFLOAD_LAYERS,
         ),
         Backend(
             name="llama-box", program="llama-box", prefix=(), model_flag="-m",
@@ -102,7 +124,7 @@ BACKENDS: dict[str, Backend] = {
             # llama-box forks llama.cpp's argument parser; catching its variables too costs nothing.
             port_env=("LLAMA_ARG_PORT",), host_env=("LLAMA_ARG_HOST",), key_env=None,
             refused_flags=(("--ssl-key-file", _TLS_WHY), ("--ssl-cert-file", _TLS_WHY)),
-            syntax=LLAMA_BOX, loading="404 until loaded", gpu_defaults="offload-layers",
+            syntax=LLAMA_BOX, loading="404 until loaded", gpu_use=_OFFLOAD_LAYERS,
         ),
         Backend(
             name="vox-box", program="vox-box", prefix=("start",), model_flag="--model",
@@ -117,6 +139,12 @@ BACKENDS: dict[str, Backend] = {
         ),
     )
 }
+
+# The valid values of a spec's ``backend``: the table's names, in its order. A
+# backend is added by adding its entry above; nothing else lists them.
+BackendName = StrEnum(  # type: ignore[misc]  # mypy cannot list the members of a derived enum
+    "BackendName", {name.upper().replace("-", "_"): name for name in BACKENDS})
+BackendName.__doc__ = "The model servers unitgen knows: the names of :data:`BACKENDS`."
 
 # For custom commands: options that commonly fix a listen address. A literal
 # value here (rather than a {port}/{host}/{unix} placeholder) is refused.

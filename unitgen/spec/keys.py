@@ -2,11 +2,14 @@
 
 Each :class:`Key` says what a key is (its kind, default, bounds, which backends
 and activations it applies to, one line of documentation). That one list drives
-parsing and validation (:mod:`unitgen.spec.model`), the reference table in
-``docs/spec.md`` (:func:`markdown_table`, checked by a test) and the JSON Schema
-that ``unitgen schema`` prints (:func:`json_schema`). Adding a key means adding a
-field to :class:`~unitgen.spec.model.InstanceSpec` and one entry here (a test
-checks the two agree), the way mkosi declares one ``ConfigSetting`` per key.
+reading (:mod:`unitgen.spec.readers`: one reader per kind), validation and the
+construction of :class:`~unitgen.spec.model.InstanceSpec` (:mod:`unitgen.spec.model`:
+every declared key becomes its field, its default the dataclass's), and what
+:mod:`unitgen.spec.reference` derives: the reference table in ``docs/spec.md`` and
+the JSON Schema that ``unitgen schema`` prints. Adding a key means one
+entry here and its typed field on ``InstanceSpec`` (tests check that the two agree
+and that a value set in a spec arrives there), the way mkosi declares one
+``ConfigSetting`` per key.
 """
 
 from __future__ import annotations
@@ -17,28 +20,28 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from unitgen.spec.backends import BackendName
+from unitgen.spec.ports import DEFAULT_HOST, DEFAULT_PORT_RANGE, PRIVATE_PORT_RANGE
+
 __all__ = [
+    "DIRECTIVE_RE",
+    "ENV_NAME_RE",
+    "GPU_UUID_RE",
     "KEYS",
+    "MAX_GPUS",
     "TABLES",
     "Activation",
-    "BackendName",
     "Key",
     "Kind",
     "RestartPolicy",
-    "json_schema",
-    "markdown_table",
+    "by_name",
+    "check_bounds",
+    "default_of",
+    "fullmatch",
+    "span",
+    "sub_keys",
+    "top_keys",
 ]
-
-
-class BackendName(StrEnum):
-    """The model servers unitgen knows."""
-
-    VLLM = "vllm"
-    SGLANG = "sglang"
-    LLAMA_SERVER = "llama-server"
-    LLAMA_BOX = "llama-box"
-    VOX_BOX = "vox-box"
-    CUSTOM = "custom"
 
 
 class Activation(StrEnum):
@@ -81,110 +84,141 @@ class Key:
     name: str
     kind: Kind
     doc: str
-    default: str = ""  # as the docs show it; the parsed default lives in InstanceSpec
+    # The value the spec holds when the key is not set (None: unset, decided later),
+    # as its reader returns it: the one place a default is written.
+    default: Any = None
+    default_doc: str = ""  # docs text for a default decided later ("per backend")
     required: bool = False
-    choices: tuple[str, ...] = ()
+    choices: type[StrEnum] | None = None  # Kind.CHOICE: its values, read as members
     lo: float | None = None
     hi: float | None = None
     bounds_why: str = ""  # why the bounds are what they are, for messages and docs
     backends: tuple[str, ...] = ()  # empty: every backend
     only_why: str = ""  # message when used with another backend ({backend} is filled in)
-    activation: str = ""  # non-empty: only with this activation
+    activation: Activation | None = None  # only with this activation (checked in model._rules)
     pattern: str = ""  # a regular expression the whole value must match
     pattern_doc: str = ""
     can_be_off: bool = False  # a duration that "off" (or false) turns off
 
     @property
-    def applies_to(self) -> str:
-        """Which backends/activations, as the docs say it."""
-        parts = []
-        if self.backends:
-            parts.append(", ".join(f"`{b}`" for b in self.backends) + " only")
-        if self.activation:
-            parts.append(f"`activation = \"{self.activation}\"` only")
-        return "; ".join(parts) or "all"
+    def field(self) -> tuple[str, str]:
+        """Where the value lands: (record, attribute). ``("health", "timeout")`` is
+        ``spec.health.timeout``; ``("", "systemd_unit")`` is ``spec.systemd_unit``."""
+        table, _, leaf = self.name.rpartition(".")
+        if table in RECORDS:
+            return table, leaf
+        return "", self.name.replace(".", "_")
+
+    @property
+    def choice_values(self) -> tuple[str, ...]:
+        """The values a choice may take, in declaration order."""
+        return tuple(c.value for c in self.choices or ())
 
 
 _DAY = 86400.0
 
+# What values of some kinds look like: the readers check them, the schema says them.
+ENV_NAME_RE = r"[A-Za-z_][A-Za-z0-9_]*"
+DIRECTIVE_RE = r"[A-Z][A-Za-z0-9]*"  # keys of [systemd.*] look like systemd directives
+GPU_UUID_RE = r"(GPU|MIG)-[0-9A-Za-z/-]+"
+MAX_GPUS = 64  # a count up to this, indexes below it
+_NAME_RE = r"[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?"  # instance and swap group names
+_ACCOUNT_RE = r"[A-Za-z_][A-Za-z0-9_.-]{0,31}"
+
+# Tables whose keys make a record of their own on the spec (``spec.health.timeout``);
+# a key of any other table is a field named after both (``spec.systemd_unit``).
+RECORDS = ("health",)
+
+
+def _range(port_range: tuple[int, int]) -> str:
+    return f"from {port_range[0]}-{port_range[1]}"
+
+
 KEYS: tuple[Key, ...] = (
     Key("name", Kind.TEXT, "instance name; units are `<name>.socket`, `<name>.service`, "
         "`<name>-backend.service`", required=True,
-        pattern=r"[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?",
+        pattern=_NAME_RE,
         pattern_doc="must be 1-48 lowercase letters, digits or '-', not starting or ending "
                     "with '-'"),
     Key("backend", Kind.CHOICE, "the model server", required=True,
-        choices=tuple(b.value for b in BackendName)),
+        choices=BackendName),
     Key("model", Kind.TEXT, "model path or id (required except for `custom`)"),
     Key("description", Kind.TEXT, "free text shown in the units' `Description=`"),
     Key("executable", Kind.PROGRAM, "the server program: an absolute path, or a bare name found "
-        "on the manager's PATH", default="per backend"),
+        "on the manager's PATH", default_doc="per backend"),
     Key("host", Kind.TEXT, "public listen address, an IP literal (`0.0.0.0`, `::`); loopback "
-        "by default: exposing a model is a decision to write down", default="127.0.0.1"),
-    Key("port", Kind.INTEGER, "public port, owned by the socket", default="from 31000-31999",
-        lo=1, hi=65535),
+        "by default: exposing a model is a decision to write down",
+        default_doc=f"`{DEFAULT_HOST}`"),  # the port rules apply it: args may say another
+    Key("port", Kind.INTEGER, "public port, owned by the socket",
+        default_doc=_range(DEFAULT_PORT_RANGE), lo=1, hi=65535),
     Key("args", Kind.WORDS, "extra server arguments (numbers are written as text)",
-        default="[]"),
-    Key("env", Kind.ENV, "environment variables (`NAME = \"value\"`)", default="{}"),
+        default=()),
+    Key("env", Kind.ENV, "environment variables (`NAME = \"value\"`)", default=()),
     Key("secret_env", Kind.WORDS, "names of variables in `env` whose values are secrets: kept "
-        "in a 0600 file, never in a unit, `systemctl show` or argv", default="[]"),
+        "in a 0600 file, never in a unit, `systemctl show` or argv", default=()),
     Key("command", Kind.WORDS, "the server's argv with placeholders (`{host}`, `{port}`, "
         "`{unix}`, ...)", backends=("custom",),
         only_why="backend {backend!r} builds its own command line (use args for extra "
                  "arguments)"),
     Key("socket_activation", Kind.BOOLEAN, "the program takes its listening socket from "
-        "systemd (fd 3); no proxy", default="false", backends=("custom",),
+        "systemd (fd 3); no proxy", default=False, backends=("custom",),
         only_why="{backend!r} cannot take its listening socket from systemd"),
     Key("activation", Kind.CHOICE, "`eager`: started by deploy and at boot; `on-demand`: the "
-        "first connection starts it", default="eager",
-        choices=tuple(a.value for a in Activation)),
+        "first connection starts it", default=Activation.EAGER, choices=Activation),
     Key("idle_stop", Kind.DURATION, "stop the model after this long without connections; the "
-        "socket keeps listening", activation="on-demand", lo=1, hi=365 * _DAY,
+        "socket keeps listening", activation=Activation.ON_DEMAND, lo=1, hi=365 * _DAY,
         bounds_why="below a second the model stops between a client's request and its "
                    "next one, and proxyd counts whole seconds; longer than a year is a typo"),
-    Key("health.path", Kind.TEXT, "readiness path", default="per backend",
+    Key("health.path", Kind.TEXT, "readiness path", default_doc="per backend",
         pattern=r"/[\x21-\x7e]*",
         pattern_doc="must start with '/' and contain no spaces or control characters"),
+    # A 70B model in bf16 is ~140 GB; from a network disk at 200 MB/s plus CUDA
+    # graph capture and warm-up that is 15 to 20 minutes. 30 minutes leaves room
+    # without letting a wedged server sit in "starting" for ever.
     Key("health.timeout", Kind.DURATION, "start deadline (a 70B model loads in 15-20 min)",
-        default="30min", lo=1, hi=7 * _DAY,
+        default=1800.0, lo=1, hi=7 * _DAY,
         bounds_why="a start deadline beyond a week would leave a wedged server "
                    "'starting' for ever"),
+    # Three checks of 10 s each.
     Key("health.watchdog", Kind.DURATION, "after ready, restart a server that has not answered "
         "its health path for this long (`\"off\"`: never); a slow request does not count",
-        default="30s", lo=3, hi=_DAY, can_be_off=True,
+        default=30.0, lo=3, hi=_DAY, can_be_off=True,
         bounds_why="the checker asks every third of it; longer than a day is a typo"),
     Key("user", Kind.TEXT, "run the server as this user (system manager)",
-        pattern=r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", pattern_doc="is not a valid user or group name"),
+        pattern=_ACCOUNT_RE, pattern_doc="is not a valid user or group name"),
     Key("group", Kind.TEXT, "run the server with this group (system manager)",
-        pattern=r"[A-Za-z_][A-Za-z0-9_.-]{0,31}", pattern_doc="is not a valid user or group name"),
+        pattern=_ACCOUNT_RE, pattern_doc="is not a valid user or group name"),
     Key("working_directory", Kind.PATH, "the server's working directory"),
-    Key("restart", Kind.CHOICE, "systemd `Restart=`", default="on-failure",
-        choices=tuple(r.value for r in RestartPolicy)),
+    Key("restart", Kind.CHOICE, "systemd `Restart=`", default=RestartPolicy.ON_FAILURE,
+        choices=RestartPolicy),
     Key("private_port", Kind.INTEGER, "loopback port for servers that cannot listen on a Unix "
-        "socket", default="from 700-999", lo=1, hi=65535),
+        "socket", default_doc=_range(PRIVATE_PORT_RANGE), lo=1, hi=65535),
     Key("max_connections", Kind.INTEGER, "`systemd-socket-proxyd --connections-max`",
-        default="1024", lo=1, hi=1_000_000),
+        default=1024, lo=1, hi=1_000_000),
     Key("api_key_env", Kind.TEXT, "the variable in `env` that holds the server's API key",
         backends=("custom",),
         only_why="{backend!r} has a known key option (put it in args or env)",
-        pattern=r"[A-Za-z_][A-Za-z0-9_]*", pattern_doc="is not an environment variable name"),
-    Key("systemd.unit", Kind.DIRECTIVES, "extra `[Unit]` directives for the server's unit"),
+        pattern=ENV_NAME_RE, pattern_doc="is not an environment variable name"),
+    Key("systemd.unit", Kind.DIRECTIVES, "extra `[Unit]` directives for the server's unit",
+        default=()),
     Key("systemd.service", Kind.DIRECTIVES, "extra `[Service]` directives for the server's "
-        "unit (`Nice = \"5\"`); directives unitgen owns are refused"),
+        "unit (`Nice = \"5\"`); directives unitgen owns are refused", default=()),
     Key("gpus", Kind.GPUS, "a count, a list of indexes, or a list of GPU UUIDs"),
     Key("gpu_memory", Kind.SIZE, "memory needed on each GPU (`\"40GiB\"`)"),
-    Key("gpu_share", Kind.BOOLEAN, "allow other instances on the same GPUs", default="false"),
+    Key("gpu_share", Kind.BOOLEAN, "allow other instances on the same GPUs", default=False),
     Key("swap_group", Kind.TEXT, "members of one group take turns on the GPU: a request to a "
         "stopped member waits while the running one drains and stops (docs/swap.md)",
-        activation="on-demand", pattern=r"[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?",
+        activation=Activation.ON_DEMAND, pattern=_NAME_RE,
         pattern_doc="must be 1-48 lowercase letters, digits or '-'"),
+    # Long enough for a long generation, short enough that a member that keeps
+    # receiving requests cannot starve the others.
     Key("swap_drain", Kind.DURATION, "how long a member may finish what it serves before the "
-        "next member of its group loads", default="3min", lo=1, hi=_DAY,
+        "next member of its group loads", default=180.0, lo=1, hi=_DAY,
         bounds_why="a member that keeps receiving requests must not hold the GPU for ever"),
     Key("hardening", Kind.BOOLEAN, "system scope: sandbox the server (docs/reliability.md lists "
-        "the directives and what each opt-out costs)", default="true"),
+        "the directives and what each opt-out costs)", default=True),
     Key("offline", Kind.BOOLEAN, "the server needs no network (a local model): "
-        "`PrivateNetwork=yes` where it listens on a Unix socket", default="false"),
+        "`PrivateNetwork=yes` where it listens on a Unix socket", default=False),
 )
 
 # Keys that are tables of keys, with the word a wrong type is told to use.
@@ -214,140 +248,33 @@ def by_name(name: str) -> Key:
     raise KeyError(name)
 
 
+def default_of(name: str) -> Any:  # noqa: ANN401 - each key's default has its own type
+    """The declared default of one key (for the dataclass field that holds it)."""
+    key = by_name(name)
+    if key.required:
+        raise KeyError(f"{name} is required: it has no default")
+    return key.default
+
+
 def check_bounds(key: Key, seconds: float) -> str | None:
     """Why a duration is out of the key's bounds, or None."""
     if not math.isfinite(seconds):
         return "must be a finite time span"
     if key.lo is not None and seconds < key.lo:
-        return f"{_span(seconds)} is shorter than {_span(key.lo)}: {key.bounds_why}"
+        return f"{span(seconds)} is shorter than {span(key.lo)}: {key.bounds_why}"
     if key.hi is not None and seconds > key.hi:
-        return f"{_span(seconds)} is longer than {_span(key.hi)}: {key.bounds_why}"
+        return f"{span(seconds)} is longer than {span(key.hi)}: {key.bounds_why}"
     return None
 
 
-def _span(seconds: float) -> str:
+def span(seconds: float) -> str:
+    """Seconds as the docs and messages show them: ``30min``, ``3d``, ``1.5s``."""
     for unit, size in (("d", _DAY), ("h", 3600.0), ("min", 60.0)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
 
 
-# ---------------------------------------------------------------------------
-# Derived documents: the docs table and the JSON Schema
-
-
-def markdown_table() -> str:
-    """The reference table of docs/spec.md, generated from :data:`KEYS`."""
-    rows = ["| key | type | default | applies to | meaning |", "|---|---|---|---|---|"]
-    for key in KEYS:
-        name = key.name
-        if key.kind is Kind.DIRECTIVES:
-            name = f"[{name}]"
-        elif "." in name:
-            table, sub = name.split(".", 1)
-            name = f"[{table}] {sub}"
-        kind = key.kind.value
-        if key.kind is Kind.CHOICE:
-            kind = " / ".join(f"`{c}`" for c in key.choices)
-        default = "required" if key.required else (f"`{key.default}`" if key.default else "none")
-        if key.default.startswith(("per ", "from ")):
-            default = key.default
-        doc = key.doc
-        if key.lo is not None and key.kind is Kind.DURATION:
-            doc += f" ({_span(key.lo)} to {_span(key.hi or 0)})"
-        rows.append(f"| `{name}` | {kind} | {default} | {key.applies_to} | {doc} |")
-    return "\n".join(rows) + "\n"
-
-
-def _schema_of(key: Key) -> dict[str, Any]:
-    doc = key.doc.replace("`", "")
-    word = {"type": ["string", "number"], "not": {"type": "boolean"}}
-    schema: dict[str, Any]
-    if key.kind in (Kind.TEXT, Kind.PROGRAM, Kind.PATH):
-        schema = {"type": "string"}
-        if key.pattern:
-            schema["pattern"] = f"^(?:{key.pattern})$"
-        if key.kind is Kind.PATH:
-            schema["pattern"] = "^/"
-    elif key.kind is Kind.CHOICE:
-        schema = {"type": "string", "enum": list(key.choices)}
-    elif key.kind is Kind.INTEGER:
-        schema = {"type": "integer", "minimum": key.lo, "maximum": key.hi}
-    elif key.kind is Kind.BOOLEAN:
-        schema = {"type": "boolean"}
-    elif key.kind is Kind.DURATION and key.can_be_off:
-        schema = {"anyOf": [{"type": ["string", "number"]}, {"const": False}]}
-    elif key.kind is Kind.DURATION:
-        schema = {"type": ["string", "number"], "not": {"type": "boolean"}}
-    elif key.kind is Kind.WORDS:
-        schema = {"type": "array", "items": word}
-    elif key.kind is Kind.ENV:
-        schema = {"type": "object", "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
-                  "additionalProperties": word}
-    elif key.kind is Kind.DIRECTIVES:
-        schema = {"type": "object", "propertyNames": {"pattern": "^[A-Z][A-Za-z0-9]*$"},
-                  "additionalProperties": word}
-    elif key.kind is Kind.GPUS:
-        schema = {"oneOf": [
-            {"type": "integer", "minimum": 0, "maximum": 64},
-            {"type": "array", "minItems": 1, "uniqueItems": True,
-             "items": {"type": "integer", "minimum": 0, "maximum": 63}},
-            {"type": "array", "minItems": 1, "uniqueItems": True,
-             "items": {"type": "string", "pattern": "^(GPU|MIG)-[0-9A-Za-z/-]+$"}},
-        ]}
-    else:  # Kind.SIZE
-        schema = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*[A-Za-z]*\s*$"}
-    return {"description": doc, **schema}
-
-
-def json_schema() -> dict[str, Any]:
-    """A JSON Schema (draft 2020-12) for spec files, for editors that validate TOML
-    (Even Better TOML / taplo). unitgen's own checks stay the authority: they also
-    check what a schema cannot (port rules, GPUs, cross-key rules)."""
-    props: dict[str, Any] = {}
-    tables: dict[str, dict[str, Any]] = {}
-    for key in KEYS:
-        if "." in key.name:
-            table, sub = key.name.split(".", 1)
-            tables.setdefault(table, {})[sub] = _schema_of(key)
-        else:
-            props[key.name] = _schema_of(key)
-    for table, subs in tables.items():
-        props[table] = {"type": "object", "properties": subs, "additionalProperties": False}
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://unitgen.invalid/spec.schema.json",
-        "title": "unitgen instance spec",
-        "type": "object",
-        "properties": props,
-        "required": [k.name for k in KEYS if k.required],
-        "additionalProperties": False,
-    }
-
-
 def fullmatch(pattern: str, value: str) -> bool:
     """``re.fullmatch``: ``$`` in ``re.match`` accepts a trailing newline."""
     return re.fullmatch(pattern, value) is not None
-
-
-DOCS_BEGIN = ("<!-- keys: generated from unitgen/spec/keys.py by `python -m unitgen.spec.keys`; "
-              "do not edit -->")
-DOCS_END = "<!-- keys: end -->"
-
-
-def docs_with_table(text: str) -> str:
-    """``text`` (docs/spec.md) with the generated table put between the markers."""
-    head, sep, rest = text.partition(DOCS_BEGIN)
-    _, sep2, tail = rest.partition(DOCS_END)
-    if not sep or not sep2:
-        raise ValueError("docs/spec.md has no key table markers")
-    return f"{head}{DOCS_BEGIN}\n{markdown_table()}{DOCS_END}{tail}"
-
-
-if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/spec.md")
-    target.write_text(docs_with_table(target.read_text(encoding="utf-8")), encoding="utf-8")
-    print(f"wrote the key table into {target}")

@@ -131,27 +131,10 @@ def resolve_listen(
     if backend.name == "custom":
         _check_custom(source, "command", command or (), problems)
         _check_custom(source, "args", args, problems)
+    _refuse(backend, args, env, problem)
 
     syntax = backend.syntax
-    if backend.name != "custom":
-        # a spelling the server does not read (--api_key for SGLang) or reads in a way
-        # unitgen does not take (vLLM's --api-key.x) would keep its value in the unit
-        watched = (*backend.port_flags, *backend.host_flags, *backend.endpoint_flags,
-                   *(flag for flag, _ in backend.refused_flags), *backend.key_flags)
-        for f in find_misspelled(args, watched, syntax):
-            problem("args", f"{f.spelled.partition('=')[0]} is not allowed: {f.why}; write "
-                            f"{f.flag}")
-    for flag, why in backend.refused_flags:
-        for f in find_options(args, (flag,), syntax):
-            problem("args", f"{f.shown()} is not supported: {why}")
     env_names = dict(env)
-    for var, why in backend.refused_env:
-        if var in env_names:
-            problem(f"env.{var}", f"is not supported: {why}")
-    for f in find_options(args, backend.endpoint_flags, syntax):
-        problem("args", f"{f.shown()} is not allowed: the server's own endpoint belongs to "
-                        "unitgen (it listens privately and the socket owns the public port)")
-
     port_hits = find_options(args, backend.port_flags, syntax)
     host_hits = find_options(args, backend.host_flags, syntax)
     kept_args = remove_found(args, port_hits + host_hits)
@@ -193,6 +176,31 @@ def resolve_listen(
         notices=tuple(notices),
         problems=tuple(problems),
     )
+
+
+def _refuse(backend: Backend, args: tuple[str, ...], env: tuple[tuple[str, str], ...],
+            problem: Callable[[str, str], None]) -> None:
+    """What the server must never be given: options it would misread, TLS, its own
+    endpoint."""
+    syntax = backend.syntax
+    if backend.name != "custom":
+        # a spelling the server does not read (--api_key for SGLang) or reads in a way
+        # unitgen does not take (vLLM's --api-key.x) would keep its value in the unit
+        watched = (*backend.port_flags, *backend.host_flags, *backend.endpoint_flags,
+                   *(flag for flag, _ in backend.refused_flags), *backend.key_flags)
+        for f in find_misspelled(args, watched, syntax):
+            problem("args", f"{f.spelled.partition('=')[0]} is not allowed: {f.why}; write "
+                            f"{f.flag}")
+    for flag, why in backend.refused_flags:
+        for f in find_options(args, (flag,), syntax):
+            problem("args", f"{f.shown()} is not supported: {why}")
+    env_names = dict(env)
+    for var, why in backend.refused_env:
+        if var in env_names:
+            problem(f"env.{var}", f"is not supported: {why}")
+    for f in find_options(args, backend.endpoint_flags, syntax):
+        problem("args", f"{f.shown()} is not allowed: the server's own endpoint belongs to "
+                        "unitgen (it listens privately and the socket owns the public port)")
 
 
 T = TypeVar("T", int, str)
