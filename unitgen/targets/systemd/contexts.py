@@ -1,0 +1,181 @@
+"""What the systemd templates are filled with, beside the plain spec values:
+the host's context, the probe and checker command lines, and the GPU, sandbox
+and swap-group sections. Pure functions of a planned instance and the context."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
+from unitgen.targets.base import find_proxyd
+from unitgen.timespan import format_seconds
+
+__all__ = ["START_MARGIN", "RenderContext", "confine_argv", "gpu_context", "hardening_context",
+           "probe_cmd", "swap_context", "watch_cmd"]
+
+# A server starts its ExecStartPost probe at once; systemd's own start timeout is
+# the probe's deadline plus this margin, so the probe's one-line reason wins.
+START_MARGIN = 30.0
+
+
+@dataclass(frozen=True)
+class RenderContext:
+    """What rendering needs from the host: the interpreter that runs the probe,
+    where systemd-socket-proxyd lives, and which manager the units are for."""
+
+    python: str
+    proxyd: str
+    scope: str = "system"  # "system" or "user"
+    # Where the interpreter's environment and unitgen's own package live: the
+    # units run code from there (the probe, the GPU wait).
+    code_paths: tuple[str, ...] = ()
+
+    @classmethod
+    def detect(cls, *, scope: str = "system") -> RenderContext:
+        """The context of this host: this interpreter and the installed proxyd."""
+        package_root = str(Path(__file__).resolve().parents[3])
+        return cls(python=sys.executable, proxyd=find_proxyd(), scope=scope,
+                   code_paths=tuple(dict.fromkeys((sys.prefix, package_root))))
+
+
+def probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> list[str]:
+    cmd = [
+        ctx.python, "-I", "-m", "unitgen.inunit.probe",
+        "--target", target, "--path", inst.health_path,
+        "--timeout", format_seconds(inst.health_timeout), "--label", label,
+    ]
+    if inst.probe_key_env:
+        cmd += ["--key-env", inst.probe_key_env]
+    if label == "private" and inst.private is not None and inst.private.kind == "tcp":
+        # A loopback port is free while the server is down: send nothing (no key)
+        # to the other end of a connection that the server's uid did not create.
+        cmd.append("--own-listener")
+    return cmd
+
+
+def confine_argv(python: str, port: int, argv: list[str]) -> list[str]:
+    """The server's argv behind the bind confinement (:mod:`unitgen.inunit.confine`):
+    among privileged ports it may bind ``port`` only."""
+    return [python, "-I", "-m", "unitgen.inunit.confine", "--bind-port", str(port), "--", *argv]
+
+
+def watch_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> list[str]:
+    """The liveness checker started after ready (empty: [health] watchdog = "off")."""
+    bound = inst.spec.health.watchdog
+    if bound is None:
+        return []
+    cmd = [ctx.python, "-I", "-m", "unitgen.inunit.watch", "--target", target,
+           "--path", inst.health_path, "--bound", format_seconds(bound), "--label", label]
+    if inst.probe_key_env:
+        cmd += ["--key-env", inst.probe_key_env]
+    if label == "private" and inst.private is not None and inst.private.kind == "tcp":
+        cmd.append("--own-listener")  # as the probe: a squatter gets no key, feeds no watchdog
+    return cmd
+
+
+# Device nodes every CUDA process needs, besides /dev/nvidiaN of its GPUs.
+NVIDIA_CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
+GPU_WAIT_TIMEOUT = 120.0
+
+
+def gpu_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    placement = inst.gpus
+    if placement is None:
+        return {"gpu_header": "", "gpu_wait": [], "device_allow": []}
+    header = ",".join(placement.uuids) + (" shared" if placement.share else " exclusive")
+    # -P, not -I: no current or script directory on sys.path (a pynvml.py planted in
+    # WorkingDirectory must not run as the unit's user), but PYTHONPATH is honoured,
+    # so an operator (or the tests) can put an NVML shim first.
+    wait = [ctx.python, "-P", "-m", "unitgen.inunit.gpuwait", "--instance", inst.name,
+            "--gpus", ",".join(placement.uuids), "--timeout", format_seconds(GPU_WAIT_TIMEOUT)]
+    devices: list[str] = []
+    if ctx.scope == "system" and placement.minors is not None:
+        devices = [*NVIDIA_CONTROL_NODES, *(f"/dev/nvidia{m}" for m in placement.minors)]
+    return {"gpu_header": header, "gpu_wait": wait, "device_allow": devices}
+
+
+# Variables that name where a model server writes its caches: made writable.
+CACHE_ENV = ("HOME", "XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+             "TRANSFORMERS_CACHE", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+             "LLAMA_CACHE", "MODELSCOPE_CACHE", "OUTLINES_CACHE_DIR")
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9._/+@:=,-]*")
+_HOMES = ("/home", "/root", "/run/user")
+_TMPS = ("/tmp", "/var/tmp")  # noqa: S108 - names of the host dirs PrivateTmp= hides
+
+
+def _under(path: str, tops: tuple[str, ...]) -> bool:
+    return any(path == top or path.startswith(top + "/") for top in tops)
+
+
+def hardening_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    """The sandbox of a system-scope server (docs/reliability.md#hardening):
+    nothing at user scope (a user manager cannot set up most of it) or with
+    ``hardening = false``."""
+    spec = inst.spec
+    if ctx.scope != "system" or not spec.hardening:
+        return {"hardening": False}
+    env = dict(inst.env)
+    writable = [v for k, v in inst.env if k in CACHE_ENV and v.startswith("/")]
+    if spec.working_directory:
+        writable.append(spec.working_directory)
+    # Only plain paths can be listed (spaces would split them): others keep the
+    # read-only view and the docs say to set ReadWritePaths= in [systemd.service].
+    writable = sorted({p for p in writable if _PLAIN_PATH.fullmatch(p)})
+    # Where the interpreter really lives counts too (a venv's python is a symlink,
+    # often into /root/.pyenv or a home directory).
+    read = [ctx.python, os.path.realpath(ctx.python),
+            *(w for w in (spec.model, spec.executable) if w and w.startswith("/"))]
+    state = runtime_subdir(spec.name)
+    # A dynamic user's home is "/": caches go to its own state and cache directories.
+    defaults = [(k, v) for k, v in (("HOME", f"/var/lib/{state}"),
+                                    ("XDG_CACHE_HOME", f"/var/cache/{state}"))
+                if k not in env and not spec.user]
+    unix = inst.private is not None and inst.private.kind == "unix"
+    local_model = bool(spec.model and spec.model.startswith("/"))
+    # PrivateTmp= hides the host's /tmp and /var/tmp: code or a model kept there
+    # (a checkout in /tmp, say) is bound into the unit read-only.
+    in_tmp = sorted({p for p in [*ctx.code_paths, *read]
+                     if _under(p, _TMPS) and _PLAIN_PATH.fullmatch(p)})
+    return {
+        "hardening": True,
+        "bind_ro": in_tmp,
+        "state_dir": state,
+        "home_defaults": defaults,
+        "writable": writable,
+        "protect_home": "read-only" if any(_under(p, _HOMES) for p in [*read, *writable])
+                        else "yes",
+        "private_network": unix and (spec.offline or local_model),
+    }
+
+
+# A waiting member may stand behind a few turns of the others (each: drain + load).
+SWAP_TURNS = 4
+
+
+def swap_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    """The proxy of a swap-group member (issue 12): unitgen's draining proxy,
+    which takes the group's turn before it forwards (docs/swap.md)."""
+    spec = inst.spec
+    assert spec.swap_group is not None and inst.private is not None  # noqa: S101
+    wait = SWAP_TURNS * (inst.health_timeout + spec.swap_drain)
+    cmd = [ctx.python, "-I", "-m", "unitgen.inunit.swapproxy", "--name", spec.name,
+           "--group", spec.swap_group, "--lock", f"{RUNTIME_DIR}/unitgen-swap/{spec.swap_group}.lock",
+           "--scope", ctx.scope, "--drain", format_seconds(spec.swap_drain),
+           f"--connections-max={spec.max_connections}"]
+    if spec.idle_stop is not None:
+        cmd.append(f"--exit-idle-time={format_seconds(spec.idle_stop)}")
+    cmd.append(inst.private.listen())
+    return {
+        "proxy_cmd": cmd,
+        "probe_public": probe_cmd(ctx, replace(inst, health_timeout=wait),
+                                   inst.public.probe_target(), "public"),
+        "swap_start_timeout": format_seconds(wait + START_MARGIN),
+        # every swap waits for this probe: poll faster than a load that happens once
+        "probe_private": [*probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
+                          "--interval", "50ms"],
+        "swap_stop_timeout": format_seconds(spec.swap_drain + START_MARGIN),
+    }
