@@ -38,17 +38,17 @@ CORE = (
 # Fast tests that need no systemd manager, no network beyond loopback and no
 # build: each mutant runs only those of them that call the mutated function.
 FAST_TESTS = (
-    "tests/test_escape.py",
-    "tests/test_ports.py",
-    "tests/test_probe.py",
-    "tests/test_spec.py",
-    "tests/test_golden.py",
-    "tests/test_gpus.py",
-    "tests/test_cli.py",
-    "tests/test_allocate.py",
-    "tests/test_port_messages.py",
-    "tests/test_argscan.py",
-    "tests/test_gpus_report.py",
+    "tests/offline/test_escape.py",
+    "tests/offline/test_ports.py",
+    "tests/offline/test_probe.py",
+    "tests/offline/test_spec.py",
+    "tests/offline/test_golden.py",
+    "tests/offline/test_gpus.py",
+    "tests/offline/test_cli.py",
+    "tests/offline/test_allocate.py",
+    "tests/offline/test_port_messages.py",
+    "tests/offline/test_argscan.py",
+    "tests/offline/test_gpus_report.py",
 )
 
 # What the code needs next to the package at run time (templates, the stand-in

@@ -29,7 +29,7 @@ __all__ = [
 
 # Words made only of these characters need no quotes (and contain no % or $).
 # fullmatch, never match(...$): "$" also matches before a trailing newline, and a
-# word "x\n" written raw would end the line (found by tests/test_hostile_live.py).
+# word "x\n" written raw would end the line (found by tests/live/test_hostile_live.py).
 _SAFE_WORD = re.compile(r"[A-Za-z0-9_./:=,+@-]+")
 _C_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 

@@ -17,7 +17,7 @@ from bench import llama, suite
 from bench.rows import QUICK, Row, table
 from bench.tools import parse_wrk
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 WRK_OUTPUT = """\
 Running 1s test @ http://127.0.0.1:8080/

@@ -19,7 +19,7 @@ from unitgen.spec.model import HealthSpec, InstanceSpec, from_mapping
 from unitgen.spec.reference import markdown_table, shown_default
 from unitgen.timespan import parse_timespan
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BASE: dict[str, Any] = {"name": "k", "backend": "vllm", "model": "m"}
 CUSTOM: dict[str, Any] = {"name": "k", "backend": "custom", "command": ["srv", "{port}"]}
 ON_DEMAND: dict[str, Any] = {"activation": "on-demand"}

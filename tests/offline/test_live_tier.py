@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SELECTION = ["tests/test_operate_live.py::test_dry_run_and_diff_change_nothing",
-             "tests/test_probe.py::test_sends_the_bearer_key"]
+REPO = Path(__file__).resolve().parents[2]
+SELECTION = ["tests/live/test_operate_live.py::test_dry_run_and_diff_change_nothing",
+             "tests/offline/test_probe.py::test_sends_the_bearer_key"]
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None,

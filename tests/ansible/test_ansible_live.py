@@ -24,7 +24,7 @@ from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
 
 pytestmark = [pytest.mark.ansible, pytest.mark.systemd]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ANSIBLE = ROOT / "ansible"
 BIN = Path(sys.executable).parent
 PLAYBOOK = """\

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parent.parent / "unitgen"
+PKG = Path(__file__).resolve().parents[2] / "unitgen"
 
 # A layer may import itself, the base modules and the layers listed after it.
 BASE = {"unitgen", "unitgen.errors", "unitgen.result", "unitgen.timespan"}

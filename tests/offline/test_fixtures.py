@@ -21,7 +21,7 @@ from tests.helpers import GOLDEN_CTX
 from unitgen.ops.systemd.specs import render_spec
 from unitgen.targets.systemd.render import RenderContext
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ASSERT = re.compile(r"^# (assert-[a-z-]+|context): (.*)$")
 
 

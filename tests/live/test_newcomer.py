@@ -12,11 +12,11 @@ import click
 import pytest
 
 from tests.helpers import STANDIN, write_spec
-from tests.test_operate_live import cli, cli_json
+from tests.live.test_operate_live import cli, cli_json
 from unitgen.cli import cli as unitgen_cli
 from unitgen.ops.systemd.sandbox import Sandbox
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _options(group: click.Group, prefix: str = "") -> list[tuple[str, str]]:

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from tests.helpers import STANDIN, get, wait_for
+from tests.live.test_faults_live import REQUEST_BOUND, load_and_kill
 from tests.nspawn import Container, nspawn_unavailable_reason
-from tests.test_faults_live import REQUEST_BOUND, load_and_kill
 from unitgen.spec.backends import BACKENDS
 
 pytestmark = pytest.mark.systemd

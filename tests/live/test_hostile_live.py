@@ -15,14 +15,13 @@ import asyncio
 import os
 import re
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import user_ctx
-from unitgen.errors import SpecError, printable
+from unitgen.errors import SpecError
 from unitgen.ops.files import write_files
 from unitgen.ops.systemd.manager import connect
 from unitgen.ops.systemd.sandbox import Sandbox
@@ -189,31 +188,3 @@ def test_hostile_specs_are_refused_or_read_back_exactly(sandbox, monkeypatch):
           f"{checker.refused} refused)", file=sys.stderr)
     assert total >= TOTAL * 0.95  # hypothesis may skip a few duplicate examples
     assert checker.loaded > total // 4, (checker.loaded, total)
-
-
-CORPUS = Path(__file__).resolve().parent / "corpus"
-EXPECT = re.compile(r"^# expect: (?P<key>[^:]*): (?P<fragment>.*)$")
-
-
-def _corpus() -> list[Path]:
-    return sorted(CORPUS.glob("*.toml"))
-
-
-@pytest.mark.parametrize("path", _corpus(), ids=lambda p: p.stem)
-def test_malformed_spec_corpus(path):
-    """Each file in tests/corpus says, in ``# expect: KEY: FRAGMENT`` lines, the
-    problems `check` must report for it."""
-    from unitgen.ops.systemd.specs import planner, verify_rendered  # noqa: PLC0415 - light
-    from unitgen.ops.verbs import check_specs  # noqa: PLC0415
-    from unitgen.targets.systemd.render import RenderContext  # noqa: PLC0415
-
-    expected = [m.groupdict() for line in path.read_text(encoding="utf-8", errors="replace")
-                .split("\n") if (m := EXPECT.match(line))]
-    assert expected, f"{path.name} has no '# expect:' line"
-    target, alloc = planner(RenderContext(python="/usr/bin/python3", proxyd="/bin/true"), None)
-    with pytest.raises(SpecError) as info:
-        check_specs([path], target, alloc, describe=str, notices=verify_rendered)
-    problems = [(printable(p.key), p.message) for p in info.value.problems]
-    for want in expected:
-        assert any(k == want["key"] and want["fragment"] in msg for k, msg in problems), (
-            f"{path.name}: expected {want['key']}: {want['fragment']!r}; got {problems}")

@@ -19,7 +19,7 @@ from unitgen.plan.instance import RUNTIME_DIR, resolve
 from unitgen.spec.model import load_spec
 from unitgen.targets.supervisor.render import SupervisorContext, render_instance
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CTX = SupervisorContext(python="/usr/bin/python3", proxyd="/usr/lib/systemd/systemd-socket-proxyd",
                         run_dir="/run/unitgen", log_dir=tempfile.gettempdir(),  # supervisor checks it exists
                         secrets_dir="/etc/unitgen/secrets")

@@ -28,7 +28,7 @@ from unitgen.spec.model import parse_spec
 
 pytestmark = pytest.mark.ansible
 
-UTILS = Path(__file__).resolve().parent.parent / "ansible" / "roles" / "unitgen" / "module_utils"
+UTILS = Path(__file__).resolve().parents[2] / "ansible" / "roles" / "unitgen" / "module_utils"
 
 
 def _load(name: str) -> ModuleType:
@@ -346,7 +346,7 @@ def test_the_modules_offer_exactly_unitgens_targets():
     from unitgen.ops.registry import names  # noqa: PLC0415
 
     assert tuple(cli.TARGETS) == names()
-    role = Path(__file__).resolve().parent.parent / "ansible" / "roles" / "unitgen"
+    role = Path(__file__).resolve().parents[2] / "ansible" / "roles" / "unitgen"
     specs = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text())
     options = specs["argument_specs"]["main"]["options"]
     assert tuple(options["unitgen_target"]["choices"]) == names()

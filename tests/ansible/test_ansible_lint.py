@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.ansible
 
-ANSIBLE = Path(__file__).resolve().parent.parent / "ansible"
+ANSIBLE = Path(__file__).resolve().parents[2] / "ansible"
 LINT = Path(sys.executable).parent / "ansible-lint"
 
 

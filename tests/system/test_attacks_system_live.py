@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.helpers import get, wait_for
-from tests.test_system_live import WRAPPER, backend_spec, box, deploy, remove
+from tests.system.test_system_live import WRAPPER, backend_spec, box, deploy, remove
 
 pytestmark = pytest.mark.systemd
 

@@ -83,7 +83,7 @@ def test_arms_the_bound_and_detaches(notify_socket, tmp_path):
     try:
         with log.open("w") as err:
             done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=err, timeout=20,
-                                  cwd=Path(__file__).resolve().parent.parent, check=False)
+                                  cwd=Path(__file__).resolve().parents[2], check=False)
         assert done.returncode == 0, log.read_text()  # returned at once: the checker runs on
         first = received(notify_socket)
         assert first[0] == "WATCHDOG_USEC=30000000\nWATCHDOG=1", first

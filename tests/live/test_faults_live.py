@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from tests.helpers import custom_spec, get, prop, wait_for, write_spec
+from tests.live.test_gpus_live import cli as gpu_cli
+from tests.live.test_operate_live import cli, cli_json
 from tests.nvml import FAKE_DIR, GIB, eight_gpus, write_scenario
-from tests.test_gpus_live import cli as gpu_cli
-from tests.test_operate_live import cli, cli_json
 from unitgen.ops.systemd.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd

@@ -12,7 +12,7 @@ import pytest
 
 from unitgen.targets.systemd.render import templates_dir
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_editable_install_uses_repo_templates():

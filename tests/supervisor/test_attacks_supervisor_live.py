@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import STANDIN, free_port, get, wait_for, write_spec
+from tests.live.test_attacks_live import SQUATTER, received
 from tests.supervisord import Supervisord, supervisord_unavailable_reason
-from tests.test_attacks_live import SQUATTER, received
 from unitgen.ops.interface import DeployOptions as Options
 from unitgen.ops.supervisor.deploy import deploy, remove
 from unitgen.ops.supervisor.site import Site

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.ansible.test_ansible_live import PLAYBOOK, run_playbook
 from tests.helpers import STANDIN, free_port, get
-from tests.test_ansible_live import PLAYBOOK, run_playbook
 from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
 
 pytestmark = [pytest.mark.ansible, pytest.mark.systemd]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SSHD = Path("/usr/sbin/sshd")
 
 
