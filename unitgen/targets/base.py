@@ -10,11 +10,11 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-import jinja2
-
 from unitgen.errors import UnitgenError
 
 if TYPE_CHECKING:
+    import jinja2
+
     from unitgen.errors import Problem
     from unitgen.plan.instance import Instance
     from unitgen.spec.model import InstanceSpec
@@ -101,6 +101,8 @@ def strict_environment(folder: str, filters: Mapping[str, Callable[..., str]]) -
     StrictUndefined (a missing variable is a bug, not an empty string), no
     autoescape (these files are not HTML: ``filters`` do the escaping), and
     ``finalize`` refusing any value that did not pass one of ``filters``."""
+    import jinja2  # noqa: PLC0415 - here: what imports this module (ops.trust) stays light
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir() / folder)),
         undefined=jinja2.StrictUndefined,
