@@ -91,7 +91,7 @@ class StaleEnvFileError(OSError):
     """The env file does not hold the environment the program was configured with."""
 
 
-def _env_pairs(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def split_env_text(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """An env file's plain variables and its secrets, in file order."""
     lines = text.split("\n")
     escaped = ENV_FILE_FORMAT in lines
@@ -111,7 +111,7 @@ def _env_pairs(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]
 def parse_env_text(text: str) -> dict[str, str]:
     """The variables of an env file's text: ``NAME=VALUE`` lines; comments
     and empty lines skipped; values unescaped when the file says they are."""
-    plain, secret = _env_pairs(text)
+    plain, secret = split_env_text(text)
     return dict(plain + secret)
 
 
@@ -144,7 +144,7 @@ def read_env_file(path: str, digest: str | None = None) -> dict[str, str]:
     with ``digest``, StaleEnvFileError unless its plain variables have it."""
     text = read_env_text(path)
     if digest is not None:
-        found = env_digest(_env_pairs(text)[0])
+        found = env_digest(split_env_text(text)[0])
         if found != digest:
             raise StaleEnvFileError(f"{path} does not hold the environment this program was "
                                     f"deployed with (digest {found}, want {digest}): deploy "
