@@ -1,15 +1,26 @@
 """Rendered units match the golden files byte for byte, and systemd-analyze
-verify accepts every one of them with empty output."""
+verify accepts every one of them with empty output; the same for the
+supervisor target, whose conf files supervisor's own parser reads back."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.golden_files import GOLDEN, example_specs, rendered
+from tests.golden_files import (
+    GOLDEN,
+    REFUSED,
+    SUPERVISOR_GOLDEN,
+    example_specs,
+    rendered,
+    rendered_supervisor,
+)
+from tests.supervisor_readback import read_back
+from unitgen.inunit.supwrap import ENV_SECRETS_LINE, env_digest, parse_env_text
 
 
 @pytest.mark.parametrize("spec", example_specs(), ids=lambda p: p.stem)
@@ -68,3 +79,42 @@ def test_verify_helper_reports_a_bad_key(tmp_path: Path) -> None:
     """The strict check can fail: an unknown key prints a warning even at rc=0."""
     out = verify_units({"bad.service": "[Service]\nExecStart=/bin/true\nBogus=1\n"}, tmp_path)
     assert "Unknown key 'Bogus'" in out
+
+
+def test_every_example_has_golden_files_and_nothing_else_has():
+    stems = {p.stem for p in example_specs()}
+    assert {p.name for p in GOLDEN.iterdir()} - {SUPERVISOR_GOLDEN.name} == stems
+    assert {p.name for p in SUPERVISOR_GOLDEN.iterdir()} == stems
+
+
+@pytest.mark.parametrize("spec", example_specs(), ids=lambda p: p.stem)
+def test_supervisor_golden(spec: Path) -> None:
+    """Refused examples (on-demand, idle_stop, systemd directives, group) have
+    their refusals as golden text: a change of what is refused shows too."""
+    expected_dir = SUPERVISOR_GOLDEN / spec.stem
+    files = rendered_supervisor(spec)
+    assert sorted(files) == sorted(p.name for p in expected_dir.iterdir()), (
+        "file set changed; run python -m tests.golden_files if intended")
+    for name, text in files.items():
+        assert text == (expected_dir / name).read_text(encoding="utf-8"), (
+            f"supervisor/{spec.stem}/{name} differs; run python -m tests.golden_files if intended")
+
+
+@pytest.mark.parametrize("spec", example_specs(), ids=lambda p: p.stem)
+def test_supervisor_golden_files_read_back(spec: Path) -> None:
+    """supervisor's own parser takes every golden conf file (two programs, no
+    environment=), and the wrapper's reader its env file (the digest matches)."""
+    files = rendered_supervisor(spec)
+    if REFUSED in files:
+        pytest.skip(f"the supervisor target refuses {spec.name}")
+    [conf] = [t for n, t in files.items() if n.endswith(".conf")]
+    # supervisor checks that log directories exist
+    programs = read_back(conf.replace("/var/log/unitgen/", tempfile.gettempdir() + "/"))
+    assert len(programs) == 2 and not any(p.environment for p in programs)
+    [server] = [p for p in programs if p.group.endswith("-backend")]
+    env_files = [t for n, t in files.items() if n.endswith(".env")]
+    if env_files:
+        plain = list(parse_env_text(env_files[0].split(ENV_SECRETS_LINE)[0]).items())
+        assert server.argv[server.argv.index("--env-digest") + 1] == env_digest(plain)
+    else:
+        assert "--env-file" not in server.argv

@@ -4,20 +4,30 @@ as exactly the argv and environment the plan resolved."""
 
 from __future__ import annotations
 
+import ast
 import tempfile
 from pathlib import Path
 
+import jinja2
+import jinja2.nodes
 import pytest
 
 from tests.helpers import write_spec
 from tests.nvml import eight_gpus, fake_nvml, uuid
 from tests.supervisor_readback import read_back
 from unitgen.errors import SpecError
+from unitgen.inunit.supwrap import env_digest, parse_env_text
 from unitgen.ops.files import is_ours
 from unitgen.ops.pipeline import placement_for
 from unitgen.plan.instance import RUNTIME_DIR, resolve
 from unitgen.spec.model import load_spec
-from unitgen.targets.supervisor.render import SupervisorContext, render_instance
+from unitgen.targets.base import templates_dir
+from unitgen.targets.supervisor import escape
+from unitgen.targets.supervisor.render import (
+    SupervisorContext,
+    make_environment,
+    render_instance,
+)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CTX = SupervisorContext(python="/usr/bin/python3", proxyd="/usr/lib/systemd/systemd-socket-proxyd",
@@ -33,6 +43,12 @@ def _render(path: Path):
     return inst, render_instance(inst, CTX)
 
 
+def _env_file(files) -> dict[str, str]:
+    """What the wrapper reads from the instance's env file ({} without one)."""
+    [env] = [f for f in files if f.secret] or [None]
+    return {} if env is None else parse_env_text(env.text)
+
+
 @pytest.mark.parametrize("example", SUPPORTED)
 def test_examples_read_back_as_resolved(example):
     inst, files = _render(EXAMPLES / f"{example}.toml")
@@ -43,7 +59,12 @@ def test_examples_read_back_as_resolved(example):
     server = programs[f"{inst.name}-backend"]
     argv = server.argv[server.argv.index("--") + 1:] if "--" in server.argv else server.argv
     assert argv == [w.replace(RUNTIME_DIR, "/run/unitgen") for w in inst.argv]
-    assert server.environment == dict(inst.env)
+    assert server.environment == {}  # never environment=: the env file has it all
+    assert _env_file(files) == {**dict(inst.env), **dict(inst.secrets)}
+    if inst.env or inst.secrets:
+        assert server.argv[server.argv.index("--env-file") + 1] == f"/etc/unitgen/secrets/{inst.name}.env"
+        # the digest the wrapper checks is the one of the file's plain variables
+        assert server.argv[server.argv.index("--env-digest") + 1] == env_digest(list(inst.env))
     public = programs[inst.name]
     assert public.fcgi_socket == f"tcp://{inst.public.listen()}"
     if inst.uses_proxy:
@@ -79,12 +100,49 @@ def test_refused_with_file_and_key(tmp_path, extra, key, words):
     assert hits[0].file == str(spec) and words in hits[0].message
 
 
-def test_unrepresentable_env_names_the_key(tmp_path):
+# What supervisord's environment= cannot carry (each was refused before the env file)
+HARD_ENV = {"A": "#hash", "B": "a ;b", "C": "%(here)s", "D": 'p"q', "E": '"quoted"',
+            "F": "it's \"x\"", "G": "two\nlines\r\n", "H": "back\\n\\", "I": " = spaced= ",
+            "J": "ünï 漢字", "K": "", "L": "\n[program:evil]\ncommand=/bin/sh", "M": "%(ENV_HOME)s",
+            "N": "\u2028;\x85#", "O": "$HOME `id`"}
+
+
+def _toml(value: str) -> str:
+    return '"' + "".join(f"\\u{ord(c):04x}" if ord(c) < 0x20 or c in '"\\' else c
+                         for c in value) + '"'
+
+
+def test_env_values_environment_cannot_carry_reach_the_env_file_exactly(tmp_path):
+    env = ", ".join(f"{k} = {_toml(v)}" for k, v in HARD_ENV.items())
+    spec = write_spec(tmp_path, "x", f'name = "x"\nbackend = "vllm"\nmodel = "m"\nenv = {{ {env} }}\n')
+    inst, files = _render(spec)
+    assert dict(inst.env) == HARD_ENV
+    conf, env_file = files
+    assert env_file.secret and env_file.name == "x.env"
+    assert _env_file(files) == HARD_ENV
+    programs = {p.group: p for p in read_back(conf.text)}
+    assert set(programs) == {"x", "x-backend"}  # nothing in a value made a section
+    assert programs["x-backend"].environment == {}
+    assert "\nenvironment=" not in conf.text
+
+
+def test_plain_env_is_listed_in_the_conf_file_secrets_by_name_only(tmp_path):
     spec = write_spec(tmp_path, "x", 'name = "x"\nbackend = "vllm"\nmodel = "m"\n'
-                                     'env = { GOOD = "a b", BAD = "\\"quoted\\"" }\n')
+                                     'args = ["--api-key", "sk-secret-123"]\n'
+                                     'env = { HF_HOME = "/m", NOTE = "two\\nlines" }\n')
+    _, (conf, _) = _render(spec)
+    assert "#   HF_HOME='/m'\n" in conf.text
+    assert "#   NOTE='two\\nlines'\n" in conf.text  # shown escaped: one comment line
+    assert "#   VLLM_API_KEY: a secret, not shown\n" in conf.text
+    assert "sk-secret-123" not in conf.text
+
+
+def test_an_argv_word_a_conf_file_cannot_carry_names_the_key(tmp_path):
+    spec = write_spec(tmp_path, "x", 'name = "x"\nbackend = "vllm"\nmodel = "m"\n'
+                                     'args = ["--x", "two\\nlines"]\nenv = { OK = "a\\nb" }\n')
     with pytest.raises(SpecError) as err:
         _render(spec)
-    assert [p.key for p in err.value.problems] == ["env.BAD"]
+    assert [(p.key, "line break" in p.message) for p in err.value.problems] == [("args", True)]
 
 
 def test_api_key_stays_out_of_the_conf_file(tmp_path):
@@ -93,7 +151,7 @@ def test_api_key_stays_out_of_the_conf_file(tmp_path):
     _, files = _render(spec)
     conf, secret = files
     assert "sk-secret-123" not in conf.text
-    assert secret.secret and secret.text == "VLLM_API_KEY=sk-secret-123\n"
+    assert secret.secret and _env_file(files) == {"VLLM_API_KEY": "sk-secret-123"}
     programs = {p.group: p for p in read_back(conf.text)}
     assert "--env-file" in programs["x-backend"].argv
     assert "sk-secret-123" not in " ".join(programs["x-backend"].argv)
@@ -107,11 +165,54 @@ def test_gpu_pinning_as_systemd(fake_nvml):
     placement = placement_for(spec)
     assert placement is not None
     inst = resolve(spec, placement=placement)
-    [server] = [p for p in read_back(render_instance(inst, CTX)[0].text)
-                if p.group.endswith("-backend")]
+    files = render_instance(inst, CTX)
+    [server] = [p for p in read_back(files[0].text) if p.group.endswith("-backend")]
     uuids = ",".join(placement.uuids)
     assert uuids == f"{uuid(0)},{uuid(1)}"
-    assert server.environment["CUDA_VISIBLE_DEVICES"] == uuids
-    assert server.environment["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert _env_file(files)["CUDA_VISIBLE_DEVICES"] == uuids
+    assert _env_file(files)["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert server.argv[-2:] == ["--tensor-parallel-size", "2"]
     assert f"# unitgen-gpus: {uuids} exclusive" in render_instance(inst, CTX)[0].text
+
+
+# The escaping discipline: a value reaches a file only through a filter.
+
+def test_a_bare_value_in_a_template_is_refused():
+    env = make_environment()
+    with pytest.raises(TypeError, match="without an escaping filter"):
+        env.from_string("command={{ x }}\n").render(x="/bin/sh -c evil")
+    with pytest.raises(TypeError, match="without an escaping filter"):
+        env.from_string("{{ flag }}").render(flag=True)  # a bool is no number
+    assert env.from_string("a={{ x | word }} b={{ n }}").render(x="w", n=3) == "a=w b=3"
+
+
+def test_a_filter_refuses_at_render_time():
+    env = make_environment()
+    with pytest.raises(escape.UnrepresentableError):
+        env.from_string("socket=tcp://{{ x | word }}").render(x="1.2.3.4:80 ;x")
+    with pytest.raises(escape.UnrepresentableError):
+        env.from_string("# {{ x | comment }}").render(x="a\r[program:evil]")
+
+
+def _outputs(node: jinja2.nodes.Node):
+    for out in node.find_all(jinja2.nodes.Output):
+        yield from (n for n in out.nodes if not isinstance(n, jinja2.nodes.TemplateData))
+
+
+@pytest.mark.parametrize("template", sorted(p.name for p in (templates_dir() / "supervisor").iterdir()))
+def test_every_template_output_goes_through_a_filter(template):
+    """Also in branches no example reaches: each {{ }} ends in one of the target's filters."""
+    env = make_environment()
+    tree = env.parse((templates_dir() / "supervisor" / template).read_text(encoding="utf-8"))
+    outputs = list(_outputs(tree))
+    assert outputs
+    for node in outputs:
+        assert isinstance(node, jinja2.nodes.Filter) and node.name in env.filters, node
+
+
+def test_no_function_of_the_target_is_long():
+    root = Path(__file__).resolve().parent.parent / "unitgen" / "targets" / "supervisor"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef):
+                assert (node.end_lineno or 0) - node.lineno < 80, f"{path.name}: {node.name}"

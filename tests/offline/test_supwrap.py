@@ -11,11 +11,19 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import STANDIN, get, wait_for
-from unitgen.inunit.supwrap import UnsafeFileError, listener_pid, own_directory, read_env_file
+from unitgen.inunit.supwrap import (
+    StaleEnvFileError,
+    UnsafeFileError,
+    listener_pid,
+    own_directory,
+    read_env_file,
+)
+from unitgen.targets.supervisor import escape
 
 WRAP = [sys.executable, "-m", "unitgen.inunit.supwrap"]
 
@@ -105,6 +113,44 @@ def test_env_file_format(tmp_path):
     path.write_text("A=1\n# comment\n\nB==x\n")
     path.chmod(0o600)
     assert read_env_file(str(path)) == {"A": "1", "B": "=x"}
+
+
+def _env_file(path: Path, plain: list[tuple[str, str]],
+              secrets: list[tuple[str, str]] | None = None) -> Path:
+    lines = ["# header", escape.ENV_FILE_FORMAT, *(escape.env_file_line(k, v) for k, v in plain)]
+    if secrets:
+        lines += [escape.ENV_SECRETS_LINE, *(escape.env_file_line(k, v) for k, v in secrets)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+def test_exec_passes_every_value_byte_exact_and_checks_the_digest(tmp_path):
+    plain = [("A", "#hash"), ("B", "a ;b"), ("C", "%(here)s"), ("D", 'p"q'), ("E", "l1\nl2\r\n"),
+             ("F", "back\\n\\"), ("G", " ünï ")]
+    secrets = [("KEY", "#sk \\ \n")]
+    path = _env_file(tmp_path / "x.env", plain, secrets)
+    digest = escape.env_digest(plain)
+    assert read_env_file(str(path), digest) == dict(plain + secrets)
+    record = tmp_path / "rec.json"
+    done = subprocess.run([*WRAP, "exec", "--env-file", str(path), "--env-digest", digest, "--",
+                           sys.executable, "-c", "import json, os, sys; json.dump(dict(os.environ), "
+                           f"open({str(record)!r}, 'w'))"], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    env = json.loads(record.read_text(encoding="utf-8"))
+    assert {k: env[k] for k, _ in plain + secrets} == dict(plain + secrets)
+    # an env file of another deploy (plain variables changed): refused, server not started
+    _env_file(path, [*plain[:-1], ("G", "changed")], secrets)
+    with pytest.raises(StaleEnvFileError):
+        read_env_file(str(path), digest)
+    record.unlink()
+    done = subprocess.run([*WRAP, "exec", "--env-file", str(path), "--env-digest", digest, "--",
+                           "/bin/touch", str(record)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "deployed with" in done.stderr and not record.exists()
+    # secrets are not covered (the digest is in a readable file): a new key is read
+    _env_file(path, plain, [("KEY", "rotated")])
+    assert read_env_file(str(path), digest)["KEY"] == "rotated"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the checks are root's: as another user it reads as itself")

@@ -119,8 +119,10 @@ def test_dry_run_diff_changes_nothing(sd, target, tmp_path):
     result = deploy([spec], target, Options(dry_run=True, diff=True, say=lambda line: None))
     [inst] = result.data["instances"]
     assert (inst["action"], inst["changed"]) == ("would-update", True)
-    assert '-environment=STANDIN_LOAD_SECONDS="1.5"' in inst["diff"]
-    assert '+environment=STANDIN_LOAD_SECONDS="2"' in inst["diff"]
+    # the values are in the env file (never shown); the conf file lists them
+    assert "-#   STANDIN_LOAD_SECONDS='1.5'" in inst["diff"]
+    assert "+#   STANDIN_LOAD_SECONDS='2'" in inst["diff"]
+    assert "ready.env (secret, content not shown) changed" in inst["diff"]
     assert (conf.read_text(), _pid(sd, "ready-backend")) == before
 
 
@@ -315,6 +317,34 @@ def test_secret_stays_out_of_conf_and_argv(sd, target, tmp_path):
     assert not secret.exists()
 
 
+def test_env_values_supervisord_cannot_carry_arrive_byte_exact(sd, target, tmp_path):
+    """Before: refused at render ("';' or '#' after a space would start a
+    comment", "%(here)s", quotes at both ends): a password starting with '#'
+    could not be deployed. Now every value goes through the root-owned env file."""
+    port = free_port()
+    record = tmp_path / "record.json"
+    values = {"A": "#hash", "B": "a ;b", "C": "%(here)s", "D": 'p"q', "E": '"quoted"',
+              "F": "x = y ;z #w", "G": "two\nlines\r\n", "H": "back\\slash\\n", "I": " ünï 漢字 ",
+              "J": "%(ENV_HOME)s 100%", "K": ""}
+    env = ", ".join(f"{k} = {toml_str(v)}" for k, v in values.items())
+    text = (f'name = "exact"\nbackend = "custom"\nport = {port}\n'
+            f'command = ["{sys.executable}", "{STANDIN}", "--host", "{{host}}", "--port", "{{port}}"]\n'
+            f'env = {{ STANDIN_RECORD = "{record}", {env} }}\n')
+    spec = write_spec(tmp_path, "exact", text)
+    try:
+        result = deploy([spec], target, QUIET)
+        assert result.data["instances"][0]["ready"], result.lines
+        recorded = json.loads(record.read_text(encoding="utf-8"))["env"]
+        assert {k: recorded.get(k) for k in values} == values
+        conf = (target.conf_dir / "unitgen-exact.conf").read_text(encoding="utf-8")
+        assert "\nenvironment=" not in conf
+        env_file = target.secrets_dir / "exact.env"
+        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600 and env_file.stat().st_uid == os.geteuid()
+    finally:
+        remove(["exact"], target)
+    assert not env_file.exists()
+
+
 def test_status_when_the_public_program_is_stopped(sd, target):
     sd.rpc().call("stopProcess", "ready", True)
     try:
@@ -381,8 +411,10 @@ def test_hostile_values_reach_the_server_byte_exact(sd, target, stage, model, ar
     else:
         refused = []
     if refused:
-        # refusing is allowed, naming the file and the key
+        # refusing is allowed, naming the file and the key; never an env value
+        # (the env file carries any of them)
         assert all(p.file.endswith("hostile.toml") and p.key for p in refused)
+        assert not [p for p in refused if p.key.startswith("env")], refused
         return
     assert result.exit_code == 0, result.lines
     recorded = json.loads(record.read_text(encoding="utf-8"))

@@ -6,8 +6,13 @@ root; it becomes the server's user only after the steps that need root:
     --mkdir DIR       create the directory of its private Unix socket (mode 0700,
                       owned by --user), never following a link; DIR's parent must
                       be writable by root only
-    --env-file FILE   add KEY=VALUE lines (the API key: never in a conf file or
-                      argv); FILE must be root's, mode 0600 (read before --user)
+    --env-file FILE   the server's environment: NAME=VALUE lines, values escaped
+                      (read_env_file); all of it, API keys included, never in a
+                      conf file or argv; FILE must be root's, mode 0600 (read
+                      before --user)
+    --env-digest D    refuse to start unless FILE's plain variables (above its
+                      secrets) have this digest: the conf file and the env file
+                      are of one deploy
     --user NAME       run the server as this user (its groups), for good
     --bind-port N     the server's privileged private port: with --user it keeps
                       CAP_NET_BIND_SERVICE, and binds no other privileged port
@@ -38,8 +43,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import os
 import pwd
+import re
 import select
 import signal
 import socket
@@ -69,24 +76,80 @@ def _refuse_foreign(st: os.stat_result, path: str) -> None:
                               f"{stat.S_IMODE(st.st_mode):04o}): refusing to use it as root")
 
 
-def read_env_file(path: str) -> dict[str, str]:
-    """``KEY=VALUE`` lines (written by unitgen; values are single lines). Run as
-    root, the file must be root's and readable by root only: whoever could
-    write it (``PYTHONPATH=...``) would run code as the server."""
+# unitgen writes this line into every env file whose values are escaped
+# (unitgen.targets.supervisor.escape.ENV_FILE_FORMAT, the writer's copy): there
+# a backslash followed by a backslash, "n" or "r" stands for a backslash, a line
+# feed or a carriage return, so a value of any characters but NUL fits on its
+# line. Secret files written before it (raw one-line values) are read as written.
+ENV_FILE_FORMAT = "# unitgen-env-format: escaped"
+ENV_SECRETS_LINE = "# unitgen-secrets: below"  # the plain variables are above it
+_ENV_ESCAPE = re.compile(r"\\([\\nr])")
+_ENV_UNESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
+
+
+class StaleEnvFileError(OSError):
+    """The env file does not hold the environment the program was configured with."""
+
+
+def split_env_text(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """An env file's plain variables and its secrets, in file order."""
+    lines = text.split("\n")
+    escaped = ENV_FILE_FORMAT in lines
+    plain: list[tuple[str, str]] = []
+    secret: list[tuple[str, str]] = []
+    into = plain
+    for line in lines:
+        if line == ENV_SECRETS_LINE:
+            into = secret
+        elif line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            into.append((key, _ENV_ESCAPE.sub(lambda m: _ENV_UNESCAPES[m[1]], value)
+                         if escaped else value))
+    return plain, secret
+
+
+def parse_env_text(text: str) -> dict[str, str]:
+    """The variables of an env file's text: ``NAME=VALUE`` lines; comments
+    and empty lines skipped; values unescaped when the file says they are."""
+    plain, secret = split_env_text(text)
+    return dict(plain + secret)
+
+
+def env_digest(pairs: list[tuple[str, str]]) -> str:
+    """What ``--env-digest`` says of the plain variables (the renderer's copy:
+    unitgen.targets.supervisor.escape.env_digest)."""
+    h = hashlib.sha256()
+    for name, value in pairs:
+        h.update(f"{name}={value}\x00".encode())
+    return h.hexdigest()[:16]
+
+
+def read_env_text(path: str) -> str:
+    """The text of an env file unitgen wrote. Run as root, the file must be
+    root's and readable by root only: whoever could write it
+    (``PYTHONPATH=...``) would run code as the server."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, encoding="utf-8") as fh:
+    # newline="": a carriage return is a value's byte, never a line break
+    with os.fdopen(fd, encoding="utf-8", newline="") as fh:
         st = os.fstat(fd)
         _refuse_foreign(st, path)
         if os.geteuid() == 0 and st.st_mode & 0o077:
             raise UnsafeFileError(f"{path} is readable by others (mode "
                                   f"{stat.S_IMODE(st.st_mode):04o}, want 0600)")
-        text = fh.read()
-    out: dict[str, str] = {}
-    for line in text.split("\n"):
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            out[key] = value
-    return out
+        return fh.read()
+
+
+def read_env_file(path: str, digest: str | None = None) -> dict[str, str]:
+    """The variables of an env file (:func:`read_env_text`, :func:`parse_env_text`);
+    with ``digest``, StaleEnvFileError unless its plain variables have it."""
+    text = read_env_text(path)
+    if digest is not None:
+        found = env_digest(split_env_text(text)[0])
+        if found != digest:
+            raise StaleEnvFileError(f"{path} does not hold the environment this program was "
+                                    f"deployed with (digest {found}, want {digest}): deploy "
+                                    "the instance again")
+    return parse_env_text(text)
 
 
 def own_directory(path: str, uid: int, gid: int) -> None:
@@ -163,7 +226,7 @@ def _exec(ns: argparse.Namespace) -> int:
         if ns.mkdir:
             own_directory(ns.mkdir, uid, gid)
         if ns.env_file:
-            env.update(read_env_file(ns.env_file))
+            env.update(read_env_file(ns.env_file, ns.env_digest))
         _become(ns.user, ns.bind_port)
     except (OSError, KeyError) as exc:
         why = exc.strerror or str(exc) if isinstance(exc, OSError) else f"no such user {exc}"
@@ -411,6 +474,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("exec", help="prepare and exec the server")
     e.add_argument("--mkdir")
     e.add_argument("--env-file")
+    e.add_argument("--env-digest", help="refuse an env file whose plain variables differ")
     e.add_argument("--fd3", action="store_true")
     e.add_argument("--fd3-from")
     e.add_argument("--user")

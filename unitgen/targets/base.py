@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -12,11 +13,14 @@ from typing import TYPE_CHECKING, Protocol
 from unitgen.errors import UnitgenError
 
 if TYPE_CHECKING:
+    import jinja2
+
     from unitgen.errors import Problem
     from unitgen.plan.instance import Instance
     from unitgen.spec.model import InstanceSpec
 
-__all__ = ["MARKER", "RenderedFile", "Target", "find_proxyd", "templates_dir"]
+__all__ = ["MARKER", "FilteredText", "RenderedFile", "Target", "find_proxyd", "refuse_bare",
+           "strict_environment", "templates_dir"]
 
 MARKER = "# unitgen-instance: "  # proves a unit file is ours (see header.j2)
 
@@ -68,3 +72,46 @@ def templates_dir() -> Path:
     if packaged.is_dir():
         return packaged
     return Path(__file__).resolve().parents[2] / "templates"
+
+
+class FilteredText(str):
+    """Text that went through one of a target's escaping filters: the only kind
+    of value (besides integers) a template may print."""
+
+    __slots__ = ()
+
+
+def _filtered(func: Callable[..., str]) -> Callable[..., FilteredText]:
+    def wrapped(*args: object) -> FilteredText:
+        return FilteredText(func(*args))
+    return wrapped
+
+
+def refuse_bare(value: object) -> object:
+    """The escaping choke point (Jinja's ``finalize``): every ``{{ }}`` in a
+    template must go through a filter; a bare value is a bug in the template,
+    refused rather than written."""
+    if isinstance(value, FilteredText) or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise TypeError(f"template bug: {value!r} reached a file without an escaping filter")
+
+
+def strict_environment(folder: str, filters: Mapping[str, Callable[..., str]]) -> jinja2.Environment:
+    """A target's one Jinja environment, for the templates in ``templates/FOLDER``:
+    StrictUndefined (a missing variable is a bug, not an empty string), no
+    autoescape (these files are not HTML: ``filters`` do the escaping), and
+    ``finalize`` refusing any value that did not pass one of ``filters``."""
+    import jinja2  # noqa: PLC0415 - here: what imports this module (ops.trust) stays light
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir() / folder)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,  # noqa: S701 - see above
+    )
+    for name, func in filters.items():
+        env.filters[name] = _filtered(func)
+    env.finalize = refuse_bare
+    return env

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from unitgen.errors import OwnershipError, UnitgenError
 from unitgen.inunit.probe import Attempt, attempt
+from unitgen.inunit.supwrap import split_env_text
 from unitgen.ops.allocate import HostAllocator, listeners
 from unitgen.ops.files import check_ours, is_ours
 from unitgen.ops.interface import DeployOptions, Say
@@ -89,6 +90,24 @@ def last_log_lines(rpc: SupervisorRPC, program: str, count: int = 8) -> list[str
 
 def _key(inst: Instance) -> str | None:
     return dict(inst.secrets).get(inst.probe_key_env or "") if inst.probe_key_env else None
+
+
+def _env_readers(change: Change) -> list[str]:
+    """The groups a changed env file must restart that supervisord does not see
+    change. A change of its plain variables is a change of the server's
+    command line (``--env-digest``), which supervisord reports itself; its
+    secrets are read when they start by the server and, for the probe key, by
+    the public program. So a new plain variable keeps the public socket open."""
+    inst = change.inst
+    before = change.old.get(secret_name(inst.name))  # None: none, or taken back
+    old = dict(split_env_text(before)[1]) if before is not None else {}
+    new = dict(inst.secrets)
+    public, server = group_names(inst)
+    readers = [server] if old != new else []
+    key = inst.probe_key_env
+    if key and old.get(key) != new.get(key):
+        readers.append(public)
+    return readers
 
 
 def _root_only(path: Path) -> bool:
@@ -246,9 +265,9 @@ class SupervisorDeploy:
         return Ready(_answers(change.inst))
 
     def start(self, change: Change, opts: DeployOptions) -> None:
-        """Replace the changed groups (all of them when only the secret changed:
-        supervisord sees no change, yet both programs read it when they start),
-        or start the stopped ones of an unchanged instance."""
+        """Replace the changed groups (and those whose secrets changed:
+        supervisord does not see them, yet the programs read them when they
+        start), or start the stopped ones of an unchanged instance."""
         added, changed, removed = self._diff
         if not change.changed:
             _apply_groups(self.rpc, change.units, self._diff)
@@ -258,7 +277,7 @@ class SupervisorDeploy:
                     self.rpc.fault_code("startProcessGroup", group, False)
             return
         if any(f.secret for f in change.changed_files):
-            changed = sorted({*changed, *(g for g in change.units if g not in added)})
+            changed = sorted({*changed, *(g for g in _env_readers(change) if g not in added)})
         old = change.extra.groups if change.extra is not None else []
         _apply_groups(self.rpc, list(dict.fromkeys([*change.units, *old])),
                       (added, changed, removed))

@@ -11,20 +11,39 @@ own parser (``supervisor/options.py``, ``datatypes.py``):
   double quotes keep everything, ``\\`` escapes ``"`` and ``\\`` inside them,
   and outside them escapes any character.
 * ``environment=`` is split with a *non*-POSIX ``shlex.shlex`` (no escapes at
-  all) and each value is stripped of quote characters at both ends:
-  ``KEY="value"`` can hold anything but ``"``, ``KEY='value'`` anything but
-  ``'``, and no value can begin or end with a quote character.
+  all) and each value is stripped of quote characters at both ends, so it
+  cannot carry ``#hash``, ``a ;b``, ``%(here)s`` or ``"quoted"``. unitgen never
+  writes it: an instance's environment goes to its env file
+  (:func:`env_file_line`), which the wrapper reads before it starts the server.
 
 Values these rules cannot carry are refused (:class:`UnrepresentableError`), never
-changed.
+changed. Each function here is a filter of the supervisor templates
+(:mod:`unitgen.targets.supervisor.render`): nothing reaches a file without one.
 """
 
 from __future__ import annotations
 
-__all__ = ["UnrepresentableError", "command_line", "command_word", "env_pairs", "env_value",
-           "plain_value"]
+import hashlib
+import re
+
+__all__ = ["ENV_FILE_FORMAT", "ENV_SECRETS_LINE", "UnrepresentableError", "command_line",
+           "command_word", "comment_text", "env_digest", "env_file_line", "plain_value",
+           "shown_value", "word_value"]
 
 HERE = "%(here)s"
+# The line that tells the wrapper's reader (unitgen.inunit.supwrap.read_env_file,
+# which keeps its own copy: in-unit code imports nothing from here) that the
+# values of an env file are escaped; a file without it is read as written.
+ENV_FILE_FORMAT = "# unitgen-env-format: escaped"
+# Separates an env file's plain variables (above, listed in the conf file and
+# covered by env_digest) from its secrets (below, never shown).
+ENV_SECRETS_LINE = "# unitgen-secrets: below"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r"})
+# What ends a line for supervisord's reader (universal newlines: \n, \r) and
+# for anything else that reads the file back (str.splitlines: these too).
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+_WORD = re.compile(r"[A-Za-z0-9_.:@+,=/\[\]-]+")
 
 
 class UnrepresentableError(ValueError):
@@ -69,29 +88,6 @@ def command_line(argv: tuple[str, ...] | list[str]) -> str:
     return " ".join(command_word(w) for w in argv)
 
 
-def env_value(value: str) -> str:
-    """One quoted value for ``environment=KEY=<here>``."""
-    _no_line_breaks(value)
-    if value[:1] in ("'", '"') or value[-1:] in ("'", '"'):
-        raise UnrepresentableError("supervisord strips quote characters from both ends of an "
-                              "environment value, so a value cannot begin or end with one")
-    if '"' in value and "'" in value:
-        raise UnrepresentableError("an environment value cannot hold both kinds of quote "
-                              "(supervisord's environment= has no escapes)")
-    if _comment_cut(value):
-        raise UnrepresentableError("';' or '#' after a space would start a comment in "
-                              "supervisord's environment= (it has no escapes)")
-    if HERE in value:
-        raise UnrepresentableError(f"supervisord replaces {HERE} in every value, even escaped")
-    quote = "'" if '"' in value else '"'
-    return quote + value.replace("%", "%%") + quote
-
-
-def env_pairs(pairs: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> str:
-    """The value of ``environment=``: ``KEY="value",KEY2="value2"``."""
-    return ",".join(f"{k}={env_value(v)}" for k, v in pairs)
-
-
 def plain_value(value: str) -> str:
     """A value taken as written (``directory=``, ``user=``): only ``%`` is escaped."""
     _no_line_breaks(value)
@@ -102,3 +98,54 @@ def plain_value(value: str) -> str:
     if HERE in value:
         raise UnrepresentableError(f"supervisord replaces {HERE} in every value")
     return value.replace("%", "%%")
+
+
+def word_value(word: str | int) -> str:
+    """A name, address or number written as is (section names, ``socket=tcp://``,
+    ``autorestart=``, numbers): refused unless it is one plain word, which no
+    rule of the format can change (no space, ``;``, ``#``, ``%`` or quote)."""
+    text = str(word)
+    if isinstance(word, bool) or not _WORD.fullmatch(text):
+        raise UnrepresentableError(f"{text!r} cannot be written as one plain word")
+    return text
+
+
+def comment_text(text: str) -> str:
+    """Text on a comment line (the header ``# unitgen-KEY: value`` lines, which
+    :mod:`unitgen.targets.supervisor.installed` reads back as written): refused
+    when anything in it could end the line."""
+    if any(ch in _LINE_BREAKS or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        raise UnrepresentableError(f"{text!r} cannot be written on one comment line")
+    return text
+
+
+def shown_value(value: str) -> str:
+    """A value for people to read on a comment line (an env file's plain
+    variables, listed in the conf file): Python's quoted form, which shows
+    every character that is not printable as an escape, so no value can end
+    the line or hide in it."""
+    return comment_text(repr(value))
+
+
+def env_file_line(name: str, value: str) -> str:
+    """One ``NAME=VALUE`` line of an env file: the value byte for byte once
+    ``\\``, line feed and carriage return are read back from ``\\\\``, ``\\n``
+    and ``\\r`` (the reader needs :data:`ENV_FILE_FORMAT` in the file)."""
+    if not _ENV_NAME.fullmatch(name):
+        raise UnrepresentableError(f"{name!r} is not an environment variable name")
+    if "\x00" in value:
+        raise UnrepresentableError("a NUL character cannot be passed to a process")
+    return f"{name}={value.translate(_ENV_ESCAPES)}"
+
+
+def env_digest(pairs: tuple[tuple[str, str], ...] | list[tuple[str, str]]) -> str:
+    """The digest of an env file's plain variables, for the wrapper's
+    ``--env-digest``: written into ``command=``, it makes a change of the
+    environment a change of the program that supervisord sees (a reload then
+    replaces it, also when a failed deploy puts the previous files back), and
+    the wrapper refuses an env file that does not hold them. Secrets are not
+    covered: a digest of a short key in a readable file could be searched."""
+    h = hashlib.sha256()
+    for name, value in pairs:
+        h.update(f"{name}={value}\x00".encode())  # NUL is in no name or value
+    return h.hexdigest()[:16]

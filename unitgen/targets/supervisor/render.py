@@ -1,5 +1,5 @@
 """Rendering a resolved instance into one supervisord conf file (text, not yet
-on disk), plus a mode-0600 secret file when the instance has an API key.
+on disk), plus a mode-0600 env file with its environment (keys included).
 
 Topology (docs/supervisor.md says why): supervisord owns the public port as an
 ``[fcgi-program:NAME]`` socket and the server runs as ``[program:NAME-backend]``.
@@ -7,13 +7,17 @@ For servers that cannot take a socket, the fcgi-program is a small wrapper that
 waits until the server answers on its private endpoint and then runs
 systemd-socket-proxyd on the socket (fd 3). For a custom server with
 ``socket_activation = true`` it holds the socket and hands it to the server,
-which gets it as fd 3. Quoting lives in :mod:`unitgen.targets.supervisor.escape`.
+which gets it as fd 3. Quoting lives in :mod:`unitgen.targets.supervisor.escape`,
+whose functions are the templates' filters; a value that passed none is refused
+when the template is rendered (:func:`unitgen.targets.base.strict_environment`).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +26,7 @@ import jinja2
 from unitgen.errors import Problem, SpecError
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
 from unitgen.spec.model import InstanceSpec
-from unitgen.targets.base import MARKER, RenderedFile, find_proxyd, templates_dir
+from unitgen.targets.base import MARKER, RenderedFile, find_proxyd, strict_environment
 from unitgen.targets.supervisor import escape
 
 __all__ = [
@@ -31,7 +35,9 @@ __all__ = [
     "SupervisorContext",
     "SupervisorTarget",
     "conf_name",
+    "env_path",
     "group_names",
+    "make_environment",
     "render_instance",
     "secret_name",
     "spec_refusals",
@@ -71,8 +77,8 @@ class SupervisorContext:
                    log_dir=log_dir, secrets_dir=secrets_dir)
 
 
-# One file to install: the conf file goes in the include directory, the secret
-# file (mode 0600) in the context's secrets directory.
+# One file to install: the conf file goes in the include directory, the env
+# file (secret: mode 0600) in the context's secrets directory.
 ConfFile = RenderedFile
 
 
@@ -82,7 +88,7 @@ def conf_name(name: str) -> str:
 
 
 def secret_name(name: str) -> str:
-    """File name of an instance's secret file."""
+    """File name of an instance's env file (its whole environment, keys included)."""
     return f"{name}.env"
 
 
@@ -141,12 +147,22 @@ class SupervisorTarget:
         return render_instance(inst, self.ctx)
 
 
-def _word(value: str, key: str, problems: list[Problem], source: str) -> str:
-    try:
-        return escape.command_word(value)
-    except escape.UnrepresentableError as exc:
-        problems.append(Problem(source, key, f"{value!r}: {exc}"))
-        return '""'
+@functools.cache
+def make_environment() -> jinja2.Environment:
+    """The supervisor target's one Jinja environment
+    (:func:`unitgen.targets.base.strict_environment`): only the filters below,
+    each a function of :mod:`unitgen.targets.supervisor.escape`, print a value."""
+    return strict_environment("supervisor", _FILTERS)
+
+
+_FILTERS: dict[str, Callable[..., str]] = {
+    "word": escape.word_value,  # names, addresses, numbers
+    "value": escape.plain_value,  # directory=, log files
+    "command": escape.command_line,  # command= from an argv list
+    "comment": escape.comment_text,  # header lines, read back as written
+    "shown": escape.shown_value,  # env values listed for people to read
+    "env_line": escape.env_file_line,  # NAME=VALUE in the env file
+}
 
 
 def _runtime(word: str, ctx: SupervisorContext) -> str:
@@ -154,126 +170,146 @@ def _runtime(word: str, ctx: SupervisorContext) -> str:
 
 
 def render_instance(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
-    """Render an instance's conf file (and its secret file, if it has a key);
-    raise SpecError naming file and key for anything supervisord cannot do."""
+    """Render an instance's conf file (and its env file, when it has any
+    environment or key); raise SpecError naming file and key for anything
+    supervisord cannot do or a value its format cannot carry."""
+    problems = _refusals(inst) + _value_problems(inst, ctx)
+    if problems:
+        raise SpecError(problems=problems)
+    try:
+        return _render_files(inst, ctx)
+    except ValueError as exc:  # a filter refused what the checks above let through
+        raise SpecError(problems=[Problem(inst.spec.source, "", f"cannot be rendered: {exc}")]) \
+            from None
+
+
+def _value_problems(inst: Instance, ctx: SupervisorContext) -> list[Problem]:
+    """Every value a filter would refuse, with the spec key it came from."""
     spec = inst.spec
-    problems = _refusals(inst)
-    source = spec.source
+    problems: list[Problem] = []
 
-    argv = [_runtime(w, ctx) for w in inst.argv]
-    where = _argv_keys(inst)
-    server_words: list[str] = []
-    for key, word in zip(where, argv, strict=True):
-        server_words.append(_word(word, key, problems, source))
-
-    env_parts: list[str] = []
-    for k, v in inst.env:
+    def check(write: Callable[[str], str], value: str, key: str, what: str = "") -> None:
         try:
-            env_parts.append(f"{k}={escape.env_value(v)}")
+            write(value)
         except escape.UnrepresentableError as exc:
-            problems.append(Problem(source, f"env.{k}", f"{v!r}: {exc}"))
+            problems.append(Problem(spec.source, key, f"{what}{value!r}: {exc}"))
 
-    def plain(value: str | None, key: str) -> str:
-        if value is None:
-            return ""
-        try:
-            return escape.plain_value(value)
-        except escape.UnrepresentableError as exc:
-            problems.append(Problem(source, key, f"{value!r}: {exc}"))
-            return ""
-
-    directory = plain(spec.working_directory, "working_directory")
-    user = plain(spec.user, "user")
+    for key, word in zip(_argv_keys(inst), inst.argv, strict=True):
+        check(escape.command_word, _runtime(word, ctx), key)
+    for name, value in (*inst.env, *inst.secrets):
+        check(functools.partial(escape.env_file_line, name), value, f"env.{name}")
+    if spec.working_directory is not None:
+        check(escape.plain_value, spec.working_directory, "working_directory")
     paths = {"run_dir": ctx.run_dir, "log_dir": ctx.log_dir, "secrets_dir": ctx.secrets_dir,
              "python": ctx.python, "proxyd": ctx.proxyd}
     for key, value in paths.items():
-        try:
-            escape.plain_value(value)
-            escape.command_word(value)
-        except escape.UnrepresentableError as exc:
-            problems.append(Problem(source, "", f"the supervisor {key} {value!r}: {exc}"))
-    if problems:
-        raise SpecError(problems=problems)
+        for write in (escape.plain_value, escape.command_word, escape.comment_text):
+            check(write, value, "", f"the supervisor {key} ")
+    return problems
 
-    secret = bool(inst.secrets)
-    secret_file = f"{ctx.secrets_dir}/{secret_name(spec.name)}" if secret else ""
-    # supervisord runs every program as root; the wrapper reads the root-owned
-    # secret file and makes the runtime directory, then becomes ``user`` (never
-    # supervisord's own user= line: that would run the wrapper as the user)
+
+def env_path(inst: Instance, ctx: SupervisorContext) -> str:
+    """Where the instance's env file is installed ('' when it has none)."""
+    if not inst.env and not inst.secrets:
+        return ""
+    return f"{ctx.secrets_dir}/{secret_name(inst.name)}"
+
+
+def _hold_path(inst: Instance, ctx: SupervisorContext) -> str:
+    return f"{ctx.run_dir}/{runtime_subdir(inst.name)}/listen.sock"
+
+
+def _server_argv(inst: Instance, ctx: SupervisorContext) -> list[str]:
+    """The server's argv, behind the root wrapper when it needs one. supervisord
+    runs every program as root; the wrapper reads the root-owned env file and
+    makes the runtime directory, then becomes ``user`` (never supervisord's own
+    user= line: that would run the wrapper as the user)."""
+    spec, private = inst.spec, inst.private
     wrap: list[str] = []
-    if inst.private is not None and RUNTIME_DIR in inst.private.path:
+    if private is not None and RUNTIME_DIR in private.path:
         wrap += ["--mkdir", f"{ctx.run_dir}/{runtime_subdir(spec.name)}"]
-    if secret:
-        wrap += ["--env-file", secret_file]
-    hold_path = f"{ctx.run_dir}/{runtime_subdir(spec.name)}/listen.sock"
-    if inst.private is None:
-        wrap += ["--fd3-from", hold_path]
+    if env_path(inst, ctx):
+        wrap += ["--env-file", env_path(inst, ctx), "--env-digest", escape.env_digest(inst.env)]
+    if private is None:
+        wrap += ["--fd3-from", _hold_path(inst, ctx)]
     if spec.user:
         wrap += ["--user", spec.user]
-    if inst.private is not None and inst.private.kind == "tcp" and inst.private.port < 1024:
-        wrap += ["--bind-port", str(inst.private.port)]
-    server = " ".join(server_words)
-    if wrap:
-        head = [ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "exec", *wrap, "--"]
-        server = escape.command_line(head) + " " + server
+    if private is not None and private.kind == "tcp" and private.port < 1024:
+        wrap += ["--bind-port", str(private.port)]
+    argv = [_runtime(w, ctx) for w in inst.argv]
+    if not wrap:
+        return argv
+    return [ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "exec", *wrap, "--", *argv]
 
-    proxy = ""
-    private = ""
-    if inst.private is None:
-        proxy = escape.command_line([ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "hold",
-                                     "--serve", hold_path, *(["--user", spec.user]
-                                                             if spec.user else [])])
-    else:
-        target = _runtime(inst.private.probe_target(), ctx)
-        private = _runtime(inst.private.listen(), ctx)
-        cmd = [ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "proxy",
-               "--private", target, "--path", inst.health_path]
-        if inst.probe_key_env:
-            cmd += ["--key-env", inst.probe_key_env, "--env-file", secret_file]
-        if spec.user:
-            cmd += ["--server-user", spec.user]
-        cmd += ["--", ctx.proxyd, f"--connections-max={spec.max_connections}", private]
-        proxy = escape.command_line(cmd)
 
-    placement = inst.gpus
+def _public_argv(inst: Instance, ctx: SupervisorContext) -> list[str]:
+    """The fcgi-program's argv: the holder of a socket-activated server's socket,
+    or the proxy wrapper that forwards once the private endpoint answers."""
+    spec, private = inst.spec, inst.private
+    as_user = ["--user", spec.user] if spec.user else []
+    if private is None:
+        return [ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "hold",
+                "--serve", _hold_path(inst, ctx), *as_user]
+    cmd = [ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "proxy",
+           "--private", _runtime(private.probe_target(), ctx), "--path", inst.health_path]
+    if inst.probe_key_env:
+        cmd += ["--key-env", inst.probe_key_env, "--env-file", env_path(inst, ctx)]
+    if spec.user:
+        cmd += ["--server-user", spec.user]
+    return [*cmd, "--", ctx.proxyd, f"--connections-max={spec.max_connections}",
+            _runtime(private.listen(), ctx)]
+
+
+def _source_name(inst: Instance) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in Path(inst.spec.source).name)
+
+
+def _template_values(inst: Instance, ctx: SupervisorContext) -> dict[str, object]:
+    spec, placement = inst.spec, inst.gpus
     gpu_header = ""
     if placement is not None:
         gpu_header = ",".join(placement.uuids) + (" shared" if placement.share else " exclusive")
-    values = {
-        "source": "".join(ch if ch.isprintable() else "?" for ch in Path(source).name),
+    return {
+        "source": _source_name(inst),
         "name": spec.name,
         "backend": spec.backend,
         "public": inst.public.listen(),
-        "private": private or "(the server takes the public socket as fd 3)",
+        "private": (_runtime(inst.private.listen(), ctx) if inst.private is not None
+                    else "(the server takes the public socket as fd 3)"),
         "health_path": inst.health_path,
         "timeout": f"{inst.health_timeout:g}",
         "key_env": inst.probe_key_env or "",
         "gpu_header": gpu_header,
-        "public_command": proxy,
         "hold": inst.private is None,
-        "server_command": server,
-        "environment": ",".join(env_parts),
-        "directory": directory,
-        "user": user,
+        "public_argv": _public_argv(inst, ctx),
+        "server_argv": _server_argv(inst, ctx),
+        "env_file": env_path(inst, ctx),
+        "env_shown": list(inst.env),
+        "secret_names": [k for k, _ in inst.secrets],
+        "directory": spec.working_directory or "",
+        "user": spec.user or "",
         "autorestart": _AUTORESTART[spec.restart],
         "stopwaitsecs": STOP_WAIT_SECONDS,
         "backlog": BACKLOG,
-        "server_log": escape.plain_value(f"{ctx.log_dir}/{spec.name}.log"),
-        "proxy_log": escape.plain_value(f"{ctx.log_dir}/{spec.name}-proxy.log"),
+        "server_log": f"{ctx.log_dir}/{spec.name}.log",
+        "proxy_log": f"{ctx.log_dir}/{spec.name}-proxy.log",
         "log_maxbytes": LOG_MAXBYTES,
         "log_backups": LOG_BACKUPS,
     }
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir() / "supervisor")),
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,  # noqa: S701 - conf files are not HTML; escaping is escape.py's job
-    )
-    text = env.get_template("instance.conf.j2").render(values)
-    files = [ConfFile(conf_name(spec.name), text)]
-    if secret:
-        lines = [f"{k}={v}" for k, v in inst.secrets]
-        files.append(ConfFile(secret_name(spec.name), "\n".join(lines) + "\n", secret=True))
+
+
+def _render_files(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
+    env = make_environment()
+    text = env.get_template("instance.conf.j2").render(_template_values(inst, ctx))
+    files = [ConfFile(conf_name(inst.name), text)]
+    if env_path(inst, ctx):
+        # every variable, not only the keys: supervisord's environment= cannot
+        # carry "#x", "a ;b", "%(here)s" or '"q"' (escape.py), this file can
+        env_text = env.get_template("instance.env.j2").render({
+            "name": inst.name, "source": _source_name(inst), "format": escape.ENV_FILE_FORMAT,
+            "env": list(inst.env), "secrets_line": escape.ENV_SECRETS_LINE,
+            "secrets": list(inst.secrets)})
+        files.append(ConfFile(secret_name(inst.name), env_text, secret=True))
     return files
 
 

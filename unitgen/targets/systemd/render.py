@@ -17,7 +17,13 @@ import jinja2
 from unitgen.errors import Problem, SpecError
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
 from unitgen.spec.model import InstanceSpec
-from unitgen.targets.base import MARKER, RenderedFile, find_proxyd, templates_dir
+from unitgen.targets.base import (
+    MARKER,
+    RenderedFile,
+    find_proxyd,
+    strict_environment,
+    templates_dir,
+)
 from unitgen.targets.systemd import escape
 from unitgen.targets.systemd.contexts import (
     START_MARGIN,
@@ -63,28 +69,10 @@ OWNED_DIRECTIVES = frozenset({
 
 @functools.cache
 def make_environment() -> jinja2.Environment:
-    """The one Jinja environment: strict, no autoescape (units are not HTML).
-    Built once per process: compiling the templates is most of a render's cost."""
-    # Units are not HTML: systemd escaping is done by the filters registered below.
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir() / "systemd")),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,  # noqa: S701 - see above
-    )
-    for name, func in _FILTERS.items():
-        env.filters[name] = _safe(func)
-    env.finalize = _finalize
-    return env
-
-
-class UnitText(str):
-    """Text that went through one of the escaping filters: the only kind of
-    value (besides integers) the templates may print."""
-
-    __slots__ = ()
+    """The one Jinja environment (:func:`unitgen.targets.base.strict_environment`):
+    only the escaping filters below print a value. Built once per process:
+    compiling the templates is most of a render's cost."""
+    return strict_environment("systemd", _FILTERS)
 
 
 _FILTERS: dict[str, Callable[..., str]] = {
@@ -97,20 +85,6 @@ _FILTERS: dict[str, Callable[..., str]] = {
     "setting": escape.setting_value,
     "specifier_path": escape.specifier_path,
 }
-
-
-def _safe(func: Callable[..., str]) -> Callable[..., UnitText]:
-    def wrapped(*args: object) -> UnitText:
-        return UnitText(func(*args))
-    return wrapped
-
-
-def _finalize(value: object) -> object:
-    """The escaping choke point: every ``{{ }}`` in a template must go through a
-    filter; a bare value is a bug in the template, refused rather than written."""
-    if isinstance(value, UnitText) or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    raise TypeError(f"template bug: {value!r} reached a unit without an escaping filter")
 
 
 def secret_path(name: str) -> str:
