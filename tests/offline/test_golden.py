@@ -20,7 +20,7 @@ from tests.golden_files import (
     rendered_supervisor,
 )
 from tests.supervisor_readback import read_back
-from unitgen.inunit.supwrap import ENV_SECRETS_LINE, env_digest, parse_env_text
+from unitgen.inunit.envfile import ENV_SECRETS_LINE, env_digest, parse_env_text
 
 
 @pytest.mark.parametrize("spec", example_specs(), ids=lambda p: p.stem)

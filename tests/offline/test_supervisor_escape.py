@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.supervisor_readback import read_back
-from unitgen.inunit import supwrap
+from unitgen.inunit import envfile as supwrap
 from unitgen.targets.supervisor import escape
 
 # Text that stresses each rule: quotes, backslashes, % and %(...)s, ; and # after

@@ -16,7 +16,7 @@ from tests.helpers import write_spec
 from tests.nvml import eight_gpus, fake_nvml, uuid
 from tests.supervisor_readback import read_back
 from unitgen.errors import SpecError
-from unitgen.inunit.supwrap import env_digest, parse_env_text
+from unitgen.inunit.envfile import env_digest, parse_env_text
 from unitgen.ops.files import is_ours
 from unitgen.ops.pipeline import placement_for
 from unitgen.plan.instance import RUNTIME_DIR, resolve

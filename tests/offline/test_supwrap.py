@@ -16,13 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import STANDIN, get, wait_for
-from unitgen.inunit.supwrap import (
-    StaleEnvFileError,
-    UnsafeFileError,
-    listener_pid,
-    own_directory,
-    read_env_file,
-)
+from unitgen.inunit.envfile import StaleEnvFileError, UnsafeFileError, own_directory, read_env_file
+from unitgen.inunit.supproxy import listener_pid
 from unitgen.targets.supervisor import escape
 
 WRAP = [sys.executable, "-m", "unitgen.inunit.supwrap"]

@@ -43,162 +43,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import pwd
-import re
-import select
 import signal
 import socket
-import stat
 import sys
 import time
 from types import FrameType
 
-from unitgen.inunit.confine import confine_binds, drop_to_user
-from unitgen.inunit.probe import attempt
+from unitgen.inunit.envfile import become, own_directory, read_env_file, user_ids
+from unitgen.inunit.supproxy import fd0_to_fd3, proxy
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
-
-
-class UnsafeFileError(OSError):
-    """A file or directory root uses could be changed by someone else."""
-
-
-def _refuse_foreign(st: os.stat_result, path: str) -> None:
-    """Root acts on ``path`` only when nobody but root can change it."""
-    if os.geteuid() != 0:
-        return  # a non-root supervisord: it can only act as itself anyway
-    if st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafeFileError(f"{path} is not root's alone (owner uid {st.st_uid}, mode "
-                              f"{stat.S_IMODE(st.st_mode):04o}): refusing to use it as root")
-
-
-# unitgen writes this line into every env file whose values are escaped
-# (unitgen.targets.supervisor.escape.ENV_FILE_FORMAT, the writer's copy): there
-# a backslash followed by a backslash, "n" or "r" stands for a backslash, a line
-# feed or a carriage return, so a value of any characters but NUL fits on its
-# line. Secret files written before it (raw one-line values) are read as written.
-ENV_FILE_FORMAT = "# unitgen-env-format: escaped"
-ENV_SECRETS_LINE = "# unitgen-secrets: below"  # the plain variables are above it
-_ENV_ESCAPE = re.compile(r"\\([\\nr])")
-_ENV_UNESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
-
-
-class StaleEnvFileError(OSError):
-    """The env file does not hold the environment the program was configured with."""
-
-
-def split_env_text(text: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """An env file's plain variables and its secrets, in file order."""
-    lines = text.split("\n")
-    escaped = ENV_FILE_FORMAT in lines
-    plain: list[tuple[str, str]] = []
-    secret: list[tuple[str, str]] = []
-    into = plain
-    for line in lines:
-        if line == ENV_SECRETS_LINE:
-            into = secret
-        elif line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            into.append((key, _ENV_ESCAPE.sub(lambda m: _ENV_UNESCAPES[m[1]], value)
-                         if escaped else value))
-    return plain, secret
-
-
-def parse_env_text(text: str) -> dict[str, str]:
-    """The variables of an env file's text: ``NAME=VALUE`` lines; comments
-    and empty lines skipped; values unescaped when the file says they are."""
-    plain, secret = split_env_text(text)
-    return dict(plain + secret)
-
-
-def env_digest(pairs: list[tuple[str, str]]) -> str:
-    """What ``--env-digest`` says of the plain variables (the renderer's copy:
-    unitgen.targets.supervisor.escape.env_digest)."""
-    h = hashlib.sha256()
-    for name, value in pairs:
-        h.update(f"{name}={value}\x00".encode())
-    return h.hexdigest()[:16]
-
-
-def read_env_text(path: str) -> str:
-    """The text of an env file unitgen wrote. Run as root, the file must be
-    root's and readable by root only: whoever could write it
-    (``PYTHONPATH=...``) would run code as the server."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    # newline="": a carriage return is a value's byte, never a line break
-    with os.fdopen(fd, encoding="utf-8", newline="") as fh:
-        st = os.fstat(fd)
-        _refuse_foreign(st, path)
-        if os.geteuid() == 0 and st.st_mode & 0o077:
-            raise UnsafeFileError(f"{path} is readable by others (mode "
-                                  f"{stat.S_IMODE(st.st_mode):04o}, want 0600)")
-        return fh.read()
-
-
-def read_env_file(path: str, digest: str | None = None) -> dict[str, str]:
-    """The variables of an env file (:func:`read_env_text`, :func:`parse_env_text`);
-    with ``digest``, StaleEnvFileError unless its plain variables have it."""
-    text = read_env_text(path)
-    if digest is not None:
-        found = env_digest(split_env_text(text)[0])
-        if found != digest:
-            raise StaleEnvFileError(f"{path} does not hold the environment this program was "
-                                    f"deployed with (digest {found}, want {digest}): deploy "
-                                    "the instance again")
-    return parse_env_text(text)
-
-
-def own_directory(path: str, uid: int, gid: int) -> None:
-    """Create ``path`` (mode 0700) for ``uid``/``gid``, or take it over: never
-    through a symlink (a link planted there would make root hand its target,
-    /etc say, to the user), and only inside a directory root alone can write."""
-    parent = os.path.dirname(path.rstrip("/")) or "/"
-    os.makedirs(parent, mode=0o755, exist_ok=True)
-    _refuse_foreign(os.stat(parent), parent)
-    with contextlib.suppress(FileExistsError):
-        os.mkdir(path, 0o700)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if os.geteuid() == 0:
-            os.fchown(fd, uid, gid)
-        os.fchmod(fd, 0o700)
-    finally:
-        os.close(fd)
-
-
-def _user(name: str | None) -> tuple[int, int, list[int]]:
-    """uid, gid and groups of ``name``; this process's own without a name."""
-    if not name:
-        return os.getuid(), os.getgid(), os.getgroups()
-    entry = pwd.getpwnam(name)
-    return entry.pw_uid, entry.pw_gid, os.getgrouplist(name, entry.pw_gid)
-
-
-def _become(name: str | None, bind_port: int | None) -> None:
-    """Drop to ``name`` for good (keeping only the right to bind ``bind_port``),
-    then confine binds to that one privileged port."""
-    if name and os.geteuid() == 0:
-        uid, gid, groups = _user(name)
-        drop_to_user(uid, gid, groups, keep_bind=bind_port is not None)
-    if bind_port is not None:
-        why = confine_binds([bind_port])
-        if why:
-            print(f"unitgen supwrap: warning: {why}", file=sys.stderr, flush=True)
-
-
-def _fd0_to_fd3(env: dict[str, str]) -> None:
-    os.dup2(0, 3)
-    os.set_inheritable(3, True)
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)
-    os.close(null)
-    env["LISTEN_FDS"] = "1"
-    env["LISTEN_PID"] = str(os.getpid())  # exec keeps the pid
-    env.pop("LISTEN_FDNAMES", None)
 
 
 def receive_socket(path: str, timeout: float = 30.0) -> int:
@@ -222,12 +80,12 @@ def receive_socket(path: str, timeout: float = 30.0) -> int:
 def _exec(ns: argparse.Namespace) -> int:
     env = dict(os.environ)
     try:
-        uid, gid, _ = _user(ns.user)
+        uid, gid, _ = user_ids(ns.user)
         if ns.mkdir:
             own_directory(ns.mkdir, uid, gid)
         if ns.env_file:
             env.update(read_env_file(ns.env_file, ns.env_digest))
-        _become(ns.user, ns.bind_port)
+        become(ns.user, ns.bind_port)
     except (OSError, KeyError) as exc:
         why = exc.strerror or str(exc) if isinstance(exc, OSError) else f"no such user {exc}"
         print(f"unitgen supwrap: {why}; not starting the server", file=sys.stderr)
@@ -245,7 +103,7 @@ def _exec(ns: argparse.Namespace) -> int:
         os.close(fd)
         ns.fd3 = True
     if ns.fd3:
-        _fd0_to_fd3(env)
+        fd0_to_fd3(env)
     try:
         os.execvpe(ns.argv[0], ns.argv, env)  # noqa: S606 - exec is the job; argv, no shell
     except OSError as exc:
@@ -253,33 +111,9 @@ def _exec(ns: argparse.Namespace) -> int:
     return 127
 
 
-def _accepting(target: str) -> bool:
-    """False only when the endpoint definitely refuses (nothing listens)."""
-    if target.startswith("/"):
-        family, addr = socket.AF_UNIX, target
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        where: object = addr
-    else:
-        host, _, port = target.rpartition(":")
-        host = host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        where = (host, int(port))
-    sock.settimeout(2.0)
-    try:
-        sock.connect(where)  # type: ignore[arg-type]  # a path or (host, port)
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True  # busy or slow is not dead
-    finally:
-        sock.close()
-    return True
-
-
 def _hold(ns: argparse.Namespace) -> int:
     try:
-        uid, gid, _ = _user(ns.user)
+        uid, gid, _ = user_ids(ns.user)
         own_directory(os.path.dirname(ns.serve), uid, gid)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(ns.serve)
@@ -290,7 +124,7 @@ def _hold(ns: argparse.Namespace) -> int:
             os.chown(ns.serve, uid, gid, follow_symlinks=False)
         server.listen(16)
         public = socket.socket(fileno=os.dup(0))
-        _become(ns.user, None)  # it only hands the socket on: no root needed for that
+        become(ns.user, None)  # it only hands the socket on: no root needed for that
     except (OSError, KeyError) as exc:
         why = exc.strerror or str(exc) if isinstance(exc, OSError) else f"no such user {exc}"
         print(f"unitgen hold: {why}", file=sys.stderr)
@@ -311,160 +145,6 @@ def _hold(ns: argparse.Namespace) -> int:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(ns.serve)
-
-
-def _listening_inodes(target: str) -> set[str]:
-    """Inodes of the listening socket(s) at ``target``, from /proc/net."""
-    found: set[str] = set()
-    if target.startswith("/"):
-        try:
-            with open("/proc/net/unix", encoding="utf-8") as fh:
-                for line in fh.read().splitlines()[1:]:
-                    fields = line.split()
-                    # Flags 00010000 = __SO_ACCEPTCON: a listening socket
-                    if len(fields) >= 8 and fields[7] == target and fields[3] == "00010000":
-                        found.add(fields[6])
-        except OSError:
-            pass
-        return found
-    port = int(target.rpartition(":")[2])
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, encoding="utf-8") as fh:
-                for line in fh.read().splitlines()[1:]:
-                    fields = line.split()
-                    if len(fields) > 9 and fields[3] == "0A" and \
-                            int(fields[1].rpartition(":")[2], 16) == port:
-                        found.add(fields[9])
-        except OSError:
-            pass
-    return found
-
-
-def listener_pid(target: str) -> int | None:
-    """The process that holds the listening socket at ``target`` (the server),
-    found through /proc; None when it cannot be seen."""
-    inodes = {f"socket:[{i}]" for i in _listening_inodes(target)}
-    if not inodes:
-        return None
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                if os.readlink(f"/proc/{entry}/fd/{fd}") in inodes:
-                    return int(entry)
-        except OSError:
-            continue
-    return None
-
-
-def _watch(pid: int | None) -> int | None:
-    """A pidfd that becomes readable the moment ``pid`` exits."""
-    if pid is None:
-        return None
-    try:
-        return os.pidfd_open(pid)
-    except OSError:
-        return None
-
-
-def _spawn_proxy(argv: list[str]) -> int:
-    pid = os.fork()
-    if pid == 0:  # child
-        try:
-            env = dict(os.environ)
-            _fd0_to_fd3(env)
-            os.execve(argv[0], argv, env)  # noqa: S606 - exec is the job; argv, no shell
-        finally:
-            os._exit(127)
-    return pid
-
-
-def _stop(pid: int, sig: int = signal.SIGTERM) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if os.waitpid(pid, os.WNOHANG)[0]:
-            return
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-
-
-def _say(line: str) -> None:
-    print(f"unitgen proxy: {line}", file=sys.stderr, flush=True)
-
-
-def _proxy(ns: argparse.Namespace) -> int:
-    key = None
-    try:
-        if ns.key_env:
-            key = read_env_file(ns.env_file).get(ns.key_env) if ns.env_file else None
-            key = key or os.environ.get(ns.key_env)
-        # the server's uid: a connection to the private port whose other end
-        # another uid created (a squatter in a restart gap) gets no byte
-        server_uid = _user(ns.server_user)[0] if ns.server_user else os.geteuid()
-    except (OSError, KeyError) as exc:
-        why = exc.strerror or str(exc) if isinstance(exc, OSError) else f"no such user {exc}"
-        _say(f"{why}; not starting")
-        return 1
-    child = 0
-    stopping = False
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    interval = ns.interval
-    while not stopping:
-        started = time.monotonic()
-        last = ""
-        while not stopping:
-            result = attempt(ns.private, ns.path, key, timeout=5.0, peer_uid=server_uid)
-            if result.outcome == "ready":
-                break
-            if result.detail != last:
-                _say(f"waiting for {ns.private}{ns.path}: {result.detail}")
-                last = result.detail
-            time.sleep(interval)
-        if stopping:
-            break
-        server = listener_pid(ns.private)
-        watch = _watch(server)
-        _say(f"{ns.private} ready after {time.monotonic() - started:.1f} s (server pid "
-             f"{server or 'not visible'}); forwarding")
-        child = _spawn_proxy(ns.argv)
-        while not stopping:
-            done, status = os.waitpid(child, os.WNOHANG)
-            if done:
-                _say(f"systemd-socket-proxyd exited ({status}); waiting again")
-                child = 0
-                break
-            if watch is not None:
-                # wakes at once when the server exits: the proxy is gone before
-                # supervisord has respawned it, so no client is forwarded to nothing
-                died = bool(select.select([watch], [], [], interval)[0])
-            else:
-                time.sleep(interval)
-                died = not _accepting(ns.private)
-            if died:
-                _stop(child, signal.SIGKILL)  # its connections died with the server
-                child = 0
-                _say(f"{ns.private}: the server exited; connections wait in the socket "
-                     "until it answers again")
-                break
-        if watch is not None:
-            os.close(watch)
-    if child:
-        _stop(child)
-    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -510,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if ns.mode == "exec":
         return _exec(ns)
-    return _proxy(ns)
+    return proxy(ns)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from unitgen.errors import OwnershipError, UnitgenError
+from unitgen.inunit.envfile import split_env_text
 from unitgen.inunit.probe import Attempt, attempt
-from unitgen.inunit.supwrap import split_env_text
 from unitgen.ops.allocate import HostAllocator, listeners
 from unitgen.ops.files import check_ours, is_ours
 from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned, plan_paths
 from unitgen.ops.supervisor.rpc import SupervisorRPC
-from unitgen.ops.supervisor.site import Site
+from unitgen.ops.supervisor.site import Site, check_run_dir, log_dir, make_dir
 from unitgen.ops.transaction import Change, Ready
 from unitgen.ops.transaction import run as transaction
 from unitgen.ops.wait import wait_until
@@ -129,39 +129,10 @@ def _check_user(inst: Instance) -> None:
         raise UnitgenError(f"{inst.spec.source}: user: no such user {user!r}") from None
 
 
-def _check_run_dir(run: Path) -> None:
-    """Root makes each instance's runtime directory in ``run`` and hands it to the
-    server's user: a ``run`` another user can write would let them plant a link
-    there (``unitgen-NAME -> /etc``), so it is refused."""
-    try:
-        run.mkdir(parents=True, exist_ok=True, mode=0o755)
-        st = run.stat()
-    except OSError as exc:
-        raise UnitgenError(f"cannot create {run}: {exc.strerror}") from None
-    if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
-        raise UnitgenError(f"the run directory {run} can be written by a user other than root "
-                           f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); root "
-                           "makes each instance's socket directory there: use a directory only "
-                           "root can write (UNITGEN_SUPERVISOR_RUN_DIR; docs/supervisor.md)")
 
 
-def _log_dir(directory: Path) -> None:
-    """supervisord does not create log directories. The servers' logs can hold
-    prompts (vLLM's request log): the directory is root's alone (0700)."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = directory.stat()
-        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
-            directory.chmod(0o700)
-    except OSError as exc:
-        raise UnitgenError(f"cannot create {directory}: {exc.strerror}") from None
 
 
-def _mkdir(directory: Path) -> None:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UnitgenError(f"cannot create {directory}: {exc.strerror}") from None
 
 
 def _answers(inst: Instance) -> bool:
@@ -196,8 +167,8 @@ class SupervisorDeploy:
 
     def lock(self, say: Say) -> contextlib.AbstractContextManager[None]:
         """Deploys to one include directory wait for each other."""
-        _mkdir(self.site.conf_dir)
-        _check_run_dir(Path(self.site.ctx.run_dir))
+        make_dir(self.site.conf_dir)
+        check_run_dir(Path(self.site.ctx.run_dir))
         return _lock(self.site.conf_dir)
 
     def plan(self, paths: Sequence[Path], opts: DeployOptions) -> list[Planned]:
@@ -246,7 +217,7 @@ class SupervisorDeploy:
 
     def preflight(self, changes: list[Change]) -> list[tuple[Path, str | None]]:
         """The log directory (supervisord does not make one) and the servers' users."""
-        _log_dir(Path(self.site.ctx.log_dir))
+        log_dir(Path(self.site.ctx.log_dir))
         for c in changes:
             if c.changed:
                 _check_user(c.inst)

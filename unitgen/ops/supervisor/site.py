@@ -5,6 +5,7 @@ options and environment variables and passed to every operation."""
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from unitgen.ops.supervisor.rpc import (
 from unitgen.targets.supervisor.render import SupervisorContext
 from unitgen.targets.systemd.render import find_proxyd  # the same binary serves both targets
 
-__all__ = ["ENV_VARS", "Site", "context"]
+__all__ = ["ENV_VARS", "Site", "check_run_dir", "context", "log_dir", "make_dir"]
 
 # Every setting can come from the environment, so a container image sets them once.
 ENV_VARS = {
@@ -78,3 +79,36 @@ def context(*, need_proxyd: bool = True) -> SupervisorContext:
         log_dir=os.environ.get(ENV_VARS["log_dir"], "/var/log/unitgen"),
         secrets_dir=os.environ.get(ENV_VARS["secrets_dir"], "/etc/unitgen/secrets"),
     )
+
+
+def check_run_dir(run: Path) -> None:
+    """Root makes each instance's runtime directory in ``run`` and hands it to the
+    server's user: a ``run`` another user can write would let them plant a link
+    there (``unitgen-NAME -> /etc``), so it is refused."""
+    try:
+        run.mkdir(parents=True, exist_ok=True, mode=0o755)
+        st = run.stat()
+    except OSError as exc:
+        raise UnitgenError(f"cannot create {run}: {exc.strerror}") from None
+    if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        raise UnitgenError(f"the run directory {run} can be written by a user other than root "
+                           f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); root "
+                           "makes each instance's socket directory there: use a directory only "
+                           "root can write (UNITGEN_SUPERVISOR_RUN_DIR; docs/supervisor.md)")
+
+def log_dir(directory: Path) -> None:
+    """supervisord does not create log directories. The servers' logs can hold
+    prompts (vLLM's request log): the directory is root's alone (0700)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = directory.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            directory.chmod(0o700)
+    except OSError as exc:
+        raise UnitgenError(f"cannot create {directory}: {exc.strerror}") from None
+
+def make_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UnitgenError(f"cannot create {directory}: {exc.strerror}") from None

@@ -13,8 +13,8 @@ from typing import Any
 import psutil
 
 from unitgen.errors import EXIT_FAILURE, EXIT_OK
+from unitgen.inunit.envfile import read_env_file
 from unitgen.inunit.probe import attempt
-from unitgen.inunit.supwrap import read_env_file
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.site import Site
 from unitgen.ops.systemd.doctor import Finding, listening
