@@ -14,8 +14,8 @@ from pathlib import Path
 
 from unitgen.ops.supervisor.rpc import Endpoint, SupervisorRPC
 from unitgen.ops.supervisor.site import Site
+from unitgen.targets.base import find_proxyd
 from unitgen.targets.supervisor.render import SupervisorContext
-from unitgen.targets.systemd.render import find_proxyd
 
 MAIN_CONF = """\
 [supervisord]

@@ -231,3 +231,19 @@ def test_the_size_check_sees_a_long_method(tmp_path):
     assert _oversize(pkg) == {"unitgen/m.py:C.long": "81 lines (at most 80)"}
     (pkg / "big.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
     assert _oversize(pkg)["unitgen/big.py"] == "401 lines (at most 400)"
+
+
+TARGET_FOLDERS = ("unitgen/ops/systemd", "unitgen/targets/systemd",
+                  "unitgen/ops/supervisor", "unitgen/targets/supervisor")
+
+
+@pytest.mark.parametrize("path", [p for p in _modules()
+                                  if str(p.relative_to(PKG.parent)).startswith(TARGET_FOLDERS)],
+                         ids=_name)
+def test_no_target_imports_another(path):
+    # issue 18: the supervisor target imported the systemd renderer and doctor;
+    # what both need lives in ops/ or targets/base.py
+    mine = next(t for t in ("systemd", "supervisor") if f"/{t}" in str(path.parent))
+    other = {"systemd": "supervisor", "supervisor": "systemd"}[mine]
+    for target in _imports(path):
+        assert f".{other}" not in target.replace("unitgen.", "."), f"{_name(path)} imports {target}"

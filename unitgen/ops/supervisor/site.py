@@ -19,8 +19,8 @@ from unitgen.ops.supervisor.rpc import (
     default_url,
     find_config,
 )
+from unitgen.targets.base import find_proxyd  # the same binary serves both targets
 from unitgen.targets.supervisor.render import SupervisorContext
-from unitgen.targets.systemd.render import find_proxyd  # the same binary serves both targets
 
 __all__ = ["ENV_VARS", "Site", "check_run_dir", "context", "log_dir", "make_dir"]
 

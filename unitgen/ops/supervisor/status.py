@@ -15,9 +15,9 @@ import psutil
 from unitgen.errors import EXIT_FAILURE, EXIT_OK
 from unitgen.inunit.envfile import read_env_file
 from unitgen.inunit.probe import attempt
+from unitgen.ops.findings import Finding, listening
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.site import Site
-from unitgen.ops.systemd.doctor import Finding, listening
 from unitgen.result import Result, table
 from unitgen.targets.supervisor.installed import InstalledConf, require, scan
 from unitgen.targets.supervisor.render import secret_name

@@ -6,53 +6,21 @@ Works on hand-written units too (``--unit foo.service --port N``)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import psutil
 
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
 from unitgen.inunit.probe import attempt
+from unitgen.ops.findings import Finding, listening
 from unitgen.ops.systemd.manager import UnitInfo, connect
 from unitgen.ops.systemd.status import restart_reason
 from unitgen.ops.systemd.swap import waiting_findings
 from unitgen.result import Result
 from unitgen.targets.systemd.installed import require
 
-__all__ = ["Finding", "doctor", "doctor_unit", "listening"]
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One check: ok or not, in a sentence a user can act on."""
-
-    ok: bool
-    text: str
-
-
-def _tree(pid: int) -> list[int]:
-    try:
-        proc = psutil.Process(pid)
-        return [pid, *(c.pid for c in proc.children(recursive=True))]
-    except psutil.Error:
-        return []
-
-
-def listening(pid: int) -> tuple[set[int], set[str]]:
-    """TCP ports and Unix socket paths the process tree of ``pid`` listens on."""
-    pids = set(_tree(pid))
-    ports: set[int] = set()
-    paths: set[str] = set()
-    for conn in psutil.net_connections(kind="inet"):
-        if conn.pid in pids and conn.status == psutil.CONN_LISTEN and conn.laddr:
-            ports.add(int(conn.laddr.port))
-    with contextlib.suppress(psutil.Error):
-        for conn in psutil.net_connections(kind="unix"):
-            if conn.pid in pids and conn.laddr and conn.status in (psutil.CONN_LISTEN,
-                                                                    psutil.CONN_NONE):
-                paths.add(str(conn.laddr))
-    return ports, paths
+__all__ = ["doctor", "doctor_unit"]
 
 
 def _runtime_dir(scope: str) -> str:
