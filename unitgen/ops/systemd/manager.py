@@ -84,7 +84,9 @@ class Manager:
     def _on_message(self, msg: Message) -> None:
         if msg.message_type == MessageType.SIGNAL and msg.member == "JobRemoved":
             _, job_path, _, result = msg.body
-            fut = self._jobs.pop(job_path, None)
+            # kept until finish() takes the result: the signal may come while no
+            # one is waiting (between two polls of a start with a progress line)
+            fut = self._jobs.get(job_path)
             if fut is not None and not fut.done():
                 fut.set_result(result)
             else:
@@ -166,7 +168,10 @@ class Manager:
             return self._finished.pop(job_path)
         fut = self._jobs.get(job_path)
         if fut is None:
-            return "canceled"  # not ours to wait for any more
+            return "canceled"  # not ours to wait for any more (forgotten)
+        if fut.done():
+            self._jobs.pop(job_path, None)
+            return fut.result()
         try:
             result = await asyncio.wait_for(asyncio.shield(fut), timeout=within)
         except TimeoutError:
