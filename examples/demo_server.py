@@ -19,6 +19,9 @@ STANDIN_HANG_AFTER     after answering this many requests, accept but never answ
 STANDIN_HANG_ONCE      with STANDIN_HANG_AFTER: a file created when the hang starts; a
                        server started while it exists does not hang (so a restart heals)
 STANDIN_EXIT_AFTER     exit with status 3 this many seconds after starting (a crash)
+POST (OpenAI-shaped) answers a chat completion naming the request's "model" and
+                       the server's own name (STANDIN_NAME); with "stream": true, as
+                       server-sent events over STANDIN_STREAM_SECONDS (default 0.5 s)
 STANDIN_UNLISTEN_AFTER close the listening socket this many seconds after starting and
                        live on (a server whose HTTP layer died: its port is free)
 STANDIN_SLOW_PATH      requests to this path take STANDIN_SLOW_SECONDS (a long generation)
@@ -127,6 +130,52 @@ class Handler(BaseHTTPRequestHandler):
             self._stream(float(os.environ["STANDIN_STREAM_SECONDS"]))
         else:
             self._send(200, {"status": "ok", "path": self.path, "echo": True})
+
+    def do_POST(self) -> None:
+        """An OpenAI-shaped chat completion (or its stream) naming the request's model."""
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            body = {}
+        if not loaded():
+            self._send(503, {"error": {"message": "Loading model"}})
+            return
+        model = str(body.get("model", "")) if isinstance(body, dict) else ""
+        who = os.environ.get("STANDIN_NAME", "standin")
+        if isinstance(body, dict) and body.get("stream"):
+            self._sse(model, who, float(os.environ.get("STANDIN_STREAM_SECONDS", "0.5")))
+            return
+        self._send(200, {"id": "chatcmpl-standin", "object": "chat.completion", "created": 0,
+                         "model": model, "server": who, "bytes": len(raw),
+                         "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                             "role": "assistant", "content": f"{who} answers {model}"}}],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                   "total_tokens": 2}})
+
+    def _sse(self, model: str, who: str, seconds: float) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i in range(10):
+            if i:
+                time.sleep(seconds / 10)
+            delta = {"content": f"{who}:{i} "} if i else {"role": "assistant", "content": ""}
+            event = {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 0,
+                     "model": model, "choices": [{"index": 0, "delta": delta,
+                                                  "finish_reason": None}]}
+            data = f"data: {json.dumps(event)}\n\n".encode()
+            try:
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+            except OSError:
+                print(f"standin: client went away after chunk {i}", file=sys.stderr, flush=True)
+                return
+        data = b"data: [DONE]\n\n"
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n\r\n")
+        self.wfile.flush()
 
     def log_message(self, format: str, *args: Any) -> None:
         return

@@ -62,6 +62,10 @@ SAMPLES: dict[str, tuple[dict[str, Any], object]] = {
     "swap_drain": ({**ON_DEMAND, "swap_group": "gpu0", "swap_drain": "1min"}, 60.0),
     "hardening": ({"hardening": False}, False),
     "offline": ({"offline": True}, True),
+    "gateway": ({"gateway": "gw"}, "gw"),
+    "aliases": ({"aliases": ["qwen", "Qwen/Qwen2-7B"]}, ("qwen", "Qwen/Qwen2-7B")),
+    "max_concurrent": ({"max_concurrent": 4}, 4),
+    "queue_timeout": ({"queue_timeout": "2min"}, 120.0),
 }
 
 

@@ -16,6 +16,7 @@ import psutil
 
 from unitgen.errors import Problem, UnitgenError
 from unitgen.ops.pipeline import HostGpus, listen_overlap, place_or_report
+from unitgen.plan.gateway import Member
 from unitgen.plan.gpus import Placement
 from unitgen.plan.instance import ProblemSink
 from unitgen.spec.model import InstanceSpec
@@ -237,6 +238,11 @@ class HostAllocator:
     def reserve(self, ports: set[int]) -> None:
         """Ports specs of this run fix: never allocated to another spec."""
         self.reserved = set(ports)
+
+    def gateway_members(self, gateway: str) -> list[Member]:
+        """Installed instances that join ``gateway`` (from their units' headers)."""
+        found = (getattr(i, "member", None) for i in self.installed.values())
+        return [m for m in found if m is not None and m.gateway == gateway]
 
     def public_port(self, spec: InstanceSpec, explicit: int | None, host: str,
                     problem: ProblemSink) -> int:

@@ -15,13 +15,15 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from unitgen.errors import Problem, SpecError
+from unitgen.plan.gateway import GatewayPlan, gateway_instance_spec, member_of, metrics_of, settings_of
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, Placement, place, read_gpus
 from unitgen.plan.instance import Allocator, Instance, ProblemSink, resolve
-from unitgen.spec.model import InstanceSpec, load_spec
+from unitgen.spec.gateway import GatewaySpec
+from unitgen.spec.model import InstanceSpec, load_any
 from unitgen.spec.ports import PRIVATE_PORT_RANGE, default_port, default_private_port
 from unitgen.targets.base import RenderedFile, Target
 
@@ -159,26 +161,29 @@ def _complete(spec: InstanceSpec) -> bool:
     return bool(spec.model)
 
 
+def _load(path: Path) -> tuple[InstanceSpec | None, GatewaySpec | None, list[Problem]]:
+    try:
+        found = load_any(path)
+    except SpecError as exc:
+        partial = exc.partial if isinstance(exc.partial, InstanceSpec) else None
+        return partial, None, list(exc.problems)
+    if isinstance(found, GatewaySpec):
+        return gateway_instance_spec(found), found, []
+    return found, None, []
+
+
 def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
                *, unplaceable: list[Problem] | None = None) -> list[Planned]:
     """Run every spec through the pipeline; raise one SpecError with every
-    problem of every file (exit code: see :func:`unitgen.errors.SpecError`)."""
+    problem of every file (exit code: see :func:`unitgen.errors.SpecError`).
+    Gateways are planned after the instances of the run: they route to them."""
     problems: list[Problem] = []
     planned: list[Planned] = []
-    loaded: list[tuple[Path, InstanceSpec | None, list[Problem]]] = []
-    for path in paths:
-        here: list[Problem] = []
-        spec: InstanceSpec | None
-        try:
-            spec = load_spec(path)
-        except SpecError as exc:
-            here += exc.problems
-            spec = exc.partial if isinstance(exc.partial, InstanceSpec) else None
-        loaded.append((path, spec, here))
+    loaded = [(path, *_load(path)) for path in paths]
     reserve = getattr(allocator, "reserve", None)
     if reserve is not None:  # ports the specs fix are not handed to others of this run
-        reserve({s.port for _, s, _ in loaded if s is not None and s.port is not None})
-    for path, spec, found in loaded:
+        reserve({s.port for _, s, _, _ in loaded if s is not None and s.port is not None})
+    for path, spec, gateway, found in sorted(loaded, key=lambda row: row[2] is not None):
         here = list(found)
         if spec is not None:
             here += target.spec_problems(spec)
@@ -189,6 +194,8 @@ def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
                 inst = resolve(spec, allocator=allocator)
             except SpecError as exc:
                 here += [p for p in exc.problems if p.key not in seen]
+        if inst is not None and gateway is not None:
+            inst = replace(inst, gateway=_gateway_plan(gateway, planned, allocator))
         if inst is not None and not here:
             try:
                 planned.append(Planned(path, inst, tuple(target.render(inst))))
@@ -201,6 +208,17 @@ def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
         # partial: the files that were fine, for a verb that reports them too (check)
         raise SpecError(problems=problems, partial=planned)
     return planned
+
+
+def _gateway_plan(g: GatewaySpec, planned: list[Planned], allocator: Allocator) -> GatewayPlan:
+    """The members of gateway ``g``: the run's instances that join it, and the
+    installed ones the allocator knows (the run's version of an instance wins)."""
+    run = {p.instance.name for p in planned}
+    installed = getattr(allocator, "gateway_members", None)
+    members = [m for m in (installed(g.name) if installed else []) if m.instance not in run]
+    members += [m for p in planned if p.instance.spec.gateway == g.name
+                and (m := member_of(p.instance)) is not None]
+    return GatewayPlan(settings_of(g), tuple(members), metrics_of(g))
 
 
 def _cross_file(planned: list[Planned], *, final: bool) -> list[Problem]:

@@ -188,6 +188,9 @@ def _run(adapter: Adapter, paths: Sequence[Path], opts: DeployOptions) -> Result
         _apply(adapter, changes, extra)
         held.close()  # the new files hold their ports now: other deploys may go on
         outcomes = [_activate(adapter, c, opts) for c in changes]
+        after = getattr(adapter, "after", None)
+        if after is not None:  # e.g. gateways reloaded once their members answer
+            after(opts)
     return _result(adapter.name, outcomes, dry_run=False, diff_shown=opts.show is not None)
 
 

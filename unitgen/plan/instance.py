@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from unitgen.errors import Problem, SpecError
 from unitgen.plan.gpus import Placement
@@ -28,11 +28,14 @@ from unitgen.spec.ports import (
     resolve_listen,
 )
 
-__all__ = ["RUNTIME_DIR", "Allocator", "Endpoint", "FixedAllocator", "Instance", "resolve"]
+__all__ = ["CONFIG_DIR", "RUNTIME_DIR", "Allocator", "Endpoint", "FixedAllocator", "Instance", "resolve"]
 
 # Stands for the service manager's runtime directory inside argv words. A NUL
 # can never come from a spec (the spec parser refuses it), so it cannot collide.
 RUNTIME_DIR = "\x00runtime\x00"
+# The manager's configuration directory (systemd: ``%E``, /etc or ~/.config), where
+# a gateway's HAProxy configuration lives: a token each target replaces.
+CONFIG_DIR = "\x00config\x00"
 
 ProblemSink = Callable[[str, str], None]
 
@@ -86,6 +89,7 @@ class Instance:
     health_timeout: float
     notices: tuple[str, ...]
     gpus: Placement | None = None
+    gateway: Any = None  # a gateway's plan (unitgen.plan.gateway.GatewayPlan); None otherwise
 
     @property
     def name(self) -> str:

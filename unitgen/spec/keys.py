@@ -219,6 +219,19 @@ KEYS: tuple[Key, ...] = (
         "the directives and what each opt-out costs)", default=True),
     Key("offline", Kind.BOOLEAN, "the server needs no network (a local model): "
         "`PrivateNetwork=yes` where it listens on a Unix socket", default=False),
+    Key("gateway", Kind.TEXT, "the gateway (a spec with `kind = \"gateway\"`) that routes "
+        "requests to this instance by their `model` (docs/gateway.md)", pattern=_NAME_RE,
+        pattern_doc="must be a gateway's name: 1-48 lowercase letters, digits or '-'"),
+    Key("aliases", Kind.WORDS, "more names the gateway routes to this instance (instances "
+        "that share a name are replicas)", default=(),
+        pattern=r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}",
+        pattern_doc="must be a model name without blanks or control characters (letters, "
+                    "digits and ._:/@+-, at most 200)"),
+    Key("max_concurrent", Kind.INTEGER, "at the gateway: requests this instance takes at "
+        "once; the rest wait in the gateway's queue", lo=1, hi=100_000),
+    Key("queue_timeout", Kind.DURATION, "at the gateway: how long a request may wait for a "
+        "free slot (`max_concurrent`) before it gets 429", default=60.0, lo=1, hi=_DAY,
+        bounds_why="a request queued longer than a day has been given up on"),
 )
 
 # Keys that are tables of keys, with the word a wrong type is told to use.

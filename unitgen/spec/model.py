@@ -16,6 +16,7 @@ from typing import Any
 
 from unitgen.errors import Problem, SpecError
 from unitgen.spec.backends import BackendName
+from unitgen.spec.gateway import GatewaySpec, is_gateway, parse_gateway
 from unitgen.spec.keys import (
     KEYS,
     TABLES,
@@ -35,6 +36,7 @@ __all__ = [
     "RESTART_POLICIES",
     "HealthSpec",
     "InstanceSpec",
+    "load_any",
     "load_spec",
     "parse_size",
     "parse_spec",
@@ -98,6 +100,10 @@ class InstanceSpec:
     swap_drain: float = default_of("swap_drain")
     hardening: bool = default_of("hardening")  # system scope: sandbox the server
     offline: bool = default_of("offline")  # no network: PrivateNetwork= where it can
+    gateway: str | None = default_of("gateway")  # the gateway that routes to it
+    aliases: tuple[str, ...] = default_of("aliases")  # more route names
+    max_concurrent: int | None = default_of("max_concurrent")  # at the gateway
+    queue_timeout: float = default_of("queue_timeout")  # at the gateway, then 429
 
 
 # The records that hold a table's keys (Key.field names the record).
@@ -120,12 +126,33 @@ def load_spec(path: Path) -> InstanceSpec:
 
 def parse_spec(text: str, source: str) -> InstanceSpec:
     """Validate TOML text as an instance spec; ``source`` names it in messages."""
+    return from_mapping(_toml_of(text, source), source)
+
+
+def _toml_of(text: str, source: str) -> dict[str, Any]:
     # Some Windows editors save UTF-8 with a byte order mark; TOML does not allow one.
     text = text.removeprefix("\ufeff")
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(problems=[Problem(source, "", f"invalid TOML: {exc}")]) from None
+
+
+def load_any(path: Path) -> InstanceSpec | GatewaySpec:
+    """An instance spec, or a gateway's (``kind = "gateway"``)."""
+    source = str(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise SpecError(problems=[Problem(source, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(problems=[Problem(source, "", f"not UTF-8: {exc.reason}")]) from None
+    data = _toml_of(text, source)
+    if is_gateway(data):
+        return parse_gateway(data, source)
+    if "kind" in data:
+        raise SpecError(problems=[Problem(source, "kind", f"{data['kind']!r}: a spec is an "
+                                          "instance (no kind) or kind = \"gateway\"")])
     return from_mapping(data, source)
 
 

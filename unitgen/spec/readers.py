@@ -181,6 +181,11 @@ def _read_words(c: Checker, key: Key, value: object) -> tuple[str, ...] | None:
     words = [c.word(item, f"{key.name}[{i}]") for i, item in enumerate(value)]
     if any(w is None for w in words):
         return None
+    bad = [i for i, w in enumerate(words) if key.pattern and not fullmatch(key.pattern, w or "")]
+    for i in bad:
+        c.add(f"{key.name}[{i}]", f"{words[i]!r} {key.pattern_doc}")
+    if bad:
+        return None
     return tuple(w for w in words if w is not None)
 
 

@@ -27,11 +27,14 @@ MARKER = "# unitgen-instance: "  # proves a unit file is ours (see header.j2)
 
 @dataclass(frozen=True)
 class RenderedFile:
-    """One file a target writes. ``secret`` files (mode 0600) hold keys."""
+    """One file a target writes. ``secret`` files (mode 0600) hold keys;
+    ``config`` files go to the manager's configuration directory (a gateway's
+    HAProxy files), their ``name`` a path below it."""
 
     name: str
     text: str
     secret: bool = False
+    config: bool = False
 
 
 class Target(Protocol):

@@ -15,9 +15,16 @@ from typing import Any, TypeVar
 from unitgen.errors import OwnershipError, SpecError, UnitgenError
 from unitgen.ops.allocate import HostAllocator, deploy_lock, listeners
 from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
-from unitgen.ops.files import check_ours, is_ours
+from unitgen.ops.files import apply_changes, check_ours, is_ours
 from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned, plan_paths
+from unitgen.ops.systemd.gateways import (
+    affected,
+    config_path,
+    remove_gateway_files,
+    rerender,
+    validate,
+)
 from unitgen.ops.systemd.journal import last_lines
 from unitgen.ops.systemd.manager import Manager, connect
 from unitgen.ops.systemd.swap import dropin_changes, installed_groups, write_dropins
@@ -27,6 +34,7 @@ from unitgen.plan.swap import after_change, mates_of
 from unitgen.result import Result
 from unitgen.spec.model import InstanceSpec
 from unitgen.targets.base import RenderedFile
+from unitgen.targets.systemd.gateway import config_root
 from unitgen.targets.systemd.installed import Installed, scan, secrets_dir, unit_dir
 from unitgen.targets.systemd.render import RenderContext, SystemdTarget
 
@@ -38,8 +46,10 @@ T = TypeVar("T")
 JOB_MARGIN = 120.0
 
 
-def _dir(f: RenderedFile, scope: str) -> Path:
-    return secrets_dir(scope) if f.secret else unit_dir(scope)
+def _path(f: RenderedFile, scope: str) -> Path:
+    if f.config:
+        return config_path(scope, f)
+    return (secrets_dir(scope) if f.secret else unit_dir(scope)) / f.name
 
 
 def _entry(inst_spec: InstanceSpec) -> str:
@@ -79,6 +89,10 @@ class SystemdDeploy:
         self._installed: dict[str, Installed] = {}
         self._swap: list[tuple[Path, str | None]] = []
         self._jobs: dict[str, tuple[str, float]] = {}  # name -> (job path, started)
+        self._gateways: list[str] = []
+        self._gateway_files: list[tuple[Path, str]] = []
+        self._reload: list[str] = []
+        self._notices: list[str] = []
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._runner.run(coro)
@@ -117,6 +131,17 @@ class SystemdDeploy:
         alloc = HostAllocator(self.scope, installed, listeners(), opts.port_range, mates=mates)
         planned = plan_paths(paths, SystemdTarget(self.ctx), alloc, unplaceable=alloc.unplaceable)
         self._swap = dropin_changes(self.scope, installed, [p.instance.spec for p in planned])
+        # gateways routing to the run's instances: their HAProxy files follow
+        self._gateways = sorted(affected(installed, planned))
+        self._gateway_files = [(config_path(self.scope, f), f.text) for g in self._gateways
+                               for f in rerender(self.scope, g, installed, planned)]
+        for p in planned:
+            if p.instance.gateway is not None:
+                validate(str(p.path), p.instance.gateway)
+            elif p.instance.spec.gateway and not (p.instance.spec.gateway in installed or any(
+                    q.instance.name == p.instance.spec.gateway for q in planned)):
+                self._notices.append(f"{p.instance.name}: gateway {p.instance.spec.gateway!r} "
+                                     "is not deployed here yet: its routes come with it")
         return planned
 
     def change(self, planned: Planned) -> Change:
@@ -127,8 +152,8 @@ class SystemdDeploy:
         paths: dict[str, Path] = {}
         old: dict[str, str | None] = {}
         for f in planned.files:
-            path = paths[f.name] = _dir(f, self.scope) / f.name
-            if not f.secret:
+            path = paths[f.name] = _path(f, self.scope)
+            if not f.secret and not f.config:
                 check_ours(path, spec.name, f"{spec.source}: ")
                 info = loaded[f.name]
                 if info.load_state != "not-found" and info.fragment_path not in ("", str(path)):
@@ -155,7 +180,14 @@ class SystemdDeploy:
         missing = [found for c in changes if (found := missing_program(c.inst, path))]
         if missing:
             raise SpecError(problems=missing)
-        return self._swap
+        for c in changes:
+            c.notices += [n for n in self._notices if n.startswith(f"{c.name}: ")]
+        changed = [(p, t) for p, t in self._gateway_files
+                   if not p.exists() or p.read_text(encoding="utf-8") != t]
+        self._reload = [g for g in self._gateways
+                        if any(str(p).startswith(f"{config_root(self.scope)}/unitgen/gateways/{g}/")
+                               for p, _ in changed)]
+        return self._swap + changed
 
     def reload(self, written: list[Change]) -> None:
         """daemon-reload, enable what starts at boot (the socket; an eager service)."""
@@ -182,6 +214,13 @@ class SystemdDeploy:
         """Stop a changed instance (keeping its socket unless that changed), queue the start."""
         entry = _entry(change.inst.spec)
         started = time.time()
+        if change.inst.gateway is not None and change.was_installed and change.changed and all(
+                f.config for f in change.changed_files) and not change.stale:
+            # only its routes changed: new workers on the same socket, the old ones
+            # finish what they serve
+            verb = "ReloadUnit" if self._active(entry) else "StartUnit"
+            self._jobs[change.name] = (self._run(self.m.queue(verb, entry)), started)
+            return
         if change.changed and change.was_installed:
             socket_changed = any(f.name == f"{change.name}.socket" for f in change.changed_files)
             self._run(stop_instance(self.m, change.name, change.units,
@@ -189,6 +228,17 @@ class SystemdDeploy:
         if opts.wait:
             opts.say(f"{change.name}: starting {entry} (public {change.inst.public.listen()})")
         self._jobs[change.name] = (self._run(self.m.queue("StartUnit", entry)), started)
+
+    def _active(self, unit: str) -> bool:
+        return self._run(self.m.info([unit]))[unit].active_state == "active"
+
+    def after(self, opts: DeployOptions) -> None:
+        """Reload the gateways whose routes changed (their members are up now)."""
+        for g in self._reload:
+            unit = f"{g}.service"
+            if self._active(unit):
+                done = self._run(self.m.job("ReloadUnit", unit, timeout=60))
+                opts.say(f"{g}: gateway reloaded ({done.result}): its routes follow")
 
     def wait(self, change: Change, opts: DeployOptions) -> Ready:
         """Until the start job ends (the units' probes decide), with a live line."""
@@ -275,6 +325,14 @@ async def _remove(names: list[str], scope: str) -> Result:
             # swap groups: the remaining members stop naming the removed ones
             write_dropins(dropin_changes(scope, installed,
                                          removed=[n for n in names if n in installed]))
+            # gateways stop routing to the removed ones before they stop
+            for g in sorted(affected(installed, [], removed=names) - set(names)):
+                apply_changes([(config_path(scope, f), f.text)
+                               for f in rerender(scope, g, installed, [], removed=names)])
+                if (await m.info([f"{g}.service"]))[f"{g}.service"].active_state == "active":
+                    await m.job("ReloadUnit", f"{g}.service", timeout=60)
+                    lines.append(f"{g}: gateway reloaded: no route to "
+                                 f"{', '.join(n for n in names if n in installed)} any more")
             for name in names:
                 inst = installed.get(name)
                 if inst is None:
@@ -295,6 +353,8 @@ async def _remove(names: list[str], scope: str) -> Result:
                 if secret.exists():
                     secret.unlink()
                     files.append(secret)
+                if inst.is_gateway:
+                    files += remove_gateway_files(scope, name)
                 removed.append({"name": name, "files": [str(p) for p in files]})
                 lines.append(f"{name}: removed ({', '.join(p.name for p in files)}) "
                              f"in {time.monotonic() - t0:.1f} s")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from unitgen.plan.instance import RUNTIME_DIR
+from unitgen.plan.instance import CONFIG_DIR, RUNTIME_DIR
 
 __all__ = [
     "directive_name",
@@ -53,14 +53,18 @@ def _c_escape(text: str, *, dollar: bool) -> str:
 def exec_word(word: str) -> str:
     """One argv element for ``ExecStart=``: reaches the program exactly as given.
 
-    The :data:`RUNTIME_DIR` token becomes ``%t`` (the manager's runtime directory).
+    The :data:`RUNTIME_DIR` token becomes ``%t`` (the manager's runtime directory),
+    :data:`CONFIG_DIR` ``%E`` (its configuration directory).
     """
-    if "\x00" in word.replace(RUNTIME_DIR, ""):
+    if "\x00" in word.replace(RUNTIME_DIR, "").replace(CONFIG_DIR, ""):
         raise ValueError("a command-line word cannot contain a NUL character")
-    if RUNTIME_DIR not in word and _SAFE_WORD.fullmatch(word):
+    if RUNTIME_DIR not in word and CONFIG_DIR not in word and _SAFE_WORD.fullmatch(word):
         return word
-    pieces = word.split(RUNTIME_DIR)
-    return '"' + "%t".join(_c_escape(p, dollar=True) for p in pieces) + '"'
+    out = []
+    for i, piece in enumerate(word.split(CONFIG_DIR)):
+        out.append(("%E" if i else "") + "%t".join(_c_escape(p, dollar=True)
+                                                   for p in piece.split(RUNTIME_DIR)))
+    return '"' + "".join(out) + '"'
 
 
 def exec_line(argv: tuple[str, ...] | list[str]) -> str:

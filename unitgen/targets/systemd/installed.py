@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unitgen.errors import NoSuchInstanceError
+from unitgen.plan.gateway import Member
 from unitgen.targets.systemd.render import MARKER
 
-__all__ = ["Installed", "gpu_claims", "own_unit_names", "require", "scan", "secrets_dir", "unit_dir"]
+__all__ = ["Installed", "gpu_claims", "own_unit_names", "parse_member", "require", "scan",
+           "secrets_dir", "unit_dir"]
 
 
 def _config_dir(scope: str) -> Path:
@@ -48,6 +50,8 @@ class Installed:
     eager: bool = False
     gpus: tuple[str, ...] = ()
     gpu_share: bool = False
+    member: Member | None = None  # the gateway member it is (unitgen-member: header)
+    is_gateway: bool = False
 
     @property
     def server_unit(self) -> str:
@@ -90,6 +94,10 @@ def scan(directory: Path) -> dict[str, Installed]:
         inst = found.setdefault(name, Installed(name=name))
         inst.files[path.name] = path
         inst.backend = _field(text, "# unitgen-backend: ") or inst.backend
+        inst.is_gateway = inst.is_gateway or _field(text, "# unitgen-kind: ") == "gateway"
+        member = _field(text, "# unitgen-member: ")
+        if member and inst.member is None:
+            inst.member = parse_member(name, member)
         gpus = _field(text, "# unitgen-gpus: ")
         if gpus:
             uuids, _, mode = gpus.partition(" ")
@@ -140,3 +148,17 @@ def _field(text: str, prefix: str) -> str | None:
         if line.startswith(prefix):
             return line[len(prefix):].strip()
     return None
+
+
+def parse_member(name: str, text: str) -> Member | None:
+    """A gateway member from its header line (``gw=G names=a,b address=H:P max=N
+    wait=S queue=S on-demand=yes``); None when it cannot be read."""
+    fields = dict(word.partition("=")[::2] for word in text.split())
+    try:
+        return Member(instance=name, address=fields["address"],
+                      names=tuple(fields["names"].split(",")),
+                      max_concurrent=int(fields["max"]) or None, wait=float(fields["wait"]),
+                      queue_timeout=float(fields["queue"]),
+                      on_demand=fields.get("on-demand") == "yes", gateway=fields["gw"])
+    except (KeyError, ValueError):
+        return None

@@ -15,6 +15,7 @@ from pathlib import Path
 import jinja2
 
 from unitgen.errors import Problem, SpecError
+from unitgen.plan.gateway import member_of
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
 from unitgen.spec.model import InstanceSpec
 from unitgen.targets.base import (
@@ -35,6 +36,7 @@ from unitgen.targets.systemd.contexts import (
     swap_context,
     watch_cmd,
 )
+from unitgen.targets.systemd.gateway import render_gateway_files
 from unitgen.timespan import format_seconds
 
 __all__ = [
@@ -210,6 +212,31 @@ def _common(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         **hardening,
         **gpu_context(inst, ctx),
         "swap_group": spec.swap_group or "",
+        **_gateway_context(inst, ctx),
+    }
+
+
+def _gateway_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    """A gateway's socket and service; a member's header line."""
+    member = member_of(inst)
+    header = ""
+    if member is not None:
+        header = (f"gw={inst.spec.gateway} names={','.join(member.names)} "
+                  f"address={member.address} max={member.max_concurrent or 0} "
+                  f"wait={member.wait:g} queue={member.queue_timeout:g} "
+                  f"on-demand={'yes' if member.on_demand else 'no'}")
+    plan = inst.gateway
+    metrics = ""
+    if plan is not None and plan.metrics is not None:
+        host, port = plan.metrics
+        metrics = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return {
+        "member_header": header,
+        "is_gateway": plan is not None,
+        "metrics_listen": metrics,
+        "runtime_dir": f"unitgen-{inst.name}",
+        "keys_source": (plan.settings.api_keys_file or "") if plan is not None
+                       and ctx.scope == "system" else "",
     }
 
 
@@ -247,7 +274,11 @@ def _render_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
     name = inst.spec.name
     common = _common(inst, ctx)
     files = [RenderedFile(f"{name}.socket", env.get_template("socket.j2").render(common))]
-    if inst.private is None:
+    if inst.gateway is not None:
+        files.append(RenderedFile(f"{name}.service",
+                                  env.get_template("gateway.service.j2").render(common)))
+        files += render_gateway_files(inst, ctx)
+    elif inst.private is None:
         files.append(RenderedFile(f"{name}.service",
                                   env.get_template("direct.service.j2").render(common)))
     else:

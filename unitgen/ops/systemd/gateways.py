@@ -1,0 +1,132 @@
+"""Gateways and their members under the systemd target: when an instance that
+joins a gateway is deployed or removed, the gateway's HAProxy files are
+rendered again and HAProxy reloaded (its socket stays; no request is refused
+or cut); every configuration is checked by ``haproxy -c`` before it is
+written."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from unitgen.errors import Problem, SpecError
+from unitgen.ops.pipeline import Planned
+from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, member_of
+from unitgen.targets.base import RenderedFile
+from unitgen.targets.haproxy.render import CONFIG, FILES, GatewayPaths, render_gateway
+from unitgen.targets.systemd.gateway import SETTINGS, config_root, gateway_dir, gateway_files
+from unitgen.targets.systemd.installed import Installed
+
+__all__ = ["affected", "config_path", "remove_gateway_files", "rerender", "validate"]
+
+
+def config_path(scope: str, f: RenderedFile) -> Path:
+    """Where a gateway's config file is installed."""
+    return config_root(scope) / f.name
+
+
+def _settings(scope: str, name: str) -> tuple[GatewaySettings, tuple[str, int] | None] | None:
+    try:
+        data = json.loads((gateway_dir(scope, name) / SETTINGS).read_text(encoding="utf-8"))
+        metrics = data.get("metrics")
+        return GatewaySettings(**data["settings"]), (tuple(metrics) if metrics else None)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def affected(installed: dict[str, Installed], planned: Iterable[Planned],
+             removed: Iterable[str] = ()) -> set[str]:
+    """Installed gateways whose members change with this run (not in the run)."""
+    run = {p.instance.name: p for p in planned}
+    names: set[str] = set()
+    for p in run.values():
+        if p.instance.spec.gateway:
+            names.add(p.instance.spec.gateway)
+    for name in [*run, *removed]:
+        old = installed.get(name)
+        if old is not None and old.member is not None:
+            names.add(old.member.gateway)
+    return {g for g in names if g in installed and installed[g].is_gateway and g not in run}
+
+
+def rerender(scope: str, gateway: str, installed: dict[str, Installed],
+             planned: Iterable[Planned], removed: Iterable[str] = ()) -> list[RenderedFile]:
+    """An installed gateway's config files with its members as they will be."""
+    found = _settings(scope, gateway)
+    if found is None:
+        return []
+    settings, metrics = found
+    run = {p.instance.name: p for p in planned}
+    gone = set(removed) | set(run)
+    members: list[Member] = [i.member for n, i in installed.items()
+                             if i.member is not None and i.member.gateway == gateway
+                             and n not in gone]
+    members += [m for p in run.values() if (m := member_of(p.instance)) is not None
+                and m.gateway == gateway]
+    plan = GatewayPlan(settings, tuple(members), metrics)
+    return gateway_files(gateway, plan, scope)
+
+
+def validate(source: str, plan: GatewayPlan) -> None:
+    """``haproxy -c`` of the configuration as it would be, in a scratch directory
+    (a socket on fd 3, and fd 4 for the exporter: the config binds them).
+    SpecError naming the file with HAProxy's own words when it refuses."""
+    haproxy = shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/sbin/haproxy") if Path(p).exists()), None)
+    if haproxy is None:
+        raise SpecError(problems=[Problem(source, "kind", "a gateway runs HAProxy, which is "
+                                          "not installed here (Debian: apt-get install haproxy)")])
+    with tempfile.TemporaryDirectory(prefix="unitgen-gw-") as tmp:
+        paths = GatewayPaths(tmp, tmp, plan.settings.api_keys_file)
+        for f in render_gateway(plan.settings, plan.routes, paths):
+            (Path(tmp) / f.name).write_text(f.text, encoding="utf-8")
+        socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+        try:
+            done = subprocess.run(
+                [haproxy, "-c", "-q", "-f", str(Path(tmp) / CONFIG)], capture_output=True,
+                text=True, timeout=30, check=False,
+                pass_fds=tuple(s.fileno() for s in socks),
+                preexec_fn=lambda: _fds_3_4([s.fileno() for s in socks]))
+        finally:
+            for s in socks:
+                s.close()
+    if done.returncode != 0:
+        said = " ".join((done.stderr or done.stdout).split())[:600]
+        raise SpecError(problems=[Problem(source, "", f"HAProxy refuses the gateway's "
+                                          f"configuration: {said}")])
+
+
+def _fds_3_4(fds: list[int]) -> None:
+    import os  # noqa: PLC0415 - in the child, before exec
+
+    for target, fd in zip((3, 4), fds, strict=True):
+        if fd != target:
+            os.dup2(fd, target)
+
+
+def remove_gateway_files(scope: str, name: str) -> list[Path]:
+    """Delete the files unitgen wrote for gateway ``name`` (and its directory when
+    nothing else is left in it); the deleted paths."""
+    directory = gateway_dir(scope, name)
+    cfg = directory / CONFIG
+    try:
+        ours = f"# unitgen-gateway: {name}\n" in cfg.read_text(encoding="utf-8")[:300]
+    except OSError:
+        return []
+    if not ours:
+        return []
+    gone = []
+    for fname in (CONFIG, SETTINGS, *FILES.values()):
+        path = directory / fname
+        if path.exists():
+            path.unlink()
+            gone.append(path)
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+    return gone

@@ -1,0 +1,168 @@
+"""A gateway's routing plan: which instances join it, by which names, grouped
+into replica sets, and how long a request may wait. Pure data, for every target
+(the HAProxy configuration is rendered from it by :mod:`unitgen.targets.haproxy`).
+
+A route name is what clients put in the body's ``model``: an instance's
+``name`` and its ``aliases``. Instances that share a route name are replicas
+(balanced by fewest requests in flight). Names reached by exactly the same
+instances share one HAProxy backend, so an instance's concurrency bound
+(``max_concurrent``) holds across its names as long as they lead to the same
+replica set.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from unitgen.plan.instance import CONFIG_DIR, Instance
+from unitgen.spec.backends import BackendName
+from unitgen.spec.gateway import GatewaySpec
+from unitgen.spec.model import HealthSpec, InstanceSpec
+from unitgen.spec.ports import probe_host
+
+__all__ = ["GATEWAY_HEALTH", "ROUTE_NAME_RE", "GatewayPlan", "GatewaySettings", "Member", "Route",
+           "gateway_instance_spec", "member_of", "metrics_of", "routes", "settings_of"]
+
+# What a route name may be: what an OpenAI client sends as ``model`` (Hugging Face
+# ids included: "Qwen/Qwen2-7B-Instruct"); no blank or control character (a map
+# file key is one word), at most 200 characters.
+ROUTE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One instance behind a gateway."""
+
+    instance: str
+    address: str  # host:port the gateway connects to (the instance's public socket)
+    names: tuple[str, ...]  # its route names: its name, then its aliases
+    max_concurrent: int | None = None  # requests it takes at once; the rest queue
+    wait: float = 1800.0  # how long an answer may take to start (a load, a swap)
+    queue_timeout: float = 60.0  # how long a request may wait in the queue (then 429)
+    on_demand: bool = False
+    gateway: str = ""  # the gateway it joins
+
+
+@dataclass(frozen=True)
+class Route:
+    """A replica set and the names that lead to it."""
+
+    backend: str  # the HAProxy backend's name (r1, r2, ...)
+    names: tuple[str, ...]
+    members: tuple[Member, ...]
+
+    @property
+    def wait(self) -> float:
+        """The longest any of its members may take to start answering."""
+        return max(m.wait for m in self.members)
+
+    @property
+    def queue_timeout(self) -> float:
+        """How long a request may queue for a member with a bound."""
+        return max(m.queue_timeout for m in self.members)
+
+    @property
+    def bounded(self) -> bool:
+        """Some member takes a limited number of requests at once."""
+        return any(m.max_concurrent for m in self.members)
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """A gateway's own keys (its spec)."""
+
+    name: str
+    api_keys_file: str | None = None
+    metrics: str | None = None  # host:port of the Prometheus exporter
+    max_body: int = 1 << 20  # bytes a request body may have and still be routed
+    max_connections: int = 1024
+    client_timeout: float = 600.0  # a client that sends nothing this long is closed
+
+
+def routes(members: Iterable[Member]) -> list[Route]:
+    """Route names grouped by the instances they reach, in a stable order."""
+    by_name: dict[str, list[Member]] = {}
+    for m in sorted(members, key=lambda m: m.instance):
+        for name in m.names:
+            by_name.setdefault(name, []).append(m)
+    by_set: dict[tuple[str, ...], list[str]] = {}
+    for name, ms in sorted(by_name.items()):
+        by_set.setdefault(tuple(m.instance for m in ms), []).append(name)
+    out: list[Route] = []
+    for i, (instances, names) in enumerate(sorted(by_set.items(), key=lambda kv: kv[1]), 1):
+        found = tuple(next(m for m in by_name[names[0]] if m.instance == inst)
+                      for inst in instances)
+        out.append(Route(f"r{i}", tuple(names), found))
+    return out
+
+
+@dataclass(frozen=True)
+class GatewayPlan:
+    """What a gateway instance carries besides its socket and service: its own
+    settings and the instances it routes to."""
+
+    settings: GatewaySettings
+    members: tuple[Member, ...]
+    metrics: tuple[str, int] | None = None  # host, port of the exporter's socket
+
+    @property
+    def routes(self) -> list[Route]:
+        """Its routes (see :func:`routes`)."""
+        return routes(self.members)
+
+
+# How long a member may take to start answering: its start deadline, and for a
+# swap-group member the drains of the others before it (a few turns).
+SWAP_TURNS = 4
+
+
+def member_of(inst: Instance) -> Member | None:
+    """The gateway member an instance is (None: it joins no gateway)."""
+    spec = inst.spec
+    if spec.gateway is None:
+        return None
+    wait = inst.health_timeout + 30.0
+    if spec.swap_group:
+        wait = SWAP_TURNS * (inst.health_timeout + spec.swap_drain)
+    return Member(instance=spec.name,
+                  address=f"{_bracket(probe_host(inst.public.host))}:{inst.public.port}",
+                  names=(spec.name, *spec.aliases), max_concurrent=spec.max_concurrent,
+                  wait=wait, queue_timeout=spec.queue_timeout,
+                  on_demand=spec.activation == "on-demand", gateway=spec.gateway)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def gateway_instance_spec(g: GatewaySpec) -> InstanceSpec:
+    """The instance that runs a gateway: HAProxy, taking its socket from the
+    manager (fd 3), ready when its own health path answers on that port."""
+    return InstanceSpec(
+        source=g.source, name=g.name, backend=BackendName("custom"),
+        description=g.description or f"OpenAI gateway {g.name} (HAProxy)",
+        host=g.host, port=g.port,
+        command=("haproxy", "-Ws", "-f", f"{CONFIG_DIR}/unitgen/gateways/{g.name}/haproxy.cfg"),
+        socket_activation=True, max_connections=g.max_connections,
+        health=HealthSpec(path=GATEWAY_HEALTH, timeout=60.0, watchdog=30.0),
+    )
+
+
+GATEWAY_HEALTH = "/unitgen/health"
+
+
+def settings_of(g: GatewaySpec) -> GatewaySettings:
+    """A gateway spec's own keys, as the HAProxy renderer takes them."""
+    return GatewaySettings(name=g.name, api_keys_file=g.api_keys_file, metrics=g.metrics,
+                           max_body=g.max_body, max_connections=g.max_connections,
+                           client_timeout=g.client_timeout)
+
+
+def metrics_of(g: GatewaySpec) -> tuple[str, int] | None:
+    """The exporter's listen address, or None."""
+    if g.metrics is None:
+        return None
+    host, _, port = g.metrics.rpartition(":")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,100 @@
+"""Gateway specs: a file with ``kind = "gateway"``. Its keys are declared here,
+once, the way instance keys are in :mod:`unitgen.spec.keys`, and read with the
+same readers (every problem with file and key)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from unitgen.errors import SpecError
+from unitgen.spec.keys import Key, Kind
+from unitgen.spec.readers import READERS, Checker
+
+__all__ = ["GATEWAY_KEYS", "GatewaySpec", "is_gateway", "parse_gateway"]
+
+_NAME_RE = r"[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?"
+_DAY = 86400.0
+
+GATEWAY_KEYS: tuple[Key, ...] = (
+    Key("kind", Kind.TEXT, "`\"gateway\"`: this file is a gateway, not an instance",
+        required=True, pattern="gateway", pattern_doc="is \"gateway\" here"),
+    Key("name", Kind.TEXT, "gateway name; its units are `<name>.socket`, `<name>.service`",
+        required=True, pattern=_NAME_RE,
+        pattern_doc="must be 1-48 lowercase letters, digits or '-', not starting or ending "
+                    "with '-'"),
+    Key("description", Kind.TEXT, "free text shown in the units' `Description=`"),
+    Key("host", Kind.TEXT, "listen address, an IP literal", default="127.0.0.1"),
+    Key("port", Kind.INTEGER, "the one port clients use (owned by the socket)",
+        required=True, lo=1, hi=65535),
+    Key("api_keys_file", Kind.PATH, "a file of API keys, one a line (mode 0600): a request "
+        "without `Authorization: Bearer <one of them>` gets 401"),
+    Key("metrics", Kind.TEXT, "`HOST:PORT` of HAProxy's Prometheus exporter (`/metrics`)"),
+    Key("max_body", Kind.SIZE, "the largest request body routed by its `model` (HAProxy "
+        "reads all of it; each request in flight holds a buffer this big)",
+        default=1 << 20, lo=16 << 10, hi=64 << 20,
+        bounds_why="below 16 KiB a chat request hardly fits; above 64 MiB a buffer per "
+                   "request in flight costs more than it routes"),
+    Key("max_connections", Kind.INTEGER, "connections HAProxy holds at once (`maxconn`)",
+        default=1024, lo=1, hi=1_000_000),
+    Key("client_timeout", Kind.DURATION, "close a client that sends nothing for this long",
+        default=600.0, lo=1, hi=_DAY),
+)
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    """A validated gateway spec."""
+
+    source: str
+    name: str
+    port: int
+    host: str = "127.0.0.1"
+    description: str | None = None
+    api_keys_file: str | None = None
+    metrics: str | None = None
+    max_body: int = 1 << 20
+    max_connections: int = 1024
+    client_timeout: float = 600.0
+
+
+def is_gateway(data: dict[str, Any]) -> bool:
+    """A spec mapping that says it is a gateway."""
+    return data.get("kind") == "gateway"
+
+
+def _address(c: Checker, key: str, value: str | None) -> None:
+    if value is None:
+        return
+    host, sep, port = value.rpartition(":")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        ok = bool(sep) and port.isdigit() and 1 <= int(port) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        c.add(key, f"{value!r} is not HOST:PORT with an IP literal (e.g. \"127.0.0.1:9101\")")
+
+
+def parse_gateway(data: dict[str, Any], source: str) -> GatewaySpec:
+    """Validate a gateway spec given as a mapping; SpecError with every problem."""
+    c = Checker(source)
+    c.unknown_keys(data, tuple(k.name for k in GATEWAY_KEYS), "")
+    values: dict[str, Any] = {}
+    for key in GATEWAY_KEYS:
+        if key.name in data:
+            values[key.name] = READERS[key.kind](c, key, data[key.name])
+        elif key.required:
+            c.add(key.name, f"is required: {key.doc}")
+    if values.get("host") is not None:
+        try:
+            ipaddress.ip_address(values["host"])
+        except ValueError:
+            c.add("host", f"{values['host']!r} is not an IP literal")
+    _address(c, "metrics", values.get("metrics"))
+    if c.problems:
+        raise SpecError(problems=c.problems)
+    fields = {k.name: values[k.name] for k in GATEWAY_KEYS
+              if k.name != "kind" and values.get(k.name) is not None}
+    return GatewaySpec(source=source, **fields)

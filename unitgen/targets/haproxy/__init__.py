@@ -1,0 +1,1 @@
+"""HAProxy as the OpenAI gateway: its configuration, for every target."""

@@ -1,0 +1,160 @@
+"""A gateway's HAProxy configuration and the files it answers with, from its
+routing plan (:mod:`unitgen.plan.gateway`). Target-independent: the systemd and
+the supervisor targets install the same files and differ only in who holds the
+gateway's socket (passed to HAProxy as fd 3 either way).
+
+Every value reaches the configuration through a filter (``q``: a single-quoted
+word, ``num``, ``ident``, ``address``, ``comment``); the Jinja environment
+refuses a bare one, as the systemd renderer does."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jinja2
+
+from unitgen.plan.gateway import GatewaySettings, Route
+from unitgen.targets.base import RenderedFile, templates_dir
+
+__all__ = ["FILES", "GatewayPaths", "render_gateway"]
+
+# the files a gateway's configuration names, in its directory
+FILES = {
+    "routes": "routes.map", "models": "models.json", "e400": "400.json", "e401": "401.json",
+    "e404": "404.json", "e404path": "404-path.json", "e413": "413.json", "e429": "429.http",
+}
+CONFIG = "haproxy.cfg"
+
+
+@dataclass(frozen=True)
+class GatewayPaths:
+    """Where a gateway's files are on the host (absolute: HAProxy reads them)."""
+
+    directory: str  # its configuration directory
+    runtime: str  # its runtime directory (the admin socket)
+    keys_file: str | None = None  # the API keys as HAProxy may read them
+
+
+class _Value(str):
+    __slots__ = ()
+
+
+def _q(value: object) -> str:
+    text = str(value)
+    if "'" in text or any(ord(c) < 32 or ord(c) == 127 for c in text) or not text:
+        raise ValueError(f"{text!r} cannot be written in an HAProxy configuration")
+    return f"'{text}'"
+
+
+def _num(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{value!r} is not a number")
+    return str(round(value)) if isinstance(value, float) else str(value)
+
+
+def _ident(value: object) -> str:
+    text = str(value)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]*", text):
+        raise ValueError(f"{text!r} is not an HAProxy name")
+    return text
+
+
+def _address(value: object) -> str:
+    text = str(value)
+    if not re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[0-9.]+):[0-9]{1,5}", text):
+        raise ValueError(f"{text!r} is not host:port")
+    return text
+
+
+def _comment(value: object) -> str:
+    return "".join(c if c.isprintable() else "?" for c in str(value))
+
+
+_FILTERS: dict[str, Callable[[object], str]] = {
+    "q": _q, "num": _num, "ident": _ident, "address": _address, "comment": _comment,
+}
+
+
+def _marking(func: Callable[[object], str]) -> Callable[[object], _Value]:
+    def filtered(value: object) -> _Value:
+        return _Value(func(value))
+    return filtered
+
+
+def _finalize(value: object) -> object:
+    if isinstance(value, _Value):
+        return value
+    raise TypeError(f"template bug: {value!r} reached the configuration without a filter")
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir() / "haproxy")),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
+        lstrip_blocks=True, autoescape=False,  # noqa: S701 - not HTML; the filters escape
+    )
+    for name, func in _FILTERS.items():
+        env.filters[name] = _marking(func)
+    env.finalize = _finalize
+    return env
+
+
+def _error(status: int, kind: str, message: str) -> str:
+    """An OpenAI-style error body."""
+    return json.dumps({"error": {"message": message, "type": kind, "code": status,
+                                 "param": None}}) + "\n"
+
+
+def render_gateway(settings: GatewaySettings, routes: list[Route],
+                   paths: GatewayPaths) -> list[RenderedFile]:
+    """``haproxy.cfg`` and the files it names (all in the gateway's directory)."""
+    names = sorted(n for r in routes for n in r.names)
+    files = {k: f"{paths.directory}/{v}" for k, v in FILES.items()}
+    values = {
+        "name": settings.name, "maxconn": settings.max_connections,
+        # HAProxy keeps a part of each buffer for rewrites (tune.maxrewrite, 1024 by
+        # default above 2 KiB buffers): the body may fill the rest
+        "bufsize": settings.max_body + 1024 + 16384,
+        "admin_socket": f"{paths.runtime}/admin.sock",
+        "client_timeout": settings.client_timeout,
+        "default_wait": max([r.wait for r in routes] or [60.0]),
+        "keys_file": paths.keys_file or "", "metrics": bool(settings.metrics),
+        "files": files, "routes": routes,
+    }
+    cfg = _environment().get_template("gateway.cfg.j2").render(values)
+    listing = ", ".join(names) if names else "none yet"
+    models = {"object": "list", "data": [
+        {"id": n, "object": "model", "created": 0, "owned_by": "unitgen"} for n in names]}
+    bodies = {
+        "routes": "".join(f"{n} {r.backend}\n" for r in routes for n in r.names),
+        "models": json.dumps(models, indent=1) + "\n",
+        "e400": _error(400, "invalid_request_error", "the request has no \"model\": say which "
+                       f"model to use (here: {listing})"),
+        "e401": _error(401, "authentication_error", "no valid API key: send Authorization: "
+                       "Bearer <key>"),
+        "e404": _error(404, "not_found_error", f"no such model here; the models are: {listing}"),
+        "e404path": _error(404, "not_found_error", "not an endpoint of this gateway: POST "
+                           "OpenAI requests with a \"model\", or GET /v1/models"),
+        "e413": _error(413, "invalid_request_error", f"the request body is larger than "
+                       f"{settings.max_body} bytes, the most this gateway reads to find its "
+                       "\"model\"; raise max_body in the gateway's spec"),
+        "e429": _http(429, "Too Many Requests", _error(
+            429, "rate_limit_error", "the model's requests in flight are at its bound "
+            "(max_concurrent) and this one waited longer than its queue timeout")),
+    }
+    out = [RenderedFile(CONFIG, f"{cfg}")]
+    out += [RenderedFile(FILES[k], text) for k, text in bodies.items()]
+    return out
+
+
+def _http(status: int, reason: str, body: str) -> str:
+    """A whole HTTP response, as HAProxy's ``errorfile`` wants it."""
+    data = body.encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(data)}\r\ncache-control: no-cache\r\n"
+            f"connection: close\r\n\r\n{body}")

@@ -1,0 +1,62 @@
+"""A gateway's files for the systemd target: its socket (and the exporter's),
+its HAProxy service, and the HAProxy configuration with the files it answers
+with (rendered by :mod:`unitgen.targets.haproxy`, the same for every target)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from unitgen.plan.gateway import GatewayPlan
+from unitgen.plan.instance import Instance
+from unitgen.targets.base import RenderedFile
+from unitgen.targets.haproxy.render import GatewayPaths, render_gateway
+from unitgen.targets.systemd.contexts import RenderContext
+
+__all__ = ["SETTINGS", "config_root", "gateway_dir", "gateway_files", "render_gateway_files",
+           "runtime_root"]
+
+SETTINGS = "gateway.json"  # what re-renders the configuration when its members change
+
+
+def config_root(scope: str) -> Path:
+    """``%E``: /etc for the system manager, the user's configuration directory."""
+    if scope == "system":
+        return Path("/etc")
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+
+
+def runtime_root(scope: str) -> Path:
+    """``%t``: /run, or the user's runtime directory."""
+    return Path("/run") if scope == "system" else Path(os.environ.get("XDG_RUNTIME_DIR", "/run"))
+
+
+def gateway_dir(scope: str, name: str) -> Path:
+    """Where a gateway's HAProxy files are installed."""
+    return config_root(scope) / "unitgen" / "gateways" / name
+
+
+def render_gateway_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
+    """The HAProxy configuration of gateway ``inst`` and the files it names."""
+    return gateway_files(inst.name, inst.gateway, ctx.scope)
+
+
+def gateway_files(name: str, plan: GatewayPlan, scope: str) -> list[RenderedFile]:
+    """A gateway's HAProxy files (and the settings that render them again), as
+    config files below the manager's configuration directory."""
+    keys = plan.settings.api_keys_file
+    if keys and scope == "system":
+        # LoadCredential= gives the dynamic user a copy of the root-owned 0600 file
+        keys = f"/run/credentials/{name}.service/api-keys"
+    paths = GatewayPaths(str(gateway_dir(scope, name)),
+                         str(runtime_root(scope) / f"unitgen-{name}"), keys)
+    prefix = f"unitgen/gateways/{name}"
+    files = [RenderedFile(f"{prefix}/{f.name}", f.text, config=True)
+             for f in render_gateway(plan.settings, plan.routes, paths)]
+    settings = {"settings": asdict(plan.settings),
+                "metrics": list(plan.metrics) if plan.metrics else None}
+    files.append(RenderedFile(f"{prefix}/{SETTINGS}", json.dumps(settings, indent=1) + "\n",
+                              config=True))
+    return files
