@@ -47,9 +47,9 @@ def check_specs(paths: Sequence[Path], target: Target, alloc: CheckAllocator, *,
         inst = p.instance
         said.extend(f"{p.path}: {n}" for n in inst.notices)
         lines.append(f"ok: {p.path}: {inst.name} -> "
-                     f"{', '.join(f.name for f in p.files if not f.secret)} ({describe(p)})")
+                     f"{', '.join(f.name for f in p.files if not (f.secret or f.config))} ({describe(p)})")
         instances.append({"file": str(p.path), "name": inst.name,
-                          "units": [f.name for f in p.files if not f.secret],
+                          "units": [f.name for f in p.files if not (f.secret or f.config)],
                           "public": inst.public.listen(), "notices": list(inst.notices),
                           **(extra(p) if extra else {})})
     return Result(data={"ok": not problems, "target": target.name, "instances": instances},

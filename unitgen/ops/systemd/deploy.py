@@ -147,7 +147,7 @@ class SystemdDeploy:
     def change(self, planned: Planned) -> Change:
         """Refuse unit files or units unitgen does not own; read what is installed."""
         spec = planned.instance.spec
-        units = [f.name for f in planned.files if not f.secret]
+        units = [f.name for f in planned.files if not f.secret and not f.config]
         loaded = self._run(self.m.info(units))
         paths: dict[str, Path] = {}
         old: dict[str, str | None] = {}

@@ -89,15 +89,16 @@ def validate(source: str, plan: GatewayPlan) -> None:
         socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
         try:
             done = subprocess.run(
-                [haproxy, "-c", "-q", "-f", str(Path(tmp) / CONFIG)], capture_output=True,
+                [haproxy, "-c", "-f", str(Path(tmp) / CONFIG)], capture_output=True,
                 text=True, timeout=30, check=False,
-                pass_fds=tuple(s.fileno() for s in socks),
+                # fds not passed are closed after the dup2s of preexec_fn
+                pass_fds=tuple({3, 4, *(s.fileno() for s in socks)}),
                 preexec_fn=lambda: _fds_3_4([s.fileno() for s in socks]))
         finally:
             for s in socks:
                 s.close()
     if done.returncode != 0:
-        said = " ".join((done.stderr or done.stdout).split())[:600]
+        said = " ".join((done.stderr + done.stdout).split())[:600]
         raise SpecError(problems=[Problem(source, "", f"HAProxy refuses the gateway's "
                                           f"configuration: {said}")])
 

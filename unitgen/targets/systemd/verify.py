@@ -35,7 +35,7 @@ def verify_units(batch: list[tuple[str, tuple[RenderedFile, ...], dict[str, str]
     owner: dict[str, tuple[str, RenderedFile, dict[str, str]]] = {}
     for source, files, extras in batch:
         for f in files:
-            if not f.secret:
+            if not f.secret and not f.config:
                 owner[f.name] = (source, f, extras)
     if analyze is None or not owner:
         return [], []
