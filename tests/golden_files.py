@@ -85,7 +85,8 @@ def rendered_supervisor(spec: Path) -> dict[str, str]:
 def _write(out: Path, files: dict[str, str]) -> None:
     out.mkdir(parents=True)
     for name, text in files.items():
-        (out / name).write_text(text, encoding="utf-8")
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text, encoding="utf-8", newline="")
         print(f"wrote {out / name}")
 
 

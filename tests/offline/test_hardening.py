@@ -178,3 +178,17 @@ def test_every_proxy_unit_scores_at_most_the_bar(backend, swap, tmp_path):
     print(f"\n{backend} ({'swap' if swap else 'plain'}): {name} exposure {exposure}")
     assert exposure <= BAR, f"{backend}: {exposure} > {BAR}\n{unit}"
     assert directives(unit, "NoNewPrivileges") == ["yes"]
+
+
+@needs_analyze
+def test_the_gateway_unit_scores_at_most_the_bar(tmp_path):
+    # issue 19: HAProxy faces the network; sandboxed like the servers
+    spec = write_spec(tmp_path, "gw", 'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                                      'api_keys_file = "/etc/unitgen/gw.keys"\n')
+    done = render_spec(spec, GOLDEN_CTX)
+    unit = next(f.text for f in done.files if f.name == "gw.service")
+    exposure = score(tmp_path, "gw.service", unit)
+    print(f"\ngateway: gw.service exposure {exposure}")
+    assert exposure <= BAR, f"{exposure} > {BAR}\n{unit}"
+    assert directives(unit, "DynamicUser") == ["yes"]
+    assert directives(unit, "LoadCredential") == ["api-keys:/etc/unitgen/gw.keys"]

@@ -58,6 +58,8 @@ def test_schema_validates_every_example_and_rejects_mistakes():
     validator.check_schema(json_schema())
     for spec in sorted((ROOT / "examples").glob("*.toml")):
         data = tomllib.loads(spec.read_text(encoding="utf-8"))
+        if data.get("kind") == "gateway":
+            continue  # the schema describes instance specs (gateways: unitgen/spec/gateway.py)
         errors = list(validator.iter_errors(data))
         assert not errors, f"{spec.name}: {errors[0].message}"
     good = {"name": "a", "backend": "vllm", "model": "m"}

@@ -114,3 +114,28 @@ def test_hardened_swap_proxies_take_turns_at_system_scope(box):
     finally:
         for name in names:
             remove(box, name)
+
+
+def test_a_sandboxed_gateway_routes_at_system_scope(box):
+    # issue 19: the gateway unit runs hardened (a dynamic user, no capabilities,
+    # the API keys as a credential) and routes to a sandboxed member
+    keys = "/etc/unitgen/gw.keys"
+    box.put(keys, "sk-sys-gw\n", 0o600)
+    member = backend_spec("custom", "sys-gm").replace("[health]", 'gateway = "sys-gw"\n[health]')
+    gw = 'kind = "gateway"\nname = "sys-gw"\nport = 18990\n' f'api_keys_file = "{keys}"\n'
+    try:
+        rc, data = deploy(box, "sys-gm", member)
+        assert rc == 0, data
+        rc, data = deploy(box, "sys-gw", gw)
+        assert rc == 0, box.journal("sys-gw.service")[-3000:]
+        assert box.prop("sys-gw.service", "DynamicUser") == "yes"
+        done = box.run(["curl", "-s", "-H", "Authorization: Bearer sk-sys-gw", "-d",
+                        '{"model": "sys-gm", "messages": []}', "http://127.0.0.1:18990/v1/x"])
+        assert '"server": "standin"' in done.stdout or '"model": "sys-gm"' in done.stdout, (
+            done.stdout, box.journal("sys-gw.service"))
+        done = box.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                        "http://127.0.0.1:18990/v1/models"])
+        assert done.stdout == "401"
+    finally:
+        remove(box, "sys-gw")
+        remove(box, "sys-gm")

@@ -128,7 +128,8 @@ def describe(inst: Installed, infos: dict[str, UnitInfo],
     uptime = None
     if pid and server.active_enter_usec:
         uptime = max(0.0, time.time() - server.active_enter_usec / 1e6)
-    return InstanceStatus(name, state, address, inst.backend, pid, uptime,
+    return InstanceStatus(name, state, address, "gateway" if inst.is_gateway else inst.backend,
+                          pid, uptime,
                           (table or ProcessTable()).tree_memory(pid) if pid else None, detail,
                           restarts=server.n_restarts)
 
@@ -259,9 +260,36 @@ def status(names: list[str], scope: str) -> Result:
         for row in table
     )
     swap_data, swap_lines = status_section(scope)
-    return Result(data={"instances": [asdict(r) for r in rows], **swap_data},
+    gw_data, gw_lines = gateway_section(scan(unit_dir(scope)), {r.name: r.state for r in rows})
+    return Result(data={"instances": [asdict(r) for r in rows], **swap_data, **gw_data},
                   lines=(tuple(ln.rstrip() for ln in lines) if rows else ("no instances",))
-                  + swap_lines)
+                  + swap_lines + gw_lines)
+
+
+def gateway_section(installed: dict[str, Installed],
+                    states: dict[str, str]) -> tuple[dict[str, object], tuple[str, ...]]:
+    """Each gateway and its routes: route -> instances -> their state."""
+    gateways = sorted(n for n, i in installed.items() if i.is_gateway)
+    if not gateways:
+        return {}, ()
+    data: list[dict[str, object]] = []
+    lines = [""]
+    for g in gateways:
+        members = [i.member for i in installed.values() if i.member and i.member.gateway == g]
+        routes = {r: [(m.instance, states.get(m.instance, "not shown"))
+                      for m in members if r in m.names]
+                  for r in sorted({n for m in members for n in m.names})}
+        gw = installed[g]
+        data.append({"name": g, "address": f"{gw.public_host}:{gw.public_port}",
+                     "state": states.get(g, "not shown"),
+                     "routes": [{"route": r, "instances": [{"name": n, "state": st}
+                                                           for n, st in ms]}
+                                for r, ms in routes.items()]})
+        lines.append(f"gateway {g} ({gw.public_host}:{gw.public_port}, "
+                     f"{states.get(g, 'not shown')}): {len(routes)} route(s)")
+        lines += [f"  {r} -> " + ", ".join(f"{n} ({st})" for n, st in ms)
+                  for r, ms in routes.items()]
+    return {"gateways": data}, tuple(lines)
 
 
 def list_instances(scope: str) -> Result:

@@ -109,6 +109,9 @@ def spec_refusals(spec: InstanceSpec) -> list[Problem]:
         no("activation", "\"on-demand\" is not available with the supervisor target: "
                          "supervisord cannot start a program on the first connection; use "
                          "activation = \"eager\" (the default) or the systemd target")
+    if spec.gateway is not None:
+        no("gateway", "gateways run with the systemd target only (for now): under supervisord "
+                      "the instance has its own port; drop gateway or deploy with systemd")
     if spec.idle_stop is not None:
         no("idle_stop", "is not available with the supervisor target: supervisord cannot "
                         "stop a program when idle and start it again on a connection")
@@ -143,7 +146,13 @@ class SupervisorTarget:
         return spec_refusals(spec)
 
     def render(self, inst: Instance) -> list[RenderedFile]:
-        """See :func:`render_instance`."""
+        """See :func:`render_instance`; a gateway is refused, saying why."""
+        if inst.gateway is not None:
+            raise SpecError(problems=[Problem(inst.spec.source, "kind", (
+                "a gateway is not available with the supervisor target yet: its hitless "
+                "reload (HAProxy's master keeping the socket while new workers take over) is "
+                "built and tested for the systemd target only; deploy gateways with the systemd "
+                "target"))])
         return render_instance(inst, self.ctx)
 
 
