@@ -108,3 +108,34 @@ def _dirs_for(root: Path) -> dict[str, str]:
     return {"UNITGEN_SUPERVISOR_RUN_DIR": str(root / "run"),
             "UNITGEN_SUPERVISOR_LOG_DIR": str(root / "log"),
             "UNITGEN_SUPERVISOR_SECRETS_DIR": str(root / "secrets")}
+
+
+def test_remove_and_status_exit_as_the_readme_says_on_both_targets(sd):
+    # issue 18: these had drifted under --target supervisor (both exited 1)
+    where = ["--target", "supervisor", "--supervisor-url", sd.url, "--conf-dir", str(sd.conf_dir)]
+    done = unitgen("remove", "never-was", *where, "--json", env=_dirs(sd))
+    assert done.returncode == 0, done.stderr  # nothing to do
+    data = json.loads(done.stdout)
+    assert data["changed"] is False and data["absent"] == ["never-was"]
+    done = unitgen("status", "never-was", *where, env=_dirs(sd))
+    assert done.returncode == 2, done.stderr  # bad input: an unknown name
+    assert "no unitgen instance never-was" in done.stderr
+    done = unitgen("ls", *where, "--json", env=_dirs(sd))
+    assert done.returncode == 0 and json.loads(done.stdout)["target"] == "supervisor"
+    # and the systemd target's --user is refused here, with the reason
+    done = unitgen("status", "--user", *where, env=_dirs(sd))
+    assert done.returncode != 0 and "--user is for the systemd target" in done.stderr
+
+
+def test_env_values_with_hash_and_semicolons_deploy(sd, tmp_path):
+    # issue 18: env = { A = "#hash" } was refused by the supervisor target
+    port = free_port()
+    spec = write_spec(tmp_path, "hashy", custom_spec(
+        "hashy", port=port, env={"A": "#hash", "B": "a ;b", "C": "%(here)s"}))
+    where = ["--target", "supervisor", "--supervisor-url", sd.url, "--conf-dir", str(sd.conf_dir)]
+    done = unitgen("deploy", str(spec), *where, env=_dirs(sd))
+    try:
+        assert done.returncode == 0, done.stderr
+        assert get(port)[0] == 200
+    finally:
+        unitgen("remove", "hashy", *where, env=_dirs(sd))
