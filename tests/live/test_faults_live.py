@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,17 +32,6 @@ from unitgen.ops.systemd.sandbox import Sandbox
 
 pytestmark = pytest.mark.systemd
 
-
-@pytest.fixture
-def box(sandbox: Sandbox) -> Iterator[Sandbox]:
-    """The shared sandbox; instances this test deployed are removed afterwards."""
-    before = {p.name for p in sandbox.unit_dir.glob("*")}
-    yield sandbox
-    names = sorted({p.stem for p in sandbox.unit_dir.glob("*.socket")
-                    if p.name not in before and "unitgen-instance" in p.read_text()})
-    if names:
-        cli(sandbox, "remove", "--user", *names)
-    sandbox.systemctl("reset-failed")
 
 
 def spec(directory: Path, name: str, *, health: str = 'timeout = "30s"\n', extra: str = "",

@@ -11,17 +11,13 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
+import openai
 import pytest
 
 from tests.helpers import STANDIN, free_port, prop, write_spec
 from tests.live.test_operate_live import cli, cli_json
-from unitgen.ops.systemd.sandbox import Sandbox
-
-openai = pytest.importorskip("openai")
 
 pytestmark = [pytest.mark.systemd,
               pytest.mark.skipif(shutil.which("haproxy") is None and not
@@ -30,15 +26,6 @@ pytestmark = [pytest.mark.systemd,
 
 KEY = "sk-gateway-test-4d1e"
 
-
-@pytest.fixture
-def box(sandbox: Sandbox) -> Iterator[Sandbox]:
-    before = {p.name for p in sandbox.unit_dir.glob("*")}
-    yield sandbox
-    names = sorted({p.stem for p in sandbox.unit_dir.glob("*.socket")
-                    if p.name not in before and "unitgen-instance" in p.read_text()})
-    if names:
-        cli(sandbox, "remove", "--user", *names)
 
 
 def member(directory: Path, name: str, gateway: str, *, aliases: tuple[str, ...] = (),
@@ -56,7 +43,7 @@ def gateway(directory: Path, name: str, port: int, extra: str = "") -> Path:
                                         + extra))
 
 
-def client(port: int, key: str = KEY) -> Any:
+def client(port: int, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0,
                          timeout=60)
 

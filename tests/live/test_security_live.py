@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,16 +23,6 @@ pytestmark = pytest.mark.systemd
 
 NOBODY = 65534
 
-
-@pytest.fixture
-def box(sandbox: Sandbox) -> Iterator[Sandbox]:
-    """The shared sandbox; instances this test deployed are removed afterwards."""
-    before = {p.name for p in sandbox.unit_dir.glob("*")}
-    yield sandbox
-    names = sorted({p.stem for p in sandbox.unit_dir.glob("*.socket")
-                    if p.name not in before and "unitgen-instance" in p.read_text()})
-    if names:
-        cli(sandbox, "remove", "--user", *names)
 
 
 def keyed_tcp_spec(directory: Path, name: str, *, private_port: int | None = None,
