@@ -83,7 +83,7 @@ def test_one_endpoint_for_every_model_with_the_openai_sdk(box, tmp_path):
     servers = set()
     for _ in range(8):
         r = sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "x"}])
-        servers.add(r.choices[0].message.content.split()[0])
+        servers.add((r.choices[0].message.content or "").split()[0])
     assert servers == {"ga", "gb"}  # replicas, balanced
     # an on-demand model by its alias, streamed: it waits while the model loads
     t0 = time.monotonic()
