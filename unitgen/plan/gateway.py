@@ -76,9 +76,10 @@ class GatewaySettings:
     name: str
     api_keys_file: str | None = None
     metrics: str | None = None  # host:port of the Prometheus exporter
-    max_body: int = 1 << 20  # bytes a request body may have and still be routed
-    max_connections: int = 1024
-    client_timeout: float = 600.0  # a client that sends nothing this long is closed
+    # the spec's defaults (declared once, in unitgen.spec.gateway)
+    max_body: int = GatewaySpec.max_body  # bytes a body may have and still be routed
+    max_connections: int = GatewaySpec.max_connections
+    client_timeout: float = GatewaySpec.client_timeout  # a silent client is closed after
 
 
 def routes(members: Iterable[Member]) -> list[Route]:

@@ -43,6 +43,11 @@ GATEWAY_KEYS: tuple[Key, ...] = (
 )
 
 
+def _default(name: str) -> Any:  # noqa: ANN401 - typed by each field
+    """A gateway key's declared default: the one place it is written."""
+    return next(k.default for k in GATEWAY_KEYS if k.name == name)
+
+
 @dataclass(frozen=True)
 class GatewaySpec:
     """A validated gateway spec."""
@@ -50,13 +55,13 @@ class GatewaySpec:
     source: str
     name: str
     port: int
-    host: str = "127.0.0.1"
+    host: str = _default("host")
     description: str | None = None
     api_keys_file: str | None = None
     metrics: str | None = None
-    max_body: int = 1 << 20
-    max_connections: int = 1024
-    client_timeout: float = 600.0
+    max_body: int = _default("max_body")
+    max_connections: int = _default("max_connections")
+    client_timeout: float = _default("client_timeout")
 
 
 def is_gateway(data: dict[str, Any]) -> bool:

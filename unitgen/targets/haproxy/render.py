@@ -5,7 +5,8 @@ gateway's socket (passed to HAProxy as fd 3 either way).
 
 Every value reaches the configuration through a filter (``q``: a single-quoted
 word, ``num``, ``ident``, ``address``, ``comment``); the Jinja environment
-refuses a bare one, as the systemd renderer does."""
+refuses a bare one (:func:`unitgen.targets.base.strict_environment`, as for
+the other targets)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import jinja2
+from typing import TYPE_CHECKING
 
 from unitgen.plan.gateway import GatewaySettings, Route
-from unitgen.targets.base import RenderedFile, templates_dir
+from unitgen.targets.base import RenderedFile, strict_environment
+
+if TYPE_CHECKING:
+    import jinja2
 
 __all__ = ["FILES", "GatewayPaths", "render_gateway"]
 
@@ -37,10 +40,6 @@ class GatewayPaths:
     directory: str  # its configuration directory
     runtime: str  # its runtime directory (the admin socket)
     keys_file: str | None = None  # the API keys as HAProxy may read them
-
-
-class _Value(str):
-    __slots__ = ()
 
 
 def _q(value: object) -> str:
@@ -79,29 +78,9 @@ _FILTERS: dict[str, Callable[[object], str]] = {
 }
 
 
-def _marking(func: Callable[[object], str]) -> Callable[[object], _Value]:
-    def filtered(value: object) -> _Value:
-        return _Value(func(value))
-    return filtered
-
-
-def _finalize(value: object) -> object:
-    if isinstance(value, _Value):
-        return value
-    raise TypeError(f"template bug: {value!r} reached the configuration without a filter")
-
-
 @functools.cache
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir() / "haproxy")),
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True,
-        lstrip_blocks=True, autoescape=False,  # noqa: S701 - not HTML; the filters escape
-    )
-    for name, func in _FILTERS.items():
-        env.filters[name] = _marking(func)
-    env.finalize = _finalize
-    return env
+    return strict_environment("haproxy", _FILTERS)
 
 
 def _error(status: int, kind: str, message: str) -> str:
