@@ -65,19 +65,20 @@ def deployed(box: Sandbox, name: str, script: str, env: dict[str, str] | None = 
 
 
 def paired(dep: Deployed, *, connections: int, seconds: float, rounds: int,
-           path: str = "/") -> tuple[WrkResult, WrkResult]:
+           path: str = "/", script: Path | None = None) -> tuple[WrkResult, WrkResult]:
     """wrk direct and through the proxy, alternately (d p p d ...), so drifting
-    machine load hits both alike; the median run of each (by requests/s)."""
+    machine load hits both alike; the median run of each (by requests/s).
+    ``script``: a wrk Lua script (a POST body, say) used on both paths."""
     direct: list[WrkResult] = []
     proxied: list[WrkResult] = []
     # a short warm-up: the proxy's first connection starts nothing new, but
     # caches and the server's accept queue settle
-    wrk(dep.url(via_proxy=True, path=path), connections=connections, seconds=1)
+    wrk(dep.url(via_proxy=True, path=path), connections=connections, seconds=1, script=script)
     for i in range(rounds):
         order = (False, True) if i % 2 == 0 else (True, False)
         for via in order:
             res = wrk(dep.url(via_proxy=via, path=path), connections=connections,
-                      seconds=seconds)
+                      seconds=seconds, script=script)
             (proxied if via else direct).append(res)
     return _mid(direct), _mid(proxied)
 

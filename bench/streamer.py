@@ -106,7 +106,10 @@ class Conn(asyncio.Protocol):
         end = self.buf.find(b"\r\n\r\n")
         if end < 0:
             return
-        head, self.buf = self.buf[:end], self.buf[end + 4:]
+        length = content_length(self.buf[:end])
+        if len(self.buf) < end + 4 + length:
+            return  # the body is still arriving (a POST through the gateway)
+        head, self.buf = self.buf[:end], self.buf[end + 4 + length:]
         path = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"/"
         if path == b"/health":
             self.transport.write(HEALTH)
@@ -118,6 +121,15 @@ class Conn(asyncio.Protocol):
     def finished(self) -> None:
         self.busy = False
         self.next_request()
+
+
+def content_length(head: bytes) -> int:
+    """The request's Content-Length (0 without one): its body is read and ignored."""
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length":
+            return int(value.strip() or b"0")
+    return 0
 
 
 def host_arg(argv: list[str]) -> str | None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import cli, llama, memory, proxy, ready, status
+from bench import cli, gateway, llama, memory, proxy, ready, status
 from bench.rows import FULL, QUICK, Profile, Row, report, table, write_report
 from bench.tools import loadavg, machine
 from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
@@ -36,6 +36,7 @@ GROUPS: dict[str, Group] = {
     "swap": _swap,
     "cli": lambda _box, profile: cli.cli_rows(profile),
     "status": status.status_rows,
+    "gateway": gateway.gateway_rows,
     "memory": lambda _box, profile: memory.memory_rows(profile),
 }
 

@@ -88,6 +88,8 @@ def _check_rows(rows: list[Row]) -> None:
 def test_every_row_produces_figures(sandbox, group):
     if group in ("stream", "tiny"):
         _needs("wrk", "nginx")
+    if group == "gateway":
+        _needs("wrk", "nginx", "haproxy")
     if group == "llama" and not llama.ENABLED:
         pytest.skip(llama.WHY_OFF)
     rows = suite.GROUPS[group](sandbox, QUICK)
@@ -98,11 +100,17 @@ def test_every_row_produces_figures(sandbox, group):
             assert r.figures["baseline"] > 0
     if group == "tiny":
         assert len(rows) == 4  # c=16, c=64, p50, p99
+    if group == "gateway":
+        assert [r.row.split(": ")[1].split(",")[0] for r in rows] == [
+            "LLM-shaped stream", "failed requests while it reloads under load (c=16 streams)",
+            "added latency per request"]
+        assert rows[1].figures["reloads"] >= 2  # the reloads did happen under the load
+        assert rows[0].figures["baseline"] > 0
     if group == "swap":
         assert rows[0].ours == "n/a (not built yet)"
     # the deployed instances are gone again
     leftovers = [p.name for p in sandbox.unit_dir.glob("b*") if p.name.startswith(
-        ("bstream", "bfast", "bready", "bcold"))]
+        ("bstream", "bfast", "bready", "bcold", "bgw"))]
     assert leftovers == []
 
 
