@@ -14,6 +14,8 @@ from unitgen.errors import SpecError
 from unitgen.ops.systemd.gateways import validate
 from unitgen.ops.systemd.specs import render_spec
 from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, routes
+from unitgen.plan.instance import resolve
+from unitgen.spec.model import load_spec
 from unitgen.targets.haproxy.render import FILES, GatewayPaths, render_gateway
 
 needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None and
@@ -75,3 +77,35 @@ def test_an_instance_alias_must_be_one_word(tmp_path):
     with pytest.raises(SpecError) as info:
         render_spec(spec, GOLDEN_CTX)
     assert any(p.key == "aliases[0]" for p in info.value.problems)
+
+
+def _argv(tmp_path, backend: str, extra: str) -> tuple[str, ...]:
+    path = write_spec(tmp_path, "q", f'name = "q"\nbackend = "{backend}"\n'
+                                     f'model = "Qwen/Qwen2-7B"\n{extra}')
+    return resolve(load_spec(path), port=8000, private_port=900).argv
+
+
+def test_vllm_is_told_every_name_the_gateway_reaches_it_by(tmp_path):
+    argv = _argv(tmp_path, "vllm", 'gateway = "gw"\naliases = ["qwen", "Qwen/Qwen2-7B"]\n')
+    at = argv.index("--served-model-name")
+    # its name first (what it reports), the aliases, its model's own name once
+    assert argv[at + 1:] == ("q", "qwen", "Qwen/Qwen2-7B")
+    argv = _argv(tmp_path, "vllm", 'gateway = "gw"\n')
+    assert argv[argv.index("--served-model-name") + 1:] == ("q", "Qwen/Qwen2-7B")
+
+
+@pytest.mark.parametrize("extra", [
+    'aliases = ["qwen"]\n',  # joins no gateway: vLLM's default name is kept
+    'gateway = "gw"\nargs = ["--served_model_name", "mine"]\n',  # vLLM reads _ as -
+    'gateway = "gw"\nargs = ["--served-model-name=mine"]\n',
+])
+def test_served_names_are_left_alone_without_a_gateway_or_when_args_say_them(tmp_path, extra):
+    argv = _argv(tmp_path, "vllm", extra)
+    assert argv.count("--served-model-name") + argv.count("--served_model_name") <= 1
+    assert "q" not in argv[argv.index("Qwen/Qwen2-7B") + 1:]
+
+
+@pytest.mark.parametrize("backend", ["llama-server", "llama-box", "sglang", "vox-box"])
+def test_servers_that_answer_any_name_get_none(tmp_path, backend):
+    argv = _argv(tmp_path, backend, 'gateway = "gw"\naliases = ["qwen"]\n')
+    assert not [w for w in argv if "served" in w], argv

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from unitgen.errors import Problem, SpecError
 from unitgen.plan.gpus import Placement
+from unitgen.plan.serverargs import gpu_defaults, served_names
 from unitgen.spec.argscan import find_options, remove_found
 from unitgen.spec.backends import Backend, get_backend
 from unitgen.spec.model import InstanceSpec
@@ -217,7 +218,8 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
             problem("env.CUDA_VISIBLE_DEVICES", "is set by unitgen from gpus; remove it")
         env = (*env, ("CUDA_VISIBLE_DEVICES", ",".join(gpus.uuids)),
                ("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
-        args = _gpu_defaults(backend, args, len(gpus.uuids))
+        args = gpu_defaults(backend, args, len(gpus.uuids))
+    args = served_names(spec, backend, args)
     argv = _argv(spec, backend, args, private, problem)
     if argv and (not argv[0] or argv[0][0] in "-@:+!" or ("/" in argv[0] and argv[0][0] != "/")):
         # Checked on the filled argv: a {model} in command[0] could otherwise smuggle
@@ -261,16 +263,6 @@ def _take_secret_env(
     taken = {k for k, _ in secrets}
     return (tuple((k, v) for k, v in env if k not in wanted),
             secrets + tuple((k, v) for k, v in moved if k not in taken))
-
-
-def _gpu_defaults(backend: Backend, args: tuple[str, ...], count: int) -> tuple[str, ...]:
-    """What users expect from the GPU count, as the backend table says it: tensor
-    parallel over all of them (vLLM, SGLang), every layer offloaded (llama-server,
-    llama-box). Nothing when ``args`` already say it, in any spelling the server reads."""
-    use = backend.gpu_use
-    if use is None or count < use.min_count or find_options(args, use.flags, backend.syntax):
-        return args
-    return (*args, *(w.replace("{count}", str(count)) for w in use.words))
 
 
 def _argv(

@@ -61,6 +61,9 @@ class Backend:
     syntax: OptionSyntax = EXACT  # how its parser reads option words: every scan uses it
     loading: str = ""  # how it behaves while loading, for messages and docs
     gpu_use: GpuUse | None = None  # None: told nothing about its GPUs
+    # the option that names the models it answers to (None: it answers to any name)
+    served_names_flag: str | None = None
+    served_names_many: bool = False  # it takes several names (vLLM: nargs="+")
 
 
 _TLS_WHY = (
@@ -95,6 +98,8 @@ BACKENDS: dict[str, Backend] = {
             refused_flags=(("--ssl-keyfile", _TLS_WHY), ("--ssl-certfile", _TLS_WHY)),
             syntax=VLLM_ARGS, loading="connection refused until loaded",
             gpu_use=_tensor_parallel("--tensor-parallel-size", "-tp"),
+            # vLLM answers 404 to a model that is none of these (its default: the model path)
+            served_names_flag="--served-model-name", served_names_many=True,
         ),
         Backend(
             name="sglang", program="python3", prefix=("-m", "sglang.launch_server"),
