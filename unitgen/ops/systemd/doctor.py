@@ -14,11 +14,12 @@ import psutil
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
 from unitgen.inunit.probe import attempt
 from unitgen.ops.findings import Finding, listening
+from unitgen.ops.systemd.gateway_doctor import gateway_findings, member_findings, units_to_ask
 from unitgen.ops.systemd.manager import UnitInfo, connect
 from unitgen.ops.systemd.status import restart_reason
 from unitgen.ops.systemd.swap import waiting_findings
 from unitgen.result import Result
-from unitgen.targets.systemd.installed import require
+from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir
 
 __all__ = ["doctor", "doctor_unit"]
 
@@ -141,7 +142,7 @@ def doctor(name: str, scope: str) -> Result:
                 findings.append(Finding(False, f"the server (pid {pid}) does not listen on "
                                                f"{installed.private_port}, where the proxy "
                                                "forwards"))
-        stray = sorted(ports - {installed.private_port, public})
+        stray = sorted(ports - {installed.private_port, public, *installed.socket_ports})
         if stray:
             findings.append(Finding(False, f"the server also listens on port(s) "
                                            f"{', '.join(map(str, stray))}, which nothing probes or "
@@ -149,7 +150,24 @@ def doctor(name: str, scope: str) -> Result:
                                            "Remove it; the public port is the socket's"))
     findings.extend(Finding(ok, text) for ok, text in waiting_findings(name, scope))
     _answer(findings, installed.probe_target, installed.probe_path)
+    findings += _gateway(installed, scope)
     return _render(name, findings, {"public_port": public, "probe_target": installed.probe_target})
+
+
+def _gateway(inst: Installed, scope: str) -> list[Finding]:
+    """A gateway's routes, or the gateway an instance joins (see gateway_doctor)."""
+    everything = scan(unit_dir(scope))
+    if not inst.is_gateway:
+        return member_findings(inst, everything)
+    asked = units_to_ask(everything, inst.name)
+    infos = asyncio.run(_infos(asked, scope)) if asked else {}
+    return gateway_findings(scope, inst.name, everything,
+                            {n: i.active_state for n, i in infos.items()})
+
+
+async def _infos(units: list[str], scope: str) -> dict[str, UnitInfo]:
+    async with connect(scope) as m:
+        return await m.info(units)
 
 
 def doctor_unit(unit: str, port: int, scope: str, *, host: str = "127.0.0.1",

@@ -52,6 +52,7 @@ class Installed:
     gpu_share: bool = False
     member: Member | None = None  # the gateway member it is (unitgen-member: header)
     is_gateway: bool = False
+    socket_ports: tuple[int, ...] = ()  # every port its socket unit holds (a gateway: + metrics)
 
     @property
     def server_unit(self) -> str:
@@ -106,6 +107,7 @@ def scan(directory: Path) -> dict[str, Installed]:
             m = _LISTEN.search(text)
             if m:
                 inst.public_host, inst.public_port = m.group(1), int(m.group(2))
+            inst.socket_ports = tuple(int(p) for _, p in _LISTEN.findall(text))
         elif path.name == f"{name}.service":
             inst.eager = "\n[Install]\n" in text
             m = _TARGET.search(text)
