@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from unitgen.spec.gateway import GATEWAY_KEYS
 from unitgen.spec.keys import (
     DIRECTIVE_RE,
     ENV_NAME_RE,
@@ -119,11 +120,24 @@ def _schema_of(key: Key) -> dict[str, Any]:
 
 def json_schema() -> dict[str, Any]:
     """A JSON Schema (draft 2020-12) for spec files, for editors that validate TOML
-    (Even Better TOML / taplo). unitgen's own checks stay the authority: they also
-    check what a schema cannot (port rules, GPUs, cross-key rules)."""
+    (Even Better TOML / taplo): an instance spec, or a gateway spec when ``kind =
+    "gateway"``. unitgen's own checks stay the authority: they also check what a
+    schema cannot (port rules, GPUs, cross-key rules)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://unitgen.invalid/spec.schema.json",
+        "title": "unitgen spec: an instance, or a gateway (kind = \"gateway\")",
+        "type": "object",
+        "if": {"properties": {"kind": {"const": "gateway"}}, "required": ["kind"]},
+        "then": _object(GATEWAY_KEYS, "unitgen gateway spec"),
+        "else": _object(KEYS, "unitgen instance spec"),
+    }
+
+
+def _object(keys: tuple[Key, ...], title: str) -> dict[str, Any]:
     props: dict[str, Any] = {}
     tables: dict[str, dict[str, Any]] = {}
-    for key in KEYS:
+    for key in keys:
         if "." in key.name:
             table, sub = key.name.split(".", 1)
             tables.setdefault(table, {})[sub] = _schema_of(key)
@@ -131,15 +145,8 @@ def json_schema() -> dict[str, Any]:
             props[key.name] = _schema_of(key)
     for table, subs in tables.items():
         props[table] = {"type": "object", "properties": subs, "additionalProperties": False}
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://unitgen.invalid/spec.schema.json",
-        "title": "unitgen instance spec",
-        "type": "object",
-        "properties": props,
-        "required": [k.name for k in KEYS if k.required],
-        "additionalProperties": False,
-    }
+    return {"title": title, "type": "object", "properties": props,
+            "required": [k.name for k in keys if k.required], "additionalProperties": False}
 
 
 DOCS_BEGIN = ("<!-- keys: generated from unitgen/spec/keys.py by "
