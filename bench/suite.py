@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import cli, gateway, llama, memory, proxy, ready, status
+from bench import cli, gateway, llama, memory, proxy, ready, status, swap
 from bench.rows import FULL, QUICK, Profile, Row, report, table, write_report
 from bench.tools import loadavg, machine
 from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
@@ -22,18 +22,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 Group = Callable[[Sandbox, Profile], list[Row]]
 
 
-def _swap(_box: Sandbox, _profile: Profile) -> list[Row]:
-    return [Row.not_built("swap overhead (swap groups)", "≤ 0.3 s",
-                          "swap groups (the swap-group issue) do not exist yet")]
-
-
 # In the order of the issue's table; each name can be picked with --rows.
 GROUPS: dict[str, Group] = {
     "stream": proxy.stream_rows,
     "tiny": proxy.tiny_rows,
     "llama": llama.llama_rows,
     "ready": ready.ready_rows,
-    "swap": _swap,
+    "swap": swap.swap_rows,
     "cli": lambda _box, profile: cli.cli_rows(profile),
     "status": status.status_rows,
     "gateway": gateway.gateway_rows,
