@@ -5,7 +5,10 @@ user manager, the OpenAI SDK as the client."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
+import time
 
 from tests.helpers import free_port
 from tests.live.test_gateway_live import client, gateway, member, pytestmark  # noqa: F401
@@ -87,3 +90,32 @@ def test_doctor_explains_a_route_that_points_nowhere(box, tmp_path):
     assert any("drz joins gateway nogw, which is not deployed here" in s for s in said), "\n".join(said)
     assert cli(box, "remove", "--user", "drz").returncode == 0
 
+
+
+def test_streams_pass_as_produced_and_a_client_that_leaves_is_seen(box, tmp_path):
+    port = free_port()
+    rc, data = cli_json(box, "deploy", "--user",
+                        str(member(tmp_path, "sse", "gw7", STANDIN_STREAM_SECONDS="6")),
+                        str(gateway(tmp_path, "gw7", port)))
+    assert rc == 0, data
+    body = json.dumps({"messages": [], "model": "sse", "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        t0 = time.monotonic()
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        got = b""
+        while b"sse:1 " not in got:
+            chunk = conn.recv(4096)
+            assert chunk, got
+            got += chunk
+        # the second token of a 6 s stream: passed on as written, not buffered to the end
+        assert time.monotonic() - t0 < 3.0, got
+    # the client left after two tokens: the server's write fails, it stops generating
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if "client went away" in box.journal("sse-backend.service", lines=20):
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError(box.journal("sse-backend.service", lines=20))
