@@ -226,9 +226,9 @@ def _rules(c: Checker, data: dict[str, Any], values: dict[str, Any]) -> None:
             c.add(key.name, f"needs {key.needs}: it says how the container runs "
                             "(docs/containers.md)")
     if "image" in data:
-        for key in ("user", "group"):
-            if key in data:
-                c.add(key, "is not available with image: podman runs as root and the "
+        for account in ("user", "group"):
+            if account in data:
+                c.add(account, "is not available with image: podman runs as root and the "
                            "server runs as the image's user (podman_args = [\"--user=...\"] "
                            "picks another one inside the container)")
     command = values.get("command")
