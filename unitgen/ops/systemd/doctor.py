@@ -14,6 +14,7 @@ import psutil
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
 from unitgen.inunit.probe import attempt
 from unitgen.ops.findings import Finding, listening
+from unitgen.ops.podman import container_findings, host_podman
 from unitgen.ops.systemd.manager import UnitInfo, connect
 from unitgen.ops.systemd.status import restart_reason
 from unitgen.ops.systemd.swap import waiting_findings
@@ -119,7 +120,12 @@ def doctor(name: str, scope: str) -> Result:
     except OSError:
         server_text = ""
     _liveness(findings, server_text, info, scope)
-    if not pid:
+    if installed.container:
+        # its processes are the container's (conmon's children, another mount and
+        # network namespace): podman says what runs, the health check below what answers
+        findings += container_findings(host_podman(), installed.container, installed.image,
+                                       installed.gpus, state == "active")
+    elif not pid:
         findings.append(Finding(True, f"{server_unit} is {state}: no server process to inspect "
                                       "(on-demand instances start on the first connection)"))
     else:

@@ -52,6 +52,8 @@ class Installed:
     gpu_share: bool = False
     member: Member | None = None  # the gateway member it is (unitgen-member: header)
     is_gateway: bool = False
+    container: str | None = None  # image = ...: its container's name (unitgen-container:)
+    image: str = ""
 
     @property
     def server_unit(self) -> str:
@@ -98,6 +100,9 @@ def scan(directory: Path) -> dict[str, Installed]:
         member = _field(text, "# unitgen-member: ")
         if member and inst.member is None:
             inst.member = parse_member(name, member)
+        container = _field(text, "# unitgen-container: ")
+        if container:
+            inst.container, _, inst.image = container.partition(" ")
         gpus = _field(text, "# unitgen-gpus: ")
         if gpus:
             uuids, _, mode = gpus.partition(" ")
