@@ -21,6 +21,10 @@ import sys
 __all__ = ["main", "ulimit_options", "with_limits"]
 
 _LIMITS = (("nofile", resource.RLIMIT_NOFILE), ("nproc", resource.RLIMIT_NPROC))
+# podman 4.3 sets its own (and so conmon's) RLIMIT_NPROC to 32768 whatever it
+# was given (seen in conmon's /proc/PID/limits), and a container cannot be given
+# more than conmon has: the same "operation not permitted" (measured, Debian 12).
+_CEILING = {"nproc": 32768}
 
 
 def ulimit_options() -> list[str]:
@@ -29,7 +33,10 @@ def ulimit_options() -> list[str]:
     out = []
     for name, which in _LIMITS:
         hard = resource.getrlimit(which)[1]
+        if hard == resource.RLIM_INFINITY:
+            hard = _CEILING.get(name, hard)
         if hard != resource.RLIM_INFINITY:
+            hard = min(hard, _CEILING.get(name, hard))
             out.append(f"--ulimit={name}={hard}:{hard}")
     return out
 

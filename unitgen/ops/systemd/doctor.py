@@ -41,11 +41,23 @@ async def _main_pid(unit: str, scope: str) -> tuple[int, str]:
     return info.main_pid, info.active_state
 
 
+def _unit_cgroup(text: str) -> str:
+    """The unit a process is in, from its /proc/PID/cgroup: systemd's own hierarchy
+    (name=systemd, or the unified one). In a unit with Delegate=yes (a container's)
+    podman run moves itself into a "runtime" leaf (--cgroups=split), also in other
+    v1 controllers, and systemd puts ExecStartPost= processes into ".control"."""
+    lines = text.split("\n")
+    mine = [ln for ln in lines if ":name=systemd:" in ln] or [ln for ln in lines
+                                                              if ln.startswith("0::")]
+    path = mine[0].split(":", 2)[2] if mine else text
+    return path.removesuffix("/runtime").removesuffix("/.control")
+
+
 def _checkers(pid: int) -> list[int]:
     """Liveness checkers (unitgen.inunit.watch) in the same unit as ``pid``."""
     try:
         with open(f"/proc/{pid}/cgroup", encoding="utf-8") as fh:
-            cgroup = fh.read()
+            cgroup = _unit_cgroup(fh.read())
     except OSError:
         return []
     found = []
@@ -54,7 +66,7 @@ def _checkers(pid: int) -> list[int]:
             if "unitgen.inunit.watch" not in (proc.info["cmdline"] or []):
                 continue
             with open(f"/proc/{proc.pid}/cgroup", encoding="utf-8") as fh:
-                if fh.read() == cgroup:
+                if _unit_cgroup(fh.read()) == cgroup:
                     found.append(proc.pid)
         except OSError:
             continue
