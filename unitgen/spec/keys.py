@@ -144,7 +144,7 @@ _ACCOUNT_RE = r"[A-Za-z_][A-Za-z0-9_.-]{0,31}"
 # An image reference as podman reads it (registry/name:tag@digest), never an option.
 IMAGE_RE = r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}"
 # HOST:CONTAINER[:ro|rw]: absolute paths without ':' or blanks (podman splits on ':').
-VOLUME_RE = r"/[A-Za-z0-9._/+@=,-]*:/[A-Za-z0-9._/+@=,-]*(:(ro|rw))?"
+VOLUME_RE = r"/[A-Za-z0-9_./+@=,-]*:/[A-Za-z0-9_./+@=,-]*(:(ro|rw))?"
 
 # Tables whose keys make a record of their own on the spec (``spec.health.timeout``);
 # a key of any other table is a field named after both (``spec.systemd_unit``).
@@ -257,7 +257,7 @@ KEYS: tuple[Key, ...] = (
     Key("volumes", Kind.WORDS, "host paths bound into the container: `HOST:CONTAINER[:ro]` "
         "(a model cache, say)", default=(), needs="image", pattern=VOLUME_RE,
         pattern_doc="must be HOST:CONTAINER or HOST:CONTAINER:ro with absolute paths "
-                    "(letters, digits and ._/+@=,-)"),
+                    "(letters, digits and _./+@=,-)"),
     Key("pull", Kind.CHOICE, "`missing`: deploy pulls the image when it is not on the host; "
         "`never`: a missing image is an error", default=Pull.MISSING, choices=Pull,
         needs="image"),
