@@ -233,7 +233,9 @@ def test_a_cdi_device_reaches_the_container_and_a_missing_one_is_refused(box, tm
                         "    containerEdits:\n      deviceNodes:\n"
                         f"        - path: /dev/nvidia{i}\n          hostPath: /dev/null"
                         for i in range(8))
+    # podman reads /etc/cdi itself: the stand-in goes there, under a name of its own
     cdi = Path("/etc/cdi") / f"unitgen-test-{uuidlib.uuid4().hex[:8]}.yaml"
+    made_dir = not cdi.parent.exists()
     cdi.parent.mkdir(exist_ok=True)
     cdi.write_text(CDI_TEMPLATE.format(devices=devices))
     try:
@@ -246,6 +248,8 @@ def test_a_cdi_device_reaches_the_container_and_a_missing_one_is_refused(box, tm
     finally:
         _cli_env(box, env, "remove", "--user", "pod-gpu")
         cdi.unlink()
+        if made_dir:
+            cdi.parent.rmdir()
 
 
 def _cli_env(box: Sandbox, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
