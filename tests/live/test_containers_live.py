@@ -256,3 +256,37 @@ def _cli_env(box: Sandbox, env: dict[str, str], *args: str) -> subprocess.Comple
     return subprocess.run([sys.executable, "-m", "unitgen", *args],
                           env={**os.environ, **box.env, **env}, capture_output=True, text=True,
                           timeout=120, check=False)
+
+
+def test_swap_group_members_in_containers_take_turns(box, tmp_path):
+    group = 'activation = "on-demand"\nswap_group = "pod-g"\nswap_drain = "5s"\n'
+    a = pod_spec(tmp_path, "pod-swa", group)
+    b = pod_spec(tmp_path, "pod-swb", group)
+    rc, data = cli_json(box, "deploy", "--user", str(a), str(b))
+    assert rc == 0, data
+    ports = {i["name"]: int(i["public"].rsplit(":", 1)[1]) for i in data["instances"]}
+    for name in ("pod-swa", "pod-swb", "pod-swa"):
+        assert get(ports[name], timeout=60)[0] == 200
+        other = "pod-swb" if name == "pod-swa" else "pod-swa"
+        # the member that answered runs in its container; the other's is gone
+        assert containers(f"unitgen-{name}") == ["running"]
+        assert wait_for(lambda o=other: containers(f"unitgen-{o}") == [], 15)
+
+
+def test_a_missing_image_that_cannot_be_pulled_changes_nothing(box, tmp_path):
+    spec = pod_spec(tmp_path, "pod-nopull", 'pull_timeout = "30s"\n')
+    text = spec.read_text().replace('pull = "never"\n', "").replace(
+        IMAGE, "localhost:1/unitgen-test-absent:1")
+    spec.write_text(text)
+    t0 = time.monotonic()
+    done = cli(box, "deploy", "--user", str(spec))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "image: podman pull localhost:1/unitgen-test-absent:1 failed" in done.stderr
+    assert "pulling localhost:1/unitgen-test-absent:1" in done.stderr
+    assert time.monotonic() - t0 < 30
+    assert not list(box.unit_dir.glob("pod-nopull*"))
+    never = text.replace("[health]", 'pull = "never"\n[health]')
+    spec.write_text(never)
+    done = cli(box, "deploy", "--user", str(spec))
+    assert done.returncode == 2
+    assert 'is not on this host and pull = "never": podman pull' in done.stderr

@@ -39,8 +39,14 @@ def find_podman(podman: str) -> str | None:
 
 
 def _podman(podman: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([podman, *args], capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    """podman's answer; a podman that is missing or hangs answers 127 / 124."""
+    try:
+        return subprocess.run([podman, *args], capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except OSError as exc:
+        return subprocess.CompletedProcess([podman, *args], 127, "", str(exc))
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess([podman, *args], 124, "", f"no answer in {timeout} s")
 
 
 def image_present(podman: str, image: str) -> bool:

@@ -201,6 +201,8 @@ def container_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "container": c.name,
         "image": c.image,
         "argv": run,
+        # the container's (--workdir): the path need not exist on the host
+        "working_directory": "",
         "container_stop": [ctx.podman, "stop", "--ignore", f"--time={CONTAINER_STOP_SECONDS}",
                            c.name],
         "container_remove": [ctx.podman, "rm", "--force", "--ignore", "--time=0", c.name],
