@@ -138,7 +138,14 @@ def test_deploy_answers_through_the_socket_and_a_restart_keeps_the_port(box, tmp
     assert done.returncode == 0, done.stdout
     assert "container unitgen-pod-eager is running" in done.stdout
     rc, status_data = cli_json(box, "status", "--user", "pod-eager")
-    assert status_data["instances"][0]["state"] == "ready"
+    row = status_data["instances"][0]
+    assert row["state"] == "ready"
+    # the container's memory counts, not only podman run's process tree
+    cgroup = prop(box, "pod-eager-backend.service", "ControlGroup")
+    [server] = servers_in(cgroup)
+    podman_tree = sum(p.memory_info().rss for p in [psutil.Process(row["pid"]),
+                                                     *psutil.Process(row["pid"]).children(True)])
+    assert row["memory_bytes"] >= podman_tree + psutil.Process(server).memory_info().rss // 2
     assert "standin: listening" in cli(box, "logs", "--user", "pod-eager").stdout
 
 
