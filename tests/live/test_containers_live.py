@@ -25,10 +25,13 @@ import psutil
 import pytest
 
 from tests.conftest import LIVE_SKIP
-from tests.helpers import STANDIN, get, prop, wait_for, write_spec
+from tests.helpers import STANDIN, free_port, get, prop, wait_for, write_spec
 from tests.live.test_operate_live import cli, cli_json
 from tests.nvml import FAKE_DIR, eight_gpus, write_scenario
+from unitgen.ops.files import write_files
 from unitgen.ops.systemd.sandbox import Sandbox
+from unitgen.ops.systemd.specs import render_spec
+from unitgen.targets.systemd.render import RenderContext, find_proxyd
 
 pytestmark = pytest.mark.systemd
 
@@ -297,3 +300,31 @@ def test_a_missing_image_that_cannot_be_pulled_changes_nothing(box, tmp_path):
     done = cli(box, "deploy", "--user", str(spec))
     assert done.returncode == 2
     assert 'is not on this host and pull = "never": podman pull' in done.stderr
+
+
+def test_the_system_scope_sandbox_of_the_podman_unit_lets_the_container_run(box, tmp_path):
+    """The directives rendered for system scope (hardening = true), run by this
+    root-run manager: podman, conmon, runc and the server all work under them."""
+    spec = pod_spec(tmp_path, "pod-hard")
+    ctx = RenderContext(python=sys.executable, proxyd=find_proxyd(), scope="system",
+                        podman=str(PODMAN))
+    port = free_port()
+    done = render_spec(spec, ctx, port=port)
+    units = tuple(f for f in done.files if not f.secret)
+    backend = next(f.text for f in units if f.name == "pod-hard-backend.service")
+    assert "SystemCallFilter=~@clock" in backend and "CapabilityBoundingSet=~CAP_SYS_MODULE" \
+        in backend and "--cap-drop=all" in backend
+    write_files(box.unit_dir, "pod-hard", units)
+    box.systemctl("daemon-reload", check=True)
+    try:
+        started = box.systemctl("start", "pod-hard.service", timeout=60)
+        assert started.returncode == 0, box.journal("pod-hard-backend.service")
+        assert get(port)[0] == 200
+        assert prop(box, "pod-hard-backend.service", "SystemCallFilter") != ""
+        assert containers("unitgen-pod-hard") == ["running"]
+    finally:
+        box.systemctl("stop", "pod-hard.socket", "pod-hard.service", "pod-hard-backend.service")
+        for f in units:
+            (box.unit_dir / f.name).unlink()
+        box.systemctl("daemon-reload")
+    assert containers("unitgen-pod-hard") == []
