@@ -328,3 +328,20 @@ def test_the_system_scope_sandbox_of_the_podman_unit_lets_the_container_run(box,
             (box.unit_dir / f.name).unlink()
         box.systemctl("daemon-reload")
     assert containers("unitgen-pod-hard") == []
+
+
+def test_an_api_key_reaches_the_container_by_name_only(box, tmp_path):
+    key = f"sk-pod-{uuidlib.uuid4().hex}"
+    spec = pod_spec(tmp_path, "pod-key", f'env = {{ KEY = "{key}", STANDIN_KEY_ENV = "KEY" }}\n'
+                                         'api_key_env = "KEY"\n')
+    rc, data = cli_json(box, "deploy", "--user", str(spec))
+    assert rc == 0, data  # the probe authenticated through the proxy and the container
+    port = port_of(data)
+    assert get(port)[0] == 401
+    assert get(port, key=key)[0] == 200
+    assert not [p.name for p in box.unit_dir.glob("pod-key*") if key in p.read_text()]
+    argvs = [" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])]
+    assert not [a for a in argvs if key in a]
+    assert "--env=KEY" in (box.unit_dir / "pod-key-backend.service").read_text()
+    assert podman("inspect", "--format", "{{.HostConfig.NetworkMode}}",
+                  "unitgen-pod-key").stdout.strip() == "none"
