@@ -345,3 +345,21 @@ def test_an_api_key_reaches_the_container_by_name_only(box, tmp_path):
     assert "--env=KEY" in (box.unit_dir / "pod-key-backend.service").read_text()
     assert podman("inspect", "--format", "{{.HostConfig.NetworkMode}}",
                   "unitgen-pod-key").stdout.strip() == "none"
+
+
+def test_a_tcp_only_server_in_a_container_listens_on_its_private_loopback_port(box, tmp_path):
+    spec = pod_spec(tmp_path, "pod-tcp", unix=False)
+    text = spec.read_text().replace('"/srv/standin/demo_server.py"]',
+                                    '"/srv/standin/demo_server.py", "--host", "{host}", '
+                                    '"--port", "{port}"]').replace("offline = true\n", "")
+    spec.write_text(text)
+    rc, data = cli_json(box, "deploy", "--user", str(spec))
+    assert rc == 0, data
+    backend = (box.unit_dir / "pod-tcp-backend.service").read_text()
+    assert "--network=host" in backend
+    private = int(backend.split("--port ", 1)[1].split()[0])
+    if private < 1024:  # a root manager's private ports are privileged: the one capability
+        assert "--cap-add=NET_BIND_SERVICE" in backend
+    assert get(port_of(data))[0] == 200
+    assert get(private)[0] == 200  # the same loopback as the host's
+    print(f"\nprivate port {private}")

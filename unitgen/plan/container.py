@@ -115,17 +115,17 @@ def _refused(words: tuple[str, ...], problem: ProblemSink) -> None:
 
 
 def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[str, ...],
-                   private: tuple[str, str] | None, gpu_uuids: tuple[str, ...],
+                   private: tuple[str, str, int] | None, gpu_uuids: tuple[str, ...],
                    problem: ProblemSink) -> Container | None:
     """The container of a spec with ``image`` (None without one).
 
-    ``private`` is the private endpoint's (kind, path): ("unix", a socket in the
-    instance's runtime directory), ("tcp", ""), or None (the server takes the
-    public socket itself)."""
+    ``private`` is the private endpoint's (kind, path, port): ("unix", a socket in
+    the instance's runtime directory, 0), ("tcp", "", its loopback port), or None
+    (the server takes the public socket itself)."""
     if spec.image is None:
         return None
     _refused(spec.podman_args, problem)
-    kind, path = private or (None, "")
+    kind, path, port = private or (None, "", 0)
     offline = needs_no_network(spec) and kind in ("unix", None)
     network = "none" if offline else "host"
     options: list[str] = ["--rm", "--replace", "--name", container_name(spec.name),
@@ -135,6 +135,11 @@ def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[s
     if spec.hardening:
         # Confined inside: no capabilities (a server needs none), no setuid gains.
         options += ["--cap-drop=all", "--security-opt=no-new-privileges"]
+        if kind == "tcp" and port < 1024:
+            # its privileged private port (no local user can squat it while the
+            # server is down); with it the server could bind any privileged port:
+            # the Landlock guard of servers on the host is not applied in containers
+            options.append("--cap-add=NET_BIND_SERVICE")
     options += [f"--env={name}" for name in env_names]
     inner = argv
     if kind == "unix":

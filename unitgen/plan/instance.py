@@ -225,7 +225,7 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
                 f"{argv[0]!r} must be an absolute path or a program name, without a leading "
                 "'-@:+!' (systemd reads those as flags)")
     container = plan_container(spec, argv, tuple(k for k, _ in (*env, *secrets)),
-                               (private.kind, private.path) if private else None,
+                               (private.kind, private.path, private.port) if private else None,
                                gpus.uuids if gpus else (), problem)
     if problems:
         raise SpecError(problems=problems)
