@@ -15,7 +15,7 @@ from unitgen.errors import SpecError
 from unitgen.inunit.podrun import with_limits
 from unitgen.ops import podman
 from unitgen.ops.systemd.specs import render_spec
-from unitgen.plan.gpus import Placement
+from unitgen.plan.gpus import Placement, unit_of_cgroup
 from unitgen.plan.instance import resolve
 from unitgen.spec.model import parse_spec
 
@@ -148,3 +148,13 @@ def test_the_unit_stops_and_removes_its_container(tmp_path):
     assert "ExecStopPost=-/usr/bin/podman rm --force --ignore --time=0 unitgen-c1\n" in backend
     assert "# unitgen-container: unitgen-c1 vllm/vllm-openai:v0.11.0\n" in backend
     assert "\nDynamicUser=" not in backend  # podman needs root
+
+
+def test_a_containers_gpu_processes_are_its_instances():
+    """The container's processes are in a sub-cgroup of the unit (--cgroups=split):
+    the GPU wait, status and `unitgen gpus` count them as the instance's."""
+    payload = "/system.slice/qwen2-backend.service/libpod-payload-" + "a" * 64
+    assert unit_of_cgroup(f"9:name=systemd:{payload}\n") == ("qwen2", "system")
+    user = ("/user.slice/user-1000.slice/user@1000.service/app.slice/"
+            "qwen2-backend.service/libpod-payload-b")
+    assert unit_of_cgroup(f"0::{user}\n") == ("qwen2", "user@1000")
