@@ -36,7 +36,8 @@ from unitgen.targets.systemd.render import RenderContext, find_proxyd
 pytestmark = pytest.mark.systemd
 
 PODMAN = shutil.which("podman")
-IMAGE = "localhost/unitgen-test-standin:1"
+# one tag per test session: concurrent sessions never remove each other's image
+IMAGE = f"localhost/unitgen-test-standin:{os.getpid()}"
 
 
 def podman(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -70,7 +71,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     done = podman("import", str(tar), IMAGE)
     assert done.returncode == 0, done.stderr
     yield IMAGE
-    podman("rmi", "--force", IMAGE)
+    podman("rmi", IMAGE)  # not --force: that would remove containers that use it
 
 
 @pytest.fixture
