@@ -158,3 +158,19 @@ def test_a_containers_gpu_processes_are_its_instances():
     user = ("/user.slice/user-1000.slice/user@1000.service/app.slice/"
             "qwen2-backend.service/libpod-payload-b")
     assert unit_of_cgroup(f"0::{user}\n") == ("qwen2", "user@1000")
+
+
+def test_doctor_says_what_podman_says_of_the_container(tmp_path, monkeypatch):
+    monkeypatch.setenv(podman.CDI_DIRS_ENV, str(tmp_path))
+    # image missing, a container left over while the unit is not active
+    exe = fake_podman(tmp_path, '[ "$1" = image ] && exit 1\n'
+                                '[ "$1" = container ] && { echo exited; exit 0; }\nexit 0')
+    found = podman.container_findings(exe, "unitgen-c1", "img:1", ("GPU-x",), False)
+    texts = [(f.ok, f.text) for f in found]
+    assert (False, 'image img:1 is not on this host: deploy again (it pulls when pull = '
+                   '"missing") or podman pull img:1') in texts
+    assert any(not ok and "a leftover; podman rm -f unitgen-c1" in t for ok, t in texts)
+    assert any(not ok and "nvidia-ctk cdi generate" in t for ok, t in texts)
+    [missing] = podman.container_findings(str(tmp_path / "none"), "unitgen-c1", "img:1", (),
+                                          True)
+    assert not missing.ok and "apt-get install podman runc" in missing.text
