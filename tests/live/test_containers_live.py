@@ -364,3 +364,25 @@ def test_a_tcp_only_server_in_a_container_listens_on_its_private_loopback_port(b
     assert get(port_of(data))[0] == 200
     assert get(private)[0] == 200  # the same loopback as the host's
     print(f"\nprivate port {private}")
+
+
+def test_a_redeploy_replaces_the_container_and_a_failed_one_rolls_back(box, tmp_path):
+    spec = pod_spec(tmp_path, "pod-redo")
+    rc, data = cli_json(box, "deploy", "--user", str(spec))
+    assert rc == 0, data
+    port, first = port_of(data), container_id("pod-redo")
+    changed = spec.read_text().replace("[health]", 'description = "v2"\n[health]')
+    spec.write_text(changed)
+    rc, data = cli_json(box, "deploy", "--user", str(spec))
+    assert rc == 0 and data["instances"][0]["action"] == "updated", data
+    assert port_of(data) == port and container_id("pod-redo") not in ("", first)
+    assert containers("unitgen-pod-redo") == ["running"]
+    # a program the image does not have: the start fails, the previous version
+    # comes back, and no container of the failed one is left
+    spec.write_text(changed.replace("[health]", 'executable = "/no/such/server"\n[health]'))
+    rc, data = cli_json(box, "deploy", "--user", str(spec))
+    assert rc == 1 and data["instances"][0]["action"] == "failed", data
+    assert "restored" in data["instances"][0]["error"]
+    assert get(port)[0] == 200
+    assert containers("unitgen-pod-redo") == ["running"]
+    assert "/no/such/server" not in (box.unit_dir / "pod-redo-backend.service").read_text()
