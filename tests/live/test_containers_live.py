@@ -25,6 +25,7 @@ import psutil
 import pytest
 
 from tests.conftest import LIVE_SKIP
+from tests.golden_files import eight_fake_gpus
 from tests.helpers import STANDIN, free_port, get, prop, wait_for, write_spec
 from tests.live.test_operate_live import cli, cli_json
 from tests.nvml import FAKE_DIR, eight_gpus, write_scenario
@@ -227,6 +228,30 @@ devices:
 """
 
 
+def stand_in_cdi() -> Path:
+    """A CDI spec in /etc/cdi (podman reads it there), under a name of its own:
+    each fake GPU (tests/nvml.py) a device node backed by /dev/null."""
+    devices = "\n".join(f"  - name: GPU-{i:08x}-1111-2222-3333-{i:012x}\n"
+                        "    containerEdits:\n      deviceNodes:\n"
+                        f"        - path: /dev/nvidia{i}\n          hostPath: /dev/null"
+                        for i in range(8))
+    cdi = Path("/etc/cdi") / f"unitgen-test-{uuidlib.uuid4().hex[:8]}.yaml"
+    if not cdi.parent.exists():
+        cdi.parent.mkdir()
+        (cdi.parent / ".unitgen-test-made-this").touch()
+    cdi.write_text(CDI_TEMPLATE.format(devices=devices))
+    return cdi
+
+
+def drop_cdi(cdi: Path) -> None:
+    """Remove the stand-in (and /etc/cdi if a test made it and nothing else is there)."""
+    cdi.unlink()
+    marker = cdi.parent / ".unitgen-test-made-this"
+    if marker.exists() and [p.name for p in cdi.parent.iterdir()] == [marker.name]:
+        marker.unlink()
+        cdi.parent.rmdir()
+
+
 def test_a_cdi_device_reaches_the_container_and_a_missing_one_is_refused(box, tmp_path):
     scenario = write_scenario(tmp_path / "nvml.json", eight_gpus())
     gpu_env = (f'env = {{ PYTHONPATH = "{FAKE_DIR}", FAKE_NVML_SCENARIO = "{scenario}" }}\n'
@@ -239,16 +264,7 @@ def test_a_cdi_device_reaches_the_container_and_a_missing_one_is_refused(box, tm
     assert "gpus: no CDI spec on this host names GPU-00000000" in refused.stderr
     assert "nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml" in refused.stderr
 
-    # a stand-in CDI spec: each fake GPU a device node backed by /dev/null
-    devices = "\n".join(f"  - name: GPU-{i:08x}-1111-2222-3333-{i:012x}\n"
-                        "    containerEdits:\n      deviceNodes:\n"
-                        f"        - path: /dev/nvidia{i}\n          hostPath: /dev/null"
-                        for i in range(8))
-    # podman reads /etc/cdi itself: the stand-in goes there, under a name of its own
-    cdi = Path("/etc/cdi") / f"unitgen-test-{uuidlib.uuid4().hex[:8]}.yaml"
-    made_dir = not cdi.parent.exists()
-    cdi.parent.mkdir(exist_ok=True)
-    cdi.write_text(CDI_TEMPLATE.format(devices=devices))
+    cdi = stand_in_cdi()
     try:
         env["UNITGEN_CDI_DIRS"] = str(cdi.parent)
         done = _cli_env(box, env, "deploy", "--user", str(spec))
@@ -258,9 +274,7 @@ def test_a_cdi_device_reaches_the_container_and_a_missing_one_is_refused(box, tm
         assert "nvidia1" not in seen.stdout.split()  # only the GPU it was placed on
     finally:
         _cli_env(box, env, "remove", "--user", "pod-gpu")
-        cdi.unlink()
-        if made_dir:
-            cdi.parent.rmdir()
+        drop_cdi(cdi)
 
 
 def _cli_env(box: Sandbox, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -304,30 +318,41 @@ def test_a_missing_image_that_cannot_be_pulled_changes_nothing(box, tmp_path):
 
 
 def test_the_system_scope_sandbox_of_the_podman_unit_lets_the_container_run(box, tmp_path):
-    """The directives rendered for system scope (hardening = true), run by this
-    root-run manager: podman, conmon, runc and the server all work under them."""
-    spec = pod_spec(tmp_path, "pod-hard")
+    """The units rendered for system scope (hardening = true, a GPU with its
+    device nodes known), run by this root-run manager: podman, conmon, runc and
+    the server all work under their sandbox, and the GPU reaches the container."""
+    scenario = write_scenario(tmp_path / "nvml.json", eight_gpus())
+    spec = pod_spec(tmp_path, "pod-hard", f'env = {{ PYTHONPATH = "{FAKE_DIR}", '
+                                          f'FAKE_NVML_SCENARIO = "{scenario}" }}\ngpus = 1\n')
     ctx = RenderContext(python=sys.executable, proxyd=find_proxyd(), scope="system",
                         podman=str(PODMAN))
     port = free_port()
-    done = render_spec(spec, ctx, port=port)
+    with eight_fake_gpus():
+        done = render_spec(spec, ctx, port=port)
     units = tuple(f for f in done.files if not f.secret)
     backend = next(f.text for f in units if f.name == "pod-hard-backend.service")
     assert "SystemCallFilter=~@clock" in backend and "CapabilityBoundingSet=~CAP_SYS_MODULE" \
         in backend and "--cap-drop=all" in backend
+    assert "--device=nvidia.com/gpu=GPU-" in backend
+    # runc writes the container's device rules below the unit: no policy above it
+    assert "DevicePolicy=" not in backend
     write_files(box.unit_dir, "pod-hard", units)
     box.systemctl("daemon-reload", check=True)
+    cdi = stand_in_cdi()
     try:
         started = box.systemctl("start", "pod-hard.service", timeout=60)
         assert started.returncode == 0, box.journal("pod-hard-backend.service")
         assert get(port)[0] == 200
         assert prop(box, "pod-hard-backend.service", "SystemCallFilter") != ""
         assert containers("unitgen-pod-hard") == ["running"]
+        seen = podman("exec", "unitgen-pod-hard", "/usr/bin/ls", "/dev").stdout.split()
+        assert "nvidia0" in seen or "nvidia1" in seen
     finally:
         box.systemctl("stop", "pod-hard.socket", "pod-hard.service", "pod-hard-backend.service")
         for f in units:
             (box.unit_dir / f.name).unlink()
         box.systemctl("daemon-reload")
+        drop_cdi(cdi)
     assert containers("unitgen-pod-hard") == []
 
 

@@ -203,6 +203,10 @@ def container_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "argv": run,
         # the container's (--workdir): the path need not exist on the host
         "working_directory": "",
+        # no DevicePolicy= on the podman unit: runc must write the container's own
+        # device rules below it ("b *:* m" was refused under DevicePolicy=closed,
+        # measured); the container gets the default nodes and its CDI GPUs only
+        "device_allow": [],
         "container_stop": [ctx.podman, "stop", "--ignore", f"--time={CONTAINER_STOP_SECONDS}",
                            c.name],
         "container_remove": [ctx.podman, "rm", "--force", "--ignore", "--time=0", c.name],
