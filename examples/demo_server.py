@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -214,6 +215,10 @@ def make_server(argv: list[str]) -> ThreadingHTTPServer:
 
 def main() -> None:
     argv = sys.argv[1:]
+    if os.getpid() == 1:
+        # the first process of a container: the kernel drops SIGTERM to it unless
+        # it has a handler (podman stop would wait for its SIGKILL)
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     record = os.environ.get("STANDIN_RECORD")
     if record:
         with open(record, "w", encoding="utf-8", errors="surrogateescape") as fh:

@@ -56,8 +56,9 @@ def verify_units(units: dict[str, str], tmp_path: Path) -> str:
     for name, text in units.items():
         (unit_dir / name).write_text(text)
         for line in text.splitlines():
-            if line.startswith(("ExecStart=", "ExecStartPost=", "ExecStartPre=", "ExecReload=")):
-                program = line.split("=", 1)[1].split()[0]
+            if line.startswith(("ExecStart=", "ExecStartPost=", "ExecStartPre=", "ExecReload=",
+                                "ExecStop=", "ExecStopPost=")):
+                program = line.split("=", 1)[1].split()[0].lstrip("-@:+!")
                 path = Path(program) if program.startswith("/") else Path("/usr/bin") / program
                 stub = root / path.relative_to("/")
                 stub.parent.mkdir(parents=True, exist_ok=True)

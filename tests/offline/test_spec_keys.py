@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE: dict[str, Any] = {"name": "k", "backend": "vllm", "model": "m"}
 CUSTOM: dict[str, Any] = {"name": "k", "backend": "custom", "command": ["srv", "{port}"]}
 ON_DEMAND: dict[str, Any] = {"activation": "on-demand"}
+IMAGE: dict[str, Any] = {"image": "vllm/vllm-openai:v0.11.0"}
 
 # For every declared key: what a spec sets (with what that key needs besides) and
 # the value InstanceSpec must then hold, never the key's default. A key declared
@@ -66,6 +67,14 @@ SAMPLES: dict[str, tuple[dict[str, Any], object]] = {
     "aliases": ({"aliases": ["qwen", "Qwen/Qwen2-7B"]}, ("qwen", "Qwen/Qwen2-7B")),
     "max_concurrent": ({"max_concurrent": 4}, 4),
     "queue_timeout": ({"queue_timeout": "2min"}, 120.0),
+    "image": (IMAGE, "vllm/vllm-openai:v0.11.0"),
+    "volumes": ({**IMAGE, "volumes": ["/srv/hf:/root/.cache/huggingface:ro"]},
+                ("/srv/hf:/root/.cache/huggingface:ro",)),
+    "pull": ({**IMAGE, "pull": "never"}, "never"),
+    "pull_timeout": ({**IMAGE, "pull_timeout": "2h"}, 7200.0),
+    "shm_size": ({**IMAGE, "shm_size": "8GiB"}, 8 * 1024**3),
+    "ipc": ({**IMAGE, "ipc": "host"}, "host"),
+    "podman_args": ({**IMAGE, "podman_args": ["--tmpfs=/scratch"]}, ("--tmpfs=/scratch",)),
 }
 
 

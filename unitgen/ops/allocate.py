@@ -16,9 +16,9 @@ import psutil
 
 from unitgen.errors import Problem, UnitgenError
 from unitgen.ops.pipeline import HostGpus, listen_overlap, place_or_report
+from unitgen.plan.container import ProblemSink
 from unitgen.plan.gateway import Member
 from unitgen.plan.gpus import Placement
-from unitgen.plan.instance import ProblemSink
 from unitgen.spec.model import InstanceSpec
 from unitgen.spec.ports import (
     DEFAULT_PORT_RANGE,

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from unitgen.errors import Problem, SpecError
+from unitgen.plan.container import ProblemSink
 from unitgen.plan.gateway import GatewayPlan, gateway_instance_spec, member_of, metrics_of, settings_of
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, Placement, place, read_gpus
-from unitgen.plan.instance import Allocator, Instance, ProblemSink, resolve
+from unitgen.plan.instance import Allocator, Instance, resolve
 from unitgen.spec.gateway import GatewaySpec
 from unitgen.spec.model import InstanceSpec, load_any
 from unitgen.spec.ports import PRIVATE_PORT_RANGE, default_port, default_private_port

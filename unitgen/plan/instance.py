@@ -1,21 +1,20 @@
 """From a validated spec to a resolved instance: the server's argv and
 environment, its public and private endpoints, its probe targets and secrets.
 
-This is the plan every target renders (systemd units now, supervisor programs
-later); it contains no systemd syntax. The one target-specific thing, the
-directory where runtime sockets live, is the :data:`RUNTIME_DIR` token that each
-target replaces (systemd: ``%t``).
+The plan every target renders; no systemd syntax. The one target-specific thing,
+the directory where runtime sockets live, is the :data:`RUNTIME_DIR` token that
+each target replaces (systemd: ``%t``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from unitgen.errors import Problem, SpecError
+from unitgen.plan.container import Container, ProblemSink, plan_container
 from unitgen.plan.gpus import Placement
 from unitgen.plan.serverargs import gpu_defaults, served_names
 from unitgen.spec.argscan import find_options, remove_found
@@ -29,7 +28,8 @@ from unitgen.spec.ports import (
     resolve_listen,
 )
 
-__all__ = ["CONFIG_DIR", "RUNTIME_DIR", "Allocator", "Endpoint", "FixedAllocator", "Instance", "resolve"]
+__all__ = ["CONFIG_DIR", "RUNTIME_DIR", "Allocator", "Endpoint", "FixedAllocator", "Instance",
+           "resolve"]
 
 # Stands for the service manager's runtime directory inside argv words. A NUL
 # can never come from a spec (the spec parser refuses it), so it cannot collide.
@@ -37,8 +37,6 @@ RUNTIME_DIR = "\x00runtime\x00"
 # The manager's configuration directory (systemd: ``%E``, /etc or ~/.config), where
 # a gateway's HAProxy configuration lives: a token each target replaces.
 CONFIG_DIR = "\x00config\x00"
-
-ProblemSink = Callable[[str, str], None]
 
 
 def runtime_subdir(name: str) -> str:
@@ -91,6 +89,7 @@ class Instance:
     notices: tuple[str, ...]
     gpus: Placement | None = None
     gateway: Any = None  # a gateway's plan (unitgen.plan.gateway.GatewayPlan); None otherwise
+    container: Container | None = None  # image = ...: the server runs in podman
 
     @property
     def name(self) -> str:
@@ -227,16 +226,17 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
         problem("command[0]" if spec.backend == "custom" else "executable",
                 f"{argv[0]!r} must be an absolute path or a program name, without a leading "
                 "'-@:+!' (systemd reads those as flags)")
+    container = plan_container(spec, argv, tuple(k for k, _ in (*env, *secrets)),
+                               (private.kind, private.path, private.port) if private else None,
+                               gpus.uuids if gpus else (), problem)
     if problems:
         raise SpecError(problems=problems)
     return Instance(
         spec=spec, public=public, port_from_spec=listen.port_from_spec, private=private,
         argv=argv, env=env, secrets=secrets, probe_key_env=key_env,
-        health_path=spec.health.path or backend.health_path,
-        health_timeout=spec.health.timeout,
+        health_path=spec.health.path or backend.health_path, health_timeout=spec.health.timeout,
         notices=listen.notices + tuple(extra_notices) + (gpus.notices if gpus else ()),
-        gpus=gpus,
-    )
+        gpus=gpus, container=container)
 
 
 def _uses_unix(spec: InstanceSpec) -> bool:

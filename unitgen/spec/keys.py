@@ -31,8 +31,10 @@ __all__ = [
     "MAX_GPUS",
     "TABLES",
     "Activation",
+    "Ipc",
     "Key",
     "Kind",
+    "Pull",
     "RestartPolicy",
     "by_name",
     "check_bounds",
@@ -58,6 +60,20 @@ class RestartPolicy(StrEnum):
     ALWAYS = "always"
     ON_ABNORMAL = "on-abnormal"
     NO = "no"
+
+
+class Pull(StrEnum):
+    """When deploy pulls a container image (docs/containers.md)."""
+
+    MISSING = "missing"
+    NEVER = "never"
+
+
+class Ipc(StrEnum):
+    """The container's IPC namespace (podman ``--ipc``)."""
+
+    PRIVATE = "private"
+    HOST = "host"
 
 
 class Kind(StrEnum):
@@ -99,6 +115,7 @@ class Key:
     pattern: str = ""  # a regular expression the whole value must match
     pattern_doc: str = ""
     can_be_off: bool = False  # a duration that "off" (or false) turns off
+    needs: str = ""  # another key that must be set for this one to mean anything
 
     @property
     def field(self) -> tuple[str, str]:
@@ -124,6 +141,10 @@ GPU_UUID_RE = r"(GPU|MIG)-[0-9A-Za-z/-]+"
 MAX_GPUS = 64  # a count up to this, indexes below it
 _NAME_RE = r"[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?"  # instance and swap group names
 _ACCOUNT_RE = r"[A-Za-z_][A-Za-z0-9_.-]{0,31}"
+# An image reference as podman reads it (registry/name:tag@digest), never an option.
+IMAGE_RE = r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,511}"
+# HOST:CONTAINER[:ro|rw]: absolute paths without ':' or blanks (podman splits on ':').
+VOLUME_RE = r"/[A-Za-z0-9_./+@=,-]*:/[A-Za-z0-9_./+@=,-]*(:(ro|rw))?"
 
 # Tables whose keys make a record of their own on the spec (``spec.health.timeout``);
 # a key of any other table is a field named after both (``spec.systemd_unit``).
@@ -145,7 +166,7 @@ KEYS: tuple[Key, ...] = (
     Key("model", Kind.TEXT, "model path or id (required except for `custom`)"),
     Key("description", Kind.TEXT, "free text shown in the units' `Description=`"),
     Key("executable", Kind.PROGRAM, "the server program: an absolute path, or a bare name found "
-        "on the manager's PATH", default_doc="per backend"),
+        "on the manager's PATH (with `image`: the image's)", default_doc="per backend"),
     Key("host", Kind.TEXT, "public listen address, an IP literal (`0.0.0.0`, `::`); loopback "
         "by default: exposing a model is a decision to write down",
         default_doc=f"`{DEFAULT_HOST}`"),  # the port rules apply it: args may say another
@@ -229,6 +250,29 @@ KEYS: tuple[Key, ...] = (
                     "digits and ._:/@+-, at most 200)"),
     Key("max_concurrent", Kind.INTEGER, "at the gateway: requests this instance takes at "
         "once; the rest wait in the gateway's queue", lo=1, hi=100_000),
+    Key("image", Kind.TEXT, "run the server in a container from this image, with podman; "
+        "the socket still owns the port (docs/containers.md)", pattern=IMAGE_RE,
+        pattern_doc="must be an image reference (registry/name:tag), without blanks or a "
+                    "leading '-'"),
+    Key("volumes", Kind.WORDS, "host paths bound into the container: `HOST:CONTAINER[:ro]` "
+        "(a model cache, say)", default=(), needs="image", pattern=VOLUME_RE,
+        pattern_doc="must be HOST:CONTAINER or HOST:CONTAINER:ro with absolute paths "
+                    "(letters, digits and _./+@=,-)"),
+    Key("pull", Kind.CHOICE, "`missing`: deploy pulls the image when it is not on the host; "
+        "`never`: a missing image is an error", default=Pull.MISSING, choices=Pull,
+        needs="image"),
+    # A vLLM image is ~10 GB: at 20 MB/s that is under 10 minutes. Apart from the
+    # [health] timeout, which is about loading the model, not fetching the image.
+    Key("pull_timeout", Kind.DURATION, "how long deploy may spend pulling the image",
+        default=1800.0, lo=10, hi=_DAY, needs="image",
+        bounds_why="an image that takes a day to pull will not arrive"),
+    Key("shm_size", Kind.SIZE, "the container's /dev/shm (podman `--shm-size`; PyTorch's "
+        "data loaders and NCCL need more than the default 64 MB)", needs="image"),
+    Key("ipc", Kind.CHOICE, "the container's IPC namespace (`host`: what vLLM's docs suggest "
+        "for tensor parallel without a large shm_size)", default=Ipc.PRIVATE, choices=Ipc,
+        needs="image"),
+    Key("podman_args", Kind.WORDS, "more `podman run` options, as written (`--tmpfs=/x`); "
+        "the ones unitgen sets itself are refused", default=(), needs="image"),
     Key("queue_timeout", Kind.DURATION, "at the gateway: how long a request may wait for a "
         "free slot (`max_concurrent`) before it gets 429", default=60.0, lo=1, hi=_DAY,
         bounds_why="a request queued longer than a day has been given up on"),

@@ -21,6 +21,8 @@ from unitgen.spec.keys import (
     KEYS,
     TABLES,
     Activation,
+    Ipc,
+    Pull,
     RestartPolicy,
     default_of,
     sub_keys,
@@ -104,6 +106,13 @@ class InstanceSpec:
     aliases: tuple[str, ...] = default_of("aliases")  # more route names
     max_concurrent: int | None = default_of("max_concurrent")  # at the gateway
     queue_timeout: float = default_of("queue_timeout")  # at the gateway, then 429
+    image: str | None = default_of("image")  # run the server with podman (docs/containers.md)
+    volumes: tuple[str, ...] = default_of("volumes")
+    pull: Pull = default_of("pull")  # noqa: RUF009 - an enum member
+    pull_timeout: float = default_of("pull_timeout")
+    shm_size: int | None = default_of("shm_size")
+    ipc: Ipc = default_of("ipc")  # noqa: RUF009 - an enum member
+    podman_args: tuple[str, ...] = default_of("podman_args")
 
 
 # The records that hold a table's keys (Key.field names the record).
@@ -212,6 +221,16 @@ def _rules(c: Checker, data: dict[str, Any], values: dict[str, Any]) -> None:
             c.add(key.name, f"is only for backend {key.backends[0]!r}; "
                             + key.only_why.format(backend=backend))
             values[key.name] = None
+    for key in KEYS:
+        if key.needs and key.name in data and key.needs not in data:
+            c.add(key.name, f"needs {key.needs}: it says how the container runs "
+                            "(docs/containers.md)")
+    if "image" in data:
+        for account in ("user", "group"):
+            if account in data:
+                c.add(account, "is not available with image: podman runs as root and the "
+                           "server runs as the image's user (podman_args = [\"--user=...\"] "
+                           "picks another one inside the container)")
     command = values.get("command")
     if "command" in data and backend == "custom" and command is not None:
         if command == ():

@@ -54,6 +54,8 @@ def applies_to(key: Key) -> str:
         parts.append(", ".join(f"`{b}`" for b in key.backends) + " only")
     if key.activation:
         parts.append(f"`activation = \"{key.activation}\"` only")
+    if key.needs:
+        parts.append(f"with `{key.needs}`")
     return "; ".join(parts) or "all"
 
 

@@ -18,6 +18,7 @@ from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
 from unitgen.ops.files import apply_changes, check_ours, is_ours
 from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned, plan_paths
+from unitgen.ops.podman import host_podman, pull_missing, remove_container, spec_problems
 from unitgen.ops.systemd.gateways import (
     affected,
     config_path,
@@ -120,6 +121,7 @@ class SystemdDeploy:
     def plan(self, paths: Sequence[Path], opts: DeployOptions) -> list[Planned]:
         """Ports from the installed units and the host's listeners, GPUs from NVML;
         the swap groups' drop-ins follow the member lists."""
+        self._opts = opts  # preflight pulls images with its progress lines
         installed = self._installed = scan(unit_dir(self.scope))
         groups = installed_groups(installed)
         seen: list[InstanceSpec] = []
@@ -178,6 +180,10 @@ class SystemdDeploy:
         """Every server program must be where the manager looks (its own PATH)."""
         path = self._run(self.m.environment()).get("PATH") or SYSTEM_MANAGER_PATH
         missing = [found for c in changes if (found := missing_program(c.inst, path))]
+        missing += [p for c in changes for p in spec_problems(c.inst, self.ctx.podman)]
+        if not missing:  # images: explicit pulls, each with its own deadline
+            missing = pull_missing([c.inst for c in changes], self.ctx.podman, self._opts.say,
+                                   dry_run=self._opts.dry_run)
         if missing:
             raise SpecError(problems=missing)
         for c in changes:
@@ -344,6 +350,8 @@ async def _remove(names: list[str], scope: str) -> Result:
                 # can be stopped, then the files go regardless
                 with contextlib.suppress(UnitgenError):
                     await stop_instance(m, name, inst.units)
+                if inst.container and remove_container(host_podman(), inst.container):
+                    lines.append(f"{name}: container {inst.container} removed")
                 with contextlib.suppress(UnitgenError):
                     await m.disable(inst.units)
                 files = [p for p in inst.files.values() if is_ours(p, name)]

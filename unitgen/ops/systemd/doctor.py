@@ -14,6 +14,7 @@ import psutil
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
 from unitgen.inunit.probe import attempt
 from unitgen.ops.findings import Finding, listening
+from unitgen.ops.podman import container_findings, host_podman
 from unitgen.ops.systemd.gateway_doctor import gateway_findings, member_findings, units_to_ask
 from unitgen.ops.systemd.manager import UnitInfo, connect
 from unitgen.ops.systemd.status import restart_reason
@@ -41,11 +42,23 @@ async def _main_pid(unit: str, scope: str) -> tuple[int, str]:
     return info.main_pid, info.active_state
 
 
+def _unit_cgroup(text: str) -> str:
+    """The unit a process is in, from its /proc/PID/cgroup: systemd's own hierarchy
+    (name=systemd, or the unified one). In a unit with Delegate=yes (a container's)
+    podman run moves itself into a "runtime" leaf (--cgroups=split), also in other
+    v1 controllers, and systemd puts ExecStartPost= processes into ".control"."""
+    lines = text.split("\n")
+    mine = [ln for ln in lines if ":name=systemd:" in ln] or [ln for ln in lines
+                                                              if ln.startswith("0::")]
+    path = mine[0].split(":", 2)[2] if mine else text
+    return path.removesuffix("/runtime").removesuffix("/.control")
+
+
 def _checkers(pid: int) -> list[int]:
     """Liveness checkers (unitgen.inunit.watch) in the same unit as ``pid``."""
     try:
         with open(f"/proc/{pid}/cgroup", encoding="utf-8") as fh:
-            cgroup = fh.read()
+            cgroup = _unit_cgroup(fh.read())
     except OSError:
         return []
     found = []
@@ -54,7 +67,7 @@ def _checkers(pid: int) -> list[int]:
             if "unitgen.inunit.watch" not in (proc.info["cmdline"] or []):
                 continue
             with open(f"/proc/{proc.pid}/cgroup", encoding="utf-8") as fh:
-                if fh.read() == cgroup:
+                if _unit_cgroup(fh.read()) == cgroup:
                     found.append(proc.pid)
         except OSError:
             continue
@@ -120,7 +133,12 @@ def doctor(name: str, scope: str) -> Result:
     except OSError:
         server_text = ""
     _liveness(findings, server_text, info, scope)
-    if not pid:
+    if installed.container:
+        # its processes are the container's (conmon's children, another mount and
+        # network namespace): podman says what runs, the health check below what answers
+        findings += container_findings(host_podman(), installed.container, installed.image,
+                                       installed.gpus, state == "active")
+    elif not pid:
         findings.append(Finding(True, f"{server_unit} is {state}: no server process to inspect "
                                       "(on-demand instances start on the first connection)"))
     else:

@@ -4,10 +4,12 @@ one round of D-Bus calls."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import psutil
 
@@ -73,6 +75,28 @@ class ProcessTable:
         return total
 
 
+    def unit_memory(self, pid: int) -> int | None:
+        """Resident memory of every process in the unit of ``pid`` (its cgroup and
+        those below): a container's processes are conmon's children, not podman's,
+        but they are in the unit's cgroup (--cgroups=split)."""
+        try:
+            lines = Path(f"/proc/{pid}/cgroup").read_text(encoding="utf-8").split("\n")
+        except OSError:
+            return self.tree_memory(pid)
+        v1 = [ln.split(":", 2)[2] for ln in lines if ":name=systemd:" in ln]
+        v2 = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")]
+        top = (Path("/sys/fs/cgroup/systemd") / v1[0].lstrip("/")) if v1 else \
+            (Path("/sys/fs/cgroup") / v2[0].lstrip("/")) if v2 else None
+        if top is None:
+            return self.tree_memory(pid)
+        top = top.parent if top.name == "runtime" else top  # podman run's own leaf
+        pids: set[int] = set()
+        for procs in top.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                pids |= {int(w) for w in procs.read_text(encoding="utf-8").split()}
+        return sum(self.rss.get(p, 0) for p in pids) or self.tree_memory(pid)
+
+
 def tree_memory(pid: int) -> int | None:
     """Resident memory of a process and all its descendants."""
     return ProcessTable().tree_memory(pid)
@@ -130,8 +154,14 @@ def describe(inst: Installed, infos: dict[str, UnitInfo],
         uptime = max(0.0, time.time() - server.active_enter_usec / 1e6)
     return InstanceStatus(name, state, address, "gateway" if inst.is_gateway else inst.backend,
                           pid, uptime,
-                          (table or ProcessTable()).tree_memory(pid) if pid else None, detail,
+                          _memory(table or ProcessTable(), pid, bool(inst.container)), detail,
                           restarts=server.n_restarts)
+
+
+def _memory(table: ProcessTable, pid: int | None, container: bool) -> int | None:
+    if not pid:
+        return None
+    return table.unit_memory(pid) if container else table.tree_memory(pid)
 
 
 def health_target(inst: Installed, scope: str) -> str:

@@ -112,6 +112,11 @@ def spec_refusals(spec: InstanceSpec) -> list[Problem]:
     if spec.gateway is not None:
         no("gateway", "gateways run with the systemd target only (for now): under supervisord "
                       "the instance has its own port; drop gateway or deploy with systemd")
+    if spec.image is not None:
+        no("image", "containers run with the systemd target only: its unit keeps the "
+                    "container in its own cgroup and removes it on every stop (podman's "
+                    "conmon outlives a supervisord program that is killed, and supervisord "
+                    "cannot run a clean-up when a program ends); deploy with the systemd target")
     if spec.idle_stop is not None:
         no("idle_stop", "is not available with the supervisor target: supervisord cannot "
                         "stop a program when idle and start it again on a connection")

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from unitgen.plan.container import needs_no_network
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
 from unitgen.targets.base import find_proxyd
 from unitgen.timespan import format_seconds
 
-__all__ = ["START_MARGIN", "RenderContext", "confine_argv", "gpu_context", "hardening_context",
-           "probe_cmd", "swap_context", "watch_cmd"]
+__all__ = ["START_MARGIN", "RenderContext", "confine_argv", "container_context", "gpu_context",
+           "hardening_context", "probe_cmd", "swap_context", "watch_cmd"]
 
 # A server starts its ExecStartPost probe at once; systemd's own start timeout is
 # the probe's deadline plus this margin, so the probe's one-line reason wins.
@@ -33,13 +35,15 @@ class RenderContext:
     # Where the interpreter's environment and unitgen's own package live: the
     # units run code from there (the probe, the GPU wait).
     code_paths: tuple[str, ...] = ()
+    podman: str = "/usr/bin/podman"  # runs the servers of specs with image = ...
 
     @classmethod
     def detect(cls, *, scope: str = "system") -> RenderContext:
         """The context of this host: this interpreter and the installed proxyd."""
         package_root = str(Path(__file__).resolve().parents[3])
         return cls(python=sys.executable, proxyd=find_proxyd(), scope=scope,
-                   code_paths=tuple(dict.fromkeys((sys.prefix, package_root))))
+                   code_paths=tuple(dict.fromkeys((sys.prefix, package_root))),
+                   podman=shutil.which("podman") or "/usr/bin/podman")
 
 
 def probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> list[str]:
@@ -116,7 +120,8 @@ def hardening_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     nothing at user scope (a user manager cannot set up most of it) or with
     ``hardening = false``."""
     spec = inst.spec
-    if ctx.scope != "system" or not spec.hardening:
+    if ctx.scope != "system" or not spec.hardening or inst.container is not None:
+        # a container's unit runs podman, as root: container_context confines it
         return {"hardening": False}
     env = dict(inst.env)
     writable = [v for k, v in inst.env if k in CACHE_ENV and v.startswith("/")]
@@ -135,7 +140,6 @@ def hardening_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
                                     ("XDG_CACHE_HOME", f"/var/cache/{state}"))
                 if k not in env and not spec.user]
     unix = inst.private is not None and inst.private.kind == "unix"
-    local_model = bool(spec.model and spec.model.startswith("/"))
     # PrivateTmp= hides the host's /tmp and /var/tmp: code or a model kept there
     # (a checkout in /tmp, say) is bound into the unit read-only.
     in_tmp = sorted({p for p in [*ctx.code_paths, *read]
@@ -148,7 +152,7 @@ def hardening_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "writable": writable,
         "protect_home": "read-only" if any(_under(p, _HOMES) for p in [*read, *writable])
                         else "yes",
-        "private_network": unix and (spec.offline or local_model),
+        "private_network": unix and needs_no_network(spec),
     }
 
 
@@ -178,4 +182,35 @@ def swap_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "probe_private": [*probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
                           "--interval", "50ms"],
         "swap_stop_timeout": format_seconds(spec.swap_drain + START_MARGIN),
+    }
+
+
+# How long podman stop waits for the server before SIGKILL: inside the unit's
+# TimeoutStopSec=60s, so podman, not systemd, ends a server that ignores SIGTERM.
+CONTAINER_STOP_SECONDS = 50
+
+
+def container_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    """The unit of a server run with podman (docs/containers.md): ExecStart is
+    ``podman run`` behind the rlimit wrapper; stop and every end remove the container."""
+    c = inst.container
+    if c is None:
+        return {"container": "", "image": ""}
+    run = [ctx.python, "-I", "-m", "unitgen.inunit.podrun", "--", ctx.podman, *c.run_words()]
+    return {
+        "container": c.name,
+        "image": c.image,
+        "argv": run,
+        # the container's (--workdir): the path need not exist on the host
+        "working_directory": "",
+        # no DevicePolicy= on the podman unit: runc must write the container's own
+        # device rules below it ("b *:* m" was refused under DevicePolicy=closed,
+        # measured); the container gets the default nodes and its CDI GPUs only
+        "device_allow": [],
+        "container_stop": [ctx.podman, "stop", "--ignore", f"--time={CONTAINER_STOP_SECONDS}",
+                           c.name],
+        "container_remove": [ctx.podman, "rm", "--force", "--ignore", "--time=0", c.name],
+        # system scope, hardening = true: what podman (root, mounts, namespaces in
+        # the host's mount namespace) still works under
+        "container_hardening": ctx.scope == "system" and inst.spec.hardening,
     }

@@ -53,6 +53,8 @@ class Installed:
     member: Member | None = None  # the gateway member it is (unitgen-member: header)
     is_gateway: bool = False
     socket_ports: tuple[int, ...] = ()  # every port its socket unit holds (a gateway: + metrics)
+    container: str | None = None  # image = ...: its container's name (unitgen-container:)
+    image: str = ""
 
     @property
     def server_unit(self) -> str:
@@ -99,6 +101,9 @@ def scan(directory: Path) -> dict[str, Installed]:
         member = _field(text, "# unitgen-member: ")
         if member and inst.member is None:
             inst.member = parse_member(name, member)
+        container = _field(text, "# unitgen-container: ")
+        if container:
+            inst.container, _, inst.image = container.partition(" ")
         gpus = _field(text, "# unitgen-gpus: ")
         if gpus:
             uuids, _, mode = gpus.partition(" ")

@@ -30,6 +30,7 @@ from unitgen.targets.systemd.contexts import (
     START_MARGIN,
     RenderContext,
     confine_argv,
+    container_context,
     gpu_context,
     hardening_context,
     probe_cmd,
@@ -179,7 +180,8 @@ def _common(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     hardening = hardening_context(inst, ctx)
     # a server run as another user needs the right to bind its privileged private port
     bind_low_port = bool((spec.user or hardening["hardening"]) and inst.private is not None
-                         and inst.private.kind == "tcp" and inst.private.port < 1024)
+                         and inst.private.kind == "tcp" and inst.private.port < 1024
+                         and inst.container is None)
     argv = list(inst.argv)
     if bind_low_port:
         assert inst.private is not None  # noqa: S101 - bind_low_port says so
@@ -211,6 +213,7 @@ def _common(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "bind_low_port": bind_low_port,
         **hardening,
         **gpu_context(inst, ctx),
+        **container_context(inst, ctx),  # its argv is podman run's
         "swap_group": spec.swap_group or "",
         **_gateway_context(inst, ctx),
     }

@@ -1,0 +1,161 @@
+"""Running the server from a container image (``image =``, docs/containers.md).
+
+A container is one more way to start the same server: the plan of the instance
+(public socket, private endpoint, probe, GPUs, swap group, idle stop) does not
+change; only the server's command line is wrapped in ``podman run``. This module
+says what that ``podman run`` is, in words any target can write out: the server's
+argv as it reads inside the container, the options, the devices. No systemd here.
+
+- The private Unix socket lives in the instance's runtime directory on the host
+  (the proxy and the probe reach it there); that directory is bound into the
+  container at :data:`CONTAINER_RUNTIME`, and the server is told the path there.
+- ``--network none`` where the server needs no network (its model is on disk or
+  ``offline = true``) and serves on a Unix socket or a passed socket; otherwise
+  the host's network (``--network host``): a loopback private port then works as
+  for a server on the host, and a model can be downloaded.
+- Variables reach the container by name only (``--env NAME``): their values stay in
+  the unit's environment (and secrets in their 0600 file), never in an argv.
+- GPUs are CDI devices named by UUID (``nvidia.com/gpu=GPU-...``), as
+  ``nvidia-ctk cdi generate`` names them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from unitgen.spec.model import InstanceSpec
+
+__all__ = ["CDI_KIND", "CONTAINER_RUNTIME", "Container", "ProblemSink", "container_name",
+           "needs_no_network",
+           "plan_container"]
+
+# Where the instance's runtime directory (its private socket) is inside the container.
+CONTAINER_RUNTIME = "/run/unitgen"
+# The CDI device kind of NVIDIA GPUs (nvidia-ctk's default).
+CDI_KIND = "nvidia.com/gpu"
+
+ProblemSink = Callable[[str, str], None]
+
+# podman run options unitgen sets itself, and what to use instead.
+_OWNED = {
+    "--name": "unitgen names the container unitgen-<name>",
+    "--rm": "unitgen removes the container when it stops",
+    "--replace": "unitgen replaces a leftover container",
+    "--network": "the network follows from where the server listens (docs/containers.md)",
+    "--net": "the network follows from where the server listens (docs/containers.md)",
+    "--publish": "the socket unit owns the public port; nothing is published",
+    "-p": "the socket unit owns the public port; nothing is published",
+    "--publish-all": "the socket unit owns the public port; nothing is published",
+    "-P": "the socket unit owns the public port; nothing is published",
+    "--cgroups": "the container runs in the unit's own cgroup (--cgroups=split)",
+    "--log-driver": "the server logs to the unit's journal (--log-driver=passthrough)",
+    "--detach": "the unit's main process is podman run in the foreground",
+    "-d": "the unit's main process is podman run in the foreground",
+    "--entrypoint": "use executable = ...",
+    "--env": "use [env] (a value in argv is readable by every local user)",
+    "-e": "use [env] (a value in argv is readable by every local user)",
+    "--ipc": "use ipc = ...",
+    "--shm-size": "use shm_size = ...",
+    "--workdir": "use working_directory = ...",
+    "-w": "use working_directory = ...",
+    "--ulimit": "the unit's LimitNOFILE=/LimitNPROC= are passed in: set those in [systemd.service]",
+    "--restart": "systemd restarts the unit (restart = ...)",
+    "--privileged": "it lifts every confinement of the container (and of the GPU placement)",
+    "--tty": "the server's output goes to the journal",
+    "-t": "the server's output goes to the journal",
+    "--interactive": "the server's output goes to the journal",
+    "-i": "the server's output goes to the journal",
+    "--sdnotify": "the unit's readiness is its probe",
+    "--cidfile": "unitgen finds the container by its name",
+    "--pod": "one instance, one container",
+}
+
+
+def container_name(name: str) -> str:
+    """The container of instance ``name``: one name, so a leftover is replaced, never doubled."""
+    return f"unitgen-{name}"
+
+
+def needs_no_network(spec: InstanceSpec) -> bool:
+    """The server needs no network: its model is on disk or the spec says offline.
+    (The one rule; the sandbox's ``PrivateNetwork=`` uses it too.)"""
+    return spec.offline or bool(spec.model and spec.model.startswith("/"))
+
+
+@dataclass(frozen=True)
+class Container:
+    """One instance's ``podman run``: ``options`` go between ``run`` and the image,
+    ``argv`` is the server's command as it runs inside the container."""
+
+    name: str
+    image: str
+    options: tuple[str, ...]
+    argv: tuple[str, ...]
+    network: str  # "none" or "host"
+    pull: str
+    pull_timeout: float
+    devices: tuple[str, ...] = ()  # CDI devices (GPUs)
+
+    def run_words(self) -> tuple[str, ...]:
+        """Everything after ``podman``: ``run OPTIONS --entrypoint EXE IMAGE ARGS``."""
+        return ("run", *self.options, "--entrypoint", self.argv[0], self.image, *self.argv[1:])
+
+
+def _refused(words: tuple[str, ...], problem: ProblemSink) -> None:
+    for i, word in enumerate(words):
+        if not word.startswith("-"):
+            continue
+        name = word.split("=", 1)[0] if word.startswith("--") else word[:2]
+        why = _OWNED.get(name)
+        if why:
+            problem(f"podman_args[{i}]", f"{word!r}: {name} is set by unitgen ({why})")
+        if name == "--device" and CDI_KIND in word:
+            problem(f"podman_args[{i}]", f"{word!r}: GPUs are placed by unitgen: use gpus = ...")
+
+
+def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[str, ...],
+                   private: tuple[str, str, int] | None, gpu_uuids: tuple[str, ...],
+                   problem: ProblemSink) -> Container | None:
+    """The container of a spec with ``image`` (None without one).
+
+    ``private`` is the private endpoint's (kind, path, port): ("unix", a socket in
+    the instance's runtime directory, 0), ("tcp", "", its loopback port), or None
+    (the server takes the public socket itself)."""
+    if spec.image is None:
+        return None
+    _refused(spec.podman_args, problem)
+    kind, path, port = private or (None, "", 0)
+    offline = needs_no_network(spec) and kind in ("unix", None)
+    network = "none" if offline else "host"
+    options: list[str] = ["--rm", "--replace", "--name", container_name(spec.name),
+                          "--cgroups=split", "--log-driver=passthrough", f"--network={network}",
+                          # deploy pulls (pull = ...); a start never waits on a registry
+                          "--pull=never"]
+    if spec.hardening:
+        # Confined inside: no capabilities (a server needs none), no setuid gains.
+        options += ["--cap-drop=all", "--security-opt=no-new-privileges"]
+        if kind == "tcp" and port < 1024:
+            # its privileged private port (no local user can squat it while the
+            # server is down); with it the server could bind any privileged port:
+            # the Landlock guard of servers on the host is not applied in containers
+            options.append("--cap-add=NET_BIND_SERVICE")
+    options += [f"--env={name}" for name in env_names]
+    inner = argv
+    if kind == "unix":
+        runtime = path.rpartition("/")[0]  # its runtime directory, as argv writes it
+        options.append(f"--volume={runtime}:{CONTAINER_RUNTIME}")
+        inner = tuple(w.replace(runtime, CONTAINER_RUNTIME) for w in argv)
+    options += [f"--volume={v}" for v in spec.volumes]
+    devices = tuple(f"{CDI_KIND}={uuid}" for uuid in gpu_uuids)
+    options += [f"--device={d}" for d in devices]
+    if spec.shm_size is not None:
+        options.append(f"--shm-size={spec.shm_size}b")
+    if spec.ipc != "private":
+        options.append(f"--ipc={spec.ipc}")
+    if spec.working_directory:
+        options.append(f"--workdir={spec.working_directory}")
+    options += spec.podman_args
+    return Container(name=container_name(spec.name), image=spec.image, options=tuple(options),
+                     argv=inner, network=network, pull=str(spec.pull),
+                     pull_timeout=spec.pull_timeout, devices=devices)
