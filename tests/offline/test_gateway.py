@@ -13,7 +13,9 @@ from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
 from unitgen.ops.systemd.gateways import validate
 from unitgen.ops.systemd.specs import render_spec
-from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, routes
+from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, routes, settings_of, upstream_members
+from unitgen.spec.gateway import GatewaySpec
+from unitgen.spec.model import load_any
 from unitgen.targets.haproxy.render import FILES, GatewayPaths, render_gateway
 
 needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None and
@@ -75,3 +77,64 @@ def test_an_instance_alias_must_be_one_word(tmp_path):
     with pytest.raises(SpecError) as info:
         render_spec(spec, GOLDEN_CTX)
     assert any(p.key == "aliases[0]" for p in info.value.problems)
+
+
+UPSTREAMS = '''kind = "gateway"
+name = "gw"
+port = 8080
+[[upstreams]]
+node = "h1"
+name = "qwen"
+address = "127.0.0.2:8001"
+aliases = ["Qwen/Qwen2-7B"]
+max_concurrent = 4
+[[upstreams]]
+node = "h2"
+name = "qwen"
+address = "127.0.0.3:8001"
+aliases = ["Qwen/Qwen2-7B"]
+[[upstreams]]
+node = "h2"
+name = "emb"
+address = "127.0.0.3:8002"
+on_demand = true
+'''
+
+
+def test_upstreams_on_other_hosts_are_replicas_and_only_always_on_ones_are_checked(tmp_path):
+    g = load_any(write_spec(tmp_path, "gw", UPSTREAMS))
+    assert isinstance(g, GatewaySpec)
+    members = upstream_members(g)
+    found = {r.names: [m.instance for m in r.members] for r in routes(members)}
+    assert found == {("Qwen/Qwen2-7B", "qwen"): ["h1_qwen", "h2_qwen"], ("emb",): ["h2_emb"]}
+    cfg = render_gateway(settings_of(g), routes(members), GatewayPaths("/d", "/r"))[0].text
+    lines = {ln.split()[1]: ln for ln in cfg.splitlines() if ln.strip().startswith("server ")}
+    assert "maxconn 4 check inter 2s" in lines["h1_qwen"]
+    assert "on-error mark-down" in lines["h2_qwen"]
+    assert lines["h2_emb"].split() == ["server", "h2_emb", "127.0.0.3:8002"]  # never woken
+
+
+@needs_haproxy
+def test_haproxy_accepts_upstreams(tmp_path):
+    g = load_any(write_spec(tmp_path, "gw", UPSTREAMS))
+    assert isinstance(g, GatewaySpec)
+    validate("gw.toml", GatewayPlan(settings_of(g), tuple(upstream_members(g))))
+
+
+def test_bad_upstreams_are_named_by_file_index_and_key(tmp_path):
+    spec = write_spec(tmp_path, "gw", 'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                      '[[upstreams]]\nnode = "h_1"\nname = "x"\naddress = "h1:80"\nbogus = 1\n'
+                      '[[upstreams]]\nname = "y"\naddress = "127.0.0.1:1"\n'
+                      '[[upstreams]]\nnode = "h"\nname = "z"\naddress = "127.0.0.1:1"\n'
+                      '[[upstreams]]\nnode = "h"\nname = "z"\naddress = "127.0.0.1:2"\n')
+    with pytest.raises(SpecError) as info:
+        render_spec(spec, GOLDEN_CTX)
+    keys = {p.key for p in info.value.problems}
+    assert {"upstreams[0].node", "upstreams[0].address", "upstreams[0].bogus",
+            "upstreams[1].node", "upstreams[3]"} <= keys, info.value.problems
+    assert all(p.file == str(spec) for p in info.value.problems)
+    bad = write_spec(tmp_path, "gw2", 'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                     'upstreams = "h1"\n')
+    with pytest.raises(SpecError) as info:
+        render_spec(bad, GOLDEN_CTX)
+    assert [p.key for p in info.value.problems] == ["upstreams"]

@@ -31,11 +31,15 @@ def config_path(scope: str, f: RenderedFile) -> Path:
     return config_root(scope) / f.name
 
 
-def _settings(scope: str, name: str) -> tuple[GatewaySettings, tuple[str, int] | None] | None:
+def _settings(scope: str, name: str) -> GatewayPlan | None:
+    """An installed gateway's settings and its members on other hosts."""
     try:
         data = json.loads((gateway_dir(scope, name) / SETTINGS).read_text(encoding="utf-8"))
         metrics = data.get("metrics")
-        return GatewaySettings(**data["settings"]), (tuple(metrics) if metrics else None)
+        ups = tuple(Member(**{**m, "names": tuple(m["names"])})
+                    for m in data.get("upstreams", []))
+        return GatewayPlan(GatewaySettings(**data["settings"]), ups,
+                           tuple(metrics) if metrics else None)
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
@@ -61,7 +65,6 @@ def rerender(scope: str, gateway: str, installed: dict[str, Installed],
     found = _settings(scope, gateway)
     if found is None:
         return []
-    settings, metrics = found
     run = {p.instance.name: p for p in planned}
     gone = set(removed) | set(run)
     members: list[Member] = [i.member for n, i in installed.items()
@@ -69,7 +72,7 @@ def rerender(scope: str, gateway: str, installed: dict[str, Installed],
                              and n not in gone]
     members += [m for p in run.values() if (m := member_of(p.instance)) is not None
                 and m.gateway == gateway]
-    plan = GatewayPlan(settings, tuple(members), metrics)
+    plan = GatewayPlan(found.settings, (*found.members, *members), found.metrics)
     return gateway_files(gateway, plan, scope)
 
 
