@@ -36,12 +36,25 @@ PLAYBOOK = """\
 """
 
 
+def collections_path(home: Path) -> Path:
+    """A collections directory under ``home`` in which ``unitgen.unitgen`` is
+    this checkout's ``ansible/`` (what ``ansible-galaxy collection install``
+    would unpack), so the modules' full names resolve."""
+    root = home / "collections"
+    link = root / "ansible_collections" / "unitgen" / "unitgen"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(ANSIBLE, target_is_directory=True)
+    return root
+
+
 def ansible_env(home: Path) -> dict[str, str]:
-    """Environment for ansible-playbook: the role, the JSON callback, state kept
-    under ``home`` (never in the user's ~/.ansible)."""
+    """Environment for ansible-playbook: the collection and its role, the JSON
+    callback, state kept under ``home`` (never in the user's ~/.ansible)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
     env.update({
         "PATH": f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+        "ANSIBLE_COLLECTIONS_PATH": str(collections_path(home)),
         "ANSIBLE_ROLES_PATH": str(ANSIBLE / "roles"),
         "ANSIBLE_CALLBACK_PLUGINS": str(ANSIBLE / "tests" / "callback"),
         "ANSIBLE_STDOUT_CALLBACK": "unitgen_json",
