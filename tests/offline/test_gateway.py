@@ -138,3 +138,15 @@ def test_bad_upstreams_are_named_by_file_index_and_key(tmp_path):
     with pytest.raises(SpecError) as info:
         render_spec(bad, GOLDEN_CTX)
     assert [p.key for p in info.value.problems] == ["upstreams"]
+
+
+def test_a_file_with_crlf_reads_back_as_written(tmp_path):
+    # 429.http is an HTTP response (\r\n): read as text it became \n, and every
+    # deploy of an unchanged gateway rewrote it and reported "updated"
+    from unitgen.ops.files import apply_changes, read_exact  # noqa: PLC0415
+
+    text = next(f.text for f in render_gateway(GatewaySettings("gw"), routes(MEMBERS),
+                                               GatewayPaths("/d", "/r")) if f.name == "429.http")
+    path = tmp_path / "429.http"
+    apply_changes([(path, text)])
+    assert "\r\n" in text and read_exact(path) == text
