@@ -27,6 +27,8 @@ def lint(project: Path, home: Path) -> subprocess.CompletedProcess[str]:
     env.update({
         "PATH": f"{LINT.parent}:{env.get('PATH', '/usr/bin:/bin')}",
         "ANSIBLE_HOME": str(home / "ansible"),
+        # the collection's full names (unitgen.unitgen.*) resolve to this project
+        "ANSIBLE_COLLECTIONS_PATH": str(collections_path(home, project)),
         "XDG_CACHE_HOME": str(home / "cache"),
         "NO_COLOR": "1",
     })

@@ -36,15 +36,15 @@ PLAYBOOK = """\
 """
 
 
-def collections_path(home: Path) -> Path:
+def collections_path(home: Path, source: Path = ANSIBLE) -> Path:
     """A collections directory under ``home`` in which ``unitgen.unitgen`` is
-    this checkout's ``ansible/`` (what ``ansible-galaxy collection install``
-    would unpack), so the modules' full names resolve."""
+    ``source`` (this checkout's ``ansible/``: what ``ansible-galaxy collection
+    install`` would unpack), so the modules' full names resolve."""
     root = home / "collections"
     link = root / "ansible_collections" / "unitgen" / "unitgen"
     if not link.exists():
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(ANSIBLE, target_is_directory=True)
+        link.symlink_to(source, target_is_directory=True)
     return root
 
 
