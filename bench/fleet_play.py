@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forks", type=int, default=5)
     args = ap.parse_args(argv)
     boxes: list[Sandbox] = []
-    rows = []
+    rows: list[tuple[str, float, int, str]] = []
     with tempfile.TemporaryDirectory(prefix="unitgen-bench-play-") as tmp:
         work = Path(tmp)
         try:
