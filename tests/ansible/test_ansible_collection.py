@@ -113,3 +113,24 @@ def test_upstreams_come_from_the_status_and_specs_of_the_model_servers():
     assert [u.server for u in g.upstreams] == ["gpu-1.example_qwen", "gpu-1.example_emb",
                                                "gpu2_qwen", "gpu2_new"]
     assert json.dumps(ups)  # plain data, as Ansible passes it to the module
+
+
+def _module(name: str) -> ModuleType:
+    path = ANSIBLE / "plugins" / "modules" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_{name}", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_drain_module_reads_haproxys_tables():
+    m = _module("unitgen_gateway_server")
+    state = m.table("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state\n"
+                    "3 r1 1 gpu1_qwen 10.0.0.11 2 8\n3 r1 2 gpu10_qwen 10.0.0.20 2 0\n\n")
+    assert [r["srv_name"] for r in state] == ["gpu1_qwen", "gpu10_qwen"]
+    assert int(state[0]["srv_admin_state"]) & m.FORCED_DRAIN
+    stat = m.table("# pxname,svname,qcur,qmax,scur,smax,status,\n"
+                   "r1,gpu1_qwen,1,0,2,5,DRAIN,\nr1,BACKEND,0,0,2,5,UP,\n")
+    assert m.in_flight({"r1/gpu1_qwen": stat[0]}) == 3
+    assert stat[1]["svname"] == "BACKEND"
