@@ -1,4 +1,4 @@
-"""The pure parts of the Ansible modules (ansible/roles/unitgen/module_utils):
+"""The pure parts of the Ansible modules (ansible/plugins/module_utils):
 the TOML writer that turns a spec mapping into the host's spec file, and the
 helpers that read unitgen's command-line output. Loaded from their files, as
 Ansible ships them to a host."""
