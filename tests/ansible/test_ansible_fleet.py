@@ -11,7 +11,9 @@ while clients stream fails no request; a second run changes nothing;
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -122,6 +124,14 @@ def test_a_model_on_both_hosts_is_served_by_both(fleet):
     assert {fleet.who("flt-x") for _ in range(4)} == {"a"}
     cfg = (fleet.gateway_dir() / "haproxy.cfg").read_text()
     assert "server a_flt-m 127.0.0.2:" in cfg and "server b_flt-m 127.0.0.3:" in cfg
+    # unitgen status on the gateway host: each route, its servers and their HAProxy state
+    done = subprocess.run([str(BIN / "unitgen"), "status", "--user", "--json"],
+                          env={**os.environ, **fleet.boxes["gw"].env}, capture_output=True,
+                          text=True, timeout=60, check=True)
+    gw = next(g for g in json.loads(done.stdout)["gateways"] if g["name"] == GATEWAY)
+    route = next(r for r in gw["routes"] if r["route"] == "flt-m")
+    assert {(i["name"], i["state"]) for i in route["instances"]} == {("a_flt-m", "UP"),
+                                                                     ("b_flt-m", "UP")}
 
 
 def test_a_second_run_changes_nothing(fleet):
