@@ -88,6 +88,15 @@ class Fleet:
     def gateway_dir(self) -> Path:
         return self.boxes["gw"].root / "home" / ".config" / "unitgen" / "gateways" / GATEWAY
 
+    def servers(self, route: str) -> dict[str, str]:
+        """``unitgen status`` on the gateway host: the route's servers and their state."""
+        done = subprocess.run([str(BIN / "unitgen"), "status", "--user", "--json"],
+                              env={**os.environ, **self.boxes["gw"].env}, capture_output=True,
+                              text=True, timeout=60, check=True)
+        gw = next(g for g in json.loads(done.stdout)["gateways"] if g["name"] == GATEWAY)
+        found = next(r for r in gw["routes"] if r["route"] == route)
+        return {i["name"]: i["state"] for i in found["instances"]}
+
     def pid(self, host: str, unit: str) -> str:
         return self.boxes[host].systemctl("show", "-p", "MainPID", "--value", unit,
                                           check=True).stdout.strip()
@@ -125,13 +134,7 @@ def test_a_model_on_both_hosts_is_served_by_both(fleet):
     cfg = (fleet.gateway_dir() / "haproxy.cfg").read_text()
     assert "server a_flt-m 127.0.0.2:" in cfg and "server b_flt-m 127.0.0.3:" in cfg
     # unitgen status on the gateway host: each route, its servers and their HAProxy state
-    done = subprocess.run([str(BIN / "unitgen"), "status", "--user", "--json"],
-                          env={**os.environ, **fleet.boxes["gw"].env}, capture_output=True,
-                          text=True, timeout=60, check=True)
-    gw = next(g for g in json.loads(done.stdout)["gateways"] if g["name"] == GATEWAY)
-    route = next(r for r in gw["routes"] if r["route"] == "flt-m")
-    assert {(i["name"], i["state"]) for i in route["instances"]} == {("a_flt-m", "UP"),
-                                                                     ("b_flt-m", "UP")}
+    assert fleet.servers("flt-m") == {"a_flt-m": "UP", "b_flt-m": "UP"}
 
 
 def test_a_second_run_changes_nothing(fleet):
@@ -217,3 +220,19 @@ def test_check_diff_shows_a_new_route_and_changes_nothing(fleet):
     assert sorted(p.name for p in fleet.boxes["b"].unit_dir.iterdir()) == units
     assert fleet.pid("gw", f"{GATEWAY}.service") == master
     assert "flt-n" not in {m.id for m in fleet.sdk().models.list()}
+
+
+def test_a_failed_deploy_leaves_the_host_enabled_in_the_gateway(fleet):
+    broken = [dict(s, env={**s["env"], "STANDIN_NEVER_READY": "1"}, health={"timeout": "3s"})
+              if s["name"] == "flt-x" else s for s in BASE["a"]]
+    run = fleet.play({**BASE, "a": broken})
+    assert run.rc != 0 and run.failures("a") == 1
+    assert "b" not in run.doc["stats"]  # max_fail_percentage: 0 stopped the rollout at a
+    drained = run.task("Drain this host in every gateway", "a")
+    assert drained["status"] == "changed"
+    enabled = run.task("Enable this host in every gateway", "a")  # the block's always:
+    assert enabled["status"] in ("ok", "changed"), enabled
+    # unitgen put the previous version back; the gateway sends a requests again
+    assert fleet.servers("flt-m") == {"a_flt-m": "UP", "b_flt-m": "UP"}
+    assert fleet.servers("flt-x") == {"a_flt-x": "UP"}
+    assert fleet.who("flt-x") == "a"
