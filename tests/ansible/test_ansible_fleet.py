@@ -236,3 +236,15 @@ def test_a_failed_deploy_leaves_the_host_enabled_in_the_gateway(fleet):
     assert fleet.servers("flt-m") == {"a_flt-m": "UP", "b_flt-m": "UP"}
     assert fleet.servers("flt-x") == {"a_flt-x": "UP"}
     assert fleet.who("flt-x") == "a"
+
+
+def test_a_purge_drains_the_host_first_and_the_route_goes(fleet):
+    only = {**BASE, "a": [s for s in BASE["a"] if s["name"] != "flt-x"]}
+    run = fleet.play(only, "-e", "unitgen_purge=true")
+    ok(run)
+    assert run.task("Drain this host in every gateway", "a")["status"] == "changed"
+    assert run.task("Drain this host in every gateway", "b")["status"] == "skipped"
+    assert run.task("Remove instances that unitgen_instances does not list", "a")["changed"]
+    assert "flt-x" not in {m.id for m in fleet.sdk().models.list()}
+    assert {fleet.who("flt-m") for _ in range(10)} == {"a", "b"}
+    BASE.update(only)
