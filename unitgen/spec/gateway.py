@@ -55,7 +55,8 @@ UPSTREAM_KEYS: tuple[Key, ...] = (
         required=True, pattern=r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62})",
         pattern_doc="must be a host name: letters, digits, '.' and '-', at most 63, "
                     "no '_' (it separates the node from the name in server names)"),
-    replace(by_name("name"), required=True),
+    replace(by_name("name"), required=True, doc="the instance's name on that host: a route "
+            "name (the instance name rules)"),
     Key("address", Kind.TEXT, "`HOST:PORT` the gateway connects to (an IP literal: the "
         "host's address and the port its instance got)", required=True),
     by_name("aliases"),
