@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ansible.test_ansible_live import collections_path
+
 pytestmark = pytest.mark.ansible
 
 ANSIBLE = Path(__file__).resolve().parents[2] / "ansible"
@@ -25,6 +27,8 @@ def lint(project: Path, home: Path) -> subprocess.CompletedProcess[str]:
     env.update({
         "PATH": f"{LINT.parent}:{env.get('PATH', '/usr/bin:/bin')}",
         "ANSIBLE_HOME": str(home / "ansible"),
+        # the collection's full names (unitgen.unitgen.*) resolve to this project
+        "ANSIBLE_COLLECTIONS_PATH": str(collections_path(home, project)),
         "XDG_CACHE_HOME": str(home / "cache"),
         "NO_COLOR": "1",
     })
@@ -48,15 +52,21 @@ def test_ansible_lint_catches_a_broken_role(tmp_path):
     assert "name[missing]" in done.stdout + done.stderr
 
 
-def test_ansible_doc_reads_both_modules(tmp_path):
+MODULES = ("unitgen_instance", "unitgen_status", "unitgen_gateway_server")
+
+
+def test_ansible_doc_reads_every_module_by_its_full_name(tmp_path):
     doc = LINT.parent / "ansible-doc"
     if not doc.exists():
         pytest.skip("ansible-core is not installed")
     done = subprocess.run(
-        [str(doc), "--json", "-M", str(ANSIBLE / "roles" / "unitgen" / "library"),
-         "unitgen_instance", "unitgen_status"],
-        env={**os.environ, "ANSIBLE_HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120)
+        [str(doc), "--json", *(f"unitgen.unitgen.{m}" for m in MODULES)],
+        env={**os.environ, "ANSIBLE_HOME": str(tmp_path),
+             "ANSIBLE_COLLECTIONS_PATH": str(collections_path(tmp_path))},
+        capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     docs = json.loads(done.stdout)
-    assert docs["unitgen_instance"]["doc"]["options"]["state"]["choices"] == ["present", "absent"]
-    assert "instances" in docs["unitgen_status"]["return"]
+    assert set(docs) == {f"unitgen.unitgen.{m}" for m in MODULES}
+    instance = docs["unitgen.unitgen.unitgen_instance"]["doc"]
+    assert instance["options"]["state"]["choices"] == ["present", "absent"]
+    assert "instances" in docs["unitgen.unitgen.unitgen_status"]["return"]

@@ -36,12 +36,25 @@ PLAYBOOK = """\
 """
 
 
+def collections_path(home: Path, source: Path = ANSIBLE) -> Path:
+    """A collections directory under ``home`` in which ``unitgen.unitgen`` is
+    ``source`` (this checkout's ``ansible/``: what ``ansible-galaxy collection
+    install`` would unpack), so the modules' full names resolve."""
+    root = home / "collections"
+    link = root / "ansible_collections" / "unitgen" / "unitgen"
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(source, target_is_directory=True)
+    return root
+
+
 def ansible_env(home: Path) -> dict[str, str]:
-    """Environment for ansible-playbook: the role, the JSON callback, state kept
-    under ``home`` (never in the user's ~/.ansible)."""
+    """Environment for ansible-playbook: the collection and its role, the JSON
+    callback, state kept under ``home`` (never in the user's ~/.ansible)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
     env.update({
         "PATH": f"{BIN}:{env.get('PATH', '/usr/bin:/bin')}",
+        "ANSIBLE_COLLECTIONS_PATH": str(collections_path(home)),
         "ANSIBLE_ROLES_PATH": str(ANSIBLE / "roles"),
         "ANSIBLE_CALLBACK_PLUGINS": str(ANSIBLE / "tests" / "callback"),
         "ANSIBLE_STDOUT_CALLBACK": "unitgen_json",
@@ -531,9 +544,11 @@ def test_secrets_never_reach_logs_diffs_or_callback_output(fleet):
 
     seen["module syslog"] = syslog_file.read_text()
     log = seen["module syslog"].splitlines()
-    invoked = [ln for ln in log if ln.startswith("ansible-unitgen_instance: Invoked with")]
-    assert invoked and all("spec=NOT_LOGGING_PARAMETER" in ln for ln in invoked)
-    assert "ansible-unitgen_instance: Instance s1: state=present spec_file=" \
+    # syslog names the module by its full name (it runs from the collection)
+    me = "ansible-unitgen.unitgen.unitgen_instance"
+    invoked = [ln for ln in log if ln.startswith(f"{me}: Invoked with")]
+    assert invoked and all("spec=NOT_LOGGING_PARAMETER" in ln for ln in invoked), log[:5]
+    assert f"{me}: Instance s1: state=present spec_file=" \
         f"{fleet.spec_file('a', 's1')}" in log
     assert _leaks(seen, every) == []
     # unitgen puts an undeclared token into the unit file: the module says so

@@ -1,4 +1,4 @@
-"""The pure parts of the Ansible modules (ansible/roles/unitgen/module_utils):
+"""The pure parts of the Ansible modules (ansible/plugins/module_utils):
 the TOML writer that turns a spec mapping into the host's spec file, and the
 helpers that read unitgen's command-line output. Loaded from their files, as
 Ansible ships them to a host."""
@@ -28,7 +28,8 @@ from unitgen.spec.model import parse_spec
 
 pytestmark = pytest.mark.ansible
 
-UTILS = Path(__file__).resolve().parents[2] / "ansible" / "roles" / "unitgen" / "module_utils"
+UTILS = Path(__file__).resolve().parents[2] / "ansible" / "plugins" / "module_utils"
+MODULES = UTILS.parent / "modules"
 
 
 def _load(name: str) -> ModuleType:
@@ -300,7 +301,7 @@ def test_parse_json_accepts_objects_only():
     assert cli.parse_json("") is None and cli.parse_json("[1]") is None and cli.parse_json("x") is None
 
 
-ROLE = UTILS.parent
+ROLE = UTILS.parents[1] / "roles" / "unitgen"
 
 
 def _module_constants(path: Path) -> dict[str, Any]:
@@ -315,7 +316,7 @@ def _module_constants(path: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("module", ["unitgen_instance", "unitgen_status"])
 def test_module_documentation_matches_its_argument_spec(module):
-    consts = _module_constants(ROLE / "library" / f"{module}.py")
+    consts = _module_constants(MODULES / f"{module}.py")
     documented = yaml.safe_load(consts["DOCUMENTATION"])["options"]
     spec = consts["ARGUMENT_SPEC"]
     assert set(documented) == set(spec)
@@ -351,7 +352,7 @@ def test_the_modules_offer_exactly_unitgens_targets():
     options = specs["argument_specs"]["main"]["options"]
     assert tuple(options["unitgen_target"]["choices"]) == names()
     for module in ("unitgen_instance", "unitgen_status"):
-        text = (role / "library" / f"{module}.py").read_text()
+        text = (MODULES / f"{module}.py").read_text()
         found = re.search(r'DOCUMENTATION = r"""(.*?)"""', text, re.S)
         assert found, module
         doc = yaml.safe_load(found.group(1))

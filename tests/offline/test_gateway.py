@@ -13,9 +13,10 @@ from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
 from unitgen.ops.systemd.gateways import validate
 from unitgen.ops.systemd.specs import render_spec
-from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, routes
+from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, routes, settings_of, upstream_members
 from unitgen.plan.instance import resolve
-from unitgen.spec.model import load_spec
+from unitgen.spec.gateway import GatewaySpec
+from unitgen.spec.model import load_any, load_spec
 from unitgen.targets.haproxy.render import FILES, GatewayPaths, render_gateway
 
 needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None and
@@ -109,3 +110,76 @@ def test_served_names_are_left_alone_without_a_gateway_or_when_args_say_them(tmp
 def test_servers_that_answer_any_name_get_none(tmp_path, backend):
     argv = _argv(tmp_path, backend, 'gateway = "gw"\naliases = ["qwen"]\n')
     assert not [w for w in argv if "served" in w], argv
+
+
+UPSTREAMS = '''kind = "gateway"
+name = "gw"
+port = 8080
+[[upstreams]]
+node = "h1"
+name = "qwen"
+address = "127.0.0.2:8001"
+aliases = ["Qwen/Qwen2-7B"]
+max_concurrent = 4
+[[upstreams]]
+node = "h2"
+name = "qwen"
+address = "127.0.0.3:8001"
+aliases = ["Qwen/Qwen2-7B"]
+[[upstreams]]
+node = "h2"
+name = "emb"
+address = "127.0.0.3:8002"
+on_demand = true
+'''
+
+
+def test_upstreams_on_other_hosts_are_replicas_and_only_always_on_ones_are_checked(tmp_path):
+    g = load_any(write_spec(tmp_path, "gw", UPSTREAMS))
+    assert isinstance(g, GatewaySpec)
+    members = upstream_members(g)
+    found = {r.names: [m.instance for m in r.members] for r in routes(members)}
+    assert found == {("Qwen/Qwen2-7B", "qwen"): ["h1_qwen", "h2_qwen"], ("emb",): ["h2_emb"]}
+    cfg = render_gateway(settings_of(g), routes(members), GatewayPaths("/d", "/r"))[0].text
+    lines = {ln.split()[1]: ln for ln in cfg.splitlines() if ln.strip().startswith("server ")}
+    assert "maxconn 4 check inter 2s" in lines["h1_qwen"]
+    assert "on-error mark-down" in lines["h2_qwen"]
+    assert lines["h2_emb"].split() == ["server", "h2_emb", "127.0.0.3:8002"]  # never woken
+
+
+@needs_haproxy
+def test_haproxy_accepts_upstreams(tmp_path):
+    g = load_any(write_spec(tmp_path, "gw", UPSTREAMS))
+    assert isinstance(g, GatewaySpec)
+    validate("gw.toml", GatewayPlan(settings_of(g), tuple(upstream_members(g))))
+
+
+def test_bad_upstreams_are_named_by_file_index_and_key(tmp_path):
+    spec = write_spec(tmp_path, "gw", 'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                      '[[upstreams]]\nnode = "h_1"\nname = "x"\naddress = "h1:80"\nbogus = 1\n'
+                      '[[upstreams]]\nname = "y"\naddress = "127.0.0.1:1"\n'
+                      '[[upstreams]]\nnode = "h"\nname = "z"\naddress = "127.0.0.1:1"\n'
+                      '[[upstreams]]\nnode = "h"\nname = "z"\naddress = "127.0.0.1:2"\n')
+    with pytest.raises(SpecError) as info:
+        render_spec(spec, GOLDEN_CTX)
+    keys = {p.key for p in info.value.problems}
+    assert {"upstreams[0].node", "upstreams[0].address", "upstreams[0].bogus",
+            "upstreams[1].node", "upstreams[3]"} <= keys, info.value.problems
+    assert all(p.file == str(spec) for p in info.value.problems)
+    bad = write_spec(tmp_path, "gw2", 'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                     'upstreams = "h1"\n')
+    with pytest.raises(SpecError) as info:
+        render_spec(bad, GOLDEN_CTX)
+    assert [p.key for p in info.value.problems] == ["upstreams"]
+
+
+def test_a_file_with_crlf_reads_back_as_written(tmp_path):
+    # 429.http is an HTTP response (\r\n): read as text it became \n, and every
+    # deploy of an unchanged gateway rewrote it and reported "updated"
+    from unitgen.ops.files import apply_changes, read_exact  # noqa: PLC0415
+
+    text = next(f.text for f in render_gateway(GatewaySettings("gw"), routes(MEMBERS),
+                                               GatewayPaths("/d", "/r")) if f.name == "429.http")
+    path = tmp_path / "429.http"
+    apply_changes([(path, text)])
+    assert "\r\n" in text and read_exact(path) == text

@@ -13,7 +13,7 @@ from pathlib import Path
 from unitgen.errors import OwnershipError, UnitgenError
 from unitgen.targets.base import MARKER, RenderedFile
 
-__all__ = ["apply_changes", "atomic_write", "check_ours", "files_diff", "is_ours",
+__all__ = ["apply_changes", "atomic_write", "check_ours", "files_diff", "is_ours", "read_exact",
            "undo_changes", "write_files"]
 
 
@@ -60,6 +60,14 @@ def _mode(path: Path) -> int:
     return 0o600 if path.suffix == ".env" else 0o644
 
 
+def read_exact(path: Path) -> str:
+    """A file's text exactly as written: ``\r\n`` stays (``read_text`` would make it
+    ``\n``, and a file such as the gateway's ``429.http``, an HTTP response, would
+    then never equal what is rendered: every deploy would rewrite it)."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        return fh.read()
+
+
 def apply_changes(changes: list[tuple[Path, str | None]]) -> list[tuple[Path, str | None]]:
     """Write (text) or delete (None) each path, all or nothing, each write atomic.
 
@@ -68,7 +76,7 @@ def apply_changes(changes: list[tuple[Path, str | None]]) -> list[tuple[Path, st
     done: list[tuple[Path, str | None]] = []
     try:
         for path, text in changes:
-            before = path.read_text(encoding="utf-8") if path.exists() else None
+            before = read_exact(path) if path.exists() else None
             if text is None:
                 path.unlink(missing_ok=True)
             else:
@@ -113,7 +121,7 @@ def atomic_write(target: Path, text: str, *, mode: int) -> None:
         raise OSError(exc.errno, exc.strerror, str(target)) from None
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())

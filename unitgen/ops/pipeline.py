@@ -20,7 +20,14 @@ from pathlib import Path
 
 from unitgen.errors import Problem, SpecError
 from unitgen.plan.container import ProblemSink
-from unitgen.plan.gateway import GatewayPlan, gateway_instance_spec, member_of, metrics_of, settings_of
+from unitgen.plan.gateway import (
+    GatewayPlan,
+    gateway_instance_spec,
+    member_of,
+    metrics_of,
+    settings_of,
+    upstream_members,
+)
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, Placement, place, read_gpus
 from unitgen.plan.instance import Allocator, Instance, resolve
 from unitgen.spec.gateway import GatewaySpec
@@ -219,6 +226,7 @@ def _gateway_plan(g: GatewaySpec, planned: list[Planned], allocator: Allocator) 
     members = [m for m in (installed(g.name) if installed else []) if m.instance not in run]
     members += [m for p in planned if p.instance.spec.gateway == g.name
                 and (m := member_of(p.instance)) is not None]
+    members += upstream_members(g)  # on other hosts
     return GatewayPlan(settings_of(g), tuple(members), metrics_of(g))
 
 

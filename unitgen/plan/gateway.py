@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 from unitgen.plan.instance import CONFIG_DIR, Instance
 from unitgen.spec.backends import BackendName
-from unitgen.spec.gateway import GatewaySpec
+from unitgen.spec.gateway import GatewaySpec, UpstreamSpec
 from unitgen.spec.model import HealthSpec, InstanceSpec
 from unitgen.spec.ports import probe_host
 
 __all__ = ["GATEWAY_HEALTH", "ROUTE_NAME_RE", "GatewayPlan", "GatewaySettings", "Member", "Route",
-           "gateway_instance_spec", "member_of", "metrics_of", "routes", "settings_of"]
+           "gateway_instance_spec", "member_of", "metrics_of", "routes", "settings_of",
+           "upstream_members"]
 
 # What a route name may be: what an OpenAI client sends as ``model`` (Hugging Face
 # ids included: "Qwen/Qwen2-7B-Instruct"); no blank or control character (a map
@@ -43,6 +44,15 @@ class Member:
     queue_timeout: float = 60.0  # how long a request may wait in the queue (then 429)
     on_demand: bool = False
     gateway: str = ""  # the gateway it joins
+    # on another host (a spec's ``upstreams``): the gateway checks it (see
+    # ``upstream_members``); a local member lives and dies with the gateway's host
+    remote: bool = False
+
+    @property
+    def active_check(self) -> bool:
+        """The gateway may connect to it on its own: never to an on-demand
+        instance, whose socket would start it."""
+        return self.remote and not self.on_demand
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,19 @@ def member_of(inst: Instance) -> Member | None:
                   names=(spec.name, *spec.aliases), max_concurrent=spec.max_concurrent,
                   wait=wait, queue_timeout=spec.queue_timeout,
                   on_demand=spec.activation == "on-demand", gateway=spec.gateway)
+
+
+def upstream_members(g: GatewaySpec) -> list[Member]:
+    """A gateway's members on other hosts (its ``upstreams``). The server name
+    (``Member.instance``) is ``<node>_<name>``: stable across reloads and the
+    same in every backend, so the runtime API drains a node by it."""
+    return [_upstream(u, g.name) for u in g.upstreams]
+
+
+def _upstream(u: UpstreamSpec, gateway: str) -> Member:
+    return Member(instance=u.server, address=u.address, names=(u.name, *u.aliases),
+                  max_concurrent=u.max_concurrent, wait=u.wait, queue_timeout=u.queue_timeout,
+                  on_demand=u.on_demand, gateway=gateway, remote=True)
 
 
 def _bracket(host: str) -> str:

@@ -5,14 +5,15 @@ same readers (every problem with file and key)."""
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from unitgen.errors import SpecError
-from unitgen.spec.keys import Key, Kind
-from unitgen.spec.readers import READERS, Checker
+from unitgen.spec.keys import Key, Kind, by_name
+from unitgen.spec.readers import READERS, Checker, kind_of
 
-__all__ = ["GATEWAY_KEYS", "GatewaySpec", "is_gateway", "parse_gateway"]
+__all__ = ["GATEWAY_KEYS", "UPSTREAM_KEYS", "GatewaySpec", "UpstreamSpec", "is_gateway",
+           "parse_gateway"]
 
 _NAME_RE = r"[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?"
 _DAY = 86400.0
@@ -40,12 +41,60 @@ GATEWAY_KEYS: tuple[Key, ...] = (
         default=1024, lo=1, hi=1_000_000),
     Key("client_timeout", Kind.DURATION, "close a client that sends nothing for this long",
         default=600.0, lo=1, hi=_DAY),
+    Key("upstreams", Kind.TABLES, "instances on other hosts this gateway routes to: a list of "
+        "tables with the keys of `UPSTREAM_KEYS` (`[[upstreams]]`; docs/gateway.md)",
+        default=()),
+)
+
+# One upstream: an instance another host runs, as the gateway reaches it. The
+# keys an instance spec already has (its name, aliases and bounds at the
+# gateway) are the instance keys themselves, so their rules are written once.
+UPSTREAM_KEYS: tuple[Key, ...] = (
+    Key("node", Kind.TEXT, "the host that runs it (an inventory name); with `name` it names "
+        "the HAProxy server `<node>_<name>`, which the runtime API drains",
+        required=True, pattern=r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62})",
+        pattern_doc="must be a host name: letters, digits, '.' and '-', at most 63, "
+                    "no '_' (it separates the node from the name in server names)"),
+    replace(by_name("name"), required=True, doc="the instance's name on that host: a route "
+            "name (the instance name rules)"),
+    Key("address", Kind.TEXT, "`HOST:PORT` the gateway connects to (an IP literal: the "
+        "host's address and the port its instance got)", required=True),
+    by_name("aliases"),
+    by_name("max_concurrent"),
+    by_name("queue_timeout"),
+    Key("wait", Kind.DURATION, "how long an answer may take to start (the instance's load "
+        "deadline)", default=1800.0, lo=1, hi=_DAY),
+    Key("on_demand", Kind.BOOLEAN, "the instance starts on its first request: the gateway "
+        "never health-checks it actively (a check would wake it)", default=False),
 )
 
 
 def _default(name: str) -> Any:  # noqa: ANN401 - typed by each field
     """A gateway key's declared default: the one place it is written."""
     return next(k.default for k in GATEWAY_KEYS if k.name == name)
+
+
+def _up_default(name: str) -> Any:  # noqa: ANN401 - typed by each field
+    return next(k.default for k in UPSTREAM_KEYS if k.name == name)
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """An instance on another host that a gateway routes to."""
+
+    node: str
+    name: str
+    address: str
+    aliases: tuple[str, ...] = _up_default("aliases")
+    max_concurrent: int | None = None
+    queue_timeout: float = _up_default("queue_timeout")
+    wait: float = _up_default("wait")
+    on_demand: bool = _up_default("on_demand")
+
+    @property
+    def server(self) -> str:
+        """Its HAProxy server name, the same in every backend it is in."""
+        return f"{self.node}_{self.name}"
 
 
 @dataclass(frozen=True)
@@ -62,6 +111,7 @@ class GatewaySpec:
     max_body: int = _default("max_body")
     max_connections: int = _default("max_connections")
     client_timeout: float = _default("client_timeout")
+    upstreams: tuple[UpstreamSpec, ...] = ()
 
 
 def is_gateway(data: dict[str, Any]) -> bool:
@@ -88,7 +138,9 @@ def parse_gateway(data: dict[str, Any], source: str) -> GatewaySpec:
     c.unknown_keys(data, tuple(k.name for k in GATEWAY_KEYS), "")
     values: dict[str, Any] = {}
     for key in GATEWAY_KEYS:
-        if key.name in data:
+        if key.name == "upstreams":
+            values[key.name] = _upstreams(c, data.get(key.name, []))
+        elif key.name in data:
             values[key.name] = READERS[key.kind](c, key, data[key.name])
         elif key.required:
             c.add(key.name, f"is required: {key.doc}")
@@ -103,3 +155,37 @@ def parse_gateway(data: dict[str, Any], source: str) -> GatewaySpec:
     fields = {k.name: values[k.name] for k in GATEWAY_KEYS
               if k.name != "kind" and values.get(k.name) is not None}
     return GatewaySpec(source=source, **fields)
+
+
+def _upstreams(c: Checker, value: object) -> tuple[UpstreamSpec, ...]:
+    """``upstreams``: a list of tables, each read with :data:`UPSTREAM_KEYS`
+    (problems named ``upstreams[i].key``); no server twice."""
+    if not isinstance(value, list):
+        c.add("upstreams", f"must be a list of tables ([[upstreams]]), not {kind_of(value)}")
+        return ()
+    out: list[UpstreamSpec] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(value):
+        where = f"upstreams[{i}]"
+        if not isinstance(item, dict):
+            c.add(where, f"must be a table with node, name and address, not {kind_of(item)}")
+            continue
+        before = len(c.problems)
+        c.unknown_keys(item, tuple(k.name for k in UPSTREAM_KEYS), f"{where}.")
+        fields: dict[str, Any] = {}
+        for key in UPSTREAM_KEYS:
+            if key.name in item:
+                fields[key.name] = READERS[key.kind](c, replace(key, name=f"{where}.{key.name}"),
+                                                     item[key.name])
+            elif key.required:
+                c.add(f"{where}.{key.name}", f"is required: {key.doc}")
+        _address(c, f"{where}.address", fields.get("address"))
+        if len(c.problems) > before:
+            continue
+        up = UpstreamSpec(**{k: v for k, v in fields.items() if v is not None})
+        if up.server in seen:
+            c.add(f"{where}", f"{up.name!r} on node {up.node!r} is also upstreams[{seen[up.server]}]")
+            continue
+        seen[up.server] = i
+        out.append(up)
+    return tuple(out)

@@ -91,6 +91,7 @@ class Kind(StrEnum):
     SIZE = "size"
     PROGRAM = "program"
     PATH = "absolute path"
+    TABLES = "list of tables"  # read by its owner (a gateway's upstreams), not by READERS
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from unitgen.errors import OwnershipError, SpecError, UnitgenError
 from unitgen.ops.allocate import HostAllocator, deploy_lock, listeners
 from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
-from unitgen.ops.files import apply_changes, check_ours, is_ours
+from unitgen.ops.files import apply_changes, check_ours, is_ours, read_exact
 from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned, plan_paths
 from unitgen.ops.podman import host_podman, pull_missing, remove_container, spec_problems
@@ -162,7 +162,7 @@ class SystemdDeploy:
                     raise OwnershipError(f"{spec.source}: name: unit {f.name} already exists "
                                          f"({info.fragment_path}); choose another instance name")
             try:
-                old[f.name] = path.read_text(encoding="utf-8") if path.exists() else None
+                old[f.name] = read_exact(path) if path.exists() else None
             except OSError as exc:
                 raise UnitgenError(f"cannot read {path}: {exc.strerror}") from None
         mine = self._installed.get(spec.name)
@@ -172,7 +172,7 @@ class SystemdDeploy:
         secret = secrets_dir(self.scope) / f"{spec.name}.env"
         if f"{spec.name}.env" not in old and is_ours(secret, spec.name):
             stale.append(secret)  # the key left the spec: its secret file goes too
-        return Change(planned, paths, old, {p: p.read_text(encoding="utf-8") for p in stale},
+        return Change(planned, paths, old, {p: read_exact(p) for p in stale},
                       was_installed=mine is not None and bool(mine.files), units=units,
                       notices=list(planned.instance.notices))
 
@@ -189,7 +189,7 @@ class SystemdDeploy:
         for c in changes:
             c.notices += [n for n in self._notices if n.startswith(f"{c.name}: ")]
         changed = [(p, t) for p, t in self._gateway_files
-                   if not p.exists() or p.read_text(encoding="utf-8") != t]
+                   if not p.exists() or read_exact(p) != t]
         self._reload = [g for g in self._gateways
                         if any(str(p).startswith(f"{config_root(self.scope)}/unitgen/gateways/{g}/")
                                for p, _ in changed)]

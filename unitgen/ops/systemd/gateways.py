@@ -20,10 +20,17 @@ from unitgen.ops.pipeline import Planned
 from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, member_of
 from unitgen.targets.base import RenderedFile
 from unitgen.targets.haproxy.render import CONFIG, FILES, GatewayPaths, render_gateway
-from unitgen.targets.systemd.gateway import SETTINGS, config_root, gateway_dir, gateway_files
+from unitgen.targets.systemd.gateway import (
+    SETTINGS,
+    config_root,
+    gateway_dir,
+    gateway_files,
+    runtime_root,
+)
 from unitgen.targets.systemd.installed import Installed
 
-__all__ = ["affected", "config_path", "remove_gateway_files", "rerender", "validate"]
+__all__ = ["affected", "config_path", "remote_members", "remove_gateway_files", "rerender",
+           "validate"]
 
 
 def config_path(scope: str, f: RenderedFile) -> Path:
@@ -31,13 +38,44 @@ def config_path(scope: str, f: RenderedFile) -> Path:
     return config_root(scope) / f.name
 
 
-def _settings(scope: str, name: str) -> tuple[GatewaySettings, tuple[str, int] | None] | None:
+def _settings(scope: str, name: str) -> GatewayPlan | None:
+    """An installed gateway's settings and its members on other hosts."""
     try:
         data = json.loads((gateway_dir(scope, name) / SETTINGS).read_text(encoding="utf-8"))
         metrics = data.get("metrics")
-        return GatewaySettings(**data["settings"]), (tuple(metrics) if metrics else None)
+        ups = tuple(Member(**{**m, "names": tuple(m["names"])})
+                    for m in data.get("upstreams", []))
+        return GatewayPlan(GatewaySettings(**data["settings"]), ups,
+                           tuple(metrics) if metrics else None)
     except (OSError, ValueError, TypeError, KeyError):
         return None
+
+
+def remote_members(scope: str, gateway: str) -> list[tuple[Member, str]]:
+    """An installed gateway's members on other hosts, each with its state as the
+    running HAProxy sees it (``UP``, ``DOWN``, ``DRAIN``, ``no check``; ``not
+    shown`` when the runtime API does not answer)."""
+    found = _settings(scope, gateway)
+    if found is None or not found.members:
+        return []
+    states: dict[str, str] = {}
+    sock = runtime_root(scope) / f"unitgen-{gateway}" / "admin.sock"
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(str(sock))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        lines = data.decode("utf-8", "replace").splitlines()
+        names = lines[0].lstrip("# ").split(",") if lines else []
+        for line in lines[1:]:
+            row = dict(zip(names, line.split(","), strict=False))
+            states.setdefault(row.get("svname", ""), row.get("status", ""))
+    except OSError:
+        pass
+    return [(m, states.get(m.instance) or "not shown") for m in found.members]
 
 
 def affected(installed: dict[str, Installed], planned: Iterable[Planned],
@@ -61,7 +99,6 @@ def rerender(scope: str, gateway: str, installed: dict[str, Installed],
     found = _settings(scope, gateway)
     if found is None:
         return []
-    settings, metrics = found
     run = {p.instance.name: p for p in planned}
     gone = set(removed) | set(run)
     members: list[Member] = [i.member for n, i in installed.items()
@@ -69,7 +106,7 @@ def rerender(scope: str, gateway: str, installed: dict[str, Installed],
                              and n not in gone]
     members += [m for p in run.values() if (m := member_of(p.instance)) is not None
                 and m.gateway == gateway]
-    plan = GatewayPlan(settings, tuple(members), metrics)
+    plan = GatewayPlan(found.settings, (*found.members, *members), found.metrics)
     return gateway_files(gateway, plan, scope)
 
 

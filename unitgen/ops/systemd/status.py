@@ -14,9 +14,11 @@ from pathlib import Path
 import psutil
 
 from unitgen.inunit.probe import attempt
+from unitgen.ops.systemd.gateways import remote_members
 from unitgen.ops.systemd.journal import last_lines
 from unitgen.ops.systemd.manager import UnitInfo, connect
 from unitgen.ops.systemd.swap import status_section
+from unitgen.plan.gateway import Member
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, manager_of_scope, read_gpus
 from unitgen.result import Result, table
 from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir
@@ -290,25 +292,30 @@ def status(names: list[str], scope: str) -> Result:
         for row in table
     )
     swap_data, swap_lines = status_section(scope)
-    gw_data, gw_lines = gateway_section(scan(unit_dir(scope)), {r.name: r.state for r in rows})
+    installed = scan(unit_dir(scope))
+    remote = {g: remote_members(scope, g) for g, i in installed.items() if i.is_gateway}
+    gw_data, gw_lines = gateway_section(installed, {r.name: r.state for r in rows}, remote)
     return Result(data={"instances": [asdict(r) for r in rows], **swap_data, **gw_data},
                   lines=(tuple(ln.rstrip() for ln in lines) if rows else ("no instances",))
                   + swap_lines + gw_lines)
 
 
-def gateway_section(installed: dict[str, Installed],
-                    states: dict[str, str]) -> tuple[dict[str, object], tuple[str, ...]]:
-    """Each gateway and its routes: route -> instances -> their state."""
+def gateway_section(installed: dict[str, Installed], states: dict[str, str],
+                    remote: dict[str, list[tuple[Member, str]]] | None = None,
+                    ) -> tuple[dict[str, object], tuple[str, ...]]:
+    """Each gateway and its routes: route -> instances -> their state (a member
+    on another host, ``<node>_<name>``, with its state in HAProxy)."""
     gateways = sorted(n for n, i in installed.items() if i.is_gateway)
     if not gateways:
         return {}, ()
     data: list[dict[str, object]] = []
     lines = [""]
     for g in gateways:
-        members = [i.member for i in installed.values() if i.member and i.member.gateway == g]
-        routes = {r: [(m.instance, states.get(m.instance, "not shown"))
-                      for m in members if r in m.names]
-                  for r in sorted({n for m in members for n in m.names})}
+        members = [(i.member, states.get(i.member.instance, "not shown"))
+                   for i in installed.values() if i.member and i.member.gateway == g]
+        members += (remote or {}).get(g, [])
+        routes = {r: [(m.instance, st) for m, st in members if r in m.names]
+                  for r in sorted({n for m, _ in members for n in m.names})}
         gw = installed[g]
         data.append({"name": g, "address": f"{gw.public_host}:{gw.public_port}",
                      "state": states.get(g, "not shown"),

@@ -55,8 +55,10 @@ def gateway_files(name: str, plan: GatewayPlan, scope: str) -> list[RenderedFile
     prefix = f"unitgen/gateways/{name}"
     files = [RenderedFile(f"{prefix}/{f.name}", f.text, config=True)
              for f in render_gateway(plan.settings, plan.routes, paths)]
+    # members on other hosts are in no installed unit here: kept with the settings
     settings = {"settings": asdict(plan.settings),
-                "metrics": list(plan.metrics) if plan.metrics else None}
+                "metrics": list(plan.metrics) if plan.metrics else None,
+                "upstreams": [asdict(m) for m in plan.members if m.remote]}
     files.append(RenderedFile(f"{prefix}/{SETTINGS}", json.dumps(settings, indent=1) + "\n",
                               config=True))
     return files

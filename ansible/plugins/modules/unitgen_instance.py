@@ -185,9 +185,20 @@ import tempfile
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.unitgen_cli import address_parts, argv_for, error_message, parse_json
-from ansible.module_utils.unitgen_secrets import Secret, redacted, secrets, spec_strings, undeclared
-from ansible.module_utils.unitgen_toml import TomlWriteError, dumps, loads
+from ansible_collections.unitgen.unitgen.plugins.module_utils.unitgen_cli import (
+    address_parts,
+    argv_for,
+    error_message,
+    parse_json,
+)
+from ansible_collections.unitgen.unitgen.plugins.module_utils.unitgen_secrets import (
+    Secret,
+    redacted,
+    secrets,
+    spec_strings,
+    undeclared,
+)
+from ansible_collections.unitgen.unitgen.plugins.module_utils.unitgen_toml import TomlWriteError, dumps, loads
 
 HEADER = (
     "# Written by the unitgen_instance Ansible module: the next run overwrites\n"

@@ -95,7 +95,12 @@ import os
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.unitgen_cli import address_parts, argv_for, error_message, parse_json
+from ansible_collections.unitgen.unitgen.plugins.module_utils.unitgen_cli import (
+    address_parts,
+    argv_for,
+    error_message,
+    parse_json,
+)
 
 ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
     "names": {"type": "list", "elements": "str", "default": []},
