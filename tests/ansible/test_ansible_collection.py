@@ -86,7 +86,11 @@ def test_upstreams_come_from_the_status_and_specs_of_the_model_servers():
                 {"name": "gw", "port": 8080, "backend": "gateway"}]},
         },
         "gpu2": {"ansible_host": "::1", "unitgen_address": "fd00::2",
-                 "unitgen_status": {"instances": [{"name": "qwen", "port": 8000}]},
+                 # not listed in its unitgen_instances (deployed otherwise): its
+                 # status says how it starts; "old" says nothing, so no check wakes it
+                 "unitgen_status": {"instances": [
+                     {"name": "qwen", "port": 8000, "activation": "eager"},
+                     {"name": "old", "port": 8001}]},
                  # check mode: an instance the deploy would create
                  "unitgen_deployed": {"results": [
                      {"item": "new", "port": 31002, "action": "would-create"},
@@ -100,10 +104,15 @@ def test_upstreams_come_from_the_status_and_specs_of_the_model_servers():
          "on_demand": True},
         {"node": "gpu2", "name": "qwen", "address": "[fd00::2]:8000", "aliases": [],
          "on_demand": False},
+        {"node": "gpu2", "name": "old", "address": "[fd00::2]:8001", "aliases": [],
+         "on_demand": True},
         {"node": "gpu2", "name": "new", "address": "[fd00::2]:31002", "aliases": [],
-         "on_demand": False},
+         "on_demand": True},
     ]
     assert f.gateway_node("gpu_1.example") == "gpu-1.example"
+    with pytest.raises(Exception, match="one node name"):
+        f.gateway_upstreams(["gpu_1", "gpu-1"], {**hostvars, "gpu_1": hostvars["gpu2"],
+                                                 "gpu-1": hostvars["gpu2"]})
     with pytest.raises(Exception, match="has no unitgen_status"):
         f.gateway_upstreams(["gpu3"], {"gpu3": {}})
     # what the filter writes is what the gateway spec accepts
@@ -111,7 +120,7 @@ def test_upstreams_come_from_the_status_and_specs_of_the_model_servers():
 
     g = parse_gateway({"kind": "gateway", "name": "gw", "port": 8080, "upstreams": ups}, "x")
     assert [u.server for u in g.upstreams] == ["gpu-1.example_qwen", "gpu-1.example_emb",
-                                               "gpu2_qwen", "gpu2_new"]
+                                               "gpu2_qwen", "gpu2_old", "gpu2_new"]
     assert json.dumps(ups)  # plain data, as Ansible passes it to the module
 
 

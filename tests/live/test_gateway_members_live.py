@@ -76,7 +76,8 @@ def test_doctor_explains_a_route_that_points_nowhere(box, tmp_path):
                for s in said), "\n".join(said)
     # a member's units deleted by hand: the configuration still names it
     box.systemctl("stop", "dra.socket", "dra.service", "dra-backend.service", check=True)
-    for path in [*box.unit_dir.glob("dra.*"), *box.unit_dir.glob("dra-*")]:
+    for path in [*box.unit_dir.glob("dra.*"), *box.unit_dir.glob("dra-*"),
+                 *box.unit_dir.glob("*.wants/dra*")]:  # its enable links too
         path.unlink()
     box.systemctl("daemon-reload", check=True)
     rc, said = _findings(box, "gw6")

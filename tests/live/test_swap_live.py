@@ -92,7 +92,7 @@ def box(sandbox: Sandbox) -> Iterator[Sandbox]:
     if names:
         cli(sandbox, "remove", "--user", *names)
     for path in sorted(sandbox.unit_dir.rglob("*"), reverse=True):
-        if path.is_file():
+        if path.is_symlink() or path.is_file():  # a dangling enable link too
             path.unlink()
         elif path.is_dir():
             path.rmdir()

@@ -4,6 +4,7 @@ stand-in podman, and the CDI check."""
 
 from __future__ import annotations
 
+import json
 import resource
 import time
 from pathlib import Path
@@ -174,3 +175,39 @@ def test_doctor_says_what_podman_says_of_the_container(tmp_path, monkeypatch):
     [missing] = podman.container_findings(str(tmp_path / "none"), "unitgen-c1", "img:1", (),
                                           True)
     assert not missing.ok and "apt-get install podman runc" in missing.text
+
+
+@pytest.mark.parametrize("words", [
+    ["-qd"], ["-qeHF_TOKEN=x"], ["-qp80:80"],  # bundled short options
+    ["--device", "nvidia.com/gpu=all"], ["--device=/dev/sda"], ["--gpus=all"],
+    ["--pull=always"], ["--cap-add=ALL"], ["--security-opt=seccomp=unconfined"],
+    ["--pid=host"], ["--mount=type=bind,src=/,dst=/h"], ["-v", "/:/h"], ["--volume=/:/h"],
+    ["--root=/elsewhere"], ["--runtime=/bin/sh"], ["--userns=host"], ["--env-host"],
+    ["alpine"],  # a word that is no option would become the image
+    ["--read-only=/x"], ["--memory"],  # a value where none goes; none where one must
+])
+def test_podman_args_pass_only_the_allowed_options(words):
+    found = problems(VLLM + f"podman_args = {json.dumps(words)}\n")
+    assert found and found[0].startswith("podman_args["), found
+
+
+def _planned(text: str) -> object:
+    return resolve(parse_spec(text, "c.toml")).container
+
+
+def test_allowed_podman_args_pass_in_both_spellings():
+    assert _planned(VLLM + 'podman_args = ["--memory", "8g", "--tmpfs=/scratch", "-u", "1000",'
+                           ' "--read-only", "--label=team=ml"]\n') is not None
+
+
+@pytest.mark.parametrize("volume", ["/:/host", "/etc:/e:ro", "/run/podman/podman.sock:/s",
+                                    "/etc/unitgen/secrets:/s:ro", "/srv/../proc:/p:ro",
+                                    "/var:/v:ro", "/usr:/usr"])
+def test_binds_that_hand_over_the_host_are_refused(volume):
+    found = problems(VLLM + f'volumes = ["{volume}"]\n')
+    assert found and found[0].startswith("volumes[0]: "), found
+
+
+def test_model_and_read_only_system_binds_pass():
+    assert _planned(VLLM + 'volumes = ["/srv/models:/models:ro", "/usr:/usr:ro", '
+                           '"/home/me/.cache/huggingface:/root/.cache/huggingface"]\n') is not None

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from unitgen.plan.podmanargs import check_podman_args, check_volumes
 from unitgen.spec.model import InstanceSpec
 
 __all__ = ["CDI_KIND", "CONTAINER_RUNTIME", "Container", "ProblemSink", "container_name",
@@ -69,6 +70,13 @@ _OWNED = {
     "--sdnotify": "the unit's readiness is its probe",
     "--cidfile": "unitgen finds the container by its name",
     "--pod": "one instance, one container",
+    "--device": "GPUs are placed by unitgen (gpus = ...), as CDI devices; other devices are "
+                "not passed (the podman unit has no DevicePolicy=)",
+    "--gpus": "GPUs are placed by unitgen: use gpus = ...",
+    "--volume": "use volumes = [...] (checked binds)",
+    "-v": "use volumes = [...] (checked binds)",
+    "--mount": "use volumes = [...] (checked binds)",
+    "--pull": "use pull = ...: deploy pulls, a start never waits on a registry",
 }
 
 
@@ -102,18 +110,6 @@ class Container:
         return ("run", *self.options, "--entrypoint", self.argv[0], self.image, *self.argv[1:])
 
 
-def _refused(words: tuple[str, ...], problem: ProblemSink) -> None:
-    for i, word in enumerate(words):
-        if not word.startswith("-"):
-            continue
-        name = word.split("=", 1)[0] if word.startswith("--") else word[:2]
-        why = _OWNED.get(name)
-        if why:
-            problem(f"podman_args[{i}]", f"{word!r}: {name} is set by unitgen ({why})")
-        if name == "--device" and CDI_KIND in word:
-            problem(f"podman_args[{i}]", f"{word!r}: GPUs are placed by unitgen: use gpus = ...")
-
-
 def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[str, ...],
                    private: tuple[str, str, int] | None, gpu_uuids: tuple[str, ...],
                    problem: ProblemSink) -> Container | None:
@@ -124,7 +120,8 @@ def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[s
     (the server takes the public socket itself)."""
     if spec.image is None:
         return None
-    _refused(spec.podman_args, problem)
+    check_podman_args(spec.podman_args, _OWNED, problem)
+    check_volumes(spec.volumes, problem)
     kind, path, port = private or (None, "", 0)
     offline = needs_no_network(spec) and kind in ("unix", None)
     network = "none" if offline else "host"

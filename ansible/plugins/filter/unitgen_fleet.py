@@ -35,7 +35,13 @@ def gateway_node(host: str) -> str:
 def gateway_upstreams(hosts: list[str], hostvars: Any) -> list[dict[str, Any]]:  # noqa: ANN401
     """The upstreams of a gateway routing to every instance of ``hosts``."""
     out: list[dict[str, Any]] = []
+    nodes: dict[str, str] = {}
     for host in hosts:
+        node = gateway_node(host)
+        if nodes.setdefault(node, host) != host:
+            # a drain of one would drain the other: its servers share the prefix
+            raise AnsibleFilterError(f"{nodes[node]} and {host} have one node name in the "
+                                     f"gateways ({node}): rename one inventory host")
         hv = hostvars[host]
         status = hv.get("unitgen_status")
         if not status or "instances" not in status:
@@ -66,7 +72,7 @@ def _upstream(node: str, address: str, row: dict[str, Any], spec: dict[str, Any]
     host = f"[{address}]" if ":" in address else address
     up: dict[str, Any] = {"node": node, "name": row["name"], "address": f"{host}:{row['port']}",
                           "aliases": list(spec.get("aliases") or []),
-                          "on_demand": spec.get("activation") == "on-demand"}
+                          "on_demand": _on_demand(row, spec)}
     for key in ("max_concurrent", "queue_timeout"):
         if spec.get(key) is not None:
             up[key] = spec[key]
@@ -74,6 +80,16 @@ def _upstream(node: str, address: str, row: dict[str, Any], spec: dict[str, Any]
     if timeout is not None:
         up["wait"] = timeout
     return up
+
+
+def _on_demand(row: dict[str, Any], spec: dict[str, Any]) -> bool:
+    """Whether the gateway must leave it alone (no active check: a check's
+    connection would start its model). From its spec when the role lists it,
+    else from its status; unknown counts as on-demand (a missing check costs
+    a retry, a wrong one keeps a model loaded)."""
+    if spec:
+        return bool(spec.get("activation", "eager") == "on-demand")
+    return row.get("activation") != "eager"
 
 
 class FilterModule:

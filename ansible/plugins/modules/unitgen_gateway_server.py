@@ -164,7 +164,10 @@ def socket_path(p: dict[str, Any]) -> str:
     """Where the gateway's admin socket is (see the gateway's HAProxy configuration)."""
     if p["socket"]:
         return str(p["socket"])
-    run = "/run" if p["scope"] == "system" else os.environ.get("XDG_RUNTIME_DIR", "/run")
+    if p["scope"] == "system":
+        run = "/run"
+    else:  # under sudo XDG_RUNTIME_DIR is often unset: the user manager's is /run/user/UID
+        run = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
     return f"{run}/unitgen-{p['gateway']}/admin.sock"
 
 
@@ -190,9 +193,18 @@ def main() -> None:
     module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
     path = socket_path(p)
-    if not os.path.exists(path):
+    try:
+        os.stat(path)
+    except FileNotFoundError:
         module.exit_json(changed=False, servers=[], in_flight=0,
                          msg=f"gateway {p['gateway']} is not running here (no {path})")
+    except OSError as exc:
+        # not "not running": a drain that silently did nothing would let the
+        # host's update cut the requests it serves (a system gateway's 0700
+        # runtime directory, asked without become, say)
+        module.fail_json(msg=f"gateway {p['gateway']}: cannot reach its runtime API at {path}: "
+                             f"{exc.strerror}; run this task as the gateway's manager's user "
+                             "(become for a system-scope gateway)")
     drained = p["state"] == "drained"
     try:
         found = servers_of(path, p["node"])

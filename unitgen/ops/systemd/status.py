@@ -46,6 +46,7 @@ class InstanceStatus:
     gpus: tuple[int, ...] = ()  # GPU indexes it is placed on
     gpu_memory_bytes: int | None = None  # GPU memory its processes hold
     restarts: int = 0  # automatic restarts of the server since it was started
+    activation: str = ""  # eager or on-demand (a gateway must not wake an on-demand one)
 
 
 class ProcessTable:
@@ -157,7 +158,8 @@ def describe(inst: Installed, infos: dict[str, UnitInfo],
     return InstanceStatus(name, state, address, "gateway" if inst.is_gateway else inst.backend,
                           pid, uptime,
                           _memory(table or ProcessTable(), pid, bool(inst.container)), detail,
-                          restarts=server.n_restarts)
+                          restarts=server.n_restarts,
+                          activation="eager" if inst.eager else "on-demand")
 
 
 def _memory(table: ProcessTable, pid: int | None, container: bool) -> int | None:
