@@ -183,3 +183,13 @@ def test_a_file_with_crlf_reads_back_as_written(tmp_path):
     path = tmp_path / "429.http"
     apply_changes([(path, text)])
     assert "\r\n" in text and read_exact(path) == text
+
+
+@pytest.mark.parametrize("address", ["::1:80", "[fe80::1%eth0]:80", "127.0.0.1:\uff18\uff10", "[[::1]]:80",
+                                     "[127.0.0.1]:80", "127.0.0.1", "host.example:80"])
+def test_an_upstream_address_is_refused_unless_haproxy_reads_it_one_way(tmp_path, address):
+    text = (f'kind = "gateway"\nname = "gw"\nport = 8080\n[[upstreams]]\nnode = "h1"\n'
+            f'name = "qwen"\naddress = "{address}"\n')
+    with pytest.raises(SpecError) as info:
+        load_any(write_spec(tmp_path, "gw", text))
+    assert [p.key for p in info.value.problems] == ["upstreams[0].address"], info.value.problems

@@ -123,13 +123,18 @@ def _address(c: Checker, key: str, value: str | None) -> None:
     if value is None:
         return
     host, sep, port = value.rpartition(":")
+    v6 = host.startswith("[") and host.endswith("]")
     try:
-        ipaddress.ip_address(host.strip("[]"))
-        ok = bool(sep) and port.isdigit() and 1 <= int(port) <= 65535
+        ip = ipaddress.ip_address(host[1:-1] if v6 else host)
+        # the spelling HAProxy's server and bind lines take (the renderer's check):
+        # IPv6 in brackets, no scope id, ASCII digits
+        ok = (bool(sep) and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535
+              and (ip.version == 6) == v6 and "%" not in host)
     except ValueError:
         ok = False
     if not ok:
-        c.add(key, f"{value!r} is not HOST:PORT with an IP literal (e.g. \"127.0.0.1:9101\")")
+        c.add(key, f"{value!r} is not HOST:PORT with an IP literal (e.g. \"127.0.0.1:9101\", "
+                   "\"[fd00::2]:8000\")")
 
 
 def parse_gateway(data: dict[str, Any], source: str) -> GatewaySpec:
