@@ -110,6 +110,9 @@ def test_upstreams_come_from_the_status_and_specs_of_the_model_servers():
          "on_demand": True},
     ]
     assert f.gateway_node("gpu_1.example") == "gpu-1.example"
+    with pytest.raises(Exception, match=r"listens on 127\.0\.0\.1, which the gateways cannot reach"):
+        f.gateway_upstreams(["gpu9"], {"gpu9": {"ansible_host": "10.0.0.9", "unitgen_status": {
+            "instances": [{"name": "x", "port": 8000, "address": "127.0.0.1:8000"}]}}})
     with pytest.raises(Exception, match="one node name"):
         f.gateway_upstreams(["gpu_1", "gpu-1"], {**hostvars, "gpu_1": hostvars["gpu2"],
                                                  "gpu-1": hostvars["gpu2"]})

@@ -53,6 +53,7 @@ def gateway_upstreams(hosts: list[str], hostvars: Any) -> list[dict[str, Any]]: 
         for row in [*status["instances"], *_planned(hv, status)]:
             if row.get("backend") == "gateway" or row.get("port") is None:
                 continue
+            _reachable(host, str(address), row)
             out.append(_upstream(gateway_node(host), str(address), row, specs.get(row["name"], {})))
     return out
 
@@ -80,6 +81,18 @@ def _upstream(node: str, address: str, row: dict[str, Any], spec: dict[str, Any]
     if timeout is not None:
         up["wait"] = timeout
     return up
+
+
+def _reachable(host: str, address: str, row: dict[str, Any]) -> None:
+    """An instance listens where the gateways reach it: on every address of its
+    host, or on the one they use. One on loopback (the spec's default host) is
+    out of their reach: say so instead of routing to a port that refuses."""
+    listens = str(row.get("host") or str(row.get("address") or "").rpartition(":")[0]).strip("[]")
+    if listens and listens not in ("0.0.0.0", "::", address.strip("[]")):  # noqa: S104 - a listen address read back, not bound
+        raise AnsibleFilterError(
+            f"{host}: instance {row.get('name')} listens on {listens}, which the gateways "
+            f"cannot reach at {address}: set host = \"0.0.0.0\" (or {address}) in its spec, "
+            "or unitgen_address for the host")
 
 
 def _on_demand(row: dict[str, Any], spec: dict[str, Any]) -> bool:
