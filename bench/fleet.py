@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from bench.cli import UNITGEN
 from bench.tools import free_port, median, user_env
-from unitgen.ops.systemd.gateways import validate
+from unitgen.ops.systemd.gateways import runtime_api, validate
 from unitgen.ops.systemd.sandbox import Sandbox
 from unitgen.plan.gateway import GatewayPlan, metrics_of, settings_of, upstream_members
 from unitgen.spec.gateway import GatewaySpec
@@ -72,16 +71,10 @@ def _timed(fn: object, rounds: int) -> float:
 def worker_pid(sock: Path) -> str | None:
     """The PID of the HAProxy worker that answers on the runtime API."""
     try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(2)
-            s.connect(str(sock))
-            s.sendall(b"show info\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
+        data = runtime_api(sock, "show info")
     except OSError:
         return None
-    for line in data.decode().splitlines():
+    for line in data.splitlines():
         if line.startswith("Pid:"):
             return line.split(":", 1)[1].strip()
     return None

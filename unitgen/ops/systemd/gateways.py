@@ -29,8 +29,8 @@ from unitgen.targets.systemd.gateway import (
 )
 from unitgen.targets.systemd.installed import Installed
 
-__all__ = ["affected", "config_path", "remote_members", "remove_gateway_files", "rerender",
-           "validate"]
+__all__ = ["admin_socket", "affected", "config_path", "remote_members", "remove_gateway_files",
+           "rerender", "runtime_api", "validate"]
 
 
 def config_path(scope: str, f: RenderedFile) -> Path:
@@ -51,6 +51,24 @@ def _settings(scope: str, name: str) -> GatewayPlan | None:
         return None
 
 
+def admin_socket(scope: str, gateway: str) -> Path:
+    """The gateway's HAProxy runtime API (its configuration's ``stats socket``)."""
+    return runtime_root(scope) / f"unitgen-{gateway}" / "admin.sock"
+
+
+def runtime_api(sock: Path, command: str, timeout: float = 2.0) -> str:
+    """One command to HAProxy's runtime API and its whole answer (OSError when
+    the socket does not answer)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock))
+        s.sendall(command.encode() + b"\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.decode("utf-8", "replace")
+
+
 def remote_members(scope: str, gateway: str) -> list[tuple[Member, str]]:
     """An installed gateway's members on other hosts, each with its state as the
     running HAProxy sees it (``UP``, ``DOWN``, ``DRAIN``, ``no check``; ``not
@@ -59,16 +77,8 @@ def remote_members(scope: str, gateway: str) -> list[tuple[Member, str]]:
     if found is None or not found.members:
         return []
     states: dict[str, str] = {}
-    sock = runtime_root(scope) / f"unitgen-{gateway}" / "admin.sock"
     try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(2)
-            s.connect(str(sock))
-            s.sendall(b"show stat\n")
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        lines = data.decode("utf-8", "replace").splitlines()
+        lines = runtime_api(admin_socket(scope, gateway), "show stat").splitlines()
         names = lines[0].lstrip("# ").split(",") if lines else []
         for line in lines[1:]:
             row = dict(zip(names, line.split(","), strict=False))
