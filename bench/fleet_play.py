@@ -26,7 +26,7 @@ from typing import Any
 import openai
 
 from tests.ansible.test_ansible_live import ANSIBLE, BIN, run_playbook, standin
-from tests.helpers import free_port
+from tests.helpers import free_port, stream_until
 from unitgen.ops.systemd.sandbox import Sandbox
 
 PLAYBOOK = ANSIBLE / "examples" / "gateway.yml"
@@ -103,13 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 def _stream(port: int, stop: threading.Event, outcomes: list[str]) -> None:
     sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                         timeout=60)
-    while not stop.is_set():
-        try:
-            chunks = sdk.chat.completions.create(model="fp-shared", stream=True, messages=[])
-            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-            outcomes.append("ok" if ":9" in text else f"cut: {text[-40:]}")
-        except Exception as exc:  # every failure is counted
-            outcomes.append(f"error: {type(exc).__name__}: {exc}")
+    stream_until(sdk, "fp-shared", stop, outcomes)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -116,3 +117,17 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+def stream_until(sdk: Any, model: str, stop: threading.Event, outcomes: list[str],
+                 last: str = ":9") -> None:
+    """Stream chat completions from ``model`` with the OpenAI SDK client ``sdk``
+    until ``stop`` is set; one outcome per stream: "ok" when its text has the
+    stand-in's ``last`` token, else what went wrong (every failure is counted)."""
+    while not stop.is_set():
+        try:
+            chunks = sdk.chat.completions.create(model=model, stream=True, messages=[])
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            outcomes.append("ok" if last in text else f"cut: {text[-40:]}")
+        except Exception as exc:
+            outcomes.append(f"error: {type(exc).__name__}: {exc}")

@@ -26,7 +26,7 @@ import openai
 import pytest
 
 from tests.ansible.test_ansible_live import ANSIBLE, BIN, Run, run_playbook, standin
-from tests.helpers import free_port
+from tests.helpers import free_port, stream_until
 from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
 
 pytestmark = [pytest.mark.ansible, pytest.mark.systemd,
@@ -171,17 +171,8 @@ def test_a_rolling_update_while_clients_stream_fails_nothing(fleet):
     stop = threading.Event()
     outcomes: list[str] = []
 
-    def stream_forever() -> None:
-        sdk = fleet.sdk()
-        while not stop.is_set():
-            try:
-                chunks = sdk.chat.completions.create(model="flt-m", stream=True, messages=[])
-                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-                outcomes.append("ok" if ":9" in text else f"cut: {text[-40:]}")
-            except Exception as exc:  # every failure is counted
-                outcomes.append(f"error: {type(exc).__name__}: {exc}")
-
-    threads = [threading.Thread(target=stream_forever) for _ in range(3)]
+    threads = [threading.Thread(target=stream_until, args=(fleet.sdk(), "flt-m", stop, outcomes))
+               for _ in range(3)]
     for t in threads:
         t.start()
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.helpers import STANDIN, free_port, prop, write_spec
+from tests.helpers import STANDIN, free_port, prop, stream_until, write_spec
 from tests.live.test_operate_live import cli, cli_json
 
 pytestmark = [pytest.mark.systemd,
@@ -121,17 +121,8 @@ def test_deploy_and_remove_while_clients_stream_fail_nothing(box, tmp_path):
     stop = threading.Event()
     outcomes: list[str] = []
 
-    def stream_forever() -> None:
-        sdk = client(port)
-        while not stop.is_set():
-            try:
-                chunks = sdk.chat.completions.create(model="sa", stream=True, messages=[])
-                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-                outcomes.append("ok" if "sa:9" in text else f"cut: {text[-40:]}")
-            except Exception as exc:
-                outcomes.append(f"error: {type(exc).__name__}: {exc}")
-
-    threads = [threading.Thread(target=stream_forever) for _ in range(4)]
+    threads = [threading.Thread(target=stream_until, args=(client(port), "sa", stop, outcomes,
+                                                           "sa:9")) for _ in range(4)]
     for t in threads:
         t.start()
     try:
