@@ -19,12 +19,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.proxy import Deployed, paired, server_spec
+from bench.proxy import Deployed, paired, server_spec, standin_exe
 from bench.rows import Profile, Row
 from bench.tools import PYTHON, WrkResult, free_port, wrk
 from unitgen.ops.systemd.sandbox import Sandbox
 
-HERE = Path(__file__).resolve().parent
 GATEWAY = "bgw"
 
 
@@ -53,9 +52,7 @@ def member(tmp: Path, name: str, script: str, env: dict[str, str] | None = None
            ) -> tuple[Path, int]:
     """An instance spec joining the gateway that runs ``bench/<script>``, and
     the instance's own port."""
-    exe = tmp / f"{name}-server"
-    exe.write_text(f'#!/bin/sh\nexec {PYTHON} {HERE / script} "$@"\n')
-    exe.chmod(0o755)
+    exe = standin_exe(tmp, script, f"{name}-server")
     full_env = {"BENCH_DIR": str(tmp), "BENCH_DIRECT_PORT": str(free_port()), **(env or {})}
     spec, port = tmp / f"{name}.toml", free_port()
     spec.write_text(server_spec(name, exe, port, full_env, f'gateway = "{GATEWAY}"\n'),

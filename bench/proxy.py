@@ -42,6 +42,14 @@ def server_spec(name: str, exe: Path, public: int, env: dict[str, str], extra: s
             f'executable = "{exe}"\nport = {public}\nenv = {{ {env_toml} }}\n{extra}')
 
 
+def standin_exe(tmp: Path, script: str, name: str = "server") -> Path:
+    """An executable in ``tmp`` that runs ``bench/<script>`` (a spec's ``executable``)."""
+    exe = tmp / name
+    exe.write_text(f'#!/bin/sh\nexec {PYTHON} {HERE / script} "$@"\n')
+    exe.chmod(0o755)
+    return exe
+
+
 @contextlib.contextmanager
 def deployed(box: Sandbox, name: str, script: str, env: dict[str, str] | None = None,
              extra: str = "", start: str | None = "service") -> Iterator[Deployed]:
@@ -50,9 +58,7 @@ def deployed(box: Sandbox, name: str, script: str, env: dict[str, str] | None = 
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmpname:
         tmp = Path(tmpname)
         tmp.chmod(0o755)  # nginx workers (nobody) read nothing here, but keep it traversable
-        exe = tmp / "server"
-        exe.write_text(f'#!/bin/sh\nexec {PYTHON} {HERE / script} "$@"\n')
-        exe.chmod(0o755)
+        exe = standin_exe(tmp, script)
         public, direct = free_port(), free_port()
         full_env = {"BENCH_DIR": str(tmp), "BENCH_DIRECT_PORT": str(direct), **(env or {})}
         install(box, write_spec(tmp, name, server_spec(name, exe, public, full_env, extra)))
