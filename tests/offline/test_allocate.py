@@ -23,6 +23,7 @@ from unitgen.ops.allocate import (
     owners,
     pick_port,
 )
+from unitgen.plan.record import Record
 from unitgen.targets.systemd.installed import Installed
 
 
@@ -64,9 +65,14 @@ def test_bindable(held):
     assert bindable(port)
 
 
+def _installed(name: str, public: int, private: int | None = None) -> Installed:
+    """An installed instance as its record says it (loopback ports)."""
+    return Installed(name, record=Record(name, public=f"127.0.0.1:{public}",
+                                         private=f"127.0.0.1:{private}" if private else ""))
+
+
 def test_owners_lists_public_and_private_ports():
-    installed = {"a": Installed("a", public_port=31001, private_port=41001),
-                 "b": Installed("b", public_port=31002)}
+    installed = {"a": _installed("a", 31001, 41001), "b": _installed("b", 31002)}
     assert owners(installed) == {31001: "a", 41001: "a", 31002: "b"}
 
 
@@ -74,7 +80,7 @@ def test_pick_port_starts_at_the_preferred_and_skips_what_is_taken(held):
     lo = free_run(6)
     span = (lo, lo + 5)
     assert pick_port("x", lo + 2, {}, {}, set(), span) == lo + 2
-    installed = {"a": Installed("a", public_port=lo + 2, private_port=lo + 3)}
+    installed = {"a": _installed("a", lo + 2, lo + 3)}
     busy = {lo + 4: Listener(lo + 4, 1, "init")}
     assert pick_port("x", lo + 2, installed, busy, set(), span) == lo + 5
     # wraps around inside the range
@@ -102,8 +108,7 @@ def test_pick_port_says_when_the_range_is_full():
 
 def test_check_port_names_the_owner_or_the_holder(held):
     port = held.getsockname()[1]
-    installed = {"other": Installed("other", public_port=40123),
-                 "me": Installed("me", public_port=port)}
+    installed = {"other": _installed("other", 40123), "me": _installed("me", port)}
     with pytest.raises(PortBusyError, match=r"^me: port 40123 is owned by unitgen instance 'other'$"):
         check_port(40123, "me", installed, {})
     with pytest.raises(PortBusyError,

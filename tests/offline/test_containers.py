@@ -18,6 +18,7 @@ from unitgen.ops import podman
 from unitgen.ops.systemd.specs import render_spec
 from unitgen.plan.gpus import Placement, unit_of_cgroup
 from unitgen.plan.instance import resolve
+from unitgen.plan.record import parse_record
 from unitgen.spec.model import parse_spec
 
 VLLM = 'name = "c1"\nbackend = "vllm"\nmodel = "org/m"\nimage = "vllm/vllm-openai:v0.11.0"\n'
@@ -147,7 +148,9 @@ def test_the_unit_stops_and_removes_its_container(tmp_path):
     backend = next(f.text for f in done.files if f.name == "c1-backend.service")
     assert "ExecStop=/usr/bin/podman stop --ignore --time=50 unitgen-c1\n" in backend
     assert "ExecStopPost=-/usr/bin/podman rm --force --ignore --time=0 unitgen-c1\n" in backend
-    assert "# unitgen-container: unitgen-c1 vllm/vllm-openai:v0.11.0\n" in backend
+    record = parse_record(backend)
+    assert record is not None
+    assert (record.container, record.image) == ("unitgen-c1", "vllm/vllm-openai:v0.11.0")
     assert "\nDynamicUser=" not in backend  # podman needs root
 
 

@@ -16,6 +16,7 @@ from tests.golden_files import eight_fake_gpus, example_specs
 from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
 from unitgen.ops.systemd.specs import render_spec
+from unitgen.plan.record import parse_record
 from unitgen.spec.backends import BACKENDS
 from unitgen.targets.systemd.render import RenderContext
 
@@ -76,7 +77,8 @@ def test_every_backend_scores_at_most_the_bar(backend, tmp_path):
 def test_every_example_scores_at_most_the_bar(example, tmp_path):
     with eight_fake_gpus():
         name, text = server_unit(example)
-    bar = CONTAINER_BAR if "# unitgen-container: " in text else BAR
+    record = parse_record(text)
+    bar = CONTAINER_BAR if record is not None and record.container else BAR
     assert score(tmp_path, name, text) <= bar
 
 

@@ -78,12 +78,19 @@ def test_a_copy_of_an_instance_unit_is_not_the_instances_file(tmp_path):
 
 
 def test_unicode_line_separators_cannot_fake_a_gpu_claim(tmp_path):
-    fake = "m\u2028# unitgen-gpus: GPU-00000000-1111-2222-3333-000000000000 exclusive"
-    spec = write_spec(tmp_path, "u", f'name = "u"\nbackend = "vllm"\nmodel = "{fake}"\n')
+    fake = ('u\u2028# unitgen-record: {"v": 1, "name": "u", '
+            '"gpus": ["GPU-00000000-1111-2222-3333-000000000000"]}')
+    # a spec value reaches a header line escaped (no raw separator), and even a
+    # raw one is no line break to the reader: systemd splits lines on "\n" only
+    spec = tmp_path / f"{fake}.toml"
+    spec.write_text('name = "u"\nbackend = "vllm"\nmodel = "m"\n')
     out = tmp_path / "out"
     out.mkdir()
     for f in render_spec(spec, GOLDEN_CTX).files:
         (out / f.name).write_text(f.text)
+    assert scan(out)["u"].gpus == ()
+    for unit in out.iterdir():
+        unit.write_text(f"# from {fake}\n" + unit.read_text())
     assert scan(out)["u"].gpus == ()
 
 

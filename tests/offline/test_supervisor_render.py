@@ -20,6 +20,7 @@ from unitgen.inunit.envfile import env_digest, parse_env_text
 from unitgen.ops.files import is_ours
 from unitgen.ops.pipeline import placement_for
 from unitgen.plan.instance import RUNTIME_DIR, resolve
+from unitgen.plan.record import parse_record
 from unitgen.spec.model import load_spec
 from unitgen.targets.base import templates_dir
 from unitgen.targets.supervisor import escape
@@ -172,7 +173,9 @@ def test_gpu_pinning_as_systemd(fake_nvml):
     assert _env_file(files)["CUDA_VISIBLE_DEVICES"] == uuids
     assert _env_file(files)["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert server.argv[-2:] == ["--tensor-parallel-size", "2"]
-    assert f"# unitgen-gpus: {uuids} exclusive" in render_instance(inst, CTX)[0].text
+    record = parse_record(render_instance(inst, CTX)[0].text)
+    assert record is not None
+    assert (record.gpus, record.gpu_share) == (tuple(placement.uuids), False)
 
 
 # The escaping discipline: a value reaches a file only through a filter.

@@ -17,6 +17,7 @@ from unitgen.ops.files import write_files
 from unitgen.ops.systemd.specs import render_spec
 from unitgen.ops.systemd.swap import dropin_changes, installed_groups, write_dropins
 from unitgen.plan.gpus import Gpu, GpuProcess, place
+from unitgen.plan.record import parse_record
 from unitgen.plan.swap import after_change, groups_of, mates_of
 from unitgen.spec.model import DEFAULT_SWAP_DRAIN, parse_spec
 from unitgen.targets.systemd.installed import scan, unit_dir
@@ -154,7 +155,8 @@ def test_member_units_use_the_swap_proxy(tmp_path):
     assert "unitgen.inunit.swapproxy --name m --group g" in units["m.service"]
     assert "BindsTo=m.socket\n" in units["m.service"]  # not the server: no pulled Conflicts=
     assert "StopWhenUnneeded" not in units["m-backend.service"]
-    assert "# unitgen-swap-group: g" in units["m.socket"]
+    record = parse_record(units["m.socket"])
+    assert record is not None and record.swap_group == "g"
     plain = _spec(tmp_path, "p", None)
     # a plain instance's server is part of its socket (see docs/reliability.md)
     assert "PartOf=p.socket" in {f.name: f.text for f in render_spec(

@@ -21,6 +21,7 @@ from tests.supervisord import Supervisord, supervisord_unavailable_reason
 from unitgen.ops.interface import DeployOptions as Options
 from unitgen.ops.supervisor.deploy import deploy, remove
 from unitgen.ops.supervisor.site import Site
+from unitgen.plan.record import parse_record
 from unitgen.targets.supervisor.installed import scan
 
 QUIET = Options(say=lambda line: None)
@@ -90,9 +91,9 @@ def conf_text(target: Site, name: str) -> str:
 
 
 def private_port(target: Site, name: str) -> int:
-    line = next(ln for ln in conf_text(target, name).splitlines()
-                if ln.startswith("# unitgen-private: "))
-    return int(line.rsplit(":", 1)[1])
+    record = parse_record(conf_text(target, name))
+    assert record is not None and record.private_port is not None
+    return record.private_port
 
 
 def server_pid(sd: Supervisord, name: str) -> int:
@@ -113,7 +114,8 @@ def test_a_local_user_cannot_take_a_crashed_servers_private_port(sd, target, tmp
                           env={**os.environ, "UNITGEN_SUPERVISOR_RUN_DIR": target.ctx.run_dir,
                                "UNITGEN_SUPERVISOR_LOG_DIR": target.ctx.log_dir,
                                "UNITGEN_SUPERVISOR_SECRETS_DIR": target.ctx.secrets_dir})
-    assert f"# unitgen-private: 127.0.0.1:{port}" in done.stdout, done.stdout + done.stderr
+    rendered = parse_record(done.stdout.split("\n", 1)[1])
+    assert rendered is not None and rendered.private_port == port, done.stdout + done.stderr
     # the server really runs as nobody, with the one capability it needs
     status = Path(f"/proc/{server_pid(sd, 'crash1')}/status").read_text()
     assert "\nUid:\t65534\t65534\t65534\t65534" in status

@@ -175,7 +175,7 @@ class SupervisorDeploy:
         """Ports as the systemd target picks them. Private ports are privileged:
         supervisord runs as root, and the wrapper gives a server run as ``user``
         the right to bind its own one only."""
-        installed = self._installed = scan(self.site.conf_dir)
+        installed = self._installed = scan(self.site.conf_dir, self.site.ctx.run_dir)
         alloc = HostAllocator("system", installed, listeners(), opts.port_range)
         planned = plan_paths(paths, SupervisorTarget(self.site.ctx), alloc,
                              unplaceable=alloc.unplaceable)
@@ -344,7 +344,7 @@ def remove(names: list[str], site: Site) -> Result:
     lines: list[str] = []
     absent: list[str] = []
     with _lock(site.conf_dir):
-        installed = scan(site.conf_dir)
+        installed = scan(site.conf_dir, site.ctx.run_dir)
         for name in names:
             conf = installed.get(name)
             if conf is None:

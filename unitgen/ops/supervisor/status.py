@@ -96,7 +96,8 @@ def _row(target: Site, conf: InstalledConf, states: dict[str, dict[str, Any]]) -
 
 def status(names: list[str], target: Site) -> Result:
     """Every (or the named) instance: state from supervisord plus a live probe."""
-    confs = require(target.conf_dir, names) if names else scan(target.conf_dir)
+    confs = (require(target.conf_dir, names, target.ctx.run_dir) if names
+             else scan(target.conf_dir, target.ctx.run_dir))
     rpc = target.rpc()
     states = _states(rpc) if confs else {}
     rows = [_row(target, conf, states) for conf in confs.values()]
@@ -114,7 +115,7 @@ def status(names: list[str], target: Site) -> Result:
 
 def list_instances(site: Site) -> Result:
     """Installed instances, from the conf files alone (supervisord not asked)."""
-    confs = scan(site.conf_dir)
+    confs = scan(site.conf_dir, site.ctx.run_dir)
     rows = [{"name": c.name, "backend": c.backend, "address": c.public,
              "activation": "eager", "units": c.groups} for c in confs.values()]
     lines = table(("NAME", "BACKEND", "ADDRESS", "ACTIVATION"),
@@ -129,7 +130,7 @@ def logs(name: str, target: Site, *, lines: int = 100, follow: bool = False,
     """Print the server's log (supervisord's log file of the server program,
     read over XML-RPC); with ``follow``, keep printing new output."""
     out = write or _stdout
-    conf = require(target.conf_dir, [name])[name]
+    conf = require(target.conf_dir, [name], target.ctx.run_dir)[name]
     rpc = target.rpc()
     text, offset, _ = rpc.tail(conf.server, 0, 256 * 1024)
     tail = text.splitlines(keepends=True)[-lines:] if lines > 0 else []
@@ -149,7 +150,7 @@ def _stdout(text: str) -> None:
 
 def doctor(name: str, target: Site) -> Result:
     """Does the server listen where the proxy forwards and the probe checks?"""
-    conf = require(target.conf_dir, [name])[name]
+    conf = require(target.conf_dir, [name], target.ctx.run_dir)[name]
     rpc = target.rpc()
     states = _states(rpc)
     findings: list[Finding] = []

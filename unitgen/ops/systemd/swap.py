@@ -27,25 +27,12 @@ __all__ = [
     "write_dropins",
 ]
 
-GROUP_HEADER = "# unitgen-swap-group: "
 DROPIN = "unitgen-swap.conf"
 
 
 def installed_groups(installed: dict[str, Installed]) -> dict[str, str]:
-    """Installed instance -> its swap group, from the header of its unit files."""
-    out: dict[str, str] = {}
-    for name, inst in installed.items():
-        path = inst.files.get(f"{name}.socket")
-        if path is None:
-            continue
-        try:
-            head = path.read_text(encoding="utf-8", errors="replace").splitlines()[:10]
-        except OSError:
-            continue
-        for line in head:
-            if line.startswith(GROUP_HEADER):
-                out[name] = line[len(GROUP_HEADER):].strip()
-    return out
+    """Installed instance -> its swap group, from its record."""
+    return {name: inst.swap_group for name, inst in installed.items() if inst.swap_group}
 
 
 def dropin_path(scope: str, name: str) -> Path:

@@ -7,46 +7,86 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unitgen.errors import NoSuchInstanceError
+from unitgen.plan.record import RUNTIME_TOKEN, Record, parse_record
 from unitgen.targets.supervisor.render import MARKER
 
-__all__ = ["InstalledConf", "require", "scan"]
+__all__ = ["InstalledConf", "read_conf", "require", "scan"]
 
 
 @dataclass(frozen=True)
 class InstalledConf:
-    """One instance's conf file, as its header describes it."""
+    """One instance's conf file and its record (:mod:`unitgen.plan.record`)."""
 
-    name: str
     path: Path
-    public: str  # host:port
-    private: str  # listen address, or a sentence for socket-activated servers
-    health_path: str
-    timeout: float
-    key_env: str | None
-    gpus: tuple[str, ...] = ()
-    gpu_share: bool = False
-    backend: str = ""
+    record: Record
+    run_dir: str = "/run/unitgen"  # what the record's runtime token stands for here
+
+    @property
+    def name(self) -> str:
+        """The instance's name."""
+        return self.record.name
+
+    @property
+    def backend(self) -> str:
+        """The backend's name."""
+        return self.record.backend
+
+    @property
+    def public(self) -> str:
+        """The public listen address (host:port)."""
+        return self.record.public
+
+    @property
+    def private(self) -> str:
+        """Where the server listens, or a sentence for socket-activated servers."""
+        if not self.record.private:
+            return "(the server takes the public socket as fd 3)"
+        return self.record.private.replace(RUNTIME_TOKEN, self.run_dir)
+
+    @property
+    def health_path(self) -> str:
+        """The health path the probe asks."""
+        return self.record.health
+
+    @property
+    def timeout(self) -> float:
+        """The readiness deadline."""
+        return self.record.timeout
+
+    @property
+    def key_env(self) -> str | None:
+        """The variable holding the probe's key."""
+        return self.record.key_env
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        """GPU UUIDs it is placed on."""
+        return self.record.gpus
+
+    @property
+    def gpu_share(self) -> bool:
+        """Its GPUs may be shared."""
+        return self.record.gpu_share
 
     @property
     def public_host(self) -> str:
         """The public listen address."""
-        return self.public.rpartition(":")[0].strip("[]")
+        return self.record.public_host
 
     @property
     def public_port(self) -> int:
         """The public port."""
-        return int(self.public.rpartition(":")[2])
+        return self.record.public_port
 
     @property
     def private_port(self) -> int | None:
         """The private loopback port, when the server listens on one."""
-        host, _, port = self.private.rpartition(":")
-        return int(port) if host and port.isdigit() and not self.private.startswith("/") else None
+        return self.record.private_port
 
     @property
     def uses_proxy(self) -> bool:
         """True when a proxy forwards the public socket to a private endpoint."""
-        return not self.private.startswith("(")
+        return bool(self.record.private)
 
     @property
     def groups(self) -> list[str]:
@@ -60,55 +100,40 @@ class InstalledConf:
 
     def probe_target(self) -> str:
         """host:port to probe the public socket at."""
-        host, _, port = self.public.rpartition(":")
-        return f"{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"  # noqa: S104
+        return self.record.probe
 
 
-def read_header(path: Path) -> dict[str, str] | None:
-    """The ``# unitgen-KEY: value`` lines of a file unitgen wrote, else None."""
+def read_conf(path: Path, run_dir: str = "/run/unitgen") -> InstalledConf | None:
+    """The record of a conf file unitgen wrote (its marker and its record line),
+    else None."""
     try:
-        head = path.read_bytes()[:8192].decode("utf-8", "replace")
+        head = path.read_bytes()[:16384].decode("utf-8", "replace")
     except OSError:
         return None
-    fields: dict[str, str] = {}
-    for line in head.split("\n"):
-        if line.startswith("# unitgen-") and ": " in line:
-            key, _, value = line[len("# unitgen-"):].partition(": ")
-            fields[key] = value
-        elif line.startswith("["):
-            break
-    if "instance" not in fields or not any(line.startswith(MARKER) for line in head.split("\n")):
+    lines = head.split("\n")
+    if not any(line.startswith(MARKER) for line in lines[:4]):
         return None
-    return fields
+    record = parse_record(head)
+    return InstalledConf(path, record, run_dir) if record is not None else None
 
 
-def scan(conf_dir: Path) -> dict[str, InstalledConf]:
+def scan(conf_dir: Path, run_dir: str = "/run/unitgen") -> dict[str, InstalledConf]:
     """Every instance whose conf file unitgen wrote in ``conf_dir``."""
     out: dict[str, InstalledConf] = {}
     if not conf_dir.is_dir():
         return out
     for path in sorted(conf_dir.glob("unitgen-*.conf")):
-        fields = read_header(path)
-        if fields is None:
-            continue
-        try:
-            out[fields["instance"]] = InstalledConf(
-                name=fields["instance"], path=path, public=fields["public"],
-                private=fields.get("private", ""), health_path=fields.get("health", "/health"),
-                timeout=float(fields.get("timeout", "1800")), key_env=fields.get("key-env"),
-                gpus=tuple(fields["gpus"].split(" ")[0].split(",")) if fields.get("gpus") else (),
-                gpu_share=fields.get("gpus", "").endswith(" shared"),
-                backend=fields.get("backend", ""),
-            )
-        except (KeyError, ValueError):
-            continue  # an older or damaged header: not something to act on
+        conf = read_conf(path, run_dir)
+        if conf is not None:
+            out[conf.name] = conf
     return out
 
 
-def require(conf_dir: Path, names: list[str]) -> dict[str, InstalledConf]:
+def require(conf_dir: Path, names: list[str],
+            run_dir: str = "/run/unitgen") -> dict[str, InstalledConf]:
     """The named instances; NoSuchInstanceError (bad input, exit 2, as for the
     systemd target) naming the missing ones."""
-    found = scan(conf_dir)
+    found = scan(conf_dir, run_dir)
     missing = [n for n in names if n not in found]
     if missing:
         known = ", ".join(sorted(found)) or "none"

@@ -25,6 +25,7 @@ import jinja2
 
 from unitgen.errors import Problem, SpecError
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
+from unitgen.plan.record import record_of
 from unitgen.spec.model import InstanceSpec
 from unitgen.targets.base import MARKER, RenderedFile, find_proxyd, strict_environment
 from unitgen.targets.supervisor import escape
@@ -279,21 +280,12 @@ def _source_name(inst: Instance) -> str:
 
 
 def _template_values(inst: Instance, ctx: SupervisorContext) -> dict[str, object]:
-    spec, placement = inst.spec, inst.gpus
-    gpu_header = ""
-    if placement is not None:
-        gpu_header = ",".join(placement.uuids) + (" shared" if placement.share else " exclusive")
+    spec = inst.spec
     return {
         "source": _source_name(inst),
         "name": spec.name,
-        "backend": spec.backend,
+        "record": record_of(inst).line(),
         "public": inst.public.listen(),
-        "private": (_runtime(inst.private.listen(), ctx) if inst.private is not None
-                    else "(the server takes the public socket as fd 3)"),
-        "health_path": inst.health_path,
-        "timeout": f"{inst.health_timeout:g}",
-        "key_env": inst.probe_key_env or "",
-        "gpu_header": gpu_header,
         "hold": inst.private is None,
         "public_argv": _public_argv(inst, ctx),
         "server_argv": _server_argv(inst, ctx),

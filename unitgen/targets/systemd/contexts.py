@@ -89,8 +89,7 @@ GPU_WAIT_TIMEOUT = 120.0
 def gpu_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     placement = inst.gpus
     if placement is None:
-        return {"gpu_header": "", "gpu_wait": [], "device_allow": []}
-    header = ",".join(placement.uuids) + (" shared" if placement.share else " exclusive")
+        return {"gpu_wait": [], "device_allow": []}
     # -P, not -I: no current or script directory on sys.path (a pynvml.py planted in
     # WorkingDirectory must not run as the unit's user), but PYTHONPATH is honoured,
     # so an operator (or the tests) can put an NVML shim first.
@@ -99,7 +98,7 @@ def gpu_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     devices: list[str] = []
     if ctx.scope == "system" and placement.minors is not None:
         devices = [*NVIDIA_CONTROL_NODES, *(f"/dev/nvidia{m}" for m in placement.minors)]
-    return {"gpu_header": header, "gpu_wait": wait, "device_allow": devices}
+    return {"gpu_wait": wait, "device_allow": devices}
 
 
 # Variables that name where a model server writes its caches: made writable.

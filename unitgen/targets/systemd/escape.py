@@ -15,6 +15,7 @@ import re
 from unitgen.plan.instance import CONFIG_DIR, RUNTIME_DIR
 
 __all__ = [
+    "comment_line",
     "directive_name",
     "env_file_line",
     "environment_assignment",
@@ -152,3 +153,14 @@ def env_file_line(name: str, value: str) -> str:
         raise ValueError("a secret must be one line of printable characters")
     escaped = "".join("\\" + ch if ch in '"\\`$' else ch for ch in value)
     return f'{name}="{escaped}"'
+
+
+def comment_line(text: str) -> str:
+    """A whole comment line (the installed record, :mod:`unitgen.plan.record`):
+    systemd reads nothing on it, so nothing is escaped; refused when it is not a
+    comment or anything in it could end the line (or continue it onto the next)."""
+    if not text.startswith("#") or text.endswith("\\") or any(
+            ch in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029" or ord(ch) < 0x20
+            for ch in text):
+        raise ValueError(f"{text!r} cannot be written as one comment line")
+    return text

@@ -5,15 +5,15 @@ could drift)."""
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from unitgen.errors import NoSuchInstanceError
 from unitgen.plan.gateway import Member
+from unitgen.plan.record import Record, parse_record
 from unitgen.targets.systemd.render import MARKER
 
-__all__ = ["Installed", "gpu_claims", "own_unit_names", "parse_member", "require", "scan",
+__all__ = ["Installed", "own_unit_names", "require", "scan",
            "secrets_dir", "unit_dir"]
 
 
@@ -36,25 +36,96 @@ def secrets_dir(scope: str) -> Path:
 
 @dataclass
 class Installed:
-    """One installed instance as its unit files describe it."""
+    """One installed instance: its files and its record (:mod:`unitgen.plan.record`)."""
 
     name: str
     files: dict[str, Path] = field(default_factory=dict)
-    backend: str = ""
-    public_host: str = ""
-    public_port: int = 0
-    private_port: int | None = None  # loopback TCP behind the proxy
-    private_unix: str | None = None
-    probe_target: str = ""  # what <name>.service's ExecStartPost probes
-    probe_path: str = "/health"
-    eager: bool = False
-    gpus: tuple[str, ...] = ()
-    gpu_share: bool = False
-    member: Member | None = None  # the gateway member it is (unitgen-member: header)
-    is_gateway: bool = False
-    socket_ports: tuple[int, ...] = ()  # every port its socket unit holds (a gateway: + metrics)
-    container: str | None = None  # image = ...: its container's name (unitgen-container:)
-    image: str = ""
+    record: Record | None = None  # None: files of an older unitgen (deploy the spec again)
+
+    @property
+    def rec(self) -> Record:
+        """The record, or an empty one for files an older unitgen wrote."""
+        return self.record or Record(self.name)
+
+    @property
+    def backend(self) -> str:
+        """The backend's name."""
+        return self.rec.backend
+
+    @property
+    def public_host(self) -> str:
+        """The public listen address."""
+        return self.rec.public_host
+
+    @property
+    def public_port(self) -> int:
+        """The public port (0: unknown)."""
+        return self.rec.public_port
+
+    @property
+    def socket_ports(self) -> tuple[int, ...]:
+        """Every port its socket unit holds (a gateway: + metrics)."""
+        return self.rec.ports
+
+    @property
+    def private_port(self) -> int | None:
+        """The loopback TCP port behind the proxy."""
+        return self.rec.private_port
+
+    @property
+    def private_unix(self) -> str | None:
+        """The private Unix socket, as a unit writes it (``%t/...``)."""
+        return self.rec.private_unix("%t")
+
+    @property
+    def probe_target(self) -> str:
+        """What the public readiness probe asks."""
+        return self.rec.probe
+
+    @property
+    def probe_path(self) -> str:
+        """The health path."""
+        return self.rec.health
+
+    @property
+    def eager(self) -> bool:
+        """Started at boot (else on the first connection)."""
+        return self.rec.eager
+
+    @property
+    def gpus(self) -> tuple[str, ...]:
+        """GPU UUIDs it is placed on."""
+        return self.rec.gpus
+
+    @property
+    def gpu_share(self) -> bool:
+        """Its GPUs may be shared."""
+        return self.rec.gpu_share
+
+    @property
+    def member(self) -> Member | None:
+        """The gateway member it is."""
+        return self.rec.member
+
+    @property
+    def is_gateway(self) -> bool:
+        """A gateway, not a model server."""
+        return self.rec.is_gateway
+
+    @property
+    def container(self) -> str | None:
+        """image = ...: its container's name."""
+        return self.rec.container
+
+    @property
+    def image(self) -> str:
+        """image = ...: the image."""
+        return self.rec.image
+
+    @property
+    def swap_group(self) -> str | None:
+        """The swap group it is a member of."""
+        return self.rec.swap_group
 
     @property
     def server_unit(self) -> str:
@@ -66,10 +137,6 @@ class Installed:
     def units(self) -> list[str]:
         """Unit file names (no secrets)."""
         return sorted(n for n in self.files if not n.endswith(".env"))
-
-
-_LISTEN = re.compile(r"^ListenStream=\[?([^\]\s]*?)\]?:(\d+)\s*$", re.M)
-_TARGET = re.compile(r"--target\s+\"?(\S+?)\"?\s+--path\s+(\S+).*--label public")
 
 
 def own_unit_names(name: str) -> tuple[str, ...]:
@@ -96,36 +163,9 @@ def scan(directory: Path) -> dict[str, Installed]:
             continue
         inst = found.setdefault(name, Installed(name=name))
         inst.files[path.name] = path
-        inst.backend = _field(text, "# unitgen-backend: ") or inst.backend
-        inst.is_gateway = inst.is_gateway or _field(text, "# unitgen-kind: ") == "gateway"
-        member = _field(text, "# unitgen-member: ")
-        if member and inst.member is None:
-            inst.member = parse_member(name, member)
-        container = _field(text, "# unitgen-container: ")
-        if container:
-            inst.container, _, inst.image = container.partition(" ")
-        gpus = _field(text, "# unitgen-gpus: ")
-        if gpus:
-            uuids, _, mode = gpus.partition(" ")
-            inst.gpus, inst.gpu_share = tuple(uuids.split(",")), mode == "shared"
-        if path.name == f"{name}.socket":
-            m = _LISTEN.search(text)
-            if m:
-                inst.public_host, inst.public_port = m.group(1), int(m.group(2))
-            inst.socket_ports = tuple(int(p) for _, p in _LISTEN.findall(text))
-        elif path.name == f"{name}.service":
-            inst.eager = "\n[Install]\n" in text
-            m = _TARGET.search(text)
-            if m:
-                inst.probe_target, inst.probe_path = m.group(1), m.group(2)
-            proxy = re.search(r"^ExecStart=\S*(?:systemd-socket-proxyd|"
-                              r" -I -m unitgen\.inunit\.swapproxy) .*? (\"?)(\S+)\1$", text, re.M)
-            if proxy:
-                target = proxy.group(2)
-                if target.startswith("127.0.0.1:"):
-                    inst.private_port = int(target.rsplit(":", 1)[1])
-                else:
-                    inst.private_unix = target
+        record = parse_record(text)
+        if record is not None and record.name == name and inst.record is None:
+            inst.record = record
     return found
 
 
@@ -139,15 +179,6 @@ def require(scope: str, names: list[str], hint: str = "") -> dict[str, Installed
     return installed
 
 
-def gpu_claims(installed: dict[str, Installed]) -> dict[str, list[tuple[str, bool]]]:
-    """GPU UUID -> the instances placed there and whether each shares."""
-    claims: dict[str, list[tuple[str, bool]]] = {}
-    for inst in installed.values():
-        for uuid in inst.gpus:
-            claims.setdefault(uuid, []).append((inst.name, inst.gpu_share))
-    return claims
-
-
 def _field(text: str, prefix: str) -> str | None:
     # split on "\n" only: systemd does, and str.splitlines() would also split on
     # U+2028 and the like, which a spec value could smuggle into a Description=.
@@ -155,17 +186,3 @@ def _field(text: str, prefix: str) -> str | None:
         if line.startswith(prefix):
             return line[len(prefix):].strip()
     return None
-
-
-def parse_member(name: str, text: str) -> Member | None:
-    """A gateway member from its header line (``gw=G names=a,b address=H:P max=N
-    wait=S queue=S on-demand=yes``); None when it cannot be read."""
-    fields = dict(word.partition("=")[::2] for word in text.split())
-    try:
-        return Member(instance=name, address=fields["address"],
-                      names=tuple(fields["names"].split(",")),
-                      max_concurrent=int(fields["max"]) or None, wait=float(fields["wait"]),
-                      queue_timeout=float(fields["queue"]),
-                      on_demand=fields.get("on-demand") == "yes", gateway=fields["gw"])
-    except (KeyError, ValueError):
-        return None

@@ -15,8 +15,8 @@ from pathlib import Path
 import jinja2
 
 from unitgen.errors import Problem, SpecError
-from unitgen.plan.gateway import member_of
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
+from unitgen.plan.record import record_of
 from unitgen.spec.model import InstanceSpec
 from unitgen.targets.base import (
     MARKER,
@@ -87,6 +87,7 @@ _FILTERS: dict[str, Callable[..., str]] = {
     "directive": escape.directive_name,
     "setting": escape.setting_value,
     "specifier_path": escape.specifier_path,
+    "comment": escape.comment_line,
 }
 
 
@@ -191,6 +192,7 @@ def _common(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     return {
         "source": Path(spec.source).name,
         "name": spec.name,
+        "record": record_of(inst).line(),
         "backend": spec.backend,
         "model": spec.model or spec.name,
         "description": spec.description or "",
@@ -220,22 +222,13 @@ def _common(inst: Instance, ctx: RenderContext) -> dict[str, object]:
 
 
 def _gateway_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
-    """A gateway's socket and service; a member's header line."""
-    member = member_of(inst)
-    header = ""
-    if member is not None:
-        header = (f"gw={inst.spec.gateway} names={','.join(member.names)} "
-                  f"address={member.address} max={member.max_concurrent or 0} "
-                  f"wait={member.wait:g} queue={member.queue_timeout:g} "
-                  f"on-demand={'yes' if member.on_demand else 'no'}")
+    """A gateway's socket and service."""
     plan = inst.gateway
     metrics = ""
     if plan is not None and plan.metrics is not None:
         host, port = plan.metrics
         metrics = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return {
-        "member_header": header,
-        "is_gateway": plan is not None,
         "metrics_listen": metrics,
         "runtime_dir": f"unitgen-{inst.name}",
         "keys_source": (plan.settings.api_keys_file or "") if plan is not None
