@@ -119,7 +119,7 @@ def test_upstreams_come_from_the_status_and_specs_of_the_model_servers():
     with pytest.raises(Exception, match="has no unitgen_status"):
         f.gateway_upstreams(["gpu3"], {"gpu3": {}})
     # what the filter writes is what the gateway spec accepts
-    from unitgen.spec.gateway import parse_gateway  # noqa: PLC0415
+    from unitgen.features.gateway.spec import parse_gateway  # noqa: PLC0415
 
     g = parse_gateway({"kind": "gateway", "name": "gw", "port": 8080, "upstreams": ups}, "x")
     assert [u.server for u in g.upstreams] == ["gpu-1.example_qwen", "gpu-1.example_emb",

@@ -13,8 +13,8 @@ import pytest
 
 from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
+from unitgen.features.container import podman
 from unitgen.inunit.podrun import with_limits
-from unitgen.ops import podman
 from unitgen.ops.systemd.specs import render_spec
 from unitgen.plan.gpus import Placement, unit_of_cgroup
 from unitgen.plan.instance import resolve

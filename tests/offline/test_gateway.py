@@ -11,13 +11,20 @@ import pytest
 
 from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
-from unitgen.ops.systemd.gateways import validate
+from unitgen.features.gateway.config import validate
+from unitgen.features.gateway.plan import (
+    GatewayPlan,
+    GatewaySettings,
+    Member,
+    routes,
+    settings_of,
+    upstream_members,
+)
+from unitgen.features.gateway.render import FILES, GatewayPaths, render_gateway
+from unitgen.features.gateway.spec import GatewaySpec
 from unitgen.ops.systemd.specs import render_spec
-from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, routes, settings_of, upstream_members
 from unitgen.plan.instance import resolve
-from unitgen.spec.gateway import GatewaySpec
 from unitgen.spec.model import load_any, load_spec
-from unitgen.targets.haproxy.render import FILES, GatewayPaths, render_gateway
 
 needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None and
                                    not shutil.os.path.exists("/usr/sbin/haproxy"),  # type: ignore[attr-defined]

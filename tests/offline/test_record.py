@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from tests.golden_files import eight_fake_gpus, example_specs
 from tests.helpers import GOLDEN_CTX, write_spec
+from unitgen.features.gateway.plan import Member
 from unitgen.ops.systemd.specs import render_spec
-from unitgen.plan.gateway import Member
 from unitgen.plan.record import RECORD_PREFIX, Record, parse_record, record_of
 from unitgen.spec.keys import Activation
 from unitgen.targets.supervisor.installed import scan as scan_supervisor

@@ -51,20 +51,47 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
+# A feature (unitgen/features/NAME/) is a column across the layers: each of its
+# modules is in the layer its file name says; the feature registry and the
+# hooks' base are operations.
+FEATURE_LAYERS = {"spec": "spec", "plan": "plan", "render": "targets", "files": "targets"}
+
+
+def layer_of(name: str) -> str | None:
+    """The layer of module ``name`` (None: the CLI skin, a base module)."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[1] == "features":
+        if len(parts) == 4:  # unitgen.features.NAME.module
+            return FEATURE_LAYERS.get(parts[3], "ops")
+        return "ops" if len(parts) == 3 else None  # base, registry; the package itself
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED):
+        return parts[1] if parts[1] in ALLOWED else None
+    return None
+
+
 @pytest.mark.parametrize("path", _modules(), ids=_name)
 def test_imports_point_down_the_layers(path):
     name = _name(path)
-    parts = name.split(".")
-    layer = parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else None
+    layer = layer_of(name)
     if layer not in ALLOWED:
         return  # the CLI skin and the base modules may use any layer
     for target in _imports(path):
         if target in BASE:
             continue
-        tparts = target.split(".")
-        if len(tparts) < 2 or tparts[1] not in ALLOWED:
+        tlayer = layer_of(target) or layer_of(target.rpartition(".")[0])
+        if tlayer is None:
             continue
-        assert tparts[1] in ALLOWED[layer], f"{name} (layer {layer}) imports {target}"
+        assert tlayer in ALLOWED[layer], f"{name} (layer {layer}) imports {target}"
+
+
+def test_a_feature_module_is_in_the_layer_its_name_says():
+    assert layer_of("unitgen.features.gateway.spec") == "spec"
+    assert layer_of("unitgen.features.gateway.plan") == "plan"
+    assert layer_of("unitgen.features.gateway.render") == "targets"
+    assert layer_of("unitgen.features.gateway.ops") == "ops"
+    assert layer_of("unitgen.features.registry") == "ops"
+    assert layer_of("unitgen.plan.instance") == "plan"
+    assert layer_of("unitgen.cli") is None
 
 
 @pytest.mark.parametrize("path", [p for p in _modules() if p.name != "__main__.py"], ids=_name)

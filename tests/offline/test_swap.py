@@ -12,13 +12,15 @@ import pytest
 
 from tests.helpers import GOLDEN_CTX, custom_spec, write_spec
 from unitgen.errors import SpecError
+from unitgen.features.swap.ops import SwapFeature, installed_groups
+from unitgen.features.swap.plan import after_change, groups_of, mates_of
 from unitgen.inunit.swapproxy import mates_from_conflicts
 from unitgen.ops.files import write_files
+from unitgen.ops.systemd.bind_swap import SystemdSwap
+from unitgen.ops.systemd.session import Session
 from unitgen.ops.systemd.specs import render_spec
-from unitgen.ops.systemd.swap import dropin_changes, installed_groups, write_dropins
 from unitgen.plan.gpus import Gpu, GpuProcess, place
 from unitgen.plan.record import parse_record
-from unitgen.plan.swap import after_change, groups_of, mates_of
 from unitgen.spec.model import DEFAULT_SWAP_DRAIN, parse_spec
 from unitgen.targets.systemd.installed import scan, unit_dir
 from unitgen.targets.systemd.render import render_swap_dropin
@@ -91,16 +93,18 @@ def test_dropins_are_rewritten_for_every_member(tmp_path, monkeypatch):
     _install(tmp_path, "plain", None)
     installed = scan(unit_dir("user"))
     assert installed_groups(installed) == {"a": "g", "b": "g", "c": "g"}
-    write_dropins(dropin_changes("user", installed))
+    binding = SystemdSwap(Session("user"))  # files only: the manager is never asked
+    swap = SwapFeature(binding)
+    binding.write(swap.dropins(installed))
     conf = unit_dir("user") / "a-backend.service.d" / "unitgen-swap.conf"
     assert "Conflicts=b-backend.service\nConflicts=c-backend.service\n" in conf.read_text()
     assert not (unit_dir("user") / "plain-backend.service.d").exists()
-    assert dropin_changes("user", installed) == []  # idempotent
+    assert swap.dropins(installed) == []  # idempotent
 
-    changes = dropin_changes("user", installed, removed=["c"])
+    changes = swap.dropins(installed, removed=["c"])
     assert sorted(p.parent.name for p, _ in changes) == [
         "a-backend.service.d", "b-backend.service.d", "c-backend.service.d"]
-    write_dropins(changes)
+    binding.write(changes)
     assert "c-backend" not in conf.read_text()
     assert not (unit_dir("user") / "c-backend.service.d").exists()
 

@@ -15,9 +15,9 @@ from typing import Protocol
 import psutil
 
 from unitgen.errors import Problem, UnitgenError
+from unitgen.features.gateway.plan import Member
 from unitgen.ops.pipeline import HostGpus, listen_overlap, place_or_report
 from unitgen.plan.container import ProblemSink
-from unitgen.plan.gateway import Member
 from unitgen.plan.gpus import Placement
 from unitgen.spec.model import InstanceSpec
 from unitgen.spec.ports import (

@@ -38,7 +38,7 @@ def missing_program(inst: Instance, manager_path: str) -> Problem | None:
     """A problem naming the spec key when the manager cannot run the server's
     program; None when it can."""
     if inst.container is not None:
-        return None  # the program is the image's (ops.podman checks podman and the image)
+        return None  # the program is the image's (features.container checks podman and the image)
     program = inst.argv[0]
     spec = inst.spec
     key = "command[0]" if spec.backend == "custom" and not spec.executable else "executable"

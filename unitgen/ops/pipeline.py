@@ -19,8 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from unitgen.errors import Problem, SpecError
-from unitgen.plan.container import ProblemSink
-from unitgen.plan.gateway import (
+from unitgen.features.gateway.plan import (
     GatewayPlan,
     gateway_instance_spec,
     member_of,
@@ -28,9 +27,10 @@ from unitgen.plan.gateway import (
     settings_of,
     upstream_members,
 )
+from unitgen.features.gateway.spec import GatewaySpec
+from unitgen.plan.container import ProblemSink
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, Placement, place, read_gpus
 from unitgen.plan.instance import Allocator, Instance, resolve
-from unitgen.spec.gateway import GatewaySpec
 from unitgen.spec.model import InstanceSpec, load_any
 from unitgen.spec.ports import PRIVATE_PORT_RANGE, default_port, default_private_port
 from unitgen.targets.base import RenderedFile, Target

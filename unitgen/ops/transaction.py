@@ -8,18 +8,23 @@
 A target supplies a small :class:`Adapter`: where its files go, which of them
 are its own, how its manager reloads, starts, waits and restores. Everything
 else (dry runs, diffs, all-or-nothing writes, the undo, what a result says)
-is written once, here.
+is written once, here, and so is the order in which the features the target
+binds (:mod:`unitgen.features.base`) take part: ``plan`` once every spec is
+planned, ``preflight`` before anything is written, their ``files`` written
+with the run's, ``reload_only`` for each changed instance, ``after`` once
+every instance is up.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
+from unitgen.errors import EXIT_FAILURE, EXIT_OK, Problem, SpecError, UnitgenError
+from unitgen.features.base import Feature, InstalledLike
 from unitgen.ops.files import apply_changes, files_diff, undo_changes
 from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned
@@ -43,6 +48,8 @@ class Change:
     units: list[str] = field(default_factory=list)  # what the result lists (units, programs)
     notices: list[str] = field(default_factory=list)
     extra: Any = None  # the adapter's own (the installed version, say)
+    # only files a feature owns changed (a gateway's routes): reloading is enough
+    reload_only: bool = False
 
     @property
     def inst(self) -> Instance:
@@ -117,6 +124,12 @@ class Adapter(Protocol):
     name: str
     python: str  # the interpreter the installed files run
     root_runs_code: bool  # root runs that interpreter and unitgen's modules: check them
+    features: list[Feature]  # the features this target binds (features.registry.bind)
+
+    @property
+    def installed(self) -> Mapping[str, InstalledLike]:
+        """What is installed (read by :meth:`plan`)."""
+        ...
 
     def close(self) -> None:
         """Let go of the manager (connections, event loops)."""
@@ -177,8 +190,25 @@ def _run(adapter: Adapter, paths: Sequence[Path], opts: DeployOptions) -> Result
     with contextlib.ExitStack() as held:
         held.enter_context(adapter.lock(opts.say))
         planned = adapter.plan(paths, opts)
+        notices = [n for f in adapter.features for n in f.plan(adapter.installed, planned)]
         changes = [adapter.change(p) for p in planned]
-        extra = adapter.preflight(changes)
+        for c in changes:
+            c.notices += [n.split(": ", 1)[1] for n in notices if n.startswith(f"{c.name}: ")]
+        try:
+            extra = adapter.preflight(changes)
+            problems: list[Problem] = []
+        except SpecError as exc:
+            extra, problems = [], list(exc.problems)
+        problems += [p for f in adapter.features for p in f.preflight(planned)]
+        for f in adapter.features:
+            problems = problems or f.prepare(planned, opts.say, dry_run=opts.dry_run)
+        if problems:
+            raise SpecError(problems=problems)
+        extra += [w for f in adapter.features for w in f.files()]
+        for c in changes:
+            changed = [f.name for f in c.changed_files]
+            c.reload_only = bool(c.was_installed and changed and not c.stale and any(
+                f.reload_only(c.planned, changed) for f in adapter.features))
         if opts.dry_run:
             return _result(adapter.name, [_would(c, opts) for c in changes], dry_run=True)
         if opts.diff and opts.show is not None:
@@ -188,9 +218,8 @@ def _run(adapter: Adapter, paths: Sequence[Path], opts: DeployOptions) -> Result
         _apply(adapter, changes, extra)
         held.close()  # the new files hold their ports now: other deploys may go on
         outcomes = [_activate(adapter, c, opts) for c in changes]
-        after = getattr(adapter, "after", None)
-        if after is not None:  # e.g. gateways reloaded once their members answer
-            after(opts)
+        for f in adapter.features:  # e.g. gateways reloaded once their members answer
+            f.after(opts.say)
     return _result(adapter.name, outcomes, dry_run=False, diff_shown=opts.show is not None)
 
 

@@ -88,7 +88,7 @@ class Instance:
     health_timeout: float
     notices: tuple[str, ...]
     gpus: Placement | None = None
-    gateway: Any = None  # a gateway's plan (unitgen.plan.gateway.GatewayPlan); None otherwise
+    gateway: Any = None  # a gateway's plan (unitgen.features.gateway.plan.GatewayPlan); None otherwise
     container: Container | None = None  # image = ...: the server runs in podman
 
     @property

@@ -23,7 +23,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from unitgen.plan.gateway import Member, member_of
+from unitgen.features.gateway.plan import Member, member_of
 from unitgen.plan.instance import RUNTIME_DIR, Instance
 
 __all__ = ["RECORD_PREFIX", "RUNTIME_TOKEN", "Record", "parse_record", "record_of"]

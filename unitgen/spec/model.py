@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from unitgen.errors import Problem, SpecError
+from unitgen.features.gateway.spec import GatewaySpec, is_gateway, parse_gateway
 from unitgen.spec.backends import BackendName
-from unitgen.spec.gateway import GatewaySpec, is_gateway, parse_gateway
 from unitgen.spec.keys import (
     KEYS,
     TABLES,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from unitgen.spec.gateway import GATEWAY_KEYS
+from unitgen.features.gateway.spec import GATEWAY_KEYS
 from unitgen.spec.keys import (
     DIRECTIVE_RE,
     ENV_NAME_RE,

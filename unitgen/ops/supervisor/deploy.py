@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from unitgen.errors import OwnershipError, UnitgenError
+from unitgen.features.base import Feature
 from unitgen.inunit.envfile import split_env_text
 from unitgen.inunit.probe import Attempt, attempt
 from unitgen.ops.allocate import HostAllocator, listeners
@@ -151,7 +152,8 @@ class SupervisorDeploy:
         # supervisord (root) runs unitgen's wrappers as root: the trust check is owed
         self.root_runs_code = os.geteuid() == 0
         self._rpc: SupervisorRPC | None = None
-        self._installed: dict[str, InstalledConf] = {}
+        self.features: list[Feature] = []  # none bound yet (docs/supervisor.md)
+        self.installed: dict[str, InstalledConf] = {}
         self._states: dict[str, dict[str, object]] = {}
         self._diff: Diff = ([], [], [])
 
@@ -175,7 +177,7 @@ class SupervisorDeploy:
         """Ports as the systemd target picks them. Private ports are privileged:
         supervisord runs as root, and the wrapper gives a server run as ``user``
         the right to bind its own one only."""
-        installed = self._installed = scan(self.site.conf_dir, self.site.ctx.run_dir)
+        installed = self.installed = scan(self.site.conf_dir, self.site.ctx.run_dir)
         alloc = HostAllocator("system", installed, listeners(), opts.port_range)
         planned = plan_paths(paths, SupervisorTarget(self.site.ctx), alloc,
                              unplaceable=alloc.unplaceable)
@@ -185,7 +187,7 @@ class SupervisorDeploy:
     def change(self, planned: Planned) -> Change:
         """Refuse files or program groups unitgen did not write; read what is there."""
         inst, spec = planned.instance, planned.instance.spec
-        ours = {g for conf in self._installed.values() for g in conf.groups}
+        ours = {g for conf in self.installed.values() for g in conf.groups}
         foreign = {str(p["group"]) for p in self._states.values()} - ours
         for group in group_names(inst):
             if group in foreign:
@@ -210,7 +212,7 @@ class SupervisorDeploy:
             # a secret file someone else owns or may read (0.x handed it to the user)
             # is written again, root's and 0600: the wrapper refuses any other
             old[secret_name(spec.name)] = None
-        installed = self._installed.get(spec.name)
+        installed = self.installed.get(spec.name)
         return Change(planned, paths, old, stale, was_installed=installed is not None,
                       units=group_names(inst), notices=[*inst.notices, *target_notices(inst)],
                       extra=installed)

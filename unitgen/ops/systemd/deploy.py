@@ -5,33 +5,24 @@ decide readiness; a start job ends when they do)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 from unitgen.errors import OwnershipError, SpecError, UnitgenError
+from unitgen.features.base import Feature
 from unitgen.ops.allocate import HostAllocator, deploy_lock, listeners
 from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
-from unitgen.ops.files import apply_changes, check_ours, is_ours, read_exact
+from unitgen.ops.files import check_ours, is_ours, read_exact
 from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned, plan_paths
-from unitgen.ops.podman import host_podman, pull_missing, remove_container, spec_problems
-from unitgen.ops.systemd.gateways import (
-    affected,
-    config_path,
-    remove_gateway_files,
-    rerender,
-    validate,
-)
+from unitgen.ops.systemd.bindings import features
 from unitgen.ops.systemd.journal import last_lines
-from unitgen.ops.systemd.manager import Manager, connect
-from unitgen.ops.systemd.swap import dropin_changes, installed_groups, write_dropins
+from unitgen.ops.systemd.manager import Manager
+from unitgen.ops.systemd.session import Session
 from unitgen.ops.transaction import Change, Ready
 from unitgen.ops.wait import wait_until
-from unitgen.plan.swap import after_change, mates_of
 from unitgen.result import Result
 from unitgen.spec.model import InstanceSpec
 from unitgen.targets.base import RenderedFile
@@ -40,8 +31,6 @@ from unitgen.targets.systemd.installed import Installed, scan, secrets_dir, unit
 from unitgen.targets.systemd.render import RenderContext, SystemdTarget
 
 __all__ = ["SystemdDeploy", "remove", "stop_instance"]
-
-T = TypeVar("T")
 # A start job may take the probe's deadline and then some: the units' own
 # TimeoutStartSec= is the probe's deadline plus a margin; this is past both.
 JOB_MARGIN = 120.0
@@ -49,7 +38,7 @@ JOB_MARGIN = 120.0
 
 def _path(f: RenderedFile, scope: str) -> Path:
     if f.config:
-        return config_path(scope, f)
+        return config_root(scope) / f.name
     return (secrets_dir(scope) if f.secret else unit_dir(scope)) / f.name
 
 
@@ -84,73 +73,43 @@ class SystemdDeploy:
         self.python = ctx.python
         # root runs the units' probes and GPU waits: the trust check is owed
         self.root_runs_code = scope == "system"
-        self._runner = asyncio.Runner()
-        self._conn: connect | None = None
-        self._m: Manager | None = None
-        self._installed: dict[str, Installed] = {}
-        self._swap: list[tuple[Path, str | None]] = []
+        self.session = Session(scope)
+        self.features: list[Feature] = features(self.session, ctx.podman)
+        self.installed: dict[str, Installed] = {}
         self._jobs: dict[str, tuple[str, float]] = {}  # name -> (job path, started)
-        self._gateways: list[str] = []
-        self._gateway_files: list[tuple[Path, str]] = []
-        self._reload: list[str] = []
-        self._notices: list[str] = []
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self._runner.run(coro)
 
     @property
     def m(self) -> Manager:
         """The connected manager (connected on first use, subscribed to jobs)."""
-        if self._m is None:
-            self._conn = connect(self.scope)
-            self._m = self._run(self._conn.__aenter__())
-            self._run(self._m.subscribe())
-        return self._m
+        return self.session.m
 
     def close(self) -> None:
         """Disconnect and close the event loop."""
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._run(self._conn.__aexit__(None, None, None))
-        self._runner.close()
+        self.session.close()
 
     def lock(self, say: Say) -> contextlib.AbstractContextManager[None]:
         """Deploys to one manager wait for each other (see deploy_lock)."""
         return deploy_lock(self.scope, say)
 
     def plan(self, paths: Sequence[Path], opts: DeployOptions) -> list[Planned]:
-        """Ports from the installed units and the host's listeners, GPUs from NVML;
-        the swap groups' drop-ins follow the member lists."""
-        self._opts = opts  # preflight pulls images with its progress lines
-        installed = self._installed = scan(unit_dir(self.scope))
-        groups = installed_groups(installed)
+        """Ports from the installed units and the host's listeners, GPUs from NVML
+        (the features say whose claims are no conflict)."""
+        installed = self.installed = scan(unit_dir(self.scope))
         seen: list[InstanceSpec] = []
 
         def mates(spec: InstanceSpec) -> frozenset[str]:
-            seen.append(spec)  # members deployed together are mates too
-            return frozenset(mates_of(spec.name, after_change(groups, seen)))
+            seen.append(spec)  # instances deployed together count as installed
+            return frozenset().union(*(f.cohabitants(installed, spec, seen)
+                                       for f in self.features))
 
         alloc = HostAllocator(self.scope, installed, listeners(), opts.port_range, mates=mates)
-        planned = plan_paths(paths, SystemdTarget(self.ctx), alloc, unplaceable=alloc.unplaceable)
-        self._swap = dropin_changes(self.scope, installed, [p.instance.spec for p in planned])
-        # gateways routing to the run's instances: their HAProxy files follow
-        self._gateways = sorted(affected(installed, planned))
-        self._gateway_files = [(config_path(self.scope, f), f.text) for g in self._gateways
-                               for f in rerender(self.scope, g, installed, planned)]
-        for p in planned:
-            if p.instance.gateway is not None:
-                validate(str(p.path), p.instance.gateway)
-            elif p.instance.spec.gateway and not (p.instance.spec.gateway in installed or any(
-                    q.instance.name == p.instance.spec.gateway for q in planned)):
-                self._notices.append(f"{p.instance.name}: gateway {p.instance.spec.gateway!r} "
-                                     "is not deployed here yet: its routes come with it")
-        return planned
+        return plan_paths(paths, SystemdTarget(self.ctx), alloc, unplaceable=alloc.unplaceable)
 
     def change(self, planned: Planned) -> Change:
         """Refuse unit files or units unitgen does not own; read what is installed."""
         spec = planned.instance.spec
         units = [f.name for f in planned.files if not f.secret and not f.config]
-        loaded = self._run(self.m.info(units))
+        loaded = self.session.info(units)
         paths: dict[str, Path] = {}
         old: dict[str, str | None] = {}
         for f in planned.files:
@@ -165,7 +124,7 @@ class SystemdDeploy:
                 old[f.name] = read_exact(path) if path.exists() else None
             except OSError as exc:
                 raise UnitgenError(f"cannot read {path}: {exc.strerror}") from None
-        mine = self._installed.get(spec.name)
+        mine = self.installed.get(spec.name)
         stale: list[Path] = []
         if mine and mine.files:
             stale = [p for n, p in mine.files.items() if n not in old and p.parent == unit_dir(self.scope)]
@@ -178,22 +137,11 @@ class SystemdDeploy:
 
     def preflight(self, changes: list[Change]) -> list[tuple[Path, str | None]]:
         """Every server program must be where the manager looks (its own PATH)."""
-        path = self._run(self.m.environment()).get("PATH") or SYSTEM_MANAGER_PATH
+        path = self.session.run(self.m.environment()).get("PATH") or SYSTEM_MANAGER_PATH
         missing = [found for c in changes if (found := missing_program(c.inst, path))]
-        missing += [p for c in changes for p in spec_problems(c.inst, self.ctx.podman)]
-        if not missing:  # images: explicit pulls, each with its own deadline
-            missing = pull_missing([c.inst for c in changes], self.ctx.podman, self._opts.say,
-                                   dry_run=self._opts.dry_run)
         if missing:
             raise SpecError(problems=missing)
-        for c in changes:
-            c.notices += [n for n in self._notices if n.startswith(f"{c.name}: ")]
-        changed = [(p, t) for p, t in self._gateway_files
-                   if not p.exists() or read_exact(p) != t]
-        self._reload = [g for g in self._gateways
-                        if any(str(p).startswith(f"{config_root(self.scope)}/unitgen/gateways/{g}/")
-                               for p, _ in changed)]
-        return self._swap + changed
+        return []
 
     def reload(self, written: list[Change]) -> None:
         """daemon-reload, enable what starts at boot (the socket; an eager service)."""
@@ -206,12 +154,12 @@ class SystemdDeploy:
                     await self.m.disable([f"{c.name}.service"])
             if written:
                 await self.m.reload()
-        self._run(go())
+        self.session.run(go())
 
     def running(self, change: Change) -> Ready | None:
         """Unchanged: its entry unit active (or on its way) needs nothing."""
         entry = _entry(change.inst.spec)
-        info = self._run(self.m.info([entry]))[entry]
+        info = self.session.info([entry])[entry]
         if info.active_state not in ("active", "activating", "reloading"):
             return None
         return Ready(info.active_state == "active", listening=entry.endswith(".socket"))
@@ -220,31 +168,19 @@ class SystemdDeploy:
         """Stop a changed instance (keeping its socket unless that changed), queue the start."""
         entry = _entry(change.inst.spec)
         started = time.time()
-        if change.inst.gateway is not None and change.was_installed and change.changed and all(
-                f.config for f in change.changed_files) and not change.stale:
-            # only its routes changed: new workers on the same socket, the old ones
-            # finish what they serve
-            verb = "ReloadUnit" if self._active(entry) else "StartUnit"
-            self._jobs[change.name] = (self._run(self.m.queue(verb, entry)), started)
+        if change.reload_only:
+            # only files a feature owns changed: new workers on the same socket,
+            # the old ones finish what they serve
+            verb = "ReloadUnit" if self.session.active(entry) else "StartUnit"
+            self._jobs[change.name] = (self.session.run(self.m.queue(verb, entry)), started)
             return
         if change.changed and change.was_installed:
             socket_changed = any(f.name == f"{change.name}.socket" for f in change.changed_files)
-            self._run(stop_instance(self.m, change.name, change.units,
-                                    keep_socket=not socket_changed))
+            self.session.run(stop_instance(self.m, change.name, change.units,
+                                           keep_socket=not socket_changed))
         if opts.wait:
             opts.say(f"{change.name}: starting {entry} (public {change.inst.public.listen()})")
-        self._jobs[change.name] = (self._run(self.m.queue("StartUnit", entry)), started)
-
-    def _active(self, unit: str) -> bool:
-        return self._run(self.m.info([unit]))[unit].active_state == "active"
-
-    def after(self, opts: DeployOptions) -> None:
-        """Reload the gateways whose routes changed (their members are up now)."""
-        for g in self._reload:
-            unit = f"{g}.service"
-            if self._active(unit):
-                done = self._run(self.m.job("ReloadUnit", unit, timeout=60))
-                opts.say(f"{g}: gateway reloaded ({done.result}): its routes follow")
+        self._jobs[change.name] = (self.session.run(self.m.queue("StartUnit", entry)), started)
 
     def wait(self, change: Change, opts: DeployOptions) -> Ready:
         """Until the start job ends (the units' probes decide), with a live line."""
@@ -255,7 +191,7 @@ class SystemdDeploy:
         t0 = time.monotonic()
 
         def progress(elapsed: float) -> None:
-            info = self._run(self.m.info([server]))[server]
+            info = self.session.info([server])[server]
             line = f"{change.name}: starting, {elapsed:.0f} s, {info.active_state}/{info.sub_state}"
             if info.status_text:
                 line += f": {info.status_text}"
@@ -265,7 +201,7 @@ class SystemdDeploy:
                 last_plain[0] = elapsed
                 opts.say(line)
 
-        result = wait_until(lambda: self._run(self.m.finish(job, 0.5)),
+        result = wait_until(lambda: self.session.run(self.m.finish(job, 0.5)),
                             timeout=change.inst.health_timeout + JOB_MARGIN, every=0.5,
                             progress=progress, progress_every=0.5)
         if result is None:
@@ -276,7 +212,8 @@ class SystemdDeploy:
         seconds = time.monotonic() - t0
         if result == "done":
             return Ready(True, seconds, listening=entry.endswith(".socket"))
-        return Ready(False, seconds, self._run(self._why(change, entry, result, seconds, started)))
+        return Ready(False, seconds,
+                     self.session.run(self._why(change, entry, result, seconds, started)))
 
     async def _why(self, c: Change, entry: str, result: str, seconds: float, since: float) -> str:
         infos = await self.m.info(c.units)
@@ -298,7 +235,7 @@ class SystemdDeploy:
 
     def restore(self, change: Change, opts: DeployOptions) -> str:
         """The previous version running again, or a new instance's units gone."""
-        return self._run(self._restore(change))
+        return self.session.run(self._restore(change))
 
     async def _restore(self, c: Change) -> str:
         with contextlib.suppress(UnitgenError):
@@ -320,57 +257,49 @@ class SystemdDeploy:
         return f"\n  {c.name} was new: its units were removed again"
 
 
-async def _remove(names: list[str], scope: str) -> Result:
+def _remove(names: list[str], session: Session, feats: list[Feature]) -> Result:
     removed: list[dict[str, object]] = []
     absent: list[str] = []
     lines: list[str] = []
-    async with connect(scope) as m:
-        await m.subscribe()
-        with deploy_lock(scope):
-            installed = scan(unit_dir(scope))
-            # swap groups: the remaining members stop naming the removed ones
-            write_dropins(dropin_changes(scope, installed,
-                                         removed=[n for n in names if n in installed]))
-            # gateways stop routing to the removed ones before they stop
-            for g in sorted(affected(installed, [], removed=names) - set(names)):
-                apply_changes([(config_path(scope, f), f.text)
-                               for f in rerender(scope, g, installed, [], removed=names)])
-                if (await m.info([f"{g}.service"]))[f"{g}.service"].active_state == "active":
-                    await m.job("ReloadUnit", f"{g}.service", timeout=60)
-                    lines.append(f"{g}: gateway reloaded: no route to "
-                                 f"{', '.join(n for n in names if n in installed)} any more")
-            for name in names:
-                inst = installed.get(name)
-                if inst is None:
-                    absent.append(name)  # already gone: nothing to do (idempotent)
-                    lines.append(_absent_line(name, scope))
-                    continue
-                t0 = time.monotonic()
-                # whatever state the units are in (failed, not loadable): stop what
-                # can be stopped, then the files go regardless
-                with contextlib.suppress(UnitgenError):
-                    await stop_instance(m, name, inst.units)
-                if inst.container and remove_container(host_podman(), inst.container):
-                    lines.append(f"{name}: container {inst.container} removed")
-                with contextlib.suppress(UnitgenError):
-                    await m.disable(inst.units)
-                files = [p for p in inst.files.values() if is_ours(p, name)]
-                for path in files:
-                    path.unlink()
-                secret = secrets_dir(scope) / f"{name}.env"
-                if secret.exists():
-                    secret.unlink()
-                    files.append(secret)
-                if inst.is_gateway:
-                    files += remove_gateway_files(scope, name)
-                removed.append({"name": name, "files": [str(p) for p in files]})
-                lines.append(f"{name}: removed ({', '.join(p.name for p in files)}) "
-                             f"in {time.monotonic() - t0:.1f} s")
-            if removed:
-                await m.reload()
-            for entry in removed:
-                for unit in installed[str(entry["name"])].units:
-                    await m.reset_failed(unit)
+    scope, m = session.scope, session.m
+    with deploy_lock(scope):
+        installed = scan(unit_dir(scope))
+        for f in feats:  # others stop depending on them while they still run
+            lines += f.before_remove(installed, names)
+        for name in names:
+            inst = installed.get(name)
+            if inst is None:
+                absent.append(name)  # already gone: nothing to do (idempotent)
+                lines.append(_absent_line(name, scope))
+                continue
+            t0 = time.monotonic()
+            # whatever state the units are in (failed, not loadable): stop what
+            # can be stopped, then the files go regardless
+            with contextlib.suppress(UnitgenError):
+                session.run(stop_instance(m, name, inst.units))
+            extra: list[Path] = []
+            for f in feats:  # what each feature takes away with it (its files, a container)
+                gone, said = f.removed(inst)
+                extra += gone
+                lines += said
+            with contextlib.suppress(UnitgenError):
+                session.run(m.disable(inst.units))
+            files = [p for p in inst.files.values() if is_ours(p, name)]
+            for path in files:
+                path.unlink()
+            secret = secrets_dir(scope) / f"{name}.env"
+            if secret.exists():
+                secret.unlink()
+                files.append(secret)
+            files += extra
+            removed.append({"name": name, "files": [str(p) for p in files]})
+            lines.append(f"{name}: removed ({', '.join(p.name for p in files)}) "
+                         f"in {time.monotonic() - t0:.1f} s")
+        if removed:
+            session.run(m.reload())
+        for entry in removed:
+            for unit in installed[str(entry["name"])].units:
+                session.run(m.reset_failed(unit))
     return Result(data={"changed": bool(removed), "removed": removed, "absent": absent},
                   lines=tuple(lines))
 
@@ -388,4 +317,8 @@ def _absent_line(name: str, scope: str) -> str:
 
 def remove(names: list[str], scope: str) -> Result:
     """Stop, disable and delete exactly the files unitgen generated for ``names``."""
-    return asyncio.run(_remove(names, scope))
+    session = Session(scope)
+    try:
+        return _remove(names, session, features(session))
+    finally:
+        session.close()

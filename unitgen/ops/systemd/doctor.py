@@ -14,11 +14,10 @@ import psutil
 from unitgen.errors import EXIT_FAILURE, EXIT_OK, UnitgenError
 from unitgen.inunit.probe import attempt
 from unitgen.ops.findings import Finding, listening
-from unitgen.ops.podman import container_findings, host_podman
-from unitgen.ops.systemd.gateway_doctor import gateway_findings, member_findings, units_to_ask
+from unitgen.ops.systemd.bindings import features
 from unitgen.ops.systemd.manager import UnitInfo, connect
+from unitgen.ops.systemd.session import Session
 from unitgen.ops.systemd.status import restart_reason
-from unitgen.ops.systemd.swap import waiting_findings
 from unitgen.result import Result
 from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir
 
@@ -133,12 +132,29 @@ def doctor(name: str, scope: str) -> Result:
     except OSError:
         server_text = ""
     _liveness(findings, server_text, info, scope)
-    if installed.container:
-        # its processes are the container's (conmon's children, another mount and
-        # network namespace): podman says what runs, the health check below what answers
-        findings += container_findings(host_podman(), installed.container, installed.image,
-                                       installed.gpus, state == "active")
-    elif not pid:
+    session = Session(scope)
+    try:
+        feats = features(session)
+        everything = scan(unit_dir(scope))
+        said = [f for feat in feats for f in feat.doctor(everything, name, state == "active")]
+        # a feature that runs the server's processes (a container: conmon's children,
+        # other namespaces) says what runs; the health check below says what answers
+        owned = any(feat.owns_processes(installed) for feat in feats)
+    finally:
+        session.close()
+    _processes(findings, installed, pid, server_unit, state, scope, owned=owned)
+    findings += said
+    _answer(findings, installed.probe_target, installed.probe_path)
+    return _render(name, findings, {"public_port": public, "probe_target": installed.probe_target})
+
+
+def _processes(findings: list[Finding], installed: Installed, pid: int, server_unit: str,
+               state: str, scope: str, *, owned: bool) -> None:
+    """Where the server's process tree listens, against where the proxy forwards."""
+    public = installed.public_port
+    if owned:
+        return
+    if not pid:
         findings.append(Finding(True, f"{server_unit} is {state}: no server process to inspect "
                                       "(on-demand instances start on the first connection)"))
     else:
@@ -166,23 +182,6 @@ def doctor(name: str, scope: str) -> Result:
                                            f"{', '.join(map(str, stray))}, which nothing probes or "
                                            "forwards to: a --port in its arguments or config? "
                                            "Remove it; the public port is the socket's"))
-    findings.extend(Finding(ok, text) for ok, text in waiting_findings(name, scope))
-    _answer(findings, installed.probe_target, installed.probe_path)
-    findings += _gateway(installed, scope)
-    return _render(name, findings, {"public_port": public, "probe_target": installed.probe_target})
-
-
-def _gateway(inst: Installed, scope: str) -> list[Finding]:
-    """A gateway's routes, or the gateway an instance joins (see gateway_doctor)."""
-    everything = scan(unit_dir(scope))
-    if not inst.is_gateway:
-        return member_findings(inst, everything)
-    asked = units_to_ask(everything, inst.name)
-    infos = asyncio.run(_infos(asked, scope)) if asked else {}
-    return gateway_findings(scope, inst.name, everything,
-                            {n: i.active_state for n, i in infos.items()})
-
-
 async def _infos(units: list[str], scope: str) -> dict[str, UnitInfo]:
     async with connect(scope) as m:
         return await m.info(units)

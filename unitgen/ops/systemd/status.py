@@ -13,12 +13,12 @@ from pathlib import Path
 
 import psutil
 
+from unitgen.features.base import Feature
 from unitgen.inunit.probe import attempt
-from unitgen.ops.systemd.gateways import remote_members
+from unitgen.ops.systemd.bindings import features
 from unitgen.ops.systemd.journal import last_lines
 from unitgen.ops.systemd.manager import UnitInfo, connect
-from unitgen.ops.systemd.swap import status_section
-from unitgen.plan.gateway import Member
+from unitgen.ops.systemd.session import Session
 from unitgen.plan.gpus import Gpu, GpuUnavailableError, manager_of_scope, read_gpus
 from unitgen.result import Result, table
 from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir
@@ -121,8 +121,9 @@ _RESULTS = {
 
 
 def describe(inst: Installed, infos: dict[str, UnitInfo],
-             table: ProcessTable | None = None) -> InstanceStatus:
-    """Turn unit states into one word and a reason."""
+             table: ProcessTable | None = None, *, cgroup: bool = False) -> InstanceStatus:
+    """Turn unit states into one word and a reason (``cgroup``: its server's
+    processes are not the main process's tree, count its unit's whole cgroup)."""
     name = inst.name
     sock = infos[f"{name}.socket"]
     svc = infos[f"{name}.service"]
@@ -157,15 +158,15 @@ def describe(inst: Installed, infos: dict[str, UnitInfo],
         uptime = max(0.0, time.time() - server.active_enter_usec / 1e6)
     return InstanceStatus(name, state, address, "gateway" if inst.is_gateway else inst.backend,
                           pid, uptime,
-                          _memory(table or ProcessTable(), pid, bool(inst.container)), detail,
+                          _memory(table or ProcessTable(), pid, cgroup), detail,
                           restarts=server.n_restarts,
                           activation="eager" if inst.eager else "on-demand")
 
 
-def _memory(table: ProcessTable, pid: int | None, container: bool) -> int | None:
+def _memory(table: ProcessTable, pid: int | None, cgroup: bool) -> int | None:
     if not pid:
         return None
-    return table.unit_memory(pid) if container else table.tree_memory(pid)
+    return table.unit_memory(pid) if cgroup else table.tree_memory(pid)
 
 
 def health_target(inst: Installed, scope: str) -> str:
@@ -248,7 +249,8 @@ def _human_time(s: float | None) -> str:
     return f"{s / 3600:.1f}h"
 
 
-async def _status(names: list[str], scope: str) -> list[InstanceStatus]:
+async def _status(names: list[str], scope: str,
+                  feats: list[Feature]) -> list[InstanceStatus]:
     installed = require(scope, names)
     chosen = names or sorted(installed)
     units = [u for n in chosen for u in installed[n].units]
@@ -257,7 +259,8 @@ async def _status(names: list[str], scope: str) -> list[InstanceStatus]:
         # unit (pid, restarts, status line) and of units in trouble
         infos = await m.overview(units, {installed[n].server_unit for n in chosen})
     table = ProcessTable()
-    rows = [describe(installed[n], infos, table) for n in chosen]
+    rows = [describe(installed[n], infos, table,
+                     cgroup=any(f.owns_processes(installed[n]) for f in feats)) for n in chosen]
     if rows:
         # Health and restart reasons are network and journal reads: all at once.
         with ThreadPoolExecutor(max_workers=min(64, len(rows))) as pool:
@@ -281,54 +284,34 @@ def _with_gpus(row: InstanceStatus, inst: Installed, gpus: list[Gpu], scope: str
 
 
 def status(names: list[str], scope: str) -> Result:
-    """Status of the named instances (all when none are named)."""
-    rows = asyncio.run(_status(names, scope))
+    """Status of the named instances (all when none are named), and what each
+    feature says (swap groups, gateways)."""
+    session = Session(scope)
+    try:
+        feats = features(session)
+        rows = asyncio.run(_status(names, scope, feats))
+        installed = scan(unit_dir(scope))
+        states = {r.name: r.state for r in rows}
+        data: dict[str, object] = {"instances": [asdict(r) for r in rows]}
+        more: tuple[str, ...] = ()
+        for f in feats:
+            said, lines = f.status(installed, states)
+            data.update(said)
+            more += lines
+    finally:
+        session.close()
     table = [("NAME", "STATE", "ADDRESS", "BACKEND", "PID", "UPTIME", "MEMORY", "GPUS", "GPU MEM",
               "DETAIL")]
     table += [(r.name, r.state, r.address, r.backend, str(r.pid or "-"), _human_time(r.uptime_s),
                _human_bytes(r.memory_bytes), ",".join(map(str, r.gpus)) or "-",
                _human_bytes(r.gpu_memory_bytes), r.detail) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(9)]
-    lines = tuple(
+    shown = tuple(
         "  ".join(cell.ljust(w) for cell, w in zip(row[:9], widths, strict=True)) + "  " + row[9]
         for row in table
     )
-    swap_data, swap_lines = status_section(scope)
-    installed = scan(unit_dir(scope))
-    remote = {g: remote_members(scope, g) for g, i in installed.items() if i.is_gateway}
-    gw_data, gw_lines = gateway_section(installed, {r.name: r.state for r in rows}, remote)
-    return Result(data={"instances": [asdict(r) for r in rows], **swap_data, **gw_data},
-                  lines=(tuple(ln.rstrip() for ln in lines) if rows else ("no instances",))
-                  + swap_lines + gw_lines)
-
-
-def gateway_section(installed: dict[str, Installed], states: dict[str, str],
-                    remote: dict[str, list[tuple[Member, str]]] | None = None,
-                    ) -> tuple[dict[str, object], tuple[str, ...]]:
-    """Each gateway and its routes: route -> instances -> their state (a member
-    on another host, ``<node>_<name>``, with its state in HAProxy)."""
-    gateways = sorted(n for n, i in installed.items() if i.is_gateway)
-    if not gateways:
-        return {}, ()
-    data: list[dict[str, object]] = []
-    lines = [""]
-    for g in gateways:
-        members = [(i.member, states.get(i.member.instance, "not shown"))
-                   for i in installed.values() if i.member and i.member.gateway == g]
-        members += (remote or {}).get(g, [])
-        routes = {r: [(m.instance, st) for m, st in members if r in m.names]
-                  for r in sorted({n for m, _ in members for n in m.names})}
-        gw = installed[g]
-        data.append({"name": g, "address": f"{gw.public_host}:{gw.public_port}",
-                     "state": states.get(g, "not shown"),
-                     "routes": [{"route": r, "instances": [{"name": n, "state": st}
-                                                           for n, st in ms]}
-                                for r, ms in routes.items()]})
-        lines.append(f"gateway {g} ({gw.public_host}:{gw.public_port}, "
-                     f"{states.get(g, 'not shown')}): {len(routes)} route(s)")
-        lines += [f"  {r} -> " + ", ".join(f"{n} ({st})" for n, st in ms)
-                  for r, ms in routes.items()]
-    return {"gateways": data}, tuple(lines)
+    return Result(data=data, lines=(tuple(ln.rstrip() for ln in shown) if rows
+                                    else ("no instances",)) + more)
 
 
 def list_instances(scope: str) -> Result:

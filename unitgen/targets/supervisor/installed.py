@@ -27,6 +27,11 @@ class InstalledConf:
         return self.record.name
 
     @property
+    def rec(self) -> Record:
+        """Its record."""
+        return self.record
+
+    @property
     def backend(self) -> str:
         """The backend's name."""
         return self.record.backend

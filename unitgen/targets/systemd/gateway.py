@@ -1,24 +1,20 @@
 """A gateway's files for the systemd target: its socket (and the exporter's),
 its HAProxy service, and the HAProxy configuration with the files it answers
-with (rendered by :mod:`unitgen.targets.haproxy`, the same for every target)."""
+with (rendered by :mod:`unitgen.features.gateway.render`, the same for every target)."""
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
-from unitgen.plan.gateway import GatewayPlan
+from unitgen.features.gateway.files import gateway_files
+from unitgen.features.gateway.plan import GatewayPlan
+from unitgen.features.gateway.render import GatewayPaths
 from unitgen.plan.instance import Instance
 from unitgen.targets.base import RenderedFile
-from unitgen.targets.haproxy.render import GatewayPaths, render_gateway
 from unitgen.targets.systemd.contexts import RenderContext
 
-__all__ = ["SETTINGS", "config_root", "gateway_dir", "gateway_files", "render_gateway_files",
-           "runtime_root"]
-
-SETTINGS = "gateway.json"  # what re-renders the configuration when its members change
+__all__ = ["config_root", "gateway_dir", "gateway_paths", "render_gateway_files", "runtime_root"]
 
 
 def config_root(scope: str) -> Path:
@@ -38,27 +34,17 @@ def gateway_dir(scope: str, name: str) -> Path:
     return config_root(scope) / "unitgen" / "gateways" / name
 
 
-def render_gateway_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
-    """The HAProxy configuration of gateway ``inst`` and the files it names."""
-    return gateway_files(inst.name, inst.gateway, ctx.scope)
-
-
-def gateway_files(name: str, plan: GatewayPlan, scope: str) -> list[RenderedFile]:
-    """A gateway's HAProxy files (and the settings that render them again), as
-    config files below the manager's configuration directory."""
+def gateway_paths(name: str, plan: GatewayPlan, scope: str) -> GatewayPaths:
+    """Where HAProxy reads gateway ``name``'s files under this manager."""
     keys = plan.settings.api_keys_file
     if keys and scope == "system":
         # LoadCredential= gives the dynamic user a copy of the root-owned 0600 file
         keys = f"/run/credentials/{name}.service/api-keys"
-    paths = GatewayPaths(str(gateway_dir(scope, name)),
-                         str(runtime_root(scope) / f"unitgen-{name}"), keys)
-    prefix = f"unitgen/gateways/{name}"
-    files = [RenderedFile(f"{prefix}/{f.name}", f.text, config=True)
-             for f in render_gateway(plan.settings, plan.routes, paths)]
-    # members on other hosts are in no installed unit here: kept with the settings
-    settings = {"settings": asdict(plan.settings),
-                "metrics": list(plan.metrics) if plan.metrics else None,
-                "upstreams": [asdict(m) for m in plan.members if m.remote]}
-    files.append(RenderedFile(f"{prefix}/{SETTINGS}", json.dumps(settings, indent=1) + "\n",
-                              config=True))
-    return files
+    return GatewayPaths(str(gateway_dir(scope, name)),
+                        str(runtime_root(scope) / f"unitgen-{name}"), keys)
+
+
+def render_gateway_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
+    """The HAProxy configuration of gateway ``inst`` and the files it names."""
+    return gateway_files(inst.gateway, gateway_paths(inst.name, inst.gateway, ctx.scope),
+                         f"unitgen/gateways/{inst.name}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unitgen.errors import NoSuchInstanceError
-from unitgen.plan.gateway import Member
+from unitgen.features.gateway.plan import Member
 from unitgen.plan.record import Record, parse_record
 from unitgen.targets.systemd.render import MARKER
 

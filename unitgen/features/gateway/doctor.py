@@ -11,19 +11,30 @@ the fix."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from unitgen.features.base import InstalledLike
+from unitgen.features.gateway.plan import Member
+from unitgen.features.gateway.render import CONFIG, FILES
 from unitgen.ops.findings import Finding
-from unitgen.plan.gateway import Member
-from unitgen.targets.haproxy.render import CONFIG, FILES
-from unitgen.targets.systemd.gateway import gateway_dir
-from unitgen.targets.systemd.installed import Installed
 
-__all__ = ["Configured", "configured", "gateway_findings", "member_findings", "units_to_ask"]
+__all__ = ["Configured", "SocketState", "configured", "gateway_findings", "member_findings",
+           "members_of"]
 
 _BACKEND = re.compile(r"^backend\s+(\S+)\s*$")
 _SERVER = re.compile(r"^\s+server\s+(\S+)\s+(\S+)")
 _REDEPLOY = "deploy the gateway or its instances again (unitgen deploy): routes are rewritten"
+
+
+@dataclass(frozen=True)
+class SocketState:
+    """What holds an instance's public socket, as its target names it."""
+
+    holder: str  # e.g. "qwen2.socket"
+    state: str  # "active" when it holds the port
+    start: str = ""  # the command that starts it
 
 
 @dataclass(frozen=True)
@@ -33,9 +44,8 @@ class Configured:
     routes: dict[str, tuple[tuple[str, str], ...]]
 
 
-def configured(scope: str, name: str) -> Configured | None:
+def configured(directory: Path) -> Configured | None:
     """Read the installed configuration and route map (None: there is none)."""
-    directory = gateway_dir(scope, name)
     try:
         cfg = (directory / CONFIG).read_text(encoding="utf-8")
         route_map = (directory / FILES["routes"]).read_text(encoding="utf-8")
@@ -56,22 +66,22 @@ def configured(scope: str, name: str) -> Configured | None:
     return Configured(routes)
 
 
-def units_to_ask(installed: dict[str, Installed], gateway: str) -> list[str]:
-    """The socket units whose state the gateway's findings need."""
-    return sorted(f"{n}.socket" for n, i in installed.items()
-                  if i.member is not None and i.member.gateway == gateway)
+def members_of(installed: Mapping[str, InstalledLike], gateway: str) -> dict[str, Member]:
+    """The installed instances that join ``gateway``, by name."""
+    return {n: m for n, i in installed.items()
+            if (m := i.rec.member) is not None and m.gateway == gateway}
 
 
-def gateway_findings(scope: str, name: str, installed: dict[str, Installed],
-                     sockets: dict[str, str]) -> list[Finding]:
-    """Every route of gateway ``name``: where it leads and whether anything
-    answers there. ``sockets``: socket unit -> its active state."""
-    conf = configured(scope, name)
+def gateway_findings(directory: Path, name: str, installed: Mapping[str, InstalledLike],
+                     sockets: Mapping[str, SocketState]) -> list[Finding]:
+    """Every route of gateway ``name`` (its files in ``directory``): where it
+    leads and whether anything answers there. ``sockets``: instance -> the state
+    of what holds its public socket."""
+    conf = configured(directory)
     if conf is None:
         return [Finding(False, f"gateway {name} has no HAProxy configuration in "
-                               f"{gateway_dir(scope, name)}: {_REDEPLOY}")]
-    members = {n: i.member for n, i in installed.items()
-               if i.member is not None and i.member.gateway == name}
+                               f"{directory}: {_REDEPLOY}")]
+    members = members_of(installed, name)
     out: list[Finding] = []
     for route, servers in sorted(conf.routes.items()):
         why = [_why_not(inst, addr, members, sockets) for inst, addr in servers]
@@ -97,29 +107,30 @@ def gateway_findings(scope: str, name: str, installed: dict[str, Installed],
 
 
 def _why_not(inst: str, addr: str, members: dict[str, Member],
-             sockets: dict[str, str]) -> str | None:
+             sockets: Mapping[str, SocketState]) -> str | None:
     m = members.get(inst)
     if m is None:
         return (f"{inst} is not installed (or no longer joins it): requests for it fail; "
                 f"{_REDEPLOY}")
     if m.address != addr:
         return f"{inst} is reached at {addr} but its socket is {m.address}: {_REDEPLOY}"
-    state = sockets.get(f"{inst}.socket", "unknown")
-    if state != "active":
-        return (f"{inst}.socket is {state}, so nothing holds {addr} (HAProxy answers 503): "
-                f"start it (systemctl start {inst}.socket) or look at unitgen doctor {inst}")
+    holder = sockets.get(inst, SocketState(f"{inst}'s socket", "unknown", ""))
+    if holder.state != "active":
+        start = f" ({holder.start})" if holder.start else ""
+        return (f"{holder.holder} is {holder.state}, so nothing holds {addr} (HAProxy answers "
+                f"503): start it{start} or look at unitgen doctor {inst}")
     return None
 
 
-def member_findings(inst: Installed, installed: dict[str, Installed]) -> list[Finding]:
+def member_findings(inst: InstalledLike, installed: Mapping[str, InstalledLike]) -> list[Finding]:
     """An instance that joins a gateway: is that gateway deployed here?"""
-    m = inst.member
+    m = inst.rec.member
     if m is None:
         return []
     gw = installed.get(m.gateway)
-    if gw is None or not gw.is_gateway:
+    if gw is None or not gw.rec.is_gateway:
         return [Finding(False, f"{inst.name} joins gateway {m.gateway}, which is not deployed "
                                f"here: its names ({', '.join(m.names)}) are routed by nothing; "
                                f"deploy a gateway spec named {m.gateway} (docs/gateway.md)")]
     return [Finding(True, f"{inst.name} joins gateway {m.gateway} "
-                          f"({gw.public_host}:{gw.public_port}) as {', '.join(m.names)}")]
+                          f"({gw.rec.public}) as {', '.join(m.names)}")]

@@ -2,7 +2,7 @@
 
 Membership only: which instances form each group once a deploy or a remove is
 done. How a turn is taken lives in :mod:`unitgen.inunit.swapproxy`; the units
-in :mod:`unitgen.targets.systemd.render`; the files on disk in :mod:`unitgen.ops.systemd.swap`.
+in :mod:`unitgen.targets.systemd.render`; the hooks in :mod:`unitgen.features.swap.ops`.
 """
 
 from __future__ import annotations

@@ -1,59 +1,61 @@
-"""Gateways and their members under the systemd target: when an instance that
-joins a gateway is deployed or removed, the gateway's HAProxy files are
-rendered again and HAProxy reloaded (its socket stays; no request is refused
-or cut); every configuration is checked by ``haproxy -c`` before it is
-written."""
+"""A gateway's configuration as its members change, for every target: when an
+instance that joins a gateway is deployed or removed, the gateway's HAProxy
+files are rendered again (and HAProxy reloaded by the feature's hooks, its
+socket kept: no request is refused or cut); every configuration is checked by
+``haproxy -c`` before it is written; HAProxy's runtime API for what it does now.
+Where the files are is the target's (:class:`GatewayBinding`)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from unitgen.errors import Problem, SpecError
+from unitgen.features.base import InstalledLike
+from unitgen.features.gateway.doctor import SocketState
+from unitgen.features.gateway.files import SETTINGS, read_settings
+from unitgen.features.gateway.plan import GatewayPlan, Member, member_of
+from unitgen.features.gateway.render import CONFIG, FILES, GatewayPaths, render_gateway
 from unitgen.ops.pipeline import Planned
-from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, member_of
 from unitgen.targets.base import RenderedFile
-from unitgen.targets.haproxy.render import CONFIG, FILES, GatewayPaths, render_gateway
-from unitgen.targets.systemd.gateway import (
-    SETTINGS,
-    config_root,
-    gateway_dir,
-    gateway_files,
-    runtime_root,
-)
-from unitgen.targets.systemd.installed import Installed
 
-__all__ = ["admin_socket", "affected", "config_path", "remote_members", "remove_gateway_files",
-           "rerender", "runtime_api", "validate"]
+__all__ = ["GatewayBinding", "affected", "remote_members", "remove_gateway_files", "rerender",
+           "runtime_api", "validate"]
 
 
-def config_path(scope: str, f: RenderedFile) -> Path:
-    """Where a gateway's config file is installed."""
-    return config_root(scope) / f.name
+class GatewayBinding(Protocol):
+    """What a gateway needs from a target."""
 
+    def directory(self, gateway: str) -> Path:
+        """Where the gateway's HAProxy files are installed."""
+        ...
 
-def _settings(scope: str, name: str) -> GatewayPlan | None:
-    """An installed gateway's settings and its members on other hosts."""
-    try:
-        data = json.loads((gateway_dir(scope, name) / SETTINGS).read_text(encoding="utf-8"))
-        metrics = data.get("metrics")
-        ups = tuple(Member(**{**m, "names": tuple(m["names"])})
-                    for m in data.get("upstreams", []))
-        return GatewayPlan(GatewaySettings(**data["settings"]), ups,
-                           tuple(metrics) if metrics else None)
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
+    def admin_socket(self, gateway: str) -> Path:
+        """Its HAProxy runtime API (the configuration's ``stats socket``)."""
+        ...
 
+    def files(self, gateway: str, plan: GatewayPlan) -> list[RenderedFile]:
+        """Its HAProxy files as this target renders them (config files)."""
+        ...
 
-def admin_socket(scope: str, gateway: str) -> Path:
-    """The gateway's HAProxy runtime API (its configuration's ``stats socket``)."""
-    return runtime_root(scope) / f"unitgen-{gateway}" / "admin.sock"
+    def path(self, f: RenderedFile) -> Path:
+        """Where one of those files is installed."""
+        ...
+
+    def reload(self, gateway: str) -> str | None:
+        """Reload a running gateway (new workers on the same socket); its
+        outcome, None when the gateway is not running."""
+        ...
+
+    def socket_states(self, names: list[str]) -> dict[str, SocketState]:
+        """Instance -> what holds its public socket and its state."""
+        ...
 
 
 def runtime_api(sock: Path, command: str, timeout: float = 2.0) -> str:
@@ -69,16 +71,16 @@ def runtime_api(sock: Path, command: str, timeout: float = 2.0) -> str:
     return data.decode("utf-8", "replace")
 
 
-def remote_members(scope: str, gateway: str) -> list[tuple[Member, str]]:
+def remote_members(binding: GatewayBinding, gateway: str) -> list[tuple[Member, str]]:
     """An installed gateway's members on other hosts, each with its state as the
     running HAProxy sees it (``UP``, ``DOWN``, ``DRAIN``, ``no check``; ``not
     shown`` when the runtime API does not answer)."""
-    found = _settings(scope, gateway)
+    found = read_settings(binding.directory(gateway))
     if found is None or not found.members:
         return []
     states: dict[str, str] = {}
     try:
-        lines = runtime_api(admin_socket(scope, gateway), "show stat").splitlines()
+        lines = runtime_api(binding.admin_socket(gateway), "show stat").splitlines()
         names = lines[0].lstrip("# ").split(",") if lines else []
         for line in lines[1:]:
             row = dict(zip(names, line.split(","), strict=False))
@@ -88,7 +90,7 @@ def remote_members(scope: str, gateway: str) -> list[tuple[Member, str]]:
     return [(m, states.get(m.instance) or "not shown") for m in found.members]
 
 
-def affected(installed: dict[str, Installed], planned: Iterable[Planned],
+def affected(installed: Mapping[str, InstalledLike], planned: Iterable[Planned],
              removed: Iterable[str] = ()) -> set[str]:
     """Installed gateways whose members change with this run (not in the run)."""
     run = {p.instance.name: p for p in planned}
@@ -98,26 +100,26 @@ def affected(installed: dict[str, Installed], planned: Iterable[Planned],
             names.add(p.instance.spec.gateway)
     for name in [*run, *removed]:
         old = installed.get(name)
-        if old is not None and old.member is not None:
-            names.add(old.member.gateway)
-    return {g for g in names if g in installed and installed[g].is_gateway and g not in run}
+        if old is not None and old.rec.member is not None:
+            names.add(old.rec.member.gateway)
+    return {g for g in names if g in installed and installed[g].rec.is_gateway and g not in run}
 
 
-def rerender(scope: str, gateway: str, installed: dict[str, Installed],
+def rerender(binding: GatewayBinding, gateway: str, installed: Mapping[str, InstalledLike],
              planned: Iterable[Planned], removed: Iterable[str] = ()) -> list[RenderedFile]:
     """An installed gateway's config files with its members as they will be."""
-    found = _settings(scope, gateway)
+    found = read_settings(binding.directory(gateway))
     if found is None:
         return []
     run = {p.instance.name: p for p in planned}
     gone = set(removed) | set(run)
-    members: list[Member] = [i.member for n, i in installed.items()
-                             if i.member is not None and i.member.gateway == gateway
+    members: list[Member] = [m for n, i in installed.items()
+                             if (m := i.rec.member) is not None and m.gateway == gateway
                              and n not in gone]
     members += [m for p in run.values() if (m := member_of(p.instance)) is not None
                 and m.gateway == gateway]
     plan = GatewayPlan(found.settings, (*found.members, *members), found.metrics)
-    return gateway_files(gateway, plan, scope)
+    return binding.files(gateway, plan)
 
 
 def validate(source: str, plan: GatewayPlan) -> None:
@@ -158,10 +160,10 @@ def _fds_3_4(fds: list[int]) -> None:
             os.dup2(fd, target)
 
 
-def remove_gateway_files(scope: str, name: str) -> list[Path]:
+def remove_gateway_files(binding: GatewayBinding, name: str) -> list[Path]:
     """Delete the files unitgen wrote for gateway ``name`` (and its directory when
     nothing else is left in it); the deleted paths."""
-    directory = gateway_dir(scope, name)
+    directory = binding.directory(name)
     cfg = directory / CONFIG
     try:
         ours = f"# unitgen-gateway: {name}\n" in cfg.read_text(encoding="utf-8")[:300]

@@ -1,6 +1,6 @@
 """A gateway's routing plan: which instances join it, by which names, grouped
 into replica sets, and how long a request may wait. Pure data, for every target
-(the HAProxy configuration is rendered from it by :mod:`unitgen.targets.haproxy`).
+(the HAProxy configuration is rendered from it by :mod:`unitgen.features.gateway.render`).
 
 A route name is what clients put in the body's ``model``: an instance's
 ``name`` and its ``aliases``. Instances that share a route name are replicas
@@ -16,9 +16,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from unitgen.features.gateway.spec import GatewaySpec, UpstreamSpec
 from unitgen.plan.instance import CONFIG_DIR, Instance
 from unitgen.spec.backends import BackendName
-from unitgen.spec.gateway import GatewaySpec, UpstreamSpec
 from unitgen.spec.model import HealthSpec, InstanceSpec
 from unitgen.spec.ports import probe_host
 
@@ -86,7 +86,7 @@ class GatewaySettings:
     name: str
     api_keys_file: str | None = None
     metrics: str | None = None  # host:port of the Prometheus exporter
-    # the spec's defaults (declared once, in unitgen.spec.gateway)
+    # the spec's defaults (declared once, in unitgen.features.gateway.spec)
     max_body: int = GatewaySpec.max_body  # bytes a body may have and still be routed
     max_connections: int = GatewaySpec.max_connections
     client_timeout: float = GatewaySpec.client_timeout  # a silent client is closed after

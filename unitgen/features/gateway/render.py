@@ -1,5 +1,5 @@
 """A gateway's HAProxy configuration and the files it answers with, from its
-routing plan (:mod:`unitgen.plan.gateway`). Target-independent: the systemd and
+routing plan (:mod:`unitgen.features.gateway.plan`). Target-independent: the systemd and
 the supervisor targets install the same files and differ only in who holds the
 gateway's socket (passed to HAProxy as fd 3 either way).
 
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from unitgen.plan.gateway import GatewaySettings, Route
+from unitgen.features.gateway.plan import GatewaySettings, Route
 from unitgen.targets.base import RenderedFile, strict_environment
 
 if TYPE_CHECKING:

@@ -1,0 +1,1 @@
+"""Model servers from container images with podman (docs/containers.md)."""

@@ -1,0 +1,46 @@
+"""A gateway's installed files, the same for every target: its HAProxy
+configuration and the files it names (:mod:`unitgen.features.gateway.render`),
+and the settings that render them again when members change (its members on
+other hosts are in no installed unit here: they are kept with the settings).
+Where the files go and where HAProxy reads them is the target's
+(:class:`GatewayPaths`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from unitgen.features.gateway.plan import GatewayPlan, GatewaySettings, Member
+from unitgen.features.gateway.render import GatewayPaths, render_gateway
+from unitgen.targets.base import RenderedFile
+
+__all__ = ["SETTINGS", "gateway_files", "read_settings"]
+
+SETTINGS = "gateway.json"  # what re-renders the configuration when its members change
+
+
+def gateway_files(plan: GatewayPlan, paths: GatewayPaths, prefix: str) -> list[RenderedFile]:
+    """A gateway's files as config files named ``prefix/<file>``."""
+    files = [RenderedFile(f"{prefix}/{f.name}", f.text, config=True)
+             for f in render_gateway(plan.settings, plan.routes, paths)]
+    settings = {"settings": asdict(plan.settings),
+                "metrics": list(plan.metrics) if plan.metrics else None,
+                "upstreams": [asdict(m) for m in plan.members if m.remote]}
+    files.append(RenderedFile(f"{prefix}/{SETTINGS}", json.dumps(settings, indent=1) + "\n",
+                              config=True))
+    return files
+
+
+def read_settings(directory: Path) -> GatewayPlan | None:
+    """An installed gateway's settings and its members on other hosts (None:
+    none, or unreadable)."""
+    try:
+        data = json.loads((directory / SETTINGS).read_text(encoding="utf-8"))
+        metrics = data.get("metrics")
+        ups = tuple(Member(**{**m, "names": tuple(m["names"])})
+                    for m in data.get("upstreams", []))
+        return GatewayPlan(GatewaySettings(**data["settings"]), ups,
+                           tuple(metrics) if metrics else None)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None

@@ -1,0 +1,149 @@
+"""The gateway as a feature: what a deploy, a remove, ``status`` and ``doctor``
+do for gateways and their members, on every target that binds it
+(:class:`~unitgen.features.gateway.config.GatewayBinding`).
+
+- deploy: gateways whose members change are rendered again (checked by
+  ``haproxy -c``), written with the run's files, and reloaded once the members
+  answer; a gateway whose routes alone changed is reloaded, not restarted;
+- remove: gateways stop routing to the removed instances before they stop,
+  and a removed gateway's HAProxy files go with it;
+- status: each gateway's routes and the state of what they lead to;
+- doctor: where each route leads, or the gateway an instance joins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from unitgen.features.base import Feature, InstalledLike, Writes
+from unitgen.features.gateway.config import (
+    GatewayBinding,
+    affected,
+    remote_members,
+    remove_gateway_files,
+    rerender,
+    validate,
+)
+from unitgen.features.gateway.doctor import gateway_findings, member_findings, members_of
+from unitgen.features.gateway.plan import Member
+from unitgen.ops.files import apply_changes, read_exact
+from unitgen.ops.findings import Finding
+from unitgen.ops.interface import Say
+from unitgen.ops.pipeline import Planned
+
+__all__ = ["GatewayFeature", "gateway_section"]
+
+
+class GatewayFeature(Feature):
+    """Gateways bound to a target."""
+
+    name = "gateway"
+    binding: GatewayBinding
+
+    def __init__(self, binding: GatewayBinding) -> None:
+        super().__init__(binding)
+        self._files: list[tuple[str, Path, str]] = []  # (gateway, where, text)
+        self._reload: list[str] = []
+
+    def plan(self, installed: Mapping[str, InstalledLike], planned: Sequence[Planned]) -> list[str]:
+        """Gateways routing to the run's instances are rendered again; every
+        gateway configuration of the run is checked by HAProxy."""
+        gateways = sorted(affected(installed, planned))
+        self._files = [(g, self.binding.path(f), f.text) for g in gateways
+                       for f in rerender(self.binding, g, installed, planned)]
+        notices: list[str] = []
+        for p in planned:
+            spec = p.instance.spec
+            if p.instance.gateway is not None:
+                validate(str(p.path), p.instance.gateway)
+            elif spec.gateway and not (spec.gateway in installed or any(
+                    q.instance.name == spec.gateway for q in planned)):
+                notices.append(f"{spec.name}: gateway {spec.gateway!r} is not deployed here "
+                               "yet: its routes come with it")
+        return notices
+
+    def files(self) -> Writes:
+        """The re-rendered files that differ from what is installed; their
+        gateways are reloaded after the run."""
+        changed = [(g, p, t) for g, p, t in self._files if not p.exists() or read_exact(p) != t]
+        self._reload = sorted({g for g, _, _ in changed})
+        return [(p, t) for _, p, t in changed]
+
+    def reload_only(self, planned: Planned, changed: Sequence[str]) -> bool:
+        """A gateway whose routes alone changed: new workers on the same socket,
+        the old ones finish what they serve."""
+        if planned.instance.gateway is None:
+            return False
+        config = {f.name for f in planned.files if f.config}
+        return all(name in config for name in changed)
+
+    def after(self, say: Say) -> None:
+        """Reload the gateways whose routes changed (their members are up now)."""
+        for g in self._reload:
+            done = self.binding.reload(g)
+            if done is not None:
+                say(f"{g}: gateway reloaded ({done}): its routes follow")
+
+    def before_remove(self, installed: Mapping[str, InstalledLike],
+                      names: Sequence[str]) -> list[str]:
+        """Gateways stop routing to the removed instances before they stop."""
+        lines: list[str] = []
+        gone = [n for n in names if n in installed]
+        for g in sorted(affected(installed, [], removed=names) - set(names)):
+            apply_changes([(self.binding.path(f), f.text)
+                           for f in rerender(self.binding, g, installed, [], removed=names)])
+            if self.binding.reload(g) is not None:
+                lines.append(f"{g}: gateway reloaded: no route to {', '.join(gone)} any more")
+        return lines
+
+    def removed(self, inst: InstalledLike) -> tuple[list[Path], list[str]]:
+        """A removed gateway's HAProxy files go with it."""
+        if not inst.rec.is_gateway:
+            return [], []
+        return remove_gateway_files(self.binding, inst.name), []
+
+    def status(self, installed: Mapping[str, InstalledLike],
+               states: Mapping[str, str]) -> tuple[dict[str, object], tuple[str, ...]]:
+        """Each gateway, its routes and their instances' states."""
+        remote = {g: remote_members(self.binding, g) for g, i in installed.items()
+                  if i.rec.is_gateway}
+        return gateway_section(installed, states, remote)
+
+    def doctor(self, installed: Mapping[str, InstalledLike], name: str,
+               running: bool) -> list[Finding]:
+        """A gateway's routes, or the gateway an instance joins."""
+        inst = installed[name]
+        if not inst.rec.is_gateway:
+            return member_findings(inst, installed)
+        members = sorted(members_of(installed, name))
+        sockets = self.binding.socket_states(members) if members else {}
+        return gateway_findings(self.binding.directory(name), name, installed, sockets)
+
+
+def gateway_section(installed: Mapping[str, InstalledLike], states: Mapping[str, str],
+                    remote: Mapping[str, list[tuple[Member, str]]] | None = None,
+                    ) -> tuple[dict[str, object], tuple[str, ...]]:
+    """Each gateway and its routes: route -> instances -> their state (a member
+    on another host, ``<node>_<name>``, with its state in HAProxy)."""
+    gateways = sorted(n for n, i in installed.items() if i.rec.is_gateway)
+    if not gateways:
+        return {}, ()
+    data: list[dict[str, object]] = []
+    lines = [""]
+    for g in gateways:
+        members = [(m, states.get(m.instance, "not shown"))
+                   for m in members_of(installed, g).values()]
+        members += (remote or {}).get(g, [])
+        routes = {r: [(m.instance, st) for m, st in members if r in m.names]
+                  for r in sorted({n for m, _ in members for n in m.names})}
+        address = installed[g].rec.public
+        data.append({"name": g, "address": address, "state": states.get(g, "not shown"),
+                     "routes": [{"route": r, "instances": [{"name": n, "state": st}
+                                                           for n, st in ms]}
+                                for r, ms in routes.items()]})
+        lines.append(f"gateway {g} ({address}, {states.get(g, 'not shown')}): "
+                     f"{len(routes)} route(s)")
+        lines += [f"  {r} -> " + ", ".join(f"{n} ({st})" for n, st in ms)
+                  for r, ms in routes.items()]
+    return {"gateways": data}, tuple(lines)

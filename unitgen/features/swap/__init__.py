@@ -1,0 +1,1 @@
+"""Swap groups (docs/swap.md): on-demand instances that take turns on a GPU."""

@@ -1,0 +1,55 @@
+"""Gateways under systemd (:class:`unitgen.features.gateway.config.GatewayBinding`):
+their files below ``%E/unitgen/gateways/<name>``, the runtime API in
+``%t/unitgen-<name>/admin.sock``, ``ReloadUnit`` of ``<name>.service``, and
+members' ``.socket`` units holding their public ports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unitgen.features.gateway.doctor import SocketState
+from unitgen.features.gateway.files import gateway_files
+from unitgen.features.gateway.plan import GatewayPlan
+from unitgen.ops.systemd.session import Session
+from unitgen.targets.base import RenderedFile
+from unitgen.targets.systemd.gateway import config_root, gateway_dir, gateway_paths, runtime_root
+
+__all__ = ["SystemdGateway"]
+
+
+class SystemdGateway:
+    """The gateway binding of one systemd manager."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.scope = session.scope
+
+    def directory(self, gateway: str) -> Path:
+        """``%E/unitgen/gateways/<gateway>``."""
+        return gateway_dir(self.scope, gateway)
+
+    def admin_socket(self, gateway: str) -> Path:
+        """``%t/unitgen-<gateway>/admin.sock``."""
+        return runtime_root(self.scope) / f"unitgen-{gateway}" / "admin.sock"
+
+    def files(self, gateway: str, plan: GatewayPlan) -> list[RenderedFile]:
+        """The gateway's HAProxy files as the systemd target writes them."""
+        return gateway_files(plan, gateway_paths(gateway, plan, self.scope),
+                             f"unitgen/gateways/{gateway}")
+
+    def path(self, f: RenderedFile) -> Path:
+        """Below the manager's configuration directory."""
+        return config_root(self.scope) / f.name
+
+    def reload(self, gateway: str) -> str | None:
+        """``ReloadUnit`` of a running ``<gateway>.service`` (its outcome)."""
+        unit = f"{gateway}.service"
+        if not self.session.active(unit):
+            return None
+        return self.session.run(self.session.m.job("ReloadUnit", unit, timeout=60)).result
+
+    def socket_states(self, names: list[str]) -> dict[str, SocketState]:
+        """Each instance's ``.socket`` unit and its state."""
+        infos = self.session.info([f"{n}.socket" for n in names])
+        return {n: SocketState(f"{n}.socket", infos[f"{n}.socket"].active_state,
+                               f"systemctl start {n}.socket") for n in names}

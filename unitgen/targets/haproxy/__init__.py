@@ -1,1 +1,0 @@
-"""HAProxy as the OpenAI gateway: its configuration, for every target."""
