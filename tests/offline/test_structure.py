@@ -275,3 +275,58 @@ def test_no_target_imports_another(path):
     other = {"systemd": "supervisor", "supervisor": "systemd"}[mine]
     for target in _imports(path):
         assert f".{other}" not in target.replace("unitgen.", "."), f"{_name(path)} imports {target}"
+
+
+# Words that name a feature or what only a feature knows (issue 26): a target's
+# deploy adapter and the transaction sequence no feature's steps by name.
+FEATURE_WORDS = ("gateway", "swap", "container", "podman", "haproxy", "image")
+ADAPTERS = sorted([*PKG.glob("ops/*/deploy.py"), PKG / "ops" / "transaction.py"])
+
+
+def _code_words(path: Path) -> list[str]:
+    """Identifiers and string literals of a module, docstrings and comments left out."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef
+                                | ast.AsyncFunctionDef)
+                  and n.body and isinstance(n.body[0], ast.Expr)
+                  and isinstance(n.body[0].value, ast.Constant)}
+    words: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            words.append(node.id)
+        elif isinstance(node, ast.Attribute):
+            words.append(node.attr)
+        elif isinstance(node, ast.alias):
+            words.append(node.name)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            words.append(node.module)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and id(node) not in docstrings:
+            words.append(node.value)
+    return words
+
+
+@pytest.mark.parametrize("path", ADAPTERS, ids=lambda p: str(p.relative_to(PKG)))
+def test_no_feature_is_named_in_a_target_adapter(path):
+    found = sorted({w for w in _code_words(path) for f in FEATURE_WORDS if f in w.lower()})
+    assert found == [], f"{path.name} names features: {found}; use a feature's hooks"
+
+
+def test_the_feature_word_check_sees_code_not_comments(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text('"""About a gateway."""\n# a container\nx = 1\n')
+    assert not any("gateway" in w or "container" in w for w in _code_words(module))
+    module.write_text("from unitgen.ops.podman import pull\nself._gateways = []\n")
+    assert {"unitgen.ops.podman", "_gateways"} <= set(_code_words(module))
+
+
+def test_every_feature_is_a_folder_in_the_registry():
+    from unitgen.features.registry import FEATURES  # noqa: PLC0415
+
+    folders = {p.name for p in (PKG / "features").iterdir()
+               if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == set(FEATURES)
+    for where in FEATURES.values():
+        module, _, attr = where.partition(":")
+        assert getattr(importlib.import_module(module), attr).name in FEATURES

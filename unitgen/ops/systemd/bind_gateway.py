@@ -12,7 +12,8 @@ from unitgen.features.gateway.files import gateway_files
 from unitgen.features.gateway.plan import GatewayPlan
 from unitgen.ops.systemd.session import Session
 from unitgen.targets.base import RenderedFile
-from unitgen.targets.systemd.gateway import config_root, gateway_dir, gateway_paths, runtime_root
+from unitgen.targets.systemd.gateway import gateway_dir, gateway_paths, runtime_root
+from unitgen.targets.systemd.installed import config_dir
 
 __all__ = ["SystemdGateway"]
 
@@ -39,7 +40,7 @@ class SystemdGateway:
 
     def path(self, f: RenderedFile) -> Path:
         """Below the manager's configuration directory."""
-        return config_root(self.scope) / f.name
+        return config_dir(self.scope) / f.name
 
     def reload(self, gateway: str) -> str | None:
         """``ReloadUnit`` of a running ``<gateway>.service`` (its outcome)."""

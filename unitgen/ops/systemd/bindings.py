@@ -10,12 +10,13 @@ from unitgen.features.registry import bind
 from unitgen.ops.systemd.bind_gateway import SystemdGateway
 from unitgen.ops.systemd.bind_swap import SystemdSwap
 from unitgen.ops.systemd.session import Session
+from unitgen.targets.systemd.contexts import RenderContext
 
 __all__ = ["features"]
 
 
-def features(session: Session, podman: str | None = None) -> list[Feature]:
+def features(session: Session, ctx: RenderContext | None = None) -> list[Feature]:
     """Every feature, bound to the manager of ``session`` (containers: the podman
-    the units run, this host's by default)."""
+    the units run, as ``ctx`` says, this host's by default)."""
     return bind({"swap": SystemdSwap(session), "gateway": SystemdGateway(session),
-                 "container": ContainerBinding(podman or host_podman())})
+                 "container": ContainerBinding(ctx.podman if ctx else host_podman())})

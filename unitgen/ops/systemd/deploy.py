@@ -26,8 +26,7 @@ from unitgen.ops.wait import wait_until
 from unitgen.result import Result
 from unitgen.spec.model import InstanceSpec
 from unitgen.targets.base import RenderedFile
-from unitgen.targets.systemd.gateway import config_root
-from unitgen.targets.systemd.installed import Installed, scan, secrets_dir, unit_dir
+from unitgen.targets.systemd.installed import Installed, config_dir, scan, secrets_dir, unit_dir
 from unitgen.targets.systemd.render import RenderContext, SystemdTarget
 
 __all__ = ["SystemdDeploy", "remove", "stop_instance"]
@@ -38,7 +37,7 @@ JOB_MARGIN = 120.0
 
 def _path(f: RenderedFile, scope: str) -> Path:
     if f.config:
-        return config_root(scope) / f.name
+        return config_dir(scope) / f.name
     return (secrets_dir(scope) if f.secret else unit_dir(scope)) / f.name
 
 
@@ -74,7 +73,7 @@ class SystemdDeploy:
         # root runs the units' probes and GPU waits: the trust check is owed
         self.root_runs_code = scope == "system"
         self.session = Session(scope)
-        self.features: list[Feature] = features(self.session, ctx.podman)
+        self.features: list[Feature] = features(self.session, ctx)
         self.installed: dict[str, Installed] = {}
         self._jobs: dict[str, tuple[str, float]] = {}  # name -> (job path, started)
 

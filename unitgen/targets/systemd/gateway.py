@@ -13,15 +13,9 @@ from unitgen.features.gateway.render import GatewayPaths
 from unitgen.plan.instance import Instance
 from unitgen.targets.base import RenderedFile
 from unitgen.targets.systemd.contexts import RenderContext
+from unitgen.targets.systemd.installed import config_dir
 
-__all__ = ["config_root", "gateway_dir", "gateway_paths", "render_gateway_files", "runtime_root"]
-
-
-def config_root(scope: str) -> Path:
-    """``%E``: /etc for the system manager, the user's configuration directory."""
-    if scope == "system":
-        return Path("/etc")
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+__all__ = ["gateway_dir", "gateway_paths", "render_gateway_files", "runtime_root"]
 
 
 def runtime_root(scope: str) -> Path:
@@ -31,7 +25,7 @@ def runtime_root(scope: str) -> Path:
 
 def gateway_dir(scope: str, name: str) -> Path:
     """Where a gateway's HAProxy files are installed."""
-    return config_root(scope) / "unitgen" / "gateways" / name
+    return config_dir(scope) / "unitgen" / "gateways" / name
 
 
 def gateway_paths(name: str, plan: GatewayPlan, scope: str) -> GatewayPaths:

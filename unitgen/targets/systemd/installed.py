@@ -11,13 +11,13 @@ from pathlib import Path
 from unitgen.errors import NoSuchInstanceError
 from unitgen.features.gateway.plan import Member
 from unitgen.plan.record import Record, parse_record
-from unitgen.targets.systemd.render import MARKER
+from unitgen.targets.base import MARKER
 
-__all__ = ["Installed", "own_unit_names", "require", "scan",
+__all__ = ["Installed", "config_dir", "own_unit_names", "require", "scan",
            "secrets_dir", "unit_dir"]
 
 
-def _config_dir(scope: str) -> Path:
+def config_dir(scope: str) -> Path:
     """What the ``%E`` specifier means for that manager: /etc, or the user's config dir."""
     if scope == "user":
         return Path(os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config"))
@@ -26,12 +26,12 @@ def _config_dir(scope: str) -> Path:
 
 def unit_dir(scope: str) -> Path:
     """Where unitgen installs units for the system or the user manager."""
-    return _config_dir(scope) / "systemd" / ("user" if scope == "user" else "system")
+    return config_dir(scope) / "systemd" / ("user" if scope == "user" else "system")
 
 
 def secrets_dir(scope: str) -> Path:
     """Where secret files go: ``%E/unitgen/secrets`` of that manager."""
-    return _config_dir(scope) / "unitgen" / "secrets"
+    return config_dir(scope) / "unitgen" / "secrets"
 
 
 @dataclass
