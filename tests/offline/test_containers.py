@@ -202,7 +202,10 @@ def test_allowed_podman_args_pass_in_both_spellings():
 
 @pytest.mark.parametrize("volume", ["/:/host", "/etc:/e:ro", "/run/podman/podman.sock:/s",
                                     "/etc/unitgen/secrets:/s:ro", "/srv/../proc:/p:ro",
-                                    "/var:/v:ro", "/usr:/usr"])
+                                    "/var:/v:ro", "/usr:/usr",
+                                    # a leading // is / on Linux (normpath keeps it)
+                                    "//etc:/x", "//root:/r:ro", "//run/dbus:/d:ro",
+                                    "//usr/lib:/l"])
 def test_binds_that_hand_over_the_host_are_refused(volume):
     found = problems(VLLM + f'volumes = ["{volume}"]\n')
     assert found and found[0].startswith("volumes[0]: "), found
