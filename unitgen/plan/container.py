@@ -105,6 +105,9 @@ class Container:
     pull: str
     pull_timeout: float
     devices: tuple[str, ...] = ()  # CDI devices (GPUs)
+    # the spec's binds (HOST:CONTAINER[:ro]): not in ``options``, because the
+    # start walks each source on the host first (unitgen.inunit.podrun)
+    volumes: tuple[str, ...] = ()
 
     def run_words(self) -> tuple[str, ...]:
         """Everything after ``podman``: ``run OPTIONS --entrypoint EXE IMAGE ARGS``."""
@@ -144,7 +147,6 @@ def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[s
         runtime = path.rpartition("/")[0]  # its runtime directory, as argv writes it
         options.append(f"--volume={runtime}:{CONTAINER_RUNTIME}")
         inner = tuple(w.replace(runtime, CONTAINER_RUNTIME) for w in argv)
-    options += [f"--volume={v}" for v in spec.volumes]
     devices = tuple(f"{CDI_KIND}={uuid}" for uuid in gpu_uuids)
     options += [f"--device={d}" for d in devices]
     if spec.shm_size is not None:
@@ -156,4 +158,4 @@ def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[s
     options += spec.podman_args
     return Container(name=container_name(spec.name), image=spec.image, options=tuple(options),
                      argv=inner, network=network, pull=str(spec.pull),
-                     pull_timeout=spec.pull_timeout, devices=devices)
+                     pull_timeout=spec.pull_timeout, devices=devices, volumes=spec.volumes)
