@@ -79,9 +79,9 @@ def _others_may_swap(parent: os.stat_result, entry: os.stat_result) -> str | Non
 def _walk(path: str, fuse: set[str]) -> tuple[int, str | None]:
     """The O_PATH descriptor of ``path`` (absolute, normalised), opened one
     component at a time without following a link, and why it may not be bound
-    (None if it may). The caller closes the descriptor (-1 when none)."""
+    (None if it may). The caller closes the descriptor."""
     fd = os.open("/", _OPEN | os.O_DIRECTORY)
-    here, parent = "/", os.fstat(fd)
+    here, entry = "/", os.fstat(fd)
     for name in path.split("/")[1:] if path != "/" else ():
         if _mount_id(fd) in fuse:
             return fd, f"{here} is on a FUSE file system, whose owner answers for what it holds"
@@ -94,7 +94,7 @@ def _walk(path: str, fuse: set[str]) -> tuple[int, str | None]:
             return fd, f"{here} is not a directory"
         except OSError as exc:
             return fd, f"{where}: {exc.strerror}"
-        entry = os.fstat(child)
+        parent, entry = entry, os.fstat(child)
         if stat.S_ISLNK(entry.st_mode):
             target = os.readlink(name, dir_fd=fd)
             os.close(child)
@@ -106,9 +106,9 @@ def _walk(path: str, fuse: set[str]) -> tuple[int, str | None]:
         if swap:
             return fd, (f"{here} {swap}: they could put a link at {where} after this check, "
                         f"and the container (root inside) would get what it points to; {_FIX}")
-        here, parent = where, entry
-    if not stat.S_ISDIR(parent.st_mode) and parent.st_nlink > 1:
-        return fd, (f"{path} has {parent.st_nlink} names (hard links), and may be any of them; "
+        here = where
+    if not stat.S_ISDIR(entry.st_mode) and entry.st_nlink > 1:
+        return fd, (f"{path} has {entry.st_nlink} names (hard links), and may be any of them; "
                     "bind a file with one name, or its directory")
     return fd, None
 
