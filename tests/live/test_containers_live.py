@@ -8,6 +8,7 @@ bound read-only at run time, so the host's python3 runs the stand-in server
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -89,8 +90,10 @@ def box(sandbox: Sandbox, image: str) -> Iterator[Sandbox]:
     sandbox.systemctl("reset-failed")
 
 
-def pod_spec(directory: Path, name: str, extra: str = "", *, unix: bool = True) -> Path:
-    """A custom spec that runs the stand-in server in the test image."""
+def pod_spec(directory: Path, name: str, extra: str = "", *, unix: bool = True,
+             volumes: tuple[str, ...] = ()) -> Path:
+    """A custom spec that runs the stand-in server in the test image (``volumes``:
+    more binds)."""
     server = directory / "standin"
     server.mkdir(exist_ok=True)
     shutil.copy(STANDIN, server / "demo_server.py")
@@ -98,7 +101,8 @@ def pod_spec(directory: Path, name: str, extra: str = "", *, unix: bool = True) 
     command = f'["/usr/bin/python3", "/srv/standin/demo_server.py"{", " if listen else ""}{listen}]'
     text = (f'name = "{name}"\nbackend = "custom"\ncommand = {command}\n'
             f'image = "{IMAGE}"\npull = "never"\noffline = true\n'
-            f'volumes = ["/usr:/usr:ro", "{server}:/srv/standin:ro"]\n{extra}'
+            f'volumes = {json.dumps(["/usr:/usr:ro", f"{server}:/srv/standin:ro", *volumes])}\n'
+            f'{extra}'
             '[health]\ntimeout = "30s"\n')
     return write_spec(directory, name, text)
 

@@ -16,6 +16,7 @@ from unitgen.errors import SpecError
 from unitgen.features.container import podman
 from unitgen.inunit.podrun import with_limits
 from unitgen.ops.systemd.specs import render_spec
+from unitgen.plan.container import Container
 from unitgen.plan.gpus import Placement, unit_of_cgroup
 from unitgen.plan.instance import resolve
 from unitgen.plan.record import parse_record
@@ -194,23 +195,44 @@ def test_podman_args_pass_only_the_allowed_options(words):
     assert found and found[0].startswith("podman_args["), found
 
 
-def _planned(text: str) -> object:
-    return resolve(parse_spec(text, "c.toml")).container
+def _planned(text: str) -> Container:
+    container = resolve(parse_spec(text, "c.toml")).container
+    assert container is not None
+    return container
 
 
 def test_allowed_podman_args_pass_in_both_spellings():
-    assert _planned(VLLM + 'podman_args = ["--memory", "8g", "--tmpfs=/scratch", "-u", "1000",'
-                           ' "--read-only", "--label=team=ml"]\n') is not None
+    words = ("--memory", "8g", "--tmpfs=/scratch", "-u", "1000", "--read-only", "--label=team=ml")
+    # as written, last: after unitgen's own options
+    assert _planned(VLLM + f"podman_args = {json.dumps(words)}\n").options[-len(words):] == words
+
+
+def test_podman_args_and_volumes_reach_the_unit(tmp_path):
+    text = (VLLM + 'podman_args = ["--memory", "8g", "--read-only", "--label=team=ml"]\n'
+            'volumes = ["/srv/hf:/hf:ro", "/srv/out:/out"]\n')
+    done = render_spec(write_spec(tmp_path, "c1", text), GOLDEN_CTX)
+    backend = next(f.text for f in done.files if f.name == "c1-backend.service")
+    [start] = [ln for ln in backend.splitlines() if ln.startswith("ExecStart=")]
+    assert " --memory 8g --read-only --label=team=ml --entrypoint vllm " in start, start
+    # the binds go to the wrapper, which walks each source before it hands them to podman
+    assert (" -m unitgen.inunit.podrun --volume=/srv/hf:/hf:ro --volume=/srv/out:/out -- "
+            "/usr/bin/podman run ") in start, start
 
 
 @pytest.mark.parametrize("volume", ["/:/host", "/etc:/e:ro", "/run/podman/podman.sock:/s",
                                     "/etc/unitgen/secrets:/s:ro", "/srv/../proc:/p:ro",
-                                    "/var:/v:ro", "/usr:/usr"])
+                                    "/var:/v:ro", "/usr:/usr",
+                                    # a leading // is / on Linux (normpath keeps it)
+                                    "//etc:/x", "//root:/r:ro", "//run/dbus:/d:ro",
+                                    "//usr/lib:/l"])
 def test_binds_that_hand_over_the_host_are_refused(volume):
     found = problems(VLLM + f'volumes = ["{volume}"]\n')
     assert found and found[0].startswith("volumes[0]: "), found
 
 
 def test_model_and_read_only_system_binds_pass():
-    assert _planned(VLLM + 'volumes = ["/srv/models:/models:ro", "/usr:/usr:ro", '
-                           '"/home/me/.cache/huggingface:/root/.cache/huggingface"]\n') is not None
+    binds = ("/srv/models:/models:ro", "/usr:/usr:ro", "/var/lib/models:/m:ro",
+             "/home/me/.cache/huggingface:/root/.cache/huggingface")
+    container = _planned(VLLM + f"volumes = {json.dumps(binds)}\n")
+    assert container.volumes == binds
+    assert not [o for o in container.options if o.startswith("--volume=/srv")]

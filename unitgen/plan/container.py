@@ -24,12 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unitgen.plan.podmanargs import check_podman_args, check_volumes
+from unitgen.plan.podmanargs import check_podman_args
+from unitgen.plan.volumes import check_volumes
 from unitgen.spec.model import InstanceSpec
 
 __all__ = ["CDI_KIND", "CONTAINER_RUNTIME", "Container", "ProblemSink", "container_name",
-           "needs_no_network",
-           "plan_container"]
+           "needs_no_network", "plan_container", "podman_env_reason"]
 
 # Where the instance's runtime directory (its private socket) is inside the container.
 CONTAINER_RUNTIME = "/run/unitgen"
@@ -79,6 +79,37 @@ _OWNED = {
     "--pull": "use pull = ...: deploy pulls, a start never waits on a registry",
 }
 
+# Variables podman reads itself (podman(1) ENVIRONMENT, podman-run(1),
+# containers.conf(5), and the names in podman 4.3's binary). The unit's
+# environment is podman's before it is the container's, and podman runs as root:
+# each of these would change the engine, not the server. Exact names, then prefixes.
+_PODMAN_ENV = {
+    "CONTAINER_HOST": "points podman at another podman service",
+    "CONTAINER_CONNECTION": "points podman at another podman service",
+    "CONTAINER_SSHKEY": "points podman at another podman service",
+    "CONTAINER_PASSPHRASE": "points podman at another podman service",
+    "STORAGE_DRIVER": "is podman's storage configuration",
+    "STORAGE_OPTS": "is podman's storage configuration",
+    "REGISTRY_AUTH_FILE": "is podman's registry login",
+    "XDG_CONFIG_HOME": "is where podman may read its configuration",
+    "XDG_DATA_HOME": "is where podman may keep its images",
+    "XDG_RUNTIME_DIR": "is where podman may keep its state and logins",
+    "NOTIFY_SOCKET": "is podman's readiness protocol (the unit's readiness is its probe)",
+    "CONTAINERS_": "is podman's configuration (containers.conf, storage, registries, helpers)",
+    "_CONTAINERS_": "is podman's internal state",
+    "PODMAN_": "is podman's own setting (PODMAN_USERNS, ...)",
+    "LD_": "is the dynamic loader's: it loads code into podman, which runs as root",
+}
+
+
+def podman_env_reason(name: str) -> str | None:
+    """Why variable ``name`` may not be in the environment of a container's unit
+    (podman would read it); None if podman does not."""
+    if name in _PODMAN_ENV:
+        return _PODMAN_ENV[name]
+    return next((why for prefix, why in _PODMAN_ENV.items()
+                 if prefix.endswith("_") and name.startswith(prefix)), None)
+
 
 def container_name(name: str) -> str:
     """The container of instance ``name``: one name, so a leftover is replaced, never doubled."""
@@ -104,6 +135,9 @@ class Container:
     pull: str
     pull_timeout: float
     devices: tuple[str, ...] = ()  # CDI devices (GPUs)
+    # the spec's binds (HOST:CONTAINER[:ro]): not in ``options``, because the
+    # start walks each source on the host first (unitgen.inunit.podrun)
+    volumes: tuple[str, ...] = ()
 
     def run_words(self) -> tuple[str, ...]:
         """Everything after ``podman``: ``run OPTIONS --entrypoint EXE IMAGE ARGS``."""
@@ -122,6 +156,11 @@ def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[s
         return None
     check_podman_args(spec.podman_args, _OWNED, problem)
     check_volumes(spec.volumes, problem)
+    for name in env_names:
+        why = podman_env_reason(name)
+        if why:
+            problem(f"env.{name}", f"{why}: podman reads the unit's environment before the "
+                                   "container gets it; set it in the image instead")
     kind, path, port = private or (None, "", 0)
     offline = needs_no_network(spec) and kind in ("unix", None)
     network = "none" if offline else "host"
@@ -143,7 +182,6 @@ def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[s
         runtime = path.rpartition("/")[0]  # its runtime directory, as argv writes it
         options.append(f"--volume={runtime}:{CONTAINER_RUNTIME}")
         inner = tuple(w.replace(runtime, CONTAINER_RUNTIME) for w in argv)
-    options += [f"--volume={v}" for v in spec.volumes]
     devices = tuple(f"{CDI_KIND}={uuid}" for uuid in gpu_uuids)
     options += [f"--device={d}" for d in devices]
     if spec.shm_size is not None:
@@ -155,4 +193,4 @@ def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[s
     options += spec.podman_args
     return Container(name=container_name(spec.name), image=spec.image, options=tuple(options),
                      argv=inner, network=network, pull=str(spec.pull),
-                     pull_timeout=spec.pull_timeout, devices=devices)
+                     pull_timeout=spec.pull_timeout, devices=devices, volumes=spec.volumes)

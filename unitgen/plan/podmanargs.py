@@ -1,4 +1,4 @@
-"""What a spec may add to ``podman run`` (``podman_args``, ``volumes``): an
+"""What a spec may add to ``podman run`` (``podman_args``): an
 allowlist, not a list of refusals. A container keeps its confinement only
 while every option that could lift it is unitgen's: podman has hundreds of
 options and several spellings of each (``--opt=v``, ``--opt v``, bundled short
@@ -9,10 +9,9 @@ are refused naming the key that sets them (``OWNED`` in
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Callable, Mapping
 
-__all__ = ["ALLOWED", "check_podman_args", "check_volumes"]
+__all__ = ["ALLOWED", "check_podman_args"]
 
 ProblemSink = Callable[[str, str], None]
 
@@ -30,38 +29,6 @@ ALLOWED: dict[str, bool] = {
     "--label": True, "--annotation": True,
 }
 _SHORT = {"-u": "--user"}
-
-# Host paths a bind may not be, hold or be inside: the kernel's and the
-# manager's interfaces, root's home, container storage, unitgen's secrets and
-# the password files (root in the container is root on the host: no user
-# namespace). "/" holds them all.
-_NEVER = ("/proc", "/sys", "/dev", "/run", "/var/run", "/boot", "/root", "/var/lib/containers",
-          "/etc/unitgen", "/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/etc/sudoers.d",
-          "/etc/ssh", "/etc/credstore")
-# Bound read-write, these would let the server change the host's programs.
-_READ_ONLY = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/etc", "/var/lib")
-
-
-def _within(path: str, top: str) -> bool:
-    return path == top or path.startswith(top.rstrip("/") + "/")
-
-
-def check_volumes(volumes: tuple[str, ...], problem: ProblemSink,
-                  secrets_dirs: tuple[str, ...] = ()) -> None:
-    """Refuse binds that hand the container the host (see the lists above)."""
-    for i, vol in enumerate(volumes):
-        host, _, rest = vol.partition(":")
-        mode = rest.partition(":")[2] or "rw"
-        path = posixpath.normpath(host)
-        bad = next((p for p in (*_NEVER, *secrets_dirs)
-                    if _within(path, p) or _within(p, path)), None)
-        if bad:
-            problem(f"volumes[{i}]", f"{vol!r}: {path} is or holds {bad}, which a container "
-                                     "must not see (root inside is root on the host); bind "
-                                     "the directory the server needs")
-        elif mode == "rw" and any(_within(path, p) or _within(p, path) for p in _READ_ONLY):
-            problem(f"volumes[{i}]", f"{vol!r}: {path} is a system directory: bind it "
-                                     "read-only (HOST:CONTAINER:ro)")
 
 
 def check_podman_args(words: tuple[str, ...], owned: Mapping[str, str],

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from unitgen.errors import Problem
+from unitgen.inunit.binds import why_not
 from unitgen.ops.findings import Finding
 from unitgen.plan.container import CDI_KIND
 from unitgen.plan.instance import Instance
+from unitgen.plan.volumes import split_volume
 
 __all__ = ["CDI_DIRS_ENV", "cdi_missing", "container_findings", "container_state",
            "find_podman", "host_podman", "image_present", "pull", "pull_missing", "remove_container",
@@ -123,7 +125,8 @@ def cdi_missing(uuids: tuple[str, ...]) -> list[str]:
 
 def spec_problems(inst: Instance, podman: str) -> list[Problem]:
     """What keeps an instance's container from starting on this host, before
-    anything is written: podman, the image when it may not be pulled, the CDI devices."""
+    anything is written: podman, the image when it may not be pulled, the CDI
+    devices, a bind source every start would refuse (the same walk)."""
     c = inst.container
     if c is None:
         return []
@@ -136,6 +139,11 @@ def spec_problems(inst: Instance, podman: str) -> list[Problem]:
         out.append(Problem(source, "image", f"{c.image} is not on this host and pull = "
                                             f"\"never\": podman pull {c.image} (or podman load), "
                                             "or set pull = \"missing\""))
+    for i, volume in enumerate(c.volumes):
+        host, _, mode = split_volume(volume)
+        why = why_not(host, mode)
+        if why:
+            out.append(Problem(source, f"volumes[{i}]", f"{volume!r}: {why}"))
     missing = cdi_missing(inst.gpus.uuids if inst.gpus else ())
     if missing:
         out.append(Problem(source, "gpus", f"no CDI spec on this host names {', '.join(missing)} "

@@ -191,11 +191,13 @@ CONTAINER_STOP_SECONDS = 50
 
 def container_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     """The unit of a server run with podman (docs/containers.md): ExecStart is
-    ``podman run`` behind the rlimit wrapper; stop and every end remove the container."""
+    ``podman run`` behind the wrapper that passes rlimits and the binds it walked;
+    stop and every end remove the container."""
     c = inst.container
     if c is None:
         return {"container": "", "image": ""}
-    run = [ctx.python, "-I", "-m", "unitgen.inunit.podrun", "--", ctx.podman, *c.run_words()]
+    run = [ctx.python, "-I", "-m", "unitgen.inunit.podrun", *(f"--volume={v}" for v in c.volumes),
+           "--", ctx.podman, *c.run_words()]
     return {
         "container": c.name,
         "image": c.image,

@@ -111,7 +111,34 @@ def spec_problems(spec: InstanceSpec) -> list[Problem]:
         for section, pairs in (("unit", spec.systemd_unit), ("service", spec.systemd_service))
         for key, value in pairs if value.endswith("\\")
     ]
+    problems += [
+        Problem(spec.source, f"systemd.{section}.{key}",
+                f"{value!r}: a command's '+', '!' or '!!' prefix runs it with privileges the "
+                "unit does not give its server ('+': as root, outside the sandbox; '!': "
+                "despite User=); drop the prefix")
+        for section, pairs in (("unit", spec.systemd_unit), ("service", spec.systemd_service))
+        for key, value in pairs if key.startswith("Exec") and _raises_privileges(value)
+    ]
     return problems
+
+
+def _raises_privileges(value: str) -> bool:
+    """Whether a command line of an ``Exec*=`` value starts with a ``+``, ``!`` or
+    ``!!`` prefix. Read as systemd reads it, erring towards yes: one value may hold
+    several command lines (a lone ``;`` word separates them); quotes are removed
+    before the prefixes are read, and a backslash there could spell one (``\\x2b``)."""
+    first = True
+    for word in value.split():
+        bare = word.replace('"', "").replace("'", "")
+        if bare == ";":
+            first = True
+            continue
+        if first:
+            lead = bare[:len(bare) - len(bare.lstrip("-@:+!\\"))]
+            if any(ch in lead for ch in "+!\\"):
+                return True
+        first = False
+    return False
 
 
 @dataclass(frozen=True)
