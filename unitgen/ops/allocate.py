@@ -15,7 +15,7 @@ from typing import Protocol
 import psutil
 
 from unitgen.errors import Problem, UnitgenError
-from unitgen.ops.pipeline import HostGpus, listen_overlap, place_or_report
+from unitgen.ops.pipeline import HostGpus, RunAllocator, listen_overlap, place_or_report
 from unitgen.plan.container import ProblemSink
 from unitgen.plan.gateway import Member
 from unitgen.plan.gpus import Placement
@@ -212,7 +212,7 @@ def deploy_lock(scope: str, say: Callable[[str], None] | None = None) -> Iterato
 
 
 @dataclass
-class HostAllocator:
+class HostAllocator(RunAllocator):
     """Plans for ``deploy``: ports and GPUs of this host, under the deploy lock.
     An instance keeps the ports and GPUs it has (the installed units are the
     database); new ones get free ports; what cannot be had is a problem of the
