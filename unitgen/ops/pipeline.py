@@ -216,7 +216,7 @@ def plan_paths(paths: Sequence[Path], target: Target, allocator: RunAllocator,
     for path, spec, gateway, found in sorted(loaded, key=lambda row: row[2] is not None):
         here = list(found)
         if spec is not None:
-            here += target.spec_problems(spec)
+            here += target.limits.spec_refusals(spec) + target.spec_problems(spec)
         inst = None
         if spec is not None and _complete(spec):
             seen = {p.key for p in here}
@@ -226,6 +226,8 @@ def plan_paths(paths: Sequence[Path], target: Target, allocator: RunAllocator,
                 here += [p for p in exc.problems if p.key not in seen]
         if inst is not None and gateway is not None:
             inst = replace(inst, gateway=_gateway_plan(gateway, planned, allocator))
+        if inst is not None:
+            here += target.limits.plan_refusals(inst)
         if inst is not None and not here:
             try:
                 planned.append(Planned(path, inst, tuple(target.render(inst))))
