@@ -33,7 +33,7 @@ def _asks_everything(tmp_path: Path):
                                                 'host = "::1"\nport = 8000\n'))
     inst = resolve(spec)
     spec = dataclasses.replace(
-        spec, activation=Activation.ON_DEMAND, idle_stop=60.0, gateway="gw",
+        spec, activation=Activation.ON_DEMAND, idle_stop=60.0, swap_group="g", gateway="gw",
         image="example.org/vllm:1", user="u", group="g",
         systemd_unit=(("Description", "d"),), systemd_service=(("Nice", "5"),))
     return dataclasses.replace(inst, spec=spec, gateway=object())

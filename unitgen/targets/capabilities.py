@@ -26,6 +26,7 @@ class Capability(StrEnum):
 
     ON_DEMAND = "on_demand"  # start the server on its first connection
     IDLE_STOP = "idle_stop"  # stop an idle server, start it again on a connection
+    SWAP_GROUP = "swap_group"  # servers that take turns on a GPU
     GATEWAY = "gateway"  # run a gateway (a spec with kind = "gateway")
     GATEWAY_MEMBER = "gateway_member"  # join a gateway on this host
     CONTAINER = "container"  # run the server in a container (podman)
@@ -62,6 +63,8 @@ NEEDS: tuple[Need, ...] = (
          spec=lambda s: _when(s.activation == "on-demand", "activation", "on-demand")),
     Need(Capability.IDLE_STOP, "idle_stop",
          spec=lambda s: _when(s.idle_stop is not None, "idle_stop")),
+    Need(Capability.SWAP_GROUP, "swap_group",
+         spec=lambda s: _when(s.swap_group is not None, "swap_group")),
     Need(Capability.GATEWAY, "kind",
          planned=lambda i: _when(i.gateway is not None, "kind", "gateway")),
     Need(Capability.GATEWAY_MEMBER, "gateway",

@@ -98,7 +98,7 @@ def group_names(inst: Instance) -> list[str]:
 
 # What supervisord cannot do (unitgen.targets.capabilities: which keys need what)
 LIMITS = Limits(ALL - {
-    Capability.ON_DEMAND, Capability.IDLE_STOP, Capability.GATEWAY,
+    Capability.ON_DEMAND, Capability.IDLE_STOP, Capability.SWAP_GROUP, Capability.GATEWAY,
     Capability.GATEWAY_MEMBER, Capability.CONTAINER, Capability.SYSTEMD_DIRECTIVES,
     Capability.RUN_AS_GROUP, Capability.IPV6}, {
     Capability.ON_DEMAND: "\"on-demand\" is not available with the supervisor target: "
@@ -106,6 +106,10 @@ LIMITS = Limits(ALL - {
                           "activation = \"eager\" (the default) or the systemd target",
     Capability.IDLE_STOP: "is not available with the supervisor target: supervisord cannot "
                           "stop a program when idle and start it again on a connection",
+    Capability.SWAP_GROUP: "is not available with the supervisor target: members take turns "
+                           "through socket activation and stop each other (systemd's "
+                           "Conflicts=), which supervisord cannot do; deploy swap groups with "
+                           "the systemd target",
     Capability.GATEWAY: "a gateway is not available with the supervisor target yet: its "
                         "hitless reload (HAProxy's master keeping the socket while new workers "
                         "take over) is built and tested for the systemd target only; deploy "
