@@ -237,11 +237,7 @@ def doctor(name: str | None, unit: str | None, port: int | None, path: str, user
     if unit:
         if port is None:
             raise click.UsageError("--unit needs --port (the port its health check probes)")
-        doctor_unit = getattr(ops, "doctor_unit", None)
-        if doctor_unit is None:
-            raise click.UsageError(f"--unit diagnoses a systemd unit; the {target} target has "
-                                   "no units of its own to diagnose (give an instance NAME)")
-        return emit(doctor_unit(unit, port, path), as_json=as_json)
+        return emit(ops.doctor_unit(unit, port, path), as_json=as_json)
     if not name:
         raise click.UsageError("give an instance NAME, or --unit UNIT --port PORT")
     return emit(ops.doctor(name), as_json=as_json)
