@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from unitgen.ops.registry import names
+from unitgen.ops.registry import DEFAULT, names
 
 PKG = Path(__file__).resolve().parents[2] / "unitgen"
 
@@ -331,3 +331,67 @@ def test_the_cli_names_no_target():
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             assert not words.search(node.value), f"cli.py:{node.lineno}: {node.value!r}"
+
+
+ANSIBLE = PKG.parent / "ansible"
+# Between two names of one list, on one line: quotes, brackets, commas, spaces,
+# a Markdown table's escaped bar, "or" (a bare bar ends a table cell).
+_SEP = r"""(?:[ \t"'`,\[\]()]|\\\|)*"""
+_BETWEEN = re.compile(rf"{_SEP}(?:or\b)?{_SEP}")
+
+
+def _target_lists(text: str, targets: tuple[str, ...]) -> list[list[str]]:
+    """Every list of target names in ``text``: names one after the other with
+    nothing but list punctuation (or "or") between them."""
+    found = list(re.finditer(r"\b(" + "|".join(map(re.escape, targets)) + r")\b", text))
+    lists: list[list[str]] = []
+    for prev, match in zip([None, *found], found, strict=False):
+        if prev is not None and _BETWEEN.fullmatch(text[prev.end():match.start()]):
+            lists[-1].append(match.group(1))
+        else:
+            lists.append([match.group(1)])
+    return [names for names in lists if len(names) > 1]
+
+
+def _ansible_files() -> list[Path]:
+    return sorted(p for p in ANSIBLE.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def test_every_target_list_in_ansible_is_the_registrys():
+    # the collection travels to hosts without unitgen, so it spells the list
+    # (argument specs must be literals): every copy must be the registry's,
+    # in its order; adding a target to the registry fails here until each is
+    lists = {p.relative_to(ANSIBLE).as_posix(): _target_lists(p.read_text(encoding="utf-8"),
+                                                              TARGETS)
+             for p in _ansible_files()}
+    wrong = {f: found for f, found in lists.items() for names in found
+             if tuple(names) != TARGETS}
+    assert wrong == {}, f"each list must be {list(TARGETS)}"
+    # the check sees the copies it is for (it is not vacuous)
+    assert {f for f, found in lists.items() if found} >= {
+        "plugins/module_utils/unitgen_cli.py", "plugins/modules/unitgen_instance.py",
+        "plugins/modules/unitgen_status.py", "roles/unitgen/meta/argument_specs.yml",
+        "roles/unitgen/defaults/main.yml", "roles/unitgen/README.md"}
+
+
+def test_the_ansible_default_target_is_the_registrys():
+    utils = (ANSIBLE / "plugins" / "module_utils" / "unitgen_cli.py").read_text(encoding="utf-8")
+    consts = {t.id: ast.literal_eval(node.value) for node in ast.parse(utils).body
+              if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    assert consts["TARGETS"] == TARGETS and consts["DEFAULT_TARGET"] == DEFAULT
+    role = ANSIBLE / "roles" / "unitgen"
+    assert re.search(rf"^unitgen_target: {DEFAULT}$",
+                     (role / "defaults" / "main.yml").read_text(encoding="utf-8"), re.M)
+    specs = (role / "meta" / "argument_specs.yml").read_text(encoding="utf-8")
+    assert re.search(rf"unitgen_target:\n(?: +\w+: .*\n)*? +default: {DEFAULT}\n", specs)
+    for module in ("unitgen_instance", "unitgen_status"):
+        text = (ANSIBLE / "plugins" / "modules" / f"{module}.py").read_text(encoding="utf-8")
+        assert f'"target": {{"type": "str", "choices": {list(TARGETS)!r}, "default": ' \
+               f'"{DEFAULT}"}}'.replace("'", '"') in text, module
+        assert re.search(rf"  target:\n(?:    .*\n)*?    default: {DEFAULT}\n", text), module
+
+
+def test_the_list_finder_sees_every_spelling():
+    text = ('choices: [a, b]\n"choices": ["a", "b"]\nTARGETS = ("a", "b")\n'
+            "| `a` \\| `b` |\n`a` or `b`\nonly a here, and b there\n")
+    assert _target_lists(text, ("a", "b")) == [["a", "b"]] * 5
