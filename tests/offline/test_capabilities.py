@@ -13,6 +13,7 @@ import pytest
 from tests.helpers import write_spec
 from unitgen.errors import SpecError
 from unitgen.ops.pipeline import CheckAllocator, plan_paths
+from unitgen.ops.registry import names
 from unitgen.plan.instance import resolve
 from unitgen.spec.keys import KEYS, Activation
 from unitgen.spec.model import load_spec
@@ -24,6 +25,10 @@ from unitgen.targets.systemd.render import SYSTEM_LIMITS, USER_LIMITS, SystemdTa
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 EVERY_TARGET = {"supervisor": SUPERVISOR, "systemd (system)": SYSTEM_LIMITS,
                 "systemd (--user)": USER_LIMITS}
+
+
+def test_every_target_of_the_registry_is_tested_here():
+    assert {name.split(" ")[0] for name in EVERY_TARGET} == set(names())
 
 
 def _asks_everything(tmp_path: Path):

@@ -354,7 +354,9 @@ def _target_lists(text: str, targets: tuple[str, ...]) -> list[list[str]]:
 
 
 def _ansible_files() -> list[Path]:
-    return sorted(p for p in ANSIBLE.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    # the collection's files; not caches tools leave there (.ruff_cache, __pycache__)
+    return sorted(p for p in ANSIBLE.rglob("*") if p.is_file() and not any(
+        part.startswith(".") or part == "__pycache__" for part in p.relative_to(ANSIBLE).parts[:-1]))
 
 
 def test_every_target_list_in_ansible_is_the_registrys():
