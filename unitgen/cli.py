@@ -3,10 +3,11 @@ prints the result. Exceptions become exit codes here, and only here."""
 
 from __future__ import annotations
 
+import functools
 import json
-import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from unitgen.result import Result, to_json, to_text
 
 if TYPE_CHECKING:
     from unitgen.ops.interface import TargetOps
+    from unitgen.ops.registry import Option
 
 __all__ = ["cli", "main"]
 
@@ -48,71 +50,94 @@ Examples:
 \b
 Exit codes (every verb):
   0  done, or nothing to do (e.g. remove of an instance that is not installed)
-  1  the operation failed (a unit did not start, systemd refused, I/O error)
+  1  the operation failed (a unit did not start, the manager refused, I/O error)
   2  bad input: spec problems, busy or overlapping ports, bad options; nothing changed
   3  cannot check here: GPU placement needs NVML (use --gpus-from); nothing changed
 """
 
 
+def _registry() -> tuple[tuple[str, ...], str]:
+    from unitgen.ops.registry import DEFAULT, names  # noqa: PLC0415 - keeps `unitgen probe` light
+
+    return names(), DEFAULT
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"],
-                               "max_content_width": 110, "terminal_width": 110}, epilog=EPILOG)
+                               "max_content_width": 110, "terminal_width": 110}, epilog=EPILOG,
+             help=f"Model servers under a process manager ({', '.join(_registry()[0])}) that "
+                  "owns their public port.")
 @click.version_option(__version__, prog_name="unitgen")
 def cli() -> None:
-    """Model servers as systemd units whose socket owns the port."""
-
-
-def _targets() -> list[str]:
-    from unitgen.ops.registry import names  # noqa: PLC0415 - keeps `unitgen probe` light
-
-    return list(names())
+    """The ``unitgen`` command (its help comes from the registry)."""
 
 
 GPUS_FROM = click.option(
     "--gpus-from", type=click.Path(path_type=Path, dir_okay=False),
     help="Place GPUs as on the host whose `unitgen gpus --json` output is in this file.")
-USER = click.option("--user", is_flag=True,
-                    help="The per-user manager (~/.config/systemd/user) instead of the system one.")
 JSON = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
 
+@dataclass(frozen=True)
+class Chosen:
+    """The target ``--target`` names and the settings its options gave (the
+    fields of :class:`~unitgen.ops.interface.Where`)."""
+
+    target: str
+    settings: dict[str, Any]
+
+    def ops(self, *, gpus_from: Path | None = None) -> TargetOps:
+        """The one dispatch: the target's operations for the manager the options name."""
+        from unitgen.ops.interface import Where  # noqa: PLC0415
+        from unitgen.ops.registry import target  # noqa: PLC0415
+
+        return target(self.target, Where(**self.settings, gpus_from=gpus_from))
+
+
+def _click_option(option: Option) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    from unitgen.ops.registry import OptionKind  # noqa: PLC0415
+
+    kinds: dict[OptionKind, dict[str, Any]] = {
+        OptionKind.FLAG: {"is_flag": True},
+        OptionKind.TEXT: {},
+        OptionKind.DIRECTORY: {"type": click.Path(path_type=Path, file_okay=False)},
+    }
+    return click.option(option.flag, option.field, envvar=option.envvar, help=option.help,
+                        **kinds[option.kind])
+
+
 def _target_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--target (from the registry) and where supervisord and its include
-    directory are (docs/supervisor.md)."""
-    func = click.option("--conf-dir", type=click.Path(path_type=Path, file_okay=False),
-                        envvar="UNITGEN_SUPERVISOR_CONF_DIR",
-                        help="supervisor: include directory for conf files (default: from "
-                             "[include] of supervisord.conf; env UNITGEN_SUPERVISOR_CONF_DIR).")(func)
-    func = click.option("--supervisor-url", envvar="UNITGEN_SUPERVISOR_URL",
-                        help="supervisor: unix:///path or http://host:port (default: "
-                             "[supervisorctl] serverurl; env UNITGEN_SUPERVISOR_URL).")(func)
-    return click.option("--target", "target", type=click.Choice(_targets()),
-                        default="systemd", envvar="UNITGEN_TARGET", show_default=True,
-                        help="Service manager (env UNITGEN_TARGET).")(func)
+    """--target (the registry's names) and every target's own options, written
+    once here for every verb; the command gets them as one :class:`Chosen`."""
+    from unitgen.ops.registry import options  # noqa: PLC0415
 
+    declared = [option for _, option in options()]
 
-def _ops(target: str, *, user: bool = False, supervisor_url: str | None = None,
-         conf_dir: Path | None = None, gpus_from: Path | None = None) -> TargetOps:
-    """The one dispatch: the target's operations for the manager the options name."""
-    from unitgen.ops.interface import Where  # noqa: PLC0415
-    from unitgen.ops.registry import target as lookup  # noqa: PLC0415
+    @functools.wraps(func)
+    def verb(*args: object, target: str, **kwargs: object) -> object:
+        settings: dict[str, Any] = {option.field: kwargs.pop(option.field) for option in declared}
+        return func(*args, chosen=Chosen(target, settings), **kwargs)
 
-    return lookup(target, Where(user=user, supervisor_url=supervisor_url, conf_dir=conf_dir,
-                                gpus_from=gpus_from))
+    command: Callable[..., Any] = verb
+    for option in reversed(declared):
+        command = _click_option(option)(command)
+    names, default = _registry()
+    return click.option("--target", "target", type=click.Choice(names), default=default,
+                        envvar="UNITGEN_TARGET", show_default=True,
+                        help="Service manager (env UNITGEN_TARGET).")(command)
 
 
 @cli.command(epilog="Example: unitgen check examples/*.toml --gpus-from gpu-host.json")
 @click.argument("specs", nargs=-1, required=True, type=SPEC)
-@USER
 @GPUS_FROM
 @JSON
 @_target_options
 @click.option("--no-verify", is_flag=True,
-              help="Skip systemd-analyze verify of the rendered units (it costs ~2 ms a unit).")
-def check(specs: tuple[Path, ...], user: bool, gpus_from: Path | None, as_json: bool,
-          target: str, supervisor_url: str | None, conf_dir: Path | None,
-          no_verify: bool) -> int:
+              help="Skip the manager's own verifier of the rendered files, where it has one "
+                   "(it costs ~2 ms a file).")
+def check(specs: tuple[Path, ...], gpus_from: Path | None, as_json: bool, no_verify: bool,
+          chosen: Chosen) -> int:
     """Validate specs and explain every problem of every file; write nothing."""
-    ops = _ops(target, user=user, gpus_from=gpus_from)
+    ops = chosen.ops(gpus_from=gpus_from)
     return emit(ops.check(list(specs), verify=not no_verify), as_json=as_json)
 
 
@@ -122,14 +147,13 @@ def check(specs: tuple[Path, ...], user: bool, gpus_from: Path | None, as_json: 
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
               help="Write the files into this directory (created if missing) instead of "
                    "printing them.")
-@click.option("--user", is_flag=True, help="Units for the per-user manager (WantedBy=default.target).")
 @GPUS_FROM
 @JSON
 @_target_options
-def render(spec: Path, out: Path | None, user: bool, gpus_from: Path | None, as_json: bool,
-           target: str, supervisor_url: str | None, conf_dir: Path | None) -> int:
+def render(spec: Path, out: Path | None, gpus_from: Path | None, as_json: bool,
+           chosen: Chosen) -> int:
     """Print (or write with --out) the units of one spec."""
-    return emit(_ops(target, user=user, gpus_from=gpus_from).render(spec, out), as_json=as_json)
+    return emit(chosen.ops(gpus_from=gpus_from).render(spec, out), as_json=as_json)
 
 
 @cli.command(epilog="Example: unitgen schema > unitgen.schema.json (see docs/spec.md, Editors)")
@@ -146,7 +170,6 @@ def schema(markdown: bool) -> int:
 
 @cli.command()
 @click.argument("specs", nargs=-1, required=True, type=SPEC)
-@USER
 @click.option("--dry-run", is_flag=True, help="Show what would change; write and start nothing.")
 @click.option("--diff", is_flag=True, help="Show unit file diffs.")
 @click.option("--no-wait", is_flag=True, help="Queue the starts; do not wait for readiness.")
@@ -154,9 +177,8 @@ def schema(markdown: bool) -> int:
               help="Where ports for specs without one come from (env UNITGEN_PORT_RANGE).")
 @JSON
 @_target_options
-def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wait: bool,
-           port_range: str, as_json: bool, target: str, supervisor_url: str | None,
-           conf_dir: Path | None) -> int:
+def deploy(specs: tuple[Path, ...], dry_run: bool, diff: bool, no_wait: bool, port_range: str,
+           as_json: bool, chosen: Chosen) -> int:
     """Install or update instances and wait until they answer."""
     from unitgen.ops.interface import DeployOptions  # noqa: PLC0415
 
@@ -167,58 +189,45 @@ def deploy(specs: tuple[Path, ...], user: bool, dry_run: bool, diff: bool, no_wa
     opts = DeployOptions(dry_run=dry_run, diff=diff, wait=not no_wait,
                          tty=sys.stderr.isatty() and not as_json, port_range=(int(lo), int(hi)),
                          show=None if (as_json or dry_run) else click.echo)
-    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
-    return emit(ops.deploy(list(specs), opts), as_json=as_json)
+    return emit(chosen.ops().deploy(list(specs), opts), as_json=as_json)
 
 
 @cli.command()
 @click.argument("names", nargs=-1)
-@USER
 @JSON
 @_target_options
-def status(names: tuple[str, ...], user: bool, as_json: bool, target: str,
-           supervisor_url: str | None, conf_dir: Path | None) -> int:
+def status(names: tuple[str, ...], as_json: bool, chosen: Chosen) -> int:
     """State, address, PID, uptime and memory of instances (all by default)."""
-    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
-    return emit(ops.status(list(names)), as_json=as_json)
+    return emit(chosen.ops().status(list(names)), as_json=as_json)
 
 
 @cli.command(name="ls")
-@USER
 @JSON
 @_target_options
-def ls_(user: bool, as_json: bool, target: str, supervisor_url: str | None,
-        conf_dir: Path | None) -> int:
+def ls_(as_json: bool, chosen: Chosen) -> int:
     """List installed instances (from the unit files)."""
-    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
-    return emit(ops.ls(), as_json=as_json)
+    return emit(chosen.ops().ls(), as_json=as_json)
 
 
 @cli.command()
 @click.argument("names", nargs=-1, required=True)
-@USER
 @JSON
 @_target_options
-def remove(names: tuple[str, ...], user: bool, as_json: bool, target: str,
-           supervisor_url: str | None, conf_dir: Path | None) -> int:
+def remove(names: tuple[str, ...], as_json: bool, chosen: Chosen) -> int:
     """Stop, disable and delete an instance's generated files (nothing else)."""
-    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
-    return emit(ops.remove(list(names)), as_json=as_json)
+    return emit(chosen.ops().remove(list(names)), as_json=as_json)
 
 
 @cli.command()
 @click.argument("name")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("-n", "--lines", default=100, show_default=True, help="How many lines.")
-@USER
 @_target_options
-def logs(name: str, follow: bool, lines: int, user: bool, target: str,
-         supervisor_url: str | None, conf_dir: Path | None) -> int:
-    """An instance's whole story: its units and the manager's messages, in time order.
+def logs(name: str, follow: bool, lines: int, chosen: Chosen) -> int:
+    """An instance's whole story, in time order: what its manager recorded of it.
 
-    Under supervisor: the program's log files."""
-    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
-    return ops.logs(name, lines=lines, follow=follow)
+    Its units' journal with the manager's own messages, or its programs' log files."""
+    return chosen.ops().logs(name, lines=lines, follow=follow)
 
 
 @cli.command()
@@ -226,22 +235,16 @@ def logs(name: str, follow: bool, lines: int, user: bool, target: str,
 @click.option("--unit", help="Diagnose a unit unitgen did not write (with --port).")
 @click.option("--port", type=int, help="The port that unit's health check probes.")
 @click.option("--path", default="/health", show_default=True, help="Its health path.")
-@USER
 @JSON
 @_target_options
-def doctor(name: str | None, unit: str | None, port: int | None, path: str, user: bool,
-           as_json: bool, target: str, supervisor_url: str | None,
-           conf_dir: Path | None) -> int:
+def doctor(name: str | None, unit: str | None, port: int | None, path: str, as_json: bool,
+           chosen: Chosen) -> int:
     """Find port mismatches (GPUStack #2154) and say how to fix them."""
-    ops = _ops(target, user=user, supervisor_url=supervisor_url, conf_dir=conf_dir)
+    ops = chosen.ops()
     if unit:
         if port is None:
             raise click.UsageError("--unit needs --port (the port its health check probes)")
-        doctor_unit = getattr(ops, "doctor_unit", None)
-        if doctor_unit is None:
-            raise click.UsageError(f"--unit diagnoses a systemd unit; the {target} target has "
-                                   "no units of its own to diagnose (give an instance NAME)")
-        return emit(doctor_unit(unit, port, path), as_json=as_json)
+        return emit(ops.doctor_unit(unit, port, path), as_json=as_json)
     if not name:
         raise click.UsageError("give an instance NAME, or --unit UNIT --port PORT")
     return emit(ops.doctor(name), as_json=as_json)
@@ -256,59 +259,18 @@ def gpus(as_json: bool) -> int:
     return emit(gpus_report(), as_json=as_json)
 
 
-@cli.group()
-def sandbox() -> None:
-    """A private systemd user manager for containers and CI (see docs/sandbox.md)."""
+def _add_target_commands() -> None:
+    """The commands targets add to ``unitgen`` (their plugins name them)."""
+    from unitgen.ops.registry import commands, load  # noqa: PLC0415
+
+    for path in commands():
+        command = load(path)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{path} is not a click command")
+        cli.add_command(command)
 
 
-@sandbox.command(name="start")
-@click.option("--dir", "directory", type=click.Path(path_type=Path, file_okay=False),
-              help="Where to keep it (default: a new temporary directory).")
-def sandbox_start(directory: Path | None) -> int:
-    """Start one; print the environment that selects it (eval it in a shell)."""
-    from unitgen.ops.systemd.sandbox import Sandbox  # noqa: PLC0415
-
-    box = Sandbox.start(directory)
-    for key, value in box.env.items():
-        click.echo(f"export {key}={shlex.quote(value)}")
-    click.echo(f"# unitgen sandbox: manager pid {box.manager_pid}; stop it with: "
-               f"unitgen sandbox stop {shlex.quote(str(box.root))}")
-    return 0
-
-
-@sandbox.command(name="stop")
-@click.argument("directory", type=click.Path(path_type=Path, file_okay=False, exists=True))
-@click.option("--keep", is_flag=True, help="Keep the directory (units, journal).")
-def sandbox_stop(directory: Path, keep: bool) -> int:
-    """Stop a sandbox started with `unitgen sandbox start` (by its recorded pids)."""
-    from unitgen.ops.systemd.sandbox import Sandbox  # noqa: PLC0415
-
-    box = Sandbox.attach(directory)
-    box.owns_root = not keep
-    box.stop()
-    click.echo(f"stopped the sandbox in {directory}", err=True)
-    return 0
-
-
-@sandbox.command(name="run", context_settings={"ignore_unknown_options": True})
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def sandbox_run(command: tuple[str, ...]) -> int:
-    """Run COMMAND with a fresh sandbox selected, then stop it."""
-    import os  # noqa: PLC0415
-    import subprocess  # noqa: PLC0415
-
-    from unitgen.ops.systemd.sandbox import Sandbox  # noqa: PLC0415
-
-    box = Sandbox.start(tie_to_parent=True)
-    click.echo(f"unitgen sandbox: private systemd user manager (pid {box.manager_pid}) in "
-               f"{box.root}", err=True)
-    try:
-        return subprocess.run(list(command), env={**os.environ, **box.env}, check=False).returncode
-    except FileNotFoundError:
-        raise UnitgenError(f"{command[0]}: command not found") from None
-    finally:
-        box.stop()
-        click.echo("unitgen sandbox: stopped", err=True)
+_add_target_commands()
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

@@ -14,6 +14,7 @@ __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
     "NoSuchInstanceError",
+    "NotAvailableError",
     "OwnershipError",
     "Problem",
     "SpecError",
@@ -84,6 +85,12 @@ class OwnershipError(UnitgenError):
 
 class NoSuchInstanceError(UnitgenError):
     """A verb was given an instance name that is not installed (bad input)."""
+
+    exit_code = EXIT_USAGE
+
+
+class NotAvailableError(UnitgenError):
+    """The chosen target does not offer what was asked (bad input: nothing changed)."""
 
     exit_code = EXIT_USAGE
 

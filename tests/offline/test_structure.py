@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from unitgen.ops.registry import DEFAULT, names
 
 PKG = Path(__file__).resolve().parents[2] / "unitgen"
 
@@ -261,8 +264,8 @@ def test_the_size_check_sees_a_long_method(tmp_path):
     assert _oversize(pkg)["unitgen/big.py"] == "401 lines (at most 400)"
 
 
-TARGET_FOLDERS = ("unitgen/ops/systemd", "unitgen/targets/systemd",
-                  "unitgen/ops/supervisor", "unitgen/targets/supervisor")
+TARGETS = names()
+TARGET_FOLDERS = tuple(f"unitgen/{layer}/{t}" for t in TARGETS for layer in ("ops", "targets"))
 
 
 @pytest.mark.parametrize("path", [p for p in _modules()
@@ -271,10 +274,149 @@ TARGET_FOLDERS = ("unitgen/ops/systemd", "unitgen/targets/systemd",
 def test_no_target_imports_another(path):
     # issue 18: the supervisor target imported the systemd renderer and doctor;
     # what both need lives in ops/ or targets/base.py
-    mine = next(t for t in ("systemd", "supervisor") if f"/{t}" in str(path.parent))
-    other = {"systemd": "supervisor", "supervisor": "systemd"}[mine]
+    mine = next(t for t in TARGETS if f"/{t}" in str(path.parent))
     for target in _imports(path):
-        assert f".{other}" not in target.replace("unitgen.", "."), f"{_name(path)} imports {target}"
+        for other in set(TARGETS) - {mine}:
+            assert f".{other}" not in target.replace("unitgen.", "."), \
+                f"{_name(path)} imports {target}"
+
+
+# Optional parts of an interface have defaults where they are declared
+# (ops.interface.TargetOps, ops.pipeline.RunAllocator, targets.base.Target), so
+# nothing in ops/ or the CLI asks an object whether it has one. The rule: every
+# getattr/hasattr call there is listed here, by file and function, with its
+# reason; a hook is never a reason.
+REFLECTION = {
+    # a registry imports by name: "module:attr" strings are its own data
+    ("unitgen/ops/registry.py", "load"): "import by name",
+    # XML-RPC: supervisord's method names are data, the proxy makes them attributes
+    ("unitgen/ops/supervisor/rpc.py", "SupervisorRPC.call"): "XML-RPC dispatch",
+    ("unitgen/ops/supervisor/rpc.py", "SupervisorRPC._proxy_call"): "XML-RPC dispatch",
+}
+
+
+def _reflection(paths: list[Path], pkg: Path = PKG) -> dict[tuple[str, str], str]:
+    """(file, qualified function) -> the first getattr/hasattr call in it."""
+    found: dict[tuple[str, str], str] = {}
+
+    def visit(node: ast.AST, rel: str, where: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = where
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                inner = f"{where}.{child.name}" if where else child.name
+            if (isinstance(child, ast.Call) and isinstance(child.func, ast.Name)
+                    and child.func.id in ("getattr", "hasattr")):
+                found.setdefault((rel, where), f"{rel}:{child.lineno} {ast.unparse(child)}")
+            visit(child, rel, inner)
+
+    for path in paths:
+        visit(ast.parse(path.read_text(encoding="utf-8")), path.relative_to(pkg.parent).as_posix(),
+              "")
+    return found
+
+
+def _ops_and_cli(pkg: Path = PKG) -> list[Path]:
+    return [p for p in _modules(pkg) if p.is_relative_to(pkg / "ops")] + [pkg / "cli.py"]
+
+
+def test_no_hook_is_found_by_getattr():
+    calls = _reflection(_ops_and_cli())
+    unlisted = {where: call for where, call in calls.items() if where not in REFLECTION}
+    assert unlisted == {}, "declare the hook with a default (see REFLECTION)"
+
+
+def test_reflection_entries_are_still_needed():
+    assert sorted(REFLECTION.keys() - _reflection(_ops_and_cli()).keys()) == []
+
+
+def test_the_reflection_check_sees_a_hook_probe(tmp_path):
+    pkg = tmp_path / "unitgen"
+    (pkg / "ops").mkdir(parents=True)
+    (pkg / "ops" / "p.py").write_text("class A:\n    def f(self, x):\n"
+                                      "        return hasattr(x, 'reserve')\n")
+    (pkg / "cli.py").write_text("def g(x):\n    return getattr(x, 'doctor_unit', None)\n")
+    assert set(_reflection(_ops_and_cli(pkg), pkg)) == {("unitgen/ops/p.py", "A.f"),
+                                                        ("unitgen/cli.py", "g")}
+
+
+def test_the_cli_names_no_target():
+    # the CLI reaches targets through the registry: it imports none of their
+    # modules and spells no target's name (help texts and defaults included)
+    path = PKG / "cli.py"
+    for target in _imports(path):
+        for name in TARGETS:
+            assert not target.startswith((f"unitgen.ops.{name}", f"unitgen.targets.{name}")), \
+                target
+    words = re.compile(r"\b(" + "|".join(map(re.escape, TARGETS)) + r")\b")
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            assert not words.search(node.value), f"cli.py:{node.lineno}: {node.value!r}"
+
+
+ANSIBLE = PKG.parent / "ansible"
+# Between two names of one list, on one line: quotes, brackets, commas, spaces,
+# a Markdown table's escaped bar, "or" (a bare bar ends a table cell).
+_SEP = r"""(?:[ \t"'`,\[\]()]|\\\|)*"""
+_BETWEEN = re.compile(rf"{_SEP}(?:or\b)?{_SEP}")
+
+
+def _target_lists(text: str, targets: tuple[str, ...]) -> list[list[str]]:
+    """Every list of target names in ``text``: names one after the other with
+    nothing but list punctuation (or "or") between them."""
+    found = list(re.finditer(r"\b(" + "|".join(map(re.escape, targets)) + r")\b", text))
+    lists: list[list[str]] = []
+    for prev, match in zip([None, *found], found, strict=False):
+        if prev is not None and _BETWEEN.fullmatch(text[prev.end():match.start()]):
+            lists[-1].append(match.group(1))
+        else:
+            lists.append([match.group(1)])
+    return [names for names in lists if len(names) > 1]
+
+
+def _ansible_files() -> list[Path]:
+    # the collection's files; not caches tools leave there (.ruff_cache, __pycache__)
+    return sorted(p for p in ANSIBLE.rglob("*") if p.is_file() and not any(
+        part.startswith(".") or part == "__pycache__" for part in p.relative_to(ANSIBLE).parts[:-1]))
+
+
+def test_every_target_list_in_ansible_is_the_registrys():
+    # the collection travels to hosts without unitgen, so it spells the list
+    # (argument specs must be literals): every copy must be the registry's,
+    # in its order; adding a target to the registry fails here until each is
+    lists = {p.relative_to(ANSIBLE).as_posix(): _target_lists(p.read_text(encoding="utf-8"),
+                                                              TARGETS)
+             for p in _ansible_files()}
+    wrong = {f: found for f, found in lists.items() for names in found
+             if tuple(names) != TARGETS}
+    assert wrong == {}, f"each list must be {list(TARGETS)}"
+    # the check sees the copies it is for (it is not vacuous)
+    assert {f for f, found in lists.items() if found} >= {
+        "plugins/module_utils/unitgen_cli.py", "plugins/modules/unitgen_instance.py",
+        "plugins/modules/unitgen_status.py", "roles/unitgen/meta/argument_specs.yml",
+        "roles/unitgen/defaults/main.yml", "roles/unitgen/README.md"}
+
+
+def test_the_ansible_default_target_is_the_registrys():
+    utils = (ANSIBLE / "plugins" / "module_utils" / "unitgen_cli.py").read_text(encoding="utf-8")
+    consts = {t.id: ast.literal_eval(node.value) for node in ast.parse(utils).body
+              if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    assert consts["TARGETS"] == TARGETS and consts["DEFAULT_TARGET"] == DEFAULT
+    role = ANSIBLE / "roles" / "unitgen"
+    assert re.search(rf"^unitgen_target: {DEFAULT}$",
+                     (role / "defaults" / "main.yml").read_text(encoding="utf-8"), re.M)
+    specs = (role / "meta" / "argument_specs.yml").read_text(encoding="utf-8")
+    assert re.search(rf"unitgen_target:\n(?: +\w+: .*\n)*? +default: {DEFAULT}\n", specs)
+    for module in ("unitgen_instance", "unitgen_status"):
+        text = (ANSIBLE / "plugins" / "modules" / f"{module}.py").read_text(encoding="utf-8")
+        assert f'"target": {{"type": "str", "choices": {list(TARGETS)!r}, "default": ' \
+               f'"{DEFAULT}"}}'.replace("'", '"') in text, module
+        assert re.search(rf"  target:\n(?:    .*\n)*?    default: {DEFAULT}\n", text), module
+
+
+def test_the_list_finder_sees_every_spelling():
+    text = ('choices: [a, b]\n"choices": ["a", "b"]\nTARGETS = ("a", "b")\n'
+            "| `a` \\| `b` |\n`a` or `b`\nonly a here, and b there\n")
+    assert _target_lists(text, ("a", "b")) == [["a", "b"]] * 5
 
 
 # Words that name a feature or what only a feature knows (issue 26): a target's

@@ -16,9 +16,10 @@ import psutil
 
 from unitgen.errors import Problem, UnitgenError
 from unitgen.features.gateway.plan import Member
-from unitgen.ops.pipeline import HostGpus, listen_overlap, place_or_report
+from unitgen.ops.pipeline import HostGpus, RunAllocator, listen_overlap, place_or_report
 from unitgen.plan.container import ProblemSink
 from unitgen.plan.gpus import Placement
+from unitgen.plan.record import Record
 from unitgen.spec.model import InstanceSpec
 from unitgen.spec.ports import (
     DEFAULT_PORT_RANGE,
@@ -58,6 +59,8 @@ class Installed(Protocol):
     def gpus(self) -> tuple[str, ...]: ...
     @property
     def gpu_share(self) -> bool: ...
+    @property
+    def rec(self) -> Record: ...
 
 
 def gpu_claims(installed: Mapping[str, Installed]) -> dict[str, list[tuple[str, bool]]]:
@@ -212,7 +215,7 @@ def deploy_lock(scope: str, say: Callable[[str], None] | None = None) -> Iterato
 
 
 @dataclass
-class HostAllocator:
+class HostAllocator(RunAllocator):
     """Plans for ``deploy``: ports and GPUs of this host, under the deploy lock.
     An instance keeps the ports and GPUs it has (the installed units are the
     database); new ones get free ports; what cannot be had is a problem of the
@@ -240,9 +243,9 @@ class HostAllocator:
         self.reserved = set(ports)
 
     def gateway_members(self, gateway: str) -> list[Member]:
-        """Installed instances that join ``gateway`` (from their units' headers)."""
-        found = (getattr(i, "member", None) for i in self.installed.values())
-        return [m for m in found if m is not None and m.gateway == gateway]
+        """Installed instances that join ``gateway`` (from their records)."""
+        return [m for i in self.installed.values()
+                if (m := i.rec.member) is not None and m.gateway == gateway]
 
     def public_port(self, spec: InstanceSpec, explicit: int | None, host: str,
                     problem: ProblemSink) -> int:

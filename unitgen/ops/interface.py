@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from unitgen.errors import NotAvailableError
 from unitgen.result import Result
 from unitgen.spec.ports import DEFAULT_PORT_RANGE
 
@@ -62,7 +63,10 @@ class DeployOptions:
 
 
 class TargetOps(Protocol):
-    """One process manager: every verb of the CLI, for that manager."""
+    """One process manager: every verb of the CLI, for that manager. A target
+    subclasses this class: the optional verbs (``doctor_unit``) have a default
+    that says the target does not offer them, so no caller asks whether a
+    target has a verb."""
 
     name: str
 
@@ -97,3 +101,9 @@ class TargetOps(Protocol):
     def remove(self, names: list[str]) -> Result:
         """Stop and delete exactly the files unitgen generated for ``names``."""
         ...
+
+    def doctor_unit(self, unit: str, port: int, path: str) -> Result:
+        """Diagnose a unit unitgen did not write, whose health check probes
+        ``port`` at ``path``. Optional: by default the target has none."""
+        raise NotAvailableError(f"--unit is not available with the {self.name} target: it has "
+                                "no units of its own to diagnose (give an instance NAME)")

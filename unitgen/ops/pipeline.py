@@ -17,10 +17,12 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 from unitgen.errors import Problem, SpecError
 from unitgen.features.gateway.plan import (
     GatewayPlan,
+    Member,
     gateway_instance_spec,
     member_of,
     metrics_of,
@@ -41,6 +43,7 @@ __all__ = [
     "HostGpus",
     "Planned",
     "RenderedFile",
+    "RunAllocator",
     "Target",
     "placement_for",
     "plan_paths",
@@ -88,8 +91,28 @@ class HostGpus:
                                               f"`unitgen gpus --json`: {exc}")]) from None
 
 
+class RunAllocator(Allocator, Protocol):
+    """The allocator of a run of many files (what :func:`plan_paths` takes):
+    the plan's :class:`~unitgen.plan.instance.Allocator` and what a host knows
+    about the whole run, each part with a default for a host that knows nothing
+    (pre-commit's ``lang_base``: callers never ask whether a part is there)."""
+
+    # The ports planned are the ones the instances get (deploy), not defaults
+    # that deploy would change: two specs on one port are then a conflict.
+    final_ports: bool = False
+
+    def reserve(self, ports: set[int]) -> None:
+        """Ports specs of this run fix: never allocated to another spec.
+        Default: nothing is allocated, nothing to keep free."""
+        return
+
+    def gateway_members(self, gateway: str) -> list[Member]:
+        """Installed instances that join ``gateway``. Default: none known."""
+        return []
+
+
 @dataclass
-class CheckAllocator:
+class CheckAllocator(RunAllocator):
     """Plans for ``check`` and ``render``: ports stable per name (or fixed), GPUs
     from :class:`HostGpus` (this host's NVML, read once and only when a spec
     asks for GPUs), claims of installed instances when given."""
@@ -180,7 +203,7 @@ def _load(path: Path) -> tuple[InstanceSpec | None, GatewaySpec | None, list[Pro
     return found, None, []
 
 
-def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
+def plan_paths(paths: Sequence[Path], target: Target, allocator: RunAllocator,
                *, unplaceable: list[Problem] | None = None) -> list[Planned]:
     """Run every spec through the pipeline; raise one SpecError with every
     problem of every file (exit code: see :func:`unitgen.errors.SpecError`).
@@ -188,13 +211,12 @@ def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
     problems: list[Problem] = []
     planned: list[Planned] = []
     loaded = [(path, *_load(path)) for path in paths]
-    reserve = getattr(allocator, "reserve", None)
-    if reserve is not None:  # ports the specs fix are not handed to others of this run
-        reserve({s.port for _, s, _, _ in loaded if s is not None and s.port is not None})
+    # ports the specs fix are not handed to others of this run
+    allocator.reserve({s.port for _, s, _, _ in loaded if s is not None and s.port is not None})
     for path, spec, gateway, found in sorted(loaded, key=lambda row: row[2] is not None):
         here = list(found)
         if spec is not None:
-            here += target.spec_problems(spec)
+            here += target.limits.spec_refusals(spec) + target.spec_problems(spec)
         inst = None
         if spec is not None and _complete(spec):
             seen = {p.key for p in here}
@@ -204,13 +226,15 @@ def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
                 here += [p for p in exc.problems if p.key not in seen]
         if inst is not None and gateway is not None:
             inst = replace(inst, gateway=_gateway_plan(gateway, planned, allocator))
+        if inst is not None:
+            here += target.limits.plan_refusals(inst)
         if inst is not None and not here:
             try:
                 planned.append(Planned(path, inst, tuple(target.render(inst))))
             except SpecError as exc:
                 here += exc.problems
         problems += here
-    problems += _cross_file(planned, final=bool(getattr(allocator, "final_ports", False)))
+    problems += _cross_file(planned, final=allocator.final_ports)
     problems += unplaceable or []
     if problems:
         # partial: the files that were fine, for a verb that reports them too (check)
@@ -218,12 +242,12 @@ def plan_paths(paths: Sequence[Path], target: Target, allocator: Allocator,
     return planned
 
 
-def _gateway_plan(g: GatewaySpec, planned: list[Planned], allocator: Allocator) -> GatewayPlan:
+def _gateway_plan(g: GatewaySpec, planned: list[Planned],
+                  allocator: RunAllocator) -> GatewayPlan:
     """The members of gateway ``g``: the run's instances that join it, and the
     installed ones the allocator knows (the run's version of an instance wins)."""
     run = {p.instance.name for p in planned}
-    installed = getattr(allocator, "gateway_members", None)
-    members = [m for m in (installed(g.name) if installed else []) if m.instance not in run]
+    members = [m for m in allocator.gateway_members(g.name) if m.instance not in run]
     members += [m for p in planned if p.instance.spec.gateway == g.name
                 and (m := member_of(p.instance)) is not None]
     members += upstream_members(g)  # on other hosts

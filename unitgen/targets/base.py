@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from unitgen.errors import Problem
     from unitgen.plan.instance import Instance
     from unitgen.spec.model import InstanceSpec
+    from unitgen.targets.capabilities import Limits
 
 __all__ = ["MARKER", "FilteredText", "RenderedFile", "Target", "find_proxyd", "refuse_bare",
            "strict_environment", "templates_dir"]
@@ -38,16 +39,23 @@ class RenderedFile:
 
 
 class Target(Protocol):
-    """A process manager's file format: systemd units, supervisor programs."""
+    """A process manager's file format: systemd units, supervisor programs.
+    A target subclasses this class to take the defaults of its optional parts."""
 
     @property
     def name(self) -> str:
         """The target's name (``systemd``, ``supervisor``)."""
         ...
 
-    def spec_problems(self, spec: InstanceSpec) -> list[Problem]:
-        """What this target cannot do with a valid spec (forbidden directives, ...)."""
+    @property
+    def limits(self) -> Limits:
+        """What it can do; the pipeline refuses the rest, with file and key."""
         ...
+
+    def spec_problems(self, spec: InstanceSpec) -> list[Problem]:
+        """What else it refuses in a valid spec (directives unitgen owns, values
+        its format cannot carry); by default nothing."""
+        return []
 
     def render(self, inst: Instance) -> list[RenderedFile]:
         """The files of one planned instance; SpecError if a value cannot be written."""

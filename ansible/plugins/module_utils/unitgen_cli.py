@@ -15,23 +15,26 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["TARGETS", "address_parts", "argv_for", "error_message", "parse_json"]
+__all__ = ["DEFAULT_TARGET", "TARGETS", "address_parts", "argv_for", "error_message", "parse_json"]
 
-# unitgen's targets (``unitgen.ops.registry.names()``). The modules travel to
-# hosts without unitgen and their argument specs must be literals (Ansible reads
-# them without running the module), so each spells the list; a test keeps every
-# copy equal to the registry's.
+# unitgen's targets (``unitgen.ops.registry.names()``) and the one it uses when
+# none is named (``registry.DEFAULT``). The modules travel to hosts without
+# unitgen and their argument specs must be literals (Ansible reads them without
+# running the module), so each spells the list; a test
+# (tests/offline/test_structure.py) keeps every list of targets in ansible/
+# equal to the registry's.
 TARGETS = ("systemd", "supervisor")
+DEFAULT_TARGET = "systemd"
 
 
 def argv_for(executable: str, command: str, *, scope: str, target: str) -> list[str]:
     """``unitgen COMMAND [--user] [--target T] --json``. ``--target`` is passed
-    only for targets other than systemd, so a unitgen without the option still
-    works for the default."""
+    only for targets other than the default, so a unitgen without the option
+    still works for the default."""
     argv = [executable, command]
     if scope == "user":
         argv.append("--user")
-    if target and target != "systemd":
+    if target and target != DEFAULT_TARGET:
         argv.extend(["--target", target])
     argv.append("--json")
     return argv

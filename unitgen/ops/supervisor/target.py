@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from unitgen.errors import UnitgenError
-from unitgen.ops.interface import DeployOptions, Where
+from unitgen.ops.interface import DeployOptions, TargetOps, Where
 from unitgen.ops.pipeline import CheckAllocator, Planned, plan_paths
 from unitgen.ops.supervisor.site import Site, context
 from unitgen.ops.verbs import check_specs, render_one
@@ -19,7 +19,7 @@ from unitgen.targets.supervisor.render import SupervisorTarget, target_notices
 __all__ = ["SupervisorOps"]
 
 
-class SupervisorOps:
+class SupervisorOps(TargetOps):
     """supervisord programs over XML-RPC."""
 
     name = "supervisor"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from unitgen.errors import UnitgenError
 from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
-from unitgen.ops.interface import DeployOptions, Where
+from unitgen.ops.interface import DeployOptions, TargetOps, Where
 from unitgen.ops.pipeline import Planned
 from unitgen.ops.systemd.specs import describe, planner, verify_rendered
 from unitgen.ops.verbs import check_specs, render_one
@@ -20,7 +20,7 @@ from unitgen.targets.systemd.render import RenderContext
 __all__ = ["SystemdOps"]
 
 
-class SystemdOps:
+class SystemdOps(TargetOps):
     """systemd units over D-Bus; ``where.user`` picks the per-user manager."""
 
     name = "systemd"

@@ -15,7 +15,6 @@ when the template is rendered (:func:`unitgen.targets.base.strict_environment`).
 from __future__ import annotations
 
 import functools
-import ipaddress
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +25,12 @@ import jinja2
 from unitgen.errors import Problem, SpecError
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
 from unitgen.plan.record import record_of
-from unitgen.spec.model import InstanceSpec
-from unitgen.targets.base import MARKER, RenderedFile, find_proxyd, strict_environment
+from unitgen.targets.base import MARKER, RenderedFile, Target, find_proxyd, strict_environment
+from unitgen.targets.capabilities import ALL, Capability, Limits
 from unitgen.targets.supervisor import escape
 
 __all__ = [
+    "LIMITS",
     "MARKER",
     "ConfFile",
     "SupervisorContext",
@@ -41,7 +41,6 @@ __all__ = [
     "make_environment",
     "render_instance",
     "secret_name",
-    "spec_refusals",
     "target_notices",
 ]
 
@@ -98,67 +97,59 @@ def group_names(inst: Instance) -> list[str]:
     return [inst.name, f"{inst.name}-backend"]
 
 
-def spec_refusals(spec: InstanceSpec) -> list[Problem]:
-    """What supervisord cannot do with a valid spec, said with file and key (never
-    dropped silently)."""
-    out: list[Problem] = []
-
-    def no(key: str, message: str) -> None:
-        out.append(Problem(spec.source, key, message))
-
-    if spec.activation == "on-demand":
-        no("activation", "\"on-demand\" is not available with the supervisor target: "
-                         "supervisord cannot start a program on the first connection; use "
-                         "activation = \"eager\" (the default) or the systemd target")
-    if spec.gateway is not None:
-        no("gateway", "gateways run with the systemd target only (for now): under supervisord "
-                      "the instance has its own port; drop gateway or deploy with systemd")
-    if spec.image is not None:
-        no("image", "containers run with the systemd target only: its unit keeps the "
-                    "container in its own cgroup and removes it on every stop (podman's "
-                    "conmon outlives a supervisord program that is killed, and supervisord "
-                    "cannot run a clean-up when a program ends); deploy with the systemd target")
-    if spec.idle_stop is not None:
-        no("idle_stop", "is not available with the supervisor target: supervisord cannot "
-                        "stop a program when idle and start it again on a connection")
-    for section, pairs in (("unit", spec.systemd_unit), ("service", spec.systemd_service)):
-        for key, _ in pairs:
-            no(f"systemd.{section}.{key}", "is a systemd directive; the supervisor target "
-                                           "has no equivalent and will not drop it silently: "
-                                           "remove it or deploy with the systemd target")
-    if spec.group is not None:
-        no("group", "supervisord runs a program as user = ... with that user's own groups; "
-                    "it has no group setting")
-    return out
+# What supervisord cannot do (unitgen.targets.capabilities: which keys need what)
+LIMITS = Limits(ALL - {
+    Capability.ON_DEMAND, Capability.IDLE_STOP, Capability.SWAP_GROUP, Capability.GATEWAY,
+    Capability.GATEWAY_MEMBER, Capability.CONTAINER, Capability.SYSTEMD_DIRECTIVES,
+    Capability.RUN_AS_GROUP, Capability.IPV6}, {
+    Capability.ON_DEMAND: "\"on-demand\" is not available with the supervisor target: "
+                          "supervisord cannot start a program on the first connection; use "
+                          "activation = \"eager\" (the default) or the systemd target",
+    Capability.IDLE_STOP: "is not available with the supervisor target: supervisord cannot "
+                          "stop a program when idle and start it again on a connection",
+    Capability.SWAP_GROUP: "is not available with the supervisor target: members take turns "
+                           "through socket activation and stop each other (systemd's "
+                           "Conflicts=), which supervisord cannot do; deploy swap groups with "
+                           "the systemd target",
+    Capability.GATEWAY: "a gateway is not available with the supervisor target yet: its "
+                        "hitless reload (HAProxy's master keeping the socket while new workers "
+                        "take over) is built and tested for the systemd target only; deploy "
+                        "gateways with the systemd target",
+    Capability.GATEWAY_MEMBER: "gateways run with the systemd target only (for now): under "
+                               "supervisord the instance has its own port; drop gateway or "
+                               "deploy with systemd",
+    Capability.CONTAINER: "containers run with the systemd target only: its unit keeps the "
+                          "container in its own cgroup and removes it on every stop (podman's "
+                          "conmon outlives a supervisord program that is killed, and supervisord "
+                          "cannot run a clean-up when a program ends); deploy with the systemd "
+                          "target",
+    Capability.SYSTEMD_DIRECTIVES: "is a systemd directive; the supervisor target has no "
+                                   "equivalent and will not drop it silently: remove it or "
+                                   "deploy with the systemd target",
+    Capability.RUN_AS_GROUP: "supervisord runs a program as user = ... with that user's own "
+                             "groups; it has no group setting",
+    Capability.IPV6: "{value}: supervisord's sockets (socket=tcp://) are IPv4 only",
+})
 
 
 def _refusals(inst: Instance) -> list[Problem]:
-    out = spec_refusals(inst.spec)
-    if ipaddress.ip_address(inst.public.host).version == 6:
-        out.append(Problem(inst.spec.source, "host", f"{inst.public.host}: supervisord's "
-                           "sockets (socket=tcp://) are IPv4 only"))
-    return out
+    return LIMITS.spec_refusals(inst.spec) + LIMITS.plan_refusals(inst)
 
 
 @dataclass(frozen=True)
-class SupervisorTarget:
+class SupervisorTarget(Target):
     """The supervisor target for the pipeline (unitgen.ops.pipeline)."""
 
     ctx: SupervisorContext
     name: str = "supervisor"
 
-    def spec_problems(self, spec: InstanceSpec) -> list[Problem]:
-        """See :func:`spec_refusals`."""
-        return spec_refusals(spec)
+    @property
+    def limits(self) -> Limits:
+        """See :class:`~unitgen.targets.base.Target`: :data:`LIMITS`."""
+        return LIMITS
 
     def render(self, inst: Instance) -> list[RenderedFile]:
-        """See :func:`render_instance`; a gateway is refused, saying why."""
-        if inst.gateway is not None:
-            raise SpecError(problems=[Problem(inst.spec.source, "kind", (
-                "a gateway is not available with the supervisor target yet: its hitless "
-                "reload (HAProxy's master keeping the socket while new workers take over) is "
-                "built and tested for the systemd target only; deploy gateways with the systemd "
-                "target"))])
+        """See :func:`render_instance`."""
         return render_instance(inst, self.ctx)
 
 

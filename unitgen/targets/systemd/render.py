@@ -21,10 +21,12 @@ from unitgen.spec.model import InstanceSpec
 from unitgen.targets.base import (
     MARKER,
     RenderedFile,
+    Target,
     find_proxyd,
     strict_environment,
     templates_dir,
 )
+from unitgen.targets.capabilities import ALL, Capability, Limits
 from unitgen.targets.systemd import escape
 from unitgen.targets.systemd.contexts import (
     START_MARGIN,
@@ -43,6 +45,8 @@ from unitgen.timespan import format_seconds
 __all__ = [
     "MARKER",
     "OWNED_DIRECTIVES",
+    "SYSTEM_LIMITS",
+    "USER_LIMITS",
     "RenderContext",
     "RenderedFile",
     "SystemdTarget",
@@ -141,22 +145,30 @@ def _raises_privileges(value: str) -> bool:
     return False
 
 
+# The system manager can do everything unitgen asks of a manager; a user
+# manager (--user) cannot switch users (unitgen.targets.capabilities).
+SYSTEM_LIMITS = Limits(ALL, {})
+_OWN_USER = ("is for the system manager: a user manager runs everything as its own user "
+             "(drop {key} or deploy without --user)")
+USER_LIMITS = Limits(ALL - {Capability.RUN_AS_USER, Capability.RUN_AS_GROUP},
+                     {Capability.RUN_AS_USER: _OWN_USER, Capability.RUN_AS_GROUP: _OWN_USER})
+
+
 @dataclass(frozen=True)
-class SystemdTarget:
+class SystemdTarget(Target):
     """The systemd target for one manager (see :class:`RenderContext`)."""
 
     ctx: RenderContext
     name: str = "systemd"
 
+    @property
+    def limits(self) -> Limits:
+        """See :class:`~unitgen.targets.base.Target`: a user manager's are narrower."""
+        return USER_LIMITS if self.ctx.scope == "user" else SYSTEM_LIMITS
+
     def spec_problems(self, spec: InstanceSpec) -> list[Problem]:
-        """See :func:`spec_problems`; and a user manager cannot switch users."""
-        problems = spec_problems(spec)
-        for key in ("user", "group"):
-            if self.ctx.scope == "user" and getattr(spec, key):
-                problems.append(Problem(spec.source, key, f"is for the system manager: a user "
-                                        f"manager runs everything as its own user (drop {key} "
-                                        "or deploy without --user)"))
-        return problems
+        """See :func:`spec_problems`."""
+        return spec_problems(spec)
 
     def render(self, inst: Instance) -> list[RenderedFile]:
         """See :func:`render_instance`."""
