@@ -13,10 +13,11 @@ import pytest
 
 from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
+from unitgen.inunit.cgroupowner import unit_of_cgroup
 from unitgen.inunit.podrun import with_limits
 from unitgen.ops import podman
 from unitgen.ops.systemd.specs import render_spec
-from unitgen.plan.gpus import Placement, unit_of_cgroup
+from unitgen.plan.gpus import Placement
 from unitgen.plan.instance import resolve
 from unitgen.spec.model import parse_spec
 

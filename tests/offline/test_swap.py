@@ -12,11 +12,12 @@ import pytest
 
 from tests.helpers import GOLDEN_CTX, custom_spec, write_spec
 from unitgen.errors import SpecError
+from unitgen.inunit.nvml import Gpu, GpuProcess
 from unitgen.inunit.swapproxy import mates_from_conflicts
 from unitgen.ops.files import write_files
 from unitgen.ops.systemd.specs import render_spec
 from unitgen.ops.systemd.swap import dropin_changes, installed_groups, write_dropins
-from unitgen.plan.gpus import Gpu, GpuProcess, place
+from unitgen.plan.gpus import place
 from unitgen.plan.swap import after_change, groups_of, mates_of
 from unitgen.spec.model import DEFAULT_SWAP_DRAIN, parse_spec
 from unitgen.targets.systemd.installed import scan, unit_dir

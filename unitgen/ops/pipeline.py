@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from unitgen.errors import Problem, SpecError
+from unitgen.inunit.cgroupowner import manager_of_scope
+from unitgen.inunit.nvml import Gpu, GpuUnavailableError, read_gpus
 from unitgen.plan.container import ProblemSink
 from unitgen.plan.gateway import (
     GatewayPlan,
@@ -28,7 +30,7 @@ from unitgen.plan.gateway import (
     settings_of,
     upstream_members,
 )
-from unitgen.plan.gpus import Gpu, GpuUnavailableError, Placement, place, read_gpus
+from unitgen.plan.gpus import Placement, place
 from unitgen.plan.instance import Allocator, Instance, resolve
 from unitgen.spec.gateway import GatewaySpec
 from unitgen.spec.model import InstanceSpec, load_any
@@ -140,7 +142,7 @@ def place_or_report(spec: InstanceSpec, host_gpus: HostGpus,
     try:
         return place(source=spec.source, name=spec.name, want=spec.gpus,
                      memory=spec.gpu_memory, share=spec.gpu_share, gpus=host_gpus.gpus,
-                     claims=claims, scope=scope, mates=mates)
+                     claims=claims, manager=manager_of_scope(scope), mates=mates)
     except SpecError as exc:
         for p in exc.problems:
             problem(p.key, p.message)

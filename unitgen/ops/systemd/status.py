@@ -13,13 +13,14 @@ from pathlib import Path
 
 import psutil
 
+from unitgen.inunit.cgroupowner import manager_of_scope
+from unitgen.inunit.nvml import Gpu, GpuUnavailableError, read_gpus
 from unitgen.inunit.probe import attempt
 from unitgen.ops.systemd.gateways import remote_members
 from unitgen.ops.systemd.journal import last_lines
 from unitgen.ops.systemd.manager import UnitInfo, connect
 from unitgen.ops.systemd.swap import status_section
 from unitgen.plan.gateway import Member
-from unitgen.plan.gpus import Gpu, GpuUnavailableError, manager_of_scope, read_gpus
 from unitgen.result import Result, table
 from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir
 
