@@ -18,6 +18,7 @@ from unitgen.errors import SpecError
 from unitgen.ops.systemd.specs import render_spec
 from unitgen.spec.backends import BACKENDS
 from unitgen.targets.systemd.render import RenderContext
+from unitgen.targets.systemd.render import server_unit as server_unit_of
 
 BAR = 2.0
 # The unit that runs podman (image = ...): podman needs root, mounts and
@@ -42,7 +43,7 @@ def minimal_spec(backend: str) -> str:
 def server_unit(spec: Path, ctx: RenderContext = GOLDEN_CTX) -> tuple[str, str]:
     """(file name, text) of the unit that runs the model server."""
     done = render_spec(spec, ctx)
-    name = done.instance.server_unit
+    name = server_unit_of(done.instance)
     return name, next(f.text for f in done.files if f.name == name)
 
 
@@ -167,7 +168,7 @@ def proxy_unit(spec: Path, ctx: RenderContext = GOLDEN_CTX) -> tuple[str, str] |
     server takes the socket itself)."""
     done = render_spec(spec, ctx)
     name = f"{done.instance.name}.service"
-    if name == done.instance.server_unit:
+    if name == server_unit_of(done.instance):
         return None
     return name, next(f.text for f in done.files if f.name == name)
 

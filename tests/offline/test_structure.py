@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -342,3 +343,47 @@ def test_the_gpu_inventory_loads_nothing_of_unitgen_outside_inunit():
                           check=True)
     assert done.stdout.strip() == str(sorted(INUNIT_BASE))
 
+
+# --- plan/ knows no unit names (issue 26) -------------------------------------
+
+# A systemd unit name: a unit type after a dot ("x-backend.service", ".socket"),
+# or a user's manager ("user@1000"): the naming of targets/systemd, not of a plan.
+UNIT_NAME = re.compile(r"\.(service|socket|slice|scope|timer|target|mount|path)\b|\buser@")
+
+
+def _unit_names_in(pkg: Path) -> list[str]:
+    """``file:line: text`` of every string in ``plan/`` (code and docstrings alike)
+    that names a unit, less the spec's own table names (``[systemd.service]``,
+    the key a message may point a user to)."""
+    from unitgen.spec.keys import TABLES  # noqa: PLC0415 - only this test needs the spec
+
+    out = []
+    for path in _modules(pkg / "plan"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            text = node.value
+            for table in TABLES.values():
+                text = text.replace(table, "")
+            if UNIT_NAME.search(text):
+                out.append(f"{path.relative_to(pkg.parent).as_posix()}:{node.lineno}: "
+                           f"{node.value.strip()[:60]}")
+    return sorted(out)
+
+
+def test_plan_names_no_systemd_unit():
+    assert _unit_names_in(PKG) == []
+
+
+def test_the_unit_name_check_sees_fstrings_and_docstrings(tmp_path):
+    plan = tmp_path / "unitgen" / "plan"
+    plan.mkdir(parents=True)
+    (plan / "m.py").write_text(
+        '"""Runs in ``NAME-backend.service``."""\n'
+        "def unit(name):\n    return f'{name}-backend.service'\n"
+        "OWNER = 'user@'\nTABLE = 'set it in [systemd.service]'\nPATH = 'spec.paths'\n")
+    assert _unit_names_in(tmp_path / "unitgen") == [
+        "unitgen/plan/m.py:1: Runs in ``NAME-backend.service``.",
+        "unitgen/plan/m.py:3: -backend.service",
+        "unitgen/plan/m.py:4: user@",
+    ]
