@@ -18,7 +18,7 @@ from unitgen.ops.files import write_files
 from unitgen.ops.systemd.specs import render_spec
 from unitgen.ops.systemd.swap import dropin_changes, installed_groups, write_dropins
 from unitgen.plan.gpus import place
-from unitgen.plan.swap import after_change, groups_of, mates_of
+from unitgen.plan.swap import RunTogether, SwapGroups, after_change, groups_of
 from unitgen.spec.model import DEFAULT_SWAP_DRAIN, parse_spec
 from unitgen.targets.systemd.installed import scan, unit_dir
 from unitgen.targets.systemd.render import render_swap_dropin
@@ -59,7 +59,9 @@ def test_membership_follows_deploy_and_remove():
     now = after_change({"a": "g", "b": "g"}, [spec, plain])
     assert now == {"a": "g", "c": "g"}  # b left the group by a redeploy without the key
     assert groups_of(now) == {"g": ["a", "c"]}
-    assert mates_of("a", now) == ["c"] and mates_of("b", now) == []
+    policy: RunTogether = SwapGroups(now)
+    assert policy.never_with("a") == ["c"] and policy.never_with("b") == []
+    assert policy.makes_room_for("c") == {"a"} and policy.makes_room_for("b") == frozenset()
     assert after_change(now, removed=["c"]) == {"a": "g"}
 
 

@@ -31,7 +31,7 @@ from unitgen.ops.systemd.manager import Manager, connect
 from unitgen.ops.systemd.swap import dropin_changes, installed_groups, write_dropins
 from unitgen.ops.transaction import Change, Ready
 from unitgen.ops.wait import wait_until
-from unitgen.plan.swap import after_change, mates_of
+from unitgen.plan.swap import SwapGroups, after_change
 from unitgen.result import Result
 from unitgen.spec.model import InstanceSpec
 from unitgen.targets.base import RenderedFile
@@ -128,7 +128,7 @@ class SystemdDeploy:
 
         def mates(spec: InstanceSpec) -> frozenset[str]:
             seen.append(spec)  # members deployed together are mates too
-            return frozenset(mates_of(spec.name, after_change(groups, seen)))
+            return SwapGroups(after_change(groups, seen)).makes_room_for(spec.name)
 
         alloc = HostAllocator(self.scope, installed, listeners(), opts.port_range, mates=mates)
         planned = plan_paths(paths, SystemdTarget(self.ctx), alloc, unplaceable=alloc.unplaceable)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from unitgen.ops.files import apply_changes
 from unitgen.ops.systemd.manager import UnitInfo, connect
-from unitgen.plan.swap import after_change, groups_of, mates_of
+from unitgen.plan.swap import SwapGroups, after_change, groups_of
 from unitgen.spec.model import InstanceSpec
 from unitgen.targets.systemd.installed import Installed, scan, unit_dir
 from unitgen.targets.systemd.render import render_swap_dropin
@@ -65,7 +65,8 @@ def dropin_changes(scope: str, installed: dict[str, Installed],
         path = dropin_path(scope, name)
         want = None
         if name in membership:
-            want = render_swap_dropin(name, membership[name], mates_of(name, membership)).text
+            policy = SwapGroups(membership)
+            want = render_swap_dropin(name, membership[name], policy.never_with(name)).text
         have = path.read_text(encoding="utf-8") if path.exists() else None
         if want != have:
             changes.append((path, want))
