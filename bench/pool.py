@@ -32,12 +32,10 @@ def full_pool(seed: int = 27) -> tuple[MemberState, list[MemberState], list[GpuF
             wake_seconds=rng.uniform(1, 5), ram_asleep=rng.randint(4, 30) * GIB,
             asleep_held=GIB // 2))
     want = MemberState("want", (uuids[2], uuids[5]), Need(NeedSource.DECLARED, bytes=60 * GIB))
-    gpus = []
-    for u in uuids:
-        total = 80 * GIB
-        used = sum(m.holds(u, total) for m in members)
-        gpus.append(GpuFree(u, total, max(0, total - used - GIB)))
-    return want, members, gpus
+    total = 80 * GIB
+    pool = [GpuFree(u, total, max(0, total - sum(m.holds(u, total) for m in members) - GIB))
+            for u in uuids]
+    return want, members, pool
 
 
 def pool_rows(profile: Profile) -> list[Row]:
