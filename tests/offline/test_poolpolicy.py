@@ -150,6 +150,13 @@ def test_what_a_sleeper_keeps_on_the_gpu_must_leave_room():
     assert evicted(run(member("c", 79, state=Load.STOPPED), [a])) == [("a", Action.STOP)]
 
 
+def test_memory_a_stopped_member_still_shows_is_not_room_for_its_next_start():
+    # the driver frees a killed process's memory late: that is no room yet
+    gone = member("w", 40, state=Load.STOPPED, held={G0: 10 * GIB})
+    d = run(gone, [member("a", 35)])
+    assert evicted(d) == [("a", Action.STOP)]
+
+
 def test_an_asleep_member_wakes_into_the_room_it_needs():
     want = sleeper("w", 40, 20, state=Load.ASLEEP, asleep_held=GIB)
     d = run(want, [member("a", 45)])
@@ -328,7 +335,8 @@ def pools(draw: st.DrawFn) -> tuple[MemberState, list[MemberState], list[GpuFree
 def _fits(want: MemberState, members: list[MemberState], gpus: list[GpuFree],
           freed: dict[str, int], wait_for: tuple[str, ...]) -> bool:
     by = {g.uuid: g for g in gpus}
-    return all(by[u].free + want.holds(u, by[u].total) + freed.get(u, 0)
+    have = {u: want.holds(u, by[u].total) if want.state == Load.ASLEEP else 0 for u in by}
+    return all(by[u].free + have[u] + freed.get(u, 0)
                + sum(m.holds(u, by[u].total) for m in members if m.name in wait_for)
                >= want.need.on(by[u].total) for u in want.gpus)
 

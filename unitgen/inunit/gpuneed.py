@@ -13,7 +13,9 @@ import math
 from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["Need", "NeedSource"]
+__all__ = ["GIB", "Need", "NeedSource"]
+
+GIB = 1024**3
 
 
 class NeedSource(StrEnum):
@@ -55,7 +57,7 @@ class Need:
     def shown(self) -> str:
         """For a status line: ``40.0 GiB per GPU (declared)``, ``0.9 of each GPU
         (backend-args: --gpu-memory-utilization 0.9)``."""
-        amount = (f"{self.bytes / 1024**3:.1f} GiB per GPU" if self.bytes is not None
+        amount = (f"{self.bytes / GIB:.1f} GiB per GPU" if self.bytes is not None
                   else f"{self.fraction:g} of each GPU")
         return f"{amount} ({self.source}" + (f": {self.detail})" if self.detail else ")")
 

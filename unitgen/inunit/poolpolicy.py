@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from unitgen.inunit.gpuneed import Need
+from unitgen.inunit.nvml import gib
 
 __all__ = ["MAX_MIN_TURN", "Action", "Decision", "Eviction", "GpuFree", "Load", "MemberState",
            "Start", "TurnRules", "Verdict", "decide", "lock_order"]
 
-GIB = 1024**3
 # A minimum turn longer than this would let one member keep a GPU from members
 # that wait: the bound every waiting member's wait is computed with.
 MAX_MIN_TURN = 60.0
@@ -199,10 +199,6 @@ class _Room:
                 self.short[u] -= sign * max(0, got - keep)
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
-
-
 def decide(want: MemberState, members: Sequence[MemberState], gpus: Sequence[GpuFree],
            ram_budget: int, now: float, rules: TurnRules | None = None) -> Decision:
     """What to do so that ``want`` runs. ``members`` are the pool's members
@@ -219,9 +215,11 @@ def decide(want: MemberState, members: Sequence[MemberState], gpus: Sequence[Gpu
     refused = _never_fits(want, others, by_uuid)
     if refused:
         return Decision(Verdict.CANNOT_FIT, reason=refused)
-    room = _Room(by_uuid, {u: want.need.on(by_uuid[u].total) - want.holds(u, by_uuid[u].total)
-                           - by_uuid[u].free for u in want.gpus})
     start = Start.WAKE if want.state == Load.ASLEEP else Start.LOAD
+    # a wake reuses what it kept on the GPU; a stopped member's leftovers are not its own
+    have = {u: want.holds(u, by_uuid[u].total) if start == Start.WAKE else 0 for u in want.gpus}
+    room = _Room(by_uuid, {u: want.need.on(by_uuid[u].total) - have[u] - by_uuid[u].free
+                           for u in want.gpus})
     drainers = [m for m in others if m.state == Load.DRAINING and room.helps(m)]
     for m in drainers:
         room.take(m)
@@ -244,14 +242,14 @@ def _never_fits(want: MemberState, others: Sequence[MemberState],
             return f"{want.name} runs on GPU {u}, which is not in the pool"
         need = want.need.on(g.total)
         if need > g.total:
-            return (f"{want.name} needs {_gib(need)} on GPU {u}, which has {_gib(g.total)} "
+            return (f"{want.name} needs {gib(need)} on GPU {u}, which has {gib(g.total)} "
                     f"in all ({want.need.shown()})")
         members = sum(m.holds(u, g.total) for m in (want, *others))
         outside = max(0, g.total - g.free - members)
         if need > g.total - outside:
-            return (f"{want.name} needs {_gib(need)} on GPU {u}; {_gib(outside)} of its "
-                    f"{_gib(g.total)} is held by processes outside the pool, leaving "
-                    f"{_gib(g.total - outside)}")
+            return (f"{want.name} needs {gib(need)} on GPU {u}; {gib(outside)} of its "
+                    f"{gib(g.total)} is held by processes outside the pool, leaving "
+                    f"{gib(g.total - outside)}")
     return ""
 
 
@@ -303,8 +301,8 @@ def _actions(want: MemberState, others: Sequence[MemberState], chosen: list[Memb
         elif m.idle_stop is not None and now - m.last_used >= m.idle_stop:
             why += f"; idle past its idle_stop ({m.idle_stop:g} s)"
         elif ram + m.ram_asleep > ram_budget:
-            why += (f"; asleep it would hold {_gib(m.ram_asleep)} of host RAM, past the budget "
-                    f"({_gib(ram)} held of {_gib(ram_budget)})")
+            why += (f"; asleep it would hold {gib(m.ram_asleep)} of host RAM, past the budget "
+                    f"({gib(ram)} held of {gib(ram_budget)})")
         else:
             room.take(m, sign=-1)
             room.take(m, keep=m.asleep_held)

@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 from unitgen.errors import Problem, SpecError
-from unitgen.inunit.gpuneed import Need, NeedSource
+from unitgen.inunit.gpuneed import GIB, Need, NeedSource
 from unitgen.inunit.memrecord import Measured
+from unitgen.inunit.nvml import gib
 from unitgen.plan.gguf import model_files, read_gguf
 from unitgen.spec.argscan import find_options
 from unitgen.spec.backends import Backend, get_backend
@@ -34,17 +35,12 @@ from unitgen.spec.model import InstanceSpec
 
 __all__ = ["OVERHEAD", "SIZE_FACTOR", "estimate", "fingerprint", "memory_need"]
 
-GIB = 1024**3
 # llama.cpp's CUDA context and compute buffers beside the weights and the KV
 # cache: a few hundred MiB each for the usual batch sizes; a round 1 GiB.
 OVERHEAD = GIB
 # A GGUF whose header does not give its shape: weights plus a quarter for the
 # cache and buffers of a typical 4-8k context.
 SIZE_FACTOR = 1.25
-
-
-def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
 
 
 def memory_need(spec: InstanceSpec, *, measured: Measured | None = None) -> Need:
@@ -115,7 +111,7 @@ def estimate(spec: InstanceSpec) -> Need:
     if facts is None:
         total = math.ceil(size * SIZE_FACTOR)
         return Need(NeedSource.ESTIMATE, bytes=math.ceil(total / count),
-                    detail=f"GGUF {_gib(size)} x {SIZE_FACTOR:g}: its header does not say its "
+                    detail=f"GGUF {gib(size)} x {SIZE_FACTOR:g}: its header does not say its "
                            f"shape{split}")
     ctx_found = find_options(spec.args, sizing.context_flags, backend.syntax)
     n_ctx = facts.context_length
@@ -124,9 +120,9 @@ def estimate(spec: InstanceSpec) -> Need:
     kv = facts.kv_cache_bytes(n_ctx)
     total = size + kv + OVERHEAD * count
     return Need(NeedSource.ESTIMATE, bytes=math.ceil(total / count), detail=(
-        f"GGUF {_gib(size)} + KV cache {_gib(kv)} for {n_ctx} tokens ({facts.block_count} "
+        f"GGUF {gib(size)} + KV cache {gib(kv)} for {n_ctx} tokens ({facts.block_count} "
         f"layers, {facts.head_count_kv} KV heads of {facts.key_length}+{facts.value_length}, "
-        f"f16) + {_gib(OVERHEAD)} per GPU for CUDA and buffers{split}"))
+        f"f16) + {gib(OVERHEAD)} per GPU for CUDA and buffers{split}"))
 
 
 def fingerprint(spec: InstanceSpec) -> str:

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 
 from unitgen.errors import Problem
 from unitgen.inunit.gpuneed import Need, NeedSource
+from unitgen.inunit.nvml import gib
 
 __all__ = ["PoolMember", "need_key", "pool_problems"]
-
-GIB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -37,10 +36,6 @@ def need_key(need: Need) -> str:
         need.source, "gpus")
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:.1f} GiB"
-
-
 def _names(members: Sequence[PoolMember]) -> str:
     return ", ".join(f"{m.name} ({m.source})" for m in members)
 
@@ -59,12 +54,12 @@ def pool_problems(members: Sequence[PoolMember], totals: Mapping[str, int],
                 continue
             room = totals[u] - outside.get(u, 0)
             need = m.need.on(totals[u])
-            held = f" ({_gib(outside[u])} of it held by processes outside the pool)" \
+            held = f" ({gib(outside[u])} of it held by processes outside the pool)" \
                 if outside.get(u) else ""
             if need > room:
                 problems.append(Problem(m.source, need_key(m.need), (
-                    f"needs {_gib(need)} on GPU {u} ({m.need.shown()}), more than the "
-                    f"{_gib(room)} it has{held}: it cannot run even alone")))
+                    f"needs {gib(need)} on GPU {u} ({m.need.shown()}), more than the "
+                    f"{gib(room)} it has{held}: it cannot run even alone")))
                 continue
             fixed = [a for a in members if a.always_on and a.name != m.name and u in a.gpus]
             taken = sum(a.need.on(totals[u]) for a in fixed)
@@ -72,6 +67,6 @@ def pool_problems(members: Sequence[PoolMember], totals: Mapping[str, int],
                 outcome = ("they cannot all be loaded" if m.always_on else
                            "it could never load")
                 problems.append(Problem(m.source, need_key(m.need), (
-                    f"needs {_gib(need)} on GPU {u} ({m.need.shown()}) but the always-on "
-                    f"{_names(fixed)} hold {_gib(taken)} of its {_gib(room)}{held}: {outcome}")))
+                    f"needs {gib(need)} on GPU {u} ({m.need.shown()}) but the always-on "
+                    f"{_names(fixed)} hold {gib(taken)} of its {gib(room)}{held}: {outcome}")))
     return problems
