@@ -31,6 +31,13 @@ def eight_gpus(processes: dict[int, list[dict[str, Any]]] | None = None,
                       "processes": processes.get(i, [])} for i in range(8)]}
 
 
+def held_by_processes(scenario: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """The scenario with processes saying what they hold in ``directory`` (the
+    GPU stand-ins of tests/gpu_standin.py write there)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return {**scenario, "held_dir": str(directory)}
+
+
 NO_DRIVER: dict[str, Any] = {"error": "library_not_found"}
 DRIVER_NOT_LOADED: dict[str, Any] = {"error": "driver_not_loaded"}
 ZERO_GPUS: dict[str, Any] = {"gpus": []}

@@ -254,7 +254,7 @@ def doctor(name: str | None, unit: str | None, port: int | None, path: str, as_j
 @JSON
 def gpus(as_json: bool) -> int:
     """GPUs, their memory and processes, and which instance each process belongs to."""
-    from unitgen.plan.gpus import gpus_report  # noqa: PLC0415
+    from unitgen.ops.gpus import gpus_report  # noqa: PLC0415
 
     return emit(gpus_report(), as_json=as_json)
 

@@ -4,8 +4,13 @@ JSON scenario named by ``FAKE_NVML_SCENARIO``.
 
 Scenario: ``{"error": "library_not_found" | "driver_not_loaded"}`` or
 ``{"gpus": [{"uuid", "name", "total", "minor", "reserved",
-"processes": [{"pid", "used", "until"?}]}]}``. A process with ``until`` (a Unix
-time) is listed only until then: a GPU whose memory frees late.
+"processes": [{"pid", "used", "until"?}]}], "held_dir"?: DIR}``. A process with
+``until`` (a Unix time) is listed only until then: a GPU whose memory frees late.
+
+``held_dir``: processes that hold memory say so themselves (the stand-in
+servers of tests/gpu_standin.py), one file ``DIR/<pid>.json`` each,
+``{"pid": N, "gpus": {UUID: bytes}}``, listed while that process lives (not a
+zombie): like the driver, a process killed with -9 holds nothing.
 
 Tests put this directory first on ``sys.path``/``PYTHONPATH``; nothing in
 unitgen knows it exists.
@@ -119,9 +124,38 @@ def _handle(handle: int) -> dict[str, Any]:
     return gpus[handle]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _held(uuid: str) -> list[dict[str, Any]]:
+    """What live processes say they hold on this GPU (``held_dir``)."""
+    directory = _scenario().get("held_dir")
+    if not directory:
+        return []
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(directory, name), encoding="utf-8") as fh:
+                entry = json.load(fh)
+        except (OSError, ValueError):
+            continue  # being replaced: the next read sees it
+        used = int(entry.get("gpus", {}).get(uuid, 0))
+        if used and _alive(int(entry["pid"])):
+            out.append({"pid": int(entry["pid"]), "used": used})
+    return out
+
+
 def _procs(gpu: dict[str, Any]) -> list[dict[str, Any]]:
     now = time.time()
-    return [p for p in gpu.get("processes", []) if p.get("until", now + 1) > now]
+    listed = [p for p in gpu.get("processes", []) if p.get("until", now + 1) > now]
+    return listed + _held(str(gpu["uuid"]))
 
 
 def nvmlInit() -> None:

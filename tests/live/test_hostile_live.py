@@ -27,7 +27,7 @@ from unitgen.ops.systemd.manager import connect
 from unitgen.ops.systemd.sandbox import Sandbox
 from unitgen.plan.instance import RUNTIME_DIR, resolve
 from unitgen.spec.model import from_mapping
-from unitgen.targets.systemd.render import render_instance
+from unitgen.targets.systemd.render import render_instance, server_unit
 
 pytestmark = pytest.mark.systemd
 
@@ -140,7 +140,7 @@ class Checker:
             assert f.text.count("\n[Service]\n") == (1 if f.name.endswith(".service") else 0)
             assert "\nExecStartPre=/bin/touch" not in f.text
         write_files(self.box.unit_dir, name, units)
-        self.pending[inst.server_unit] = (
+        self.pending[server_unit(inst)] = (
             tuple(w.replace(RUNTIME_DIR, self.runtime) for w in inst.argv),
             _expected_env(inst.env))
         if len(self.pending) >= BATCH:

@@ -33,6 +33,7 @@ CORE = (
     "unitgen/ops/deploy.py",
     "unitgen/ops/allocate.py",
     "unitgen/plan/gpus.py",
+    "unitgen/inunit/nvml.py",
 )
 
 # Fast tests that need no systemd manager, no network beyond loopback and no

@@ -14,10 +14,11 @@ import pytest
 from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
 from unitgen.features.container import podman
+from unitgen.inunit.cgroupowner import unit_of_cgroup
 from unitgen.inunit.podrun import with_limits
 from unitgen.ops.systemd.specs import render_spec
 from unitgen.plan.container import Container
-from unitgen.plan.gpus import Placement, unit_of_cgroup
+from unitgen.plan.gpus import Placement
 from unitgen.plan.instance import resolve
 from unitgen.plan.record import parse_record
 from unitgen.spec.model import parse_spec

@@ -19,8 +19,10 @@ import pytest
 
 from tests.nvml import GIB, eight_gpus, fake_nvml, uuid
 from unitgen.errors import SpecError
+from unitgen.inunit.cgroupowner import manager_of_scope, unit_of_cgroup
 from unitgen.inunit.gpuwait import held
-from unitgen.plan.gpus import Gpu, GpuProcess, place, read_gpus, unit_of_cgroup
+from unitgen.inunit.nvml import Gpu, GpuProcess, read_gpus
+from unitgen.plan.gpus import place
 
 __all__ = ["fake_nvml"]  # the fixture, re-exported for pytest
 
@@ -66,11 +68,11 @@ def test_placement_counts_only_its_own_managers_processes_as_free(monkeypatch):
     monkeypatch.setattr(os, "getuid", lambda: 1000)
     gpus = gpu_with(owned(11, 10 * GIB, cgroup_text(1000)), owned(12, 60 * GIB, cgroup_text(1001)))
     placed = place(source="q.toml", name="qwen2", want=1, memory=20 * GIB, share=False,
-                   gpus=gpus, claims={}, scope="user")
+                   gpus=gpus, claims={}, manager=manager_of_scope("user"))
     assert placed.uuids == (uuid(0),)  # 10 GiB free + its own 10 GiB
     with pytest.raises(SpecError) as info:
         place(source="q.toml", name="qwen2", want=1, memory=30 * GIB, share=False,
-              gpus=gpus, claims={}, scope="user")
+              gpus=gpus, claims={}, manager=manager_of_scope("user"))
     assert str(info.value.problems[0]).endswith(
         "has 20.0 GiB free of 80.0 GiB; the rest is held by pid 12 (qwen2) 60.0 GiB")
 

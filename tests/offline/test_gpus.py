@@ -15,8 +15,9 @@ from tests.helpers import GOLDEN_CTX, write_spec
 from tests.nvml import DRIVER_NOT_LOADED, GIB, NO_DRIVER, ZERO_GPUS, eight_gpus, fake_nvml, uuid
 from unitgen.errors import SpecError
 from unitgen.inunit.gpuwait import main as gpuwait
+from unitgen.inunit.nvml import read_gpus
 from unitgen.ops.pipeline import placement_for
-from unitgen.plan.gpus import Placement, read_gpus
+from unitgen.plan.gpus import Placement
 from unitgen.plan.instance import resolve
 from unitgen.spec.backends import BACKENDS
 from unitgen.spec.model import parse_spec

@@ -10,7 +10,9 @@ import pytest
 
 from tests.nvml import GIB, ZERO_GPUS, eight_gpus, fake_nvml, uuid
 from unitgen.errors import SpecError
-from unitgen.plan.gpus import Gpu, GpuProcess, Placement, gpus_report, place
+from unitgen.inunit.nvml import Gpu, GpuProcess
+from unitgen.ops.gpus import gpus_report
+from unitgen.plan.gpus import Placement, place
 
 __all__ = ["fake_nvml"]  # the fixture, re-exported for pytest
 

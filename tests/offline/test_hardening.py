@@ -19,6 +19,7 @@ from unitgen.ops.systemd.specs import render_spec
 from unitgen.plan.record import parse_record
 from unitgen.spec.backends import BACKENDS
 from unitgen.targets.systemd.render import RenderContext
+from unitgen.targets.systemd.render import server_unit as server_unit_of
 
 BAR = 2.0
 # The unit that runs podman (image = ...): podman needs root, mounts and
@@ -43,7 +44,7 @@ def minimal_spec(backend: str) -> str:
 def server_unit(spec: Path, ctx: RenderContext = GOLDEN_CTX) -> tuple[str, str]:
     """(file name, text) of the unit that runs the model server."""
     done = render_spec(spec, ctx)
-    name = done.instance.server_unit
+    name = server_unit_of(done.instance)
     return name, next(f.text for f in done.files if f.name == name)
 
 
@@ -169,7 +170,7 @@ def proxy_unit(spec: Path, ctx: RenderContext = GOLDEN_CTX) -> tuple[str, str] |
     server takes the socket itself)."""
     done = render_spec(spec, ctx)
     name = f"{done.instance.name}.service"
-    if name == done.instance.server_unit:
+    if name == server_unit_of(done.instance):
         return None
     return name, next(f.text for f in done.files if f.name == name)
 

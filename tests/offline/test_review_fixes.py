@@ -14,6 +14,7 @@ import pytest
 
 from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
+from unitgen.inunit.cgroupowner import unit_of_cgroup
 from unitgen.inunit.probe import attempt
 from unitgen.ops.interface import DeployOptions
 from unitgen.ops.systemd.deploy import SystemdDeploy
@@ -21,7 +22,6 @@ from unitgen.ops.systemd.sandbox import Sandbox
 from unitgen.ops.systemd.specs import render_spec
 from unitgen.ops.transaction import run
 from unitgen.ops.trust import UnsafeInstallError, untrusted_paths
-from unitgen.plan.gpus import unit_of_cgroup
 from unitgen.targets.systemd.installed import scan
 from unitgen.targets.systemd.render import RenderContext
 

@@ -19,12 +19,15 @@ from unitgen.ops.registry import DEFAULT, names
 PKG = Path(__file__).resolve().parents[2] / "unitgen"
 
 # A layer may import itself, the base modules and the layers listed after it.
+# inunit/ imports only itself (and the standard library, checked below), so any
+# layer may use it without closing a circle: plan/ and ops/ read GPUs through
+# inunit.nvml.
 BASE = {"unitgen", "unitgen.errors", "unitgen.result", "unitgen.timespan"}
 ALLOWED = {
     "spec": {"spec"},
-    "plan": {"plan", "spec"},
-    "targets": {"targets", "plan", "spec"},
-    "inunit": {"inunit", "plan"},  # gpuwait reads GPUs through plan.gpus (NVML only)
+    "plan": {"plan", "spec", "inunit"},
+    "targets": {"targets", "plan", "spec", "inunit"},
+    "inunit": {"inunit"},  # the programs units run; the GPU inventory is here (inunit.nvml)
     "ops": {"ops", "targets", "plan", "spec", "inunit"},
 }
 
@@ -472,3 +475,138 @@ def test_every_feature_is_a_folder_in_the_registry():
     for where in FEATURES.values():
         module, _, attr = where.partition(":")
         assert getattr(importlib.import_module(module), attr).name in FEATURES
+
+
+# --- inunit/: the standard library and itself (issue 26) ----------------------
+
+INUNIT = PKG / "inunit"
+# Base modules inunit/ may use besides itself: standard library only (checked below).
+INUNIT_BASE = {"unitgen.timespan"}
+# The one library outside the standard library, imported when GPUs are read and
+# never at import: the NVML boundary of the GPU inventory.
+LAZY_THIRD_PARTY = {("unitgen/inunit/nvml.py", "pynvml")}
+
+
+def _stdlib(name: str) -> bool:
+    return name.split(".", maxsplit=1)[0] in sys.stdlib_module_names or name == "__future__"
+
+
+def _imported_names(path: Path) -> Iterator[tuple[str, str, int]]:
+    """(module, function it is imported in or "", line) for every import in a file:
+    statements anywhere (lazy ones too) and ``importlib.import_module("...")`` /
+    ``__import__("...")`` calls with a literal name."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for stmt, where in _import_statements(tree):
+        if isinstance(stmt, ast.Import):
+            yield from ((a.name, where, stmt.lineno) for a in stmt.names)
+        elif stmt.level:
+            yield "unitgen.inunit", where, stmt.lineno  # relative: inside inunit/
+        else:
+            yield stmt.module or "", where, stmt.lineno
+    functions = {n: f.name for f in ast.walk(tree)
+                 if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef) for n in ast.walk(f)}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and node.args
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
+                and ast.unparse(node.func) in ("importlib.import_module", "import_module",
+                                               "__import__")):
+            yield node.args[0].value, functions.get(node, ""), node.lineno
+
+
+def _inunit_import_problems(pkg: Path = PKG) -> list[str]:
+    out = []
+    for path in _modules(pkg / "inunit"):
+        rel = path.relative_to(pkg.parent).as_posix()
+        for name, where, line in _imported_names(path):
+            if _stdlib(name) or name == "unitgen.inunit" or name.startswith("unitgen.inunit."):
+                continue
+            if name in INUNIT_BASE:
+                continue
+            if (rel, name) in LAZY_THIRD_PARTY and where:
+                continue
+            out.append(f"{rel}:{line} imports {name}" + (f" in {where}()" if where else ""))
+    return out
+
+
+def test_inunit_imports_only_the_standard_library_and_inunit():
+    assert _inunit_import_problems() == []
+
+
+def test_the_base_modules_inunit_uses_import_only_the_standard_library():
+    for name in INUNIT_BASE:
+        path = PKG.parent / (name.replace(".", "/") + ".py")
+        assert [n for n, _, _ in _imported_names(path) if not _stdlib(n)] == [], name
+
+
+def test_the_inunit_import_check_sees_every_way_in(tmp_path):
+    pkg = tmp_path / "unitgen"
+    (pkg / "inunit").mkdir(parents=True)
+    (pkg / "inunit" / "nvml.py").write_text(
+        "import importlib\n\n\ndef read():\n    return importlib.import_module('pynvml')\n")
+    (pkg / "inunit" / "bad.py").write_text(
+        "import os\nfrom unitgen.inunit import nvml\nfrom . import nvml as again\n"
+        "import pynvml\nfrom unitgen.plan import gpus\n\n\n"
+        "def later():\n    import click\n    return __import__('jinja2')\n")
+    (pkg / "inunit" / "eager.py").write_text(
+        "import importlib\nNV = importlib.import_module('pynvml')\n")
+    assert sorted(_inunit_import_problems(pkg)) == [
+        "unitgen/inunit/bad.py:10 imports jinja2 in later()",
+        "unitgen/inunit/bad.py:4 imports pynvml",
+        "unitgen/inunit/bad.py:5 imports unitgen.plan",
+        "unitgen/inunit/bad.py:9 imports click in later()",
+        "unitgen/inunit/eager.py:2 imports pynvml",
+    ]
+
+
+def test_the_gpu_inventory_loads_nothing_of_unitgen_outside_inunit():
+    code = ("import sys, unitgen.inunit.nvml, unitgen.inunit.gpuwait; "
+            "print(sorted(m for m in sys.modules if m.startswith('unitgen') "
+            "and not m.startswith('unitgen.inunit') and m != 'unitgen'))")
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == str(sorted(INUNIT_BASE))
+
+
+# --- plan/ knows no unit names (issue 26) -------------------------------------
+
+# A systemd unit name: a unit type after a dot ("x-backend.service", ".socket"),
+# or a user's manager ("user@1000"): the naming of targets/systemd, not of a plan.
+UNIT_NAME = re.compile(r"\.(service|socket|slice|scope|timer|target|mount|path)\b|\buser@")
+
+
+def _unit_names_in(pkg: Path) -> list[str]:
+    """``file:line: text`` of every string in ``plan/`` (code and docstrings alike)
+    that names a unit, less the spec's own table names (``[systemd.service]``,
+    the key a message may point a user to)."""
+    from unitgen.spec.keys import TABLES  # noqa: PLC0415 - only this test needs the spec
+
+    out = []
+    for path in _modules(pkg / "plan"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            text = node.value
+            for table in TABLES.values():
+                text = text.replace(table, "")
+            if UNIT_NAME.search(text):
+                out.append(f"{path.relative_to(pkg.parent).as_posix()}:{node.lineno}: "
+                           f"{node.value.strip()[:60]}")
+    return sorted(out)
+
+
+def test_plan_names_no_systemd_unit():
+    assert _unit_names_in(PKG) == []
+
+
+def test_the_unit_name_check_sees_fstrings_and_docstrings(tmp_path):
+    plan = tmp_path / "unitgen" / "plan"
+    plan.mkdir(parents=True)
+    (plan / "m.py").write_text(
+        '"""Runs in ``NAME-backend.service``."""\n'
+        "def unit(name):\n    return f'{name}-backend.service'\n"
+        "OWNER = 'user@'\nTABLE = 'set it in [systemd.service]'\nPATH = 'spec.paths'\n")
+    assert _unit_names_in(tmp_path / "unitgen") == [
+        "unitgen/plan/m.py:1: Runs in ``NAME-backend.service``.",
+        "unitgen/plan/m.py:3: -backend.service",
+        "unitgen/plan/m.py:4: user@",
+    ]

@@ -13,13 +13,14 @@ import pytest
 from tests.helpers import GOLDEN_CTX, custom_spec, write_spec
 from unitgen.errors import SpecError
 from unitgen.features.swap.ops import SwapFeature, installed_groups
-from unitgen.features.swap.plan import after_change, groups_of, mates_of
+from unitgen.features.swap.plan import RunTogether, SwapGroups, after_change, groups_of
+from unitgen.inunit.nvml import Gpu, GpuProcess
 from unitgen.inunit.swapproxy import mates_from_conflicts
 from unitgen.ops.files import write_files
 from unitgen.ops.systemd.bind_swap import SystemdSwap
 from unitgen.ops.systemd.session import Session
 from unitgen.ops.systemd.specs import render_spec
-from unitgen.plan.gpus import Gpu, GpuProcess, place
+from unitgen.plan.gpus import place
 from unitgen.plan.record import parse_record
 from unitgen.spec.model import DEFAULT_SWAP_DRAIN, parse_spec
 from unitgen.targets.systemd.installed import scan, unit_dir
@@ -61,7 +62,9 @@ def test_membership_follows_deploy_and_remove():
     now = after_change({"a": "g", "b": "g"}, [spec, plain])
     assert now == {"a": "g", "c": "g"}  # b left the group by a redeploy without the key
     assert groups_of(now) == {"g": ["a", "c"]}
-    assert mates_of("a", now) == ["c"] and mates_of("b", now) == []
+    policy: RunTogether = SwapGroups(now)
+    assert policy.never_with("a") == ["c"] and policy.never_with("b") == []
+    assert policy.makes_room_for("c") == {"a"} and policy.makes_room_for("b") == frozenset()
     assert after_change(now, removed=["c"]) == {"a": "g"}
 
 

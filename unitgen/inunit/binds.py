@@ -19,7 +19,7 @@ path names until runc mounts it:
 - no directory on the way is on a FUSE file system (its owner answers every lookup);
 - a file that is no directory has one name only (a hard link could be any file);
 - where the object really is (``/proc/self/fd``) passes the refusal lists of
-  :mod:`unitgen.plan.volumes`, the ones the plan used."""
+  :mod:`unitgen.inunit.volumes`, the ones the plan used."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import posixpath
 import pwd
 import stat
 
-from unitgen.plan.volumes import judge, normalise
+from unitgen.inunit.volumes import judge, normalise
 
 __all__ = ["why_not"]
 

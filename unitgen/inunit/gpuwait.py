@@ -17,7 +17,8 @@ import os
 import sys
 import time
 
-from unitgen.plan.gpus import Gpu, GpuUnavailableError, gib, instance_of_pid, read_gpus
+from unitgen.inunit.cgroupowner import instance_of_pid
+from unitgen.inunit.nvml import Gpu, GpuUnavailableError, gib, read_gpus
 from unitgen.timespan import format_seconds, parse_timespan
 
 __all__ = ["held", "main"]

@@ -25,7 +25,7 @@ import resource
 import sys
 
 from unitgen.inunit.binds import why_not
-from unitgen.plan.volumes import normalise, split_volume
+from unitgen.inunit.volumes import normalise, split_volume
 
 __all__ = ["checked_volumes", "main", "ulimit_options", "with_limits"]
 

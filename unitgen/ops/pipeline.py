@@ -30,8 +30,10 @@ from unitgen.features.gateway.plan import (
     upstream_members,
 )
 from unitgen.features.gateway.spec import GatewaySpec
+from unitgen.inunit.cgroupowner import manager_of_scope
+from unitgen.inunit.nvml import Gpu, GpuUnavailableError, read_gpus
 from unitgen.plan.container import ProblemSink
-from unitgen.plan.gpus import Gpu, GpuUnavailableError, Placement, place, read_gpus
+from unitgen.plan.gpus import Placement, place
 from unitgen.plan.instance import Allocator, Instance, resolve
 from unitgen.spec.model import InstanceSpec, load_any
 from unitgen.spec.ports import PRIVATE_PORT_RANGE, default_port, default_private_port
@@ -163,7 +165,7 @@ def place_or_report(spec: InstanceSpec, host_gpus: HostGpus,
     try:
         return place(source=spec.source, name=spec.name, want=spec.gpus,
                      memory=spec.gpu_memory, share=spec.gpu_share, gpus=host_gpus.gpus,
-                     claims=claims, scope=scope, mates=mates)
+                     claims=claims, manager=manager_of_scope(scope), mates=mates)
     except SpecError as exc:
         for p in exc.problems:
             problem(p.key, p.message)

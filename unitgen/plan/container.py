@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from unitgen.inunit.volumes import check_volumes
 from unitgen.plan.podmanargs import check_podman_args
-from unitgen.plan.volumes import check_volumes
 from unitgen.spec.model import InstanceSpec
 
 __all__ = ["CDI_KIND", "CONTAINER_RUNTIME", "Container", "ProblemSink", "container_name",

@@ -102,11 +102,6 @@ class Instance:
         return get_backend(self.spec.backend)
 
     @property
-    def server_unit(self) -> str:
-        """The unit that runs the model server."""
-        return f"{self.name}-backend.service" if self.uses_proxy else f"{self.name}.service"
-
-    @property
     def uses_proxy(self) -> bool:
         """True when systemd-socket-proxyd joins the public socket to a private endpoint."""
         return self.private is not None

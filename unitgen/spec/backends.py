@@ -12,7 +12,8 @@ from enum import StrEnum
 
 from unitgen.spec.argscan import EXACT, OptionSyntax
 
-__all__ = ["BACKENDS", "GENERIC_LISTEN_FLAGS", "Backend", "BackendName", "GpuUse", "get_backend"]
+__all__ = ["BACKENDS", "GENERIC_LISTEN_FLAGS", "Backend", "BackendName", "Call", "GpuUse",
+           "MemorySizing", "SleepMode", "get_backend"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,57 @@ def _tensor_parallel(*flags: str) -> GpuUse:
     """Tensor parallel over every GPU (one GPU needs no flag)."""
     return GpuUse(flags=flags, words=(flags[0], "{count}"), min_count=2)
 
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP request to the server's own endpoint (the query is part of the path)."""
+
+    method: str
+    path: str
+    body: str = ""  # sent as JSON when not empty
+
+
+@dataclass(frozen=True)
+class SleepMode:
+    """How a server releases its GPU memory and keeps its process (issue 27): the
+    tier between loaded and stopped. Asleep, the weights wait in host RAM, so a
+    wake is a copy back, not a load from disk; the GPU pool's policy counts that
+    RAM against its budget."""
+
+    flags: tuple[str, ...]  # options it must be started with
+    env: tuple[tuple[str, str], ...]  # variables it must be started with
+    sleep: Call
+    wake: Call
+    is_sleeping: Call | None  # answers {"is_sleeping": true|false}; None: no way to ask
+
+
+@dataclass(frozen=True)
+class MemorySizing:
+    """How a server sizes its GPU memory: what a GPU pool's member needs
+    before it was ever measured (issue 27)."""
+
+    fraction_flags: tuple[str, ...] = ()  # it takes this fraction of each GPU's total
+    default_fraction: float | None = None  # without the option (None: it decides at start)
+    gguf_model: bool = False  # the model is a GGUF file: its size and KV cache estimate it
+    context_flags: tuple[str, ...] = ()  # the context size option (sizes the KV cache)
+
+
+_LLAMA_CPP_MEMORY = MemorySizing(gguf_model=True, context_flags=("-c", "--ctx-size"))
+
+# vLLM (docs/features/sleep_mode.md): level 1 moves the weights to host RAM and
+# drops the KV cache; the endpoints exist only with VLLM_SERVER_DEV_MODE=1, and
+# the level is a query parameter.
+_VLLM_SLEEP = SleepMode(
+    flags=("--enable-sleep-mode",), env=(("VLLM_SERVER_DEV_MODE", "1"),),
+    sleep=Call("POST", "/sleep?level=1"), wake=Call("POST", "/wake_up"),
+    is_sleeping=Call("GET", "/is_sleeping"))
+# SGLang: --enable-memory-saver releases the memory; without
+# --enable-weights-cpu-backup the weights' pages come back with undefined
+# content on resume (made for RL loops that load new weights anyway), so both.
+_SGLANG_SLEEP = SleepMode(
+    flags=("--enable-memory-saver", "--enable-weights-cpu-backup"), env=(),
+    sleep=Call("POST", "/release_memory_occupation", "{}"),
+    wake=Call("POST", "/resume_memory_occupation", "{}"), is_sleeping=None)
 
 # Every layer on the GPU (999: more layers than any model has).
 _OFFLOAD_LAYERS = GpuUse(flags=("-ngl", "--n-gpu-layers", "--gpu-layers"),
@@ -64,6 +116,8 @@ class Backend:
     # the option that names the models it answers to (None: it answers to any name)
     served_names_flag: str | None = None
     served_names_many: bool = False  # it takes several names (vLLM: nargs="+")
+    sleep: SleepMode | None = None  # None: it cannot release its GPU memory alive (stop/start)
+    memory: MemorySizing | None = None  # None: nothing known until measured
 
 
 _TLS_WHY = (
@@ -100,6 +154,9 @@ BACKENDS: dict[str, Backend] = {
             gpu_use=_tensor_parallel("--tensor-parallel-size", "-tp"),
             # vLLM answers 404 to a model that is none of these (its default: the model path)
             served_names_flag="--served-model-name", served_names_many=True,
+            sleep=_VLLM_SLEEP,
+            memory=MemorySizing(fraction_flags=("--gpu-memory-utilization",),
+                                default_fraction=0.9),
         ),
         Backend(
             name="sglang", program="python3", prefix=("-m", "sglang.launch_server"),
@@ -107,7 +164,9 @@ BACKENDS: dict[str, Backend] = {
             host_flag="--host", port_flag="--port", key_env=None,
             refused_flags=(("--ssl-keyfile", _TLS_WHY), ("--ssl-certfile", _TLS_WHY)),
             syntax=ARGPARSE, loading="503 until loaded",
-            gpu_use=_tensor_parallel("--tp-size", "--tp"),
+            gpu_use=_tensor_parallel("--tp-size", "--tp"), sleep=_SGLANG_SLEEP,
+            # SGLang picks its default fraction at start from the GPU's size and the TP degree
+            memory=MemorySizing(fraction_flags=("--mem-fraction-static",)),
         ),
         Backend(
             name="llama-server", program="llama-server", prefix=(), model_flag="-m",
@@ -121,7 +180,7 @@ BACKENDS: dict[str, Backend] = {
             ),
             refused_env=(("LLAMA_ARG_SSL_KEY_FILE", _TLS_WHY), ("LLAMA_ARG_SSL_CERT_FILE", _TLS_WHY)),
             syntax=LLAMA_CPP, loading="503 {\"error\":\"Loading model\"} until loaded",
-            gpu_use=_OFFLOAD_LAYERS,
+            gpu_use=_OFFLOAD_LAYERS, memory=_LLAMA_CPP_MEMORY,
         ),
         Backend(
             name="llama-box", program="llama-box", prefix=(), model_flag="-m",
@@ -130,6 +189,7 @@ BACKENDS: dict[str, Backend] = {
             port_env=("LLAMA_ARG_PORT",), host_env=("LLAMA_ARG_HOST",), key_env=None,
             refused_flags=(("--ssl-key-file", _TLS_WHY), ("--ssl-cert-file", _TLS_WHY)),
             syntax=LLAMA_BOX, loading="404 until loaded", gpu_use=_OFFLOAD_LAYERS,
+            memory=_LLAMA_CPP_MEMORY,
         ),
         Backend(
             name="vox-box", program="vox-box", prefix=("start",), model_flag="--model",

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from unitgen.errors import Problem
 from unitgen.inunit.binds import why_not
+from unitgen.inunit.volumes import split_volume
 from unitgen.ops.findings import Finding
 from unitgen.plan.container import CDI_KIND
 from unitgen.plan.instance import Instance
-from unitgen.plan.volumes import split_volume
 
 __all__ = ["CDI_DIRS_ENV", "cdi_missing", "container_findings", "container_state",
            "find_podman", "host_podman", "image_present", "pull", "pull_missing", "remove_container",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from unitgen.features.base import Feature, InstalledLike, Writes
-from unitgen.features.swap.plan import after_change, groups_of, mates_of
+from unitgen.features.swap.plan import SwapGroups, after_change, groups_of
 from unitgen.ops.findings import Finding
 from unitgen.ops.pipeline import Planned
 from unitgen.spec.model import InstanceSpec
@@ -86,7 +86,7 @@ class SwapFeature(Feature):
     def cohabitants(self, installed: Mapping[str, InstalledLike], spec: InstanceSpec,
                     run: Sequence[InstanceSpec]) -> frozenset[str]:
         """Mates never run beside ``spec``: their claims are no conflict."""
-        return frozenset(mates_of(spec.name, after_change(installed_groups(installed), run)))
+        return SwapGroups(after_change(installed_groups(installed), run)).makes_room_for(spec.name)
 
     def plan(self, installed: Mapping[str, InstalledLike], planned: Sequence[Planned]) -> list[str]:
         """The drop-ins every member needs once this run is deployed."""
@@ -102,6 +102,7 @@ class SwapFeature(Feature):
         """The drop-ins to write (text) or delete (None) so that every member's
         ``Conflicts=`` names exactly the other members after this deploy/remove."""
         membership = after_change(installed_groups(installed), deployed, removed)
+        policy = SwapGroups(membership)
         names = set(installed) | {s.name for s in deployed} | set(removed)
         changes: Writes = []
         for name in sorted(names):
@@ -109,7 +110,7 @@ class SwapFeature(Feature):
             want = None
             if name in membership:
                 want = self.binding.render_dropin(name, membership[name],
-                                                  mates_of(name, membership))
+                                                  policy.never_with(name))
             have = path.read_text(encoding="utf-8") if path.exists() else None
             if want != have:
                 changes.append((path, want))

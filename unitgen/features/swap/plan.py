@@ -1,17 +1,66 @@
-"""Swap groups (issue 12): on-demand instances that take turns on a GPU.
+"""Who may run together: the policy deploy asks before it places GPUs and
+writes units, and that a memory-sharing pool (issue 27) will replace.
 
-Membership only: which instances form each group once a deploy or a remove is
-done. How a turn is taken lives in :mod:`unitgen.inunit.swapproxy`; the units
-in :mod:`unitgen.targets.systemd.render`; the hooks in :mod:`unitgen.features.swap.ops`.
+Today's policy is the swap group (issue 12): members of one group are loaded
+one at a time. How a turn is taken lives in :mod:`unitgen.inunit.swapproxy`;
+the units in :mod:`unitgen.targets.systemd.render`; the hooks in
+:mod:`unitgen.features.swap.ops`. Membership is a plain mapping (instance
+name -> group), read back from what is installed and updated by a deploy or
+a remove (:func:`after_change`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 from unitgen.spec.model import InstanceSpec
 
-__all__ = ["after_change", "groups_of", "mates_of"]
+__all__ = ["RunTogether", "SwapGroups", "after_change", "groups_of"]
+
+
+class RunTogether(Protocol):
+    """Which instances may be loaded at the same time.
+
+    A policy answers two questions, both about other instances: which ones may
+    never be loaded while ``name`` is (systemd keeps them apart with
+    ``Conflicts=``, a turn asks them to yield), and which ones leave the GPU
+    when ``name`` needs it (placement counts their claims as no conflict and
+    their memory as free). A memory pool answers the first with nobody (its
+    members run side by side when they fit: the pool decides at run time)
+    and the second with its members."""
+
+    def never_with(self, name: str) -> list[str]:
+        """Instances never loaded at the same time as ``name``, sorted."""
+        ...
+
+    def makes_room_for(self, name: str) -> frozenset[str]:
+        """Instances that unload when ``name`` needs their GPU memory."""
+        ...
+
+
+@dataclass(frozen=True)
+class SwapGroups:
+    """One member of a swap group at a time: each member excludes, and makes
+    room for, every other member of its group."""
+
+    membership: Mapping[str, str]  # instance name -> group
+
+    def mates(self, name: str) -> list[str]:
+        """The other members of ``name``'s group (empty when it is in none)."""
+        group = self.membership.get(name)
+        if group is None:
+            return []
+        return [n for n in groups_of(self.membership)[group] if n != name]
+
+    def never_with(self, name: str) -> list[str]:
+        """See :class:`RunTogether`: the mates."""
+        return self.mates(name)
+
+    def makes_room_for(self, name: str) -> frozenset[str]:
+        """See :class:`RunTogether`: the mates."""
+        return frozenset(self.mates(name))
 
 
 def after_change(installed: Mapping[str, str], deployed: Iterable[InstanceSpec] = (),
@@ -35,11 +84,3 @@ def groups_of(membership: Mapping[str, str]) -> dict[str, list[str]]:
     for name, group in sorted(membership.items()):
         out.setdefault(group, []).append(name)
     return out
-
-
-def mates_of(name: str, membership: Mapping[str, str]) -> list[str]:
-    """The other members of ``name``'s group (empty when it is in none)."""
-    group = membership.get(name)
-    if group is None:
-        return []
-    return [n for n in groups_of(membership)[group] if n != name]

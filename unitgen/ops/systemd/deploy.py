@@ -27,7 +27,7 @@ from unitgen.result import Result
 from unitgen.spec.model import InstanceSpec
 from unitgen.targets.base import RenderedFile
 from unitgen.targets.systemd.installed import Installed, config_dir, scan, secrets_dir, unit_dir
-from unitgen.targets.systemd.render import RenderContext, SystemdTarget
+from unitgen.targets.systemd.render import RenderContext, SystemdTarget, server_unit
 
 __all__ = ["SystemdDeploy", "remove", "stop_instance"]
 # A start job may take the probe's deadline and then some: the units' own
@@ -185,7 +185,7 @@ class SystemdDeploy:
         """Until the start job ends (the units' probes decide), with a live line."""
         job, started = self._jobs.pop(change.name)
         entry = _entry(change.inst.spec)
-        server = change.inst.server_unit
+        server = server_unit(change.inst)
         last_plain = [0.0]
         t0 = time.monotonic()
 
@@ -224,7 +224,7 @@ class SystemdDeploy:
                 if info.status_text:
                     detail += f": {info.status_text}"
                 parts.append(detail)
-        backend = c.inst.server_unit
+        backend = server_unit(c.inst)
         lines = last_lines(backend, self.scope, 8, since=since)
         text = "; ".join(parts)
         if lines:

@@ -14,12 +14,13 @@ from pathlib import Path
 import psutil
 
 from unitgen.features.base import Feature
+from unitgen.inunit.cgroupowner import manager_of_scope
+from unitgen.inunit.nvml import Gpu, GpuUnavailableError, read_gpus
 from unitgen.inunit.probe import attempt
 from unitgen.ops.systemd.bindings import features
 from unitgen.ops.systemd.journal import last_lines
 from unitgen.ops.systemd.manager import UnitInfo, connect
 from unitgen.ops.systemd.session import Session
-from unitgen.plan.gpus import Gpu, GpuUnavailableError, manager_of_scope, read_gpus
 from unitgen.result import Result, table
 from unitgen.targets.systemd.installed import Installed, require, scan, unit_dir
 

@@ -56,6 +56,7 @@ __all__ = [
     "render_instance",
     "render_swap_dropin",
     "secret_path",
+    "server_unit",
     "spec_problems",
     "templates_dir",
 ]
@@ -196,6 +197,12 @@ def render_swap_dropin(name: str, group: str, mates: list[str]) -> RenderedFile:
         "after": [f"{m}-backend.service" for m in mates if m < name],
     })
     return RenderedFile(f"{name}-backend.service.d/unitgen-swap.conf", text)
+
+
+def server_unit(inst: Instance) -> str:
+    """The unit that runs the model server: ``NAME-backend.service`` behind a
+    proxy, else the instance's own ``NAME.service``."""
+    return f"{inst.name}-backend.service" if inst.uses_proxy else f"{inst.name}.service"
 
 
 def render_instance(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
