@@ -22,6 +22,7 @@ from unitgen.ops.podman import host_podman, pull_missing, remove_container, spec
 from unitgen.ops.systemd.gateways import (
     affected,
     config_path,
+    reload_gateway,
     remove_gateway_files,
     rerender,
     validate,
@@ -239,12 +240,11 @@ class SystemdDeploy:
         return self._run(self.m.info([unit]))[unit].active_state == "active"
 
     def after(self, opts: DeployOptions) -> None:
-        """Reload the gateways whose routes changed (their members are up now)."""
+        """Reload the gateways whose routes changed (their members are up now);
+        the reload ends once the new routes serve (unitgen.inunit.hareload)."""
         for g in self._reload:
-            unit = f"{g}.service"
-            if self._active(unit):
-                done = self._run(self.m.job("ReloadUnit", unit, timeout=60))
-                opts.say(f"{g}: gateway reloaded ({done.result}): its routes follow")
+            if self._active(f"{g}.service"):
+                opts.say(self._run(reload_gateway(self.m, g)))
 
     def wait(self, change: Change, opts: DeployOptions) -> Ready:
         """Until the start job ends (the units' probes decide), with a live line."""
@@ -336,7 +336,7 @@ async def _remove(names: list[str], scope: str) -> Result:
                 apply_changes([(config_path(scope, f), f.text)
                                for f in rerender(scope, g, installed, [], removed=names)])
                 if (await m.info([f"{g}.service"]))[f"{g}.service"].active_state == "active":
-                    await m.job("ReloadUnit", f"{g}.service", timeout=60)
+                    await reload_gateway(m, g)
                     lines.append(f"{g}: gateway reloaded: no route to "
                                  f"{', '.join(n for n in names if n in installed)} any more")
             for name in names:

@@ -15,8 +15,10 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from unitgen.errors import Problem, SpecError
+from unitgen.errors import Problem, SpecError, UnitgenError
+from unitgen.inunit.hareload import runtime_api
 from unitgen.ops.pipeline import Planned
+from unitgen.ops.systemd.manager import Manager
 from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, member_of
 from unitgen.targets.base import RenderedFile
 from unitgen.targets.haproxy.render import CONFIG, FILES, GatewayPaths, render_gateway
@@ -29,8 +31,8 @@ from unitgen.targets.systemd.gateway import (
 )
 from unitgen.targets.systemd.installed import Installed
 
-__all__ = ["admin_socket", "affected", "config_path", "remote_members", "remove_gateway_files",
-           "rerender", "runtime_api", "validate"]
+__all__ = ["admin_socket", "affected", "config_path", "reload_gateway", "remote_members",
+           "remove_gateway_files", "rerender", "runtime_api", "validate"]
 
 
 def config_path(scope: str, f: RenderedFile) -> Path:
@@ -54,19 +56,6 @@ def _settings(scope: str, name: str) -> GatewayPlan | None:
 def admin_socket(scope: str, gateway: str) -> Path:
     """The gateway's HAProxy runtime API (its configuration's ``stats socket``)."""
     return runtime_root(scope) / f"unitgen-{gateway}" / "admin.sock"
-
-
-def runtime_api(sock: Path, command: str, timeout: float = 2.0) -> str:
-    """One command to HAProxy's runtime API and its whole answer (OSError when
-    the socket does not answer)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock))
-        s.sendall(command.encode() + b"\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data.decode("utf-8", "replace")
 
 
 def remote_members(scope: str, gateway: str) -> list[tuple[Member, str]]:
@@ -118,6 +107,17 @@ def rerender(scope: str, gateway: str, installed: dict[str, Installed],
                 and m.gateway == gateway]
     plan = GatewayPlan(found.settings, (*found.members, *members), found.metrics)
     return gateway_files(gateway, plan, scope)
+
+
+async def reload_gateway(m: Manager, gateway: str) -> str:
+    """Reload a running gateway; its job ends once the new routes serve. An
+    error when they do not: HAProxy still routes by the previous ones."""
+    done = await m.job("ReloadUnit", f"{gateway}.service", timeout=120)
+    if not done.ok:
+        raise UnitgenError(f"{gateway}: the gateway's reload failed ({done.result}): it still "
+                           f"routes by its previous configuration; journalctl -u "
+                           f"{gateway}.service says why")
+    return f"{gateway}: gateway reloaded: its new routes serve"
 
 
 def validate(source: str, plan: GatewayPlan) -> None:
