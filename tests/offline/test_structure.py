@@ -248,3 +248,25 @@ def test_no_target_imports_another(path):
     other = {"systemd": "supervisor", "supervisor": "systemd"}[mine]
     for target in _imports(path):
         assert f".{other}" not in target.replace("unitgen.", "."), f"{_name(path)} imports {target}"
+
+
+def _numbers(pkg: Path = PKG) -> dict[str, list[str]]:
+    """Public numeric constants (``NAME = 4``) -> the modules that assign them."""
+    found: dict[str, list[str]] = {}
+    for path in _modules(pkg):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                    and isinstance(node.value.value, int | float)):
+                for target in node.targets:
+                    if isinstance(target, ast.Name) and target.id[:1].isupper() \
+                            and target.id.isupper():
+                        found.setdefault(target.id, []).append(_name(path, pkg))
+    return found
+
+
+def test_a_rule_s_number_is_written_once():
+    """Two copies of a number (SWAP_TURNS once was) can change apart with every
+    test green. Exit codes are the exception: each program run inside a unit
+    states its own, so that it imports nothing it does not need."""
+    twice = {k: v for k, v in _numbers().items() if len(v) > 1 and not k.startswith("EXIT_")}
+    assert not twice, f"written more than once (import one copy): {twice}"

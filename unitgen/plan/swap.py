@@ -11,7 +11,18 @@ from collections.abc import Iterable, Mapping
 
 from unitgen.spec.model import InstanceSpec
 
-__all__ = ["after_change", "groups_of", "mates_of"]
+__all__ = ["SWAP_TURNS", "after_change", "groups_of", "mates_of", "turn_wait"]
+
+# A waiting member may stand behind a few turns of the others (each: a drain and
+# a load) before its own model answers.
+SWAP_TURNS = 4
+
+
+def turn_wait(health_timeout: float, drain: float) -> float:
+    """How long a request to a swap-group member may wait before its answer
+    starts: the member's proxy's deadline and the gateway's ``timeout server``
+    for it (one rule, for both)."""
+    return SWAP_TURNS * (health_timeout + drain)
 
 
 def after_change(installed: Mapping[str, str], deployed: Iterable[InstanceSpec] = (),
