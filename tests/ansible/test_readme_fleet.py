@@ -20,7 +20,7 @@ from typing import Any
 
 import openai
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from tests.ansible.test_ansible_live import ANSIBLE, BIN, Run
 from tests.helpers import STANDIN, free_port
