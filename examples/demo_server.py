@@ -10,7 +10,8 @@ STANDIN_LOAD_SECONDS   time to "load the model" before answering 200 (default 0)
 STANDIN_LOADING        while loading: ``refuse`` (not listening yet), ``503`` or ``404``
 STANDIN_NEVER_READY    ``1``: keep loading for ever
 STANDIN_KEY_ENV        name of a variable holding the API key; requests without
-                       ``Authorization: Bearer <key>`` get 401 (health included)
+                       ``Authorization: Bearer <key>`` get 401 (health included; run
+                       as vLLM, only paths under /v1, as vLLM checks them)
 STANDIN_RECORD         file to write ``{"argv": [...], "env": {...}, "pid": N}`` to at start
 STANDIN_EXTRA_PORT     also listen on this loopback TCP port (a misconfigured server)
 STANDIN_WORKERS        start this many child processes, like tensor-parallel workers
@@ -28,6 +29,11 @@ STANDIN_SLOW_PATH      requests to this path take STANDIN_SLOW_SECONDS (a long g
 STANDIN_STREAM_SECONDS stream answers to paths other than /health, /v1/models and /
                        over this many seconds (10 chunks, like tokens), then a last
                        line ``{"done": true, ...}``
+
+Run as vLLM (``serve MODEL ...``, how unitgen starts a vLLM instance), it is as
+strict as vLLM about names: it answers only a ``model`` it serves (each value of
+``--served-model-name``, else MODEL), and anything else with vLLM's 404 ("The
+model `x` does not exist."); ``/v1/models`` lists those names.
 
 Every answer is JSON and carries the server's pid, so a test can tell restarts apart.
 """
@@ -78,6 +84,31 @@ def _arg(argv: list[str], *names: str) -> str | None:
     return None
 
 
+def served_names(argv: list[str]) -> list[str] | None:
+    """The model names a server started as vLLM (``serve MODEL ...``) answers
+    to: the values of ``--served-model-name`` (vLLM reads ``_`` as ``-``), else
+    MODEL. None for any other server: those answer any name."""
+    if not argv or argv[0] != "serve":
+        return None
+    names: list[str] = []
+    for i, word in enumerate(argv):
+        flag, eq, value = word.partition("=")
+        if flag.replace("_", "-") != "--served-model-name":
+            continue
+        if eq:
+            names.append(value)
+            continue
+        for more in argv[i + 1:]:
+            if more.startswith("-"):
+                break
+            names.append(more)
+    model = argv[1] if len(argv) > 1 and not argv[1].startswith("-") else ""
+    return names or [model]
+
+
+SERVED = served_names(sys.argv[1:]) if __name__ == "__main__" else None
+
+
 def loaded() -> bool:
     if os.environ.get("STANDIN_NEVER_READY") == "1":
         return False
@@ -111,12 +142,23 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
-    def do_GET(self) -> None:
-        _hang_if_due()
+    def _refused(self) -> bool:
+        """Without the API key: 401 (True). vLLM checks it only under /v1."""
         key_env = os.environ.get("STANDIN_KEY_ENV")
         key = os.environ.get(key_env) if key_env else None
-        if key and self.headers.get("Authorization") != f"Bearer {key}":
+        if not key or self.headers.get("Authorization") == f"Bearer {key}":
+            return False
+        if SERVED is None:
             self._send(401, {"error": {"message": "invalid api key"}})
+            return True
+        if not self.path.startswith("/v1"):
+            return False
+        self._send(401, {"error": "Unauthorized"})  # vLLM's words
+        return True
+
+    def do_GET(self) -> None:
+        _hang_if_due()
+        if self._refused():
             return
         if not loaded():
             mode = os.environ.get("STANDIN_LOADING", "503")
@@ -125,7 +167,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path == os.environ.get("STANDIN_SLOW_PATH"):
             time.sleep(float(os.environ.get("STANDIN_SLOW_SECONDS", "60")))
-        if self.path in ("/health", "/v1/models", "/"):
+        if self.path == "/v1/models" and SERVED is not None:
+            self._send(200, {"status": "ok", "path": self.path, "object": "list", "data": [
+                {"id": n, "object": "model", "owned_by": "vllm"} for n in SERVED]})
+        elif self.path in ("/health", "/v1/models", "/"):
             self._send(200, {"status": "ok", "path": self.path})
         elif os.environ.get("STANDIN_STREAM_SECONDS"):
             self._stream(float(os.environ["STANDIN_STREAM_SECONDS"]))
@@ -140,10 +185,18 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(raw or b"{}")
         except ValueError:
             body = {}
+        if SERVED is not None and self._refused():
+            return
         if not loaded():
             self._send(503, {"error": {"message": "Loading model"}})
             return
         model = str(body.get("model", "")) if isinstance(body, dict) else ""
+        if SERVED is not None and model and model not in SERVED:
+            # vLLM's answer (vllm/entrypoints/openai: _check_model)
+            self._send(404, {"error": {"message": f"The model `{model}` does not exist.",
+                                       "type": "NotFoundError", "param": "model",
+                                       "code": 404}})
+            return
         who = os.environ.get("STANDIN_NAME", "standin")
         if isinstance(body, dict) and body.get("stream"):
             self._sse(model, who, float(os.environ.get("STANDIN_STREAM_SECONDS", "0.5")))

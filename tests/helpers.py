@@ -131,3 +131,35 @@ def stream_until(sdk: Any, model: str, stop: threading.Event, outcomes: list[str
             outcomes.append("ok" if last in text else f"cut: {text[-40:]}")
         except Exception as exc:
             outcomes.append(f"error: {type(exc).__name__}: {exc}")
+
+
+def keepalive_until(port: int, model: str, stop: threading.Event,
+                    outcomes: list[tuple[float, str]], pause: float = 0.0) -> None:
+    """Stream chat completions of ``model`` through the gateway at ``port`` until
+    ``stop`` is set, one request after the other (``pause`` seconds apart) on
+    one kept-alive connection (a new one only when the server says it closes
+    it), the way wrk and most HTTP libraries do, and never retrying: one (start
+    time, outcome) per request, "ok" or what went wrong, so every failure counts."""
+    body = json.dumps({"model": model, "stream": True, "messages": []})
+    conn: http.client.HTTPConnection | None = None
+    while not stop.wait(pause):
+        t0 = time.monotonic()
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/v1/chat/completions", body=body,
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            ok = resp.status == 200 and data.rstrip().endswith(b"data: [DONE]")
+            outcomes.append((t0, "ok" if ok else f"{resp.status}: {data[-120:]!r}"))
+            if resp.will_close:
+                conn.close()
+                conn = None
+        except (OSError, http.client.HTTPException) as exc:
+            outcomes.append((t0, f"error: {type(exc).__name__}: {exc}"))
+            if conn is not None:
+                conn.close()
+            conn = None
+    if conn is not None:
+        conn.close()

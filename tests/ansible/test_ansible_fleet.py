@@ -1,7 +1,9 @@
 """A fleet behind one gateway (issue 20), with the shipped playbook
 (ansible/examples/gateway.yml), real ansible-playbook and real HAProxy: two
 model hosts and one gateway host, each its own private systemd user manager
-(local connections), the model hosts on distinct loopback addresses.
+(local connections), the model hosts on distinct loopback addresses, their
+instances vLLM with no gateway key, run by the stand-in as vLLM (404 for a
+model it does not serve).
 
 Through the gateway: a model on both hosts is served by both; with one
 replica dead every request is still answered; a rolling update of both hosts
@@ -25,8 +27,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.ansible.test_ansible_live import ANSIBLE, BIN, Run, run_playbook, standin
-from tests.helpers import free_port, stream_until
+from tests.ansible.test_ansible_live import ANSIBLE, BIN, Run, run_playbook
+from tests.helpers import STANDIN, free_port, stream_until
 from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
 
 pytestmark = [pytest.mark.ansible, pytest.mark.systemd,
@@ -40,11 +42,14 @@ GATEWAY = "flt-gw"
 
 
 def model(host: str, name: str, **env: str) -> dict[str, Any]:
-    """A stand-in instance on ``host``'s address that says which host answered."""
-    spec = standin(name, host=ADDRESS[host], aliases=[f"{name}-alias"])
-    spec["env"] = {"STANDIN_LOAD_SECONDS": "0.3", "STANDIN_NAME": host,
-                   "STANDIN_STREAM_SECONDS": "0.6", **env}
-    return spec
+    """A vLLM instance on ``host``'s address, with no ``gateway`` key (the
+    gateway is on another host), run by the stand-in as vLLM: it answers 404
+    to a model it does not serve, as vLLM does, and says which host answered."""
+    return {"name": name, "backend": "vllm", "model": "org/flt-model",
+            "executable": str(STANDIN), "host": ADDRESS[host], "aliases": [f"{name}-alias"],
+            "env": {"STANDIN_LOAD_SECONDS": "0.3", "STANDIN_NAME": host,
+                    "STANDIN_STREAM_SECONDS": "0.6", **env},
+            "health": {"timeout": "1min"}}
 
 
 BASE = {"a": [model("a", "flt-m"), model("a", "flt-x")], "b": [model("b", "flt-m")]}

@@ -220,8 +220,8 @@ def test_api_key_instance_becomes_ready_and_key_is_in_no_unit(sandbox, names, tm
     install(sandbox, spec)
     done = sandbox.systemctl("start", "keyed.service", timeout=60)
     assert done.returncode == 0, sandbox.journal("keyed-backend.service")
-    assert get(port, key=key)[0] == 200
-    assert get(port)[0] == 401
+    assert get(port, "/v1/models", key=key)[0] == 200
+    assert get(port, "/v1/models")[0] == 401  # vLLM checks the key under /v1 only
     for unit in sandbox.unit_dir.glob("keyed*"):
         assert "sk-unitgen" not in unit.read_text()
     secret = sandbox.root / "home/.config/unitgen/secrets/keyed.env"

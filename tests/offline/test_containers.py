@@ -67,7 +67,8 @@ def test_the_plan_wraps_the_same_server_in_podman_run():
     assert c is not None
     # the proxy and the probe reach the host path; the server is told the bound one
     assert inst.private is not None and inst.private.kind == "unix"
-    assert c.argv[-2:] == ("--uds", "/run/unitgen/http.sock")
+    at = c.argv.index("--uds")
+    assert c.argv[at:at + 2] == ("--uds", "/run/unitgen/http.sock")
     assert f"--volume={inst.private.path.rpartition('/')[0]}:/run/unitgen" in c.options
     assert "--network=none" not in c.options  # a hub model id needs the network
     assert "--network=host" in c.options

@@ -102,12 +102,21 @@ def test_vllm_is_told_every_name_the_gateway_reaches_it_by(tmp_path):
     assert argv[argv.index("--served-model-name") + 1:] == ("q", "Qwen/Qwen2-7B")
 
 
+@pytest.mark.parametrize("extra", ['aliases = ["qwen"]\n', 'aliases = ["qwen"]\nhost = "0.0.0.0"\n'])
+def test_vllm_is_told_its_route_names_wherever_the_gateway_runs(tmp_path, extra):
+    """A fleet's gateway on another host routes by the name and aliases of an
+    instance that has no ``gateway`` key: vLLM must serve them there too
+    (before, it served only its model path and answered every route 404)."""
+    argv = _argv(tmp_path, "vllm", extra)
+    assert argv[argv.index("--served-model-name") + 1:] == ("q", "qwen", "Qwen/Qwen2-7B")
+
+
 @pytest.mark.parametrize("extra", [
-    'aliases = ["qwen"]\n',  # joins no gateway: vLLM's default name is kept
     'gateway = "gw"\nargs = ["--served_model_name", "mine"]\n',  # vLLM reads _ as -
     'gateway = "gw"\nargs = ["--served-model-name=mine"]\n',
+    'args = ["--served-model-name", "mine", "other"]\n',
 ])
-def test_served_names_are_left_alone_without_a_gateway_or_when_args_say_them(tmp_path, extra):
+def test_served_names_are_left_alone_when_args_say_them(tmp_path, extra):
     argv = _argv(tmp_path, "vllm", extra)
     assert argv.count("--served-model-name") + argv.count("--served_model_name") <= 1
     assert "q" not in argv[argv.index("Qwen/Qwen2-7B") + 1:]

@@ -179,4 +179,4 @@ def test_a_trailing_newline_in_an_argument_cannot_start_a_directive(tmp_path):
         if f.name == "nl-backend.service":
             assert exec_start == [
                 'ExecStart=vllm serve m --uds "%t/unitgen-nl/http.sock" "x\\n" '
-                'ExecStartPre=/bin/touch /tmp/pwned']
+                'ExecStartPre=/bin/touch /tmp/pwned --served-model-name nl m']

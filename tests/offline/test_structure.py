@@ -112,7 +112,7 @@ def test_all_is_true(path):
                                      "unitgen.inunit.watch", "unitgen.inunit.supwrap",
                                      "unitgen.inunit.supproxy", "unitgen.inunit.envfile",
                                      "unitgen.inunit.swapproxy", "unitgen.inunit.swapforward",
-                                     "unitgen.inunit.podrun"])
+                                     "unitgen.inunit.podrun", "unitgen.inunit.hareload"])
 def test_programs_inside_units_import_no_heavy_library(program):
     code = (f"import sys, {program}; "
             "print(sorted(m for m in ('click', 'jinja2', 'dbus_fast', 'psutil', 'pynvml') "
@@ -610,3 +610,25 @@ def test_the_unit_name_check_sees_fstrings_and_docstrings(tmp_path):
         "unitgen/plan/m.py:3: -backend.service",
         "unitgen/plan/m.py:4: user@",
     ]
+
+
+def _numbers(pkg: Path = PKG) -> dict[str, list[str]]:
+    """Public numeric constants (``NAME = 4``) -> the modules that assign them."""
+    found: dict[str, list[str]] = {}
+    for path in _modules(pkg):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                    and isinstance(node.value.value, int | float)):
+                for target in node.targets:
+                    if isinstance(target, ast.Name) and target.id[:1].isupper() \
+                            and target.id.isupper():
+                        found.setdefault(target.id, []).append(_name(path, pkg))
+    return found
+
+
+def test_a_rule_s_number_is_written_once():
+    """Two copies of a number (SWAP_TURNS once was) can change apart with every
+    test green. Exit codes are the exception: each program run inside a unit
+    states its own, so that it imports nothing it does not need."""
+    twice = {k: v for k, v in _numbers().items() if len(v) > 1 and not k.startswith("EXIT_")}
+    assert not twice, f"written more than once (import one copy): {twice}"

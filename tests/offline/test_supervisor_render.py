@@ -172,7 +172,8 @@ def test_gpu_pinning_as_systemd(fake_nvml):
     assert uuids == f"{uuid(0)},{uuid(1)}"
     assert _env_file(files)["CUDA_VISIBLE_DEVICES"] == uuids
     assert _env_file(files)["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
-    assert server.argv[-2:] == ["--tensor-parallel-size", "2"]
+    at = server.argv.index("--tensor-parallel-size")
+    assert server.argv[at:at + 2] == ["--tensor-parallel-size", "2"]
     record = parse_record(render_instance(inst, CTX)[0].text)
     assert record is not None
     assert (record.gpus, record.gpu_share) == (tuple(placement.uuids), False)

@@ -12,8 +12,9 @@ import pytest
 
 from tests.helpers import GOLDEN_CTX, custom_spec, write_spec
 from unitgen.errors import SpecError
+from unitgen.features.gateway.plan import member_of
 from unitgen.features.swap.ops import SwapFeature, installed_groups
-from unitgen.features.swap.plan import RunTogether, SwapGroups, after_change, groups_of
+from unitgen.features.swap.plan import RunTogether, SwapGroups, after_change, groups_of, turn_wait
 from unitgen.inunit.nvml import Gpu, GpuProcess
 from unitgen.inunit.swapproxy import mates_from_conflicts
 from unitgen.ops.files import write_files
@@ -25,6 +26,7 @@ from unitgen.plan.record import parse_record
 from unitgen.spec.model import DEFAULT_SWAP_DRAIN, parse_spec
 from unitgen.targets.systemd.installed import scan, unit_dir
 from unitgen.targets.systemd.render import render_swap_dropin
+from unitgen.timespan import format_seconds
 
 MEMBER = 'name = "a"\nbackend = "vllm"\nmodel = "m"\nactivation = "on-demand"\n'
 
@@ -203,3 +205,19 @@ def test_member_units_and_dropin_pass_systemd_analyze_verify(tmp_path):
     # the drop-in is really read: a bad line in it is reported
     (units / dropin.name).write_text(dropin.text + "Bogus=1\n")
     assert "Unknown key 'Bogus'" in _verify(root, units, list(files))
+
+
+def test_the_gateway_waits_for_a_swap_member_as_long_as_its_proxy_does(tmp_path):
+    """One rule for how long a request to a swap-group member may wait: the
+    gateway's ``timeout server`` for it is the deadline of the member's own
+    proxy (its public probe), whatever the turns and the drain say."""
+    path = write_spec(tmp_path, "a", MEMBER + 'swap_group = "gpu0"\nswap_drain = "45s"\n'
+                      'gateway = "llm"\n[health]\ntimeout = "7min"\n')
+    done = render_spec(path, GOLDEN_CTX)
+    proxy = next(f.text for f in done.files if f.name == "a.service")
+    probe = next(ln for ln in proxy.splitlines() if "--label public" in ln).split()
+    deadline = probe[probe.index("--timeout") + 1]
+    member = member_of(done.instance)
+    assert member is not None
+    assert deadline == format_seconds(member.wait)
+    assert member.wait == turn_wait(7 * 60, 45) > 7 * 60 + 45

@@ -136,6 +136,15 @@ def test_a_sandboxed_gateway_routes_at_system_scope(box):
         done = box.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                         "http://127.0.0.1:18990/v1/models"])
         assert done.stdout == "401"
+        # a member joining reloads the sandboxed gateway: the reload (its own
+        # ExecReload, as the dynamic user) ends once the new route serves
+        rc, data = deploy(box, "sys-gm2", member.replace('"sys-gm"', '"sys-gm2"'))
+        assert rc == 0, (data, box.journal("sys-gw.service")[-3000:])
+        done = box.run(["curl", "-s", "-H", "Authorization: Bearer sk-sys-gw", "-d",
+                        '{"model": "sys-gm2", "messages": []}', "http://127.0.0.1:18990/v1/x"])
+        assert '"model": "sys-gm2"' in done.stdout, (done.stdout, box.journal("sys-gw.service"))
+        assert "new worker" in box.journal("sys-gw.service")
     finally:
+        remove(box, "sys-gm2")
         remove(box, "sys-gw")
         remove(box, "sys-gm")

@@ -118,6 +118,10 @@ class GpuFree:
     free: int
 
 
+# A waiting member stands behind at most this many turns of the others (a swap
+# group's too: unitgen.features.swap.plan.SWAP_TURNS is this number).
+TURNS_WAITED = 4
+
 @dataclass(frozen=True)
 class TurnRules:
     """The rules of a turn the mechanism consults (data, not code):
@@ -133,7 +137,7 @@ class TurnRules:
 
     min_turn: float = 5.0
     serve_queued: bool = True
-    turns_waited: int = 4
+    turns_waited: int = TURNS_WAITED
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_turn <= MAX_MIN_TURN:

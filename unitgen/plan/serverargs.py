@@ -21,14 +21,16 @@ def gpu_defaults(backend: Backend, args: tuple[str, ...], count: int) -> tuple[s
 
 
 def served_names(spec: InstanceSpec, backend: Backend, args: tuple[str, ...]) -> tuple[str, ...]:
-    """An instance that joins a gateway is reached by its route names (its
-    ``name``, its ``aliases``): a server that answers 404 to any other ``model``
-    (vLLM) is told them, and its model's own name, so clients of its own port
-    keep working. Servers that accept any name (llama-server, llama-box,
-    SGLang, vox-box) get nothing; neither does one whose args name them."""
+    """A gateway reaches an instance by its route names (its ``name``, its
+    ``aliases``), whether it runs on this host (``gateway = ...``) or on another
+    (the fleet's ``upstreams``, which this spec cannot know of): a server that
+    answers 404 to any other ``model`` (vLLM) is always told them, and its
+    model's own name, so clients of its own port keep working. Servers that
+    accept any name (llama-server, llama-box, SGLang, vox-box) get nothing;
+    neither does one whose args name them."""
     flag = backend.served_names_flag
-    if spec.gateway is None or flag is None or find_options(
-            args, (flag,), backend.syntax, many=backend.served_names_many):
+    if flag is None or find_options(args, (flag,), backend.syntax,
+                                    many=backend.served_names_many):
         return args
     names = [spec.name, *spec.aliases]
     if spec.model and spec.model not in names:

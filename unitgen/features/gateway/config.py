@@ -22,6 +22,7 @@ from unitgen.features.gateway.doctor import SocketState
 from unitgen.features.gateway.files import SETTINGS, read_settings
 from unitgen.features.gateway.plan import GatewayPlan, Member, member_of
 from unitgen.features.gateway.render import CONFIG, FILES, GatewayPaths, render_gateway
+from unitgen.inunit.hareload import runtime_api
 from unitgen.ops.pipeline import Planned
 from unitgen.targets.base import RenderedFile
 
@@ -56,19 +57,6 @@ class GatewayBinding(Protocol):
     def socket_states(self, names: list[str]) -> dict[str, SocketState]:
         """Instance -> what holds its public socket and its state."""
         ...
-
-
-def runtime_api(sock: Path, command: str, timeout: float = 2.0) -> str:
-    """One command to HAProxy's runtime API and its whole answer (OSError when
-    the socket does not answer)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(str(sock))
-        s.sendall(command.encode() + b"\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data.decode("utf-8", "replace")
 
 
 def remote_members(binding: GatewayBinding, gateway: str) -> list[tuple[Member, str]]:

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from unitgen.features.gateway.spec import GatewaySpec, UpstreamSpec
+from unitgen.features.swap.plan import turn_wait
 from unitgen.plan.instance import CONFIG_DIR, Instance
 from unitgen.spec.backends import BackendName
 from unitgen.spec.model import HealthSpec, InstanceSpec
@@ -124,19 +125,16 @@ class GatewayPlan:
         return routes(self.members)
 
 
-# How long a member may take to start answering: its start deadline, and for a
-# swap-group member the drains of the others before it (a few turns).
-SWAP_TURNS = 4
-
-
 def member_of(inst: Instance) -> Member | None:
     """The gateway member an instance is (None: it joins no gateway)."""
     spec = inst.spec
     if spec.gateway is None:
         return None
+    # how long it may take to start answering: its start deadline, and for a
+    # swap-group member the turns of the others before it
     wait = inst.health_timeout + 30.0
     if spec.swap_group:
-        wait = SWAP_TURNS * (inst.health_timeout + spec.swap_drain)
+        wait = turn_wait(inst.health_timeout, spec.swap_drain)
     return Member(instance=spec.name,
                   address=f"{_bracket(probe_host(inst.public.host))}:{inst.public.port}",
                   names=(spec.name, *spec.aliases), max_concurrent=spec.max_concurrent,

@@ -15,9 +15,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from unitgen.inunit.poolpolicy import TURNS_WAITED
 from unitgen.spec.model import InstanceSpec
 
-__all__ = ["RunTogether", "SwapGroups", "after_change", "groups_of"]
+__all__ = ["SWAP_TURNS", "RunTogether", "SwapGroups", "after_change", "groups_of", "turn_wait"]
+
+# A waiting member may stand behind a few turns of the others (each: a drain and
+# a load) before its own model answers: the pool's rule (inunit.poolpolicy).
+SWAP_TURNS = TURNS_WAITED
+
+
+def turn_wait(health_timeout: float, drain: float) -> float:
+    """How long a request to a swap-group member may wait before its answer
+    starts: the member's proxy's deadline and the gateway's ``timeout server``
+    for it (one rule, for both)."""
+    return SWAP_TURNS * (health_timeout + drain)
 
 
 class RunTogether(Protocol):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from unitgen.errors import UnitgenError
 from unitgen.features.gateway.doctor import SocketState
 from unitgen.features.gateway.files import gateway_files
 from unitgen.features.gateway.plan import GatewayPlan
@@ -43,11 +44,18 @@ class SystemdGateway:
         return config_dir(self.scope) / f.name
 
     def reload(self, gateway: str) -> str | None:
-        """``ReloadUnit`` of a running ``<gateway>.service`` (its outcome)."""
+        """``ReloadUnit`` of a running ``<gateway>.service``: its job ends once the
+        new routes serve (``ExecReload=`` is :mod:`unitgen.inunit.hareload`); an
+        error when they do not, HAProxy still routing by the previous ones."""
         unit = f"{gateway}.service"
         if not self.session.active(unit):
             return None
-        return self.session.run(self.session.m.job("ReloadUnit", unit, timeout=60)).result
+        done = self.session.run(self.session.m.job("ReloadUnit", unit, timeout=120))
+        if not done.ok:
+            raise UnitgenError(f"{gateway}: the gateway's reload failed ({done.result}): it "
+                               "still routes by its previous configuration; journalctl -u "
+                               f"{unit} says why")
+        return done.result
 
     def socket_states(self, names: list[str]) -> dict[str, SocketState]:
         """Each instance's ``.socket`` unit and its state."""

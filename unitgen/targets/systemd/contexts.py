@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from unitgen.features.swap.plan import turn_wait
 from unitgen.plan.container import needs_no_network
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
 from unitgen.targets.base import find_proxyd
@@ -155,16 +156,12 @@ def hardening_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     }
 
 
-# A waiting member may stand behind a few turns of the others (each: drain + load).
-SWAP_TURNS = 4
-
-
 def swap_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     """The proxy of a swap-group member (issue 12): unitgen's draining proxy,
     which takes the group's turn before it forwards (docs/swap.md)."""
     spec = inst.spec
     assert spec.swap_group is not None and inst.private is not None  # noqa: S101
-    wait = SWAP_TURNS * (inst.health_timeout + spec.swap_drain)
+    wait = turn_wait(inst.health_timeout, spec.swap_drain)
     cmd = [ctx.python, "-I", "-m", "unitgen.inunit.swapproxy", "--name", spec.name,
            "--group", spec.swap_group, "--lock", f"{RUNTIME_DIR}/unitgen-swap/{spec.swap_group}.lock",
            "--scope", ctx.scope, "--drain", format_seconds(spec.swap_drain),

@@ -267,6 +267,12 @@ def _common(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     }
 
 
+# How long a gateway's new HAProxy worker may take to serve after a reload: it
+# takes ~0.1 s, also for 800 servers (docs/gateway.md); a refused configuration
+# never serves, and the reload fails at this bound.
+RELOAD_TIMEOUT = 30.0
+
+
 def _gateway_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     """A gateway's socket and service."""
     plan = inst.gateway
@@ -277,6 +283,10 @@ def _gateway_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     return {
         "metrics_listen": metrics,
         "runtime_dir": f"unitgen-{inst.name}",
+        # a reload returns once HAProxy's new worker serves (unitgen.inunit.hareload)
+        "reload_cmd": [ctx.python, "-I", "-m", "unitgen.inunit.hareload", "--admin",
+                       f"{RUNTIME_DIR}/unitgen-{inst.name}/admin.sock", "--timeout",
+                       format_seconds(RELOAD_TIMEOUT)] if plan is not None else [],
         "keys_source": (plan.settings.api_keys_file or "") if plan is not None
                        and ctx.scope == "system" else "",
     }

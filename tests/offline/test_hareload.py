@@ -1,0 +1,130 @@
+"""The gateway's ExecReload (``unitgen.inunit.hareload``) against a scripted
+runtime API and a stand-in master: it returns only once a worker other than
+the one before the signal serves, several answers in a row, and fails at its
+bound when none does."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from unitgen.inunit import hareload
+
+MASTER = """\
+import signal, sys, time
+signal.signal(signal.SIGUSR2, lambda *_: open(sys.argv[1], "w").close())
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def master(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A process that notes SIGUSR2 in a file, as HAProxy's master reloads on it."""
+    flag = tmp_path / "signalled"
+    proc = subprocess.Popen([sys.executable, "-c", MASTER, str(flag)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    try:
+        yield proc.pid, flag
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def serve(sock: Path, answer: Callable[[int], tuple[int, int]]) -> threading.Event:
+    """A runtime API answering ``show info`` with ``answer(n)`` = (Pid, Stopping)
+    for its n-th connection, until the returned event is set."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(sock))
+    srv.listen(16)
+    srv.settimeout(0.05)
+    done = threading.Event()
+
+    def loop() -> None:
+        n = 0
+        while not done.is_set():
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(100)
+                pid, stopping = answer(n)
+                conn.sendall(f"Name: HAProxy\nPid: {pid}\nStopping: {stopping}\n\n".encode())
+            n += 1
+        srv.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return done
+
+
+def test_it_returns_once_the_new_worker_serves(master, tmp_path):
+    pid, flag = master
+    # after the signal: the old worker twice more (once stopping), then the new one
+    script = [(100, 0), (100, 1), (100, 0)]
+    served = serve(tmp_path / "admin.sock", lambda n: (100, 0) if not flag.exists() else
+                   script.pop(0) if script else (200, 0))
+    try:
+        t0 = time.monotonic()
+        assert hareload.reload(pid, str(tmp_path / "admin.sock"), timeout=5) is None
+        assert flag.exists() and not script and time.monotonic() - t0 < 3
+    finally:
+        served.set()
+
+
+def test_an_old_worker_that_still_serves_starts_the_count_again(master, tmp_path):
+    pid, flag = master
+    after: list[int] = []
+
+    def answer(n: int) -> tuple[int, int]:
+        if not flag.exists():
+            return 100, 0
+        after.append(n)
+        return (100, 0) if len(after) % 3 == 0 else (200, 0)  # never 3 new in a row
+
+    served = serve(tmp_path / "admin.sock", answer)
+    try:
+        why = hareload.reload(pid, str(tmp_path / "admin.sock"), timeout=0.5)
+    finally:
+        served.set()
+    assert why is not None and "no new HAProxy worker answered within 500ms" in why
+
+
+def test_a_master_that_keeps_its_worker_fails_the_reload_with_why(master, tmp_path):
+    pid, _ = master
+    served = serve(tmp_path / "admin.sock", lambda n: (100, 0))
+    try:
+        done = subprocess.run([sys.executable, "-I", "-m", "unitgen.inunit.hareload",
+                               f"--pid={pid}", "--admin", str(tmp_path / "admin.sock"),
+                               "--timeout", "300ms"],
+                              capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "PYTHONPATH": str(Path(hareload.__file__)
+                                                                   .parents[2])})
+    finally:
+        served.set()
+    assert done.returncode == 1
+    assert "the previous routes still hold" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("argv", [["--pid=0", "--admin", "/x"], ["--pid=abc", "--admin", "/x"],
+                                  ["--pid=1", "--admin", "/x", "--timeout", "soon"]])
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    assert hareload.main(argv) == hareload.EXIT_USAGE
+    assert "unitgen hareload:" in capsys.readouterr().err
+
+
+def test_a_gone_master_is_said(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert hareload.worker(str(tmp_path / "none.sock")) is None
+    assert hareload.main([f"--pid={proc.pid}", "--admin", str(tmp_path / "none.sock"),
+                          "--timeout", "1s"]) == hareload.EXIT_FAILED

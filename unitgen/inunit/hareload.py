@@ -1,0 +1,132 @@
+"""The gateway's ``ExecReload=``: reload HAProxy, return once its new worker serves.
+
+``kill -USR2 $MAINPID`` returns as soon as the signal is sent. HAProxy's master
+then reads its configuration again and forks a new worker, some 100 ms later
+(more for a large configuration); until then the previous worker answers with
+the previous routes. A deploy that returned at the signal let the first request
+for a model it had just added get the gateway's own 404 ("no such model here").
+
+This program sends the same signal, then asks HAProxy's runtime API (the admin
+socket; the old and the new worker share it, as they share the gateway's
+socket) until a worker other than the one that answered before the signal says
+it is not stopping, several times in a row. That worker runs the configuration
+as written at the signal, with the gateway's socket in its loop; the master
+has told the previous one to stop taking connections when it forked it, and
+answers from a worker that is stopping are not counted. So when ``systemctl
+reload`` (and with it ``unitgen deploy`` and ``remove``) returns, a client's
+new request is routed by the new configuration. A master that refuses the new
+configuration keeps the old worker: no new one answers, and this exits 1 at
+``--timeout`` saying so.
+
+Standard library only: it runs inside the gateway's unit, as its user.
+
+    python -I -m unitgen.inunit.hareload --pid 1234 --admin /run/unitgen-llm/admin.sock
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+
+from unitgen.timespan import format_seconds, parse_timespan
+
+__all__ = ["main", "reload", "runtime_api", "worker"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+# answers in a row from new workers before the reload counts as done: an old
+# worker not yet stopping would take its share of the connections to the socket
+IN_A_ROW = 3
+
+
+def runtime_api(sock: str | os.PathLike[str], command: str, timeout: float = 2.0) -> str:
+    """One command to HAProxy's runtime API and its whole answer (OSError when
+    the socket does not answer)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(os.fspath(sock))
+        s.sendall(command.encode() + b"\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.decode("utf-8", "replace")
+
+
+def worker(sock: str, timeout: float = 2.0) -> tuple[int, bool] | None:
+    """The worker that answers on the runtime API: its pid, and whether it is
+    stopping (an old one finishing its requests). None: no answer."""
+    try:
+        info = runtime_api(sock, "show info", timeout)
+    except OSError:
+        return None
+    fields = dict(line.split(": ", 1) for line in info.splitlines() if ": " in line)
+    pid = fields.get("Pid", "")
+    if not pid.isdigit():
+        return None
+    return int(pid), fields.get("Stopping", "0").strip() != "0"
+
+
+def _serving(sock: str) -> int | None:
+    """The pid of a worker that answers and is not stopping (None: none did)."""
+    for _ in range(5):  # a stopping worker may still answer: ask again
+        found = worker(sock)
+        if found is not None and not found[1]:
+            return found[0]
+    return None
+
+
+def reload(master: int, sock: str, timeout: float, interval: float = 0.02) -> str | None:
+    """Signal the master, wait until new workers serve; None, or why not."""
+    before = _serving(sock)
+    t0 = time.monotonic()
+    os.kill(master, signal.SIGUSR2)
+    seen = 0
+    while True:
+        found = worker(sock)
+        if found is not None and not found[1]:
+            seen = seen + 1 if found[0] != before else 0
+            if seen >= IN_A_ROW:
+                print(f"unitgen hareload: new worker {found[0]} serves "
+                      f"({time.monotonic() - t0:.2f} s after the signal)",
+                      file=sys.stderr, flush=True)
+                return None
+        if time.monotonic() - t0 >= timeout:
+            return (f"no new HAProxy worker answered within {format_seconds(timeout)} of the "
+                    "reload: the master kept the previous one (did it refuse the new "
+                    "configuration? its lines above say), so the previous routes still hold")
+        time.sleep(interval)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m unitgen.inunit.hareload``."""
+    ap = argparse.ArgumentParser(prog="unitgen hareload", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pid", required=True, help="the HAProxy master's pid ($MAINPID)")
+    ap.add_argument("--admin", required=True, help="the runtime API's Unix socket")
+    ap.add_argument("--timeout", default="30s", help="how long the new worker may take")
+    ns = ap.parse_args(argv)
+    try:
+        timeout = parse_timespan(ns.timeout)
+    except ValueError as exc:
+        print(f"unitgen hareload: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not ns.pid.isdigit() or int(ns.pid) == 0:
+        print(f"unitgen hareload: --pid {ns.pid!r} is not a process id (is HAProxy running?)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        why = reload(int(ns.pid), ns.admin, timeout)
+    except ProcessLookupError:
+        why = f"HAProxy's master (pid {ns.pid}) is gone"
+    if why is not None:
+        print(f"unitgen hareload: {why}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
