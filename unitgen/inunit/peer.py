@@ -1,6 +1,13 @@
-"""Who is at the other end of a loopback TCP connection: the check the probe,
-the liveness checker and the proxies make *after* connecting and before they
-send a byte (an API key, a client's request).
+"""Who is at the other end of a connection to a private endpoint: the check the
+probe, the liveness checker and the proxies make *after* connecting and before
+they send a byte (an API key, a client's request).
+
+A Unix socket path is the server's to change: its runtime directory is its
+own, so it can put a symbolic link to any other socket there (the system bus,
+systemd's private socket) and ``connect()`` follows it. The kernel records who
+created the listening socket a connection reached (``SO_PEERCRED``: the uid of
+the process that called ``listen()``); a connection whose listener another uid
+created gets nothing.
 
 A private loopback port is free while its server is down (on-demand, idle,
 restarting), and whoever binds it in that gap receives what is sent there.
@@ -22,7 +29,7 @@ import os
 import socket
 import struct
 
-__all__ = ["foreign_peer", "peer_uid"]
+__all__ = ["foreign_peer", "peer_uid", "unix_peer_uid"]
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -38,6 +45,7 @@ _NLMSG = struct.Struct("=IHHII")
 # expires, rqueue, wqueue, uid, inode
 _MSG_HEAD = 4 + 48
 _MSG_TAIL = struct.Struct("=IIIII")
+_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 
 
 def _addr_bytes(family: int, host: str) -> bytes:
@@ -101,11 +109,24 @@ def peer_uid(sock: socket.socket) -> int | None:
         return _proc_uid(family, near, far)
 
 
+def unix_peer_uid(sock: socket.socket) -> int:
+    """The uid that created the listening Unix socket this connected socket reached."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return int(_UCRED.unpack(creds)[1])
+
+
 def foreign_peer(sock: socket.socket, expect_uid: int) -> str | None:
     """Why the other end of ``sock`` is not the server (another uid created it),
-    or None when it is. Unix sockets are not checked: their directory decides
-    who may create them."""
+    or None when it is."""
     if sock.family == socket.AF_UNIX:
+        try:
+            uid = unix_peer_uid(sock)
+        except OSError as exc:
+            return f"cannot tell who listens there ({exc.strerror or exc}): nothing was sent"
+        if uid != expect_uid:
+            return (f"{sock.getpeername() or 'the socket'} was created by uid {uid}, not the "
+                    f"server's uid {expect_uid} (a link to another socket?): nothing was sent "
+                    "to it")
         return None
     try:
         uid = peer_uid(sock)

@@ -95,17 +95,19 @@ class Forwarder:
         return self.server_uid
 
     async def connect_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A connection to the server. On a loopback port, one whose other end the
-        server's uid did not create (a process that bound the port while the
-        server restarts) is closed before a byte of the client's goes to it."""
+        """A connection to the server. One whose other end the server's uid did not
+        create (a process that bound the loopback port while the server restarts;
+        a socket a link in the server's runtime directory points to: this proxy
+        is root) is closed before a byte of the client's goes to it."""
         target: str = self.ns.target
         deadline = time.monotonic() + self.ns.connect_timeout
         while True:
             try:
                 if target.startswith("/"):
-                    return await asyncio.open_unix_connection(target)
-                host, _, port = target.rpartition(":")
-                reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+                    reader, writer = await asyncio.open_unix_connection(target)
+                else:
+                    host, _, port = target.rpartition(":")
+                    reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
             except (ConnectionRefusedError, FileNotFoundError):
                 # The server is restarting (crash, Restart=): wait for it.
                 if time.monotonic() >= deadline:

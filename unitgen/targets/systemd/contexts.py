@@ -17,7 +17,7 @@ from unitgen.targets.base import find_proxyd
 from unitgen.timespan import format_seconds
 
 __all__ = ["START_MARGIN", "RenderContext", "confine_argv", "container_context", "gpu_context",
-           "hardening_context", "probe_cmd", "swap_context", "watch_cmd"]
+           "hardening_context", "probe_cmd", "proxy_user_context", "swap_context", "watch_cmd"]
 
 # A server starts its ExecStartPost probe at once; systemd's own start timeout is
 # the probe's deadline plus this margin, so the probe's one-line reason wins.
@@ -54,9 +54,10 @@ def probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> li
     ]
     if inst.probe_key_env:
         cmd += ["--key-env", inst.probe_key_env]
-    if label == "private" and inst.private is not None and inst.private.kind == "tcp":
-        # A loopback port is free while the server is down: send nothing (no key)
-        # to the other end of a connection that the server's uid did not create.
+    if label == "private" and inst.private is not None:
+        # A loopback port is free while the server is down, and a socket path in
+        # the server's runtime directory can be a link to any socket: send nothing
+        # (no key) to the other end of a connection the server's uid did not create.
         cmd.append("--own-listener")
     return cmd
 
@@ -76,7 +77,7 @@ def watch_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> li
            "--path", inst.health_path, "--bound", format_seconds(bound), "--label", label]
     if inst.probe_key_env:
         cmd += ["--key-env", inst.probe_key_env]
-    if label == "private" and inst.private is not None and inst.private.kind == "tcp":
+    if label == "private" and inst.private is not None:
         cmd.append("--own-listener")  # as the probe: a squatter gets no key, feeds no watchdog
     return cmd
 
@@ -154,6 +155,31 @@ def hardening_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
                         else "yes",
         "private_network": unix and needs_no_network(spec),
     }
+
+
+def proxy_user_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    """Who the proxy unit of a system-scope instance runs as: the server's own
+    user (its dynamic user, shared by naming it in both units, or its ``user``),
+    so that connecting to the private endpoint by path, following whatever link
+    the server put there, reaches nothing the server could not reach itself.
+    Root stays root (a server run as root); so does a swap group's proxy, which
+    asks the manager to start and stop units and checks the peer instead
+    (:mod:`unitgen.inunit.peer`). A container's server is root on the host: its
+    proxy reaches it over the network (:func:`container_context`)."""
+    spec = inst.spec
+    none: dict[str, object] = {"proxy_user": "", "proxy_group": "", "proxy_dynamic": False,
+                               "dynamic_user": ""}
+    if (ctx.scope != "system" or inst.private is None or inst.container is not None
+            or spec.swap_group):
+        return none
+    if spec.user:
+        return {**none, "proxy_user": spec.user, "proxy_group": spec.group or ""}
+    if spec.hardening:
+        # the name systemd gives the server's dynamic user anyway (its unit's), so
+        # its uid, and what it owns in its state and cache directories, stay
+        dynamic = f"{spec.name}-backend"
+        return {**none, "proxy_user": dynamic, "proxy_dynamic": True, "dynamic_user": dynamic}
+    return none
 
 
 # A waiting member may stand behind a few turns of the others (each: drain + load).

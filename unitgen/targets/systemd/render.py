@@ -34,6 +34,7 @@ from unitgen.targets.systemd.contexts import (
     gpu_context,
     hardening_context,
     probe_cmd,
+    proxy_user_context,
     swap_context,
     watch_cmd,
 )
@@ -212,6 +213,7 @@ def _common(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "watch": watch_cmd(ctx, inst, inst.public.probe_target(), "public"),
         "bind_low_port": bind_low_port,
         **hardening,
+        **proxy_user_context(inst, ctx),
         **gpu_context(inst, ctx),
         **container_context(inst, ctx),  # its argv is podman run's
         "swap_group": spec.swap_group or "",
@@ -262,7 +264,9 @@ def _private(inst: Instance, ctx: RenderContext, common: dict[str, object]) -> d
         "probe_private": probe_cmd(ctx, inst, private.probe_target(), "private"),
         "watch": watch_cmd(ctx, inst, private.probe_target(), "private"),
         "runtime_dir": runtime_subdir(spec.name) if RUNTIME_DIR in private.path else "",
-        "proxy_reaches_socket_file": private.kind == "unix",
+        # only a swap group's proxy is root (it starts and stops units); the others
+        # run as the server's user, whose runtime directory it is
+        "proxy_reaches_socket_file": private.kind == "unix" and bool(spec.swap_group),
         # a server killed with -9 leaves its socket file, and llama-server then
         # cannot bind it: the next start removes it first
         "clean_socket": ["/bin/rm", "-f", private.path] if private.kind == "unix" else [],
