@@ -203,7 +203,7 @@ def test_every_proxy_unit_scores_at_most_the_bar(backend, swap, tmp_path):
 def test_the_proxy_runs_as_the_servers_user(extra, user, group, tmp_path):
     # issue 25: whoever the server runs as, its proxy connects to the private
     # endpoint as that same user (root only for a server run as root)
-    name, unit = proxy_unit(write_spec(tmp_path, "p", minimal_spec("vllm") + extra)) or ("", "")
+    _, unit = proxy_unit(write_spec(tmp_path, "p", minimal_spec("vllm") + extra)) or ("", "")
     _, server = server_unit(tmp_path / "p.toml")
     assert directives(unit, "User") == ([user] if user else [])
     assert directives(unit, "User") == directives(server, "User")

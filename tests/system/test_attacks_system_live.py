@@ -214,7 +214,8 @@ def _raw_get(port: int, timeout: float = 8.0) -> bytes:
 
 
 def _relinked(box, name: str) -> bool:
-    return box.run(["readlink", f"/run/unitgen-{name}/http.sock"]).stdout.strip() == ROOT_SOCKET
+    link: str = box.run(["readlink", f"/run/unitgen-{name}/http.sock"]).stdout
+    return link.strip() == ROOT_SOCKET
 
 
 def _relink_attack(box, name: str, port: int) -> tuple[bytes, str]:

@@ -115,19 +115,22 @@ def unix_peer_uid(sock: socket.socket) -> int:
     return int(_UCRED.unpack(creds)[1])
 
 
+def _foreign_unix(sock: socket.socket, expect_uid: int) -> str | None:
+    try:
+        uid = unix_peer_uid(sock)
+    except OSError as exc:
+        return f"cannot tell who listens there ({exc.strerror or exc}): nothing was sent"
+    if uid != expect_uid:
+        return (f"{sock.getpeername() or 'the socket'} was created by uid {uid}, not the "
+                f"server's uid {expect_uid} (a link to another socket?): nothing was sent to it")
+    return None
+
+
 def foreign_peer(sock: socket.socket, expect_uid: int) -> str | None:
     """Why the other end of ``sock`` is not the server (another uid created it),
     or None when it is."""
     if sock.family == socket.AF_UNIX:
-        try:
-            uid = unix_peer_uid(sock)
-        except OSError as exc:
-            return f"cannot tell who listens there ({exc.strerror or exc}): nothing was sent"
-        if uid != expect_uid:
-            return (f"{sock.getpeername() or 'the socket'} was created by uid {uid}, not the "
-                    f"server's uid {expect_uid} (a link to another socket?): nothing was sent "
-                    "to it")
-        return None
+        return _foreign_unix(sock, expect_uid)
     try:
         uid = peer_uid(sock)
     except OSError as exc:
