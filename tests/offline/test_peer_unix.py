@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from unitgen.inunit import probe, watch
-from unitgen.inunit.peer import foreign_peer, unix_peer_uid
 
 NOBODY = 65534
 KEY = "sk-peer-unix-5b1e"
@@ -75,7 +74,11 @@ def _received(proc: subprocess.Popen[str]) -> list[str]:
 
 
 def test_the_probe_sends_no_key_to_a_socket_another_uid_created(linked):
-    path, listener = linked
+    link, listener = linked
+    result = probe.attempt(link, "/health", KEY, timeout=2.0, peer_uid=os.geteuid())
+    assert result.outcome == "wait" and "is a link" in result.detail, result
+    # the socket itself, by its own path: its listener is another uid's
+    path = os.readlink(link)
     result = probe.attempt(path, "/health", KEY, timeout=2.0, peer_uid=os.geteuid())
     assert result.outcome == "wait", result
     assert f"created by uid {NOBODY}, not the server's uid {os.geteuid()}" in result.detail
@@ -117,6 +120,8 @@ def test_the_liveness_checker_sends_no_key_and_feeds_no_watchdog(linked, tmp_pat
 
 
 def test_a_socket_of_ones_own_uid_passes(tmp_path):
+    from unitgen.inunit.peer import foreign_peer, unix_peer_uid  # noqa: PLC0415
+
     path = str(tmp_path / "own.sock")
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(path)
@@ -126,3 +131,83 @@ def test_a_socket_of_ones_own_uid_passes(tmp_path):
             assert unix_peer_uid(client) == os.geteuid()
             assert foreign_peer(client, os.geteuid()) is None
             assert "not the server's uid" in (foreign_peer(client, os.geteuid() + 1) or "")
+
+
+class _OwnListener:
+    """A Unix socket of this test's own uid that answers 200 and records bytes."""
+
+    def __init__(self, path: Path) -> None:
+        import threading  # noqa: PLC0415
+
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(str(path))
+        self.sock.listen()
+        self.got: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self.got.append(conn.recv(65536))
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                except OSError:
+                    pass
+
+
+def test_a_link_is_never_followed_even_to_a_socket_of_ones_own(tmp_path):
+    # the uid cannot tell a container's server (root) from root's own sockets:
+    # the socket file itself must be where the path says, not behind a link
+    listener = _OwnListener(tmp_path / "elsewhere.sock")
+    link = tmp_path / "http.sock"
+    link.symlink_to(tmp_path / "elsewhere.sock")
+    result = probe.attempt(str(link), "/health", KEY, timeout=2.0, peer_uid=os.geteuid())
+    assert result.outcome == "wait" and "is a link" in result.detail, result
+    result = probe.attempt(str(link), "/health", KEY, timeout=2.0)
+    assert result.outcome == "wait" and "is a link" in result.detail, result
+    assert listener.got == []
+    assert probe.attempt(str(tmp_path / "elsewhere.sock"), "/health", KEY,
+                         timeout=2.0).outcome == "ready"
+
+
+def test_the_relay_forwards_to_the_socket_and_never_through_a_link(tmp_path):
+    import asyncio  # noqa: PLC0415
+
+    from unitgen.inunit.relay import Relay  # noqa: PLC0415
+
+    listener = _OwnListener(tmp_path / "http.sock")
+    public = socket.create_server(("127.0.0.1", 0))
+    port = public.getsockname()[1]
+    relay = Relay(public, str(tmp_path / "http.sock"), connections_max=4, exit_idle=1.0)
+
+    def ask() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            out = b""
+            try:
+                while chunk := c.recv(65536):
+                    out += chunk
+            except ConnectionResetError:
+                pass  # closed with the request unread: nothing was forwarded
+            return out
+
+    async def scene() -> tuple[bytes, bytes, float]:
+        serving = asyncio.get_running_loop().create_task(relay.serve())
+        first = await asyncio.to_thread(ask)
+        (tmp_path / "http.sock").rename(tmp_path / "moved.sock")
+        (tmp_path / "http.sock").symlink_to(tmp_path / "moved.sock")
+        second = await asyncio.to_thread(ask)
+        t0 = time.monotonic()
+        await asyncio.wait_for(serving, 10)  # exits once idle for its bound
+        return first, second, time.monotonic() - t0
+
+    first, second, idle = asyncio.run(scene())
+    public.close()
+    assert first.endswith(b"ok") and second == b""
+    assert len(listener.got) == 1  # the link's target never saw the second client
+    assert idle < 3.0

@@ -7,7 +7,11 @@ own, so it can put a symbolic link to any other socket there (the system bus,
 systemd's private socket) and ``connect()`` follows it. The kernel records who
 created the listening socket a connection reached (``SO_PEERCRED``: the uid of
 the process that called ``listen()``); a connection whose listener another uid
-created gets nothing.
+created gets nothing. And unitgen's own programs never follow a link there:
+:func:`connect_unix` opens the path itself (``O_PATH | O_NOFOLLOW``), takes it
+only if it is a socket, and connects to exactly that inode. That is the guard
+where the uid cannot tell the server from root (a container's server is root on
+the host).
 
 A private loopback port is free while its server is down (on-demand, idle,
 restarting), and whoever binds it in that gap receives what is sent there.
@@ -25,11 +29,13 @@ Standard library only (it runs inside units).
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import stat
 import struct
 
-__all__ = ["foreign_peer", "peer_uid", "unix_peer_uid"]
+__all__ = ["connect_unix", "foreign_peer", "no_follow_path", "peer_uid", "unix_peer_uid"]
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -107,6 +113,36 @@ def peer_uid(sock: socket.socket) -> int | None:
         return _diag_uid(family, near, far)
     except OSError:
         return _proc_uid(family, near, far)
+
+
+def no_follow_path(path: str) -> tuple[int, str]:
+    """An ``O_PATH`` descriptor of the socket file at ``path`` and the name to
+    connect to it by (``/proc/self/fd/N``: that inode, whatever the path becomes).
+    A link (or anything but a socket) there raises ``OSError``; the caller closes
+    the descriptor once connected."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISSOCK(kind):
+        os.close(fd)
+        what = "a link" if stat.S_ISLNK(kind) else "not a socket"
+        raise OSError(errno.ELOOP if stat.S_ISLNK(kind) else errno.ENOTSOCK,
+                      f"{path} is {what}: nothing was sent to it")
+    return fd, f"/proc/self/fd/{fd}"
+
+
+def connect_unix(path: str, timeout: float | None = None) -> socket.socket:
+    """A connection to the Unix socket at ``path``, never through a link."""
+    fd, name = no_follow_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(name)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(fd)
+    return sock
 
 
 def unix_peer_uid(sock: socket.socket) -> int:

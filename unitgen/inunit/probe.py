@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 
-from unitgen.inunit.peer import foreign_peer
+from unitgen.inunit.peer import connect_unix, foreign_peer
 from unitgen.timespan import format_seconds, parse_timespan
 
 __all__ = ["Attempt", "attempt", "main", "run"]
@@ -73,17 +73,15 @@ class Attempt:
 def _connect(target: str, timeout: float) -> socket.socket:
     """A connected socket to ``host:port``, ``[v6]:port`` or a Unix socket path."""
     if target.startswith("/"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address: str | tuple[str, int] = target
-    else:
-        host, _, port = target.rpartition(":")
-        host = host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        address = (host, int(port))
+        # never through a link: the server's directory is the server's to change
+        return connect_unix(target, max(0.001, timeout))
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(max(0.001, timeout))
     try:
-        sock.connect(address)
+        sock.connect((host, int(port)))
     except BaseException:
         sock.close()
         raise

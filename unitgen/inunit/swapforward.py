@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 
-from unitgen.inunit.peer import foreign_peer
+from unitgen.inunit.peer import foreign_peer, no_follow_path
 from unitgen.inunit.swapctl import Systemctl, log, notify
 from unitgen.inunit.swapdrain import Conn, DrainLedger, DrainPolicy
 from unitgen.timespan import format_seconds
@@ -27,6 +27,22 @@ def _uid_of(state: dict[str, str]) -> int:
     too), or, where the unit sets none, the manager's own (root, or the user)."""
     uid = state.get("UID", "")
     return int(uid) if uid.isdigit() else os.getuid()
+
+
+async def _open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream to the Unix socket at ``path``, never through a link (this proxy
+    is root; the server's directory is the server's)."""
+    fd, name = no_follow_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, name)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(fd)
+    return await asyncio.open_unix_connection(sock=sock)
 
 
 class Forwarder:
@@ -104,7 +120,7 @@ class Forwarder:
         while True:
             try:
                 if target.startswith("/"):
-                    reader, writer = await asyncio.open_unix_connection(target)
+                    reader, writer = await _open_unix(target)
                 else:
                     host, _, port = target.rpartition(":")
                     reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
@@ -116,6 +132,7 @@ class Forwarder:
                 continue
             uid = await self._expected_uid()
             foreign = ("the server's uid is not known (it is not running)" if uid is None
+                       else None if target.startswith("/") and self.ns.any_uid
                        else foreign_peer(writer.get_extra_info("socket"), uid))
             if not foreign:
                 return reader, writer

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections-max", type=int, default=1024)
     p.add_argument("--connect-timeout", default="2min",
                    help="how long a connection waits for a restarting server")
+    p.add_argument("--any-uid", action="store_true", help="forward to a server socket of "
+                   "any uid (a container's: its path is checked instead, never through a link)")
     p.add_argument("target", help="host:port or a Unix socket path")
     ns = p.parse_args(argv)
     ns.drain = parse_timespan(ns.drain)

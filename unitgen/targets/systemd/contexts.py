@@ -46,6 +46,15 @@ class RenderContext:
                    podman=shutil.which("podman") or "/usr/bin/podman")
 
 
+def _checks_listener_uid(inst: Instance) -> bool:
+    """The probe and the checker run as the server's uid and send nothing to a
+    listener another uid created. Not for a container's Unix socket: its server
+    runs as whatever uid the image says (root on the host by default), and the
+    socket file itself is checked there (never through a link)."""
+    private = inst.private
+    return private is not None and (private.kind == "tcp" or inst.container is None)
+
+
 def probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> list[str]:
     cmd = [
         ctx.python, "-I", "-m", "unitgen.inunit.probe",
@@ -54,7 +63,7 @@ def probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> li
     ]
     if inst.probe_key_env:
         cmd += ["--key-env", inst.probe_key_env]
-    if label == "private" and inst.private is not None:
+    if label == "private" and _checks_listener_uid(inst):
         # A loopback port is free while the server is down, and a socket path in
         # the server's runtime directory can be a link to any socket: send nothing
         # (no key) to the other end of a connection the server's uid did not create.
@@ -77,7 +86,7 @@ def watch_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> li
            "--path", inst.health_path, "--bound", format_seconds(bound), "--label", label]
     if inst.probe_key_env:
         cmd += ["--key-env", inst.probe_key_env]
-    if label == "private" and inst.private is not None:
+    if label == "private" and _checks_listener_uid(inst):
         cmd.append("--own-listener")  # as the probe: a squatter gets no key, feeds no watchdog
     return cmd
 
@@ -196,6 +205,8 @@ def swap_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
            "--group", spec.swap_group, "--lock", f"{RUNTIME_DIR}/unitgen-swap/{spec.swap_group}.lock",
            "--scope", ctx.scope, "--drain", format_seconds(spec.swap_drain),
            f"--connections-max={spec.max_connections}"]
+    if not _checks_listener_uid(inst):
+        cmd.append("--any-uid")  # a container's Unix socket: the path is checked (no link)
     if spec.idle_stop is not None:
         cmd.append(f"--exit-idle-time={format_seconds(spec.idle_stop)}")
     cmd.append(inst.private.listen())

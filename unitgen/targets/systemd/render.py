@@ -250,6 +250,12 @@ def _private(inst: Instance, ctx: RenderContext, common: dict[str, object]) -> d
     spec, private = inst.spec, inst.private
     assert private is not None  # noqa: S101 - only called for one
     proxy_cmd = [ctx.proxyd, f"--connections-max={spec.max_connections}"]
+    if inst.container is not None and private.kind == "unix":
+        # the container's server is root on the host and its socket directory is
+        # bound in read-write: a proxy that never follows a link there
+        # (unitgen.inunit.relay), since systemd-socket-proxyd (root) would
+        proxy_cmd = [ctx.python, "-I", "-m", "unitgen.inunit.relay",
+                     f"--connections-max={spec.max_connections}"]
     if spec.idle_stop is not None:
         proxy_cmd.append(f"--exit-idle-time={format_seconds(spec.idle_stop)}")
     proxy_cmd.append(private.listen())
