@@ -33,7 +33,7 @@ import time
 from unitgen.inunit.peer import no_follow_path
 from unitgen.timespan import format_seconds, parse_timespan
 
-__all__ = ["Relay", "main"]
+__all__ = ["Relay", "main", "open_unix"]
 
 SD_LISTEN_FDS_START = 3
 CHUNK = 65536
@@ -55,6 +55,22 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
+async def open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A stream to the Unix socket at ``path``, never through a link (see
+    :func:`unitgen.inunit.peer.no_follow_path`)."""
+    fd, name = no_follow_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, name)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(fd)
+    return await asyncio.open_unix_connection(sock=sock)
+
+
 class Relay:
     """Accepts on the public socket and joins each connection to the server's."""
 
@@ -67,25 +83,12 @@ class Relay:
         self.open = 0
         self.last_activity = time.monotonic()
 
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        fd, name = no_follow_path(self.target)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, name)
-        except BaseException:
-            sock.close()
-            raise
-        finally:
-            os.close(fd)
-        return await asyncio.open_unix_connection(sock=sock)
-
     async def handle(self, client: socket.socket) -> None:
         self.open += 1
         writers: list[asyncio.StreamWriter] = []
         try:
             try:
-                server_r, server_w = await self._connect()
+                server_r, server_w = await open_unix(self.target)
             except OSError as exc:
                 # as systemd-socket-proxyd: the client is closed, nothing forwarded
                 _log(f"cannot reach the server at {self.target}: {exc.strerror or exc}")

@@ -14,7 +14,8 @@ import signal
 import socket
 import time
 
-from unitgen.inunit.peer import foreign_peer, no_follow_path
+from unitgen.inunit.peer import foreign_peer
+from unitgen.inunit.relay import open_unix
 from unitgen.inunit.swapctl import Systemctl, log, notify
 from unitgen.inunit.swapdrain import Conn, DrainLedger, DrainPolicy
 from unitgen.timespan import format_seconds
@@ -27,22 +28,6 @@ def _uid_of(state: dict[str, str]) -> int:
     too), or, where the unit sets none, the manager's own (root, or the user)."""
     uid = state.get("UID", "")
     return int(uid) if uid.isdigit() else os.getuid()
-
-
-async def _open_unix(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A stream to the Unix socket at ``path``, never through a link (this proxy
-    is root; the server's directory is the server's)."""
-    fd, name = no_follow_path(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, name)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.close(fd)
-    return await asyncio.open_unix_connection(sock=sock)
 
 
 class Forwarder:
@@ -120,7 +105,7 @@ class Forwarder:
         while True:
             try:
                 if target.startswith("/"):
-                    reader, writer = await _open_unix(target)
+                    reader, writer = await open_unix(target)  # never through a link
                 else:
                     host, _, port = target.rpartition(":")
                     reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))

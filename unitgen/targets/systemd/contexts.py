@@ -172,9 +172,10 @@ def proxy_user_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     so that connecting to the private endpoint by path, following whatever link
     the server put there, reaches nothing the server could not reach itself.
     Root stays root (a server run as root); so does a swap group's proxy, which
-    asks the manager to start and stop units and checks the peer instead
-    (:mod:`unitgen.inunit.peer`). A container's server is root on the host: its
-    proxy reaches it over the network (:func:`container_context`)."""
+    asks the manager to start and stop units, and never follows a link and
+    checks the peer instead (:mod:`unitgen.inunit.peer`). A container's server
+    is root on the host: its proxy is :mod:`unitgen.inunit.relay`, which never
+    follows a link either."""
     spec = inst.spec
     none: dict[str, object] = {"proxy_user": "", "proxy_group": "", "proxy_dynamic": False,
                                "dynamic_user": ""}
