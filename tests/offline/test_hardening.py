@@ -189,6 +189,29 @@ def test_every_proxy_unit_scores_at_most_the_bar(backend, swap, tmp_path):
     print(f"\n{backend} ({'swap' if swap else 'plain'}): {name} exposure {exposure}")
     assert exposure <= BAR, f"{backend}: {exposure} > {BAR}\n{unit}"
     assert directives(unit, "NoNewPrivileges") == ["yes"]
+    if not swap:
+        # issue 25: the server's own dynamic user (so it reaches only what the
+        # server can), without capabilities; measured 1.4 (it was root, 1.8-2.0)
+        assert directives(unit, "DynamicUser") == ["yes"]
+        assert directives(unit, "User") == [f"m-{backend}-backend"]
+        assert directives(unit, "CapabilityBoundingSet") == [""]
+
+
+@pytest.mark.parametrize(("extra", "user", "group"), [
+    ('user = "llm"\n', "llm", None),
+    ('user = "llm"\ngroup = "gpu"\n', "llm", "gpu"),
+    ('user = "llm"\nhardening = false\n', "llm", None),
+    ("hardening = false\n", None, None),
+])
+def test_the_proxy_runs_as_the_servers_user(extra, user, group, tmp_path):
+    # issue 25: whoever the server runs as, its proxy connects to the private
+    # endpoint as that same user (root only for a server run as root)
+    _, unit = proxy_unit(write_spec(tmp_path, "p", minimal_spec("vllm") + extra)) or ("", "")
+    _, server = server_unit(tmp_path / "p.toml")
+    assert directives(unit, "User") == ([user] if user else [])
+    assert directives(unit, "User") == directives(server, "User")
+    assert directives(unit, "Group") == ([group] if group else [])
+    assert directives(unit, "DynamicUser") == []
 
 
 @needs_analyze

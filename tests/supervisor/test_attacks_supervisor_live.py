@@ -7,9 +7,11 @@ process with only its own rights). Each test failed on the code before the fix
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,3 +196,114 @@ def test_server_logs_are_roots_alone(sd, target, tmp_path):
          f"print(open({str(logs / 'log1.log')!r}).read())"],
         capture_output=True, text=True, timeout=30, check=False)
     assert reader.returncode != 0 and "Permission denied" in reader.stderr, reader.stdout
+
+
+# Issue 25, High 1: the server's socket directory is its own; a link it puts in
+# place of its socket must not lead the proxy (root under supervisord) anywhere
+# the server itself could not go.
+RELINK_SERVER = f"""#!{SYSTEM_PYTHON}
+import os, subprocess, sys, time
+args = sys.argv[1:]
+path = args[args.index("--uds") + 1]
+child = subprocess.Popen(["{SYSTEM_PYTHON}", "{STANDIN}", *args])
+while not os.path.exists(path):
+    time.sleep(0.05)
+time.sleep(3)
+os.symlink(os.environ["RELINK_TO"], path + ".new")
+os.rename(path + ".new", path)
+print("RELINKED uid", os.getuid(), flush=True)
+sys.exit(child.wait())
+"""
+
+
+class RootOnlyListener:
+    """A Unix socket only root may use (0600 in a 0700 directory): it records
+    what each connection carried and answers ROOT-ONLY."""
+
+    def __init__(self, directory: Path) -> None:
+        import socket  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        directory.mkdir(mode=0o700)
+        self.path = str(directory / "root.sock")
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        self.sock.listen()
+        self.received: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self.received.append(conn.recv(65536))
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nROOT-ONLY")
+                except OSError:
+                    pass
+
+
+def _proxy_log(target: Site, name: str) -> str:
+    path = Path(target.ctx.log_dir) / f"{name}-proxy.log"
+    return path.read_text(errors="replace")[-3000:] if path.exists() else "(no proxy log)"
+
+
+def raw_get(port: int) -> bytes:
+    import socket  # noqa: PLC0415
+
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=8) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except OSError:
+            pass
+    return out
+
+
+def test_a_server_cannot_point_the_proxy_at_a_root_only_socket(sd, tmp_path):
+    # Before: the proxy (systemd-socket-proxyd under the wrapper) ran as root and
+    # connected to the link's target for every client of the public port.
+    listener = RootOnlyListener(tmp_path / "root-only")
+    # nobody runs the script and makes its socket under the run directory here
+    base = Path(tempfile.mkdtemp(prefix="unitgen-relink-"))
+    base.chmod(0o755)
+    script = base / "relink-server"
+    script.write_text(RELINK_SERVER)
+    script.chmod(0o755)
+    target = sd.target(base)
+    try:
+        _relink_attack(sd, target, tmp_path, script, listener)
+    finally:
+        names = sorted(scan(target.conf_dir))
+        if names:
+            remove(names, target)
+        shutil.rmtree(base)
+
+
+def _relink_attack(sd: Supervisord, target: Site, tmp_path: Path, script: Path,
+                   listener: RootOnlyListener) -> None:
+    port = free_port()
+    spec = write_spec(tmp_path, "link1", (
+        f'name = "link1"\nbackend = "vllm"\nmodel = "org/model"\nport = {port}\n'
+        f'executable = "{script}"\nuser = "nobody"\n'
+        f'env = {{ RELINK_TO = "{listener.path}" }}\n[health]\ntimeout = "30s"\n'))
+    result = deploy([spec], target, QUIET)
+    if result.exit_code:
+        print("\n".join(result.lines), _proxy_log(target, "link1"))
+    assert result.exit_code == 0
+    assert get(port, "/v1/models")[0] == 200
+    sock = Path(target.ctx.run_dir) / "unitgen-link1" / "http.sock"
+    assert wait_for(sock.is_symlink, 20)
+    got = raw_get(port)
+    assert b"ROOT-ONLY" not in got, got
+    assert listener.received == [], listener.received
+    # the proxy and the server are one user
+    proxy = int(sd.rpc().call("getProcessInfo", "link1")["pid"])
+    assert "\nUid:\t65534\t65534\t65534\t65534" in Path(f"/proc/{proxy}/status").read_text()

@@ -148,3 +148,133 @@ def test_a_sandboxed_gateway_routes_at_system_scope(box):
         remove(box, "sys-gm2")
         remove(box, "sys-gw")
         remove(box, "sys-gm")
+
+
+# Issue 25, High 1: a server replaces its private socket with a link to a socket
+# only root may use; whatever connects there for it must not have root's rights.
+ROOT_SOCKET = "/run/unitgen-test-root.sock"
+ROOT_LOG = "/run/unitgen-test-root.log"
+# A root-only (0600) listener: it logs what it receives and answers ROOT-ONLY.
+ROOT_LISTENER = f"""
+import os, socket
+if os.path.exists("{ROOT_SOCKET}"):
+    os.unlink("{ROOT_SOCKET}")
+s = socket.socket(socket.AF_UNIX)
+s.bind("{ROOT_SOCKET}"); os.chmod("{ROOT_SOCKET}", 0o600); s.listen()
+while True:
+    c, _ = s.accept()
+    c.settimeout(2)
+    try:
+        data = c.recv(65536)
+    except OSError:
+        data = b""
+    with open("{ROOT_LOG}", "ab") as fh:
+        fh.write(b"CONNECTION " + data + b"\\n")
+    try:
+        c.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 9\\r\\nConnection: close\\r\\n\\r\\nROOT-ONLY")
+    except OSError:
+        pass
+    c.close()
+"""
+RELINK = "/opt/unitgen-test/relink"
+# The attacking server: the stand-in, run as a child; once it has answered for a
+# second (ready, the proxy running), its socket becomes a link to ROOT_SOCKET.
+RELINK_SERVER = f"""#!{sys.executable}
+import os, subprocess, sys, time
+args = sys.argv[1:]
+path = args[args.index("--uds") + 1]
+child = subprocess.Popen(["{WRAPPER}", *args])
+while not os.path.exists(path):
+    time.sleep(0.05)
+time.sleep(float(os.environ.get("RELINK_AFTER", "1")))
+os.symlink("{ROOT_SOCKET}", path + ".new")
+os.rename(path + ".new", path)
+print("RELINKED", path, "uid", os.getuid(), flush=True)
+sys.exit(child.wait())
+"""
+
+
+@pytest.fixture
+def root_socket(box):
+    box.put(RELINK, RELINK_SERVER, 0o755)
+    box.run(["rm", "-f", ROOT_LOG])
+    box.run(["systemd-run", "--unit=unitgen-test-rootsock", sys.executable, "-c", ROOT_LISTENER],
+            check=True)
+    assert wait_for(lambda: box.run(["test", "-S", ROOT_SOCKET]).returncode == 0, 10)
+    try:
+        yield ROOT_SOCKET
+    finally:
+        box.run(["systemctl", "stop", "unitgen-test-rootsock.service"])
+
+
+def _raw_get(port: int, timeout: float = 8.0) -> bytes:
+    """What a client of the public port gets for a request (b"" when closed)."""
+    import socket  # noqa: PLC0415
+
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except OSError:
+            pass
+    return out
+
+
+def _relinked(box, name: str) -> bool:
+    link: str = box.run(["readlink", f"/run/unitgen-{name}/http.sock"]).stdout
+    return link.strip() == ROOT_SOCKET
+
+
+def _relink_attack(box, name: str, port: int) -> tuple[bytes, str]:
+    """Wait for the server to put its link in place, then be a client of the public port."""
+    assert wait_for(lambda: _relinked(box, name), 30), box.journal(f"{name}-backend.service")
+    got = _raw_get(port)
+    return got, box.run(["cat", ROOT_LOG]).stdout
+
+
+def test_a_server_cannot_point_its_proxy_at_a_root_only_socket(box, root_socket):
+    name = "sys-relink"
+    text = backend_spec("vllm", name, env='RELINK_AFTER = "4"').replace(WRAPPER, RELINK)
+    rc, data = deploy(box, name, text)
+    try:
+        assert rc == 0, (data, box.journal(f"{name}-backend.service"))
+        port = int(data["instances"][0]["public"].rsplit(":", 1)[1])
+        assert get(port, "/v1/models")[0] == 200  # the proxy runs, forwarding to the server
+        got, received = _relink_attack(box, name, port)
+        journal = box.journal(f"{name}-backend.service")
+        assert "RELINKED" in journal and "uid 0" not in journal, journal
+        # the client of the public port reached nothing of root's, and root's socket
+        # was never connected to
+        assert b"ROOT-ONLY" not in got, got
+        assert received == "", received
+        # the proxy runs as the server's own (dynamic) user, without capabilities
+        server_pid = box.prop(f"{name}-backend.service", "MainPID")
+        proxy_pid = box.prop(f"{name}.service", "MainPID")
+        uids = [box.run(["stat", "-c", "%u", f"/proc/{p}"]).stdout.strip()
+                for p in (server_pid, proxy_pid)]
+        assert uids[0] == uids[1] and uids[0] not in ("0", ""), uids
+        assert box.prop(f"{name}.service", "CapabilityBoundingSet") == ""
+    finally:
+        remove(box, name)
+
+
+def test_a_server_cannot_point_the_swap_proxy_at_a_root_only_socket(box, root_socket):
+    # the swap proxy stays root (it starts and stops units): it must check who
+    # created the socket it reached before a client's byte goes there
+    name = "sys-swaplink"
+    text = backend_spec("vllm", name, env='RELINK_AFTER = "4"').replace(WRAPPER, RELINK).replace(
+        "[health]", 'activation = "on-demand"\nswap_group = "sysl"\nswap_drain = "5s"\n[health]')
+    rc, data = deploy(box, name, text)
+    try:
+        assert rc == 0, data
+        port = int(data["instances"][0]["public"].rsplit(":", 1)[1])
+        assert get(port, "/v1/models", timeout=60)[0] == 200
+        got, received = _relink_attack(box, name, port)
+        assert b"ROOT-ONLY" not in got, got
+        # it does not follow the link: root's socket sees no connection at all
+        assert received == "", received
+        assert "is a link" in box.journal(f"{name}.service")
+    finally:
+        remove(box, name)

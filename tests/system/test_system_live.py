@@ -231,3 +231,28 @@ def test_kill_9_under_load_at_system_scope(box):
         assert get(port)[0] == 200
     finally:
         remove(box, name)
+
+
+def test_on_demand_and_idle_stop_with_the_proxy_as_the_servers_user(box):
+    # issue 25: the proxy runs as the server's dynamic user (one uid, named in
+    # both units); starting on demand, stopping when idle and the server's own
+    # state directory work as before
+    name = "sys-idle"
+    text = backend_spec("vllm", name).replace(
+        "[health]", 'activation = "on-demand"\nidle_stop = "3s"\n[health]')
+    rc, data = deploy(box, name, text)
+    server = f"{name}-backend.service"
+    try:
+        assert rc == 0, data
+        port = public_port(data)
+        for _ in range(2):
+            assert box.prop(server, "ActiveState") != "active"
+            assert get(port, "/v1/models", timeout=60)[0] == 200
+            uids = {box.run(["stat", "-c", "%u", f"/proc/{box.prop(unit, 'MainPID')}"]).stdout
+                    for unit in (server, f"{name}.service")}
+            state = box.run(["stat", "-L", "-c", "%u", f"/var/lib/unitgen-{name}"]).stdout
+            assert len(uids) == 1 and uids == {state} and state.strip() != "0", (uids, state)
+            assert wait_for(lambda: box.prop(server, "ActiveState") == "inactive", 30), \
+                box.journal(f"{name}.service")
+    finally:
+        remove(box, name)

@@ -1,6 +1,17 @@
-"""Who is at the other end of a loopback TCP connection: the check the probe,
-the liveness checker and the proxies make *after* connecting and before they
-send a byte (an API key, a client's request).
+"""Who is at the other end of a connection to a private endpoint: the check the
+probe, the liveness checker and the proxies make *after* connecting and before
+they send a byte (an API key, a client's request).
+
+A Unix socket path is the server's to change: its runtime directory is its
+own, so it can put a symbolic link to any other socket there (the system bus,
+systemd's private socket) and ``connect()`` follows it. The kernel records who
+created the listening socket a connection reached (``SO_PEERCRED``: the uid of
+the process that called ``listen()``); a connection whose listener another uid
+created gets nothing. And unitgen's own programs never follow a link there:
+:func:`connect_unix` opens the path itself (``O_PATH | O_NOFOLLOW``), takes it
+only if it is a socket, and connects to exactly that inode. That is the guard
+where the uid cannot tell the server from root (a container's server is root on
+the host).
 
 A private loopback port is free while its server is down (on-demand, idle,
 restarting), and whoever binds it in that gap receives what is sent there.
@@ -18,11 +29,13 @@ Standard library only (it runs inside units).
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import stat
 import struct
 
-__all__ = ["foreign_peer", "peer_uid"]
+__all__ = ["connect_unix", "foreign_peer", "no_follow_path", "peer_uid", "unix_peer_uid"]
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -38,6 +51,7 @@ _NLMSG = struct.Struct("=IHHII")
 # expires, rqueue, wqueue, uid, inode
 _MSG_HEAD = 4 + 48
 _MSG_TAIL = struct.Struct("=IIIII")
+_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 
 
 def _addr_bytes(family: int, host: str) -> bytes:
@@ -101,12 +115,58 @@ def peer_uid(sock: socket.socket) -> int | None:
         return _proc_uid(family, near, far)
 
 
+def no_follow_path(path: str) -> tuple[int, str]:
+    """An ``O_PATH`` descriptor of the socket file at ``path`` and the name to
+    connect to it by (``/proc/self/fd/N``: that inode, whatever the path becomes).
+    A link (or anything but a socket) there raises ``OSError``; the caller closes
+    the descriptor once connected."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    kind = os.fstat(fd).st_mode
+    if not stat.S_ISSOCK(kind):
+        os.close(fd)
+        what = "a link" if stat.S_ISLNK(kind) else "not a socket"
+        raise OSError(errno.ELOOP if stat.S_ISLNK(kind) else errno.ENOTSOCK,
+                      f"{path} is {what}: nothing was sent to it")
+    return fd, f"/proc/self/fd/{fd}"
+
+
+def connect_unix(path: str, timeout: float | None = None) -> socket.socket:
+    """A connection to the Unix socket at ``path``, never through a link."""
+    fd, name = no_follow_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(name)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.close(fd)
+    return sock
+
+
+def unix_peer_uid(sock: socket.socket) -> int:
+    """The uid that created the listening Unix socket this connected socket reached."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return int(_UCRED.unpack(creds)[1])
+
+
+def _foreign_unix(sock: socket.socket, expect_uid: int) -> str | None:
+    try:
+        uid = unix_peer_uid(sock)
+    except OSError as exc:
+        return f"cannot tell who listens there ({exc.strerror or exc}): nothing was sent"
+    if uid != expect_uid:
+        return (f"{sock.getpeername() or 'the socket'} was created by uid {uid}, not the "
+                f"server's uid {expect_uid} (a link to another socket?): nothing was sent to it")
+    return None
+
+
 def foreign_peer(sock: socket.socket, expect_uid: int) -> str | None:
     """Why the other end of ``sock`` is not the server (another uid created it),
-    or None when it is. Unix sockets are not checked: their directory decides
-    who may create them."""
+    or None when it is."""
     if sock.family == socket.AF_UNIX:
-        return None
+        return _foreign_unix(sock, expect_uid)
     try:
         uid = peer_uid(sock)
     except OSError as exc:

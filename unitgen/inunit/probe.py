@@ -14,11 +14,12 @@ Two guards make "ready" mean *this* server answered:
   main process exits, so a server that dies while loading (a bad flag, a
   missing model, CUDA out of memory) would leave the start waiting for the
   whole deadline. The probe watches that pid and fails within one poll.
-* ``--own-listener`` (private loopback TCP endpoints): after connecting and
-  before sending a byte (the API key included), the probe checks that the
-  other end of *this* connection was created by its own uid, the server's
+* ``--own-listener`` (private endpoints): after connecting and before sending
+  a byte (the API key included), the probe checks that the other end of *this*
+  connection was created by its own uid, the server's
   (:mod:`unitgen.inunit.peer`), so a squatter that bound the private port
-  while the server was down gets nothing, however briefly it listens.
+  while the server was down gets nothing, however briefly it listens, and
+  neither does a socket a link in the server's runtime directory points to.
 
 The deadline covers each attempt as a whole, not each read: a server that
 trickles one byte a second cannot keep the probe past it.
@@ -36,7 +37,7 @@ import socket
 import sys
 import time
 
-from unitgen.inunit.peer import foreign_peer
+from unitgen.inunit.peer import connect_unix, foreign_peer
 from unitgen.timespan import format_seconds, parse_timespan
 
 __all__ = ["Attempt", "attempt", "main", "run"]
@@ -72,17 +73,15 @@ class Attempt:
 def _connect(target: str, timeout: float) -> socket.socket:
     """A connected socket to ``host:port``, ``[v6]:port`` or a Unix socket path."""
     if target.startswith("/"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address: str | tuple[str, int] = target
-    else:
-        host, _, port = target.rpartition(":")
-        host = host.strip("[]")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        address = (host, int(port))
+        # never through a link: the server's directory is the server's to change
+        return connect_unix(target, max(0.001, timeout))
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(max(0.001, timeout))
     try:
-        sock.connect(address)
+        sock.connect((host, int(port)))
     except BaseException:
         sock.close()
         raise
@@ -193,8 +192,8 @@ def attempt(target: str, path: str, key: str | None, timeout: float = 5.0,
             *, peer_uid: int | None = None) -> Attempt:
     """Poll once within ``timeout`` seconds in all; never raises for network trouble.
 
-    With ``peer_uid``, a TCP connection whose other end another uid created
-    gets nothing (see :func:`unitgen.inunit.peer.foreign_peer`)."""
+    With ``peer_uid``, a connection whose other end another uid created gets
+    nothing (see :func:`unitgen.inunit.peer.foreign_peer`)."""
     deadline = time.monotonic() + timeout
     lines = [f"GET {path} HTTP/1.1", "Host: localhost", "Connection: close",
              "User-Agent: unitgen-probe"]
@@ -325,7 +324,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--main-pid", default="", help="fail at once when this process exits "
                    "(units pass $MAINPID)")
     p.add_argument("--own-listener", action="store_true", help="send nothing unless the "
-                   "other end of a TCP connection was created by the probe's own uid (the "
+                   "other end of the connection was created by the probe's own uid (the "
                    "server's: the probe runs in its unit)")
     return p
 

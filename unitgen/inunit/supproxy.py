@@ -2,11 +2,18 @@
 until the server answers on its private endpoint (sending nothing to a socket
 of another uid), then run systemd-socket-proxyd on it as fd 3; stop the proxy
 the moment the server exits, so clients wait in the socket's backlog while it
-restarts. Standard library only."""
+restarts.
+
+supervisord runs it as root; once it has read the key (root's 0600 env file)
+it becomes the server's user for good, before it connects anywhere: the
+server's socket directory is the server's, and a link it puts in place of its
+socket must lead nowhere the server itself could not go (systemd-socket-proxyd
+connects by path for every client and checks no peer). Standard library only."""
 
 from __future__ import annotations
 
 import argparse
+import json  # noqa: F401 - loaded before the drop to the server's user (see proxy())
 import os
 import select
 import signal
@@ -15,7 +22,7 @@ import sys
 import time
 from types import FrameType
 
-from unitgen.inunit.envfile import read_env_file, user_ids
+from unitgen.inunit.envfile import become, read_env_file, user_ids
 from unitgen.inunit.probe import attempt
 
 __all__ = ["fd0_to_fd3", "listener_pid", "proxy"]
@@ -153,6 +160,10 @@ def proxy(ns: argparse.Namespace) -> int:
         # the server's uid: a connection to the private port whose other end
         # another uid created (a squatter in a restart gap) gets no byte
         server_uid = user_ids(ns.server_user)[0] if ns.server_user else os.geteuid()
+        # The public socket (fd 0) is already ours. What the probe imports late
+        # (json, for an answer's summary) is loaded above: the interpreter's
+        # library may be out of the server user's reach (a venv under /root).
+        become(ns.server_user, None)
     except (OSError, KeyError) as exc:
         why = exc.strerror or str(exc) if isinstance(exc, OSError) else f"no such user {exc}"
         _say(f"{why}; not starting")

@@ -15,6 +15,7 @@ import socket
 import time
 
 from unitgen.inunit.peer import foreign_peer
+from unitgen.inunit.relay import open_unix
 from unitgen.inunit.swapctl import Systemctl, log, notify
 from unitgen.inunit.swapdrain import Conn, DrainLedger, DrainPolicy
 from unitgen.timespan import format_seconds
@@ -95,17 +96,19 @@ class Forwarder:
         return self.server_uid
 
     async def connect_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A connection to the server. On a loopback port, one whose other end the
-        server's uid did not create (a process that bound the port while the
-        server restarts) is closed before a byte of the client's goes to it."""
+        """A connection to the server. One whose other end the server's uid did not
+        create (a process that bound the loopback port while the server restarts;
+        a socket a link in the server's runtime directory points to: this proxy
+        is root) is closed before a byte of the client's goes to it."""
         target: str = self.ns.target
         deadline = time.monotonic() + self.ns.connect_timeout
         while True:
             try:
                 if target.startswith("/"):
-                    return await asyncio.open_unix_connection(target)
-                host, _, port = target.rpartition(":")
-                reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+                    reader, writer = await open_unix(target)  # never through a link
+                else:
+                    host, _, port = target.rpartition(":")
+                    reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
             except (ConnectionRefusedError, FileNotFoundError):
                 # The server is restarting (crash, Restart=): wait for it.
                 if time.monotonic() >= deadline:
@@ -114,6 +117,7 @@ class Forwarder:
                 continue
             uid = await self._expected_uid()
             foreign = ("the server's uid is not known (it is not running)" if uid is None
+                       else None if target.startswith("/") and self.ns.any_uid
                        else foreign_peer(writer.get_extra_info("socket"), uid))
             if not foreign:
                 return reader, writer

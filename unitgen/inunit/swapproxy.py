@@ -39,18 +39,17 @@ import contextlib
 import fcntl
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
+from unitgen.inunit.passed import passed_listener
 from unitgen.inunit.swapctl import Systemctl, log, notify
 from unitgen.timespan import parse_timespan
 
 __all__ = ["main", "mates_from_conflicts"]
 
-SD_LISTEN_FDS_START = 3
 
 
 def mates_from_conflicts(conflicts: str, me: str) -> list[str]:
@@ -137,15 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections-max", type=int, default=1024)
     p.add_argument("--connect-timeout", default="2min",
                    help="how long a connection waits for a restarting server")
+    p.add_argument("--any-uid", action="store_true", help="forward to a server socket of "
+                   "any uid (a container's: its path is checked instead, never through a link)")
     p.add_argument("target", help="host:port or a Unix socket path")
     ns = p.parse_args(argv)
     ns.drain = parse_timespan(ns.drain)
     ns.exit_idle_time = parse_timespan(ns.exit_idle_time) if ns.exit_idle_time else 0.0
     ns.connect_timeout = parse_timespan(ns.connect_timeout)
-    if os.environ.get("LISTEN_PID") != str(os.getpid()) or not os.environ.get("LISTEN_FDS"):
+    listener = passed_listener()
+    if listener is None:
         log("no socket passed in (start it through its .socket unit)")
         return 1
-    listener = socket.socket(fileno=SD_LISTEN_FDS_START)
 
     def leave(signum: int, frame: object) -> None:
         # Not our turn yet: nothing accepted, nothing to drain. Connections stay

@@ -64,8 +64,9 @@ def check_loop(target: str, path: str, bound: float, *, key: str | None = None,
 
     ``rounds`` bounds the loop (tests); units run it until systemd stops them.
     With ``peer_uid``, a check whose connection reached a socket of another uid
-    (a squatter on a free private port) sends nothing and counts as no answer,
-    so a squatter cannot feed the watchdog of a dead server either."""
+    (a squatter on a free private port, a link to another socket) sends nothing
+    and counts as no answer, so a squatter cannot feed the watchdog of a dead
+    server either."""
     where = f"{label} {target}{path}".strip()
     interval = bound / CHECKS_PER_BOUND
     failures = 0
@@ -127,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="", help="word printed before the target")
     p.add_argument("--foreground", action="store_true", help="do not detach")
     p.add_argument("--own-listener", action="store_true", help="send nothing unless the "
-                   "other end of a TCP connection was created by this checker's own uid")
+                   "other end of the connection was created by this checker's own uid")
     return p
 
 

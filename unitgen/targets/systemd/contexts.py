@@ -18,7 +18,7 @@ from unitgen.targets.base import find_proxyd
 from unitgen.timespan import format_seconds
 
 __all__ = ["START_MARGIN", "RenderContext", "confine_argv", "container_context", "gpu_context",
-           "hardening_context", "probe_cmd", "swap_context", "watch_cmd"]
+           "hardening_context", "probe_cmd", "proxy_user_context", "swap_context", "watch_cmd"]
 
 # A server starts its ExecStartPost probe at once; systemd's own start timeout is
 # the probe's deadline plus this margin, so the probe's one-line reason wins.
@@ -47,6 +47,15 @@ class RenderContext:
                    podman=shutil.which("podman") or "/usr/bin/podman")
 
 
+def _checks_listener_uid(inst: Instance) -> bool:
+    """The probe and the checker run as the server's uid and send nothing to a
+    listener another uid created. Not for a container's Unix socket: its server
+    runs as whatever uid the image says (root on the host by default), and the
+    socket file itself is checked there (never through a link)."""
+    private = inst.private
+    return private is not None and (private.kind == "tcp" or inst.container is None)
+
+
 def probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> list[str]:
     cmd = [
         ctx.python, "-I", "-m", "unitgen.inunit.probe",
@@ -55,9 +64,10 @@ def probe_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> li
     ]
     if inst.probe_key_env:
         cmd += ["--key-env", inst.probe_key_env]
-    if label == "private" and inst.private is not None and inst.private.kind == "tcp":
-        # A loopback port is free while the server is down: send nothing (no key)
-        # to the other end of a connection that the server's uid did not create.
+    if label == "private" and _checks_listener_uid(inst):
+        # A loopback port is free while the server is down, and a socket path in
+        # the server's runtime directory can be a link to any socket: send nothing
+        # (no key) to the other end of a connection the server's uid did not create.
         cmd.append("--own-listener")
     return cmd
 
@@ -77,7 +87,7 @@ def watch_cmd(ctx: RenderContext, inst: Instance, target: str, label: str) -> li
            "--path", inst.health_path, "--bound", format_seconds(bound), "--label", label]
     if inst.probe_key_env:
         cmd += ["--key-env", inst.probe_key_env]
-    if label == "private" and inst.private is not None and inst.private.kind == "tcp":
+    if label == "private" and _checks_listener_uid(inst):
         cmd.append("--own-listener")  # as the probe: a squatter gets no key, feeds no watchdog
     return cmd
 
@@ -156,6 +166,32 @@ def hardening_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     }
 
 
+def proxy_user_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    """Who the proxy unit of a system-scope instance runs as: the server's own
+    user (its dynamic user, shared by naming it in both units, or its ``user``),
+    so that connecting to the private endpoint by path, following whatever link
+    the server put there, reaches nothing the server could not reach itself.
+    Root stays root (a server run as root); so does a swap group's proxy, which
+    asks the manager to start and stop units, and never follows a link and
+    checks the peer instead (:mod:`unitgen.inunit.peer`). A container's server
+    is root on the host: its proxy is :mod:`unitgen.inunit.relay`, which never
+    follows a link either."""
+    spec = inst.spec
+    none: dict[str, object] = {"proxy_user": "", "proxy_group": "", "proxy_dynamic": False,
+                               "dynamic_user": ""}
+    if (ctx.scope != "system" or inst.private is None or inst.container is not None
+            or spec.swap_group):
+        return none
+    if spec.user:
+        return {**none, "proxy_user": spec.user, "proxy_group": spec.group or ""}
+    if spec.hardening:
+        # the name systemd gives the server's dynamic user anyway (its unit's), so
+        # its uid, and what it owns in its state and cache directories, stay
+        dynamic = f"{spec.name}-backend"
+        return {**none, "proxy_user": dynamic, "proxy_dynamic": True, "dynamic_user": dynamic}
+    return none
+
+
 def swap_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     """The proxy of a swap-group member (issue 12): unitgen's draining proxy,
     which takes the group's turn before it forwards (docs/swap.md)."""
@@ -166,6 +202,8 @@ def swap_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
            "--group", spec.swap_group, "--lock", f"{RUNTIME_DIR}/unitgen-swap/{spec.swap_group}.lock",
            "--scope", ctx.scope, "--drain", format_seconds(spec.swap_drain),
            f"--connections-max={spec.max_connections}"]
+    if not _checks_listener_uid(inst):
+        cmd.append("--any-uid")  # a container's Unix socket: the path is checked (no link)
     if spec.idle_stop is not None:
         cmd.append(f"--exit-idle-time={format_seconds(spec.idle_stop)}")
     cmd.append(inst.private.listen())

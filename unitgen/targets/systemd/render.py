@@ -36,6 +36,7 @@ from unitgen.targets.systemd.contexts import (
     gpu_context,
     hardening_context,
     probe_cmd,
+    proxy_user_context,
     swap_context,
     watch_cmd,
 )
@@ -260,6 +261,7 @@ def _common(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "watch": watch_cmd(ctx, inst, inst.public.probe_target(), "public"),
         "bind_low_port": bind_low_port,
         **hardening,
+        **proxy_user_context(inst, ctx),
         **gpu_context(inst, ctx),
         **container_context(inst, ctx),  # its argv is podman run's
         "swap_group": spec.swap_group or "",
@@ -297,6 +299,12 @@ def _private(inst: Instance, ctx: RenderContext, common: dict[str, object]) -> d
     spec, private = inst.spec, inst.private
     assert private is not None  # noqa: S101 - only called for one
     proxy_cmd = [ctx.proxyd, f"--connections-max={spec.max_connections}"]
+    if inst.container is not None and private.kind == "unix":
+        # the container's server is root on the host and its socket directory is
+        # bound in read-write: a proxy that never follows a link there
+        # (unitgen.inunit.relay), since systemd-socket-proxyd (root) would
+        proxy_cmd = [ctx.python, "-I", "-m", "unitgen.inunit.relay",
+                     f"--connections-max={spec.max_connections}"]
     if spec.idle_stop is not None:
         proxy_cmd.append(f"--exit-idle-time={format_seconds(spec.idle_stop)}")
     proxy_cmd.append(private.listen())
@@ -311,7 +319,9 @@ def _private(inst: Instance, ctx: RenderContext, common: dict[str, object]) -> d
         "probe_private": probe_cmd(ctx, inst, private.probe_target(), "private"),
         "watch": watch_cmd(ctx, inst, private.probe_target(), "private"),
         "runtime_dir": runtime_subdir(spec.name) if RUNTIME_DIR in private.path else "",
-        "proxy_reaches_socket_file": private.kind == "unix",
+        # only a swap group's proxy is root (it starts and stops units); the others
+        # run as the server's user, whose runtime directory it is
+        "proxy_reaches_socket_file": private.kind == "unix" and bool(spec.swap_group),
         # a server killed with -9 leaves its socket file, and llama-server then
         # cannot bind it: the next start removes it first
         "clean_socket": ["/bin/rm", "-f", private.path] if private.kind == "unix" else [],
