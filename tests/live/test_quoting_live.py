@@ -83,6 +83,9 @@ def test_values_reach_the_server_byte_exact(sandbox, stage, model, args, env):
     assert done.returncode == 0, sandbox.journal("hostile-backend.service")
     recorded = json.loads(record.read_text(encoding="utf-8"))
     assert recorded["argv"][4:6] == ["--model", model]
-    assert recorded["argv"][6:] == args
+    # args are a custom command's words too: "{{" and "}}" are its literal braces
+    # (docs/spec.md, placeholders); a lone brace would have been refused above
+    assert recorded["argv"][6:] == [re.sub(r"\{\{|\}\}", lambda m: m.group(0)[0], a)
+                                    for a in args]
     for i, value in enumerate(env):
         assert recorded["env"][f"V{i}"] == value
