@@ -116,8 +116,8 @@ class GatewayFeature(Feature):
             apply_changes([(self.binding.path(f), f.text)
                            for f in rerender(self.binding, g, installed, [], removed=names)])
             if self.binding.reload(g) is not None:
-                self._settle(g, installed[g].rec.probe, lines.append)
                 lines.append(f"{g}: gateway reloaded: no route to {', '.join(gone)} any more")
+                self._settle(g, installed[g].rec.probe, lines.append)
         return lines
 
     def removed(self, inst: InstalledLike) -> tuple[list[Path], list[str]]:

@@ -21,7 +21,7 @@ from unitgen.features.base import Feature
 from unitgen.inunit.envfile import split_env_text
 from unitgen.inunit.probe import Attempt, attempt
 from unitgen.ops.allocate import HostAllocator, listeners
-from unitgen.ops.files import check_ours, is_ours
+from unitgen.ops.files import check_ours, is_ours, read_exact
 from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned, plan_paths
 from unitgen.ops.supervisor.bindings import features
@@ -132,9 +132,9 @@ def _check_user(inst: Instance) -> None:
         pwd.getpwnam(user)
     except KeyError:
         key = "user" if inst.spec.user else "kind"
-        raise UnitgenError(f"{inst.spec.source}: {key}: no such user {user!r}"
-                           + ("" if inst.spec.user else " (its programs run as that user: "
-                              "install the distribution's package, which makes it)")) from None
+        raise UnitgenError(f"{inst.spec.source}: {key}: no such user {user!r}" + (
+            "" if inst.spec.user else ": this target runs the program as that user, which the "
+            "package that installs the program makes (docs/supervisor.md)")) from None
 
 
 def _answers(inst: Instance) -> bool:
@@ -204,7 +204,7 @@ class SupervisorDeploy:
             if not f.secret and not f.config:
                 check_ours(path, spec.name, f"{spec.source}: ")
             try:
-                old[f.name] = path.read_text(encoding="utf-8") if path.exists() else None
+                old[f.name] = read_exact(path) if path.exists() else None
             except OSError as exc:
                 raise UnitgenError(f"cannot read {path}: {exc.strerror}") from None
         stale: dict[Path, str] = {}
