@@ -27,11 +27,11 @@ from pathlib import Path
 from bench.cli import UNITGEN
 from bench.tools import free_port, median, user_env
 from unitgen.features.gateway.config import runtime_api, validate
-from unitgen.ops.systemd.sandbox import Sandbox
 from unitgen.features.gateway.plan import GatewayPlan, metrics_of, settings_of, upstream_members
-from unitgen.features.gateway.spec import GatewaySpec
-from unitgen.spec.model import load_any
 from unitgen.features.gateway.render import GatewayPaths, render_gateway
+from unitgen.features.gateway.spec import GatewaySpec
+from unitgen.ops.systemd.sandbox import Sandbox
+from unitgen.spec.model import load_any
 
 GOAL = 1.0  # seconds, each of render, validate, reload
 NAME = "flt-bench"

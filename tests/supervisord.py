@@ -110,7 +110,7 @@ class Supervisord:
         base = root or self.root
         ctx = SupervisorContext(python=sys.executable, proxyd=find_proxyd(),
                                 run_dir=str(base / "run"), log_dir=str(base / "log"),
-                                secrets_dir=str(base / "secrets"))
+                                secrets_dir=str(base / "secrets"), config_dir=str(base / "etc"))
         return Site(Endpoint(self.url), self.conf_dir, ctx)
 
     def stop(self) -> None:

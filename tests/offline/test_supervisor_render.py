@@ -220,3 +220,39 @@ def test_no_function_of_the_target_is_long():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.FunctionDef):
                 assert (node.end_lineno or 0) - node.lineno < 80, f"{path.name}: {node.name}"
+
+
+def test_a_gateway_and_its_members_render_for_supervisord(tmp_path):
+    # refused before (issue 26): HAProxy takes the port supervisord's holder keeps,
+    # never as root; root hands it the exporter's socket and a copy of the keys
+    from unitgen.ops.pipeline import CheckAllocator, plan_paths  # noqa: PLC0415
+    from unitgen.targets.supervisor.render import SupervisorTarget  # noqa: PLC0415
+
+    member = write_spec(tmp_path, "m", 'name = "m"\nbackend = "vllm"\nmodel = "x"\n'
+                                       'port = 8001\ngateway = "gw"\naliases = ["q"]\n')
+    gw = write_spec(tmp_path, "gw", 'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                                    'api_keys_file = "/etc/unitgen/gw.keys"\n'
+                                    'metrics = "127.0.0.1:9101"\n')
+    ctx = SupervisorContext(python="/usr/bin/python3", proxyd="/usr/lib/proxyd",
+                            run_dir="/run/u", log_dir=tempfile.gettempdir(),
+                            secrets_dir="/etc/u/secrets", config_dir="/srv/conf")
+    planned = plan_paths([member, gw], SupervisorTarget(ctx), CheckAllocator(None))
+    files = {f.name: f for f in planned[1].files}
+    conf = files["unitgen-gw.conf"].text
+    programs = {p.group: p for p in read_back(conf)}
+    holder, haproxy = programs["gw"], programs["gw-backend"]
+    assert holder.fcgi_socket == "tcp://127.0.0.1:8080"
+    assert holder.argv[-4:] == ["--serve", "/run/u/unitgen-gw/listen.sock", "--user", "haproxy"]
+    assert haproxy.argv[haproxy.argv.index("exec") + 1:] == [
+        "--mkdir", "/run/u/unitgen-gw", "--fd3-from", "/run/u/unitgen-gw/listen.sock",
+        "--listen-fd4", "127.0.0.1:9101", "--credential", "api-keys:/etc/unitgen/gw.keys",
+        "--user", "haproxy", "--", "haproxy", "-Ws", "-f",
+        "/srv/conf/unitgen/gateways/gw/haproxy.cfg"]
+    cfg = files["unitgen/gateways/gw/haproxy.cfg"]
+    assert cfg.config and "stats socket '/run/u/unitgen-gw/admin.sock'" in cfg.text
+    assert "-f '/run/u/unitgen-gw/api-keys'" in cfg.text  # the copy, not the root-only file
+    assert "server m 127.0.0.1:8001" in cfg.text
+    assert files["unitgen/gateways/gw/routes.map"].text.split("\n")[:2] == ["m r1", "q r1"]
+    # the member renders as any instance, its record names the gateway it joins
+    record = parse_record(planned[0].files[0].text)
+    assert record is not None and record.member is not None and record.member.gateway == "gw"

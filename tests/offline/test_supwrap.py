@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import STANDIN, get, wait_for
-from unitgen.inunit.envfile import StaleEnvFileError, UnsafeFileError, own_directory, read_env_file
+from unitgen.inunit.envfile import (
+    StaleEnvFileError,
+    UnsafeFileError,
+    copy_credential,
+    own_directory,
+    read_env_file,
+)
 from unitgen.inunit.supproxy import listener_pid
 from unitgen.targets.supervisor import escape
 
@@ -189,6 +195,69 @@ def test_root_never_hands_a_linked_run_directory_to_a_user(tmp_path):
     own_directory(str(run / "unitgen-z"), 65534, 65534)
     st = (run / "unitgen-z").stat()
     assert (st.st_uid, st.st_mode & 0o777) == (65534, 0o700)
+
+
+def test_exec_hands_a_gateway_its_keys_copy_and_the_exporter_as_fd4(tmp_path):
+    # the supervisor target's gateway: root copies the 0600 keys file into the
+    # runtime directory and binds the exporter before HAProxy (here the
+    # stand-in's recorder) starts; both reach it after the exec
+    sock = _listening()
+    keys = tmp_path / "keys"
+    keys.write_text("sk-1\n")
+    keys.chmod(0o600)
+    metrics = _listening()
+    port = metrics.getsockname()[1]
+    metrics.close()  # a free port for the wrapper to bind
+    run = tmp_path / "run" / "unitgen-gw"
+    check = ("import os, socket; s = socket.socket(fileno=4); "
+             "print(s.getsockname()[1], open(os.environ['KEYS']).read().strip(), flush=True)")
+    done = subprocess.run([*WRAP, "exec", "--fd3", "--mkdir", str(run), "--credential",
+                           f"api-keys:{keys}", "--listen-fd4", f"127.0.0.1:{port}", "--",
+                           sys.executable, "-c", check], stdin=sock.fileno(),
+                          env={**os.environ, "KEYS": str(run / "api-keys")},
+                          capture_output=True, text=True, timeout=30)
+    sock.close()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(port), "sk-1"]
+    copy = (run / "api-keys").stat()
+    assert copy.st_mode & 0o777 == 0o400 and copy.st_uid == os.geteuid()
+
+
+def test_exec_refuses_a_bad_credential_and_starts_nothing(tmp_path):
+    done = subprocess.run([*WRAP, "exec", "--mkdir", str(tmp_path / "r"), "--credential",
+                           f"k:{tmp_path / 'missing'}", "--", "/bin/true"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "No such file or directory: " in done.stderr, done.stderr
+    assert "not starting the server" in done.stderr
+    done = subprocess.run([*WRAP, "exec", "--credential", f"k:{tmp_path}", "--", "/bin/true"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "give both" in done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_root_copies_a_credential_only_from_a_file_of_its_own_and_never_through_a_link(
+        tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("sk-1\n")
+    keys.chmod(0o600)
+    run = tmp_path / "run"
+    run.mkdir(mode=0o755)
+    own_directory(str(run / "unitgen-gw"), 65534, 65534)
+    # the user owns its directory: a link it planted where the copy goes is replaced,
+    # never followed (root would write the keys into /etc/... otherwise)
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    (run / "unitgen-gw" / "api-keys").symlink_to(victim)
+    copy = copy_credential(f"api-keys:{keys}", str(run / "unitgen-gw"), 65534, 65534)
+    assert victim.read_text() == "untouched\n"
+    st = os.lstat(copy)
+    assert (st.st_uid, st.st_mode & 0o777) == (65534, 0o400) and Path(copy).read_text() == "sk-1\n"
+    # a keys file another user could change is not handed on
+    os.chown(keys, 65534, 65534)
+    with pytest.raises(UnsafeFileError, match="not root's alone"):
+        copy_credential(f"api-keys:{keys}", str(run / "unitgen-gw"), 65534, 65534)
+    with pytest.raises(ValueError, match="NAME:PATH"):
+        copy_credential(f"../x:{keys}", str(run / "unitgen-gw"), 65534, 65534)
 
 
 def test_usage_errors():

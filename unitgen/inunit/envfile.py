@@ -1,6 +1,8 @@
 """What a supervisor wrapper does as root before it becomes the server's user:
 read the root-owned env file (every value byte for byte; secrets below a
-separator line), make the runtime directory without following a link, drop
+separator line), make the runtime directory without following a link, hand
+the user a copy of a root-owned file there and a listening socket bound as
+root (systemd's ``LoadCredential=`` and a second ``ListenStream=``), drop
 privileges (keeping only the right to bind a privileged private port).
 Standard library only."""
 
@@ -11,14 +13,15 @@ import hashlib
 import os
 import pwd
 import re
+import socket
 import stat
 import sys
 
 from unitgen.inunit.confine import confine_binds, drop_to_user
 
 __all__ = ["ENV_FILE_FORMAT", "ENV_SECRETS_LINE", "StaleEnvFileError", "UnsafeFileError",
-           "become", "env_digest", "own_directory", "parse_env_text", "read_env_file",
-           "read_env_text", "split_env_text", "user_ids"]
+           "become", "copy_credential", "env_digest", "listen_on_fd", "own_directory",
+           "parse_env_text", "read_env_file", "read_env_text", "split_env_text", "user_ids"]
 
 
 class UnsafeFileError(OSError):
@@ -126,6 +129,61 @@ def own_directory(path: str, uid: int, gid: int) -> None:
         os.fchmod(fd, 0o700)
     finally:
         os.close(fd)
+
+
+def copy_credential(spec: str, directory: str | None, uid: int, gid: int) -> str:
+    """``NAME:PATH``: copy the file at PATH (root's alone: whoever could change
+    it would choose what the program trusts) to ``directory/NAME``, the
+    user's, mode 0400; the copy's path. ``directory`` is the user's own
+    (:func:`own_directory`): the copy replaces whatever is there without
+    following a link the user may have put in its place."""
+    name, sep, source = spec.partition(":")
+    if not sep or not name or "/" in name or name in (".", "..") or not source:
+        raise ValueError(f"--credential {spec!r}: want NAME:PATH")
+    if not directory:
+        raise ValueError("--credential copies into --mkdir's directory: give both")
+    fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFileError(f"{source} is not a regular file")
+        _refuse_foreign(st, source)
+        data = fh.read()
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dfd)
+        # O_EXCL: a link planted again after the unlink fails the open, never followed
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o400, dir_fd=dfd)
+        try:
+            if os.geteuid() == 0:
+                os.fchown(out, uid, gid)
+            os.fchmod(out, 0o400)
+            os.write(out, data)
+        finally:
+            os.close(out)
+    finally:
+        os.close(dfd)
+    return os.path.join(directory, name)
+
+
+def listen_on_fd(address: str, fd: int, backlog: int = 4096) -> None:
+    """Listen on ``HOST:PORT`` (``[V6]:PORT``) as this process is now (root: a
+    privileged port works) and put the socket at ``fd``, inheritable, for the
+    program exec'ed after privileges are dropped."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, int(port)), family=family, backlog=backlog)
+    if sock.fileno() != fd:
+        os.dup2(sock.fileno(), fd, inheritable=True)
+        sock.close()
+    else:
+        sock.detach()
+        os.set_inheritable(fd, True)
 
 
 def user_ids(name: str | None) -> tuple[int, int, list[int]]:

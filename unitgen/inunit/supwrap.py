@@ -19,6 +19,10 @@ root; it becomes the server's user only after the steps that need root:
     --fd3             the socket supervisord passed as fd 0 becomes fd 3 with
                       LISTEN_FDS=1 and LISTEN_PID (what systemd would pass)
     --fd3-from PATH   the same with the socket received from ``hold --serve PATH``
+    --listen-fd4 HOST:PORT  listen there as root and pass the socket as fd 4 (a
+                      gateway's exporter; supervisord holds one socket a program)
+    --credential NAME:PATH  copy the root-owned file PATH to --mkdir's NAME, the
+                      user's, 0400 (a gateway's API keys; systemd's LoadCredential=)
 
 ``hold``: for a server that takes its socket (``socket_activation = true``):
 hold the public socket supervisord passed as fd 0 for as long as supervisord
@@ -51,7 +55,14 @@ import sys
 import time
 from types import FrameType
 
-from unitgen.inunit.envfile import become, own_directory, read_env_file, user_ids
+from unitgen.inunit.envfile import (
+    become,
+    copy_credential,
+    listen_on_fd,
+    own_directory,
+    read_env_file,
+    user_ids,
+)
 from unitgen.inunit.supproxy import fd0_to_fd3, proxy
 
 __all__ = ["main"]
@@ -77,18 +88,29 @@ def receive_socket(path: str, timeout: float = 30.0) -> int:
         time.sleep(0.05)
 
 
+def _why(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"no such user {exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
+
+
 def _exec(ns: argparse.Namespace) -> int:
     env = dict(os.environ)
     try:
         uid, gid, _ = user_ids(ns.user)
         if ns.mkdir:
             own_directory(ns.mkdir, uid, gid)
+        if ns.credential:
+            copy_credential(ns.credential, ns.mkdir, uid, gid)
+        if ns.listen_fd4:
+            listen_on_fd(ns.listen_fd4, 4)
         if ns.env_file:
             env.update(read_env_file(ns.env_file, ns.env_digest))
         become(ns.user, ns.bind_port)
-    except (OSError, KeyError) as exc:
-        why = exc.strerror or str(exc) if isinstance(exc, OSError) else f"no such user {exc}"
-        print(f"unitgen supwrap: {why}; not starting the server", file=sys.stderr)
+    except (OSError, KeyError, ValueError) as exc:
+        print(f"unitgen supwrap: {_why(exc)}; not starting the server", file=sys.stderr)
         return 1
     if ns.user:
         entry = pwd.getpwnam(ns.user)
@@ -159,6 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--fd3-from")
     e.add_argument("--user")
     e.add_argument("--bind-port", type=int)
+    e.add_argument("--listen-fd4")
+    e.add_argument("--credential")
     h = sub.add_parser("hold", help="hold fd 0 and hand it to the server (socket activation)")
     h.add_argument("--serve", required=True)
     h.add_argument("--user")

@@ -5,6 +5,8 @@ do for gateways and their members, on every target that binds it
 - deploy: gateways whose members change are rendered again (checked by
   ``haproxy -c``), written with the run's files, and reloaded once the members
   answer; a gateway whose routes alone changed is reloaded, not restarted;
+  either way the deploy returns once the new routes answer on the gateway's
+  port (:mod:`unitgen.features.gateway.live`);
 - remove: gateways stop routing to the removed instances before they stop,
   and a removed gateway's HAProxy files go with it;
 - status: each gateway's routes and the state of what they lead to;
@@ -13,6 +15,7 @@ do for gateways and their members, on every target that binds it
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from unitgen.features.gateway.config import (
     validate,
 )
 from unitgen.features.gateway.doctor import gateway_findings, member_findings, members_of
+from unitgen.features.gateway.live import wait_served
 from unitgen.features.gateway.plan import Member
 from unitgen.ops.files import apply_changes, read_exact
 from unitgen.ops.findings import Finding
@@ -45,6 +49,8 @@ class GatewayFeature(Feature):
         super().__init__(binding)
         self._files: list[tuple[str, Path, str]] = []  # (gateway, where, text)
         self._reload: list[str] = []
+        self._where: dict[str, str] = {}  # gateway -> host:port its clients use
+        self._reloaded: set[str] = set()  # by the target (reload_only): to be waited for
 
     def plan(self, installed: Mapping[str, InstalledLike], planned: Sequence[Planned]) -> list[str]:
         """Gateways routing to the run's instances are rendered again; every
@@ -52,6 +58,9 @@ class GatewayFeature(Feature):
         gateways = sorted(affected(installed, planned))
         self._files = [(g, self.binding.path(f), f.text) for g in gateways
                        for f in rerender(self.binding, g, installed, planned)]
+        self._where = {g: installed[g].rec.probe for g in gateways}
+        self._where.update({p.instance.name: p.instance.public.probe_target() for p in planned
+                            if p.instance.gateway is not None})
         notices: list[str] = []
         for p in planned:
             spec = p.instance.spec
@@ -76,14 +85,27 @@ class GatewayFeature(Feature):
         if planned.instance.gateway is None:
             return False
         config = {f.name for f in planned.files if f.config}
-        return all(name in config for name in changed)
+        if not all(name in config for name in changed):
+            return False
+        self._reloaded.add(planned.instance.name)
+        return True
 
     def after(self, say: Say) -> None:
-        """Reload the gateways whose routes changed (their members are up now)."""
+        """Reload the gateways whose routes changed (their members are up now);
+        return once every reloaded gateway answers with its new routes."""
+        reloaded = set(self._reloaded)
         for g in self._reload:
             done = self.binding.reload(g)
             if done is not None:
+                reloaded.add(g)
                 say(f"{g}: gateway reloaded ({done}): its routes follow")
+        for g in sorted(reloaded):
+            self._settle(g, self._where[g], say)
+
+    def _settle(self, gateway: str, where: str, say: Say) -> None:
+        t0 = time.monotonic()
+        note = wait_served(gateway, self.binding.directory(gateway), where)
+        say(note or f"{gateway}: its new routes answer ({time.monotonic() - t0:.2f} s)")
 
     def before_remove(self, installed: Mapping[str, InstalledLike],
                       names: Sequence[str]) -> list[str]:
@@ -95,6 +117,7 @@ class GatewayFeature(Feature):
                            for f in rerender(self.binding, g, installed, [], removed=names)])
             if self.binding.reload(g) is not None:
                 lines.append(f"{g}: gateway reloaded: no route to {', '.join(gone)} any more")
+                self._settle(g, installed[g].rec.probe, lines.append)
         return lines
 
     def removed(self, inst: InstalledLike) -> tuple[list[Path], list[str]]:

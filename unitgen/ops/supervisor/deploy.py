@@ -21,11 +21,12 @@ from unitgen.features.base import Feature
 from unitgen.inunit.envfile import split_env_text
 from unitgen.inunit.probe import Attempt, attempt
 from unitgen.ops.allocate import HostAllocator, listeners
-from unitgen.ops.files import check_ours, is_ours
+from unitgen.ops.files import check_ours, is_ours, read_exact
 from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned, plan_paths
+from unitgen.ops.supervisor.bindings import features
 from unitgen.ops.supervisor.rpc import SupervisorRPC
-from unitgen.ops.supervisor.site import Site, check_run_dir, log_dir, make_dir
+from unitgen.ops.supervisor.site import Site, check_run_dir, clear_run_dir, log_dir, make_dir
 from unitgen.ops.transaction import Change, Ready
 from unitgen.ops.transaction import run as transaction
 from unitgen.ops.wait import wait_until
@@ -36,6 +37,8 @@ from unitgen.targets.supervisor.render import (
     SupervisorTarget,
     conf_name,
     group_names,
+    reload_signal,
+    run_as,
     secret_name,
     target_notices,
 )
@@ -120,20 +123,18 @@ def _root_only(path: Path) -> bool:
 
 
 def _check_user(inst: Instance) -> None:
-    """The wrapper runs the server as ``user``: it must exist here."""
-    user = inst.spec.user
+    """The wrapper runs the server as ``user`` (or the user the target picks):
+    it must exist here."""
+    user = run_as(inst)
     if user is None:
         return
     try:
         pwd.getpwnam(user)
     except KeyError:
-        raise UnitgenError(f"{inst.spec.source}: user: no such user {user!r}") from None
-
-
-
-
-
-
+        key = "user" if inst.spec.user else "kind"
+        raise UnitgenError(f"{inst.spec.source}: {key}: no such user {user!r}" + (
+            "" if inst.spec.user else ": this target runs the program as that user, which the "
+            "package that installs the program makes (docs/supervisor.md)")) from None
 
 
 def _answers(inst: Instance) -> bool:
@@ -152,7 +153,7 @@ class SupervisorDeploy:
         # supervisord (root) runs unitgen's wrappers as root: the trust check is owed
         self.root_runs_code = os.geteuid() == 0
         self._rpc: SupervisorRPC | None = None
-        self.features: list[Feature] = []  # none bound yet (docs/supervisor.md)
+        self.features: list[Feature] = features(site, self.rpc)
         self.installed: dict[str, InstalledConf] = {}
         self._states: dict[str, dict[str, object]] = {}
         self._diff: Diff = ([], [], [])
@@ -197,11 +198,13 @@ class SupervisorDeploy:
         paths: dict[str, Path] = {}
         old: dict[str, str | None] = {}
         for f in planned.files:
-            path = paths[f.name] = (self.site.secrets_dir if f.secret else self.site.conf_dir) / f.name
-            if not f.secret:
+            where = (self.site.secrets_dir if f.secret else Path(self.site.ctx.config_dir)
+                     if f.config else self.site.conf_dir)
+            path = paths[f.name] = where / f.name
+            if not f.secret and not f.config:
                 check_ours(path, spec.name, f"{spec.source}: ")
             try:
-                old[f.name] = path.read_text(encoding="utf-8") if path.exists() else None
+                old[f.name] = read_exact(path) if path.exists() else None
             except OSError as exc:
                 raise UnitgenError(f"cannot read {path}: {exc.strerror}") from None
         stale: dict[Path, str] = {}
@@ -242,7 +245,9 @@ class SupervisorDeploy:
         supervisord does not see them, yet the programs read them when they
         start), or start the stopped ones of an unchanged instance."""
         added, changed, removed = self._diff
-        if not change.changed:
+        if change.reload_only and self._signal_reload(change):
+            return
+        if not change.changed or change.reload_only:  # reload_only: it was not running
             _apply_groups(self.rpc, change.units, self._diff)
             for group in change.units:
                 info = self._states.get(group)
@@ -256,6 +261,15 @@ class SupervisorDeploy:
                       (added, changed, removed))
         if opts.wait:
             opts.say(f"{change.name}: starting (public {change.inst.public.listen()})")
+
+    def _signal_reload(self, change: Change) -> bool:
+        """Only files its server reads again on a signal changed: send it, if the
+        server runs (it keeps its pid and its socket)."""
+        sig, server = reload_signal(change.inst), f"{change.name}-backend"
+        if sig is None or self._states.get(server, {}).get("statename") != "RUNNING":
+            return False
+        self.rpc.call("signalProcess", server, sig)
+        return True
 
     def wait(self, change: Change, opts: DeployOptions) -> Ready:
         """Poll the PUBLIC port until it answers, supervisord gives up, or the
@@ -342,11 +356,14 @@ def remove(names: list[str], site: Site) -> Result:
     """Stop and remove the named instances' groups from supervisord and delete
     exactly the files unitgen wrote for them."""
     rpc = site.rpc(timeout=None)
+    feats = features(site, rpc)
     removed: list[dict[str, object]] = []
     lines: list[str] = []
     absent: list[str] = []
     with _lock(site.conf_dir):
         installed = scan(site.conf_dir, site.ctx.run_dir)
+        for feat in feats:  # others stop depending on them while they still run
+            lines += feat.before_remove(installed, names)
         for name in names:
             conf = installed.get(name)
             if conf is None:
@@ -356,6 +373,7 @@ def remove(names: list[str], site: Site) -> Result:
             t0 = time.monotonic()
             for group in conf.groups:
                 rpc.remove_group(group)
+            clear_run_dir(site.ctx.run_dir, name)
             files = [p for p in (conf.path, site.conf_dir / conf_name(name))
                      if p.exists() and is_ours(p, name)]
             secret = site.secrets_dir / secret_name(name)
@@ -363,6 +381,10 @@ def remove(names: list[str], site: Site) -> Result:
                 files.append(secret)
             for path in dict.fromkeys(files):
                 path.unlink()
+            for feat in feats:  # what each feature takes away with it (its files)
+                gone, said = feat.removed(conf)
+                files += gone
+                lines += said
             removed.append({"name": name, "files": [str(p) for p in dict.fromkeys(files)],
                             "units": conf.groups})
             lines.append(f"{name}: removed ({', '.join(conf.groups)}; "

@@ -4,7 +4,9 @@ options and environment variables and passed to every operation."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import stat
 import sys
 from dataclasses import dataclass
@@ -19,10 +21,12 @@ from unitgen.ops.supervisor.rpc import (
     default_url,
     find_config,
 )
+from unitgen.plan.instance import runtime_subdir
 from unitgen.targets.base import find_proxyd  # the same binary serves both targets
 from unitgen.targets.supervisor.render import SupervisorContext
 
-__all__ = ["ENV_VARS", "Site", "check_run_dir", "context", "log_dir", "make_dir"]
+__all__ = ["ENV_VARS", "Site", "check_run_dir", "clear_run_dir", "context", "log_dir",
+           "make_dir"]
 
 # Every setting can come from the environment, so a container image sets them once.
 ENV_VARS = {
@@ -32,6 +36,7 @@ ENV_VARS = {
     "run_dir": "UNITGEN_SUPERVISOR_RUN_DIR",
     "log_dir": "UNITGEN_SUPERVISOR_LOG_DIR",
     "secrets_dir": "UNITGEN_SUPERVISOR_SECRETS_DIR",
+    "config_dir": "UNITGEN_SUPERVISOR_CONFIG_DIR",
 }
 
 
@@ -70,14 +75,16 @@ class Site:
 
 
 def context(*, need_proxyd: bool = True) -> SupervisorContext:
-    """This interpreter, the installed proxyd, and the run/log/secret directories
-    (environment variables, else /run/unitgen, /var/log/unitgen, /etc/unitgen/secrets)."""
+    """This interpreter, the installed proxyd, and the run/log/secret/config
+    directories (environment variables, else /run/unitgen, /var/log/unitgen,
+    /etc/unitgen/secrets, /etc: gateways in /etc/unitgen/gateways)."""
     return SupervisorContext(
         python=sys.executable,
         proxyd=find_proxyd() if need_proxyd else "systemd-socket-proxyd",
         run_dir=os.environ.get(ENV_VARS["run_dir"], "/run/unitgen"),
         log_dir=os.environ.get(ENV_VARS["log_dir"], "/var/log/unitgen"),
         secrets_dir=os.environ.get(ENV_VARS["secrets_dir"], "/etc/unitgen/secrets"),
+        config_dir=os.environ.get(ENV_VARS["config_dir"], "/etc"),
     )
 
 
@@ -95,6 +102,14 @@ def check_run_dir(run: Path) -> None:
                            f"(owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); root "
                            "makes each instance's socket directory there: use a directory only "
                            "root can write (UNITGEN_SUPERVISOR_RUN_DIR; docs/supervisor.md)")
+
+def clear_run_dir(run: str, name: str) -> None:
+    """A removed instance's runtime directory goes with it, as systemd's
+    ``RuntimeDirectory=`` does (a gateway's copy of its API keys is there). Only
+    root writes ``run`` (:func:`check_run_dir`): the entry is no planted link."""
+    with contextlib.suppress(OSError):
+        shutil.rmtree(Path(run) / runtime_subdir(name))
+
 
 def log_dir(directory: Path) -> None:
     """supervisord does not create log directories. The servers' logs can hold

@@ -1,6 +1,7 @@
 """status, logs and doctor for the supervisor target. RUNNING in supervisord
 only means "alive for startsecs": an instance is ``ready`` only when its public
-port answers the health path (a live probe, the same code deploy waits with)."""
+port answers the health path (a live probe, the same code deploy waits with).
+What the features bound here say (gateways and their routes) follows."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from unitgen.errors import EXIT_FAILURE, EXIT_OK
 from unitgen.inunit.envfile import read_env_file
 from unitgen.inunit.probe import attempt
 from unitgen.ops.findings import Finding, listening
+from unitgen.ops.supervisor.bindings import features
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.site import Site
 from unitgen.result import Result, table
@@ -101,6 +103,13 @@ def status(names: list[str], target: Site) -> Result:
     rpc = target.rpc()
     states = _states(rpc) if confs else {}
     rows = [_row(target, conf, states) for conf in confs.values()]
+    data: dict[str, object] = {"target": "supervisor", "instances": [asdict(r) for r in rows]}
+    more: tuple[str, ...] = ()
+    for feat in features(target, rpc):
+        said, feat_lines = feat.status(scan(target.conf_dir, target.ctx.run_dir),
+                                       {r.name: r.state for r in rows})
+        data.update(said)
+        more += feat_lines
     lines = [f"{'NAME':<20} {'STATE':<9} {'PUBLIC':<22} {'PID':>7} {'UPTIME':>8}  DETAIL"]
     for r in rows:
         up = f"{r.uptime:.0f}s" if r.uptime is not None else "-"
@@ -109,8 +118,8 @@ def status(names: list[str], target: Site) -> Result:
     if not rows:
         lines = [f"no unitgen instances in {target.conf_dir}"]
     failed = any(r.state == "failed" for r in rows)
-    return Result(data={"target": "supervisor", "instances": [asdict(r) for r in rows]},
-                  lines=tuple(lines), exit_code=EXIT_FAILURE if failed else EXIT_OK)
+    return Result(data=data, lines=(*lines, *more),
+                  exit_code=EXIT_FAILURE if failed else EXIT_OK)
 
 
 def list_instances(site: Site) -> Result:
@@ -188,10 +197,15 @@ def doctor(name: str, target: Site) -> Result:
             " (supervisord's socket)" if ok else
             ": not supervisord's socket; another process took the port")))
     server = states.get(conf.server)
-    if server and server["pid"]:
+    feats = features(target, rpc)
+    running = bool(server and server["statename"] == "RUNNING")
+    said = [f for feat in feats for f in feat.doctor(scan(target.conf_dir, target.ctx.run_dir),
+                                                     name, running)]
+    if server and server["pid"] and not any(feat.owns_processes(conf) for feat in feats):
         ports, paths = listening(int(server["pid"]))
         private_port = conf.private_port
-        extra = sorted(p for p in ports if p not in (private_port, public_port))
+        # its own ports: the public one and the others its record names (an exporter's)
+        extra = sorted(p for p in ports if p not in (private_port, public_port, *conf.rec.ports))
         if extra:
             findings.append(Finding(False, f"the server also listens on {', '.join(map(str, extra))}"
                                            f"; clients and the probe use {conf.public}: remove "
@@ -200,6 +214,7 @@ def doctor(name: str, target: Site) -> Result:
         if conf.uses_proxy and private_port is None and not paths:
             findings.append(Finding(False, f"the server listens on no Unix socket; the proxy "
                                            f"forwards to {conf.private}"))
+    findings += said
     probe = attempt(conf.probe_target(), conf.health_path, _key(target, conf), timeout=3.0)
     findings.append(Finding(probe.outcome == "ready",
                             f"public {conf.probe_target()}{conf.health_path}: {probe.detail}"))

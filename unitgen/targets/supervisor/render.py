@@ -23,11 +23,16 @@ from pathlib import Path
 import jinja2
 
 from unitgen.errors import Problem, SpecError
-from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
+from unitgen.plan.instance import CONFIG_DIR, RUNTIME_DIR, Instance, runtime_subdir
 from unitgen.plan.record import record_of
 from unitgen.targets.base import MARKER, RenderedFile, Target, find_proxyd, strict_environment
 from unitgen.targets.capabilities import ALL, Capability, Limits
 from unitgen.targets.supervisor import escape
+from unitgen.targets.supervisor.gateway import (
+    GATEWAY_USER,
+    KEYS_COPY,
+    render_gateway_files,
+)
 
 __all__ = [
     "LIMITS",
@@ -39,7 +44,9 @@ __all__ = [
     "env_path",
     "group_names",
     "make_environment",
+    "reload_signal",
     "render_instance",
+    "run_as",
     "secret_name",
     "target_notices",
 ]
@@ -47,6 +54,7 @@ __all__ = [
 # A big model can take a while to free GPU memory and exit on SIGTERM; after
 # this supervisord sends SIGKILL to the whole process group (killasgroup).
 STOP_WAIT_SECONDS = 120
+GATEWAY_STOP_WAIT_SECONDS = 30  # HAProxy stops at once on SIGTERM; as systemd's TimeoutStopSec
 LOG_MAXBYTES = "50MB"
 LOG_BACKUPS = 5
 # supervisord's fcgi socket listens with this backlog: clients that connect
@@ -61,20 +69,23 @@ _AUTORESTART = {"on-failure": "unexpected", "on-abnormal": "unexpected", "always
 class SupervisorContext:
     """What rendering needs from the host: the interpreter that runs unitgen's
     small wrappers, systemd-socket-proxyd, and the directories for runtime
-    sockets, logs and secrets."""
+    sockets, logs and secrets, and the configuration directory below which a
+    gateway's HAProxy files go (``unitgen/gateways/NAME``, as systemd's ``%E``)."""
 
     python: str
     proxyd: str
     run_dir: str
     log_dir: str
     secrets_dir: str
+    config_dir: str = "/etc"
 
     @classmethod
     def detect(cls, *, run_dir: str = "/run/unitgen", log_dir: str = "/var/log/unitgen",
-               secrets_dir: str = "/etc/unitgen/secrets") -> SupervisorContext:
+               secrets_dir: str = "/etc/unitgen/secrets",
+               config_dir: str = "/etc") -> SupervisorContext:
         """This host: this interpreter and the installed proxyd."""
         return cls(python=sys.executable, proxyd=find_proxyd(), run_dir=run_dir,
-                   log_dir=log_dir, secrets_dir=secrets_dir)
+                   log_dir=log_dir, secrets_dir=secrets_dir, config_dir=config_dir)
 
 
 # One file to install: the conf file goes in the include directory, the env
@@ -99,9 +110,8 @@ def group_names(inst: Instance) -> list[str]:
 
 # What supervisord cannot do (unitgen.targets.capabilities: which keys need what)
 LIMITS = Limits(ALL - {
-    Capability.ON_DEMAND, Capability.IDLE_STOP, Capability.SWAP_GROUP, Capability.GATEWAY,
-    Capability.GATEWAY_MEMBER, Capability.CONTAINER, Capability.SYSTEMD_DIRECTIVES,
-    Capability.RUN_AS_GROUP, Capability.IPV6}, {
+    Capability.ON_DEMAND, Capability.IDLE_STOP, Capability.SWAP_GROUP, Capability.CONTAINER,
+    Capability.SYSTEMD_DIRECTIVES, Capability.RUN_AS_GROUP, Capability.IPV6}, {
     Capability.ON_DEMAND: "\"on-demand\" is not available with the supervisor target: "
                           "supervisord cannot start a program on the first connection; use "
                           "activation = \"eager\" (the default) or the systemd target",
@@ -111,13 +121,6 @@ LIMITS = Limits(ALL - {
                            "through socket activation and stop each other (systemd's "
                            "Conflicts=), which supervisord cannot do; deploy swap groups with "
                            "the systemd target",
-    Capability.GATEWAY: "a gateway is not available with the supervisor target yet: its "
-                        "hitless reload (HAProxy's master keeping the socket while new workers "
-                        "take over) is built and tested for the systemd target only; deploy "
-                        "gateways with the systemd target",
-    Capability.GATEWAY_MEMBER: "gateways run with the systemd target only (for now): under "
-                               "supervisord the instance has its own port; drop gateway or "
-                               "deploy with systemd",
     Capability.CONTAINER: "containers run with the systemd target only: its unit keeps the "
                           "container in its own cgroup and removes it on every stop (podman's "
                           "conmon outlives a supervisord program that is killed, and supervisord "
@@ -130,6 +133,23 @@ LIMITS = Limits(ALL - {
                              "groups; it has no group setting",
     Capability.IPV6: "{value}: supervisord's sockets (socket=tcp://) are IPv4 only",
 })
+
+
+def run_as(inst: Instance) -> str | None:
+    """The user the instance's programs become (None: supervisord's own). A
+    gateway's HAProxy never keeps root (supervisord has no dynamic users)."""
+    if inst.spec.user:
+        return inst.spec.user
+    return GATEWAY_USER if inst.gateway is not None else None
+
+
+def reload_signal(inst: Instance) -> str | None:
+    """The signal that makes the server program read its configuration again
+    without letting go of its socket (None: it is restarted instead). HAProxy's
+    master starts new workers on SIGUSR2; the old ones finish their requests."""
+    return "USR2" if inst.gateway is not None else None
+
+
 
 
 def _refusals(inst: Instance) -> list[Problem]:
@@ -172,7 +192,7 @@ _FILTERS: dict[str, Callable[..., str]] = {
 
 
 def _runtime(word: str, ctx: SupervisorContext) -> str:
-    return word.replace(RUNTIME_DIR, ctx.run_dir)
+    return word.replace(RUNTIME_DIR, ctx.run_dir).replace(CONFIG_DIR, ctx.config_dir)
 
 
 def render_instance(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
@@ -207,7 +227,7 @@ def _value_problems(inst: Instance, ctx: SupervisorContext) -> list[Problem]:
     if spec.working_directory is not None:
         check(escape.plain_value, spec.working_directory, "working_directory")
     paths = {"run_dir": ctx.run_dir, "log_dir": ctx.log_dir, "secrets_dir": ctx.secrets_dir,
-             "python": ctx.python, "proxyd": ctx.proxyd}
+             "config_dir": ctx.config_dir, "python": ctx.python, "proxyd": ctx.proxyd}
     for key, value in paths.items():
         for write in (escape.plain_value, escape.command_word, escape.comment_text):
             check(write, value, "", f"the supervisor {key} ")
@@ -232,14 +252,15 @@ def _server_argv(inst: Instance, ctx: SupervisorContext) -> list[str]:
     user= line: that would run the wrapper as the user)."""
     spec, private = inst.spec, inst.private
     wrap: list[str] = []
-    if private is not None and RUNTIME_DIR in private.path:
+    if (private is not None and RUNTIME_DIR in private.path) or inst.gateway is not None:
         wrap += ["--mkdir", f"{ctx.run_dir}/{runtime_subdir(spec.name)}"]
     if env_path(inst, ctx):
         wrap += ["--env-file", env_path(inst, ctx), "--env-digest", escape.env_digest(inst.env)]
     if private is None:
         wrap += ["--fd3-from", _hold_path(inst, ctx)]
-    if spec.user:
-        wrap += ["--user", spec.user]
+    wrap += _gateway_wrap(inst)
+    if run_as(inst):
+        wrap += ["--user", str(run_as(inst))]
     if private is not None and private.kind == "tcp" and private.port < 1024:
         wrap += ["--bind-port", str(private.port)]
     argv = [_runtime(w, ctx) for w in inst.argv]
@@ -248,11 +269,27 @@ def _server_argv(inst: Instance, ctx: SupervisorContext) -> list[str]:
     return [ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "exec", *wrap, "--", *argv]
 
 
+def _gateway_wrap(inst: Instance) -> list[str]:
+    """What root hands a gateway's HAProxy before it becomes its user: the
+    exporter's socket as fd 4 (bound first, so a privileged port works too)
+    and a copy of the API keys in its runtime directory."""
+    plan = inst.gateway
+    if plan is None:
+        return []
+    out: list[str] = []
+    if plan.metrics is not None:
+        host, port = plan.metrics
+        out += ["--listen-fd4", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if plan.settings.api_keys_file:
+        out += ["--credential", f"{KEYS_COPY}:{plan.settings.api_keys_file}"]
+    return out
+
+
 def _public_argv(inst: Instance, ctx: SupervisorContext) -> list[str]:
     """The fcgi-program's argv: the holder of a socket-activated server's socket,
     or the proxy wrapper that forwards once the private endpoint answers."""
     spec, private = inst.spec, inst.private
-    as_user = ["--user", spec.user] if spec.user else []
+    as_user = ["--user", str(run_as(inst))] if run_as(inst) else []
     if private is None:
         return [ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "hold",
                 "--serve", _hold_path(inst, ctx), *as_user]
@@ -284,9 +321,11 @@ def _template_values(inst: Instance, ctx: SupervisorContext) -> dict[str, object
         "env_shown": list(inst.env),
         "secret_names": [k for k, _ in inst.secrets],
         "directory": spec.working_directory or "",
-        "user": spec.user or "",
+        "user": run_as(inst) or "",
+        "gateway": inst.gateway is not None,
         "autorestart": _AUTORESTART[spec.restart],
-        "stopwaitsecs": STOP_WAIT_SECONDS,
+        "stopwaitsecs": GATEWAY_STOP_WAIT_SECONDS if inst.gateway is not None
+                        else STOP_WAIT_SECONDS,
         "backlog": BACKLOG,
         "server_log": f"{ctx.log_dir}/{spec.name}.log",
         "proxy_log": f"{ctx.log_dir}/{spec.name}-proxy.log",
@@ -299,6 +338,8 @@ def _render_files(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
     env = make_environment()
     text = env.get_template("instance.conf.j2").render(_template_values(inst, ctx))
     files = [ConfFile(conf_name(inst.name), text)]
+    if inst.gateway is not None:
+        files += render_gateway_files(inst.name, inst.gateway, ctx.config_dir, ctx.run_dir)
     if env_path(inst, ctx):
         # every variable, not only the keys: supervisord's environment= cannot
         # carry "#x", "a ;b", "%(here)s" or '"q"' (escape.py), this file can

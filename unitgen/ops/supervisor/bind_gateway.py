@@ -1,0 +1,73 @@
+"""Gateways under supervisord (:class:`unitgen.features.gateway.config.GatewayBinding`):
+their files below the target's configuration directory
+(``CONFIG/unitgen/gateways/<name>``), the runtime API in the gateway's runtime
+directory, a reload as SIGUSR2 to HAProxy's master over XML-RPC
+(``signalProcess``: the master keeps its pid and the socket, new workers take
+over), and members' public programs (``[fcgi-program:NAME]``) holding their
+ports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unitgen.errors import UnitgenError
+from unitgen.features.gateway.doctor import SocketState
+from unitgen.features.gateway.plan import GatewayPlan
+from unitgen.ops.supervisor.rpc import SupervisorRPC
+from unitgen.ops.supervisor.site import Site
+from unitgen.targets.base import RenderedFile
+from unitgen.targets.supervisor.gateway import gateway_dir, render_gateway_files, runtime_dir
+
+__all__ = ["SupervisorGateway"]
+
+# supervisord's states in which a program holds its socket (supervisor/states.py)
+_HOLDING = ("RUNNING", "STARTING")
+
+
+class SupervisorGateway:
+    """The gateway binding of one supervisord."""
+
+    def __init__(self, site: Site, rpc: SupervisorRPC) -> None:
+        self.site = site
+        self.rpc = rpc
+        self.ctx = site.ctx
+
+    def directory(self, gateway: str) -> Path:
+        """``CONFIG/unitgen/gateways/<gateway>``."""
+        return gateway_dir(self.ctx.config_dir, gateway)
+
+    def admin_socket(self, gateway: str) -> Path:
+        """``RUN/unitgen-<gateway>/admin.sock``."""
+        return Path(runtime_dir(self.ctx.run_dir, gateway)) / "admin.sock"
+
+    def files(self, gateway: str, plan: GatewayPlan) -> list[RenderedFile]:
+        """The gateway's HAProxy files as the supervisor target writes them."""
+        return render_gateway_files(gateway, plan, self.ctx.config_dir, self.ctx.run_dir)
+
+    def path(self, f: RenderedFile) -> Path:
+        """Below the target's configuration directory."""
+        return Path(self.ctx.config_dir) / f.name
+
+    def reload(self, gateway: str) -> str | None:
+        """SIGUSR2 to a running gateway's HAProxy master (its outcome; None when
+        it is not running)."""
+        program = f"{gateway}-backend"
+        try:
+            info = self.rpc.call("getProcessInfo", program)
+        except UnitgenError:
+            return None  # not loaded
+        if info.get("statename") != "RUNNING" or not info.get("pid"):
+            return None
+        self.rpc.call("signalProcess", program, "USR2")
+        return f"SIGUSR2 to HAProxy's master, pid {info['pid']}"
+
+    def socket_states(self, names: list[str]) -> dict[str, SocketState]:
+        """Each instance's public program (its fcgi socket) and its state."""
+        states = {str(p["name"]): str(p["statename"]) for p in self.rpc.processes()
+                  if p["group"] == p["name"]}
+        out: dict[str, SocketState] = {}
+        for n in names:
+            state = states.get(n, "not loaded")
+            out[n] = SocketState(f"program {n}", "active" if state in _HOLDING else state.lower(),
+                                 f"supervisorctl start {n}")
+        return out

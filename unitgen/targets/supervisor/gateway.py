@@ -1,0 +1,54 @@
+"""A gateway's files for the supervisor target: where its HAProxy configuration
+and the files it answers with go (the same files as for systemd, rendered by
+:mod:`unitgen.features.gateway.render`), and what HAProxy is handed at start.
+
+supervisord runs every program as root; the gateway's wrapper drops to
+:data:`GATEWAY_USER` before HAProxy starts, so HAProxy never has root. It reads
+the API keys from a copy the wrapper makes, as root, in the gateway's private
+runtime directory (what systemd's ``LoadCredential=`` does for its dynamic user).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unitgen.features.gateway.files import gateway_files
+from unitgen.features.gateway.plan import GatewayPlan
+from unitgen.features.gateway.render import GatewayPaths
+from unitgen.plan.instance import runtime_subdir
+from unitgen.targets.base import RenderedFile
+
+__all__ = ["GATEWAY_USER", "KEYS_COPY", "gateway_dir", "gateway_paths", "render_gateway_files",
+           "runtime_dir"]
+
+# The user HAProxy runs as: the one the distribution's haproxy package makes for
+# it (Debian, Ubuntu, Fedora, Alpine: "haproxy"). supervisord has no dynamic users.
+GATEWAY_USER = "haproxy"
+KEYS_COPY = "api-keys"  # the keys' copy, in the gateway's runtime directory
+
+
+def gateway_dir(config_dir: str, name: str) -> Path:
+    """Where a gateway's HAProxy files are installed (root's, readable by HAProxy),
+    below the target's configuration directory."""
+    return Path(config_dir) / "unitgen" / "gateways" / name
+
+
+def runtime_dir(run_dir: str, name: str) -> str:
+    """The gateway's private runtime directory (0700, HAProxy's user's): its
+    runtime API, the socket its holder serves, the keys' copy."""
+    return f"{run_dir}/{runtime_subdir(name)}"
+
+
+def gateway_paths(name: str, plan: GatewayPlan, config_dir: str, run_dir: str) -> GatewayPaths:
+    """Where HAProxy reads gateway ``name``'s files under supervisord."""
+    run = runtime_dir(run_dir, name)
+    keys = f"{run}/{KEYS_COPY}" if plan.settings.api_keys_file else None
+    return GatewayPaths(str(gateway_dir(config_dir, name)), run, keys)
+
+
+def render_gateway_files(name: str, plan: GatewayPlan, config_dir: str,
+                         run_dir: str) -> list[RenderedFile]:
+    """The HAProxy configuration of a gateway and the files it names (config
+    files, their names below ``config_dir``)."""
+    return gateway_files(plan, gateway_paths(name, plan, config_dir, run_dir),
+                         f"unitgen/gateways/{name}")
