@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from unitgen.plan.gateway import GatewaySettings, Route
 from unitgen.targets.base import RenderedFile, strict_environment
+from unitgen.targets.haproxy.patterns import ONE_MODEL_RE, ROUTED_PATHS
 
 if TYPE_CHECKING:
     import jinja2
@@ -29,6 +30,7 @@ __all__ = ["FILES", "GatewayPaths", "render_gateway"]
 FILES = {
     "routes": "routes.map", "models": "models.json", "e400": "400.json", "e401": "401.json",
     "e404": "404.json", "e404path": "404-path.json", "e413": "413.json", "e429": "429.http",
+    "e400twice": "400-model-twice.json", "one_model": "one-model.re",
 }
 CONFIG = "haproxy.cfg"
 
@@ -100,7 +102,7 @@ def render_gateway(settings: GatewaySettings, routes: list[Route],
         # default above 2 KiB buffers): the body may fill the rest
         "bufsize": settings.max_body + 1024 + 16384,
         "admin_socket": f"{paths.runtime}/admin.sock",
-        "client_timeout": settings.client_timeout,
+        "client_timeout": settings.client_timeout, "paths": ROUTED_PATHS,
         "default_wait": max([r.wait for r in routes] or [60.0]),
         "keys_file": paths.keys_file or "", "metrics": bool(settings.metrics),
         "files": files, "routes": routes,
@@ -118,13 +120,17 @@ def render_gateway(settings: GatewaySettings, routes: list[Route],
                        "Bearer <key>"),
         "e404": _error(404, "not_found_error", f"no such model here; the models are: {listing}"),
         "e404path": _error(404, "not_found_error", "not an endpoint of this gateway: POST "
-                           "OpenAI requests with a \"model\", or GET /v1/models"),
+                           "a request with a \"model\" to " + ", ".join(ROUTED_PATHS)
+                           + "; or GET /v1/models"),
+        "e400twice": _error(400, "invalid_request_error", "the request body must be a JSON "
+                            "object that names its \"model\" once (at most 200 levels deep)"),
         "e413": _error(413, "invalid_request_error", f"the request body is larger than "
                        f"{settings.max_body} bytes, the most this gateway reads to find its "
                        "\"model\"; raise max_body in the gateway's spec"),
         "e429": _http(429, "Too Many Requests", _error(
             429, "rate_limit_error", "the model's requests in flight are at its bound "
             "(max_concurrent) and this one waited longer than its queue timeout")),
+        "one_model": ONE_MODEL_RE + "\n",
     }
     out = [RenderedFile(CONFIG, f"{cfg}")]
     out += [RenderedFile(FILES[k], text) for k, text in bodies.items()]

@@ -1,0 +1,235 @@
+"""What the gateway lets through to its members (issue 25, items 4, 5 and 8),
+against a real HAProxy running the rendered configuration (its socket on fd 3,
+as the socket unit passes it) and a member that records every request it gets:
+only the OpenAI paths, one ``model`` a body, and slow clients that cannot lock
+others out. No service manager: the live tier deploys the same files."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from unitgen.plan.gateway import GatewaySettings, Member, routes
+from unitgen.targets.haproxy.patterns import ROUTED_PATHS
+from unitgen.targets.haproxy.render import CONFIG, GatewayPaths, render_gateway
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(),
+                                reason="HAProxy is not installed (./setup installs it)")
+
+
+@dataclass
+class Seen:
+    """What the member received: (method, path, Authorization, body) per request."""
+
+    requests: list[tuple[str, str, str | None, bytes]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _member(seen: Seen) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            with seen.lock:
+                seen.requests.append((self.command, self.path,
+                                      self.headers.get("Authorization"), raw))
+            try:  # the model a Python server reads: the last one
+                model = json.loads(raw).get("model")
+            except (ValueError, AttributeError):
+                model = None
+            body = json.dumps({"model": model, "path": self.path}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            self._answer()
+
+        def do_POST(self) -> None:
+            self._answer()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            return  # HAProxy closing a kept-alive connection: nothing to report
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@dataclass
+class Door:
+    """A running gateway in front of one recording member (route ``m1``)."""
+
+    port: int
+    seen: Seen
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                key: str | None = None) -> tuple[int, dict[str, Any]]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+            return resp.status, json.loads(data) if data else {}
+        finally:
+            conn.close()
+
+
+def _dup3(fd: int) -> None:
+    if fd != 3:
+        os.dup2(fd, 3)
+
+
+@contextlib.contextmanager
+def door(tmp: Path, gw: GatewaySettings) -> Iterator[Door]:
+    """HAProxy with the configuration unitgen renders for ``gw`` and one member."""
+    seen = Seen()
+    member = _member(seen)
+    plan = routes([Member("m1", f"127.0.0.1:{member.server_address[1]}", ("m1", "alias"))])
+    for f in render_gateway(gw, plan, GatewayPaths(str(tmp), str(tmp))):
+        (tmp / f.name).write_text(f.text, encoding="utf-8")
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    # the socket on fd 3, as the socket unit passes it (the child only dup2s, then execs)
+    proc = subprocess.Popen([HAPROXY, "-W", "-f", str(tmp / CONFIG)],
+                            pass_fds=(3, listener.fileno()),
+                            preexec_fn=lambda: _dup3(listener.fileno()),  # noqa: PLW1509
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    port = listener.getsockname()[1]
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                if Door(port, seen).request("GET", "/unitgen/health")[0] == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        yield Door(port, seen)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        listener.close()
+        member.shutdown()
+        member.server_close()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Door]:
+    with door(tmp_path_factory.mktemp("door"), GatewaySettings("door")) as d:
+        yield d
+
+
+def _chat(model: str = "m1") -> bytes:
+    return json.dumps({"messages": [{"role": "user", "content": "hi"}], "model": model}).encode()
+
+
+# The admin endpoints of the servers behind a gateway (issue 25, item 4), and
+# spellings of the routed paths that reach other handlers on some server.
+ADMIN_PATHS = [
+    "/update_weights_from_disk", "/release_memory_occupation", "/configure_logging",  # SGLang
+    "/slots/0?action=erase", "/lora-adapters",  # llama-server
+    "/sleep", "/wake_up", "/collective_rpc",  # vLLM (dev mode)
+    "/v1/load_lora_adapter",  # vLLM (runtime LoRA)
+    "/v1/../update_weights_from_disk", "/v1/chat/completions/../../sleep",
+    "/v1/%2e%2e/sleep", "/v1/%2E%2E/collective_rpc", "/v1/chat%2fcompletions",
+    "//v1/chat/completions", "/v1/chat/completions/", "/v1/./chat/completions",
+    "/V1/chat/completions", "/v1/chat/completions;x=1",
+]
+
+
+@pytest.mark.parametrize("path", ADMIN_PATHS)
+def test_only_the_openai_paths_reach_a_member(gateway, path):
+    before = len(gateway.seen.requests)
+    status, body = gateway.request("POST", path, _chat())
+    assert status == 404, (path, body)
+    assert body["error"]["type"] == "not_found_error", body  # the gateway's own, OpenAI's shape
+    assert "/v1/chat/completions" in body["error"]["message"]
+    assert len(gateway.seen.requests) == before, gateway.seen.requests[before:]
+
+
+@pytest.mark.parametrize("path", ROUTED_PATHS)
+def test_the_openai_paths_are_routed(gateway, path):
+    status, body = gateway.request("POST", f"{path}?api-version=1", _chat("alias"))
+    assert status == 200 and body["path"] == f"{path}?api-version=1", body
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "m1", "messages": [], "model": "lora-secret"}',
+    b'{"model": "m1", "mod\\u0065l": "lora-secret"}',
+    b'{"model": "m1", "MODEL": 1, "m\\u006Fdel": "lora-secret"}',
+    b'{"model": "m1", "x": {"y": [1, {"z": "}"}]}, "model": "lora-secret"}',
+    b'{"model": "m1"} {"model": "lora-secret"}',
+    b'{"model": "m1", "x": ' + b"[" * 400 + b"]" * 400 + b'}',  # deeper than the pattern reads
+])
+def test_a_body_that_names_its_model_twice_is_refused(gateway, body):
+    before = len(gateway.seen.requests)
+    status, answer = gateway.request("POST", "/v1/chat/completions", body)
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
+    assert "once" in answer["error"]["message"]
+    assert len(gateway.seen.requests) == before
+
+
+def test_a_model_key_nested_in_a_tool_is_not_a_second_model(gateway):
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"model": {"type": "string"}}}}}
+    body = {"tools": [tool], "messages": [{"role": "user", "content": '"model": "x"'}],
+            "model": "m1", "response_format": {"model": "nested"}}
+    status, answer = gateway.request("POST", "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 200 and answer["model"] == "m1", answer
+
+
+_KEY_SPELLINGS = ['"model"', '"mod\\u0065l"', '"\\u006D\\u006f\\u0064\\u0065\\u006c"']
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8))
+_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3),
+    st.dictionaries(st.sampled_from(["model", "a", 'q"', "\\"]), inner, max_size=3)), max_leaves=8)
+_pairs = st.lists(st.one_of(
+    st.tuples(st.sampled_from(_KEY_SPELLINGS), st.sampled_from(['"m1"', '"alias"', '"other"'])),
+    st.tuples(st.sampled_from(['"messages"', '"x"', '"models"', '"model "']),
+              _values.map(json.dumps))), max_size=5)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rest=_pairs, ws=st.sampled_from(["", " ", "\n\t"]))
+def test_the_model_that_is_routed_is_the_model_the_member_reads(gateway, rest, ws):
+    # whatever the body, a member never serves a model other than the one routed
+    text = "{" + f",{ws}".join([f'"model":{ws}"m1"', *(f"{k}{ws}:{v}" for k, v in rest)]) + "}"
+    models = [v for k, v in json.loads(text, object_pairs_hook=lambda kv: kv) if k == "model"]
+    status, answer = gateway.request("POST", "/v1/chat/completions", text.encode())
+    if len(models) == 1:
+        assert status == 200 and answer["model"] == "m1", (text, answer)
+    else:
+        assert status == 400, (text, answer)
