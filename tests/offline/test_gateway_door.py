@@ -233,3 +233,48 @@ def test_the_model_that_is_routed_is_the_model_the_member_reads(gateway, rest, w
         assert status == 200 and answer["model"] == "m1", (text, answer)
     else:
         assert status == 400, (text, answer)
+
+
+def _slow(source: str, port: int) -> socket.socket:
+    """A connection from ``source`` that sends the start of a request and stops."""
+    s = socket.socket()
+    s.bind((source, 0))
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    return s
+
+
+def _closed(s: socket.socket) -> str:
+    """How the gateway ended a slow connection: ``closed`` or the status it sent."""
+    try:
+        data = s.recv(4096)
+    except ConnectionResetError:
+        return "closed"
+    return data.split(b"\r\n", 1)[0].decode() if data else "closed"
+
+
+def test_slow_clients_from_one_address_lock_no_one_out(tmp_path):
+    # issue 25, item 5: 20 connections trickling a header held all of
+    # max_connections for client_timeout (10 min)
+    gw = GatewaySettings("slow", max_connections=20, request_timeout=2.0)
+    with door(tmp_path, gw) as d:
+        slow = [_slow("127.0.0.2", d.port) for _ in range(20)]
+        try:
+            t0 = time.monotonic()
+            for s in slow:  # they keep sending, a byte at a time
+                with contextlib.suppress(OSError):
+                    s.send(b"a")
+            status, answer = d.request("POST", "/v1/chat/completions", _chat())
+            assert status == 200 and answer["model"] == "m1", answer
+            assert time.monotonic() - t0 < 1.5
+            # and none of them holds its connection longer than request_timeout
+            ends = [_closed(s) for s in slow]
+            waited = time.monotonic() - t0
+            assert waited < 5.0, waited
+            assert ends.count("closed") >= 10, ends  # over the per-address bound: at once
+            # the others at request_timeout (HAProxy's own 408 for a head cut short)
+            assert all(e == "closed" or e.startswith("HTTP/1.1 408 ") for e in ends), ends
+        finally:
+            for s in slow:
+                s.close()

@@ -90,6 +90,13 @@ class GatewaySettings:
     max_body: int = GatewaySpec.max_body  # bytes a body may have and still be routed
     max_connections: int = GatewaySpec.max_connections
     client_timeout: float = GatewaySpec.client_timeout  # a silent client is closed after
+    request_timeout: float = GatewaySpec.request_timeout  # to send a whole request
+    max_connections_per_client: int | None = None  # None: half of max_connections
+
+    @property
+    def per_client(self) -> int:
+        """Connections one client address may hold: never all of them."""
+        return self.max_connections_per_client or max(1, self.max_connections // 2)
 
 
 def routes(members: Iterable[Member]) -> list[Route]:
@@ -181,7 +188,8 @@ def settings_of(g: GatewaySpec) -> GatewaySettings:
     """A gateway spec's own keys, as the HAProxy renderer takes them."""
     return GatewaySettings(name=g.name, api_keys_file=g.api_keys_file, metrics=g.metrics,
                            max_body=g.max_body, max_connections=g.max_connections,
-                           client_timeout=g.client_timeout)
+                           client_timeout=g.client_timeout, request_timeout=g.request_timeout,
+                           max_connections_per_client=g.max_connections_per_client)
 
 
 def metrics_of(g: GatewaySpec) -> tuple[str, int] | None:

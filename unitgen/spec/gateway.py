@@ -39,8 +39,16 @@ GATEWAY_KEYS: tuple[Key, ...] = (
                    "request in flight costs more than it routes"),
     Key("max_connections", Kind.INTEGER, "connections HAProxy holds at once (`maxconn`)",
         default=1024, lo=1, hi=1_000_000),
-    Key("client_timeout", Kind.DURATION, "close a client that sends nothing for this long",
+    Key("client_timeout", Kind.DURATION, "while an answer streams: close a client that "
+        "neither sends nor reads for this long",
         default=600.0, lo=1, hi=_DAY),
+    Key("request_timeout", Kind.DURATION, "the time a client has to send a whole request, "
+        "head and body (then 408): a client that trickles one holds its connection no "
+        "longer; an idle kept-alive connection is closed after it too", default=30.0, lo=1,
+        hi=3600),
+    Key("max_connections_per_client", Kind.INTEGER, "connections one client address may hold "
+        "at once (more are closed at once); default: half of `max_connections`",
+        lo=1, hi=1_000_000),
     Key("upstreams", Kind.TABLES, "instances on other hosts this gateway routes to: a list of "
         "tables with the keys of `UPSTREAM_KEYS` (`[[upstreams]]`; docs/gateway.md)",
         default=()),
@@ -111,6 +119,8 @@ class GatewaySpec:
     max_body: int = _default("max_body")
     max_connections: int = _default("max_connections")
     client_timeout: float = _default("client_timeout")
+    request_timeout: float = _default("request_timeout")
+    max_connections_per_client: int | None = None
     upstreams: tuple[UpstreamSpec, ...] = ()
 
 

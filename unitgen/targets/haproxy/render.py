@@ -30,7 +30,7 @@ __all__ = ["FILES", "GatewayPaths", "render_gateway"]
 FILES = {
     "routes": "routes.map", "models": "models.json", "e400": "400.json", "e401": "401.json",
     "e404": "404.json", "e404path": "404-path.json", "e413": "413.json", "e429": "429.http",
-    "e400twice": "400-model-twice.json", "one_model": "one-model.re",
+    "e400twice": "400-model-twice.json", "e408": "408.http", "one_model": "one-model.re",
 }
 CONFIG = "haproxy.cfg"
 
@@ -102,7 +102,8 @@ def render_gateway(settings: GatewaySettings, routes: list[Route],
         # default above 2 KiB buffers): the body may fill the rest
         "bufsize": settings.max_body + 1024 + 16384,
         "admin_socket": f"{paths.runtime}/admin.sock",
-        "client_timeout": settings.client_timeout, "paths": ROUTED_PATHS,
+        "client_timeout": settings.client_timeout, "request_timeout": settings.request_timeout,
+        "per_client": settings.per_client, "paths": ROUTED_PATHS,
         "default_wait": max([r.wait for r in routes] or [60.0]),
         "keys_file": paths.keys_file or "", "metrics": bool(settings.metrics),
         "files": files, "routes": routes,
@@ -130,6 +131,9 @@ def render_gateway(settings: GatewaySettings, routes: list[Route],
         "e429": _http(429, "Too Many Requests", _error(
             429, "rate_limit_error", "the model's requests in flight are at its bound "
             "(max_concurrent) and this one waited longer than its queue timeout")),
+        "e408": _http(408, "Request Timeout", _error(
+            408, "invalid_request_error", f"the request was not sent whole within "
+            f"{settings.request_timeout:g} s (the gateway's request_timeout)")),
         "one_model": ONE_MODEL_RE + "\n",
     }
     out = [RenderedFile(CONFIG, f"{cfg}")]
