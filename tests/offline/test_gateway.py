@@ -5,19 +5,35 @@ gateway specs refused with file and key."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import stat
+from dataclasses import replace
 
 import pytest
 
 from tests.helpers import GOLDEN_CTX, write_spec
 from unitgen.errors import SpecError
+from unitgen.inunit import keycopy
+from unitgen.ops.pipeline import plan_paths
 from unitgen.ops.systemd.gateways import validate
-from unitgen.ops.systemd.specs import render_spec
-from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, routes, settings_of, upstream_members
+from unitgen.ops.systemd.specs import planner, render_spec
+from unitgen.plan.gateway import (
+    GatewayPlan,
+    GatewaySettings,
+    Member,
+    route_keys,
+    routes,
+    settings_of,
+    upstream_members,
+)
 from unitgen.plan.instance import resolve
 from unitgen.spec.gateway import GatewaySpec
 from unitgen.spec.model import load_any, load_spec
 from unitgen.targets.haproxy.render import FILES, GatewayPaths, render_gateway
+from unitgen.targets.systemd.escape import env_file_line, env_file_value
+from unitgen.targets.systemd.installed import parse_member
 
 needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None and
                                    not shutil.os.path.exists("/usr/sbin/haproxy"),  # type: ignore[attr-defined]
@@ -193,3 +209,90 @@ def test_an_upstream_address_is_refused_unless_haproxy_reads_it_one_way(tmp_path
     with pytest.raises(SpecError) as info:
         load_any(write_spec(tmp_path, "gw", text))
     assert [p.key for p in info.value.problems] == ["upstreams[0].address"], info.value.problems
+
+
+def _keyed(name: str, names: tuple[str, ...], key_env: str | None = "K") -> Member:
+    return Member(name, "127.0.0.1:1", names, key_env=key_env)
+
+
+def test_replicas_share_one_key_or_are_refused():
+    # HAProxy sets the header before it picks a server: one key a set of replicas
+    plan = GatewayPlan(GatewaySettings("gw"), (_keyed("a", ("a", "q")), _keyed("b", ("b", "q")),
+                                                _keyed("c", ("c",), None)),
+                       keys=(("a", "sk-1"), ("b", "sk-1")))
+    sent, problems = route_keys(plan)
+    backend = {r.names: r.backend for r in plan.routes}
+    assert sent == {backend[("a",)]: "sk-1", backend[("b",)]: "sk-1", backend[("q",)]: "sk-1"}
+    assert not problems
+    _, problems = route_keys(replace(plan, keys=(("a", "sk-1"), ("b", "sk-2"))))
+    assert problems == [problems[0]] and "route q" in problems[0], problems
+    _, problems = route_keys(replace(plan, keys=(("a", "sk-1"),)))  # b's file unreadable
+    assert problems == ["the API key of b cannot be read from its secret file: deploy it again"]
+    mixed = GatewayPlan(GatewaySettings("gw"), (_keyed("a", ("q",)), _keyed("c", ("q",), None)),
+                        keys=(("a", "sk-1"),))
+    problems = route_keys(mixed)[1]
+    assert problems and "a key and none" in problems[0], problems
+    assert "sk-1" not in repr(plan) and "sk-1" not in " ".join(problems)
+
+
+def test_the_keys_a_gateway_sends_are_its_secret_and_refused_replicas_name_the_file(tmp_path):
+    key = "sk-mem$ber\"\\1"
+    members = [write_spec(tmp_path, n, f'name = "{n}"\nbackend = "vllm"\nmodel = "m"\n'
+                          f'gateway = "gw"\naliases = ["q"]\nargs = ["--api-key", {json.dumps(k)}]\n')
+               for n, k in (("a", key), ("b", key))]
+    gw = write_spec(tmp_path, "gw", 'kind = "gateway"\nname = "gw"\nport = 8080\n')
+    target, alloc = planner(GOLDEN_CTX, None)
+    planned = plan_paths([*members, gw], target, alloc)
+    files = {f.name: f for f in planned[-1].files}
+    assert files["gw.env"].secret and f"Bearer {key}" in files["gw.env"].text
+    assert all(key not in f.text for f in planned[-1].files if not f.secret)
+    unit = next(f.text for p in planned for f in p.files if f.name == "a.service")
+    assert "# unitgen-member: gw=gw " in unit and " key=VLLM_API_KEY" in unit
+    read_back = parse_member("a", unit.split("# unitgen-member: ")[1].split("\n")[0])
+    assert read_back is not None and read_back.key_env == "VLLM_API_KEY"
+    other = write_spec(tmp_path, "b", members[1].read_text().replace(json.dumps(key), '"sk-2"'))
+    with pytest.raises(SpecError) as info:
+        plan_paths([members[0], other, gw], target, alloc)
+    assert [p.file for p in info.value.problems] == [str(gw)], info.value.problems
+    assert key not in str(info.value) and "same key" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["plain", 'q"uote', "back\\slash\\", "$dollar`tick", "a b"])
+def test_a_secret_reads_back_as_written(value):
+    line = env_file_line("K", value)
+    assert env_file_value(f"# x\nOTHER=\"1\"\n{line}\n", "K") == value
+    assert env_file_value(line, "NOPE") is None
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="hands a root file to another uid")
+
+
+@needs_root
+def test_keycopy_gives_the_runtime_directorys_owner_a_copy_and_nobody_else(tmp_path):
+    src, run = tmp_path / "gw.env", tmp_path / "run"
+    src.write_text("r1 Bearer sk-1\n")
+    src.chmod(0o600)
+    run.mkdir(mode=0o700)
+    os.chown(run, 65534, 65534)
+    (run / "member-keys.map").symlink_to(tmp_path / "victim")  # replaced, never followed
+    assert keycopy.main([str(src), str(run / "member-keys.map")]) == 0
+    st = (run / "member-keys.map").lstat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o400)
+    assert (run / "member-keys.map").read_text() == "r1 Bearer sk-1\n"
+    assert not (tmp_path / "victim").exists() and os.listdir(run) == ["member-keys.map"]
+    src.unlink()
+    assert keycopy.main([str(src), str(run / "member-keys.map")]) == 0  # nothing to send
+    assert (run / "member-keys.map").read_text() == ""
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["readable", "not-roots"])
+def test_keycopy_refuses_a_file_that_is_not_roots_alone(tmp_path, how, capsys):
+    src = tmp_path / "gw.env"
+    src.write_text("r1 Bearer sk-1\n")
+    src.chmod(0o644 if how == "readable" else 0o600)
+    if how == "not-roots":
+        os.chown(src, 65534, 65534)
+    assert keycopy.main([str(src), str(tmp_path / "out.map")]) == 1
+    said = capsys.readouterr().err
+    assert str(src) in said and "sk-1" not in said and not (tmp_path / "out.map").exists()

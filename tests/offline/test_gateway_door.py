@@ -1,8 +1,9 @@
-"""What the gateway lets through to its members (issue 25, items 4, 5 and 8),
-against a real HAProxy running the rendered configuration (its socket on fd 3,
-as the socket unit passes it) and a member that records every request it gets:
-only the OpenAI paths, one ``model`` a body, and slow clients that cannot lock
-others out. No service manager: the live tier deploys the same files."""
+"""What the gateway lets through to its members (issue 25, items 3, 4, 5 and
+8), against a real HAProxy running the rendered configuration (its socket on
+fd 3, as the socket unit passes it) and members that record every request they
+get: only the OpenAI paths, one ``model`` a body, never the client's gateway
+key (a member's own key instead), and slow clients that cannot lock others
+out. No service manager: the live tier deploys the same files."""
 
 from __future__ import annotations
 
@@ -26,9 +27,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from unitgen.plan.gateway import GatewaySettings, Member, routes
+from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, route_keys
 from unitgen.targets.haproxy.patterns import ROUTED_PATHS
-from unitgen.targets.haproxy.render import CONFIG, GatewayPaths, render_gateway
+from unitgen.targets.haproxy.render import (
+    CONFIG,
+    MEMBER_KEYS,
+    GatewayPaths,
+    member_keys_map,
+    render_gateway,
+)
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(),
@@ -37,26 +44,26 @@ pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(),
 
 @dataclass
 class Seen:
-    """What the member received: (method, path, Authorization, body) per request."""
+    """What the members received: (member, method, path, headers, body) per request."""
 
-    requests: list[tuple[str, str, str | None, bytes]] = field(default_factory=list)
+    requests: list[tuple[str, str, str, dict[str, str], bytes]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _member(seen: Seen) -> ThreadingHTTPServer:
+def _member(seen: Seen, name: str) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def _answer(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             with seen.lock:
-                seen.requests.append((self.command, self.path,
-                                      self.headers.get("Authorization"), raw))
+                seen.requests.append((name, self.command, self.path,
+                                      {k.lower(): v for k, v in self.headers.items()}, raw))
             try:  # the model a Python server reads: the last one
                 model = json.loads(raw).get("model")
             except (ValueError, AttributeError):
                 model = None
-            body = json.dumps({"model": model, "path": self.path}).encode()
+            body = json.dumps({"model": model, "path": self.path, "server": name}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -91,9 +98,9 @@ class Door:
     seen: Seen
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                key: str | None = None) -> tuple[int, dict[str, Any]]:
+                key: str | None = None, **more: str) -> tuple[int, dict[str, Any]]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **more}
         if key:
             headers["Authorization"] = f"Bearer {key}"
         try:
@@ -111,13 +118,22 @@ def _dup3(fd: int) -> None:
 
 
 @contextlib.contextmanager
-def door(tmp: Path, gw: GatewaySettings) -> Iterator[Door]:
-    """HAProxy with the configuration unitgen renders for ``gw`` and one member."""
+def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> Iterator[Door]:
+    """HAProxy with the configuration unitgen renders for ``gw`` and two members:
+    ``m1`` (also called ``alias``) and ``m2``, with their own API keys ``keys``."""
+    keys = keys or {}
     seen = Seen()
-    member = _member(seen)
-    plan = routes([Member("m1", f"127.0.0.1:{member.server_address[1]}", ("m1", "alias"))])
-    for f in render_gateway(gw, plan, GatewayPaths(str(tmp), str(tmp))):
+    servers = {n: _member(seen, n) for n in ("m1", "m2")}
+    plan = GatewayPlan(gw, tuple(
+        Member(n, f"127.0.0.1:{s.server_address[1]}", (n, "alias") if n == "m1" else (n,),
+               key_env="KEY" if n in keys else None) for n, s in servers.items()),
+        keys=tuple(keys.items()))
+    sent, problems = route_keys(plan)
+    assert not problems, problems
+    paths = GatewayPaths(str(tmp), str(tmp), gw.api_keys_file)
+    for f in render_gateway(gw, plan.routes, paths, keyed=set(sent)):
         (tmp / f.name).write_text(f.text, encoding="utf-8")
+    (tmp / MEMBER_KEYS).write_text(member_keys_map(gw.name, sent), encoding="utf-8")
     listener = socket.create_server(("127.0.0.1", 0), backlog=128)
     # the socket on fd 3, as the socket unit passes it (the child only dup2s, then execs)
     proc = subprocess.Popen([HAPROXY, "-W", "-f", str(tmp / CONFIG)],
@@ -142,8 +158,9 @@ def door(tmp: Path, gw: GatewaySettings) -> Iterator[Door]:
             proc.kill()
             proc.wait()
         listener.close()
-        member.shutdown()
-        member.server_close()
+        for server in servers.values():
+            server.shutdown()
+            server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +257,9 @@ def _slow(source: str, port: int) -> socket.socket:
     s = socket.socket()
     s.bind((source, 0))
     s.settimeout(10)
-    s.connect(("127.0.0.1", port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+    with contextlib.suppress(OSError):  # one over the bound may be closed already
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
     return s
 
 
@@ -249,7 +267,9 @@ def _closed(s: socket.socket) -> str:
     """How the gateway ended a slow connection: ``closed`` or the status it sent."""
     try:
         data = s.recv(4096)
-    except ConnectionResetError:
+    except TimeoutError:
+        return "still open"
+    except OSError:  # reset, or never connected
         return "closed"
     return data.split(b"\r\n", 1)[0].decode() if data else "closed"
 
@@ -278,3 +298,35 @@ def test_slow_clients_from_one_address_lock_no_one_out(tmp_path):
         finally:
             for s in slow:
                 s.close()
+
+
+GATEWAY_KEY = "sk-gateway-5e1f"
+
+
+def test_a_member_gets_its_own_key_and_never_the_gateways(tmp_path):
+    # issue 25, item 3: the client's gateway key reached every member
+    keys = tmp_path / "keys"
+    keys.write_text(f"{GATEWAY_KEY}\n")
+    gw = GatewaySettings("keyed", api_keys_file=str(keys))
+    with door(tmp_path, gw, keys={"m1": "sk-member-m1"}) as d:
+        for model in ("m1", "alias", "m2"):
+            status, answer = d.request("POST", "/v1/chat/completions", _chat(model),
+                                       key=GATEWAY_KEY, **{"X-Api-Key": GATEWAY_KEY})
+            assert status == 200 and answer["server"] == model.replace("alias", "m1"), answer
+        got = {(name, h.get("authorization")) for name, _, _, h, _ in d.seen.requests}
+        assert got == {("m1", "Bearer sk-member-m1"), ("m2", None)}, got
+        assert not [h for *_, h, _ in d.seen.requests if "x-api-key" in h]
+        assert GATEWAY_KEY.encode() not in repr(d.seen.requests).encode()
+        before = len(d.seen.requests)
+        assert d.request("POST", "/v1/chat/completions", _chat("m1"), key="sk-member-m1")[0] == 401
+        assert len(d.seen.requests) == before
+
+
+def test_without_gateway_keys_the_client_speaks_to_a_member_for_itself(tmp_path):
+    # a gateway without api_keys_file is no door to a member's key: the client's
+    # Authorization passes through, and the member's own key is never added
+    with door(tmp_path, GatewaySettings("open"), keys={"m1": "sk-member-m1"}) as d:
+        d.request("POST", "/v1/chat/completions", _chat("m1"), key="sk-client")
+        d.request("POST", "/v1/chat/completions", _chat("m1"))
+        got = [h.get("authorization") for *_, h, _ in d.seen.requests]
+        assert got == ["Bearer sk-client", None], got

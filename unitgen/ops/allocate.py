@@ -234,6 +234,8 @@ class HostAllocator:
     mates: Callable[[InstanceSpec], frozenset[str]] | None = None
     # the ports planned here are the ones the instances get (see plan_paths)
     final_ports: bool = True
+    # an installed gateway member's own API key (the target knows where its secret is)
+    member_key: Callable[[Member], str | None] | None = None
 
     def reserve(self, ports: set[int]) -> None:
         """Ports specs of this run fix: never allocated to another spec."""

@@ -23,6 +23,7 @@ from unitgen.plan.container import ProblemSink
 from unitgen.plan.gateway import (
     GatewayPlan,
     gateway_instance_spec,
+    member_key,
     member_of,
     metrics_of,
     settings_of,
@@ -224,10 +225,13 @@ def _gateway_plan(g: GatewaySpec, planned: list[Planned], allocator: Allocator) 
     run = {p.instance.name for p in planned}
     installed = getattr(allocator, "gateway_members", None)
     members = [m for m in (installed(g.name) if installed else []) if m.instance not in run]
-    members += [m for p in planned if p.instance.spec.gateway == g.name
-                and (m := member_of(p.instance)) is not None]
+    read_key = getattr(allocator, "member_key", None)
+    keys = [(m.instance, k) for m in members if read_key and (k := read_key(m)) is not None]
+    joining = [p.instance for p in planned if p.instance.spec.gateway == g.name]
+    members += [m for i in joining if (m := member_of(i)) is not None]
+    keys += [(i.name, k) for i in joining if (k := member_key(i)) is not None]
     members += upstream_members(g)  # on other hosts
-    return GatewayPlan(settings_of(g), tuple(members), metrics_of(g))
+    return GatewayPlan(settings_of(g), tuple(members), metrics_of(g), tuple(keys))
 
 
 def _cross_file(planned: list[Planned], *, final: bool) -> list[Problem]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from unitgen.plan.instance import CONFIG_DIR, Instance
 from unitgen.spec.backends import BackendName
@@ -23,8 +23,8 @@ from unitgen.spec.model import HealthSpec, InstanceSpec
 from unitgen.spec.ports import probe_host
 
 __all__ = ["GATEWAY_HEALTH", "ROUTE_NAME_RE", "GatewayPlan", "GatewaySettings", "Member", "Route",
-           "gateway_instance_spec", "member_of", "metrics_of", "routes", "settings_of",
-           "upstream_members"]
+           "gateway_instance_spec", "member_key", "member_of", "metrics_of", "route_keys",
+           "routes", "settings_of", "upstream_members"]
 
 # What a route name may be: what an OpenAI client sends as ``model`` (Hugging Face
 # ids included: "Qwen/Qwen2-7B-Instruct"); no blank or control character (a map
@@ -47,6 +47,9 @@ class Member:
     # on another host (a spec's ``upstreams``): the gateway checks it (see
     # ``upstream_members``); a local member lives and dies with the gateway's host
     remote: bool = False
+    # the variable of its secret file that holds its own API key (None: it has none);
+    # the key itself is never in a Member (they are written to unit headers)
+    key_env: str | None = None
 
     @property
     def active_check(self) -> bool:
@@ -124,11 +127,37 @@ class GatewayPlan:
     settings: GatewaySettings
     members: tuple[Member, ...]
     metrics: tuple[str, int] | None = None  # host, port of the exporter's socket
+    # member -> its own API key, for members that have one (secret: never shown)
+    keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def routes(self) -> list[Route]:
         """Its routes (see :func:`routes`)."""
         return routes(self.members)
+
+
+def route_keys(plan: GatewayPlan) -> tuple[dict[str, str], list[str]]:
+    """The API key the gateway sends each backend (by backend name), and what
+    keeps it from sending the right one. HAProxy sets a header before it picks
+    a server, so a set of replicas shares one key: replicas with different keys,
+    or a key and none (the others would receive it), are refused."""
+    keys = dict(plan.keys)
+    out: dict[str, str] = {}
+    unread = sorted({m.instance for m in plan.members if m.key_env and m.instance not in keys})
+    problems = [f"the API key of {name} cannot be read from its secret file: deploy it again"
+                for name in unread]
+    for r in plan.routes:
+        if any(m.instance in unread for m in r.members):
+            continue
+        found = {keys.get(m.instance) if m.key_env else None for m in r.members}
+        if len(found) > 1:
+            problems.append(f"{', '.join(m.instance for m in r.members)} are replicas (route "
+                            f"{', '.join(r.names)}) with different API keys, or a key and none: "
+                            "the gateway sends one key to a set of replicas; give them the "
+                            "same key")
+        elif (key := found.pop()) is not None:
+            out[r.backend] = key
+    return out, problems
 
 
 # How long a member may take to start answering: its start deadline, and for a
@@ -148,7 +177,13 @@ def member_of(inst: Instance) -> Member | None:
                   address=f"{_bracket(probe_host(inst.public.host))}:{inst.public.port}",
                   names=(spec.name, *spec.aliases), max_concurrent=spec.max_concurrent,
                   wait=wait, queue_timeout=spec.queue_timeout,
-                  on_demand=spec.activation == "on-demand", gateway=spec.gateway)
+                  on_demand=spec.activation == "on-demand", gateway=spec.gateway,
+                  key_env=inst.probe_key_env if member_key(inst) is not None else None)
+
+
+def member_key(inst: Instance) -> str | None:
+    """An instance's own API key (the one its probe sends), or None."""
+    return next((v for k, v in inst.secrets if k == inst.probe_key_env), None)
 
 
 def upstream_members(g: GatewaySpec) -> list[Member]:

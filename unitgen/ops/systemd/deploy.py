@@ -22,6 +22,7 @@ from unitgen.ops.podman import host_podman, pull_missing, remove_container, spec
 from unitgen.ops.systemd.gateways import (
     affected,
     config_path,
+    installed_key,
     remove_gateway_files,
     rerender,
     validate,
@@ -130,7 +131,8 @@ class SystemdDeploy:
             seen.append(spec)  # members deployed together are mates too
             return frozenset(mates_of(spec.name, after_change(groups, seen)))
 
-        alloc = HostAllocator(self.scope, installed, listeners(), opts.port_range, mates=mates)
+        alloc = HostAllocator(self.scope, installed, listeners(), opts.port_range, mates=mates,
+                              member_key=lambda m: installed_key(self.scope, m))
         planned = plan_paths(paths, SystemdTarget(self.ctx), alloc, unplaceable=alloc.unplaceable)
         self._swap = dropin_changes(self.scope, installed, [p.instance.spec for p in planned])
         # gateways routing to the run's instances: their HAProxy files follow
@@ -192,7 +194,7 @@ class SystemdDeploy:
                    if not p.exists() or read_exact(p) != t]
         self._reload = [g for g in self._gateways
                         if any(str(p).startswith(f"{config_root(self.scope)}/unitgen/gateways/{g}/")
-                               for p, _ in changed)]
+                               or p == secrets_dir(self.scope) / f"{g}.env" for p, _ in changed)]
         return self._swap + changed
 
     def reload(self, written: list[Change]) -> None:
@@ -221,7 +223,7 @@ class SystemdDeploy:
         entry = _entry(change.inst.spec)
         started = time.time()
         if change.inst.gateway is not None and change.was_installed and change.changed and all(
-                f.config for f in change.changed_files) and not change.stale:
+                f.config or f.secret for f in change.changed_files) and not change.stale:
             # only its routes changed: new workers on the same socket, the old ones
             # finish what they serve
             verb = "ReloadUnit" if self._active(entry) else "StartUnit"

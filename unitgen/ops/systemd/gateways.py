@@ -17,9 +17,23 @@ from pathlib import Path
 
 from unitgen.errors import Problem, SpecError
 from unitgen.ops.pipeline import Planned
-from unitgen.plan.gateway import GatewayPlan, GatewaySettings, Member, member_of
+from unitgen.plan.gateway import (
+    GatewayPlan,
+    GatewaySettings,
+    Member,
+    member_key,
+    member_of,
+    route_keys,
+)
 from unitgen.targets.base import RenderedFile
-from unitgen.targets.haproxy.render import CONFIG, FILES, GatewayPaths, render_gateway
+from unitgen.targets.haproxy.render import (
+    CONFIG,
+    FILES,
+    MEMBER_KEYS,
+    GatewayPaths,
+    render_gateway,
+)
+from unitgen.targets.systemd.escape import env_file_value
 from unitgen.targets.systemd.gateway import (
     SETTINGS,
     config_root,
@@ -27,15 +41,28 @@ from unitgen.targets.systemd.gateway import (
     gateway_files,
     runtime_root,
 )
-from unitgen.targets.systemd.installed import Installed
+from unitgen.targets.systemd.installed import Installed, secrets_dir
 
-__all__ = ["admin_socket", "affected", "config_path", "remote_members", "remove_gateway_files",
-           "rerender", "runtime_api", "validate"]
+__all__ = ["admin_socket", "affected", "config_path", "installed_key", "remote_members",
+           "remove_gateway_files", "rerender", "runtime_api", "validate"]
 
 
 def config_path(scope: str, f: RenderedFile) -> Path:
-    """Where a gateway's config file is installed."""
-    return config_root(scope) / f.name
+    """Where a gateway's file is installed: a config file below the manager's
+    configuration directory, its secret file (the member keys) with the others."""
+    return (secrets_dir(scope) if f.secret else config_root(scope)) / f.name
+
+
+def installed_key(scope: str, m: Member) -> str | None:
+    """An installed member's own API key, from its secret file (root's, 0600);
+    None when it has none or the file does not say it."""
+    if m.key_env is None:
+        return None
+    try:
+        text = (secrets_dir(scope) / f"{m.instance}.env").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return env_file_value(text, m.key_env)
 
 
 def _settings(scope: str, name: str) -> GatewayPlan | None:
@@ -114,10 +141,14 @@ def rerender(scope: str, gateway: str, installed: dict[str, Installed],
     members: list[Member] = [i.member for n, i in installed.items()
                              if i.member is not None and i.member.gateway == gateway
                              and n not in gone]
-    members += [m for p in run.values() if (m := member_of(p.instance)) is not None
-                and m.gateway == gateway]
-    plan = GatewayPlan(found.settings, (*found.members, *members), found.metrics)
-    return gateway_files(gateway, plan, scope)
+    keys = [(m.instance, k) for m in members if (k := installed_key(scope, m)) is not None]
+    joining = [p for p in run.values() if (m := member_of(p.instance)) is not None
+               and m.gateway == gateway]
+    members += [m for p in joining if (m := member_of(p.instance)) is not None]
+    keys += [(p.instance.name, k) for p in joining if (k := member_key(p.instance)) is not None]
+    plan = GatewayPlan(found.settings, (*found.members, *members), found.metrics, tuple(keys))
+    where = (str(joining[0].path), "gateway") if joining else (f"gateway {gateway}", "")
+    return gateway_files(gateway, plan, scope, where)
 
 
 def validate(source: str, plan: GatewayPlan) -> None:
@@ -131,8 +162,10 @@ def validate(source: str, plan: GatewayPlan) -> None:
                                           "not installed here (Debian: apt-get install haproxy)")])
     with tempfile.TemporaryDirectory(prefix="unitgen-gw-") as tmp:
         paths = GatewayPaths(tmp, tmp, plan.settings.api_keys_file)
-        for f in render_gateway(plan.settings, plan.routes, paths):
+        keyed = set(route_keys(plan)[0])
+        for f in render_gateway(plan.settings, plan.routes, paths, keyed=keyed):
             (Path(tmp) / f.name).write_text(f.text, encoding="utf-8")
+        (Path(tmp) / MEMBER_KEYS).write_text("", encoding="utf-8")  # HAProxy reads it at start
         socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
         try:
             done = subprocess.run(

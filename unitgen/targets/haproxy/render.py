@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from unitgen.plan.gateway import GatewaySettings, Route
-from unitgen.targets.base import RenderedFile, strict_environment
+from unitgen.targets.base import MARKER, RenderedFile, strict_environment
 from unitgen.targets.haproxy.patterns import ONE_MODEL_RE, ROUTED_PATHS
 
 if TYPE_CHECKING:
     import jinja2
 
-__all__ = ["FILES", "GatewayPaths", "render_gateway"]
+__all__ = ["FILES", "MEMBER_KEYS", "GatewayPaths", "member_keys_map", "render_gateway"]
 
 # the files a gateway's configuration names, in its directory
 FILES = {
@@ -33,6 +33,9 @@ FILES = {
     "e400twice": "400-model-twice.json", "e408": "408.http", "one_model": "one-model.re",
 }
 CONFIG = "haproxy.cfg"
+# the API keys it sends its members ("backend Bearer key" lines), in its runtime
+# directory: copied there from a root-only file at each start and reload
+MEMBER_KEYS = "member-keys.map"
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,12 @@ def _error(status: int, kind: str, message: str) -> str:
                                  "param": None}}) + "\n"
 
 
-def render_gateway(settings: GatewaySettings, routes: list[Route],
-                   paths: GatewayPaths) -> list[RenderedFile]:
-    """``haproxy.cfg`` and the files it names (all in the gateway's directory)."""
+def render_gateway(settings: GatewaySettings, routes: list[Route], paths: GatewayPaths,
+                   keyed: set[str] | frozenset[str] = frozenset()) -> list[RenderedFile]:
+    """``haproxy.cfg`` and the files it names (all in the gateway's directory).
+    ``keyed``: the backends whose members have an API key of their own (in
+    :data:`MEMBER_KEYS`); with ``api_keys_file`` they get it instead of the
+    client's key."""
     names = sorted(n for r in routes for n in r.names)
     files = {k: f"{paths.directory}/{v}" for k, v in FILES.items()}
     values = {
@@ -106,6 +112,8 @@ def render_gateway(settings: GatewaySettings, routes: list[Route],
         "per_client": settings.per_client, "paths": ROUTED_PATHS,
         "default_wait": max([r.wait for r in routes] or [60.0]),
         "keys_file": paths.keys_file or "", "metrics": bool(settings.metrics),
+        "member_keys": f"{paths.runtime}/{MEMBER_KEYS}",
+        "keyed": keyed if settings.api_keys_file else frozenset(),
         "files": files, "routes": routes,
     }
     cfg = _environment().get_template("gateway.cfg.j2").render(values)
@@ -139,6 +147,14 @@ def render_gateway(settings: GatewaySettings, routes: list[Route],
     out = [RenderedFile(CONFIG, f"{cfg}")]
     out += [RenderedFile(FILES[k], text) for k, text in bodies.items()]
     return out
+
+
+def member_keys_map(name: str, keys: dict[str, str]) -> str:
+    """The keys gateway ``name`` sends its members, as the HAProxy map file
+    :data:`MEMBER_KEYS` (``backend Bearer KEY`` lines). A secret: mode 0600."""
+    lines = [f"# The API keys gateway {name} sends its members; mode 0600. Generated: do not "
+             "edit.", f"{MARKER}{name}", *(f"{b} Bearer {k}" for b, k in sorted(keys.items()))]
+    return "\n".join(lines) + "\n"
 
 
 def _http(status: int, reason: str, body: str) -> str:

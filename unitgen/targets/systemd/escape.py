@@ -17,6 +17,7 @@ from unitgen.plan.instance import CONFIG_DIR, RUNTIME_DIR
 __all__ = [
     "directive_name",
     "env_file_line",
+    "env_file_value",
     "environment_assignment",
     "exec_line",
     "exec_word",
@@ -152,3 +153,12 @@ def env_file_line(name: str, value: str) -> str:
         raise ValueError("a secret must be one line of printable characters")
     escaped = "".join("\\" + ch if ch in '"\\`$' else ch for ch in value)
     return f'{name}="{escaped}"'
+
+
+def env_file_value(text: str, name: str) -> str | None:
+    """The value of ``name`` in a file of :func:`env_file_line` lines (None: not there)."""
+    for line in text.split("\n"):
+        head = f'{name}="'
+        if line.startswith(head) and line.endswith('"'):
+            return re.sub(r"\\(.)", r"\1", line[len(head):-1])
+    return None

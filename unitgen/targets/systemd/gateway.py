@@ -1,6 +1,7 @@
 """A gateway's files for the systemd target: its socket (and the exporter's),
-its HAProxy service, and the HAProxy configuration with the files it answers
-with (rendered by :mod:`unitgen.targets.haproxy`, the same for every target)."""
+its HAProxy service, the HAProxy configuration with the files it answers
+with (rendered by :mod:`unitgen.targets.haproxy`, the same for every target),
+and the secret file of the API keys it sends its members."""
 
 from __future__ import annotations
 
@@ -9,14 +10,20 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from unitgen.plan.gateway import GatewayPlan
-from unitgen.plan.instance import Instance
+from unitgen.errors import Problem, SpecError
+from unitgen.plan.gateway import GatewayPlan, route_keys
+from unitgen.plan.instance import CONFIG_DIR, RUNTIME_DIR, Instance
 from unitgen.targets.base import RenderedFile
-from unitgen.targets.haproxy.render import GatewayPaths, render_gateway
+from unitgen.targets.haproxy.render import (
+    MEMBER_KEYS,
+    GatewayPaths,
+    member_keys_map,
+    render_gateway,
+)
 from unitgen.targets.systemd.contexts import RenderContext
 
-__all__ = ["SETTINGS", "config_root", "gateway_dir", "gateway_files", "render_gateway_files",
-           "runtime_root"]
+__all__ = ["SETTINGS", "config_root", "gateway_dir", "gateway_files", "keys_copy_cmd",
+           "render_gateway_files", "runtime_root"]
 
 SETTINGS = "gateway.json"  # what re-renders the configuration when its members change
 
@@ -40,21 +47,37 @@ def gateway_dir(scope: str, name: str) -> Path:
 
 def render_gateway_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
     """The HAProxy configuration of gateway ``inst`` and the files it names."""
-    return gateway_files(inst.name, inst.gateway, ctx.scope)
+    return gateway_files(inst.name, inst.gateway, ctx.scope, (inst.spec.source, ""))
 
 
-def gateway_files(name: str, plan: GatewayPlan, scope: str) -> list[RenderedFile]:
+def keys_copy_cmd(python: str, name: str) -> list[str]:
+    """What the gateway's unit runs as root before HAProxy reads its
+    configuration (start, reload): the member keys, copied from their root-only
+    secret file for HAProxy's user (:mod:`unitgen.inunit.keycopy`)."""
+    return [python, "-I", "-m", "unitgen.inunit.keycopy",
+            f"{CONFIG_DIR}/unitgen/secrets/{name}.env",
+            f"{RUNTIME_DIR}/unitgen-{name}/{MEMBER_KEYS}"]
+
+
+def gateway_files(name: str, plan: GatewayPlan, scope: str,
+                  where: tuple[str, str]) -> list[RenderedFile]:
     """A gateway's HAProxy files (and the settings that render them again), as
-    config files below the manager's configuration directory."""
+    config files below the manager's configuration directory, and the keys it
+    sends its members as its secret file. SpecError (naming ``where``: file and
+    key) when it cannot send each set of replicas its key."""
     keys = plan.settings.api_keys_file
     if keys and scope == "system":
         # LoadCredential= gives the dynamic user a copy of the root-owned 0600 file
         keys = f"/run/credentials/{name}.service/api-keys"
-    paths = GatewayPaths(str(gateway_dir(scope, name)),
-                         str(runtime_root(scope) / f"unitgen-{name}"), keys)
+    runtime = runtime_root(scope) / f"unitgen-{name}"
+    paths = GatewayPaths(str(gateway_dir(scope, name)), str(runtime), keys)
+    member_keys, problems = route_keys(plan)
+    if problems:
+        raise SpecError(problems=[Problem(*where, p) for p in problems])
     prefix = f"unitgen/gateways/{name}"
     files = [RenderedFile(f"{prefix}/{f.name}", f.text, config=True)
-             for f in render_gateway(plan.settings, plan.routes, paths)]
+             for f in render_gateway(plan.settings, plan.routes, paths, keyed=set(member_keys))]
+    files.append(RenderedFile(f"{name}.env", member_keys_map(name, member_keys), secret=True))
     # members on other hosts are in no installed unit here: kept with the settings
     settings = {"settings": asdict(plan.settings),
                 "metrics": list(plan.metrics) if plan.metrics else None,

@@ -166,6 +166,7 @@ def parse_member(name: str, text: str) -> Member | None:
                       names=tuple(fields["names"].split(",")),
                       max_concurrent=int(fields["max"]) or None, wait=float(fields["wait"]),
                       queue_timeout=float(fields["queue"]),
-                      on_demand=fields.get("on-demand") == "yes", gateway=fields["gw"])
+                      on_demand=fields.get("on-demand") == "yes", gateway=fields["gw"],
+                      key_env=fields.get("key") or None)
     except (KeyError, ValueError):
         return None

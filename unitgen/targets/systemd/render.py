@@ -37,7 +37,7 @@ from unitgen.targets.systemd.contexts import (
     swap_context,
     watch_cmd,
 )
-from unitgen.targets.systemd.gateway import render_gateway_files
+from unitgen.targets.systemd.gateway import keys_copy_cmd, render_gateway_files
 from unitgen.timespan import format_seconds
 
 __all__ = [
@@ -227,7 +227,8 @@ def _gateway_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         header = (f"gw={inst.spec.gateway} names={','.join(member.names)} "
                   f"address={member.address} max={member.max_concurrent or 0} "
                   f"wait={member.wait:g} queue={member.queue_timeout:g} "
-                  f"on-demand={'yes' if member.on_demand else 'no'}")
+                  f"on-demand={'yes' if member.on_demand else 'no'}"
+                  + (f" key={member.key_env}" if member.key_env else ""))
     plan = inst.gateway
     metrics = ""
     if plan is not None and plan.metrics is not None:
@@ -238,6 +239,7 @@ def _gateway_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "is_gateway": plan is not None,
         "metrics_listen": metrics,
         "runtime_dir": f"unitgen-{inst.name}",
+        "keys_copy": keys_copy_cmd(ctx.python, inst.name) if plan is not None else [],
         "keys_source": (plan.settings.api_keys_file or "") if plan is not None
                        and ctx.scope == "system" else "",
     }
