@@ -9,7 +9,11 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -296,3 +300,46 @@ def test_keycopy_refuses_a_file_that_is_not_roots_alone(tmp_path, how, capsys):
     assert keycopy.main([str(src), str(tmp_path / "out.map")]) == 1
     said = capsys.readouterr().err
     assert str(src) in said and "sk-1" not in said and not (tmp_path / "out.map").exists()
+
+
+def _unitgen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "unitgen", *args], capture_output=True,
+                          text=True, check=False)
+
+
+@needs_root
+def test_a_keys_file_another_user_owns_or_can_read_is_refused_at_system_scope(tmp_path):
+    # issue 25, item 7: a 0644 keys file of another user passed check at system scope
+    home = Path(tempfile.mkdtemp(prefix="unitgen-keys-", dir="/tmp"))  # theirs, reachable
+    try:
+        _refuse_foreign_keys(tmp_path, home)
+    finally:
+        shutil.rmtree(home)
+
+
+def _refuse_foreign_keys(tmp_path: Path, home: Path) -> None:
+    home.chmod(0o755)
+    os.chown(home, 65534, 65534)
+    keys = home / "llm.keys"
+    # the other user writes it (and could again: a key to every route of its own)
+    subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+                    f"umask 022; echo sk-theirs > {keys}"], check=True)
+    spec = write_spec(tmp_path, "gw", 'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                                      f'api_keys_file = "{keys}"\n')
+    for args in (("check", "--no-verify", str(spec)), ("deploy", "--dry-run", str(spec))):
+        done = _unitgen(*args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert f"{spec}: api_keys_file: {keys} is readable" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    keys.chmod(0o600)
+    done = _unitgen("check", "--no-verify", str(spec))
+    assert done.returncode == 2 and f"{keys} is owned by uid 65534, not root" in done.stderr
+    os.chown(keys, 0, 0)  # root's now, but in a directory another user can change
+    done = _unitgen("check", "--no-verify", str(spec))
+    assert done.returncode == 2 and f"{home} is owned by uid 65534" in done.stderr, done.stderr
+    os.chown(home, 0, 0)
+    done = _unitgen("check", "--no-verify", str(spec))
+    assert done.returncode == 0, done.stderr
+    keys.chmod(0o640)  # at user scope too: nobody else reads them
+    done = _unitgen("check", "--no-verify", "--user", str(spec))
+    assert done.returncode == 2 and "chmod 600" in done.stderr, done.stderr

@@ -23,6 +23,7 @@ from unitgen.ops.systemd.gateways import (
     affected,
     config_path,
     installed_key,
+    key_file_problems,
     remove_gateway_files,
     rerender,
     validate,
@@ -139,6 +140,8 @@ class SystemdDeploy:
         self._gateways = sorted(affected(installed, planned))
         self._gateway_files = [(config_path(self.scope, f), f.text) for g in self._gateways
                                for f in rerender(self.scope, g, installed, planned)]
+        if found := key_file_problems(planned, self.scope):
+            raise SpecError(problems=found)
         for p in planned:
             if p.instance.gateway is not None:
                 validate(str(p.path), p.instance.gateway)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from unitgen.errors import Problem, SpecError
 from unitgen.ops.pipeline import Planned
+from unitgen.ops.trust import secret_file_problem
 from unitgen.plan.gateway import (
     GatewayPlan,
     GatewaySettings,
@@ -43,14 +44,30 @@ from unitgen.targets.systemd.gateway import (
 )
 from unitgen.targets.systemd.installed import Installed, secrets_dir
 
-__all__ = ["admin_socket", "affected", "config_path", "installed_key", "remote_members",
-           "remove_gateway_files", "rerender", "runtime_api", "validate"]
+__all__ = ["admin_socket", "affected", "config_path", "installed_key", "key_file_problems",
+           "remote_members", "remove_gateway_files", "rerender", "runtime_api", "validate"]
 
 
 def config_path(scope: str, f: RenderedFile) -> Path:
     """Where a gateway's file is installed: a config file below the manager's
     configuration directory, its secret file (the member keys) with the others."""
     return (secrets_dir(scope) if f.secret else config_root(scope)) / f.name
+
+
+def key_file_problems(planned: Iterable[Planned], scope: str) -> list[Problem]:
+    """Gateways whose keys file is not root's alone (system scope: HAProxy's keys
+    are the door to every route), or readable by others (any scope)."""
+    out: list[Problem] = []
+    for p in planned:
+        plan = p.instance.gateway
+        path = plan.settings.api_keys_file if plan is not None else None
+        why = path and secret_file_problem(Path(path), root=scope == "system")
+        if why:
+            out.append(Problem(str(p.path), "api_keys_file", f"{why}: the keys open every "
+                               f"route; make the file root's alone (chown root:root {path}; "
+                               f"chmod 600 {path})" if scope == "system" else
+                               f"{why}: chmod 600 {path}"))
+    return out
 
 
 def installed_key(scope: str, m: Member) -> str | None:

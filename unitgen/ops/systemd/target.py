@@ -8,10 +8,11 @@ import os
 import subprocess
 from pathlib import Path
 
-from unitgen.errors import UnitgenError
+from unitgen.errors import SpecError, UnitgenError
 from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
 from unitgen.ops.interface import DeployOptions, Where
 from unitgen.ops.pipeline import Planned
+from unitgen.ops.systemd.gateways import key_file_problems
 from unitgen.ops.systemd.specs import describe, planner, verify_rendered
 from unitgen.ops.verbs import check_specs, render_one
 from unitgen.result import Result
@@ -44,6 +45,8 @@ class SystemdOps:
         path = SYSTEM_MANAGER_PATH if self.scope == "system" else os.environ.get("PATH", "")
 
         def notices(planned: list[Planned]) -> list[str]:
+            if unsafe := key_file_problems(planned, self.scope):
+                raise SpecError(problems=unsafe)
             said = verify_rendered(planned) if verify else []
             return said + [f"{found}; fine when the units are for another host, deploy here "
                            "refuses it" for p in planned
