@@ -343,3 +343,23 @@ def _refuse_foreign_keys(tmp_path: Path, home: Path) -> None:
     keys.chmod(0o640)  # at user scope too: nobody else reads them
     done = _unitgen("check", "--no-verify", "--user", str(spec))
     assert done.returncode == 2 and "chmod 600" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(("metrics", "keys", "refused"), [
+    ("0.0.0.0:9101", "", True), ("[::]:9101", "", True), ("10.0.0.2:9101", "", True),
+    ("0.0.0.0:9101", 'metrics_keys_file = "/etc/unitgen/prom.keys"\n', False),
+    ("127.0.0.1:9101", "", False), ("127.0.0.2:9101", "", False), ("[::1]:9101", "", False),
+])
+def test_the_exporter_listens_beyond_loopback_only_with_keys(tmp_path, metrics, keys, refused):
+    # issue 25, item 9: anyone who reached it saw HAProxy's version, routes and servers
+    spec = write_spec(tmp_path, "gw", f'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                                      f'metrics = "{metrics}"\n{keys}')
+    if not refused:
+        done = render_spec(spec, GOLDEN_CTX)
+        unit = next(f.text for f in done.files if f.name == "gw.service")
+        assert ("LoadCredential=metrics-keys:/etc/unitgen/prom.keys" in unit) == bool(keys)
+        return
+    with pytest.raises(SpecError) as info:
+        render_spec(spec, GOLDEN_CTX)
+    assert [p.key for p in info.value.problems] == ["metrics"], info.value.problems
+    assert "metrics_keys_file" in str(info.value) and "127.0.0.1:9101" in str(info.value)

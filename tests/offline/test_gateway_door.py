@@ -92,10 +92,11 @@ def _member(seen: Seen, name: str) -> ThreadingHTTPServer:
 
 @dataclass
 class Door:
-    """A running gateway in front of one recording member (route ``m1``)."""
+    """A running gateway in front of recording members (routes ``m1``, ``m2``)."""
 
     port: int
     seen: Seen
+    metrics_port: int = 0
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 key: str | None = None, **more: str) -> tuple[int, dict[str, Any]]:
@@ -112,9 +113,10 @@ class Door:
             conn.close()
 
 
-def _dup3(fd: int) -> None:
-    if fd != 3:
-        os.dup2(fd, 3)
+def _dup(fds: list[int]) -> None:
+    for target, fd in enumerate(fds, 3):  # as the socket unit passes them: fd 3, fd 4
+        if fd != target:
+            os.dup2(fd, target)
 
 
 @contextlib.contextmanager
@@ -130,17 +132,20 @@ def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> 
         keys=tuple(keys.items()))
     sent, problems = route_keys(plan)
     assert not problems, problems
-    paths = GatewayPaths(str(tmp), str(tmp), gw.api_keys_file)
+    paths = GatewayPaths(str(tmp), str(tmp), gw.api_keys_file, gw.metrics_keys_file)
     for f in render_gateway(gw, plan.routes, paths, keyed=set(sent)):
         (tmp / f.name).write_text(f.text, encoding="utf-8")
     (tmp / MEMBER_KEYS).write_text(member_keys_map(gw.name, sent), encoding="utf-8")
-    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-    # the socket on fd 3, as the socket unit passes it (the child only dup2s, then execs)
+    listeners = [socket.create_server(("127.0.0.1", 0), backlog=128)
+                 for _ in range(2 if gw.metrics else 1)]
+    fds = [s.fileno() for s in listeners]
+    # the sockets on fd 3 (and 4), as the socket unit passes them (the child only
+    # dup2s, then execs)
     proc = subprocess.Popen([HAPROXY, "-W", "-f", str(tmp / CONFIG)],
-                            pass_fds=(3, listener.fileno()),
-                            preexec_fn=lambda: _dup3(listener.fileno()),  # noqa: PLW1509
+                            pass_fds=(3, 4, *fds), preexec_fn=lambda: _dup(fds),  # noqa: PLW1509
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    port = listener.getsockname()[1]
+    port = listeners[0].getsockname()[1]
+    metrics_port = listeners[-1].getsockname()[1] if gw.metrics else 0
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -149,7 +154,7 @@ def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> 
                     break
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
             time.sleep(0.05)
-        yield Door(port, seen)
+        yield Door(port, seen, metrics_port)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -157,7 +162,8 @@ def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        listener.close()
+        for s in listeners:
+            s.close()
         for server in servers.values():
             server.shutdown()
             server.server_close()
@@ -330,3 +336,31 @@ def test_without_gateway_keys_the_client_speaks_to_a_member_for_itself(tmp_path)
         d.request("POST", "/v1/chat/completions", _chat("m1"))
         got = [h.get("authorization") for *_, h, _ in d.seen.requests]
         assert got == ["Bearer sk-client", None], got
+
+
+def _scrape(port: int, key: str | None = None) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {key}"} if key else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def test_the_exporter_answers_only_a_scraper_with_its_key(tmp_path):
+    # issue 25, item 9: it showed HAProxy's version and every route and server
+    keys = tmp_path / "metrics.keys"
+    keys.write_text("sk-prometheus\n")
+    keys.chmod(0o600)
+    api = tmp_path / "api.keys"
+    api.write_text(f"{GATEWAY_KEY}\n")
+    gw = GatewaySettings("prom", api_keys_file=str(api), metrics="0.0.0.0:9101",
+                         metrics_keys_file=str(keys))
+    with door(tmp_path, gw) as d:
+        for key in (None, GATEWAY_KEY, "sk-wrong"):
+            status, body = _scrape(d.metrics_port, key)
+            assert status == 401 and "haproxy" not in body, (key, body[:200])
+        status, body = _scrape(d.metrics_port, "sk-prometheus")
+        assert status == 200 and 'haproxy_process_build_info{version="2.' in body, body[:300]
+        assert 'server="m1"' in body  # what it shows: routes and servers

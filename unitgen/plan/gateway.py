@@ -89,6 +89,7 @@ class GatewaySettings:
     name: str
     api_keys_file: str | None = None
     metrics: str | None = None  # host:port of the Prometheus exporter
+    metrics_keys_file: str | None = None  # keys the exporter wants (beyond loopback)
     # the spec's defaults (declared once, in unitgen.spec.gateway)
     max_body: int = GatewaySpec.max_body  # bytes a body may have and still be routed
     max_connections: int = GatewaySpec.max_connections
@@ -222,6 +223,7 @@ GATEWAY_HEALTH = "/unitgen/health"
 def settings_of(g: GatewaySpec) -> GatewaySettings:
     """A gateway spec's own keys, as the HAProxy renderer takes them."""
     return GatewaySettings(name=g.name, api_keys_file=g.api_keys_file, metrics=g.metrics,
+                           metrics_keys_file=g.metrics_keys_file,
                            max_body=g.max_body, max_connections=g.max_connections,
                            client_timeout=g.client_timeout, request_timeout=g.request_timeout,
                            max_connections_per_client=g.max_connections_per_client)

@@ -31,7 +31,10 @@ GATEWAY_KEYS: tuple[Key, ...] = (
         required=True, lo=1, hi=65535),
     Key("api_keys_file", Kind.PATH, "a file of API keys, one a line (mode 0600): a request "
         "without `Authorization: Bearer <one of them>` gets 401"),
-    Key("metrics", Kind.TEXT, "`HOST:PORT` of HAProxy's Prometheus exporter (`/metrics`)"),
+    Key("metrics", Kind.TEXT, "`HOST:PORT` of HAProxy's Prometheus exporter (`/metrics`): a "
+        "loopback address, unless `metrics_keys_file` is set"),
+    Key("metrics_keys_file", Kind.PATH, "a file of keys, one a line (root's, mode 0600): "
+        "`/metrics` then wants `Authorization: Bearer <one of them>` (401 otherwise)"),
     Key("max_body", Kind.SIZE, "the largest request body routed by its `model` (HAProxy "
         "reads all of it; each request in flight holds a buffer this big)",
         default=1 << 20, lo=16 << 10, hi=64 << 20,
@@ -116,6 +119,7 @@ class GatewaySpec:
     description: str | None = None
     api_keys_file: str | None = None
     metrics: str | None = None
+    metrics_keys_file: str | None = None
     max_body: int = _default("max_body")
     max_connections: int = _default("max_connections")
     client_timeout: float = _default("client_timeout")
@@ -147,6 +151,19 @@ def _address(c: Checker, key: str, value: str | None) -> None:
                    "\"[fd00::2]:8000\")")
 
 
+def _metrics_reach(c: Checker, metrics: str | None, keys: str | None) -> None:
+    """The exporter shows HAProxy's version and every route and server to whoever
+    asks: beyond loopback, only to a client with a key."""
+    if metrics is None or keys is not None or any(p.key == "metrics" for p in c.problems):
+        return
+    host = metrics.rpartition(":")[0].strip("[]")
+    if not ipaddress.ip_address(host).is_loopback:
+        c.add("metrics", f"{metrics!r} is reachable from other hosts, and the exporter shows "
+                         "HAProxy's version and every route and server to whoever asks: "
+                         f"listen on loopback (\"127.0.0.1:{metrics.rpartition(':')[2]}\") and "
+                         "scrape through it, or set metrics_keys_file")
+
+
 def parse_gateway(data: dict[str, Any], source: str) -> GatewaySpec:
     """Validate a gateway spec given as a mapping; SpecError with every problem."""
     c = Checker(source)
@@ -165,6 +182,7 @@ def parse_gateway(data: dict[str, Any], source: str) -> GatewaySpec:
         except ValueError:
             c.add("host", f"{values['host']!r} is not an IP literal")
     _address(c, "metrics", values.get("metrics"))
+    _metrics_reach(c, values.get("metrics"), values.get("metrics_keys_file"))
     if c.problems:
         raise SpecError(problems=c.problems)
     fields = {k.name: values[k.name] for k in GATEWAY_KEYS

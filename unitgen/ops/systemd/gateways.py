@@ -55,18 +55,21 @@ def config_path(scope: str, f: RenderedFile) -> Path:
 
 
 def key_file_problems(planned: Iterable[Planned], scope: str) -> list[Problem]:
-    """Gateways whose keys file is not root's alone (system scope: HAProxy's keys
-    are the door to every route), or readable by others (any scope)."""
+    """Gateways whose keys files (``api_keys_file``, ``metrics_keys_file``) are not
+    root's alone at system scope (the door to every route, to the exporter), or
+    are readable by others (any scope)."""
     out: list[Problem] = []
     for p in planned:
         plan = p.instance.gateway
-        path = plan.settings.api_keys_file if plan is not None else None
-        why = path and secret_file_problem(Path(path), root=scope == "system")
-        if why:
-            out.append(Problem(str(p.path), "api_keys_file", f"{why}: the keys open every "
-                               f"route; make the file root's alone (chown root:root {path}; "
-                               f"chmod 600 {path})" if scope == "system" else
-                               f"{why}: chmod 600 {path}"))
+        if plan is None:
+            continue
+        for key, path in (("api_keys_file", plan.settings.api_keys_file),
+                          ("metrics_keys_file", plan.settings.metrics_keys_file)):
+            why = path and secret_file_problem(Path(path), root=scope == "system")
+            if why:
+                out.append(Problem(str(p.path), key, f"{why}: make the file root's alone "
+                                   f"(chown root:root {path}; chmod 600 {path})"
+                                   if scope == "system" else f"{why}: chmod 600 {path}"))
     return out
 
 
@@ -178,7 +181,8 @@ def validate(source: str, plan: GatewayPlan) -> None:
         raise SpecError(problems=[Problem(source, "kind", "a gateway runs HAProxy, which is "
                                           "not installed here (Debian: apt-get install haproxy)")])
     with tempfile.TemporaryDirectory(prefix="unitgen-gw-") as tmp:
-        paths = GatewayPaths(tmp, tmp, plan.settings.api_keys_file)
+        paths = GatewayPaths(tmp, tmp, plan.settings.api_keys_file,
+                             plan.settings.metrics_keys_file)
         keyed = set(route_keys(plan)[0])
         for f in render_gateway(plan.settings, plan.routes, paths, keyed=keyed):
             (Path(tmp) / f.name).write_text(f.text, encoding="utf-8")

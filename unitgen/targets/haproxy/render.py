@@ -45,6 +45,7 @@ class GatewayPaths:
     directory: str  # its configuration directory
     runtime: str  # its runtime directory (the admin socket)
     keys_file: str | None = None  # the API keys as HAProxy may read them
+    metrics_keys_file: str | None = None  # the exporter's keys, likewise
 
 
 def _q(value: object) -> str:
@@ -112,6 +113,7 @@ def render_gateway(settings: GatewaySettings, routes: list[Route], paths: Gatewa
         "per_client": settings.per_client, "paths": ROUTED_PATHS,
         "default_wait": max([r.wait for r in routes] or [60.0]),
         "keys_file": paths.keys_file or "", "metrics": bool(settings.metrics),
+        "metrics_keys": paths.metrics_keys_file or "",
         "member_keys": f"{paths.runtime}/{MEMBER_KEYS}",
         "keyed": keyed if settings.api_keys_file else frozenset(),
         "files": files, "routes": routes,

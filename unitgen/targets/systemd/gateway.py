@@ -65,12 +65,13 @@ def gateway_files(name: str, plan: GatewayPlan, scope: str,
     config files below the manager's configuration directory, and the keys it
     sends its members as its secret file. SpecError (naming ``where``: file and
     key) when it cannot send each set of replicas its key."""
-    keys = plan.settings.api_keys_file
-    if keys and scope == "system":
-        # LoadCredential= gives the dynamic user a copy of the root-owned 0600 file
-        keys = f"/run/credentials/{name}.service/api-keys"
+    keys, metrics_keys = plan.settings.api_keys_file, plan.settings.metrics_keys_file
+    if scope == "system":
+        # LoadCredential= gives the dynamic user a copy of the root-owned 0600 files
+        keys = keys and f"/run/credentials/{name}.service/api-keys"
+        metrics_keys = metrics_keys and f"/run/credentials/{name}.service/metrics-keys"
     runtime = runtime_root(scope) / f"unitgen-{name}"
-    paths = GatewayPaths(str(gateway_dir(scope, name)), str(runtime), keys)
+    paths = GatewayPaths(str(gateway_dir(scope, name)), str(runtime), keys, metrics_keys)
     member_keys, problems = route_keys(plan)
     if problems:
         raise SpecError(problems=[Problem(*where, p) for p in problems])

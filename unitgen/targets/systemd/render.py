@@ -242,6 +242,8 @@ def _gateway_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "keys_copy": keys_copy_cmd(ctx.python, inst.name) if plan is not None else [],
         "keys_source": (plan.settings.api_keys_file or "") if plan is not None
                        and ctx.scope == "system" else "",
+        "metrics_keys_source": (plan.settings.metrics_keys_file or "") if plan is not None
+                               and ctx.scope == "system" else "",
     }
 
 
