@@ -1,9 +1,10 @@
-"""What the gateway lets through to its members (issue 25, items 3, 4, 5 and
-8), against a real HAProxy running the rendered configuration (its socket on
+"""What the gateway lets through to its members (issue 25, items 3, 4, 5, 8
+and 9), against a real HAProxy running the rendered configuration (its socket on
 fd 3, as the socket unit passes it) and members that record every request they
 get: only the OpenAI paths, one ``model`` a body, never the client's gateway
-key (a member's own key instead), and slow clients that cannot lock others
-out. No service manager: the live tier deploys the same files."""
+key (a member's own key instead), slow clients that cannot lock others out,
+and an exporter that wants its own key. No service manager: the live tier
+deploys the same files."""
 
 from __future__ import annotations
 

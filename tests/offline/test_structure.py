@@ -79,7 +79,7 @@ def test_all_is_true(path):
                                      "unitgen.inunit.watch", "unitgen.inunit.supwrap",
                                      "unitgen.inunit.supproxy", "unitgen.inunit.envfile",
                                      "unitgen.inunit.swapproxy", "unitgen.inunit.swapforward",
-                                     "unitgen.inunit.podrun"])
+                                     "unitgen.inunit.podrun", "unitgen.inunit.keycopy"])
 def test_programs_inside_units_import_no_heavy_library(program):
     code = (f"import sys, {program}; "
             "print(sorted(m for m in ('click', 'jinja2', 'dbus_fast', 'psutil', 'pynvml') "
