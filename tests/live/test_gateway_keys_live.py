@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,3 +89,40 @@ def test_members_never_see_the_gateway_key_and_answer_with_their_own(box, tmp_pa
         raise AssertionError("the gateway let a client in without a gateway key")
     except openai.AuthenticationError:
         pass
+
+
+def test_an_upstream_gets_its_own_key_never_the_gateways(box, tmp_path):
+    # a member on another host (here: a server the test runs, at an address of
+    # its own): the gateway key would cross the network to it
+    keys, own, log = tmp_path / "keys", tmp_path / "upstream.key", tmp_path / "up.auth"
+    keys.write_text(f"{GATEWAY_KEY}\n")
+    own.write_text("sk-upstream-1\n")
+    for f in (keys, own):
+        f.chmod(0o600)
+    up_port, plain_port, port = free_port(), free_port(), free_port()
+    plain_log = tmp_path / "plain.auth"
+    servers = [subprocess.Popen(
+        [sys.executable, str(STANDIN), "--host", "127.0.0.1", "--port", str(p)], env=env,
+        stderr=subprocess.DEVNULL) for p, env in (
+        (up_port, {"UP_KEY": "sk-upstream-1", "STANDIN_KEY_ENV": "UP_KEY",
+                   "STANDIN_KEY_SCOPE": "/v1", "STANDIN_NAME": "up", "STANDIN_AUTH_LOG": str(log)}),
+        (plain_port, {"STANDIN_NAME": "upplain", "STANDIN_AUTH_LOG": str(plain_log)}))]
+    try:
+        spec = gateway(tmp_path, "gwu", port, f'api_keys_file = "{keys}"\n[[upstreams]]\n'
+                       f'node = "h1"\nname = "up"\naddress = "127.0.0.1:{up_port}"\n'
+                       f'api_key_file = "{own}"\n[[upstreams]]\nnode = "h2"\nname = "upplain"\n'
+                       f'address = "127.0.0.1:{plain_port}"\n')
+        rc, data = cli_json(box, "deploy", "--user", str(spec))
+        assert rc == 0, data
+        sdk = client(port, key=GATEWAY_KEY)
+        for model in ("up", "upplain"):
+            assert wait_for(lambda m=model: _answers(sdk, m), 5.0), model
+        seen = log.read_text().split("\n") + plain_log.read_text().split("\n")
+        assert "Bearer sk-upstream-1" in seen and not any(GATEWAY_KEY in s for s in seen), seen
+        assert set(plain_log.read_text().split()) == {"None"}
+        gw_json = Path(box.env["HOME"]) / ".config" / "unitgen" / "gateways" / "gwu" / "gateway.json"
+        assert "sk-upstream-1" not in gw_json.read_text() and str(own) in gw_json.read_text()
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(10)

@@ -363,3 +363,23 @@ def test_the_exporter_listens_beyond_loopback_only_with_keys(tmp_path, metrics, 
         render_spec(spec, GOLDEN_CTX)
     assert [p.key for p in info.value.problems] == ["metrics"], info.value.problems
     assert "metrics_keys_file" in str(info.value) and "127.0.0.1:9101" in str(info.value)
+
+
+def test_an_upstreams_key_file_is_read_at_deploy_and_checked_like_the_gateways(tmp_path):
+    own = tmp_path / "h1.key"
+    own.write_text("sk-upstream\n")
+    own.chmod(0o644)  # readable by others: refused at system scope
+    spec = write_spec(tmp_path, "gw", 'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                      '[[upstreams]]\nnode = "h1"\nname = "q"\naddress = "10.0.0.1:80"\n'
+                      f'api_key_file = "{own}"\n')
+    done = render_spec(spec, GOLDEN_CTX)
+    files = {f.name: f for f in done.files}
+    assert "Bearer sk-upstream" in files["gw.env"].text
+    assert all("sk-upstream" not in f.text for f in done.files if not f.secret)
+    checked = _unitgen("check", "--no-verify", str(spec))
+    assert checked.returncode == 2, checked.stdout
+    assert f"{spec}: upstreams[0].api_key_file: {own} is readable" in checked.stderr
+    own.unlink()  # a key that cannot be read is no key to send
+    with pytest.raises(SpecError) as info:
+        render_spec(spec, GOLDEN_CTX)
+    assert "h1_q cannot be read" in str(info.value)

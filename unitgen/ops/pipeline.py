@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from unitgen.errors import Problem, SpecError
+from unitgen.ops.files import read_key_file
 from unitgen.plan.container import ProblemSink
 from unitgen.plan.gateway import (
     GatewayPlan,
@@ -230,8 +231,10 @@ def _gateway_plan(g: GatewaySpec, planned: list[Planned], allocator: Allocator) 
     joining = [p.instance for p in planned if p.instance.spec.gateway == g.name]
     members += [m for i in joining if (m := member_of(i)) is not None]
     keys += [(i.name, k) for i in joining if (k := member_key(i)) is not None]
-    members += upstream_members(g)  # on other hosts
-    return GatewayPlan(settings_of(g), tuple(members), metrics_of(g), tuple(keys))
+    upstreams = upstream_members(g)  # on other hosts: their keys are files of their own
+    keys += [(m.instance, k) for m in upstreams
+             if m.key_file and (k := read_key_file(m.key_file)) is not None]
+    return GatewayPlan(settings_of(g), (*members, *upstreams), metrics_of(g), tuple(keys))
 
 
 def _cross_file(planned: list[Planned], *, final: bool) -> list[Problem]:

@@ -47,9 +47,16 @@ class Member:
     # on another host (a spec's ``upstreams``): the gateway checks it (see
     # ``upstream_members``); a local member lives and dies with the gateway's host
     remote: bool = False
-    # the variable of its secret file that holds its own API key (None: it has none);
-    # the key itself is never in a Member (they are written to unit headers)
+    # the variable of its secret file that holds its own API key (None: it has none),
+    # or for one on another host the file that holds it; the key itself is never in
+    # a Member (they are written to unit headers and gateway.json)
     key_env: str | None = None
+    key_file: str | None = None
+
+    @property
+    def keyed(self) -> bool:
+        """It has an API key of its own, which the gateway sends it."""
+        return bool(self.key_env or self.key_file)
 
     @property
     def active_check(self) -> bool:
@@ -144,13 +151,14 @@ def route_keys(plan: GatewayPlan) -> tuple[dict[str, str], list[str]]:
     or a key and none (the others would receive it), are refused."""
     keys = dict(plan.keys)
     out: dict[str, str] = {}
-    unread = sorted({m.instance for m in plan.members if m.key_env and m.instance not in keys})
-    problems = [f"the API key of {name} cannot be read from its secret file: deploy it again"
-                for name in unread]
+    unread = {m.instance: m for m in plan.members if m.keyed and m.instance not in keys}
+    problems = [f"the API key of {name} cannot be read from its api_key_file {m.key_file}"
+                if m.key_file else f"the API key of {name} cannot be read from its secret "
+                "file: deploy it again" for name, m in sorted(unread.items())]
     for r in plan.routes:
         if any(m.instance in unread for m in r.members):
             continue
-        found = {keys.get(m.instance) if m.key_env else None for m in r.members}
+        found = {keys.get(m.instance) if m.keyed else None for m in r.members}
         if len(found) > 1:
             problems.append(f"{', '.join(m.instance for m in r.members)} are replicas (route "
                             f"{', '.join(r.names)}) with different API keys, or a key and none: "
@@ -197,7 +205,7 @@ def upstream_members(g: GatewaySpec) -> list[Member]:
 def _upstream(u: UpstreamSpec, gateway: str) -> Member:
     return Member(instance=u.server, address=u.address, names=(u.name, *u.aliases),
                   max_concurrent=u.max_concurrent, wait=u.wait, queue_timeout=u.queue_timeout,
-                  on_demand=u.on_demand, gateway=gateway, remote=True)
+                  on_demand=u.on_demand, gateway=gateway, remote=True, key_file=u.api_key_file)
 
 
 def _bracket(host: str) -> str:

@@ -77,6 +77,9 @@ UPSTREAM_KEYS: tuple[Key, ...] = (
         "deadline)", default=1800.0, lo=1, hi=_DAY),
     Key("on_demand", Kind.BOOLEAN, "the instance starts on its first request: the gateway "
         "never health-checks it actively (a check would wake it)", default=False),
+    Key("api_key_file", Kind.PATH, "a file holding the instance's own API key, one line "
+        "(root's, mode 0600): a gateway with `api_keys_file` sends it in place of its "
+        "clients' keys"),
 )
 
 
@@ -101,6 +104,7 @@ class UpstreamSpec:
     queue_timeout: float = _up_default("queue_timeout")
     wait: float = _up_default("wait")
     on_demand: bool = _up_default("on_demand")
+    api_key_file: str | None = None
 
     @property
     def server(self) -> str:

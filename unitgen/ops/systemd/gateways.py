@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from unitgen.errors import Problem, SpecError
+from unitgen.ops.files import read_key_file
 from unitgen.ops.pipeline import Planned
 from unitgen.ops.trust import secret_file_problem
 from unitgen.plan.gateway import (
@@ -63,8 +64,11 @@ def key_file_problems(planned: Iterable[Planned], scope: str) -> list[Problem]:
         plan = p.instance.gateway
         if plan is None:
             continue
-        for key, path in (("api_keys_file", plan.settings.api_keys_file),
-                          ("metrics_keys_file", plan.settings.metrics_keys_file)):
+        files = [("api_keys_file", plan.settings.api_keys_file),
+                 ("metrics_keys_file", plan.settings.metrics_keys_file)]
+        files += [(f"upstreams[{i}].api_key_file", m.key_file)
+                  for i, m in enumerate(m for m in plan.members if m.remote)]
+        for key, path in files:
             why = path and secret_file_problem(Path(path), root=scope == "system")
             if why:
                 out.append(Problem(str(p.path), key, f"{why}: make the file root's alone "
@@ -74,8 +78,11 @@ def key_file_problems(planned: Iterable[Planned], scope: str) -> list[Problem]:
 
 
 def installed_key(scope: str, m: Member) -> str | None:
-    """An installed member's own API key, from its secret file (root's, 0600);
-    None when it has none or the file does not say it."""
+    """A member's own API key: an installed instance's from its secret file
+    (root's, 0600), an upstream's from its ``api_key_file`` (its first line);
+    None when it has none or the file cannot be read or does not say it."""
+    if m.key_file:
+        return read_key_file(m.key_file)
     if m.key_env is None:
         return None
     try:
@@ -161,7 +168,8 @@ def rerender(scope: str, gateway: str, installed: dict[str, Installed],
     members: list[Member] = [i.member for n, i in installed.items()
                              if i.member is not None and i.member.gateway == gateway
                              and n not in gone]
-    keys = [(m.instance, k) for m in members if (k := installed_key(scope, m)) is not None]
+    keys = [(m.instance, k) for m in (*found.members, *members)
+            if (k := installed_key(scope, m)) is not None]
     joining = [p for p in run.values() if (m := member_of(p.instance)) is not None
                and m.gateway == gateway]
     members += [m for p in joining if (m := member_of(p.instance)) is not None]
