@@ -6,7 +6,9 @@ Both paths end at the same instance (its ``.socket``, systemd-socket-proxyd,
 the stand-in on its private Unix socket), so the ratio is the gateway's cost
 alone. The instance and the gateway are deployed by ``unitgen deploy``, the way
 users do it (the gateway's HAProxy configuration is rendered from the
-instances that join it)."""
+instances that join it), with keys, so every request passes the whole door:
+the client's gateway key checked and removed, the instance's own key sent in
+its place, the path and the one-``model`` rule (docs/gateway.md)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from bench.tools import PYTHON, WrkResult, free_port, wrk
 from unitgen.ops.systemd.sandbox import Sandbox
 
 GATEWAY = "bgw"
+GATEWAY_KEY = "sk-bench-gateway"  # what clients send (api_keys_file)
+MEMBER_KEY = "sk-bench-member"  # the instances' own (the gateway sends it)
 
 
 def unitgen(box: Sandbox, *args: str, timeout: float = 180) -> None:
@@ -44,6 +48,7 @@ def post_script(directory: Path, model: str, *, stream: bool) -> Path:
     path = directory / f"post-{model}.lua"
     path.write_text('wrk.method = "POST"\n'
                     'wrk.headers["Content-Type"] = "application/json"\n'
+                    f'wrk.headers["Authorization"] = "Bearer {GATEWAY_KEY}"\n'
                     f"wrk.body = {json.dumps(body)}\n", encoding="utf-8")
     return path
 
@@ -53,7 +58,8 @@ def member(tmp: Path, name: str, script: str, env: dict[str, str] | None = None
     """An instance spec joining the gateway that runs ``bench/<script>``, and
     the instance's own port."""
     exe = standin_exe(tmp, script, f"{name}-server")
-    full_env = {"BENCH_DIR": str(tmp), "BENCH_DIRECT_PORT": str(free_port()), **(env or {})}
+    full_env = {"BENCH_DIR": str(tmp), "BENCH_DIRECT_PORT": str(free_port()),
+                "LLAMA_API_KEY": MEMBER_KEY, **(env or {})}
     spec, port = tmp / f"{name}.toml", free_port()
     spec.write_text(server_spec(name, exe, port, full_env, f'gateway = "{GATEWAY}"\n'),
                     encoding="utf-8")
@@ -71,9 +77,12 @@ def behind_gateway(box: Sandbox, name: str, script: str, env: dict[str, str] | N
         tmp.chmod(0o755)
         spec, instance_port = member(tmp, name, script, env)
         gw_port = free_port()
+        keys = tmp / "gateway.keys"
+        keys.write_text(f"{GATEWAY_KEY}\n", encoding="utf-8")
+        keys.chmod(0o600)
         gw = tmp / f"{GATEWAY}.toml"
         gw.write_text(f'kind = "gateway"\nname = "{GATEWAY}"\nhost = "127.0.0.1"\n'
-                      f"port = {gw_port}\n", encoding="utf-8")
+                      f'port = {gw_port}\napi_keys_file = "{keys}"\n', encoding="utf-8")
         unitgen(box, "deploy", str(spec), str(gw))
         try:
             yield Deployed(name, public=gw_port, direct=instance_port), tmp
@@ -110,7 +119,7 @@ def latency_rows(box: Sandbox, profile: Profile) -> list[Row]:
             dep, tmp):
         script = post_script(tmp, "bfastg", stream=False)
         direct, routed = paired(dep, connections=1, seconds=profile.load_seconds,
-                                rounds=rounds, script=script)
+                                rounds=rounds, path="/v1/chat/completions", script=script)
     _check(direct, "tiny to the instance")
     _check(routed, "tiny through the gateway")
     added = routed.p50_ms - direct.p50_ms

@@ -12,6 +12,9 @@ STANDIN_NEVER_READY    ``1``: keep loading for ever
 STANDIN_KEY_ENV        name of a variable holding the API key; requests without
                        ``Authorization: Bearer <key>`` get 401 (health included; run
                        as vLLM, only paths under /v1, as vLLM checks them)
+STANDIN_KEY_SCOPE      with STANDIN_KEY_ENV: check the key only on paths that start with
+                       this (``/v1``, as vLLM does), on every method, POST included
+STANDIN_AUTH_LOG       file to append each request's ``Authorization`` header to (one a line)
 STANDIN_RECORD         file to write ``{"argv": [...], "env": {...}, "pid": N}`` to at start
 STANDIN_EXTRA_PORT     also listen on this loopback TCP port (a misconfigured server)
 STANDIN_WORKERS        start this many child processes, like tensor-parallel workers
@@ -142,18 +145,27 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
-    def _refused(self) -> bool:
-        """Without the API key: 401 (True). vLLM checks it only under /v1."""
+    def _refused(self, *, post: bool = False) -> bool:
+        """Record the request's key; answer 401 when it is not the server's. Run as
+        vLLM: only under /v1, every method, in vLLM's words; else a POST only with
+        STANDIN_KEY_SCOPE."""
+        log = os.environ.get("STANDIN_AUTH_LOG")
+        if log:
+            with open(log, "a", encoding="utf-8") as fh:
+                fh.write(f"{self.headers.get('Authorization')}\n")
         key_env = os.environ.get("STANDIN_KEY_ENV")
         key = os.environ.get(key_env) if key_env else None
         if not key or self.headers.get("Authorization") == f"Bearer {key}":
             return False
-        if SERVED is None:
-            self._send(401, {"error": {"message": "invalid api key"}})
+        if SERVED is not None:
+            if not self.path.startswith("/v1"):
+                return False
+            self._send(401, {"error": "Unauthorized"})  # vLLM's words
             return True
-        if not self.path.startswith("/v1"):
+        scope = os.environ.get("STANDIN_KEY_SCOPE")
+        if (scope is None and post) or (scope is not None and not self.path.startswith(scope)):
             return False
-        self._send(401, {"error": "Unauthorized"})  # vLLM's words
+        self._send(401, {"error": {"message": "invalid api key"}})
         return True
 
     def do_GET(self) -> None:
@@ -181,12 +193,12 @@ class Handler(BaseHTTPRequestHandler):
         """An OpenAI-shaped chat completion (or its stream) naming the request's model."""
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if self._refused(post=True):
+            return
         try:
             body = json.loads(raw or b"{}")
         except ValueError:
             body = {}
-        if SERVED is not None and self._refused():
-            return
         if not loaded():
             self._send(503, {"error": {"message": "Loading model"}})
             return

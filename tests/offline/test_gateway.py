@@ -5,7 +5,15 @@ gateway specs refused with file and key."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -16,15 +24,20 @@ from unitgen.features.gateway.plan import (
     GatewayPlan,
     GatewaySettings,
     Member,
+    route_keys,
     routes,
     settings_of,
     upstream_members,
 )
 from unitgen.features.gateway.render import FILES, GatewayPaths, render_gateway
 from unitgen.features.gateway.spec import GatewaySpec
-from unitgen.ops.systemd.specs import render_spec
+from unitgen.inunit import keycopy
+from unitgen.ops.pipeline import plan_paths
+from unitgen.ops.systemd.specs import planner, render_spec
 from unitgen.plan.instance import resolve
+from unitgen.plan.record import parse_record
 from unitgen.spec.model import load_any, load_spec
+from unitgen.targets.systemd.escape import env_file_line, env_file_value
 
 needs_haproxy = pytest.mark.skipif(shutil.which("haproxy") is None and
                                    not shutil.os.path.exists("/usr/sbin/haproxy"),  # type: ignore[attr-defined]
@@ -209,3 +222,173 @@ def test_an_upstream_address_is_refused_unless_haproxy_reads_it_one_way(tmp_path
     with pytest.raises(SpecError) as info:
         load_any(write_spec(tmp_path, "gw", text))
     assert [p.key for p in info.value.problems] == ["upstreams[0].address"], info.value.problems
+
+
+def _keyed(name: str, names: tuple[str, ...], key_env: str | None = "K") -> Member:
+    return Member(name, "127.0.0.1:1", names, key_env=key_env)
+
+
+def test_replicas_share_one_key_or_are_refused():
+    # HAProxy sets the header before it picks a server: one key a set of replicas
+    plan = GatewayPlan(GatewaySettings("gw"), (_keyed("a", ("a", "q")), _keyed("b", ("b", "q")),
+                                                _keyed("c", ("c",), None)),
+                       keys=(("a", "sk-1"), ("b", "sk-1")))
+    sent, problems = route_keys(plan)
+    backend = {r.names: r.backend for r in plan.routes}
+    assert sent == {backend[("a",)]: "sk-1", backend[("b",)]: "sk-1", backend[("q",)]: "sk-1"}
+    assert not problems
+    _, problems = route_keys(replace(plan, keys=(("a", "sk-1"), ("b", "sk-2"))))
+    assert problems == [problems[0]] and "route q" in problems[0], problems
+    _, problems = route_keys(replace(plan, keys=(("a", "sk-1"),)))  # b's file unreadable
+    assert problems == ["the API key of b cannot be read from its secret file: deploy it again"]
+    mixed = GatewayPlan(GatewaySettings("gw"), (_keyed("a", ("q",)), _keyed("c", ("q",), None)),
+                        keys=(("a", "sk-1"),))
+    problems = route_keys(mixed)[1]
+    assert problems and "a key and none" in problems[0], problems
+    assert "sk-1" not in repr(plan) and "sk-1" not in " ".join(problems)
+
+
+def test_the_keys_a_gateway_sends_are_its_secret_and_refused_replicas_name_the_file(tmp_path):
+    key = "sk-mem$ber\"\\1"
+    members = [write_spec(tmp_path, n, f'name = "{n}"\nbackend = "vllm"\nmodel = "m"\n'
+                          f'gateway = "gw"\naliases = ["q"]\nargs = ["--api-key", {json.dumps(k)}]\n')
+               for n, k in (("a", key), ("b", key))]
+    gw = write_spec(tmp_path, "gw", 'kind = "gateway"\nname = "gw"\nport = 8080\n')
+    target, alloc = planner(GOLDEN_CTX, None)
+    planned = plan_paths([*members, gw], target, alloc)
+    files = {f.name: f for f in planned[-1].files}
+    assert files["gw.env"].secret and f"Bearer {key}" in files["gw.env"].text
+    assert all(key not in f.text for f in planned[-1].files if not f.secret)
+    unit = next(f.text for p in planned for f in p.files if f.name == "a.service")
+    read_back = parse_record(unit)
+    assert read_back is not None and read_back.member is not None
+    assert (read_back.member.gateway, read_back.member.key_env) == ("gw", "VLLM_API_KEY")
+    other = write_spec(tmp_path, "b", members[1].read_text().replace(json.dumps(key), '"sk-2"'))
+    with pytest.raises(SpecError) as info:
+        plan_paths([members[0], other, gw], target, alloc)
+    assert [p.file for p in info.value.problems] == [str(gw)], info.value.problems
+    assert key not in str(info.value) and "same key" in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["plain", 'q"uote', "back\\slash\\", "$dollar`tick", "a b"])
+def test_a_secret_reads_back_as_written(value):
+    line = env_file_line("K", value)
+    assert env_file_value(f"# x\nOTHER=\"1\"\n{line}\n", "K") == value
+    assert env_file_value(line, "NOPE") is None
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="hands a root file to another uid")
+
+
+@needs_root
+def test_keycopy_gives_the_runtime_directorys_owner_a_copy_and_nobody_else(tmp_path):
+    src, run = tmp_path / "gw.env", tmp_path / "run"
+    src.write_text("r1 Bearer sk-1\n")
+    src.chmod(0o600)
+    run.mkdir(mode=0o700)
+    os.chown(run, 65534, 65534)
+    (run / "member-keys.map").symlink_to(tmp_path / "victim")  # replaced, never followed
+    assert keycopy.main([str(src), str(run / "member-keys.map")]) == 0
+    st = (run / "member-keys.map").lstat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o400)
+    assert (run / "member-keys.map").read_text() == "r1 Bearer sk-1\n"
+    assert not (tmp_path / "victim").exists() and os.listdir(run) == ["member-keys.map"]
+    src.unlink()
+    assert keycopy.main([str(src), str(run / "member-keys.map")]) == 0  # nothing to send
+    assert (run / "member-keys.map").read_text() == ""
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["readable", "not-roots"])
+def test_keycopy_refuses_a_file_that_is_not_roots_alone(tmp_path, how, capsys):
+    src = tmp_path / "gw.env"
+    src.write_text("r1 Bearer sk-1\n")
+    src.chmod(0o644 if how == "readable" else 0o600)
+    if how == "not-roots":
+        os.chown(src, 65534, 65534)
+    assert keycopy.main([str(src), str(tmp_path / "out.map")]) == 1
+    said = capsys.readouterr().err
+    assert str(src) in said and "sk-1" not in said and not (tmp_path / "out.map").exists()
+
+
+def _unitgen(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "unitgen", *args], capture_output=True,
+                          text=True, check=False)
+
+
+@needs_root
+def test_a_keys_file_another_user_owns_or_can_read_is_refused_at_system_scope(tmp_path):
+    # issue 25, item 7: a 0644 keys file of another user passed check at system scope
+    home = Path(tempfile.mkdtemp(prefix="unitgen-keys-", dir="/tmp"))  # theirs, reachable
+    try:
+        _refuse_foreign_keys(tmp_path, home)
+    finally:
+        shutil.rmtree(home)
+
+
+def _refuse_foreign_keys(tmp_path: Path, home: Path) -> None:
+    home.chmod(0o755)
+    os.chown(home, 65534, 65534)
+    keys = home / "llm.keys"
+    # the other user writes it (and could again: a key to every route of its own)
+    subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c",
+                    f"umask 022; echo sk-theirs > {keys}"], check=True)
+    spec = write_spec(tmp_path, "gw", 'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                                      f'api_keys_file = "{keys}"\n')
+    for args in (("check", "--no-verify", str(spec)), ("deploy", "--dry-run", str(spec))):
+        done = _unitgen(*args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert f"{spec}: api_keys_file: {keys} is readable" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    keys.chmod(0o600)
+    done = _unitgen("check", "--no-verify", str(spec))
+    assert done.returncode == 2 and f"{keys} is owned by uid 65534, not root" in done.stderr
+    os.chown(keys, 0, 0)  # root's now, but in a directory another user can change
+    done = _unitgen("check", "--no-verify", str(spec))
+    assert done.returncode == 2 and f"{home} is owned by uid 65534" in done.stderr, done.stderr
+    os.chown(home, 0, 0)
+    done = _unitgen("check", "--no-verify", str(spec))
+    assert done.returncode == 0, done.stderr
+    keys.chmod(0o640)  # at user scope too: nobody else reads them
+    done = _unitgen("check", "--no-verify", "--user", str(spec))
+    assert done.returncode == 2 and "chmod 600" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(("metrics", "keys", "refused"), [
+    ("0.0.0.0:9101", "", True), ("[::]:9101", "", True), ("10.0.0.2:9101", "", True),
+    ("0.0.0.0:9101", 'metrics_keys_file = "/etc/unitgen/prom.keys"\n', False),
+    ("127.0.0.1:9101", "", False), ("127.0.0.2:9101", "", False), ("[::1]:9101", "", False),
+])
+def test_the_exporter_listens_beyond_loopback_only_with_keys(tmp_path, metrics, keys, refused):
+    # issue 25, item 9: anyone who reached it saw HAProxy's version, routes and servers
+    spec = write_spec(tmp_path, "gw", f'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                                      f'metrics = "{metrics}"\n{keys}')
+    if not refused:
+        done = render_spec(spec, GOLDEN_CTX)
+        unit = next(f.text for f in done.files if f.name == "gw.service")
+        assert ("LoadCredential=metrics-keys:/etc/unitgen/prom.keys" in unit) == bool(keys)
+        return
+    with pytest.raises(SpecError) as info:
+        render_spec(spec, GOLDEN_CTX)
+    assert [p.key for p in info.value.problems] == ["metrics"], info.value.problems
+    assert "metrics_keys_file" in str(info.value) and "127.0.0.1:9101" in str(info.value)
+
+
+def test_an_upstreams_key_file_is_read_at_deploy_and_checked_like_the_gateways(tmp_path):
+    own = tmp_path / "h1.key"
+    own.write_text("sk-upstream\n")
+    own.chmod(0o644)  # readable by others: refused at system scope
+    spec = write_spec(tmp_path, "gw", 'kind = "gateway"\nname = "gw"\nport = 8080\n'
+                      '[[upstreams]]\nnode = "h1"\nname = "q"\naddress = "10.0.0.1:80"\n'
+                      f'api_key_file = "{own}"\n')
+    done = render_spec(spec, GOLDEN_CTX)
+    files = {f.name: f for f in done.files}
+    assert "Bearer sk-upstream" in files["gw.env"].text
+    assert all("sk-upstream" not in f.text for f in done.files if not f.secret)
+    checked = _unitgen("check", "--no-verify", str(spec))
+    assert checked.returncode == 2, checked.stdout
+    assert f"{spec}: upstreams[0].api_key_file: {own} is readable" in checked.stderr
+    own.unlink()  # a key that cannot be read is no key to send
+    with pytest.raises(SpecError) as info:
+        render_spec(spec, GOLDEN_CTX)
+    assert "h1_q cannot be read" in str(info.value)

@@ -60,7 +60,8 @@ def _imports(path: Path) -> set[str]:
 # A feature (unitgen/features/NAME/) is a column across the layers: each of its
 # modules is in the layer its file name says; the feature registry and the
 # hooks' base are operations.
-FEATURE_LAYERS = {"spec": "spec", "plan": "plan", "render": "targets", "files": "targets"}
+FEATURE_LAYERS = {"spec": "spec", "plan": "plan", "patterns": "plan", "render": "targets",
+                  "files": "targets"}
 
 
 def layer_of(name: str) -> str | None:
@@ -113,7 +114,8 @@ def test_all_is_true(path):
                                      "unitgen.inunit.supproxy", "unitgen.inunit.envfile",
                                      "unitgen.inunit.swapproxy", "unitgen.inunit.swapforward",
                                      "unitgen.inunit.podrun", "unitgen.inunit.hareload",
-                                     "unitgen.inunit.relay", "unitgen.inunit.passed"])
+                                     "unitgen.inunit.relay", "unitgen.inunit.passed",
+                                     "unitgen.inunit.keycopy"])
 def test_programs_inside_units_import_no_heavy_library(program):
     code = (f"import sys, {program}; "
             "print(sorted(m for m in ('click', 'jinja2', 'dbus_fast', 'psutil', 'pynvml') "

@@ -118,10 +118,14 @@ def test_hardened_swap_proxies_take_turns_at_system_scope(box):
 
 def test_a_sandboxed_gateway_routes_at_system_scope(box):
     # issue 19: the gateway unit runs hardened (a dynamic user, no capabilities,
-    # the API keys as a credential) and routes to a sandboxed member
+    # the API keys as a credential) and routes to a sandboxed member; issue 25,
+    # item 3: the member has a key of its own (checked under /v1, as vLLM does),
+    # gets it from the gateway, and never the client's gateway key
     keys = "/etc/unitgen/gw.keys"
     box.put(keys, "sk-sys-gw\n", 0o600)
-    member = backend_spec("custom", "sys-gm").replace("[health]", 'gateway = "sys-gw"\n[health]')
+    member = backend_spec("custom", "sys-gm", env='MEMBER_KEY = "sk-sys-member", '
+                          'STANDIN_KEY_ENV = "MEMBER_KEY", STANDIN_KEY_SCOPE = "/v1"').replace(
+        "[health]", 'gateway = "sys-gw"\napi_key_env = "MEMBER_KEY"\n[health]')
     gw = 'kind = "gateway"\nname = "sys-gw"\nport = 18990\n' f'api_keys_file = "{keys}"\n'
     try:
         rc, data = deploy(box, "sys-gm", member)
@@ -130,18 +134,27 @@ def test_a_sandboxed_gateway_routes_at_system_scope(box):
         assert rc == 0, box.journal("sys-gw.service")[-3000:]
         assert box.prop("sys-gw.service", "DynamicUser") == "yes"
         done = box.run(["curl", "-s", "-H", "Authorization: Bearer sk-sys-gw", "-d",
-                        '{"model": "sys-gm", "messages": []}', "http://127.0.0.1:18990/v1/x"])
-        assert '"server": "standin"' in done.stdout or '"model": "sys-gm"' in done.stdout, (
-            done.stdout, box.journal("sys-gw.service"))
+                        '{"model": "sys-gm", "messages": []}',
+                        "http://127.0.0.1:18990/v1/chat/completions"])
+        assert '"server": "standin"' in done.stdout, (done.stdout, box.journal("sys-gw.service"))
         done = box.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                         "http://127.0.0.1:18990/v1/models"])
         assert done.stdout == "401"
+        # HAProxy's user reads the member keys from its runtime directory; nobody else can
+        copy = "/run/unitgen-sys-gw/member-keys.map"
+        owner = box.run(["stat", "-c", "%u", "/run/unitgen-sys-gw"]).stdout.strip()  # the dynamic user
+        assert owner != "0" and box.run(["stat", "-c", "%u %a", copy]).stdout.split() == [owner, "400"]
+        assert box.run(["stat", "-c", "%U %a", "/etc/unitgen/secrets/sys-gw.env"]
+                       ).stdout.split() == ["root", "600"]
+        other = box.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                         "cat", copy])
+        assert other.returncode != 0 and "sk-sys-member" not in other.stdout
         # a member joining reloads the sandboxed gateway: the reload (its own
         # ExecReload, as the dynamic user) ends once the new route serves
         rc, data = deploy(box, "sys-gm2", member.replace('"sys-gm"', '"sys-gm2"'))
         assert rc == 0, (data, box.journal("sys-gw.service")[-3000:])
         done = box.run(["curl", "-s", "-H", "Authorization: Bearer sk-sys-gw", "-d",
-                        '{"model": "sys-gm2", "messages": []}', "http://127.0.0.1:18990/v1/x"])
+                        '{"model": "sys-gm2", "messages": []}', "http://127.0.0.1:18990/v1/chat/completions"])
         assert '"model": "sys-gm2"' in done.stdout, (done.stdout, box.journal("sys-gw.service"))
         assert "new worker" in box.journal("sys-gw.service")
     finally:

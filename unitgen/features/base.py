@@ -14,7 +14,9 @@ refuses the feature's spec keys (its capability set, :mod:`unitgen.features.regi
 
 The hooks, in the order they run:
 
-    deploy:  cohabitants (while GPUs are placed) -> plan -> preflight -> prepare -> files
+    check:   problems
+    deploy:  cohabitants (while GPUs are placed) -> plan (problems first) -> preflight
+             -> prepare -> files
              (written with the run's units, all or nothing) -> reload_only
              (per changed instance) -> after (once every instance is up)
     remove:  before_remove (while every instance still runs) -> removed (per instance)
@@ -72,6 +74,11 @@ class Feature:
         """Instances whose GPU claims are no conflict for ``spec`` (they never run
         beside it); ``run`` is the specs of this deploy placed so far."""
         return frozenset()
+
+    def problems(self, planned: Sequence[Planned]) -> list[Problem]:
+        """What is wrong with the run's specs on this host that ``check`` reports
+        too (deploy's :meth:`plan` raises them): files only, no manager asked."""
+        return []
 
     def plan(self, installed: Mapping[str, InstalledLike], planned: Sequence[Planned]) -> list[str]:
         """Everything was planned: check and compute this feature's part of the

@@ -15,6 +15,7 @@ from typing import Protocol
 import psutil
 
 from unitgen.errors import Problem, UnitgenError
+from unitgen.features.gateway.keys import Secret, installed_key
 from unitgen.features.gateway.plan import Member
 from unitgen.ops.pipeline import HostGpus, RunAllocator, listen_overlap, place_or_report
 from unitgen.plan.container import ProblemSink
@@ -237,6 +238,8 @@ class HostAllocator(RunAllocator):
     mates: Callable[[InstanceSpec], frozenset[str]] | None = None
     # the ports planned here are the ones the instances get (see plan_paths)
     final_ports: bool = True
+    # an installed instance's secret, by variable (the target knows where it is kept)
+    secret: Secret | None = None
 
     def reserve(self, ports: set[int]) -> None:
         """Ports specs of this run fix: never allocated to another spec."""
@@ -246,6 +249,10 @@ class HostAllocator(RunAllocator):
         """Installed instances that join ``gateway`` (from their records)."""
         return [m for i in self.installed.values()
                 if (m := i.rec.member) is not None and m.gateway == gateway]
+
+    def member_key(self, m: Member) -> str | None:
+        """A member's own API key, from where the target keeps its secrets."""
+        return installed_key(m, self.secret or (lambda _name, _var: None))
 
     def public_port(self, spec: InstanceSpec, explicit: int | None, host: str,
                     problem: ProblemSink) -> int:

@@ -14,7 +14,7 @@ from unitgen.errors import OwnershipError, UnitgenError
 from unitgen.targets.base import MARKER, RenderedFile
 
 __all__ = ["apply_changes", "atomic_write", "check_ours", "files_diff", "is_ours", "read_exact",
-           "undo_changes", "write_files"]
+           "read_key_file", "undo_changes", "write_files"]
 
 
 def files_diff(files: Sequence[RenderedFile], old: Mapping[str, str | None],
@@ -58,6 +58,17 @@ def check_ours(target: Path, name: str, where: str = "") -> None:
 
 def _mode(path: Path) -> int:
     return 0o600 if path.suffix == ".env" else 0o644
+
+
+def read_key_file(path: str) -> str | None:
+    """The key a file of one key holds (its first line), or None when it cannot
+    be read or holds no one-line printable key."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    key = text.split("\n", 1)[0].rstrip("\r")
+    return key if key and key.isprintable() else None
 
 
 def read_exact(path: Path) -> str:

@@ -24,6 +24,7 @@ from unitgen.features.gateway.plan import (
     GatewayPlan,
     Member,
     gateway_instance_spec,
+    member_key,
     member_of,
     metrics_of,
     settings_of,
@@ -32,6 +33,7 @@ from unitgen.features.gateway.plan import (
 from unitgen.features.gateway.spec import GatewaySpec
 from unitgen.inunit.cgroupowner import manager_of_scope
 from unitgen.inunit.nvml import Gpu, GpuUnavailableError, read_gpus
+from unitgen.ops.files import read_key_file
 from unitgen.plan.container import ProblemSink
 from unitgen.plan.gpus import Placement, place
 from unitgen.plan.instance import Allocator, Instance, resolve
@@ -111,6 +113,10 @@ class RunAllocator(Allocator, Protocol):
     def gateway_members(self, gateway: str) -> list[Member]:
         """Installed instances that join ``gateway``. Default: none known."""
         return []
+
+    def member_key(self, m: Member) -> str | None:
+        """An installed member's own API key. Default: none known."""
+        return None
 
 
 @dataclass
@@ -250,10 +256,14 @@ def _gateway_plan(g: GatewaySpec, planned: list[Planned],
     installed ones the allocator knows (the run's version of an instance wins)."""
     run = {p.instance.name for p in planned}
     members = [m for m in allocator.gateway_members(g.name) if m.instance not in run]
-    members += [m for p in planned if p.instance.spec.gateway == g.name
-                and (m := member_of(p.instance)) is not None]
-    members += upstream_members(g)  # on other hosts
-    return GatewayPlan(settings_of(g), tuple(members), metrics_of(g))
+    keys = [(m.instance, k) for m in members if (k := allocator.member_key(m)) is not None]
+    joining = [p.instance for p in planned if p.instance.spec.gateway == g.name]
+    members += [m for i in joining if (m := member_of(i)) is not None]
+    keys += [(i.name, k) for i in joining if (k := member_key(i)) is not None]
+    upstreams = upstream_members(g)  # on other hosts: their keys are files of their own
+    keys += [(m.instance, k) for m in upstreams
+             if m.key_file and (k := read_key_file(m.key_file)) is not None]
+    return GatewayPlan(settings_of(g), (*members, *upstreams), metrics_of(g), tuple(keys))
 
 
 def _cross_file(planned: list[Planned], *, final: bool) -> list[Problem]:

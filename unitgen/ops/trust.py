@@ -29,7 +29,8 @@ import unitgen
 from unitgen.errors import UnitgenError
 from unitgen.targets.base import templates_dir
 
-__all__ = ["UnsafeInstallError", "check_trusted", "trusted_roots", "untrusted_paths"]
+__all__ = ["UnsafeInstallError", "check_trusted", "secret_file_problem", "trusted_roots",
+           "untrusted_paths"]
 
 
 class UnsafeInstallError(UnitgenError):
@@ -42,6 +43,33 @@ def _problem(path: Path, st: os.stat_result) -> str | None:
     sticky = bool(st.st_mode & stat.S_ISVTX) and stat.S_ISDIR(st.st_mode)
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky and not stat.S_ISLNK(st.st_mode):
         return f"{path} is writable by its group or by everyone"
+    return None
+
+
+def secret_file_problem(path: Path, *, root: bool = True) -> str | None:
+    """Why a file of keys that root hands to a service (a gateway's
+    ``api_keys_file``) is not root's alone: by the rule above, it and every
+    directory above it (where it really is, too) must be root's and writable by
+    root alone, and the file readable by its owner alone (``root=False``, a
+    user manager's: that last rule only). None when it is, or when it does not
+    exist (HAProxy's own check at deploy says so)."""
+    real = Path(os.path.realpath(path))
+    try:
+        st = real.stat()
+    except OSError:
+        return None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return (f"{path} is readable or writable by its group or by others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o})")
+    if not root:
+        return None
+    for p in dict.fromkeys((path, *path.parents, real, *real.parents)):
+        try:
+            why = _problem(p, p.lstat())
+        except OSError:
+            continue
+        if why:
+            return why
     return None
 
 

@@ -20,14 +20,16 @@ from unitgen.errors import Problem, SpecError
 from unitgen.features.base import InstalledLike
 from unitgen.features.gateway.doctor import SocketState
 from unitgen.features.gateway.files import SETTINGS, read_settings
-from unitgen.features.gateway.plan import GatewayPlan, Member, member_of
-from unitgen.features.gateway.render import CONFIG, FILES, GatewayPaths, render_gateway
+from unitgen.features.gateway.keys import installed_key
+from unitgen.features.gateway.plan import GatewayPlan, Member, member_key, member_of, route_keys
+from unitgen.features.gateway.render import CONFIG, FILES, MEMBER_KEYS, GatewayPaths, render_gateway
 from unitgen.inunit.hareload import runtime_api
 from unitgen.ops.pipeline import Planned
+from unitgen.ops.trust import secret_file_problem
 from unitgen.targets.base import RenderedFile
 
-__all__ = ["GatewayBinding", "affected", "remote_members", "remove_gateway_files", "rerender",
-           "runtime_api", "validate"]
+__all__ = ["GatewayBinding", "affected", "key_file_problems", "remote_members",
+           "remove_gateway_files", "rerender", "runtime_api", "validate"]
 
 
 class GatewayBinding(Protocol):
@@ -41,12 +43,24 @@ class GatewayBinding(Protocol):
         """Its HAProxy runtime API (the configuration's ``stats socket``)."""
         ...
 
-    def files(self, gateway: str, plan: GatewayPlan) -> list[RenderedFile]:
-        """Its HAProxy files as this target renders them (config files)."""
+    def files(self, gateway: str, plan: GatewayPlan,
+              where: tuple[str, str]) -> list[RenderedFile]:
+        """Its HAProxy files as this target renders them (config files, and the
+        member keys as a secret file); SpecError naming ``where`` (file, key)."""
+        ...
+
+    @property
+    def root_only(self) -> bool:
+        """Keys files must be root's alone (root runs the gateway's set-up)."""
+        ...
+
+    def secret(self, instance: str, variable: str) -> str | None:
+        """An installed instance's secret (its key), from its root-only file."""
         ...
 
     def path(self, f: RenderedFile) -> Path:
-        """Where one of those files is installed."""
+        """Where one of those files is installed (a secret one with the
+        target's secrets)."""
         ...
 
     def reload(self, gateway: str) -> str | None:
@@ -57,6 +71,28 @@ class GatewayBinding(Protocol):
     def socket_states(self, names: list[str]) -> dict[str, SocketState]:
         """Instance -> what holds its public socket and its state."""
         ...
+
+
+def key_file_problems(planned: Iterable[Planned], root: bool) -> list[Problem]:
+    """Gateways whose keys files (``api_keys_file``, ``metrics_keys_file``,
+    upstreams' ``api_key_file``) are not root's alone where root runs the gateway
+    (the door to every route, to the exporter), or are readable by others."""
+    out: list[Problem] = []
+    for p in planned:
+        plan = p.instance.gateway
+        if plan is None:
+            continue
+        files = [("api_keys_file", plan.settings.api_keys_file),
+                 ("metrics_keys_file", plan.settings.metrics_keys_file)]
+        files += [(f"upstreams[{i}].api_key_file", m.key_file)
+                  for i, m in enumerate(m for m in plan.members if m.remote)]
+        for key, path in files:
+            why = path and secret_file_problem(Path(path), root=root)
+            if why:
+                out.append(Problem(str(p.path), key, f"{why}: make the file root's alone "
+                                   f"(chown root:root {path}; chmod 600 {path})"
+                                   if root else f"{why}: chmod 600 {path}"))
+    return out
 
 
 def remote_members(binding: GatewayBinding, gateway: str) -> list[tuple[Member, str]]:
@@ -104,10 +140,15 @@ def rerender(binding: GatewayBinding, gateway: str, installed: Mapping[str, Inst
     members: list[Member] = [m for n, i in installed.items()
                              if (m := i.rec.member) is not None and m.gateway == gateway
                              and n not in gone]
-    members += [m for p in run.values() if (m := member_of(p.instance)) is not None
-                and m.gateway == gateway]
-    plan = GatewayPlan(found.settings, (*found.members, *members), found.metrics)
-    return binding.files(gateway, plan)
+    joining = [p for p in run.values() if (m := member_of(p.instance)) is not None
+               and m.gateway == gateway]
+    keys = [(m.instance, k) for m in (*found.members, *members)
+            if (k := installed_key(m, binding.secret)) is not None]
+    members += [m for p in joining if (m := member_of(p.instance)) is not None]
+    keys += [(p.instance.name, k) for p in joining if (k := member_key(p.instance)) is not None]
+    plan = GatewayPlan(found.settings, (*found.members, *members), found.metrics, tuple(keys))
+    where = (str(joining[0].path), "gateway") if joining else (f"gateway {gateway}", "")
+    return binding.files(gateway, plan, where)
 
 
 def validate(source: str, plan: GatewayPlan) -> None:
@@ -120,9 +161,12 @@ def validate(source: str, plan: GatewayPlan) -> None:
         raise SpecError(problems=[Problem(source, "kind", "a gateway runs HAProxy, which is "
                                           "not installed here (Debian: apt-get install haproxy)")])
     with tempfile.TemporaryDirectory(prefix="unitgen-gw-") as tmp:
-        paths = GatewayPaths(tmp, tmp, plan.settings.api_keys_file)
-        for f in render_gateway(plan.settings, plan.routes, paths):
+        paths = GatewayPaths(tmp, tmp, plan.settings.api_keys_file,
+                             plan.settings.metrics_keys_file)
+        keyed = set(route_keys(plan)[0])
+        for f in render_gateway(plan.settings, plan.routes, paths, keyed=keyed):
             (Path(tmp) / f.name).write_text(f.text, encoding="utf-8")
+        (Path(tmp) / MEMBER_KEYS).write_text("", encoding="utf-8")  # HAProxy reads it at start
         socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
         try:
             done = subprocess.run(

@@ -11,8 +11,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from unitgen.features.gateway.plan import GatewayPlan, GatewaySettings, Member
-from unitgen.features.gateway.render import GatewayPaths, render_gateway
+from unitgen.errors import Problem, SpecError
+from unitgen.features.gateway.plan import GatewayPlan, GatewaySettings, Member, route_keys
+from unitgen.features.gateway.render import GatewayPaths, member_keys_map, render_gateway
 from unitgen.targets.base import RenderedFile
 
 __all__ = ["SETTINGS", "gateway_files", "read_settings"]
@@ -20,10 +21,18 @@ __all__ = ["SETTINGS", "gateway_files", "read_settings"]
 SETTINGS = "gateway.json"  # what re-renders the configuration when its members change
 
 
-def gateway_files(plan: GatewayPlan, paths: GatewayPaths, prefix: str) -> list[RenderedFile]:
-    """A gateway's files as config files named ``prefix/<file>``."""
+def gateway_files(name: str, plan: GatewayPlan, paths: GatewayPaths, prefix: str,
+                  where: tuple[str, str]) -> list[RenderedFile]:
+    """A gateway's files as config files named ``prefix/<file>``, and the keys it
+    sends its members as its secret file ``<name>.env`` (mode 0600). SpecError
+    (naming ``where``: file and key) when it cannot send each set of replicas
+    its key."""
+    member_keys, problems = route_keys(plan)
+    if problems:
+        raise SpecError(problems=[Problem(*where, p) for p in problems])
     files = [RenderedFile(f"{prefix}/{f.name}", f.text, config=True)
-             for f in render_gateway(plan.settings, plan.routes, paths)]
+             for f in render_gateway(plan.settings, plan.routes, paths, keyed=set(member_keys))]
+    files.append(RenderedFile(f"{name}.env", member_keys_map(name, member_keys), secret=True))
     settings = {"settings": asdict(plan.settings),
                 "metrics": list(plan.metrics) if plan.metrics else None,
                 "upstreams": [asdict(m) for m in plan.members if m.remote]}

@@ -19,10 +19,12 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from unitgen.errors import Problem, SpecError
 from unitgen.features.base import Feature, InstalledLike, Writes
 from unitgen.features.gateway.config import (
     GatewayBinding,
     affected,
+    key_file_problems,
     remote_members,
     remove_gateway_files,
     rerender,
@@ -55,6 +57,8 @@ class GatewayFeature(Feature):
     def plan(self, installed: Mapping[str, InstalledLike], planned: Sequence[Planned]) -> list[str]:
         """Gateways routing to the run's instances are rendered again; every
         gateway configuration of the run is checked by HAProxy."""
+        if found := self.problems(planned):
+            raise SpecError(problems=found)
         gateways = sorted(affected(installed, planned))
         self._files = [(g, self.binding.path(f), f.text) for g in gateways
                        for f in rerender(self.binding, g, installed, planned)]
@@ -71,6 +75,10 @@ class GatewayFeature(Feature):
                 notices.append(f"{spec.name}: gateway {spec.gateway!r} is not deployed here "
                                "yet: its routes come with it")
         return notices
+
+    def problems(self, planned: Sequence[Planned]) -> list[Problem]:
+        """Keys files that are not root's alone where root runs the gateway."""
+        return key_file_problems(planned, self.binding.root_only)
 
     def files(self) -> Writes:
         """The re-rendered files that differ from what is installed; their

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from unitgen.features.gateway.spec import GatewaySpec, UpstreamSpec
 from unitgen.features.swap.plan import turn_wait
@@ -24,8 +24,8 @@ from unitgen.spec.model import HealthSpec, InstanceSpec
 from unitgen.spec.ports import probe_host
 
 __all__ = ["GATEWAY_HEALTH", "ROUTE_NAME_RE", "GatewayPlan", "GatewaySettings", "Member", "Route",
-           "gateway_instance_spec", "member_of", "metrics_of", "routes", "settings_of",
-           "upstream_members"]
+           "gateway_instance_spec", "member_key", "member_of", "metrics_of", "route_keys",
+           "routes", "settings_of", "upstream_members"]
 
 # What a route name may be: what an OpenAI client sends as ``model`` (Hugging Face
 # ids included: "Qwen/Qwen2-7B-Instruct"); no blank or control character (a map
@@ -48,6 +48,16 @@ class Member:
     # on another host (a spec's ``upstreams``): the gateway checks it (see
     # ``upstream_members``); a local member lives and dies with the gateway's host
     remote: bool = False
+    # the variable of its secret file that holds its own API key (None: it has none),
+    # or for one on another host the file that holds it; the key itself is never in
+    # a Member (they are written to unit headers and gateway.json)
+    key_env: str | None = None
+    key_file: str | None = None
+
+    @property
+    def keyed(self) -> bool:
+        """It has an API key of its own, which the gateway sends it."""
+        return bool(self.key_env or self.key_file)
 
     @property
     def active_check(self) -> bool:
@@ -87,10 +97,18 @@ class GatewaySettings:
     name: str
     api_keys_file: str | None = None
     metrics: str | None = None  # host:port of the Prometheus exporter
+    metrics_keys_file: str | None = None  # keys the exporter wants (beyond loopback)
     # the spec's defaults (declared once, in unitgen.features.gateway.spec)
     max_body: int = GatewaySpec.max_body  # bytes a body may have and still be routed
     max_connections: int = GatewaySpec.max_connections
     client_timeout: float = GatewaySpec.client_timeout  # a silent client is closed after
+    request_timeout: float = GatewaySpec.request_timeout  # to send a whole request
+    max_connections_per_client: int | None = None  # None: half of max_connections
+
+    @property
+    def per_client(self) -> int:
+        """Connections one client address may hold: never all of them."""
+        return self.max_connections_per_client or max(1, self.max_connections // 2)
 
 
 def routes(members: Iterable[Member]) -> list[Route]:
@@ -118,11 +136,38 @@ class GatewayPlan:
     settings: GatewaySettings
     members: tuple[Member, ...]
     metrics: tuple[str, int] | None = None  # host, port of the exporter's socket
+    # member -> its own API key, for members that have one (secret: never shown)
+    keys: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def routes(self) -> list[Route]:
         """Its routes (see :func:`routes`)."""
         return routes(self.members)
+
+
+def route_keys(plan: GatewayPlan) -> tuple[dict[str, str], list[str]]:
+    """The API key the gateway sends each backend (by backend name), and what
+    keeps it from sending the right one. HAProxy sets a header before it picks
+    a server, so a set of replicas shares one key: replicas with different keys,
+    or a key and none (the others would receive it), are refused."""
+    keys = dict(plan.keys)
+    out: dict[str, str] = {}
+    unread = {m.instance: m for m in plan.members if m.keyed and m.instance not in keys}
+    problems = [f"the API key of {name} cannot be read from its api_key_file {m.key_file}"
+                if m.key_file else f"the API key of {name} cannot be read from its secret "
+                "file: deploy it again" for name, m in sorted(unread.items())]
+    for r in plan.routes:
+        if any(m.instance in unread for m in r.members):
+            continue
+        found = {keys.get(m.instance) if m.keyed else None for m in r.members}
+        if len(found) > 1:
+            problems.append(f"{', '.join(m.instance for m in r.members)} are replicas (route "
+                            f"{', '.join(r.names)}) with different API keys, or a key and none: "
+                            "the gateway sends one key to a set of replicas; give them the "
+                            "same key")
+        elif (key := found.pop()) is not None:
+            out[r.backend] = key
+    return out, problems
 
 
 def member_of(inst: Instance) -> Member | None:
@@ -139,7 +184,13 @@ def member_of(inst: Instance) -> Member | None:
                   address=f"{_bracket(probe_host(inst.public.host))}:{inst.public.port}",
                   names=(spec.name, *spec.aliases), max_concurrent=spec.max_concurrent,
                   wait=wait, queue_timeout=spec.queue_timeout,
-                  on_demand=spec.activation == "on-demand", gateway=spec.gateway)
+                  on_demand=spec.activation == "on-demand", gateway=spec.gateway,
+                  key_env=inst.probe_key_env if member_key(inst) is not None else None)
+
+
+def member_key(inst: Instance) -> str | None:
+    """An instance's own API key (the one its probe sends), or None."""
+    return next((v for k, v in inst.secrets if k == inst.probe_key_env), None)
 
 
 def upstream_members(g: GatewaySpec) -> list[Member]:
@@ -152,7 +203,7 @@ def upstream_members(g: GatewaySpec) -> list[Member]:
 def _upstream(u: UpstreamSpec, gateway: str) -> Member:
     return Member(instance=u.server, address=u.address, names=(u.name, *u.aliases),
                   max_concurrent=u.max_concurrent, wait=u.wait, queue_timeout=u.queue_timeout,
-                  on_demand=u.on_demand, gateway=gateway, remote=True)
+                  on_demand=u.on_demand, gateway=gateway, remote=True, key_file=u.api_key_file)
 
 
 def _bracket(host: str) -> str:
@@ -178,8 +229,10 @@ GATEWAY_HEALTH = "/unitgen/health"
 def settings_of(g: GatewaySpec) -> GatewaySettings:
     """A gateway spec's own keys, as the HAProxy renderer takes them."""
     return GatewaySettings(name=g.name, api_keys_file=g.api_keys_file, metrics=g.metrics,
+                           metrics_keys_file=g.metrics_keys_file,
                            max_body=g.max_body, max_connections=g.max_connections,
-                           client_timeout=g.client_timeout)
+                           client_timeout=g.client_timeout, request_timeout=g.request_timeout,
+                           max_connections_per_client=g.max_connections_per_client)
 
 
 def metrics_of(g: GatewaySpec) -> tuple[str, int] | None:

@@ -17,20 +17,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from unitgen.features.gateway.patterns import ONE_MODEL_RE, ROUTED_PATHS
 from unitgen.features.gateway.plan import GatewaySettings, Route
-from unitgen.targets.base import RenderedFile, strict_environment
+from unitgen.targets.base import MARKER, RenderedFile, strict_environment
 
 if TYPE_CHECKING:
     import jinja2
 
-__all__ = ["FILES", "GatewayPaths", "render_gateway"]
+__all__ = ["FILES", "MEMBER_KEYS", "GatewayPaths", "member_keys_map", "render_gateway"]
 
 # the files a gateway's configuration names, in its directory
 FILES = {
     "routes": "routes.map", "models": "models.json", "e400": "400.json", "e401": "401.json",
     "e404": "404.json", "e404path": "404-path.json", "e413": "413.json", "e429": "429.http",
+    "e400twice": "400-model-twice.json", "e408": "408.http", "one_model": "one-model.re",
 }
 CONFIG = "haproxy.cfg"
+# the API keys it sends its members ("backend Bearer key" lines), in its runtime
+# directory: copied there from a root-only file at each start and reload
+MEMBER_KEYS = "member-keys.map"
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,7 @@ class GatewayPaths:
     directory: str  # its configuration directory
     runtime: str  # its runtime directory (the admin socket)
     keys_file: str | None = None  # the API keys as HAProxy may read them
+    metrics_keys_file: str | None = None  # the exporter's keys, likewise
 
 
 def _q(value: object) -> str:
@@ -89,9 +95,12 @@ def _error(status: int, kind: str, message: str) -> str:
                                  "param": None}}) + "\n"
 
 
-def render_gateway(settings: GatewaySettings, routes: list[Route],
-                   paths: GatewayPaths) -> list[RenderedFile]:
-    """``haproxy.cfg`` and the files it names (all in the gateway's directory)."""
+def render_gateway(settings: GatewaySettings, routes: list[Route], paths: GatewayPaths,
+                   keyed: set[str] | frozenset[str] = frozenset()) -> list[RenderedFile]:
+    """``haproxy.cfg`` and the files it names (all in the gateway's directory).
+    ``keyed``: the backends whose members have an API key of their own (in
+    :data:`MEMBER_KEYS`); with ``api_keys_file`` they get it instead of the
+    client's key."""
     names = sorted(n for r in routes for n in r.names)
     files = {k: f"{paths.directory}/{v}" for k, v in FILES.items()}
     values = {
@@ -100,9 +109,13 @@ def render_gateway(settings: GatewaySettings, routes: list[Route],
         # default above 2 KiB buffers): the body may fill the rest
         "bufsize": settings.max_body + 1024 + 16384,
         "admin_socket": f"{paths.runtime}/admin.sock",
-        "client_timeout": settings.client_timeout,
+        "client_timeout": settings.client_timeout, "request_timeout": settings.request_timeout,
+        "per_client": settings.per_client, "paths": ROUTED_PATHS,
         "default_wait": max([r.wait for r in routes] or [60.0]),
         "keys_file": paths.keys_file or "", "metrics": bool(settings.metrics),
+        "metrics_keys": paths.metrics_keys_file or "",
+        "member_keys": f"{paths.runtime}/{MEMBER_KEYS}",
+        "keyed": keyed if settings.api_keys_file else frozenset(),
         "files": files, "routes": routes,
     }
     cfg = _environment().get_template("gateway.cfg.j2").render(values)
@@ -118,17 +131,32 @@ def render_gateway(settings: GatewaySettings, routes: list[Route],
                        "Bearer <key>"),
         "e404": _error(404, "not_found_error", f"no such model here; the models are: {listing}"),
         "e404path": _error(404, "not_found_error", "not an endpoint of this gateway: POST "
-                           "OpenAI requests with a \"model\", or GET /v1/models"),
+                           "a request with a \"model\" to " + ", ".join(ROUTED_PATHS)
+                           + "; or GET /v1/models"),
+        "e400twice": _error(400, "invalid_request_error", "the request body must be a JSON "
+                            "object that names its \"model\" once (at most 200 levels deep)"),
         "e413": _error(413, "invalid_request_error", f"the request body is larger than "
                        f"{settings.max_body} bytes, the most this gateway reads to find its "
                        "\"model\"; raise max_body in the gateway's spec"),
         "e429": _http(429, "Too Many Requests", _error(
             429, "rate_limit_error", "the model's requests in flight are at its bound "
             "(max_concurrent) and this one waited longer than its queue timeout")),
+        "e408": _http(408, "Request Timeout", _error(
+            408, "invalid_request_error", f"the request was not sent whole within "
+            f"{settings.request_timeout:g} s (the gateway's request_timeout)")),
+        "one_model": ONE_MODEL_RE + "\n",
     }
     out = [RenderedFile(CONFIG, f"{cfg}")]
     out += [RenderedFile(FILES[k], text) for k, text in bodies.items()]
     return out
+
+
+def member_keys_map(name: str, keys: dict[str, str]) -> str:
+    """The keys gateway ``name`` sends its members, as the HAProxy map file
+    :data:`MEMBER_KEYS` (``backend Bearer KEY`` lines). A secret: mode 0600."""
+    lines = [f"# The API keys gateway {name} sends its members; mode 0600. Generated: do not "
+             "edit.", f"{MARKER}{name}", *(f"{b} Bearer {k}" for b, k in sorted(keys.items()))]
+    return "\n".join(lines) + "\n"
 
 
 def _http(status: int, reason: str, body: str) -> str:

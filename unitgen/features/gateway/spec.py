@@ -31,7 +31,10 @@ GATEWAY_KEYS: tuple[Key, ...] = (
         required=True, lo=1, hi=65535),
     Key("api_keys_file", Kind.PATH, "a file of API keys, one a line (mode 0600): a request "
         "without `Authorization: Bearer <one of them>` gets 401"),
-    Key("metrics", Kind.TEXT, "`HOST:PORT` of HAProxy's Prometheus exporter (`/metrics`)"),
+    Key("metrics", Kind.TEXT, "`HOST:PORT` of HAProxy's Prometheus exporter (`/metrics`): a "
+        "loopback address, unless `metrics_keys_file` is set"),
+    Key("metrics_keys_file", Kind.PATH, "a file of keys, one a line (root's, mode 0600): "
+        "`/metrics` then wants `Authorization: Bearer <one of them>` (401 otherwise)"),
     Key("max_body", Kind.SIZE, "the largest request body routed by its `model` (HAProxy "
         "reads all of it; each request in flight holds a buffer this big)",
         default=1 << 20, lo=16 << 10, hi=64 << 20,
@@ -39,8 +42,16 @@ GATEWAY_KEYS: tuple[Key, ...] = (
                    "request in flight costs more than it routes"),
     Key("max_connections", Kind.INTEGER, "connections HAProxy holds at once (`maxconn`)",
         default=1024, lo=1, hi=1_000_000),
-    Key("client_timeout", Kind.DURATION, "close a client that sends nothing for this long",
+    Key("client_timeout", Kind.DURATION, "while an answer streams: close a client that "
+        "neither sends nor reads for this long",
         default=600.0, lo=1, hi=_DAY),
+    Key("request_timeout", Kind.DURATION, "the time a client has to send a whole request, "
+        "head and body (then 408): a client that trickles one holds its connection no "
+        "longer; an idle kept-alive connection is closed after it too", default=30.0, lo=1,
+        hi=3600),
+    Key("max_connections_per_client", Kind.INTEGER, "connections one client address may hold "
+        "at once (more are closed at once); default: half of `max_connections`",
+        lo=1, hi=1_000_000),
     Key("upstreams", Kind.TABLES, "instances on other hosts this gateway routes to: a list of "
         "tables with the keys of `UPSTREAM_KEYS` (`[[upstreams]]`; docs/gateway.md)",
         default=()),
@@ -66,6 +77,9 @@ UPSTREAM_KEYS: tuple[Key, ...] = (
         "deadline)", default=1800.0, lo=1, hi=_DAY),
     Key("on_demand", Kind.BOOLEAN, "the instance starts on its first request: the gateway "
         "never health-checks it actively (a check would wake it)", default=False),
+    Key("api_key_file", Kind.PATH, "a file holding the instance's own API key, one line "
+        "(root's, mode 0600): a gateway with `api_keys_file` sends it in place of its "
+        "clients' keys"),
 )
 
 
@@ -90,6 +104,7 @@ class UpstreamSpec:
     queue_timeout: float = _up_default("queue_timeout")
     wait: float = _up_default("wait")
     on_demand: bool = _up_default("on_demand")
+    api_key_file: str | None = None
 
     @property
     def server(self) -> str:
@@ -108,9 +123,12 @@ class GatewaySpec:
     description: str | None = None
     api_keys_file: str | None = None
     metrics: str | None = None
+    metrics_keys_file: str | None = None
     max_body: int = _default("max_body")
     max_connections: int = _default("max_connections")
     client_timeout: float = _default("client_timeout")
+    request_timeout: float = _default("request_timeout")
+    max_connections_per_client: int | None = None
     upstreams: tuple[UpstreamSpec, ...] = ()
 
 
@@ -137,6 +155,19 @@ def _address(c: Checker, key: str, value: str | None) -> None:
                    "\"[fd00::2]:8000\")")
 
 
+def _metrics_reach(c: Checker, metrics: str | None, keys: str | None) -> None:
+    """The exporter shows HAProxy's version and every route and server to whoever
+    asks: beyond loopback, only to a client with a key."""
+    if metrics is None or keys is not None or any(p.key == "metrics" for p in c.problems):
+        return
+    host = metrics.rpartition(":")[0].strip("[]")
+    if not ipaddress.ip_address(host).is_loopback:
+        c.add("metrics", f"{metrics!r} is reachable from other hosts, and the exporter shows "
+                         "HAProxy's version and every route and server to whoever asks: "
+                         f"listen on loopback (\"127.0.0.1:{metrics.rpartition(':')[2]}\") and "
+                         "scrape through it, or set metrics_keys_file")
+
+
 def parse_gateway(data: dict[str, Any], source: str) -> GatewaySpec:
     """Validate a gateway spec given as a mapping; SpecError with every problem."""
     c = Checker(source)
@@ -155,6 +186,7 @@ def parse_gateway(data: dict[str, Any], source: str) -> GatewaySpec:
         except ValueError:
             c.add("host", f"{values['host']!r} is not an IP literal")
     _address(c, "metrics", values.get("metrics"))
+    _metrics_reach(c, values.get("metrics"), values.get("metrics_keys_file"))
     if c.problems:
         raise SpecError(problems=c.problems)
     fields = {k.name: values[k.name] for k in GATEWAY_KEYS

@@ -8,15 +8,18 @@ ports."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from unitgen.errors import UnitgenError
 from unitgen.features.gateway.doctor import SocketState
 from unitgen.features.gateway.plan import GatewayPlan
+from unitgen.inunit.envfile import read_env_file
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.site import Site
 from unitgen.targets.base import RenderedFile
 from unitgen.targets.supervisor.gateway import gateway_dir, render_gateway_files, runtime_dir
+from unitgen.targets.supervisor.render import secret_name
 
 __all__ = ["SupervisorGateway"]
 
@@ -40,9 +43,22 @@ class SupervisorGateway:
         """``RUN/unitgen-<gateway>/admin.sock``."""
         return Path(runtime_dir(self.ctx.run_dir, gateway)) / "admin.sock"
 
-    def files(self, gateway: str, plan: GatewayPlan) -> list[RenderedFile]:
+    def files(self, gateway: str, plan: GatewayPlan,
+              where: tuple[str, str]) -> list[RenderedFile]:
         """The gateway's HAProxy files as the supervisor target writes them."""
-        return render_gateway_files(gateway, plan, self.ctx.config_dir, self.ctx.run_dir)
+        return render_gateway_files(gateway, plan, self.ctx.config_dir, self.ctx.run_dir, where)
+
+    @property
+    def root_only(self) -> bool:
+        """supervisord (root) runs the gateway's wrapper, which reads the keys as root."""
+        return os.geteuid() == 0
+
+    def secret(self, instance: str, variable: str) -> str | None:
+        """From the instance's env file (root's, 0600)."""
+        try:
+            return read_env_file(str(self.site.secrets_dir / secret_name(instance))).get(variable)
+        except (OSError, ValueError):
+            return None
 
     def path(self, f: RenderedFile) -> Path:
         """Below the target's configuration directory."""

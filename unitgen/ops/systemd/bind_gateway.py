@@ -14,7 +14,7 @@ from unitgen.features.gateway.plan import GatewayPlan
 from unitgen.ops.systemd.session import Session
 from unitgen.targets.base import RenderedFile
 from unitgen.targets.systemd.gateway import gateway_dir, gateway_paths, runtime_root
-from unitgen.targets.systemd.installed import config_dir
+from unitgen.targets.systemd.installed import config_dir, installed_secret, secrets_dir
 
 __all__ = ["SystemdGateway"]
 
@@ -34,14 +34,25 @@ class SystemdGateway:
         """``%t/unitgen-<gateway>/admin.sock``."""
         return runtime_root(self.scope) / f"unitgen-{gateway}" / "admin.sock"
 
-    def files(self, gateway: str, plan: GatewayPlan) -> list[RenderedFile]:
+    def files(self, gateway: str, plan: GatewayPlan,
+              where: tuple[str, str]) -> list[RenderedFile]:
         """The gateway's HAProxy files as the systemd target writes them."""
-        return gateway_files(plan, gateway_paths(gateway, plan, self.scope),
-                             f"unitgen/gateways/{gateway}")
+        return gateway_files(gateway, plan, gateway_paths(gateway, plan, self.scope),
+                             f"unitgen/gateways/{gateway}", where)
 
     def path(self, f: RenderedFile) -> Path:
-        """Below the manager's configuration directory."""
-        return config_dir(self.scope) / f.name
+        """Below the manager's configuration directory; the member keys with
+        the instances' secrets."""
+        return (secrets_dir(self.scope) if f.secret else config_dir(self.scope)) / f.name
+
+    @property
+    def root_only(self) -> bool:
+        """The system manager runs the gateway's set-up as root."""
+        return self.scope == "system"
+
+    def secret(self, instance: str, variable: str) -> str | None:
+        """From the instance's secret file (``%E/unitgen/secrets``)."""
+        return installed_secret(self.scope, instance, variable)
 
     def reload(self, gateway: str) -> str | None:
         """``ReloadUnit`` of a running ``<gateway>.service``: its job ends once the

@@ -26,7 +26,14 @@ from unitgen.ops.wait import wait_until
 from unitgen.result import Result
 from unitgen.spec.model import InstanceSpec
 from unitgen.targets.base import RenderedFile
-from unitgen.targets.systemd.installed import Installed, config_dir, scan, secrets_dir, unit_dir
+from unitgen.targets.systemd.installed import (
+    Installed,
+    config_dir,
+    installed_secret,
+    scan,
+    secrets_dir,
+    unit_dir,
+)
 from unitgen.targets.systemd.render import RenderContext, SystemdTarget, server_unit
 
 __all__ = ["SystemdDeploy", "remove", "stop_instance"]
@@ -101,7 +108,8 @@ class SystemdDeploy:
             return frozenset().union(*(f.cohabitants(installed, spec, seen)
                                        for f in self.features))
 
-        alloc = HostAllocator(self.scope, installed, listeners(), opts.port_range, mates=mates)
+        alloc = HostAllocator(self.scope, installed, listeners(), opts.port_range, mates=mates,
+                              secret=lambda name, var: installed_secret(self.scope, name, var))
         return plan_paths(paths, SystemdTarget(self.ctx), alloc, unplaceable=alloc.unplaceable)
 
     def change(self, planned: Planned) -> Change:

@@ -8,7 +8,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from unitgen.errors import UnitgenError
+from unitgen.errors import Problem, SpecError, UnitgenError
 from unitgen.ops.executables import SYSTEM_MANAGER_PATH, missing_program
 from unitgen.ops.interface import DeployOptions, TargetOps, Where
 from unitgen.ops.pipeline import Planned
@@ -18,6 +18,18 @@ from unitgen.result import Result
 from unitgen.targets.systemd.render import RenderContext
 
 __all__ = ["SystemdOps"]
+
+
+def _feature_problems(scope: str, planned: list[Planned]) -> list[Problem]:
+    """What the features find wrong with the run's specs (no manager asked)."""
+    from unitgen.ops.systemd.bindings import features  # noqa: PLC0415
+    from unitgen.ops.systemd.session import Session  # noqa: PLC0415
+
+    session = Session(scope)
+    try:
+        return [p for f in features(session) for p in f.problems(planned)]
+    finally:
+        session.close()
 
 
 class SystemdOps(TargetOps):
@@ -44,6 +56,8 @@ class SystemdOps(TargetOps):
         path = SYSTEM_MANAGER_PATH if self.scope == "system" else os.environ.get("PATH", "")
 
         def notices(planned: list[Planned]) -> list[str]:
+            if unsafe := _feature_problems(self.scope, planned):
+                raise SpecError(problems=unsafe)
             said = verify_rendered(planned) if verify else []
             return said + [f"{found}; fine when the units are for another host, deploy here "
                            "refuses it" for p in planned

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from unitgen.errors import Problem, SpecError
 from unitgen.features.gateway.files import gateway_files
 from unitgen.features.gateway.plan import GatewayPlan
 from unitgen.features.gateway.render import GatewayPaths
@@ -46,9 +47,23 @@ def gateway_paths(name: str, plan: GatewayPlan, config_dir: str, run_dir: str) -
     return GatewayPaths(str(gateway_dir(config_dir, name)), run, keys)
 
 
-def render_gateway_files(name: str, plan: GatewayPlan, config_dir: str,
-                         run_dir: str) -> list[RenderedFile]:
+def render_gateway_files(name: str, plan: GatewayPlan, config_dir: str, run_dir: str,
+                         where: tuple[str, str]) -> list[RenderedFile]:
     """The HAProxy configuration of a gateway and the files it names (config
-    files, their names below ``config_dir``)."""
-    return gateway_files(plan, gateway_paths(name, plan, config_dir, run_dir),
-                         f"unitgen/gateways/{name}")
+    files, their names below ``config_dir``). A member with an API key of its
+    own is refused (naming ``where``): sending it its key needs the keys copied
+    again at each reload, which the supervisor target does not do yet; the
+    systemd target does (docs/supervisor.md)."""
+    if plan.settings.metrics_keys_file:
+        raise SpecError(problems=[Problem(where[0], "metrics_keys_file", (
+            "is not available with the supervisor target yet (its wrapper copies "
+            "api_keys_file only); keep the exporter on loopback, or use the systemd target"))])
+    keyed = sorted(m.instance for m in plan.members if m.keyed)
+    if keyed and plan.settings.api_keys_file:
+        raise SpecError(problems=[Problem(*where, (
+            f"{', '.join(keyed)} has an API key of its own: a gateway under supervisord "
+            "cannot send a member its own key yet (the systemd target can); give the member "
+            "no key (the gateway's keys guard it) or deploy with the systemd target"))])
+    files = gateway_files(name, plan, gateway_paths(name, plan, config_dir, run_dir),
+                          f"unitgen/gateways/{name}", where)
+    return [f for f in files if not f.secret]  # no member keys to send: no keys file

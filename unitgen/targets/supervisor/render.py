@@ -339,7 +339,8 @@ def _render_files(inst: Instance, ctx: SupervisorContext) -> list[ConfFile]:
     text = env.get_template("instance.conf.j2").render(_template_values(inst, ctx))
     files = [ConfFile(conf_name(inst.name), text)]
     if inst.gateway is not None:
-        files += render_gateway_files(inst.name, inst.gateway, ctx.config_dir, ctx.run_dir)
+        files += render_gateway_files(inst.name, inst.gateway, ctx.config_dir, ctx.run_dir,
+                                      (inst.spec.source, ""))
     if env_path(inst, ctx):
         # every variable, not only the keys: supervisord's environment= cannot
         # carry "#x", "a ;b", "%(here)s" or '"q"' (escape.py), this file can

@@ -18,6 +18,7 @@ __all__ = [
     "comment_line",
     "directive_name",
     "env_file_line",
+    "env_file_value",
     "environment_assignment",
     "exec_line",
     "exec_word",
@@ -164,3 +165,12 @@ def comment_line(text: str) -> str:
             for ch in text):
         raise ValueError(f"{text!r} cannot be written as one comment line")
     return text
+
+
+def env_file_value(text: str, name: str) -> str | None:
+    """The value of ``name`` in a file of :func:`env_file_line` lines (None: not there)."""
+    for line in text.split("\n"):
+        head = f'{name}="'
+        if line.startswith(head) and line.endswith('"'):
+            return re.sub(r"\\(.)", r"\1", line[len(head):-1])
+    return None

@@ -1,6 +1,7 @@
 """A gateway's files for the systemd target: its socket (and the exporter's),
-its HAProxy service, and the HAProxy configuration with the files it answers
-with (rendered by :mod:`unitgen.features.gateway.render`, the same for every target)."""
+its HAProxy service, the HAProxy configuration with the files it answers
+with (rendered by :mod:`unitgen.features.gateway.render`, the same for every
+target), and the secret file of the API keys it sends its members."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ from pathlib import Path
 
 from unitgen.features.gateway.files import gateway_files
 from unitgen.features.gateway.plan import GatewayPlan
-from unitgen.features.gateway.render import GatewayPaths
-from unitgen.plan.instance import Instance
+from unitgen.features.gateway.render import MEMBER_KEYS, GatewayPaths
+from unitgen.plan.instance import CONFIG_DIR, RUNTIME_DIR, Instance
 from unitgen.targets.base import RenderedFile
 from unitgen.targets.systemd.contexts import RenderContext
 from unitgen.targets.systemd.installed import config_dir
 
-__all__ = ["gateway_dir", "gateway_paths", "render_gateway_files", "runtime_root"]
+__all__ = ["gateway_dir", "gateway_paths", "keys_copy_cmd", "render_gateway_files",
+           "runtime_root"]
 
 
 def runtime_root(scope: str) -> Path:
@@ -30,15 +32,25 @@ def gateway_dir(scope: str, name: str) -> Path:
 
 def gateway_paths(name: str, plan: GatewayPlan, scope: str) -> GatewayPaths:
     """Where HAProxy reads gateway ``name``'s files under this manager."""
-    keys = plan.settings.api_keys_file
-    if keys and scope == "system":
-        # LoadCredential= gives the dynamic user a copy of the root-owned 0600 file
-        keys = f"/run/credentials/{name}.service/api-keys"
+    keys, metrics_keys = plan.settings.api_keys_file, plan.settings.metrics_keys_file
+    if scope == "system":
+        # LoadCredential= gives the dynamic user a copy of the root-owned 0600 files
+        keys = keys and f"/run/credentials/{name}.service/api-keys"
+        metrics_keys = metrics_keys and f"/run/credentials/{name}.service/metrics-keys"
     return GatewayPaths(str(gateway_dir(scope, name)),
-                        str(runtime_root(scope) / f"unitgen-{name}"), keys)
+                        str(runtime_root(scope) / f"unitgen-{name}"), keys, metrics_keys)
 
 
 def render_gateway_files(inst: Instance, ctx: RenderContext) -> list[RenderedFile]:
     """The HAProxy configuration of gateway ``inst`` and the files it names."""
-    return gateway_files(inst.gateway, gateway_paths(inst.name, inst.gateway, ctx.scope),
-                         f"unitgen/gateways/{inst.name}")
+    return gateway_files(inst.name, inst.gateway, gateway_paths(inst.name, inst.gateway, ctx.scope),
+                         f"unitgen/gateways/{inst.name}", (inst.spec.source, ""))
+
+
+def keys_copy_cmd(python: str, name: str) -> list[str]:
+    """What the gateway's unit runs as root before HAProxy reads its
+    configuration (start, reload): the member keys, copied from their root-only
+    secret file for HAProxy's user (:mod:`unitgen.inunit.keycopy`)."""
+    return [python, "-I", "-m", "unitgen.inunit.keycopy",
+            f"{CONFIG_DIR}/unitgen/secrets/{name}.env",
+            f"{RUNTIME_DIR}/unitgen-{name}/{MEMBER_KEYS}"]

@@ -12,8 +12,9 @@ from unitgen.errors import NoSuchInstanceError
 from unitgen.features.gateway.plan import Member
 from unitgen.plan.record import Record, parse_record
 from unitgen.targets.base import MARKER
+from unitgen.targets.systemd.escape import env_file_value
 
-__all__ = ["Installed", "config_dir", "own_unit_names", "require", "scan",
+__all__ = ["Installed", "config_dir", "installed_secret", "own_unit_names", "require", "scan",
            "secrets_dir", "unit_dir"]
 
 
@@ -186,3 +187,13 @@ def _field(text: str, prefix: str) -> str | None:
         if line.startswith(prefix):
             return line[len(prefix):].strip()
     return None
+
+
+def installed_secret(scope: str, name: str, variable: str) -> str | None:
+    """An installed instance's secret (its API key), from its root-only secret
+    file; None when it has none or the file cannot be read."""
+    try:
+        text = (secrets_dir(scope) / f"{name}.env").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return env_file_value(text, variable)
