@@ -12,6 +12,7 @@ import pytest
 
 from tests.helpers import write_spec
 from unitgen.errors import SpecError
+from unitgen.features.base import Feature
 from unitgen.ops.pipeline import CheckAllocator, plan_paths
 from unitgen.ops.registry import names
 from unitgen.plan.instance import resolve
@@ -113,3 +114,38 @@ def test_the_supervisor_docs_list_exactly_what_it_lacks():
     assert len(rows) == len(lacking)
     for need in lacking:
         assert [r for r in rows if all(names(r, k) for k in need.keys.split(", "))], need
+
+
+def test_a_target_lists_a_features_capabilities_exactly_when_it_binds_it(tmp_path):
+    """A target claiming a feature's capability without its binding would drop the
+    feature's keys silently; one binding it without the capability refuses specs
+    it could run (found by the files-touched measurement of issue 26)."""
+    from unitgen.features.registry import FEATURES  # noqa: PLC0415
+    from unitgen.ops.supervisor.bindings import features as supervisor_features  # noqa: PLC0415
+    from unitgen.ops.supervisor.rpc import Endpoint, SupervisorRPC  # noqa: PLC0415
+    from unitgen.ops.supervisor.site import Site  # noqa: PLC0415
+    from unitgen.ops.systemd.bindings import features as systemd_features  # noqa: PLC0415
+    from unitgen.ops.systemd.session import Session  # noqa: PLC0415
+    from unitgen.targets.supervisor.render import LIMITS, SupervisorContext  # noqa: PLC0415
+    from unitgen.targets.systemd.render import SYSTEM_LIMITS  # noqa: PLC0415
+
+    every = {c for where in FEATURES.values() for c in _feature(where).capabilities}
+    session = Session("system")  # never connects: bindings are made, not used
+    ctx = SupervisorContext(python="/usr/bin/python3", proxyd="/bin/true", run_dir="/run/x",
+                            log_dir="/var/log/x", secrets_dir="/etc/x")
+    site = Site(Endpoint("unix:///nonexistent.sock"), tmp_path, ctx)
+    try:
+        for bound, limits in ((systemd_features(session), SYSTEM_LIMITS),
+                              (supervisor_features(site, SupervisorRPC(site.endpoint)), LIMITS)):
+            provided = {c for f in bound for c in f.capabilities}
+            assert provided == every & limits.capabilities, (bound, limits.capabilities)
+    finally:
+        session.close()
+
+
+def _feature(where: str) -> type[Feature]:
+    import importlib  # noqa: PLC0415
+
+    module, _, attr = where.partition(":")
+    found: type[Feature] = getattr(importlib.import_module(module), attr)
+    return found

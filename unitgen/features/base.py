@@ -63,6 +63,9 @@ class Feature:
     unless the feature says otherwise."""
 
     name: ClassVar[str] = ""
+    # what a target can do once it binds this feature (unitgen.targets.capabilities):
+    # a target lists these capabilities exactly when it supplies the binding
+    capabilities: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, binding: object) -> None:
         self.binding = binding

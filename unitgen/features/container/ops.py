@@ -20,6 +20,7 @@ from unitgen.features.container.podman import (
 from unitgen.ops.findings import Finding
 from unitgen.ops.interface import Say
 from unitgen.ops.pipeline import Planned
+from unitgen.targets.capabilities import Capability
 
 __all__ = ["ContainerBinding", "ContainerFeature"]
 
@@ -35,6 +36,7 @@ class ContainerFeature(Feature):
     """Containers bound to a target."""
 
     name = "container"
+    capabilities = frozenset({Capability.CONTAINER})
     binding: ContainerBinding
 
     def preflight(self, planned: Sequence[Planned]) -> list[Problem]:

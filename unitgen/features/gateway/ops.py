@@ -37,6 +37,7 @@ from unitgen.ops.files import apply_changes, read_exact
 from unitgen.ops.findings import Finding
 from unitgen.ops.interface import Say
 from unitgen.ops.pipeline import Planned
+from unitgen.targets.capabilities import Capability
 
 __all__ = ["GatewayFeature", "gateway_section"]
 
@@ -45,6 +46,7 @@ class GatewayFeature(Feature):
     """Gateways bound to a target."""
 
     name = "gateway"
+    capabilities = frozenset({Capability.GATEWAY, Capability.GATEWAY_MEMBER})
     binding: GatewayBinding
 
     def __init__(self, binding: GatewayBinding) -> None:

@@ -16,6 +16,7 @@ from unitgen.features.swap.plan import SwapGroups, after_change, groups_of
 from unitgen.ops.findings import Finding
 from unitgen.ops.pipeline import Planned
 from unitgen.spec.model import InstanceSpec
+from unitgen.targets.capabilities import Capability
 
 __all__ = ["GroupState", "MemberUnits", "SwapBinding", "SwapFeature", "installed_groups"]
 
@@ -77,6 +78,7 @@ class SwapFeature(Feature):
     """Swap groups bound to a target."""
 
     name = "swap"
+    capabilities = frozenset({Capability.SWAP_GROUP})
     binding: SwapBinding
 
     def __init__(self, binding: SwapBinding) -> None:
