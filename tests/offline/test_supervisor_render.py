@@ -256,3 +256,24 @@ def test_a_gateway_and_its_members_render_for_supervisord(tmp_path):
     # the member renders as any instance, its record names the gateway it joins
     record = parse_record(planned[0].files[0].text)
     assert record is not None and record.member is not None and record.member.gateway == "gw"
+
+
+def test_a_supervisor_gateway_refuses_a_member_key_it_cannot_send(tmp_path):
+    """Under supervisord the gateway cannot send a member its own key yet (its
+    wrapper copies api_keys_file only): refused with the file and the reason,
+    never a gateway that strips the client's key and sends the member nothing."""
+    from unitgen.errors import SpecError  # noqa: PLC0415
+    from unitgen.features.gateway.plan import GatewayPlan, GatewaySettings, Member  # noqa: PLC0415
+    from unitgen.targets.supervisor.gateway import render_gateway_files  # noqa: PLC0415
+
+    keyed = Member("m", "127.0.0.1:9", ("m",), gateway="g", key_env="M_KEY")
+    plan = GatewayPlan(GatewaySettings(name="g", api_keys_file="/etc/g.keys"), (keyed,),
+                       keys=(("m", "sk-m"),))
+    with pytest.raises(SpecError) as info:
+        render_gateway_files("g", plan, str(tmp_path), "/run/x", ("g.toml", ""))
+    assert [p.file for p in info.value.problems] == ["g.toml"]
+    assert "own key" in str(info.value) and "sk-m" not in str(info.value)
+    bare = GatewayPlan(GatewaySettings(name="g", api_keys_file="/etc/g.keys"),
+                       (Member("m", "127.0.0.1:9", ("m",), gateway="g"),))
+    assert all(not f.secret for f in render_gateway_files("g", bare, str(tmp_path), "/run/x",
+                                                          ("g.toml", "")))
