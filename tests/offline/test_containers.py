@@ -22,6 +22,7 @@ from unitgen.plan.gpus import Placement
 from unitgen.plan.instance import resolve
 from unitgen.plan.record import parse_record
 from unitgen.spec.model import parse_spec
+from unitgen.targets.podman import run_words
 
 VLLM = 'name = "c1"\nbackend = "vllm"\nmodel = "org/m"\nimage = "vllm/vllm-openai:v0.11.0"\n'
 
@@ -69,15 +70,15 @@ def test_the_plan_wraps_the_same_server_in_podman_run():
     assert inst.private is not None and inst.private.kind == "unix"
     at = c.argv.index("--uds")
     assert c.argv[at:at + 2] == ("--uds", "/run/unitgen/http.sock")
-    assert f"--volume={inst.private.path.rpartition('/')[0]}:/run/unitgen" in c.options
-    assert "--network=none" not in c.options  # a hub model id needs the network
-    assert "--network=host" in c.options
+    words = run_words(c)
+    assert f"--volume={inst.private.path.rpartition('/')[0]}:/run/unitgen" in words
+    assert "--network=none" not in words  # a hub model id needs the network
+    assert "--network=host" in words
     # values stay out of argv: the variables are passed by name
-    assert "--env=HF_HOME" in c.options and "--env=VLLM_API_KEY" in c.options
-    assert not [o for o in c.options if o.rpartition("=")[2] == "k"]
-    assert "--device=nvidia.com/gpu=GPU-1" in c.options
-    assert "--pull=never" in c.options and "--cgroups=split" in c.options
-    words = c.run_words()
+    assert "--env=HF_HOME" in words and "--env=VLLM_API_KEY" in words
+    assert not [o for o in words if o.rpartition("=")[2] == "k"]
+    assert "--device=nvidia.com/gpu=GPU-1" in words
+    assert "--pull=never" in words and "--cgroups=split" in words
     assert words[words.index("--entrypoint") + 1:words.index("--entrypoint") + 4] == (
         "vllm", "vllm/vllm-openai:v0.11.0", "serve")
 
@@ -205,8 +206,11 @@ def _planned(text: str) -> Container:
 
 def test_allowed_podman_args_pass_in_both_spellings():
     words = ("--memory", "8g", "--tmpfs=/scratch", "-u", "1000", "--read-only", "--label=team=ml")
-    # as written, last: after unitgen's own options
-    assert _planned(VLLM + f"podman_args = {json.dumps(words)}\n").options[-len(words):] == words
+    # as written, last: after unitgen's own options, before the image
+    c = _planned(VLLM + f"podman_args = {json.dumps(words)}\n")
+    run = run_words(c)
+    at = run.index("--entrypoint")
+    assert c.extra == words and run[at - len(words):at] == words
 
 
 def test_podman_args_and_volumes_reach_the_unit(tmp_path):
@@ -237,4 +241,4 @@ def test_model_and_read_only_system_binds_pass():
              "/home/me/.cache/huggingface:/root/.cache/huggingface")
     container = _planned(VLLM + f"volumes = {json.dumps(binds)}\n")
     assert container.volumes == binds
-    assert not [o for o in container.options if o.startswith("--volume=/srv")]
+    assert not [o for o in run_words(container) if o.startswith("--volume=/srv")]

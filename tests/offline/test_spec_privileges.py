@@ -58,6 +58,6 @@ def test_the_servers_own_variables_pass_and_a_host_server_may_set_any():
     inst = resolve(parse_spec(f'{SPEC}{IMAGE}[env]\nHF_HOME = "/hf"\nTMPDIR = "/scratch"\n',
                               "a.toml"))
     assert inst.container is not None
-    assert "--env=HF_HOME" in inst.container.options
+    assert "HF_HOME" in inst.container.env_names
     host = resolve(parse_spec(f'{SPEC}[env]\nLD_LIBRARY_PATH = "/opt/cuda/lib64"\n', "a.toml"))
     assert ("LD_LIBRARY_PATH", "/opt/cuda/lib64") in host.env

@@ -124,24 +124,29 @@ def needs_no_network(spec: InstanceSpec) -> bool:
 
 @dataclass(frozen=True)
 class Container:
-    """One instance's ``podman run``: ``options`` go between ``run`` and the image,
+    """One instance's container, as data: what a target writes out as ``podman
+    run`` words (systemd, :mod:`unitgen.targets.podman`), and what another
+    renderer (a Quadlet ``.container`` file, say) could write as its keys.
     ``argv`` is the server's command as it runs inside the container."""
 
     name: str
     image: str
-    options: tuple[str, ...]
     argv: tuple[str, ...]
     network: str  # "none" or "host"
     pull: str
     pull_timeout: float
     devices: tuple[str, ...] = ()  # CDI devices (GPUs)
-    # the spec's binds (HOST:CONTAINER[:ro]): not in ``options``, because the
-    # start walks each source on the host first (unitgen.inunit.podrun)
+    # the spec's binds (HOST:CONTAINER[:ro]): the start walks each source on the
+    # host first (unitgen.inunit.podrun), so they are passed apart
     volumes: tuple[str, ...] = ()
-
-    def run_words(self) -> tuple[str, ...]:
-        """Everything after ``podman``: ``run OPTIONS --entrypoint EXE IMAGE ARGS``."""
-        return ("run", *self.options, "--entrypoint", self.argv[0], self.image, *self.argv[1:])
+    env_names: tuple[str, ...] = ()  # variables it gets by name from the unit's environment
+    runtime: str = ""  # the instance's runtime directory, bound at CONTAINER_RUNTIME ("": none)
+    confined: bool = False  # no capabilities, no setuid gains (hardening)
+    cap_add: tuple[str, ...] = ()  # capabilities given back (its privileged private port)
+    shm_size: int | None = None  # bytes
+    ipc: str = "private"
+    workdir: str = ""
+    extra: tuple[str, ...] = ()  # the spec's podman_args: checked words, passed as written
 
 
 def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[str, ...],
@@ -163,34 +168,20 @@ def plan_container(spec: InstanceSpec, argv: tuple[str, ...], env_names: tuple[s
                                    "container gets it; set it in the image instead")
     kind, path, port = private or (None, "", 0)
     offline = needs_no_network(spec) and kind in ("unix", None)
-    network = "none" if offline else "host"
-    options: list[str] = ["--rm", "--replace", "--name", container_name(spec.name),
-                          "--cgroups=split", "--log-driver=passthrough", f"--network={network}",
-                          # deploy pulls (pull = ...); a start never waits on a registry
-                          "--pull=never"]
-    if spec.hardening:
-        # Confined inside: no capabilities (a server needs none), no setuid gains.
-        options += ["--cap-drop=all", "--security-opt=no-new-privileges"]
-        if kind == "tcp" and port < 1024:
-            # its privileged private port (no local user can squat it while the
-            # server is down); with it the server could bind any privileged port:
-            # the Landlock guard of servers on the host is not applied in containers
-            options.append("--cap-add=NET_BIND_SERVICE")
-    options += [f"--env={name}" for name in env_names]
-    inner = argv
+    inner, runtime = argv, ""
     if kind == "unix":
         runtime = path.rpartition("/")[0]  # its runtime directory, as argv writes it
-        options.append(f"--volume={runtime}:{CONTAINER_RUNTIME}")
         inner = tuple(w.replace(runtime, CONTAINER_RUNTIME) for w in argv)
-    devices = tuple(f"{CDI_KIND}={uuid}" for uuid in gpu_uuids)
-    options += [f"--device={d}" for d in devices]
-    if spec.shm_size is not None:
-        options.append(f"--shm-size={spec.shm_size}b")
-    if spec.ipc != "private":
-        options.append(f"--ipc={spec.ipc}")
-    if spec.working_directory:
-        options.append(f"--workdir={spec.working_directory}")
-    options += spec.podman_args
-    return Container(name=container_name(spec.name), image=spec.image, options=tuple(options),
-                     argv=inner, network=network, pull=str(spec.pull),
-                     pull_timeout=spec.pull_timeout, devices=devices, volumes=spec.volumes)
+    return Container(
+        name=container_name(spec.name), image=spec.image, argv=inner,
+        network="none" if offline else "host", pull=str(spec.pull),
+        pull_timeout=spec.pull_timeout,
+        devices=tuple(f"{CDI_KIND}={uuid}" for uuid in gpu_uuids), volumes=spec.volumes,
+        env_names=env_names, runtime=runtime, confined=spec.hardening,
+        # its privileged private port (no local user can squat it while the server
+        # is down); with it the server could bind any privileged port: the Landlock
+        # guard of servers on the host is not applied in containers
+        cap_add=("NET_BIND_SERVICE",) if spec.hardening and kind == "tcp" and port < 1024
+        else (),
+        shm_size=spec.shm_size, ipc=str(spec.ipc), workdir=spec.working_directory or "",
+        extra=tuple(spec.podman_args))

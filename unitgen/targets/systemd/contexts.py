@@ -15,6 +15,7 @@ from unitgen.features.swap.plan import turn_wait
 from unitgen.plan.container import needs_no_network
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
 from unitgen.targets.base import find_proxyd
+from unitgen.targets.podman import run_words
 from unitgen.timespan import format_seconds
 
 __all__ = ["START_MARGIN", "RenderContext", "confine_argv", "container_context", "gpu_context",
@@ -232,7 +233,7 @@ def container_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     if c is None:
         return {"container": "", "image": ""}
     run = [ctx.python, "-I", "-m", "unitgen.inunit.podrun", *(f"--volume={v}" for v in c.volumes),
-           "--", ctx.podman, *c.run_words()]
+           "--", ctx.podman, *run_words(c)]
     return {
         "container": c.name,
         "image": c.image,
