@@ -14,7 +14,9 @@ import signal
 import socket
 import time
 
+from unitgen.inunit.httpframes import RequestGuard
 from unitgen.inunit.peer import foreign_peer
+from unitgen.inunit.poolmember import PoolKeeper
 from unitgen.inunit.swapctl import Systemctl, log, notify
 from unitgen.inunit.swapdrain import Conn, DrainLedger, DrainPolicy
 from unitgen.timespan import format_seconds
@@ -45,6 +47,8 @@ class Forwarder:
         self.failed = False
         self.last_activity = time.monotonic()
         self.server_uid: int | None = None  # the running server's uid (peer check)
+        # a GPU pool member's: its runtime kept, the sleep paths refused
+        self.pool = PoolKeeper(ns) if ns.pool else None
 
     async def _server_state(self) -> dict[str, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -85,7 +89,7 @@ class Forwarder:
                 os.close(pidfd)
             self.ready.clear()
             log(f"the server (pid {pid}) exited; holding new connections until it is back")
-            notify(f"server exited; waiting for its restart (swap group {self.ns.group})")
+            notify(f"server exited; waiting for its restart ({self.ns.what})")
 
     async def _expected_uid(self) -> int | None:
         if self.server_uid is None:
@@ -137,18 +141,28 @@ class Forwarder:
             writers.append(bw)
             cr, cw = await asyncio.open_connection(sock=client)
             writers.append(cw)
-            await asyncio.gather(self.up(cr, bw, conn), self.down(br, cw, conn))
+            guard = self.pool.guard() if self.pool is not None else None
+            await asyncio.gather(self.up(cr, bw, conn, guard, cw), self.down(br, cw, conn))
         finally:
             for w in writers:
                 w.close()
             if len(writers) < 2:  # closed by the drain before its stream was opened
                 client.close()
             self.last_activity = time.monotonic()
+            if self.pool is not None:
+                self.pool.used(len(self.conns) - 1)
 
-    async def up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, conn: Conn) -> None:
-        """Client to server."""
+    async def up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, conn: Conn,
+                 guard: RequestGuard | None = None,
+                 client: asyncio.StreamWriter | None = None) -> None:
+        """Client to server (through ``guard``, when there is one)."""
         try:
             while data := await r.read(65536):
+                if guard is not None and client is not None:
+                    data, refused = guard.feed(data)
+                    if refused:
+                        await self._refuse(data, w, conn, client)
+                        return
                 conn.saw_request(data, time.monotonic())
                 w.write(data)
                 await w.drain()
@@ -156,6 +170,24 @@ class Forwarder:
                 w.write_eof()
         except OSError:
             w.close()
+
+    async def _refuse(self, data: bytes, w: asyncio.StreamWriter, conn: Conn,
+                      client: asyncio.StreamWriter) -> None:
+        """A request the public port does not take: what came before it goes on;
+        it gets 404 when nothing is still being answered, else the connection ends."""
+        conn.saw_request(data, time.monotonic())
+        w.write(data)
+        await w.drain()
+        log("refused a request for one of the server's own endpoints (sleep, wake) "
+            "on the public port")
+        if conn.requests.completed == conn.answered:
+            body = b'{"detail":"Not Found"}'
+            client.write(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            with contextlib.suppress(OSError):
+                await client.drain()
+        client.close()
+        w.close()
 
     async def down(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, conn: Conn) -> None:
         """Server to client; while draining, ask the client to close after each
@@ -178,6 +210,8 @@ class Forwarder:
         self.ledger.join(conn, time.monotonic())
         task = asyncio.get_running_loop().create_task(self.handle(client, conn))
         self.conns[task] = conn
+        if self.pool is not None:
+            self.pool.used(len(self.conns))
         task.add_done_callback(lambda t: self.conns.pop(t, None))
 
     async def drain(self) -> None:
@@ -223,9 +257,10 @@ class Forwarder:
                 return
 
 
-async def _release_when_active(ctl: Systemctl, unit: str, lock_fd: int) -> None:
+async def _release_when_active(ctl: Systemctl, unit: str, lock_fds: list[int]) -> None:
     """Hold the turn until our unit is active (a minute at most): the connections
-    queued for it are ours, not the next member's. Then close the group's lock."""
+    queued for it are ours, not the next member's. Then close the group's lock
+    (a pool member's: its GPUs')."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         proc = await asyncio.create_subprocess_exec(
@@ -235,7 +270,8 @@ async def _release_when_active(ctl: Systemctl, unit: str, lock_fd: int) -> None:
         if out.decode().strip() != "activating":
             break
         await asyncio.sleep(0.05)
-    os.close(lock_fd)
+    for fd in lock_fds:
+        os.close(fd)
 
 
 async def _finish(fw: Forwarder, swept: int) -> None:
@@ -259,12 +295,14 @@ async def _finish(fw: Forwarder, swept: int) -> None:
         log(f"drained in {time.monotonic() - t0:.2f} s" + (f" ({closed})" if closed else ""))
 
 
-async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
-                ctl: Systemctl, *, termed: list[int]) -> int:
+async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fds: list[int],
+                ctl: Systemctl, *, termed: list[int], wake: bool) -> int:
     """Forward until SIGTERM (drain) or idle exit."""
     loop = asyncio.get_running_loop()
     listener.setblocking(False)
     fw = Forwarder(ns, listener, ctl)
+    if fw.pool is not None and wake:
+        await fw.pool.wake(fw)
     term = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, term.set)
     loop.add_signal_handler(signal.SIGINT, term.set)
@@ -275,8 +313,8 @@ async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
     watchers: list[asyncio.Task[object]] = [loop.create_task(term.wait())]
     if ns.exit_idle_time:
         watchers.append(loop.create_task(fw.idle_watch()))
-    notify(f"serving (swap group {ns.group})")
-    releasing = loop.create_task(_release_when_active(ctl, f"{ns.name}.service", lock_fd))
+    notify(f"serving ({ns.what})")
+    releasing = loop.create_task(_release_when_active(ctl, f"{ns.name}.service", lock_fds))
     await asyncio.wait([*watchers, loop.create_task(fw.stopping.wait())],
                        return_when=asyncio.FIRST_COMPLETED)
     fw.stopping.set()
@@ -288,6 +326,8 @@ async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
     # Only our copy of the socket closes: the socket unit keeps listening.
     listener.close()
     await _finish(fw, swept)
+    if fw.pool is not None and term.is_set():
+        await fw.pool.leave(fw)
     if not term.is_set():
         # idle (or the server is gone): unload the model; a stop job of this
         # unit does that itself (PartOf=), and must not be waited for from here
@@ -300,7 +340,8 @@ async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
     return 1 if fw.failed else 0
 
 
-def forward(ns: argparse.Namespace, listener: socket.socket, lock_fd: int, ctl: Systemctl,
-            *, termed: list[int]) -> int:
-    """Forward until SIGTERM (then drain) or idle; the exit code of the proxy."""
-    return asyncio.run(_serve(ns, listener, lock_fd, ctl, termed=termed))
+def forward(ns: argparse.Namespace, listener: socket.socket, lock_fds: list[int],
+            ctl: Systemctl, *, termed: list[int], wake: bool = False) -> int:
+    """Forward until SIGTERM (then drain) or idle; the exit code of the proxy.
+    ``wake``: a GPU pool member's server is asleep: wake it first."""
+    return asyncio.run(_serve(ns, listener, lock_fds, ctl, termed=termed, wake=wake))

@@ -11,13 +11,15 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from unitgen.inunit.poolpolicy import TurnRules
 from unitgen.plan.container import needs_no_network
-from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
+from unitgen.plan.instance import CONFIG_DIR, RUNTIME_DIR, STATE_DIR, Instance, runtime_subdir
 from unitgen.targets.base import find_proxyd
 from unitgen.timespan import format_seconds
 
 __all__ = ["START_MARGIN", "RenderContext", "confine_argv", "container_context", "gpu_context",
-           "hardening_context", "probe_cmd", "swap_context", "watch_cmd"]
+           "hardening_context", "pool_context", "probe_cmd", "swap_context",
+           "watch_cmd"]
 
 # A server starts its ExecStartPost probe at once; systemd's own start timeout is
 # the probe's deadline plus this margin, so the probe's one-line reason wins.
@@ -181,6 +183,44 @@ def swap_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "probe_private": [*probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
                           "--interval", "50ms"],
         "swap_stop_timeout": format_seconds(spec.swap_drain + START_MARGIN),
+    }
+
+
+def pool_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    """The proxy of a GPU pool member (issue 27): the swap proxy again, taking its
+    turn on its GPUs by memory (docs/swap.md), and the measured record after ready."""
+    spec, terms, placement = inst.spec, inst.pool, inst.gpus
+    assert terms is not None and placement is not None and inst.private is not None  # noqa: S101
+    wait = TurnRules(min_turn=terms.min_turn, turns_waited=SWAP_TURNS).max_wait(
+        inst.health_timeout, spec.swap_drain)
+    # -P, not -I, as for the GPU wait: PYTHONPATH is honoured (an NVML shim first)
+    cmd = [ctx.python, "-P", "-m", "unitgen.inunit.swapproxy", "--name", spec.name,
+           "--pool", f"{CONFIG_DIR}/unitgen/pool/{spec.name}.json",
+           "--state", f"{RUNTIME_DIR}/unitgen-pool", "--measured", STATE_DIR,
+           "--scope", ctx.scope, "--drain", format_seconds(spec.swap_drain),
+           f"--connections-max={spec.max_connections}"]
+    if spec.idle_stop is not None:
+        cmd.append(f"--exit-idle-time={format_seconds(spec.idle_stop)}")
+    cmd.append(inst.private.listen())
+    devices: list[str] = []
+    if ctx.scope == "system" and placement.minors is not None:
+        devices = [*NVIDIA_CONTROL_NODES, *(f"/dev/nvidia{m}" for m in placement.minors)]
+    return {
+        "proxy_cmd": cmd,
+        "probe_public": probe_cmd(ctx, replace(inst, health_timeout=wait),
+                                   inst.public.probe_target(), "public"),
+        "swap_start_timeout": format_seconds(wait + START_MARGIN),
+        "probe_private": [*probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
+                          "--interval", "50ms"],
+        "swap_stop_timeout": format_seconds(spec.swap_drain + START_MARGIN),
+        # only a need the spec does not say is ever taken from a measurement
+        "memrecord": [] if terms.fixed else [
+            ctx.python, "-P", "-m", "unitgen.inunit.memrecord", "--instance", spec.name,
+            "--gpus", ",".join(placement.uuids), "--state-dir", STATE_DIR,
+            "--fingerprint", terms.fingerprint],
+        "pool_devices": devices,
+        # asleep, the server runs on without its proxy: nothing must stop it as unneeded
+        "idle_stop": False,
     }
 
 
