@@ -149,8 +149,8 @@ class Forwarder:
             if len(writers) < 2:  # closed by the drain before its stream was opened
                 client.close()
             self.last_activity = time.monotonic()
-            if self.pool is not None:
-                self.pool.used(len(self.conns) - 1)
+            if self.pool is not None:  # (a finished task leaves conns a moment later)
+                self.pool.used(sum(not t.done() for t in self.conns) - 1)
 
     async def up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, conn: Conn,
                  guard: RequestGuard | None = None,
@@ -211,7 +211,7 @@ class Forwarder:
         task = asyncio.get_running_loop().create_task(self.handle(client, conn))
         self.conns[task] = conn
         if self.pool is not None:
-            self.pool.used(len(self.conns))
+            self.pool.used(sum(not t.done() for t in self.conns))
         task.add_done_callback(lambda t: self.conns.pop(t, None))
 
     async def drain(self) -> None:

@@ -163,15 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, leave)
+    if ns.pool:
+        # only a pool member's proxy needs the policy and NVML: a swap group's
+        # turn does not pay for importing them. Before the thread below: two
+        # threads importing the same modules can see them half made
+        from unitgen.inunit.poolturn import take_pool_turn  # noqa: PLC0415
     # asyncio takes ~60 ms to import: do it while the turn is taken, not after
     threading.Thread(target=__import__, args=("unitgen.inunit.swapforward",), daemon=True).start()
     ctl = Systemctl(ns.scope)
     wake = False
     if ns.pool:
-        # only a pool member's proxy needs the policy and NVML: a swap group's
-        # turn does not pay for importing them
-        from unitgen.inunit.poolturn import take_pool_turn  # noqa: PLC0415
-
         taken = take_pool_turn(ns, ctl)
         if taken is None:
             return 1

@@ -105,8 +105,11 @@ def pool_view(members: Mapping[str, tuple[tuple[str, ...], PoolTerms]], src: Sou
             row = rows.setdefault(uuid, GpuRow(uuid, g.index if g else None,
                                                g.total if g else None, g.free if g else None))
             total = g.total if g else 0
+            need = s.need.on(total) if total else 0
+            shown = s.need.shown() if s.need.bytes is not None or not total else (
+                f"{gib(need)}: {s.need.shown()}")
             row.members.append(MemberRow(
-                s.name, word, s.need.on(total) if total else 0, s.need.shown(),
+                s.name, word, need, shown,
                 (s.held or {}).get(uuid) if gpus is not None and s.held is not None else None,
                 s.last_used, s.in_flight,
                 round(now - rt.waiting_since, 1) if word == "waiting" else 0.0,

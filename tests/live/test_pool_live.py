@@ -1,0 +1,189 @@
+"""GPU pools on a real systemd user manager (issue 27): on-demand members on the
+same GPUs share them by memory. NVML is faked at the pynvml boundary
+(tests/fake_nvml); the members are the GPU stand-ins (tests/gpu_standin.py), which
+hold memory on the fake GPU while loaded, release it asleep and on exit, so the
+pool's proxies read what they really did. The manager's environment carries
+the fake NVML to every unit (the proxies, the GPU waits, the stand-ins)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import custom_spec, prop, wait_for, write_spec
+from tests.live.test_swap_live import Sampler, run_ports
+from tests.nvml import FAKE_DIR, GIB, held_by_processes, uuid, write_scenario
+from unitgen.ops.systemd.sandbox import Sandbox
+
+pytestmark = pytest.mark.systemd
+
+STANDIN = Path(__file__).resolve().parents[1] / "gpu_standin.py"
+LOAD = "0.3"
+
+
+@dataclass
+class Pool:
+    """A sandbox with a fake GPU host whose processes say what they hold."""
+
+    box: Sandbox
+    tmp: Path
+    scenario: Path
+    held: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **self.box.env, "PYTHONPATH": str(FAKE_DIR),
+                "FAKE_NVML_SCENARIO": str(self.scenario)}
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "unitgen", *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def deploy(self, *specs: Path) -> dict[str, int]:
+        done = self.cli("deploy", "--user", "--json", *map(str, specs))
+        assert done.returncode == 0, done.stdout + done.stderr
+        data = json.loads(done.stdout)
+        return {i["name"]: int(i["public"].rsplit(":", 1)[1]) for i in data["instances"]}
+
+    def member(self, name: str, *, gib: float, gpus: str = "[0]", backend: str = "vllm",
+               extra: str = "", **env: str) -> Path:
+        """A stand-in member that holds ``gib`` GiB on each of its 80 GiB GPUs."""
+        exe = self.tmp / "gpu-standin"
+        if not exe.exists():
+            exe.write_text(f"#!/bin/sh\nexec {sys.executable} {STANDIN} \"$@\"\n")
+            exe.chmod(0o755)
+        share = ("--gpu-memory-utilization" if backend == "vllm" else "--mem-fraction-static")
+        env = {"STANDIN_LOAD_SECONDS": LOAD, "STANDIN_EVENTS": str(self.tmp / "events.jsonl"),
+               **env}
+        env_toml = ", ".join(f'{k} = "{v}"' for k, v in env.items())
+        return write_spec(self.tmp, name, (
+            f'name = "{name}"\nbackend = "{backend}"\nmodel = "m-{name}"\n'
+            f'executable = "{exe}"\nactivation = "on-demand"\ngpus = {gpus}\n'
+            f"port = {run_ports(name)[0]}\n"
+            f'args = ["{share}", "{gib / 80:g}"]\npool_min_turn = "0s"\nswap_drain = "20s"\n'
+            f"env = {{ {env_toml} }}\n{extra}"
+            '[health]\ntimeout = "30s"\n'))
+
+    def held_by(self) -> dict[str, dict[str, int]]:
+        """Instance -> GPU UUID -> bytes, as NVML (fake) shows it now."""
+        out: dict[str, dict[str, int]] = {}
+        data = json.loads(self.cli("gpus", "--json").stdout)
+        for g in data["gpus"]:
+            for p in g["processes"]:
+                if p["instance"]:
+                    out.setdefault(p["instance"], {})[g["uuid"]] = p["used_bytes"]
+        return out
+
+    def events(self) -> list[dict[str, Any]]:
+        path = self.tmp / "events.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def gpus_of(count: int) -> dict[str, Any]:
+    return {"gpus": [{"uuid": uuid(i), "name": "NVIDIA H100 80GB HBM3", "total": 80 * GIB,
+                      "minor": i, "reserved": GIB // 2, "processes": []} for i in range(count)]}
+
+
+@pytest.fixture
+def pool(sandbox: Sandbox, tmp_path: Path) -> Iterator[Pool]:
+    """Two fake 80 GiB GPUs; the manager's environment names them to every unit;
+    a generous sleeping budget unless a test says otherwise."""
+    scenario = write_scenario(tmp_path / "nvml.json",
+                              held_by_processes(gpus_of(2), tmp_path / "held"))
+    p = Pool(sandbox, tmp_path, scenario, tmp_path / "held")
+    sandbox.systemctl("set-environment", f"PYTHONPATH={FAKE_DIR}",
+                      f"FAKE_NVML_SCENARIO={scenario}", "UNITGEN_POOL_SLEEP_RAM=400GiB",
+                      check=True)
+    try:
+        yield p
+    finally:
+        names = [f.stem for f in sandbox.unit_dir.glob("*.socket")
+                 if "unitgen-instance" in f.read_text()]
+        if names:
+            p.cli("remove", "--user", *names)
+        sandbox.systemctl("unset-environment", "PYTHONPATH", "FAKE_NVML_SCENARIO",
+                          "UNITGEN_POOL_SLEEP_RAM")
+        sandbox.systemctl("reset-failed")
+
+
+def chat(port: int, model: str, timeout: float = 60) -> tuple[int, dict[str, Any]]:
+    import http.client  # noqa: PLC0415
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": model}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    finally:
+        conn.close()
+
+
+def active(box: Sandbox, name: str) -> bool:
+    return prop(box, f"{name}-backend.service", "ActiveState") == "active"
+
+
+def test_two_members_side_by_side_and_a_third_evicts_the_least_recently_used(pool):
+    ports = pool.deploy(*(pool.member(n, gib=30, extra="pool_sleep = false\n")
+                          for n in ("a", "b")),
+                        pool.member("c", gib=40, extra="pool_sleep = false\n"))
+    assert chat(ports["a"], "m-a")[0] == 200
+    time.sleep(1.2)  # a is used before b: b is the more recently used
+    assert chat(ports["b"], "m-b")[0] == 200
+    assert active(pool.box, "a") and active(pool.box, "b")  # 30 + 30 of 80: side by side
+    held = pool.held_by()
+    assert held["a"] == {uuid(0): 30 * GIB} and held["b"] == {uuid(0): 30 * GIB}
+    status, body = chat(ports["c"], "m-c")
+    assert status == 200, body
+    assert not active(pool.box, "a") and active(pool.box, "b") and active(pool.box, "c")
+    assert set(pool.held_by()) == {"b", "c"}
+    journal = pool.box.journal("c.service", lines=40)
+    assert "stopping a (idle since" in journal, journal
+
+
+
+def test_a_member_that_cannot_fit_even_alone_is_refused_at_deploy(pool):
+    done = pool.cli("deploy", "--user", str(pool.member("big", gib=30,
+                                                        extra='gpu_memory = "90GiB"\n')))
+    assert done.returncode == 2, done.stdout + done.stderr
+    # placement says it first (80 GiB in all, 79.5 GiB free of anything but the pool)
+    assert "big.toml: gpu_memory: needs 90.0 GiB but GPU 0" in done.stderr, done.stderr
+    assert not (pool.box.unit_dir / "big.socket").exists()
+
+
+def test_always_on_instances_that_leave_a_member_no_room_are_refused(pool):
+    eager = write_spec(pool.tmp, "fixed", custom_spec("fixed", extra=(
+        'gpus = [0]\ngpu_share = true\ngpu_memory = "60GiB"\n')))
+    member = pool.member("m", gib=30, extra="gpu_share = true\n")
+    done = pool.cli("deploy", "--user", str(eager), str(member))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "m.toml: args: needs 30.0 GiB on GPU " in done.stderr, done.stderr
+    assert "but the always-on fixed (" in done.stderr and "it could never load" in done.stderr
+    assert not (pool.box.unit_dir / "m.socket").exists()
+
+
+def test_a_member_on_two_gpus_makes_room_on_both(pool):
+    ports = pool.deploy(pool.member("g0", gib=50, extra="pool_sleep = false\n"),
+                        pool.member("g1", gib=50, gpus="[1]", extra="pool_sleep = false\n"),
+                        pool.member("tp", gib=40, gpus="[0, 1]", extra="pool_sleep = false\n"))
+    for name in ("g0", "g1"):
+        assert chat(ports[name], f"m-{name}")[0] == 200
+    assert pool.held_by() == {"g0": {uuid(0): 50 * GIB}, "g1": {uuid(1): 50 * GIB}}
+    status, body = chat(ports["tp"], "m-tp")
+    assert status == 200, body
+    assert pool.held_by() == {"tp": {uuid(0): 40 * GIB, uuid(1): 40 * GIB}}
+    journal = pool.box.journal("tp.service", lines=40)
+    assert "stopping g0" in journal and "stopping g1" in journal, journal
+
