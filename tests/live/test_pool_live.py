@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import custom_spec, prop, wait_for, write_spec
-from tests.live.test_swap_live import Sampler, run_ports
+from tests.helpers import custom_spec, prop, write_spec
+from tests.live.test_swap_live import run_ports
 from tests.nvml import FAKE_DIR, GIB, held_by_processes, uuid, write_scenario
 from unitgen.ops.systemd.sandbox import Sandbox
 
