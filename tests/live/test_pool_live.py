@@ -186,3 +186,46 @@ def test_a_member_on_two_gpus_makes_room_on_both(pool):
     journal = pool.box.journal("tp.service", lines=40)
     assert "stopping g0" in journal and "stopping g1" in journal, journal
 
+
+
+def request(port: int, method: str, path: str) -> int:
+    import http.client  # noqa: PLC0415
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_an_evicted_vllm_member_sleeps_and_the_next_request_wakes_it(pool):
+    ports = pool.deploy(pool.member("a", gib=50), pool.member("b", gib=50))
+    status, first = chat(ports["a"], "m-a")
+    assert status == 200
+    # the sleep endpoints are unitgen's own: not through the public port, however spelled
+    for path in ("/sleep?level=1", "/%73leep?level=1", "//sleep", "/is_sleeping", "/wake_up"):
+        assert request(ports["a"], "POST" if "sleeping" not in path else "GET", path) == 404
+    assert chat(ports["a"], "m-a")[0] == 200 and not pool.events()
+    assert chat(ports["b"], "m-b")[0] == 200
+    assert active(pool.box, "a")  # asleep: its process stays
+    assert pool.held_by() == {"b": {uuid(0): 50 * GIB}}
+    assert [(e["event"], e.get("level")) for e in pool.events()] == [("sleep", 1)]
+    status, again = chat(ports["a"], "m-a")
+    assert status == 200 and again["pid"] == first["pid"], pool.box.journal("a.service", lines=60) + pool.box.journal("b.service", lines=30)
+    assert [e["event"] for e in pool.events()] == ["sleep", "sleep", "wake"]  # b slept for it
+    assert pool.held_by() == {"a": {uuid(0): 50 * GIB}}
+    assert "woken in" in pool.box.journal("a.service", lines=40)
+
+
+def test_past_the_sleeping_budget_a_member_is_stopped_instead(pool):
+    pool.box.systemctl("set-environment", "UNITGEN_POOL_SLEEP_RAM=1GiB", check=True)
+    ports = pool.deploy(pool.member("a", gib=50), pool.member("b", gib=50))
+    status, first = chat(ports["a"], "m-a")
+    assert status == 200
+    assert chat(ports["b"], "m-b")[0] == 200
+    assert not active(pool.box, "a") and pool.events() == []
+    journal = pool.box.journal("b.service", lines=40)
+    assert "past the budget" in journal, journal
+    status, again = chat(ports["a"], "m-a")
+    assert status == 200 and again["pid"] != first["pid"]

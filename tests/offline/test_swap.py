@@ -15,6 +15,7 @@ from unitgen.errors import SpecError
 from unitgen.features.swap.ops import SwapFeature, installed_groups
 from unitgen.features.swap.plan import RunTogether, SwapGroups, after_change, groups_of
 from unitgen.inunit.nvml import Gpu, GpuProcess
+from unitgen.inunit.swapctl import parse_show
 from unitgen.inunit.swapproxy import mates_from_conflicts
 from unitgen.ops.files import write_files
 from unitgen.ops.systemd.bind_swap import SystemdSwap
@@ -203,3 +204,18 @@ def test_member_units_and_dropin_pass_systemd_analyze_verify(tmp_path):
     # the drop-in is really read: a bad line in it is reported
     (units / dropin.name).write_text(dropin.text + "Bogus=1\n")
     assert "Unknown key 'Bogus'" in _verify(root, units, list(files))
+
+
+def test_systemctl_show_of_several_units_is_read_per_block():
+    """systemctl prints a service's own properties (MainPID, Result) before the
+    unit's Id: read line by line after each Id, the next unit got them (a
+    stopped member seemed to run the other's pid, and its Result was the
+    other's)."""
+    text = ("MainPID=0\nResult=success\nId=b-backend.service\nActiveState=inactive\n\n"
+            "MainPID=123\nResult=exit-code\nId=a-backend.service\nActiveState=active\n")
+    shown = parse_show(text, ["b-backend.service", "a-backend.service"],
+                       ("ActiveState", "MainPID", "Result"))
+    assert shown == {"b-backend.service": {"ActiveState": "inactive", "MainPID": "0",
+                                           "Result": "success"},
+                     "a-backend.service": {"ActiveState": "active", "MainPID": "123",
+                                           "Result": "exit-code"}}

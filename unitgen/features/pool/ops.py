@@ -164,7 +164,13 @@ class PoolFeature(Feature):
         return []
 
     def removed(self, inst: InstalledLike) -> tuple[list[Path], list[str]]:
-        """A removed member's pool file goes with it."""
+        """A removed member's pool file goes with it, and its runtime: an
+        instance deployed later under its name has no past."""
+        if inst.rec.pool is None:
+            return [], []
+        runtime = self.binding.runtime_dir()
+        for leftover in (runtime / f"{inst.name}.json", runtime / f"{inst.name}.yield"):
+            leftover.unlink(missing_ok=True)
         path = self.binding.pool_file(inst.name)
         if not path.exists():
             return [], []
