@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import custom_spec, prop, write_spec
-from tests.live.test_swap_live import run_ports
+from tests.helpers import custom_spec, prop, wait_for, write_spec
+from tests.live.test_swap_live import Sampler, run_ports
 from tests.nvml import FAKE_DIR, GIB, held_by_processes, uuid, write_scenario
 from unitgen.ops.systemd.sandbox import Sandbox
 
@@ -55,7 +56,7 @@ class Pool:
         return {i["name"]: int(i["public"].rsplit(":", 1)[1]) for i in data["instances"]}
 
     def member(self, name: str, *, gib: float, gpus: str = "[0]", backend: str = "vllm",
-               extra: str = "", **env: str) -> Path:
+               min_turn: str = "0s", extra: str = "", **env: str) -> Path:
         """A stand-in member that holds ``gib`` GiB on each of its 80 GiB GPUs."""
         exe = self.tmp / "gpu-standin"
         if not exe.exists():
@@ -69,7 +70,7 @@ class Pool:
             f'name = "{name}"\nbackend = "{backend}"\nmodel = "m-{name}"\n'
             f'executable = "{exe}"\nactivation = "on-demand"\ngpus = {gpus}\n'
             f"port = {run_ports(name)[0]}\n"
-            f'args = ["{share}", "{gib / 80:g}"]\npool_min_turn = "0s"\nswap_drain = "20s"\n'
+            f'args = ["{share}", "{gib / 80:g}"]\npool_min_turn = "{min_turn}"\nswap_drain = "20s"\n'
             f"env = {{ {env_toml} }}\n{extra}"
             '[health]\ntimeout = "30s"\n'))
 
@@ -230,3 +231,119 @@ def test_past_the_sleeping_budget_a_member_is_stopped_instead(pool):
     assert "past the budget" in journal, journal
     status, again = chat(ports["a"], "m-a")
     assert status == 200 and again["pid"] != first["pid"]
+
+
+def hammer(port: int, model: str, until: float, out: list[tuple[str, int, int]],
+           timeout: float = 120) -> None:
+    """Requests one after the other until ``until``: (model, status, pid) each."""
+    while time.monotonic() < until:
+        try:
+            status, body = chat(port, model, timeout=timeout)
+        except OSError as exc:
+            status, body = -1, {"error": repr(exc)}
+        out.append((model, status, int(body.get("pid", 0))))
+
+
+def test_alternating_load_from_several_clients_is_all_answered(pool):
+    ports = pool.deploy(*(pool.member(n, gib=50, min_turn="1s", extra="pool_sleep = false\n")
+                          for n in ("a", "b")))
+    sampler = Sampler(pool.box, ["a-backend.service", "b-backend.service"])
+    sampler.start()
+    results: list[tuple[str, int, int]] = []
+    until = time.monotonic() + 12
+    threads = [threading.Thread(target=hammer, args=(ports[n], f"m-{n}", until, results))
+               for n in ("a", "b") for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    sampler.stop()
+    bad = [r for r in results if r[1] != 200]
+    assert bad == [], bad
+    loads = {n: {pid for m, _, pid in results if m == f"m-{n}"} for n in ("a", "b")}
+    swaps = len(loads["a"]) + len(loads["b"]) - 1
+    print(f"\n{len(results)} requests from 8 clients in 12 s, {swaps} swaps, "
+          f"{len(results) / max(1, swaps):.1f} requests a swap")
+    assert len(loads["a"]) >= 2 and len(loads["b"]) >= 2  # both kept getting turns
+    assert sampler.overlaps() == []  # 50 + 50 of 80 GiB: never both loaded
+    assert len(results) / swaps >= 4
+
+
+def test_a_member_that_crashes_while_loading_frees_its_claim(pool):
+    crash = pool.tmp / "crashing"
+    crash.write_text(f"#!/bin/sh\n{sys.executable} {STANDIN} \"$@\" &\nsleep 0.3\n"
+                     "kill -9 $!\nexit 1\n")
+    crash.chmod(0o755)
+    bad = pool.member("bad", gib=50, STANDIN_LOAD_SECONDS="5")
+    bad.write_text(bad.read_text().replace(f'executable = "{pool.tmp / "gpu-standin"}"',
+                                           f'executable = "{crash}"'))
+    ports = pool.deploy(bad, pool.member("good", gib=50))
+    failed: list[tuple[str, int, int]] = []
+    asking = threading.Thread(target=hammer, args=(ports["bad"], "m-bad",
+                                                   time.monotonic() + 0.5, failed, 60))
+    asking.start()
+    assert wait_for(lambda: prop(pool.box, "bad-backend.service", "ActiveState")
+                    in ("activating", "failed"), 10, 0.02)
+    t0 = time.monotonic()
+    status, _ = chat(ports["good"], "m-good", timeout=120)
+    took = time.monotonic() - t0
+    assert status == 200
+    print(f"\na request to good waited {took:.1f} s behind a member crashing while it loads")
+    assert took < 30
+    asking.join(180)
+    # answered, not left waiting in its socket: a 503 that says why
+    assert failed and all(s == 503 for _, s, _ in failed), failed
+    # bad's queued requests tried it again until its start limit: it holds nothing
+    assert wait_for(lambda: prop(pool.box, "bad-backend.service", "ActiveState")
+                    not in ("active", "activating"), 60)
+    assert chat(ports["good"], "m-good", timeout=120)[0] == 200
+    assert pool.held_by() == {"good": {uuid(0): 50 * GIB}}
+
+
+def test_two_deploys_race_and_both_members_know_each_other(pool):
+    specs = [pool.member(n, gib=30) for n in ("ra", "rb")]
+    procs = [subprocess.Popen([sys.executable, "-m", "unitgen", "deploy", "--user", str(s)],
+                              env=pool.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for s in specs]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, out + err
+    config = Path(pool.box.env["XDG_CONFIG_HOME"]) / "unitgen" / "pool"
+    for name, other in (("ra", "rb"), ("rb", "ra")):
+        members = [m["name"] for m in json.loads((config / f"{name}.json").read_text())["members"]]
+        assert members == [name, other]
+    ports = {n: run_ports(n)[0] for n in ("ra", "rb")}
+    assert chat(ports["ra"], "m-ra")[0] == 200 and chat(ports["rb"], "m-rb")[0] == 200
+    assert set(pool.held_by()) == {"ra", "rb"}
+
+
+def test_requests_during_a_deploy_and_a_remove_of_a_member(pool):
+    ports = pool.deploy(pool.member("a", gib=30), pool.member("b", gib=30))
+    results: list[tuple[str, int, int]] = []
+    stop = time.monotonic() + 3600
+    flag = threading.Event()
+
+    def load() -> None:
+        while not flag.is_set():
+            hammer(ports["a"], "m-a", min(stop, time.monotonic() + 0.2), results)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        assert chat(ports["b"], "m-b")[0] == 200
+        # b changes (its spec and its pool file): a keeps answering meanwhile
+        pool.deploy(pool.member("b", gib=40))
+        assert chat(ports["b"], "m-b")[0] == 200
+        pool.deploy(pool.member("c", gib=10))
+        done = pool.cli("remove", "--user", "b")
+        assert done.returncode == 0, done.stderr
+    finally:
+        flag.set()
+        for t in threads:
+            t.join(120)
+    assert results and all(s == 200 for _, s, _ in results), [r for r in results if r[1] != 200]
+    config = Path(pool.box.env["XDG_CONFIG_HOME"]) / "unitgen" / "pool"
+    assert not (config / "b.json").exists()
+    assert [m["name"] for m in json.loads((config / "a.json").read_text())["members"]] \
+        == ["a", "c"]

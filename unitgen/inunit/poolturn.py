@@ -75,13 +75,14 @@ class Units:
     pid: int = 0  # the server's main pid
     since: float = 0.0  # Unix time the server last became active
     memory: int = 0  # the server unit's memory (cgroup), 0 when not known
+    result: str = ""  # the server's Result= ("start-limit-hit": it will not start now)
 
 
 def read_units(ctl: Systemctl, names: list[str]) -> dict[str, Units]:
     """Every member's units in one ``systemctl show``."""
     units = [u for n in names for u in (f"{n}.service", f"{n}-backend.service")]
     shown = ctl.show(units, "ActiveState", "MainPID", "ActiveEnterTimestampMonotonic",
-                     "MemoryCurrent")
+                     "MemoryCurrent", "Result")
     # a monotonic timestamp on the Unix clock (both clocks read now)
     offset = time.time() - time.monotonic()
     out = {}
@@ -91,7 +92,8 @@ def read_units(ctl: Systemctl, names: list[str]) -> dict[str, Units]:
         out[n] = Units(proxy["ActiveState"] or "inactive", server["ActiveState"] or "inactive",
                        int(server["MainPID"] or 0) if server["MainPID"].isdigit() else 0,
                        offset + int(mono) / 1e6 if mono.isdigit() and int(mono) else 0.0,
-                       int(server["MemoryCurrent"]) if server["MemoryCurrent"].isdigit() else 0)
+                       int(server["MemoryCurrent"]) if server["MemoryCurrent"].isdigit() else 0,
+                       server["Result"])
     return out
 
 
@@ -263,11 +265,11 @@ class Waiting:
             self.shape, self.said = shape, time.monotonic()
 
 
-def take_pool_turn(ns: argparse.Namespace, ctl: Systemctl) -> tuple[Locks, bool] | None:
+def take_pool_turn(ns: argparse.Namespace, ctl: Systemctl) -> tuple[Locks, bool] | str:
     """Make room on the member's GPUs and start its server; the locks are held
     until the caller releases them, and True when its server is asleep and the
-    forwarder must wake it (the server's connection is the forwarder's). None:
-    it cannot run (the journal says why)."""
+    forwarder must wake it (the server's connection is the forwarder's). A
+    string: why it cannot run (no lock held)."""
     t0 = time.monotonic()
     pool = PoolFile.read(Path(ns.pool))
     state = Path(ns.state)
@@ -288,6 +290,10 @@ def take_pool_turn(ns: argparse.Namespace, ctl: Systemctl) -> tuple[Locks, bool]
             units: dict[str, Units] = {}
         else:
             d, units, why = _decide(ns, pool, ctl, manager, gpus)
+        if units.get(ns.name, Units()).result == "start-limit-hit":
+            # it failed again and again: nobody makes room for a start that cannot come
+            locks.release()
+            return f"{ns.name}-backend.service is at its start limit: not making room for it"
         wanted = set(d.locks) - set(locks.held)
         if d.verdict == Verdict.GO and wanted:
             locks.release()  # never wait for a lock while holding one out of order
@@ -299,9 +305,8 @@ def take_pool_turn(ns: argparse.Namespace, ctl: Systemctl) -> tuple[Locks, bool]
         if d.verdict == Verdict.CANNOT_FIT and time.monotonic() - evicted > FREED_LATE:
             # (memory of the processes it just stopped may be freed late by the
             # driver, held by no member meanwhile: that is waited for a while)
-            log(why)
             locks.release()
-            return None
+            return why
         if d.verdict == Verdict.GO and d.evict:
             failed = carry_out(d, units, ctl, state)
             if failed:
@@ -314,16 +319,17 @@ def take_pool_turn(ns: argparse.Namespace, ctl: Systemctl) -> tuple[Locks, bool]
     rt.waiting_since, rt.waiting_why = 0.0, ""
     write_runtime(state, ns.name, rt)
     t_room = time.monotonic()
-    if d.start == Start.LOAD and not _start_server(ns, ctl, rt):
+    failed = _start_server(ns, ctl, rt) if d.start == Start.LOAD else ""
+    if failed:
         locks.release()
-        return None
+        return failed
     log(f"turn taken after {time.monotonic() - t0:.2f} s: room made in {t_room - t0:.2f} s"
         f" ({why}), own server {d.start.value}"
         + (f" in {time.monotonic() - t_room:.2f} s" if d.start == Start.LOAD else ""))
     return locks, d.start == Start.WAKE
 
 
-def _start_server(ns: argparse.Namespace, ctl: Systemctl, rt: Runtime) -> bool:
+def _start_server(ns: argparse.Namespace, ctl: Systemctl, rt: Runtime) -> str:
     me = f"{ns.name}-backend.service"
     shown = ctl.show([me], "ActiveState", "Result")[me]
     if shown["ActiveState"] != "active" and shown["Result"] in ("success", ""):
@@ -333,9 +339,8 @@ def _start_server(ns: argparse.Namespace, ctl: Systemctl, rt: Runtime) -> bool:
     t0 = time.monotonic()
     done = ctl.run("start", me)
     if done.returncode != 0:
-        log(f"{me} did not start: {done.stderr.strip()}")
-        return False
+        return f"{me} did not start: {done.stderr.strip().splitlines()[0] if done.stderr else ''}"
     rt.load_seconds = time.monotonic() - t0
     rt.loaded_at, rt.asleep_pid = time.time(), 0
     write_runtime(Path(ns.state), ns.name, rt)
-    return True
+    return ""
