@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import custom_spec, prop, wait_for, write_spec
+from tests.helpers import custom_spec, free_port, prop, wait_for, write_spec
 from tests.live.test_swap_live import Sampler, run_ports
 from tests.nvml import FAKE_DIR, GIB, held_by_processes, uuid, write_scenario
 from unitgen.ops.systemd.sandbox import Sandbox
@@ -347,3 +347,62 @@ def test_requests_during_a_deploy_and_a_remove_of_a_member(pool):
     assert not (config / "b.json").exists()
     assert [m["name"] for m in json.loads((config / "a.json").read_text())["members"]] \
         == ["a", "c"]
+
+
+def test_status_gpus_and_doctor_say_who_is_loaded_and_why_a_member_waits(pool):
+    ports = pool.deploy(pool.member("a", gib=50, min_turn="10s", extra="pool_sleep = false\n"),
+                        pool.member("b", gib=50))
+    assert chat(ports["a"], "m-a")[0] == 200
+    out: dict[str, Any] = {}
+    waiting = threading.Thread(target=lambda: out.update(b=chat(ports["b"], "m-b")))
+    waiting.start()
+    assert wait_for(lambda: prop(pool.box, "b.service", "ActiveState") == "activating", 10)
+    time.sleep(1)
+    status = json.loads(pool.cli("status", "--user", "--json").stdout)
+    doctor = pool.cli("doctor", "--user", "b").stdout
+    gpus = pool.cli("gpus", "--user").stdout
+    waiting.join(60)
+    assert out["b"][0] == 200
+    members = {m["name"]: m for m in status["gpu_pools"]["gpus"][0]["members"]}
+    assert members["a"]["state"] == "loaded" and members["a"]["held_bytes"] == 50 * GIB
+    assert members["a"]["need"].startswith("50.0 GiB: 0.625 of each GPU (backend-args")
+    assert members["b"]["state"] == "waiting"
+    assert "a's minimum turn ends in" in members["b"]["waiting_why"], members["b"]
+    assert "needs 50.0 GiB on GPU-" in members["b"]["waiting_why"]
+    assert "b has waited" in doctor and "a's minimum turn ends in" in doctor, doctor
+    assert "on GPU-" in doctor and "a loaded, holds 50.0 GiB" in doctor, doctor
+    assert f"GPU 0 {uuid(0)} (80.0 GiB, 29.5 GiB free): GPU pool of 2" in gpus, gpus
+    assert "  b  waiting  needs 50.0 GiB" in gpus, gpus
+    assert not active(pool.box, "a")  # made room once its minimum turn was over
+
+
+def test_pool_members_behind_the_gateway_wait_and_are_answered_never_503(pool):
+    from tests.live.test_gateway_live import client, gateway  # noqa: PLC0415
+
+    port = free_port()
+    specs = [pool.member(n, gib=50, extra='gateway = "gwp"\n', STANDIN_LOAD_SECONDS="1")
+             for n in ("pa", "pb")]
+    pool.deploy(*specs, gateway(pool.tmp, "gwp", port))
+    sdk = client(port)
+    for name in ("pa", "pb", "pa"):  # each one makes the other sleep
+        r = sdk.chat.completions.create(model=name, messages=[{"role": "user", "content": "x"}])
+        assert r.model == name
+    answers: list[str] = []
+    errors: list[str] = []
+
+    def ask(name: str) -> None:
+        for _ in range(5):
+            try:
+                r = client(port).chat.completions.create(model=name, messages=[])
+                answers.append(r.model)
+            except Exception as exc:  # the assertion below names it
+                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in ("pa", "pb") for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert errors == []
+    assert sorted(answers) == ["pa"] * 10 + ["pb"] * 10
+    assert {e["event"] for e in pool.events()} == {"sleep", "wake"}

@@ -200,6 +200,11 @@ class PoolFeature(Feature):
             return {}, ()
         return {"gpu_pools": view.data()}, ("", *view_lines(view))
 
+    def gpus(self, installed: Mapping[str, InstalledLike]) -> tuple[dict[str, object],
+                                                                   tuple[str, ...]]:
+        """The same, under the GPUs NVML lists."""
+        return self.status(installed, {})
+
     def doctor(self, installed: Mapping[str, InstalledLike], name: str,
                running: bool) -> list[Finding]:
         """Where a member stands in its pool, and what it waits for."""
