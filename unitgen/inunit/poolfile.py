@@ -115,7 +115,7 @@ class PoolFile:
         try:
             data = json.loads(text)
             if data["format"] != FORMAT:
-                raise ValueError(f"format {data['format']!r}, not {FORMAT}")
+                raise ValueError(f"not a pool file: format {data['format']!r}, not {FORMAT}")
             members = tuple(PoolMember(str(m["name"]), tuple(str(g) for g in m["gpus"]),
                                        PoolTerms(**m["terms"])) for m in data["members"])
             out = cls(str(data["name"]), members,
