@@ -39,10 +39,9 @@ class Server(Protocol):
     """What the keeper needs of the forwarder."""
 
     ctl: Systemctl
+    server_pid: int  # the running server's main pid
 
     async def connect_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
-
-    async def _server_state(self) -> dict[str, str]: ...
 
 
 class PoolKeeper:
@@ -117,14 +116,9 @@ class PoolKeeper:
             wish = ""
         if wish == "sleep" and self.file.sleep is not None:
             status = await self._call(server, self.file.sleep, 60.0)
-            state = await server._server_state()
-            if status == 200 and state.get("MainPID", "0").isdigit():
-                self.rt.asleep_pid = int(state["MainPID"])
-                memory = await asyncio.to_thread(server.ctl.show, [
-                    f"{self.ns.name}-backend.service"], "MemoryCurrent")
-                current = next(iter(memory.values()))["MemoryCurrent"]
-                if current.isdigit():
-                    self.rt.ram_asleep = int(current)
+            # (what it holds in host RAM asleep is read by whoever weighs it next)
+            if status == 200 and server.server_pid:
+                self.rt.asleep_pid = server.server_pid
                 log(f"asleep (pid {self.rt.asleep_pid} keeps its process; its GPU memory "
                     "is released)")
             else:

@@ -25,13 +25,13 @@ import contextlib
 import fcntl
 import os
 import re
+import subprocess
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from unitgen.inunit.cgroupowner import instance_of_pid
 from unitgen.inunit.gpuneed import Need, NeedSource
-from unitgen.inunit.memrecord import read_measured
 from unitgen.inunit.nvml import Gpu, GpuUnavailableError, gib, read_gpus
 from unitgen.inunit.poolfile import PoolFile
 from unitgen.inunit.poolpolicy import (
@@ -55,7 +55,7 @@ from unitgen.inunit.poolstate import (
     write_runtime,
     yield_path,
 )
-from unitgen.inunit.swapctl import Systemctl, log, notify
+from unitgen.inunit.swapctl import Systemctl, log, notify, parse_show
 
 __all__ = ["Locks", "Units", "carry_out", "explain", "member_states", "read_units",
            "take_pool_turn"]
@@ -78,11 +78,22 @@ class Units:
     result: str = ""  # the server's Result= ("start-limit-hit": it will not start now)
 
 
-def read_units(ctl: Systemctl, names: list[str]) -> dict[str, Units]:
-    """Every member's units in one ``systemctl show``."""
-    units = [u for n in names for u in (f"{n}.service", f"{n}-backend.service")]
-    shown = ctl.show(units, "ActiveState", "MainPID", "ActiveEnterTimestampMonotonic",
-                     "MemoryCurrent", "Result")
+_PROPS = ("ActiveState", "MainPID", "ActiveEnterTimestampMonotonic", "MemoryCurrent", "Result")
+
+
+def _unit_names(names: list[str]) -> list[str]:
+    return [u for n in names for u in (f"{n}.service", f"{n}-backend.service")]
+
+
+def ask_units(ctl: Systemctl, names: list[str]) -> subprocess.Popen[str]:
+    """Every member's units in one ``systemctl show``, started (the answer is
+    read while NVML is): :func:`read_units` reads it."""
+    return ctl.popen_show(_unit_names(names), *_PROPS)
+
+
+def read_units(asked: subprocess.Popen[str], names: list[str]) -> dict[str, Units]:
+    """The members' units from :func:`ask_units`."""
+    shown = parse_show(asked.communicate()[0], _unit_names(names), _PROPS)
     # a monotonic timestamp on the Unix clock (both clocks read now)
     offset = time.time() - time.monotonic()
     out = {}
@@ -206,25 +217,39 @@ def carry_out(d: Decision, units: dict[str, Units], ctl: Systemctl, state: Path)
 
 
 def _measured(ns: argparse.Namespace, pool: PoolFile) -> dict[str, int]:
-    out = {}
+    out: dict[str, int] = {}
+    if all(m.terms.fixed for m in pool.members) or not ns.measured:
+        return out
+    # only when a need may be measured: a member's start does not pay for the import
+    from unitgen.inunit.memrecord import read_measured  # noqa: PLC0415
+
     for m in pool.members:
-        if not m.terms.fixed and ns.measured:
+        if not m.terms.fixed:
             found = read_measured(Path(ns.measured), m.name, m.terms.fingerprint)
             if found is not None:
                 out[m.name] = found.peak
     return out
 
 
-def _decide(ns: argparse.Namespace, pool: PoolFile, ctl: Systemctl, manager: str,
-            gpus: list[Gpu]) -> tuple[Decision, dict[str, Units], str]:
-    """The policy's answer, the members' units, and the answer in words."""
-    names = [m.name for m in pool.members]
-    units = read_units(ctl, names)
-    runtimes = {n: read_runtime(Path(ns.state), n) for n in names}
+def _decide(ns: argparse.Namespace, pool: PoolFile, units: dict[str, Units], manager: str,
+            gpus: list[Gpu]) -> tuple[Decision, str]:
+    """The policy's answer, and the answer in words."""
+    runtimes = {m.name: read_runtime(Path(ns.state), m.name) for m in pool.members}
     states, free = member_states(pool, units, gpus, runtimes, _measured(ns, pool), manager)
     me = next(s for s in states if s.name == ns.name)
     d = decide(me, states, free, ram_budget()[0], time.time(), TurnRules())
-    return d, units, explain(me, free, d)
+    return d, explain(me, free, d)
+
+
+def _after(units: dict[str, Units], d: Decision) -> dict[str, Units]:
+    """The members' units once the evictions went through (under the GPU locks
+    nobody else starts on these GPUs): the next decision reads NVML alone."""
+    out = dict(units)
+    for e in d.evict:
+        u = out.get(e.name, Units())
+        asleep = e.action == Action.SLEEP and u.proxy in ("active", "reloading")
+        out[e.name] = replace(u, proxy="inactive", server=u.server if asleep else "inactive")
+    return out
 
 
 def explain(want: MemberState, gpus: list[GpuFree], d: Decision) -> str:
@@ -281,16 +306,30 @@ def take_pool_turn(ns: argparse.Namespace, ctl: Systemctl) -> tuple[Locks, bool]
     yield_path(state, ns.name).unlink(missing_ok=True)  # a wish left from before
     evicted = -FREED_LATE - 1.0  # when it last made room (monotonic)
     waiting = Waiting(ns, rt)
+    names = [m.name for m in pool.members]
+    units: dict[str, Units] | None = None  # read (again) when None
+    reset: subprocess.Popen[bytes] | None = None
     while True:
+        asked = ask_units(ctl, names) if units is None else None
         try:
             gpus = read_gpus()
         except GpuUnavailableError as exc:
             log(f"cannot read NVML ({exc.message}): starting without making room")
-            d, why = Decision(Verdict.GO, Start.LOAD), ""
-            units: dict[str, Units] = {}
-        else:
-            d, units, why = _decide(ns, pool, ctl, manager, gpus)
-        if units.get(ns.name, Units()).result == "start-limit-hit":
+            gpus = []
+        if asked is not None:
+            units = read_units(asked, names)
+        assert units is not None  # noqa: S101 - read just now, or kept from the last round
+        d, why = _decide(ns, pool, units, manager, gpus) if gpus else (
+            Decision(Verdict.GO, Start.LOAD), "NVML cannot be read")
+        mine = units.get(ns.name, Units())
+        if d.start == Start.WAKE and mine.memory:
+            rt.ram_asleep = mine.memory  # what it held asleep: weighed next time it could sleep
+        if reset is None and mine.server in ("inactive", "failed") \
+                and mine.result in ("success", ""):
+            # each turn is a deliberate start, not one of a crash loop's: the
+            # start limit is reset (meanwhile) unless its last run failed
+            reset = ctl.popen("reset-failed", f"{ns.name}-backend.service")
+        if mine.result == "start-limit-hit":
             # it failed again and again: nobody makes room for a start that cannot come
             locks.release()
             return f"{ns.name}-backend.service is at its start limit: not making room for it"
@@ -312,13 +351,17 @@ def take_pool_turn(ns: argparse.Namespace, ctl: Systemctl) -> tuple[Locks, bool]
             if failed:
                 log(failed)
                 time.sleep(POLL)
+            units = None if failed else _after(units, d)
             evicted = time.monotonic()
             continue
         # drains and loads end, minimum turns run out, freed memory shows up
+        units = None
         time.sleep(POLL)
     rt.waiting_since, rt.waiting_why = 0.0, ""
     write_runtime(state, ns.name, rt)
     t_room = time.monotonic()
+    if reset is not None:
+        reset.wait()
     failed = _start_server(ns, ctl, rt) if d.start == Start.LOAD else ""
     if failed:
         locks.release()
@@ -331,10 +374,6 @@ def take_pool_turn(ns: argparse.Namespace, ctl: Systemctl) -> tuple[Locks, bool]
 
 def _start_server(ns: argparse.Namespace, ctl: Systemctl, rt: Runtime) -> str:
     me = f"{ns.name}-backend.service"
-    shown = ctl.show([me], "ActiveState", "Result")[me]
-    if shown["ActiveState"] != "active" and shown["Result"] in ("success", ""):
-        # each turn is a deliberate start, not one of a crash loop's
-        ctl.run("reset-failed", me)
     notify("GPU pool: loading")
     t0 = time.monotonic()
     done = ctl.run("start", me)

@@ -51,6 +51,11 @@ class Systemctl:
         return subprocess.Popen([*self.base, "show", unit, "-pConflicts", "--value"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
+    def popen_show(self, units: list[str], *props: str) -> subprocess.Popen[str]:
+        """``systemctl show`` of several units, started (read with :func:`parse_show`)."""
+        return subprocess.Popen([*self.base, "show", *units, "-pId", *(f"-p{p}" for p in props)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.base, *args], capture_output=True, text=True, check=False)
 

@@ -47,6 +47,7 @@ class Forwarder:
         self.failed = False
         self.last_activity = time.monotonic()
         self.server_uid: int | None = None  # the running server's uid (peer check)
+        self.server_pid = 0  # the running server's main pid (a pool member puts it to sleep)
         # a GPU pool member's: its runtime kept, the sleep paths refused
         self.pool = PoolKeeper(ns) if ns.pool else None
 
@@ -79,6 +80,7 @@ class Forwarder:
             except OSError:
                 continue
             self.server_uid = _uid_of(state)
+            self.server_pid = pid
             self.ready.set()
             exited = asyncio.Event()
             loop.add_reader(pidfd, exited.set)
@@ -225,19 +227,31 @@ class Forwarder:
             await asyncio.sleep(0.1)
 
     async def accept_loop(self) -> None:
+        """Accept while serving. Never ``loop.sock_accept``: cancelled (the drain
+        begins) just as a connection came, it accepts that connection and then
+        drops it (CPython 3.11: InvalidStateError in its callback, the client
+        reset; seen under alternating load). Accepting happens between awaits
+        here, so a cancel never falls inside one."""
         loop = asyncio.get_running_loop()
-        while not self.stopping.is_set():
-            while len(self.conns) >= self.ns.connections_max:
-                await asyncio.sleep(0.05)
-            await self.ready.wait()
-            client, _ = await loop.sock_accept(self.listener)
-            self.last_activity = time.monotonic()
-            self.start(client)
+        readable = asyncio.Event()
+        loop.add_reader(self.listener.fileno(), readable.set)
+        try:
+            while not self.stopping.is_set():
+                while len(self.conns) >= self.ns.connections_max:
+                    await asyncio.sleep(0.05)
+                await self.ready.wait()
+                await readable.wait()
+                readable.clear()
+                if self.sweep(self.ns.connections_max - len(self.conns)):
+                    self.last_activity = time.monotonic()
+        finally:
+            loop.remove_reader(self.listener.fileno())
 
-    def sweep(self) -> int:
-        """Accept what already waits in the socket's queue (non-blocking)."""
+    def sweep(self, most: int = 1 << 30) -> int:
+        """Accept what already waits in the socket's queue (non-blocking), at
+        most ``most`` connections."""
         taken = 0
-        while True:
+        while taken < most:
             try:
                 client, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -246,6 +260,7 @@ class Forwarder:
                 return taken
             self.start(client)
             taken += 1
+        return taken
 
     async def idle_watch(self) -> None:
         idle = self.ns.exit_idle_time

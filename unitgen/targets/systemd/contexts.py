@@ -210,8 +210,9 @@ def pool_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "probe_public": probe_cmd(ctx, replace(inst, health_timeout=wait),
                                    inst.public.probe_target(), "public"),
         "swap_start_timeout": format_seconds(wait + START_MARGIN),
+        # every turn that loads waits for this probe: a private endpoint is cheap to ask
         "probe_private": [*probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
-                          "--interval", "50ms"],
+                          "--interval", "20ms"],
         "swap_stop_timeout": format_seconds(spec.swap_drain + START_MARGIN),
         # only a need the spec does not say is ever taken from a measurement
         "memrecord": [] if terms.fixed else [
