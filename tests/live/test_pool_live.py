@@ -407,3 +407,18 @@ def test_pool_members_behind_the_gateway_wait_and_are_answered_never_503(pool):
     assert errors == []
     assert sorted(answers) == ["pa"] * 10 + ["pb"] * 10
     assert {e["event"] for e in pool.events()} == {"sleep", "wake"}
+
+
+def test_a_sleeping_member_idle_past_its_idle_stop_is_stopped(pool):
+    ports = pool.deploy(pool.member("a", gib=50, extra='idle_stop = "3s"\n'),
+                        pool.member("b", gib=50))
+    assert chat(ports["a"], "m-a")[0] == 200
+    assert chat(ports["b"], "m-b")[0] == 200
+    assert [e["event"] for e in pool.events()] == ["sleep"]
+    assert active(pool.box, "a")  # asleep, its proxy waiting for the next request
+    assert prop(pool.box, "a.service", "ActiveState") == "active"
+    assert wait_for(lambda: not active(pool.box, "a"), 10)
+    assert wait_for(lambda: prop(pool.box, "a.service", "ActiveState") == "inactive", 10)
+    assert "asleep and idle for 3 s (idle_stop): stopping the server" in pool.box.journal(
+        "a.service", lines=30)
+    assert chat(ports["a"], "m-a")[0] == 200  # loaded again

@@ -18,6 +18,7 @@ from unitgen.inunit.gpuneed import GIB, NeedSource
 from unitgen.inunit.nvml import Gpu, GpuProcess
 from unitgen.inunit.poolfile import PoolFile, PoolMember, PoolTerms
 from unitgen.inunit.poolpolicy import Load
+from unitgen.inunit.poolread import Units, member_states
 from unitgen.inunit.poolstate import (
     Runtime,
     load_of,
@@ -26,7 +27,6 @@ from unitgen.inunit.poolstate import (
     read_runtime,
     write_runtime,
 )
-from unitgen.inunit.poolturn import Units, member_states
 from unitgen.ops.pipeline import Planned
 from unitgen.plan.gpus import Placement
 from unitgen.plan.instance import resolve

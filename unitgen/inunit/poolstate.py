@@ -4,8 +4,6 @@ pool's directory under the manager's runtime directory (``%t/unitgen-pool``):
 * ``<name>.json``: one member's own state, written only by its proxy
   (:class:`Runtime`: when it was last used, how many requests it is
   answering, whether its server sleeps, what it waits for);
-* ``<name>.yield``: another member's proxy asks it to sleep rather than stop
-  when it makes room (its proxy reads it as it drains);
 * ``gpu-<UUID>.lock``: the GPU's lock, taken in :func:`unitgen.inunit.poolpolicy.lock_order`.
 
 And where a member stands, from its units' states and its runtime
@@ -29,7 +27,7 @@ from pathlib import Path
 from unitgen.inunit.poolpolicy import Load
 
 __all__ = ["BUDGET_ENV", "Runtime", "load_of", "lock_path", "parse_bytes", "ram_budget",
-           "read_runtime", "write_runtime", "yield_path"]
+           "read_runtime", "write_runtime"]
 
 # The host RAM sleeping members may hold together: an operator's setting in the
 # manager's environment (systemctl set-environment, DefaultEnvironment=), read
@@ -49,6 +47,7 @@ class Runtime:
     load_seconds: float = 0.0  # how long its last load took
     wake_seconds: float = 0.0  # how long its last wake took
     ram_asleep: int = 0  # host RAM its server held asleep, last time
+    stopped_at: float = 0.0  # its proxy last stopped its server to make room
     waiting_since: float = 0.0  # its proxy waits for room since (0: not waiting)
     waiting_why: str = ""  # the pool's answer while it waits
 
@@ -57,11 +56,6 @@ def _path(directory: Path, name: str, suffix: str) -> Path:
     if not _NAME.fullmatch(name):
         raise ValueError(f"not an instance name: {name!r}")
     return directory / f"{name}{suffix}"
-
-
-def yield_path(directory: Path, name: str) -> Path:
-    """Where another member asks ``name`` to sleep when it yields."""
-    return _path(directory, name, ".yield")
 
 
 def lock_path(directory: Path, gpu: str) -> Path:

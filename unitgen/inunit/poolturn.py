@@ -3,9 +3,8 @@ does before it forwards, instead of a swap group's one-at-a-time turn.
 
 1. take the locks of its GPUs in the one global order
    (:func:`unitgen.inunit.poolpolicy.lock_order`);
-2. read where every member of its pool stands (its units' states, what NVML
-   says each GPU has free and each member holds, the members' runtimes, their
-   measured needs) and ask :func:`unitgen.inunit.poolpolicy.decide`;
+2. read where every member of its pool stands (:mod:`unitgen.inunit.poolread`)
+   and ask :func:`unitgen.inunit.poolpolicy.decide`;
 3. carry out the answer: members that make room yield as a swap group's do
    (their proxy drains, then their server stops, or sleeps: its proxy puts it
    to sleep as it leaves), or wait while only members within their minimum
@@ -27,18 +26,16 @@ import os
 import re
 import subprocess
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from unitgen.inunit.cgroupowner import instance_of_pid
-from unitgen.inunit.gpuneed import Need, NeedSource
 from unitgen.inunit.nvml import Gpu, GpuUnavailableError, gib, read_gpus
 from unitgen.inunit.poolfile import PoolFile
 from unitgen.inunit.poolpolicy import (
     Action,
     Decision,
     GpuFree,
-    Load,
     MemberState,
     Start,
     TurnRules,
@@ -46,110 +43,18 @@ from unitgen.inunit.poolpolicy import (
     decide,
     lock_order,
 )
-from unitgen.inunit.poolstate import (
-    Runtime,
-    load_of,
-    lock_path,
-    ram_budget,
-    read_runtime,
-    write_runtime,
-    yield_path,
-)
-from unitgen.inunit.swapctl import Systemctl, log, notify, parse_show
+from unitgen.inunit.poolread import Units, ask_units, measured_needs, member_states, read_units
+from unitgen.inunit.poolstate import Runtime, lock_path, ram_budget, read_runtime, write_runtime
+from unitgen.inunit.swapctl import Systemctl, log, notify
 
-__all__ = ["Locks", "Units", "carry_out", "explain", "member_states", "read_units",
-           "take_pool_turn"]
+__all__ = ["Locks", "carry_out", "explain", "take_pool_turn"]
 
 # How often a waiting member reads the pool again (a drain, a load, late-freed memory).
 POLL = 0.1
+# How long a yielding member's sleep call or its server's stop may take.
+YIELD_CALL = 90.0
 # How long memory of members it stopped may take to show as free (the GPU wait's bound).
 FREED_LATE = 120.0
-
-
-@dataclass(frozen=True)
-class Units:
-    """A member's proxy and server as systemctl shows them."""
-
-    proxy: str = "inactive"
-    server: str = "inactive"
-    pid: int = 0  # the server's main pid
-    since: float = 0.0  # Unix time the server last became active
-    memory: int = 0  # the server unit's memory (cgroup), 0 when not known
-    result: str = ""  # the server's Result= ("start-limit-hit": it will not start now)
-
-
-_PROPS = ("ActiveState", "MainPID", "ActiveEnterTimestampMonotonic", "MemoryCurrent", "Result")
-
-
-def _unit_names(names: list[str]) -> list[str]:
-    return [u for n in names for u in (f"{n}.service", f"{n}-backend.service")]
-
-
-def ask_units(ctl: Systemctl, names: list[str]) -> subprocess.Popen[str]:
-    """Every member's units in one ``systemctl show``, started (the answer is
-    read while NVML is): :func:`read_units` reads it."""
-    return ctl.popen_show(_unit_names(names), *_PROPS)
-
-
-def read_units(asked: subprocess.Popen[str], names: list[str]) -> dict[str, Units]:
-    """The members' units from :func:`ask_units`."""
-    shown = parse_show(asked.communicate()[0], _unit_names(names), _PROPS)
-    # a monotonic timestamp on the Unix clock (both clocks read now)
-    offset = time.time() - time.monotonic()
-    out = {}
-    for n in names:
-        proxy, server = shown[f"{n}.service"], shown[f"{n}-backend.service"]
-        mono = server["ActiveEnterTimestampMonotonic"]
-        out[n] = Units(proxy["ActiveState"] or "inactive", server["ActiveState"] or "inactive",
-                       int(server["MainPID"] or 0) if server["MainPID"].isdigit() else 0,
-                       offset + int(mono) / 1e6 if mono.isdigit() and int(mono) else 0.0,
-                       int(server["MemoryCurrent"]) if server["MemoryCurrent"].isdigit() else 0,
-                       server["Result"])
-    return out
-
-
-def _need(pool: PoolFile, name: str, measured: dict[str, int]) -> Need:
-    terms = next(m.terms for m in pool.members if m.name == name)
-    need = terms.need_value()
-    if not terms.fixed and measured.get(name):
-        return Need(NeedSource.MEASURED, bytes=measured[name], detail="at its last load")
-    return need
-
-
-def member_states(pool: PoolFile, units: dict[str, Units], gpus: list[Gpu],
-                  runtimes: dict[str, Runtime], measured: dict[str, int], manager: str,
-                  ) -> tuple[list[MemberState], list[GpuFree]]:
-    """The pool as the policy weighs it: each member's state, need and what NVML
-    saw it hold; each of the pool's GPUs with its free memory. A need guessed
-    as the whole GPU (nothing known before its first load) is what the pool can
-    have there: the GPU less what processes outside the pool hold."""
-    uuids = {u for m in pool.members for u in m.gpus}
-    by_uuid = {g.uuid: g for g in gpus if g.uuid in uuids}
-    names = [m.name for m in pool.members]
-    held = {n: {u: sum(p.used_bytes for p in g.processes if p.belongs_to(n, manager))
-                for u, g in by_uuid.items()} for n in names}
-    outside = {u: max(0, g.used - sum(held[n][u] for n in names)) for u, g in by_uuid.items()}
-    states = []
-    for m in pool.members:
-        u, rt = units.get(m.name, Units()), runtimes.get(m.name, Runtime())
-        need = _need(pool, m.name, measured)
-        if need.source == NeedSource.ESTIMATE and need.fraction == 1.0:
-            room = min((by_uuid[g].total - outside[g] for g in m.gpus if g in by_uuid), default=0)
-            need = replace(need, bytes=max(room, 1), fraction=None)
-        load = load_of(u.proxy, u.server, u.pid, rt)
-        total = min((by_uuid[g].total for g in m.gpus if g in by_uuid), default=0)
-        ram = (u.memory or rt.ram_asleep) if load == Load.ASLEEP else rt.ram_asleep
-        states.append(MemberState(
-            name=m.name, gpus=m.gpus, need=need, state=load,
-            in_flight=rt.in_flight if u.proxy in ("active", "deactivating") else 0,
-            last_used=rt.last_used or u.since, loaded_at=rt.loaded_at or u.since,
-            load_seconds=rt.load_seconds or 60.0, can_sleep=m.terms.sleep,
-            wake_seconds=rt.wake_seconds or 1.0,
-            ram_asleep=ram or need.on(total), idle_stop=m.terms.idle_stop,
-            min_turn=m.terms.min_turn,
-            # a loading member may not hold all of its memory yet: count its need
-            held=None if load == Load.LOADING else held[m.name]))
-    return states, [GpuFree(u, g.total, g.free) for u, g in sorted(by_uuid.items())]
 
 
 class Locks:
@@ -193,49 +98,69 @@ def _held_by(path: Path) -> str:
     return ""
 
 
-def carry_out(d: Decision, units: dict[str, Units], ctl: Systemctl, state: Path) -> str:
-    """Make room as decided: one ``systemctl stop`` for every member that yields
-    (its proxy drains first; a sleeper's proxy puts its server to sleep as it
-    leaves, its server runs on). Returns what failed ("" when it went through)."""
+def carry_out(d: Decision, units: dict[str, Units], ctl: Systemctl, state: Path,
+              pool: PoolFile) -> str:
+    """Make room as decided. A member whose proxy serves is asked to yield by a
+    signal (SIGUSR1: sleep, SIGUSR2: stop its server): its proxy drains, does
+    so, says it in its runtime and stays, so its next request takes a turn
+    without a process to start. Any other is stopped (its server; its proxy
+    too when it drains). Returns what failed ("" when every member made room)."""
     stop: list[str] = []
+    asked: dict[str, list[str]] = {"SIGUSR1": [], "SIGUSR2": []}
     for e in d.evict:
         u = units.get(e.name, Units())
-        if u.proxy in ("active", "reloading") and e.action == Action.SLEEP:
-            yield_path(state, e.name).write_text("sleep\n", encoding="utf-8")
-            stop.append(f"{e.name}.service")
-        elif u.proxy in ("active", "reloading", "deactivating"):
+        if u.proxy in ("active", "reloading"):
+            asked["SIGUSR1" if e.action == Action.SLEEP else "SIGUSR2"].append(e.name)
+        elif u.proxy == "deactivating":
             stop += [f"{e.name}.service", f"{e.name}-backend.service"]
         else:
             # its proxy is not serving (it waits for its own turn, or is gone): the
             # server alone; a waiting proxy keeps its connections queued
             stop.append(f"{e.name}-backend.service")
-    for e in d.evict:
-        if e.action != Action.SLEEP:
-            yield_path(state, e.name).unlink(missing_ok=True)  # a wish left from before
-    done = ctl.run("stop", *stop)
-    return "" if done.returncode == 0 else f"stopping {' '.join(stop)}: {done.stderr.strip()}"
+    failed = []
+    since = time.time()
+    for signal_name, names in asked.items():
+        if names:
+            done = ctl.run("kill", "--kill-whom=main", f"--signal={signal_name}",
+                           *(f"{n}.service" for n in names))
+            if done.returncode != 0:
+                failed.append(f"asking {', '.join(names)} to yield: {done.stderr.strip()}")
+    if stop:
+        done = ctl.run("stop", *stop)
+        if done.returncode != 0:
+            failed.append(f"stopping {' '.join(stop)}: {done.stderr.strip()}")
+    drains = {m.name: m.terms.drain for m in pool.members}
+    for n in asked["SIGUSR1"] + asked["SIGUSR2"]:
+        # its drain, then the sleep call (vLLM copies its weights to host RAM) or the stop
+        if not _yielded(ctl, state, n, units[n].pid, since, drains.get(n, 0.0) + YIELD_CALL):
+            failed.append(f"{n} did not yield")
+    return "; ".join(failed)
 
 
-def _measured(ns: argparse.Namespace, pool: PoolFile) -> dict[str, int]:
-    out: dict[str, int] = {}
-    if all(m.terms.fixed for m in pool.members) or not ns.measured:
-        return out
-    # only when a need may be measured: a member's start does not pay for the import
-    from unitgen.inunit.memrecord import read_measured  # noqa: PLC0415
-
-    for m in pool.members:
-        if not m.terms.fixed:
-            found = read_measured(Path(ns.measured), m.name, m.terms.fingerprint)
-            if found is not None:
-                out[m.name] = found.peak
-    return out
+def _yielded(ctl: Systemctl, state: Path, name: str, pid: int, since: float,
+             bound: float) -> bool:
+    """Until member ``name``'s runtime says its server (``pid``) sleeps or was
+    stopped after ``since``, or its proxy is gone (the next decision sees how)."""
+    deadline, checked = time.monotonic() + bound, time.monotonic()
+    while time.monotonic() < deadline:
+        rt = read_runtime(state, name)
+        if (pid and rt.asleep_pid == pid) or rt.stopped_at >= since:
+            return True
+        if time.monotonic() - checked >= 0.5:
+            checked = time.monotonic()
+            shown = ctl.show([f"{name}.service"], "ActiveState")[f"{name}.service"]
+            if shown["ActiveState"] not in ("active", "reloading", "deactivating"):
+                return False
+        time.sleep(0.005)
+    return False
 
 
 def _decide(ns: argparse.Namespace, pool: PoolFile, units: dict[str, Units], manager: str,
             gpus: list[Gpu]) -> tuple[Decision, str]:
     """The policy's answer, and the answer in words."""
     runtimes = {m.name: read_runtime(Path(ns.state), m.name) for m in pool.members}
-    states, free = member_states(pool, units, gpus, runtimes, _measured(ns, pool), manager)
+    states, free = member_states(pool, units, gpus, runtimes,
+                                measured_needs(pool, ns.measured), manager)
     me = next(s for s in states if s.name == ns.name)
     d = decide(me, states, free, ram_budget()[0], time.time(), TurnRules())
     return d, explain(me, free, d)
@@ -247,8 +172,9 @@ def _after(units: dict[str, Units], d: Decision) -> dict[str, Units]:
     out = dict(units)
     for e in d.evict:
         u = out.get(e.name, Units())
-        asleep = e.action == Action.SLEEP and u.proxy in ("active", "reloading")
-        out[e.name] = replace(u, proxy="inactive", server=u.server if asleep else "inactive")
+        stays = u.proxy in ("active", "reloading")  # it was asked, and stays
+        if not (e.action == Action.SLEEP and stays):  # (a sleeper's runtime says it)
+            out[e.name] = replace(u, proxy=u.proxy if stays else "inactive", server="inactive")
     return out
 
 
@@ -303,7 +229,6 @@ def take_pool_turn(ns: argparse.Namespace, ctl: Systemctl) -> tuple[Locks, bool]
     own = instance_of_pid("self")
     manager = own[1] if own else "system"
     rt = read_runtime(state, ns.name)
-    yield_path(state, ns.name).unlink(missing_ok=True)  # a wish left from before
     evicted = -FREED_LATE - 1.0  # when it last made room (monotonic)
     waiting = Waiting(ns, rt)
     names = [m.name for m in pool.members]
@@ -347,7 +272,7 @@ def take_pool_turn(ns: argparse.Namespace, ctl: Systemctl) -> tuple[Locks, bool]
             locks.release()
             return why
         if d.verdict == Verdict.GO and d.evict:
-            failed = carry_out(d, units, ctl, state)
+            failed = carry_out(d, units, ctl, state, pool)
             if failed:
                 log(failed)
                 time.sleep(POLL)

@@ -312,47 +312,85 @@ async def _finish(fw: Forwarder, swept: int) -> None:
 
 async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fds: list[int],
                 ctl: Systemctl, *, termed: list[int], wake: bool) -> int:
-    """Forward until SIGTERM (drain) or idle exit."""
+    """Forward until SIGTERM (drain) or idle exit. A GPU pool member asked to
+    yield by sleeping (SIGUSR1) or by stopping its server (SIGUSR2) drains the
+    same way, does so and stays: its next request takes a turn again in this
+    process (:meth:`unitgen.inunit.poolmember.PoolKeeper.asleep`)."""
     loop = asyncio.get_running_loop()
     listener.setblocking(False)
-    fw = Forwarder(ns, listener, ctl)
-    if fw.pool is not None and wake:
-        await fw.pool.wake(fw)
-    term = asyncio.Event()
+    term, yielding = asyncio.Event(), asyncio.Event()
+    how: list[str] = []  # how the member was asked to yield: "sleep" or "stop"
     loop.add_signal_handler(signal.SIGTERM, term.set)
     loop.add_signal_handler(signal.SIGINT, term.set)
+
+    def asked(word: str) -> None:
+        how.append(word)
+        yielding.set()
+
+    if ns.pool:
+        loop.add_signal_handler(signal.SIGUSR1, asked, "sleep")
+        loop.add_signal_handler(signal.SIGUSR2, asked, "stop")
     if termed:  # SIGTERM came before the loop's own handler was in place
         term.set()
+    while True:
+        fw = Forwarder(ns, listener, ctl)
+        if fw.pool is not None and wake:
+            await fw.pool.wake(fw)
+        left = await _turn(fw, lock_fds, term, yielding, how)
+        if not left:
+            return 1 if fw.failed else 0
+        assert fw.pool is not None  # noqa: S101 - only a pool member stays
+        yielding.clear()
+        how.clear()
+        taken = await fw.pool.asleep(fw, term, stopped=left == "stopped")
+        if taken is None:
+            return 0
+        lock_fds, wake = taken
+
+
+async def _turn(fw: Forwarder, lock_fds: list[int], term: asyncio.Event,
+                yielding: asyncio.Event, how: list[str]) -> str:
+    """Serve until asked to stop, to yield or idle; drain. A pool member that
+    yielded stays: "asleep" or "stopped" (its server; the listener stays ours)."""
+    ns, ctl, loop = fw.ns, fw.ctl, asyncio.get_running_loop()
     accepting = loop.create_task(fw.accept_loop())
     watching = loop.create_task(fw.watch_server())
-    watchers: list[asyncio.Task[object]] = [loop.create_task(term.wait())]
+    watchers: list[asyncio.Task[object]] = [loop.create_task(term.wait()),
+                                            loop.create_task(yielding.wait())]
     if ns.exit_idle_time:
         watchers.append(loop.create_task(fw.idle_watch()))
     notify(f"serving ({ns.what})")
     releasing = loop.create_task(_release_when_active(ctl, f"{ns.name}.service", lock_fds))
     await asyncio.wait([*watchers, loop.create_task(fw.stopping.wait())],
                        return_when=asyncio.FIRST_COMPLETED)
+    stays = yielding.is_set() and not term.is_set() and not fw.failed
     fw.stopping.set()
     accepting.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await accepting
-    swept = fw.sweep() if term.is_set() else 0
+    swept = fw.sweep() if term.is_set() or stays else 0
     closing = loop.create_task(fw.drain())
-    # Only our copy of the socket closes: the socket unit keeps listening.
-    listener.close()
+    if not stays:
+        # Only our copy of the socket closes: the socket unit keeps listening.
+        fw.listener.close()
     await _finish(fw, swept)
-    if fw.pool is not None and term.is_set():
-        await fw.pool.leave(fw)
-    if not term.is_set():
+    left = ""
+    if fw.pool is not None and (term.is_set() or stays):
+        left = await fw.pool.leave(fw, how=how[0] if stays else "")
+    elif not term.is_set():
         # idle (or the server is gone): unload the model; a stop job of this
         # unit does that itself (PartOf=), and must not be waited for from here
         ctl.run("stop", "--no-block", f"{ns.name}-backend.service")
     closing.cancel()
-    releasing.cancel()
+    if not releasing.done():
+        releasing.cancel()
+        for fd in lock_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
     watching.cancel()
     for w in watchers:
         w.cancel()
-    return 1 if fw.failed else 0
+    return left
 
 
 def forward(ns: argparse.Namespace, listener: socket.socket, lock_fds: list[int],

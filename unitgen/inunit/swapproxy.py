@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -130,31 +129,6 @@ def take_turn(ns: argparse.Namespace, ctl: Systemctl) -> int:
     return fd
 
 
-def refuse_queued(listener: socket.socket, why: str) -> int:
-    """A GPU pool member that cannot run now answers the requests queued for it
-    (503, with the reason) instead of leaving them in its socket, where each
-    would start another attempt until its client gives up."""
-    body = json.dumps({"error": {"message": f"cannot run now: {why}",
-                                 "type": "unavailable"}}).encode()
-    answer = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-              b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    listener.setblocking(False)
-    answered = 0
-    while True:
-        try:
-            client, _ = listener.accept()
-        except OSError:
-            return answered
-        with client, contextlib.suppress(OSError):
-            client.settimeout(0.5)
-            client.recv(65536)  # its request: unread bytes would make the close a reset
-            client.sendall(answer)
-            client.shutdown(socket.SHUT_WR)
-            while client.recv(65536):  # until it has read the answer and closed
-                pass
-        answered += 1
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: take the turn, forward, drain."""
     p = argparse.ArgumentParser(prog="python -m unitgen.inunit.swapproxy")
@@ -203,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(taken, str):
             log(f"cannot run: {taken}")
             notify(f"cannot run: {taken}")
+            from unitgen.inunit.poolmember import refuse_queued  # noqa: PLC0415
+
             refuse_queued(listener, taken)
             return 1
         locks, wake = taken

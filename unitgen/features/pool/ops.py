@@ -20,7 +20,7 @@ from unitgen.inunit.gpuneed import NeedSource
 from unitgen.inunit.memrecord import read_measured
 from unitgen.inunit.nvml import Gpu, GpuUnavailableError, read_gpus
 from unitgen.inunit.poolfile import PoolTerms
-from unitgen.inunit.poolturn import Units
+from unitgen.inunit.poolread import Units
 from unitgen.ops.findings import Finding
 from unitgen.ops.pipeline import Planned
 from unitgen.plan.memneed import memory_need
@@ -168,9 +168,7 @@ class PoolFeature(Feature):
         instance deployed later under its name has no past."""
         if inst.rec.pool is None:
             return [], []
-        runtime = self.binding.runtime_dir()
-        for leftover in (runtime / f"{inst.name}.json", runtime / f"{inst.name}.yield"):
-            leftover.unlink(missing_ok=True)
+        (self.binding.runtime_dir() / f"{inst.name}.json").unlink(missing_ok=True)
         path = self.binding.pool_file(inst.name)
         if not path.exists():
             return [], []

@@ -16,8 +16,8 @@ from unitgen.inunit.memrecord import read_measured
 from unitgen.inunit.nvml import Gpu, gib
 from unitgen.inunit.poolfile import PoolFile, PoolMember, PoolTerms
 from unitgen.inunit.poolpolicy import Load
+from unitgen.inunit.poolread import Units, member_states
 from unitgen.inunit.poolstate import ram_budget, read_runtime
-from unitgen.inunit.poolturn import Units, member_states
 
 __all__ = ["MemberRow", "PoolView", "Sources", "doctor_lines", "pool_view", "view_lines"]
 
@@ -98,7 +98,8 @@ def pool_view(members: Mapping[str, tuple[tuple[str, ...], PoolTerms]], src: Sou
     for s in states:
         rt, u = runtimes[s.name], units[s.name]
         word = s.state.value
-        if rt.waiting_since and u.proxy == "activating":
+        # its proxy waits for room: the first turn (activating), or asleep and asked again
+        if rt.waiting_since and u.proxy in ("activating", "active") and s.state != Load.LOADED:
             word = "waiting"
         for uuid in s.gpus:
             g = by_uuid.get(uuid)

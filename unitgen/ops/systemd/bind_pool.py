@@ -10,7 +10,7 @@ from pathlib import Path
 
 from unitgen.features.base import Writes
 from unitgen.inunit.cgroupowner import manager_of_scope
-from unitgen.inunit.poolturn import Units
+from unitgen.inunit.poolread import Units
 from unitgen.ops.files import apply_changes
 from unitgen.ops.systemd.session import Session
 from unitgen.targets.systemd.installed import config_dir
