@@ -5,6 +5,7 @@ the deploy check. The turn itself runs on a real manager: tests/live/test_pool_l
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,22 @@ def test_deploy_check_weighs_the_run_against_this_hosts_gpus(tmp_path, fake_nvml
     assert [(Path(p.file).name, p.key) for p in problems] == [("late.toml", "args")]
     assert "but the always-on fixed (" in problems[0].message
     assert "it could never load" in problems[0].message
+
+
+def test_a_start_the_pool_weighed_just_now_skips_the_gpu_wait(tmp_path, fake_nvml, capsys):
+    from unitgen.inunit.poolstart import FRESH, checked_just_now, main  # noqa: PLC0415
+
+    stamp = tmp_path / "a.start"
+    stamp.write_text(f"{time.monotonic()}\n")
+    assert checked_just_now(str(stamp))
+    assert not checked_just_now(str(stamp), now=time.monotonic() + FRESH + 1)
+    assert not checked_just_now(str(tmp_path / "none"))
+    # the pool's own start: no NVML read at all (here NVML says a dead process holds memory)
+    fake_nvml(eight_gpus(processes={0: [{"pid": 2**22 + 5, "used": GIB}]}))
+    assert main(["--checked", str(stamp), "--", "--instance", "a", "--gpus", uuid(0),
+                 "--timeout", "1s", "--interval", "100ms"]) == 0
+    assert "skipped: the pool's turn weighed its GPUs just now" in capsys.readouterr().err
+    stamp.write_text(f"{time.monotonic() - FRESH - 1}\n")  # any other start waits as ever
+    assert main(["--checked", str(stamp), "--", "--instance", "a", "--gpus", uuid(0),
+                 "--timeout", "1s", "--interval", "100ms"]) == 1
+    assert "not released after 1s" in capsys.readouterr().err

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import threading
 import time
@@ -36,7 +37,7 @@ from unitgen.inunit.swapctl import Systemctl, log, notify
 if TYPE_CHECKING:
     from unitgen.inunit.poolturn import Locks
 
-__all__ = ["PoolKeeper", "refuse_queued"]
+__all__ = ["PoolKeeper", "on_yield", "refuse_queued"]
 
 # A proxy whose server was stopped to make room stays for its next request, at
 # most this long without one (then the socket starts a new one when one comes).
@@ -187,6 +188,17 @@ class PoolKeeper:
             return None
         locks, wake = taken
         return list(locks.fds.values()), wake
+
+
+def on_yield(loop: asyncio.AbstractEventLoop, how: list[str], yielding: asyncio.Event) -> None:
+    """How another member asks this one to make room: SIGUSR1, sleep; SIGUSR2,
+    stop its server (``how`` gets the word, ``yielding`` is set)."""
+    def asked(word: str) -> None:
+        how.append(word)
+        yielding.set()
+
+    loop.add_signal_handler(signal.SIGUSR1, asked, "sleep")
+    loop.add_signal_handler(signal.SIGUSR2, asked, "stop")
 
 
 async def _in_thread(ns: argparse.Namespace, ctl: Systemctl,

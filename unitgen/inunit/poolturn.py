@@ -300,6 +300,10 @@ def take_pool_turn(ns: argparse.Namespace, ctl: Systemctl) -> tuple[Locks, bool]
 def _start_server(ns: argparse.Namespace, ctl: Systemctl, rt: Runtime) -> str:
     me = f"{ns.name}-backend.service"
     notify("GPU pool: loading")
+    # the stamp its server's GPU wait reads (unitgen.inunit.poolstart): weighed just now
+    with contextlib.suppress(OSError):
+        (Path(ns.state) / f"{ns.name}.start").write_text(f"{time.monotonic()}\n",
+                                                          encoding="utf-8")
     t0 = time.monotonic()
     done = ctl.run("start", me)
     if done.returncode != 0:

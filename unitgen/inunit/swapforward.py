@@ -16,7 +16,7 @@ import time
 
 from unitgen.inunit.httpframes import RequestGuard
 from unitgen.inunit.peer import foreign_peer
-from unitgen.inunit.poolmember import PoolKeeper
+from unitgen.inunit.poolmember import PoolKeeper, on_yield
 from unitgen.inunit.swapctl import Systemctl, log, notify
 from unitgen.inunit.swapdrain import Conn, DrainLedger, DrainPolicy
 from unitgen.timespan import format_seconds
@@ -322,23 +322,20 @@ async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fds: list
     how: list[str] = []  # how the member was asked to yield: "sleep" or "stop"
     loop.add_signal_handler(signal.SIGTERM, term.set)
     loop.add_signal_handler(signal.SIGINT, term.set)
-
-    def asked(word: str) -> None:
-        how.append(word)
-        yielding.set()
-
     if ns.pool:
-        loop.add_signal_handler(signal.SIGUSR1, asked, "sleep")
-        loop.add_signal_handler(signal.SIGUSR2, asked, "stop")
+        on_yield(loop, how, yielding)
     if termed:  # SIGTERM came before the loop's own handler was in place
         term.set()
+    uid = None
     while True:
         fw = Forwarder(ns, listener, ctl)
+        fw.server_uid = uid  # its server's uid as last seen (asked again on a mismatch)
         if fw.pool is not None and wake:
             await fw.pool.wake(fw)
         left = await _turn(fw, lock_fds, term, yielding, how)
         if not left:
             return 1 if fw.failed else 0
+        uid = fw.server_uid
         assert fw.pool is not None  # noqa: S101 - only a pool member stays
         yielding.clear()
         how.clear()

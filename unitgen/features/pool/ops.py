@@ -168,7 +168,8 @@ class PoolFeature(Feature):
         instance deployed later under its name has no past."""
         if inst.rec.pool is None:
             return [], []
-        (self.binding.runtime_dir() / f"{inst.name}.json").unlink(missing_ok=True)
+        for leftover in (f"{inst.name}.json", f"{inst.name}.start"):
+            (self.binding.runtime_dir() / leftover).unlink(missing_ok=True)
         path = self.binding.pool_file(inst.name)
         if not path.exists():
             return [], []

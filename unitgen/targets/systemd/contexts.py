@@ -205,8 +205,13 @@ def pool_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
     devices: list[str] = []
     if ctx.scope == "system" and placement.minors is not None:
         devices = [*NVIDIA_CONTROL_NODES, *(f"/dev/nvidia{m}" for m in placement.minors)]
+    gpu_wait = [ctx.python, "-P", "-m", "unitgen.inunit.poolstart", "--checked",
+                f"{RUNTIME_DIR}/unitgen-pool/{spec.name}.start", "--", "--instance", spec.name,
+                "--gpus", ",".join(placement.uuids), "--timeout", format_seconds(GPU_WAIT_TIMEOUT)]
     return {
         "proxy_cmd": cmd,
+        # a start of its turn was weighed under the GPUs' locks: no second wait
+        "gpu_wait": gpu_wait,
         "probe_public": probe_cmd(ctx, replace(inst, health_timeout=wait),
                                    inst.public.probe_target(), "public"),
         "swap_start_timeout": format_seconds(wait + START_MARGIN),
