@@ -220,8 +220,10 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
                ("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
         args = gpu_defaults(backend, args, len(gpus.uuids))
     args = served_names(spec, backend, args)
-    pool = pool_terms(spec, problem)
-    args, env = with_sleep_flags(spec, args, env)
+    # a member without placed GPUs (not placeable here) is planned as no member
+    pool = pool_terms(spec, problem) if gpus is not None else None
+    if pool is not None:
+        args, env = with_sleep_flags(spec, args, env)
     argv = _argv(spec, backend, args, private, problem)
     if argv and (not argv[0] or argv[0][0] in "-@:+!" or ("/" in argv[0] and argv[0][0] != "/")):
         # Checked on the filled argv: a {model} in command[0] could otherwise smuggle
