@@ -227,6 +227,10 @@ def pool_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "pool_devices": devices,
         # asleep, the server runs on without its proxy: nothing must stop it as unneeded
         "idle_stop": False,
+        # it starts and stops units, as a swap group's proxy: root at system scope
+        # (without capabilities but the one to reach the server's socket)
+        "proxy_user": "", "proxy_group": "", "proxy_dynamic": False,
+        "proxy_reaches_socket_file": inst.private.kind == "unix",
     }
 
 
