@@ -254,8 +254,7 @@ def doctor(name: str | None, unit: str | None, port: int | None, path: str, as_j
 @JSON
 @_target_options
 def gpus(as_json: bool, chosen: Chosen) -> int:
-    """GPUs, their memory and processes, which instance each process belongs to,
-    and each GPU pool's members."""
+    """GPUs, their memory, processes and instances, and each GPU pool's members."""
     return emit(chosen.ops().gpus(), as_json=as_json)
 
 
