@@ -156,11 +156,21 @@ def test_two_members_side_by_side_and_a_third_evicts_the_least_recently_used(poo
 
 
 def test_a_member_that_cannot_fit_even_alone_is_refused_at_deploy(pool):
-    done = pool.cli("deploy", "--user", str(pool.member("big", gib=30,
-                                                        extra='gpu_memory = "90GiB"\n')))
+    # a 90 GiB GGUF (sparse: no disk taken) whose header does not say its shape:
+    # its estimate is the file's size x 1.25, on an 80 GiB GPU
+    model = pool.tmp / "huge.gguf"
+    with model.open("wb") as fh:
+        fh.truncate(90 * GIB)
+    pool.member("big", gib=1)  # writes the stand-in's executable
+    spec = write_spec(pool.tmp, "big", (
+        f'name = "big"\nbackend = "llama-server"\nmodel = "{model}"\n'
+        f'executable = "{pool.tmp / "gpu-standin"}"\nactivation = "on-demand"\ngpus = [0]\n'
+        f"port = {run_ports('big')[0]}\n"))
+    done = pool.cli("deploy", "--user", str(spec))
     assert done.returncode == 2, done.stdout + done.stderr
-    # placement says it first (80 GiB in all, 79.5 GiB free of anything but the pool)
-    assert "big.toml: gpu_memory: needs 90.0 GiB but GPU 0" in done.stderr, done.stderr
+    assert "big.toml: gpus: needs 112.5 GiB on GPU " in done.stderr, done.stderr
+    assert "(estimate: GGUF 90.0 GiB x 1.25" in done.stderr
+    assert "it cannot run even alone" in done.stderr
     assert not (pool.box.unit_dir / "big.socket").exists()
 
 
