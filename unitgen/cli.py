@@ -252,11 +252,10 @@ def doctor(name: str | None, unit: str | None, port: int | None, path: str, as_j
 
 @cli.command()
 @JSON
-def gpus(as_json: bool) -> int:
-    """GPUs, their memory and processes, and which instance each process belongs to."""
-    from unitgen.ops.gpus import gpus_report  # noqa: PLC0415
-
-    return emit(gpus_report(), as_json=as_json)
+@_target_options
+def gpus(as_json: bool, chosen: Chosen) -> int:
+    """GPUs, their memory, processes and instances, and each GPU pool's members."""
+    return emit(chosen.ops().gpus(), as_json=as_json)
 
 
 def _add_target_commands() -> None:

@@ -69,7 +69,8 @@ def test_gpu_instance_status_stop_and_late_free(sandbox, tmp_path):
 
 def test_second_instance_on_a_claimed_gpu_is_refused(sandbox, tmp_path):
     scenario = write_scenario(tmp_path / "nvml.json", eight_gpus())
-    extra = 'gpus = [0]\nactivation = "on-demand"\n'
+    # out of the GPU pool: claims are conflicts (in a pool they share by memory)
+    extra = 'gpus = [0]\nactivation = "on-demand"\ngpu_pool = false\n'
     a = write_spec(tmp_path, "ga", custom_spec("ga", extra=extra))
     b = write_spec(tmp_path, "gb", custom_spec("gb", extra=extra))
     try:

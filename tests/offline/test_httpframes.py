@@ -122,3 +122,53 @@ def test_what_is_not_a_request_it_can_delimit_is_lost(stream):
     frames = RequestFrames()
     frames.feed(stream)
     assert frames.lost
+
+
+# --- the guard of a GPU pool member's public port (issue 27) ----------------
+
+SLEEPS = ("/sleep", "/wake_up", "/is_sleeping", "/release_memory_occupation")
+ASK = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n{\"model\": \"m-a\"}\n"
+CHUNKED_ASK = (b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"b\r\nPOST /sleep\r\n0\r\n\r\n")
+
+
+def guard(parts: list[bytes]) -> tuple[bytes, bool]:
+    from unitgen.inunit.httpframes import RequestGuard  # noqa: PLC0415
+
+    g = RequestGuard(SLEEPS)
+    out = b""
+    for part in parts:
+        data, refused = g.feed(part)
+        out += data
+        if refused:
+            return out, True
+    return out, False
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(ASK + CHUNKED_ASK + ASK)), max_size=8))
+def test_the_guard_passes_requests_for_the_model_whole_however_split(cuts):
+    whole = ASK + CHUNKED_ASK + ASK  # "/sleep" inside a body is no request for it
+    bounds = sorted({0, len(whole), *cuts})
+    assert guard([whole[a:b] for a, b in itertools.pairwise(bounds)]) == (whole, False)
+
+
+@pytest.mark.parametrize("target", [
+    b"/sleep?level=1", b"/%73leep?level=1", b"/%2573leep", b"//sleep", b"/sleep/", b"/SLEEP",
+    b"/v1/../wake_up", b"/./is_sleeping", b"http://x/sleep?level=1", b"/release_memory_occupation",
+])
+def test_the_guard_stops_a_request_for_a_sleep_path_however_spelled(target):
+    head = b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    # alone, split in its head, or pipelined after a whole request: nothing of it goes on
+    assert guard([head]) == (b"", True)
+    assert guard([head[:7], head[7:]]) == (b"", True)
+    assert guard([ASK + head]) == (ASK, True)
+    assert guard([ASK[:-3], ASK[-3:] + head + ASK]) == (ASK, True)
+
+
+def test_the_guard_passes_nearby_paths_and_stops_what_it_cannot_follow():
+    for path in (b"/sleeping", b"/v1/sleep", b"/wake"):
+        ask = b"GET " + path + b" HTTP/1.1\r\n\r\n"
+        assert guard([ask]) == (ask, False)
+    bad = b"POST /v1/x HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\nPOST /sleep HTTP/1.1\r\n\r\n"
+    assert guard([bad])[1] is True  # it could hide the next head from the guard
+    assert guard([b"\x16\x03\x01 not http\r\n\r\n"])[1] is True

@@ -427,7 +427,7 @@ def test_the_list_finder_sees_every_spelling():
 
 # Words that name a feature or what only a feature knows (issue 26): a target's
 # deploy adapter and the transaction sequence no feature's steps by name.
-FEATURE_WORDS = ("gateway", "swap", "container", "podman", "haproxy", "image")
+FEATURE_WORDS = ("gateway", "swap", "pool", "container", "podman", "haproxy", "image")
 ADAPTERS = sorted([*PKG.glob("ops/*/deploy.py"), PKG / "ops" / "transaction.py"])
 
 

@@ -16,6 +16,7 @@ from unitgen.features.gateway.plan import member_of
 from unitgen.features.swap.ops import SwapFeature, installed_groups
 from unitgen.features.swap.plan import RunTogether, SwapGroups, after_change, groups_of, turn_wait
 from unitgen.inunit.nvml import Gpu, GpuProcess
+from unitgen.inunit.swapctl import parse_show
 from unitgen.inunit.swapproxy import mates_from_conflicts
 from unitgen.ops.files import write_files
 from unitgen.ops.systemd.bind_swap import SystemdSwap
@@ -221,3 +222,18 @@ def test_the_gateway_waits_for_a_swap_member_as_long_as_its_proxy_does(tmp_path)
     assert member is not None
     assert deadline == format_seconds(member.wait)
     assert member.wait == turn_wait(7 * 60, 45) > 7 * 60 + 45
+
+
+def test_systemctl_show_of_several_units_is_read_per_block():
+    """systemctl prints a service's own properties (MainPID, Result) before the
+    unit's Id: read line by line after each Id, the next unit got them (a
+    stopped member seemed to run the other's pid, and its Result was the
+    other's)."""
+    text = ("MainPID=0\nResult=success\nId=b-backend.service\nActiveState=inactive\n\n"
+            "MainPID=123\nResult=exit-code\nId=a-backend.service\nActiveState=active\n")
+    shown = parse_show(text, ["b-backend.service", "a-backend.service"],
+                       ("ActiveState", "MainPID", "Result"))
+    assert shown == {"b-backend.service": {"ActiveState": "inactive", "MainPID": "0",
+                                           "Result": "success"},
+                     "a-backend.service": {"ActiveState": "active", "MainPID": "123",
+                                           "Result": "exit-code"}}

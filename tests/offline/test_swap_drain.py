@@ -245,7 +245,7 @@ async def _drain_scene() -> Scene:
     backend = await asyncio.start_server(_backend, "127.0.0.1", 0)
     port = backend.sockets[0].getsockname()[1]
     ns = argparse.Namespace(target=f"127.0.0.1:{port}", connect_timeout=5.0, name="t",
-                            group="g", connections_max=100)
+                            group="g", connections_max=100, pool="", what="swap group g")
     public = socket.create_server(("127.0.0.1", 0))
     public.setblocking(False)
     fw = Forwarder(ns, public, Systemctl("user"), FAST)

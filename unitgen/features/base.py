@@ -20,7 +20,7 @@ The hooks, in the order they run:
              (written with the run's units, all or nothing) -> reload_only
              (per changed instance) -> after (once every instance is up)
     remove:  before_remove (while every instance still runs) -> removed (per instance)
-    status:  status          doctor: doctor
+    status:  status          doctor: doctor          gpus: gpus
 """
 
 from __future__ import annotations
@@ -134,6 +134,11 @@ class Feature:
                states: Mapping[str, str]) -> tuple[dict[str, object], tuple[str, ...]]:
         """This feature's part of ``status`` (JSON data, lines); ``states``: each
         instance's state as the status table says it."""
+        return {}, ()
+
+    def gpus(self, installed: Mapping[str, InstalledLike]) -> tuple[dict[str, object],
+                                                                   tuple[str, ...]]:
+        """This feature's part of ``unitgen gpus`` (JSON data, lines)."""
         return {}, ()
 
     def doctor(self, installed: Mapping[str, InstalledLike], name: str,

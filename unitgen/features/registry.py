@@ -15,10 +15,11 @@ if TYPE_CHECKING:
 __all__ = ["FEATURES", "bind", "names"]
 
 # name -> "module:class" (a subclass of unitgen.features.base.Feature). The
-# order is the order hooks run in: swap groups rewrite their mates before a
-# gateway reroutes, and a container goes after both.
+# order is the order hooks run in: swap groups and GPU pools rewrite their
+# mates before a gateway reroutes, and a container goes after them.
 FEATURES = {
     "swap": "unitgen.features.swap.ops:SwapFeature",
+    "pool": "unitgen.features.pool.ops:PoolFeature",
     "gateway": "unitgen.features.gateway.ops:GatewayFeature",
     "container": "unitgen.features.container.ops:ContainerFeature",
 }

@@ -4,20 +4,26 @@ the middle of an answer (a streamed generation included), and a client that is
 still sending its request from one that sends nothing.
 
 Standard library only; it never changes a byte except, on request, by adding a
-``Connection: close`` header to a response head.
+``Connection: close`` header to a response head. :class:`RequestGuard` holds
+each request head back until it is complete and stops a connection at a
+request for a path its server must not be asked for through the public port.
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 from collections import deque
+from collections.abc import Iterable
+from urllib.parse import unquote
 
-__all__ = ["RequestFrames", "ResponseFrames"]
+__all__ = ["RequestFrames", "RequestGuard", "ResponseFrames", "path_of"]
 
 _MAX_HEAD = 64 * 1024
 _STATUS = re.compile(rb"^HTTP/1\.[01] (\d{3})")
 # method SP request-target SP HTTP-version (RFC 9112 section 3)
 _REQUEST_LINE = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z-]+) [^ \r\n]+ HTTP/1\.[01]\r?\n")
+_TARGET = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+ ([^ \r\n]+) HTTP/1\.[01]\r?\n")
 
 
 class ResponseFrames:
@@ -289,3 +295,71 @@ class RequestFrames:
         else:
             self._end()  # no body (RFC 9112 section 6.3, last rule for requests)
         return match.group(1)
+
+
+def path_of(target: str) -> str:
+    """The path a server may route a request target to, read as widely as any
+    server reads it: the path of an absolute URI, without query or fragment,
+    percent-decoded until nothing changes, dot segments and repeated or
+    trailing slashes removed, lower case. Refusing by this form refuses every
+    spelling of a path (and some that no server would route: no loss)."""
+    if "://" in target:
+        target = "/" + target.split("://", 1)[1].partition("/")[2]
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    while (decoded := unquote(path)) != path:
+        path = decoded
+    path = posixpath.normpath("/" + re.sub(r"/+", "/", path.replace("\\", "/")))
+    return re.sub(r"/+", "/", path).rstrip("/").lower() or "/"
+
+
+class RequestGuard:
+    """What a client may send through the public port: each request head is held
+    back until it is complete and passed on only when its path is not refused
+    (a GPU pool member's sleep endpoints are unitgen's own, not a client's).
+    Bodies pass as they come. A request it cannot follow (not HTTP/1.x, a
+    length it cannot read) ends the connection too: it could hide the next
+    request's head from this guard, not from the server."""
+
+    def __init__(self, refused: Iterable[str]) -> None:
+        self.refused = frozenset(path_of(p) for p in refused)
+        self.frames = RequestFrames()
+        self._held = bytearray()
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """Client bytes in; the bytes to forward now, and True when the
+        connection must end at this point (nothing after is forwarded)."""
+        buf = self._held + data
+        self._held = bytearray()
+        out = bytearray()
+        pos = 0
+        frames = self.frames
+        while pos < len(buf):
+            if frames.lost:
+                return bytes(out), True
+            if frames._state in ("none", "head"):
+                end = _head_end(buf[pos:])
+                if end < 0:
+                    if len(buf) - pos > _MAX_HEAD:
+                        return bytes(out), True
+                    self._held = buf[pos:]
+                    return bytes(out), False
+                head = bytes(buf[pos:pos + end])
+                if self._refuses(head):
+                    return bytes(out), True
+                step = end
+            elif frames._state in ("body", "chunk-data", "chunk-crlf"):
+                step = min(frames._left, len(buf) - pos)
+            else:  # chunk-size, trailers: one line at a time
+                nl = buf.find(b"\n", pos)
+                step = len(buf) - pos if nl < 0 else nl + 1 - pos
+            frames.feed(bytes(buf[pos:pos + step]))
+            out += buf[pos:pos + step]
+            pos += step
+        return bytes(out), frames.lost
+
+    def _refuses(self, head: bytes) -> bool:
+        head = head.lstrip(b"\r\n")
+        if not head:
+            return False  # empty lines between requests
+        match = _TARGET.match(head)
+        return match is None or path_of(match.group(1).decode("latin-1")) in self.refused

@@ -32,10 +32,10 @@ from pathlib import Path
 from unitgen.inunit.cgroupowner import instance_of_pid
 from unitgen.inunit.nvml import Gpu, GpuUnavailableError, gib, read_gpus
 
-__all__ = ["FORMAT", "Measured", "main", "measure", "read_measured", "record_path",
+__all__ = ["MEASURED_FORMAT", "Measured", "main", "measure", "read_measured", "record_path",
            "write_measured"]
 
-FORMAT = 1  # the record's "format": a reader ignores any other
+MEASURED_FORMAT = 1  # the record's "format": a reader ignores any other
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,47}")  # an instance name (spec.keys)
 
 
@@ -65,7 +65,7 @@ def write_measured(state_dir: Path, m: Measured) -> Path:
     """Write the record atomically (a temporary file renamed over the old one)."""
     path = record_path(state_dir, m.instance)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": FORMAT, "instance": m.instance, "at": m.at,
+    data = {"format": MEASURED_FORMAT, "instance": m.instance, "at": m.at,
             "fingerprint": m.fingerprint, "gpus": dict(m.per_gpu)}
     fd, tmp = tempfile.mkstemp(prefix=f".{m.instance}.", dir=path.parent)
     try:
@@ -89,7 +89,7 @@ def read_measured(state_dir: Path, instance: str, fingerprint: str) -> Measured 
     except (OSError, ValueError):
         return None
     try:
-        if (data["format"] != FORMAT or data["instance"] != instance
+        if (data["format"] != MEASURED_FORMAT or data["instance"] != instance
                 or data["fingerprint"] != fingerprint):
             return None
         per_gpu = tuple(sorted((str(u), int(b)) for u, b in data["gpus"].items()))

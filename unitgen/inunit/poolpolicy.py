@@ -92,6 +92,7 @@ class MemberState:
     asleep_held: int = 0  # GPU memory it keeps on each GPU while asleep (its CUDA context)
     idle_stop: float | None = None  # idle this long: stopped, not put to sleep
     held: Mapping[str, int] | None = None  # what NVML saw it hold per GPU; None: from state
+    min_turn: float | None = None  # its own minimum turn (None: the rules')
 
     def holds(self, gpu: str, total: int) -> int:
         """Bytes it holds on ``gpu`` now: measured if known, else from its state."""
@@ -257,10 +258,14 @@ def _never_fits(want: MemberState, others: Sequence[MemberState],
     return ""
 
 
+def _min_turn(m: MemberState, rules: TurnRules) -> float:
+    return rules.min_turn if m.min_turn is None else min(m.min_turn, MAX_MIN_TURN)
+
+
 def _evictable(m: MemberState, now: float, rules: TurnRules) -> bool:
     if m.state == Load.ASLEEP:
         return True
-    return m.state == Load.LOADED and now - m.loaded_at >= rules.min_turn
+    return m.state == Load.LOADED and now - m.loaded_at >= _min_turn(m, rules)
 
 
 def _choose(room: _Room, candidates: list[MemberState]) -> list[MemberState]:
@@ -334,7 +339,7 @@ def _wait(want: MemberState, others: Sequence[MemberState], now: float,
     for m in blocking:
         if m.state == Load.LOADED:
             parts.append(f"{m.name}'s minimum turn ends in "
-                         f"{max(0.0, m.loaded_at + rules.min_turn - now):.0f} s")
+                         f"{max(0.0, m.loaded_at + _min_turn(m, rules) - now):.0f} s")
         else:
             parts.append(f"{m.name} is {m.state.value}")
     return Decision(Verdict.WAIT, wait_for=tuple(m.name for m in blocking),

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 
-__all__ = ["Systemctl", "log", "notify"]
+__all__ = ["Systemctl", "log", "notify", "parse_show", "uid_of"]
 
 
 def log(message: str) -> None:
@@ -51,18 +51,35 @@ class Systemctl:
         return subprocess.Popen([*self.base, "show", unit, "-pConflicts", "--value"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
+    def popen_show(self, units: list[str], *props: str) -> subprocess.Popen[str]:
+        """``systemctl show`` of several units, started (read with :func:`parse_show`)."""
+        return subprocess.Popen([*self.base, "show", *units, "-pId", *(f"-p{p}" for p in props)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.base, *args], capture_output=True, text=True, check=False)
 
     def show(self, units: list[str], *props: str) -> dict[str, dict[str, str]]:
         """Properties of several units in one call: unit -> property -> value."""
         done = self.run("show", *units, "-pId", *(f"-p{p}" for p in props))
-        out = {u: dict.fromkeys(props, "") for u in units}
-        current: dict[str, str] = {}
-        for line in done.stdout.splitlines():
-            key, _, value = line.partition("=")
-            if key == "Id":
-                current = out.setdefault(value, dict.fromkeys(props, ""))
-            elif key in props:
-                current[key] = value
-        return out
+        return parse_show(done.stdout, units, props)
+
+
+def parse_show(text: str, units: list[str], props: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """``systemctl show`` of several units: one block per unit, blocks apart by
+    an empty line, each in the manager's order of properties (a service's
+    ``MainPID`` and ``Result`` come before the unit's ``Id``)."""
+    out = {u: dict.fromkeys(props, "") for u in units}
+    for block in text.split("\n\n"):
+        values = dict(line.partition("=")[::2] for line in block.splitlines() if line)
+        if values.get("Id"):
+            shown = out.setdefault(values["Id"], dict.fromkeys(props, ""))
+            shown.update((k, v) for k, v in values.items() if k in props)
+    return out
+
+
+def uid_of(state: dict[str, str]) -> int:
+    """The uid a unit's server runs as: systemd's ``UID`` of its unit (a dynamic
+    user's too), or, where the unit sets none, the manager's own (root, or the user)."""
+    uid = state.get("UID", "")
+    return int(uid) if uid.isdigit() else os.getuid()

@@ -14,20 +14,15 @@ import signal
 import socket
 import time
 
+from unitgen.inunit.httpframes import RequestGuard
 from unitgen.inunit.peer import foreign_peer
+from unitgen.inunit.poolmember import PoolKeeper, on_yield
 from unitgen.inunit.relay import open_unix
-from unitgen.inunit.swapctl import Systemctl, log, notify
+from unitgen.inunit.swapctl import Systemctl, log, notify, uid_of
 from unitgen.inunit.swapdrain import Conn, DrainLedger, DrainPolicy
 from unitgen.timespan import format_seconds
 
 __all__ = ["Forwarder", "forward"]
-
-
-def _uid_of(state: dict[str, str]) -> int:
-    """The uid the server runs as: systemd's ``UID`` of its unit (a dynamic user's
-    too), or, where the unit sets none, the manager's own (root, or the user)."""
-    uid = state.get("UID", "")
-    return int(uid) if uid.isdigit() else os.getuid()
 
 
 class Forwarder:
@@ -46,6 +41,9 @@ class Forwarder:
         self.failed = False
         self.last_activity = time.monotonic()
         self.server_uid: int | None = None  # the running server's uid (peer check)
+        self.server_pid = 0  # the running server's main pid (a pool member puts it to sleep)
+        # a GPU pool member's: its runtime kept, the sleep paths refused
+        self.pool = PoolKeeper(ns) if ns.pool else None
 
     async def _server_state(self) -> dict[str, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -75,7 +73,8 @@ class Forwarder:
                 pidfd = os.pidfd_open(pid)
             except OSError:
                 continue
-            self.server_uid = _uid_of(state)
+            self.server_uid = uid_of(state)
+            self.server_pid = pid
             self.ready.set()
             exited = asyncio.Event()
             loop.add_reader(pidfd, exited.set)
@@ -86,13 +85,13 @@ class Forwarder:
                 os.close(pidfd)
             self.ready.clear()
             log(f"the server (pid {pid}) exited; holding new connections until it is back")
-            notify(f"server exited; waiting for its restart (swap group {self.ns.group})")
+            notify(f"server exited; waiting for its restart ({self.ns.what})")
 
     async def _expected_uid(self) -> int | None:
         if self.server_uid is None:
             state = await self._server_state()
             active = state.get("ActiveState") == "active" and int(state.get("MainPID") or 0)
-            self.server_uid = _uid_of(state) if active else None
+            self.server_uid = uid_of(state) if active else None
         return self.server_uid
 
     async def connect_backend(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -141,18 +140,28 @@ class Forwarder:
             writers.append(bw)
             cr, cw = await asyncio.open_connection(sock=client)
             writers.append(cw)
-            await asyncio.gather(self.up(cr, bw, conn), self.down(br, cw, conn))
+            guard = self.pool.guard() if self.pool is not None else None
+            await asyncio.gather(self.up(cr, bw, conn, guard, cw), self.down(br, cw, conn))
         finally:
             for w in writers:
                 w.close()
             if len(writers) < 2:  # closed by the drain before its stream was opened
                 client.close()
             self.last_activity = time.monotonic()
+            if self.pool is not None:  # (a finished task leaves conns a moment later)
+                self.pool.used(sum(not t.done() for t in self.conns) - 1)
 
-    async def up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, conn: Conn) -> None:
-        """Client to server."""
+    async def up(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, conn: Conn,
+                 guard: RequestGuard | None = None,
+                 client: asyncio.StreamWriter | None = None) -> None:
+        """Client to server (through ``guard``, when there is one)."""
         try:
             while data := await r.read(65536):
+                if guard is not None and client is not None:
+                    data, refused = guard.feed(data)
+                    if refused:
+                        await self._refuse(data, w, conn, client)
+                        return
                 conn.saw_request(data, time.monotonic())
                 w.write(data)
                 await w.drain()
@@ -160,6 +169,24 @@ class Forwarder:
                 w.write_eof()
         except OSError:
             w.close()
+
+    async def _refuse(self, data: bytes, w: asyncio.StreamWriter, conn: Conn,
+                      client: asyncio.StreamWriter) -> None:
+        """A request the public port does not take: what came before it goes on;
+        it gets 404 when nothing is still being answered, else the connection ends."""
+        conn.saw_request(data, time.monotonic())
+        w.write(data)
+        await w.drain()
+        log("refused a request for one of the server's own endpoints (sleep, wake) "
+            "on the public port")
+        if conn.requests.completed == conn.answered:
+            body = b'{"detail":"Not Found"}'
+            client.write(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            with contextlib.suppress(OSError):
+                await client.drain()
+        client.close()
+        w.close()
 
     async def down(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, conn: Conn) -> None:
         """Server to client; while draining, ask the client to close after each
@@ -182,6 +209,8 @@ class Forwarder:
         self.ledger.join(conn, time.monotonic())
         task = asyncio.get_running_loop().create_task(self.handle(client, conn))
         self.conns[task] = conn
+        if self.pool is not None:
+            self.pool.used(sum(not t.done() for t in self.conns))
         task.add_done_callback(lambda t: self.conns.pop(t, None))
 
     async def drain(self) -> None:
@@ -195,19 +224,31 @@ class Forwarder:
             await asyncio.sleep(0.1)
 
     async def accept_loop(self) -> None:
+        """Accept while serving. Never ``loop.sock_accept``: cancelled (the drain
+        begins) just as a connection came, it accepts that connection and then
+        drops it (CPython 3.11: InvalidStateError in its callback, the client
+        reset; seen under alternating load). Accepting happens between awaits
+        here, so a cancel never falls inside one."""
         loop = asyncio.get_running_loop()
-        while not self.stopping.is_set():
-            while len(self.conns) >= self.ns.connections_max:
-                await asyncio.sleep(0.05)
-            await self.ready.wait()
-            client, _ = await loop.sock_accept(self.listener)
-            self.last_activity = time.monotonic()
-            self.start(client)
+        readable = asyncio.Event()
+        loop.add_reader(self.listener.fileno(), readable.set)
+        try:
+            while not self.stopping.is_set():
+                while len(self.conns) >= self.ns.connections_max:
+                    await asyncio.sleep(0.05)
+                await self.ready.wait()
+                await readable.wait()
+                readable.clear()
+                if self.sweep(self.ns.connections_max - len(self.conns)):
+                    self.last_activity = time.monotonic()
+        finally:
+            loop.remove_reader(self.listener.fileno())
 
-    def sweep(self) -> int:
-        """Accept what already waits in the socket's queue (non-blocking)."""
+    def sweep(self, most: int = 1 << 30) -> int:
+        """Accept what already waits in the socket's queue (non-blocking), at
+        most ``most`` connections."""
         taken = 0
-        while True:
+        while taken < most:
             try:
                 client, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -216,6 +257,7 @@ class Forwarder:
                 return taken
             self.start(client)
             taken += 1
+        return taken
 
     async def idle_watch(self) -> None:
         idle = self.ns.exit_idle_time
@@ -227,9 +269,10 @@ class Forwarder:
                 return
 
 
-async def _release_when_active(ctl: Systemctl, unit: str, lock_fd: int) -> None:
+async def _release_when_active(ctl: Systemctl, unit: str, lock_fds: list[int]) -> None:
     """Hold the turn until our unit is active (a minute at most): the connections
-    queued for it are ours, not the next member's. Then close the group's lock."""
+    queued for it are ours, not the next member's. Then close the group's lock
+    (a pool member's: its GPUs')."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         proc = await asyncio.create_subprocess_exec(
@@ -239,7 +282,8 @@ async def _release_when_active(ctl: Systemctl, unit: str, lock_fd: int) -> None:
         if out.decode().strip() != "activating":
             break
         await asyncio.sleep(0.05)
-    os.close(lock_fd)
+    for fd in lock_fds:
+        os.close(fd)
 
 
 async def _finish(fw: Forwarder, swept: int) -> None:
@@ -263,48 +307,88 @@ async def _finish(fw: Forwarder, swept: int) -> None:
         log(f"drained in {time.monotonic() - t0:.2f} s" + (f" ({closed})" if closed else ""))
 
 
-async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fd: int,
-                ctl: Systemctl, *, termed: list[int]) -> int:
-    """Forward until SIGTERM (drain) or idle exit."""
+async def _serve(ns: argparse.Namespace, listener: socket.socket, lock_fds: list[int],
+                ctl: Systemctl, *, termed: list[int], wake: bool) -> int:
+    """Forward until SIGTERM (drain) or idle exit. A GPU pool member asked to
+    yield by sleeping (SIGUSR1) or by stopping its server (SIGUSR2) drains the
+    same way, does so and stays: its next request takes a turn again in this
+    process (:meth:`unitgen.inunit.poolmember.PoolKeeper.asleep`)."""
     loop = asyncio.get_running_loop()
     listener.setblocking(False)
-    fw = Forwarder(ns, listener, ctl)
-    term = asyncio.Event()
+    term, yielding = asyncio.Event(), asyncio.Event()
+    how: list[str] = []  # how the member was asked to yield: "sleep" or "stop"
     loop.add_signal_handler(signal.SIGTERM, term.set)
     loop.add_signal_handler(signal.SIGINT, term.set)
+    if ns.pool:
+        on_yield(loop, how, yielding)
     if termed:  # SIGTERM came before the loop's own handler was in place
         term.set()
+    uid = None
+    while True:
+        fw = Forwarder(ns, listener, ctl)
+        fw.server_uid = uid  # its server's uid as last seen (asked again on a mismatch)
+        if fw.pool is not None and wake:
+            await fw.pool.wake(fw)
+        left = await _turn(fw, lock_fds, term, yielding, how)
+        if not left:
+            return 1 if fw.failed else 0
+        uid = fw.server_uid
+        assert fw.pool is not None  # noqa: S101 - only a pool member stays
+        yielding.clear()
+        how.clear()
+        taken = await fw.pool.asleep(fw, term, stopped=left == "stopped")
+        if taken is None:
+            return 0
+        lock_fds, wake = taken
+
+
+async def _turn(fw: Forwarder, lock_fds: list[int], term: asyncio.Event,
+                yielding: asyncio.Event, how: list[str]) -> str:
+    """Serve until asked to stop, to yield or idle; drain. A pool member that
+    yielded stays: "asleep" or "stopped" (its server; the listener stays ours)."""
+    ns, ctl, loop = fw.ns, fw.ctl, asyncio.get_running_loop()
     accepting = loop.create_task(fw.accept_loop())
     watching = loop.create_task(fw.watch_server())
-    watchers: list[asyncio.Task[object]] = [loop.create_task(term.wait())]
+    watchers: list[asyncio.Task[object]] = [loop.create_task(term.wait()),
+                                            loop.create_task(yielding.wait())]
     if ns.exit_idle_time:
         watchers.append(loop.create_task(fw.idle_watch()))
-    notify(f"serving (swap group {ns.group})")
-    releasing = loop.create_task(_release_when_active(ctl, f"{ns.name}.service", lock_fd))
+    notify(f"serving ({ns.what})")
+    releasing = loop.create_task(_release_when_active(ctl, f"{ns.name}.service", lock_fds))
     await asyncio.wait([*watchers, loop.create_task(fw.stopping.wait())],
                        return_when=asyncio.FIRST_COMPLETED)
+    stays = yielding.is_set() and not term.is_set() and not fw.failed
     fw.stopping.set()
     accepting.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await accepting
-    swept = fw.sweep() if term.is_set() else 0
+    swept = fw.sweep() if term.is_set() or stays else 0
     closing = loop.create_task(fw.drain())
-    # Only our copy of the socket closes: the socket unit keeps listening.
-    listener.close()
+    if not stays:
+        # Only our copy of the socket closes: the socket unit keeps listening.
+        fw.listener.close()
     await _finish(fw, swept)
-    if not term.is_set():
+    left = ""
+    if fw.pool is not None and (term.is_set() or stays):
+        left = await fw.pool.leave(fw, how=how[0] if stays else "")
+    elif not term.is_set():
         # idle (or the server is gone): unload the model; a stop job of this
         # unit does that itself (PartOf=), and must not be waited for from here
         ctl.run("stop", "--no-block", f"{ns.name}-backend.service")
     closing.cancel()
-    releasing.cancel()
+    if not releasing.done():
+        releasing.cancel()
+        for fd in lock_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
     watching.cancel()
     for w in watchers:
         w.cancel()
-    return 1 if fw.failed else 0
+    return left
 
 
-def forward(ns: argparse.Namespace, listener: socket.socket, lock_fd: int, ctl: Systemctl,
-            *, termed: list[int]) -> int:
-    """Forward until SIGTERM (then drain) or idle; the exit code of the proxy."""
-    return asyncio.run(_serve(ns, listener, lock_fd, ctl, termed=termed))
+def forward(ns: argparse.Namespace, listener: socket.socket, lock_fds: list[int],
+            ctl: Systemctl, *, termed: list[int], wake: bool = False) -> int:
+    """Forward until SIGTERM (then drain) or idle; the exit code of the proxy.
+    ``wake``: a GPU pool member's server is asleep: wake it first."""
+    return asyncio.run(_serve(ns, listener, lock_fds, ctl, termed=termed, wake=wake))

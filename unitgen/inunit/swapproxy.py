@@ -29,6 +29,10 @@ connections that are not being answered after a short grace (``DrainPolicy`` in
     python -I -m unitgen.inunit.swapproxy --name a --group gpu0 --lock PATH \\
         --scope user --drain 3min TARGET
 
+A GPU pool member's proxy (issue 27) takes its turn by memory instead
+(:mod:`unitgen.inunit.poolturn`): ``--pool FILE --state DIR --measured DIR``
+in place of ``--group`` and ``--lock``.
+
 Standard library only: it runs inside the unit.
 """
 
@@ -128,8 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: take the turn, forward, drain."""
     p = argparse.ArgumentParser(prog="python -m unitgen.inunit.swapproxy")
     p.add_argument("--name", required=True, help="instance name")
-    p.add_argument("--group", required=True, help="swap group name")
-    p.add_argument("--lock", required=True, help="the group's lock file")
+    p.add_argument("--group", default="", help="swap group name")
+    p.add_argument("--lock", default="", help="the group's lock file")
+    p.add_argument("--pool", default="", help="a GPU pool member's pool file")
+    p.add_argument("--state", default="", help="the GPU pool's runtime directory")
+    p.add_argument("--measured", default="", help="the manager's state directory")
     p.add_argument("--scope", choices=("system", "user"), default="system")
     p.add_argument("--drain", default="3min", help="how long to finish requests in flight")
     p.add_argument("--exit-idle-time", default="", help="exit after this long without connections")
@@ -140,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                    "any uid (a container's: its path is checked instead, never through a link)")
     p.add_argument("target", help="host:port or a Unix socket path")
     ns = p.parse_args(argv)
+    if not (ns.group and ns.lock) and not (ns.pool and ns.state):
+        p.error("give --group and --lock (a swap group), or --pool and --state (a GPU pool)")
+    ns.what = f"swap group {ns.group}" if ns.group else "GPU pool"
     ns.drain = parse_timespan(ns.drain)
     ns.exit_idle_time = parse_timespan(ns.exit_idle_time) if ns.exit_idle_time else 0.0
     ns.connect_timeout = parse_timespan(ns.connect_timeout)
@@ -154,18 +164,37 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, leave)
+    if ns.pool:
+        # only a pool member's proxy needs the policy and NVML: a swap group's
+        # turn does not pay for importing them. Before the thread below: two
+        # threads importing the same modules can see them half made
+        from unitgen.inunit.poolturn import take_pool_turn  # noqa: PLC0415
     # asyncio takes ~60 ms to import: do it while the turn is taken, not after
     threading.Thread(target=__import__, args=("unitgen.inunit.swapforward",), daemon=True).start()
     ctl = Systemctl(ns.scope)
-    fd = take_turn(ns, ctl)
-    if fd < 0:
-        return 1
+    wake = False
+    if ns.pool:
+        taken = take_pool_turn(ns, ctl)
+        if isinstance(taken, str):
+            log(f"cannot run: {taken}")
+            notify(f"cannot run: {taken}")
+            from unitgen.inunit.poolmember import refuse_queued  # noqa: PLC0415
+
+            refuse_queued(listener, taken)
+            return 1
+        locks, wake = taken
+        fds = list(locks.fds.values())
+    else:
+        fd = take_turn(ns, ctl)
+        if fd < 0:
+            return 1
+        fds = [fd]
     termed: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: termed.append(signum))
     # late on purpose (asyncio, see the thread above), not to break a circle: there is none
     from unitgen.inunit.swapforward import forward  # noqa: PLC0415
 
-    return forward(ns, listener, fd, ctl, termed=termed)
+    return forward(ns, listener, fds, ctl, termed=termed, wake=wake)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,13 @@ class TargetOps(Protocol):
         """Stop and delete exactly the files unitgen generated for ``names``."""
         ...
 
+    def gpus(self) -> Result:
+        """The GPUs, their memory and processes. By default NVML's view alone; a
+        target adds what its features say of the GPUs (a pool's members)."""
+        from unitgen.ops.gpus import gpus_report  # noqa: PLC0415 - NVML only when asked
+
+        return gpus_report()
+
     def doctor_unit(self, unit: str, port: int, path: str) -> Result:
         """Diagnose a unit unitgen did not write, whose health check probes
         ``port`` at ``path``. Optional: by default the target has none."""

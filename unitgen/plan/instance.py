@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from unitgen.errors import Problem, SpecError
+from unitgen.features.pool.plan import pool_terms, with_sleep_flags
+from unitgen.inunit.poolfile import PoolTerms
 from unitgen.plan.container import Container, ProblemSink, plan_container
 from unitgen.plan.gpus import Placement
 from unitgen.plan.serverargs import gpu_defaults, served_names
@@ -28,8 +30,8 @@ from unitgen.spec.ports import (
     resolve_listen,
 )
 
-__all__ = ["CONFIG_DIR", "RUNTIME_DIR", "Allocator", "Endpoint", "FixedAllocator", "Instance",
-           "resolve"]
+__all__ = ["CONFIG_DIR", "RUNTIME_DIR", "STATE_DIR", "Allocator", "Endpoint", "FixedAllocator",
+           "Instance", "resolve"]
 
 # Stands for the service manager's runtime directory inside argv words. A NUL
 # can never come from a spec (the spec parser refuses it), so it cannot collide.
@@ -37,6 +39,9 @@ RUNTIME_DIR = "\x00runtime\x00"
 # The manager's configuration directory (systemd: ``%E``, /etc or ~/.config), where
 # a gateway's HAProxy configuration lives: a token each target replaces.
 CONFIG_DIR = "\x00config\x00"
+# Its state directory (systemd: ``%S``, /var/lib or ~/.local/state), where a GPU
+# pool member's measured memory is kept across restarts.
+STATE_DIR = "\x00state\x00"
 
 
 def runtime_subdir(name: str) -> str:
@@ -90,6 +95,7 @@ class Instance:
     gpus: Placement | None = None
     gateway: Any = None  # a gateway's plan (unitgen.features.gateway.plan.GatewayPlan); None otherwise
     container: Container | None = None  # image = ...: the server runs in podman
+    pool: PoolTerms | None = None  # a GPU pool member's terms (features.pool.plan)
 
     @property
     def name(self) -> str:
@@ -214,6 +220,10 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
                ("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
         args = gpu_defaults(backend, args, len(gpus.uuids))
     args = served_names(spec, backend, args)
+    # a member without placed GPUs (not placeable here) is planned as no member
+    pool = pool_terms(spec, problem) if gpus is not None else None
+    if pool is not None:
+        args, env = with_sleep_flags(spec, args, env)
     argv = _argv(spec, backend, args, private, problem)
     if argv and (not argv[0] or argv[0][0] in "-@:+!" or ("/" in argv[0] and argv[0][0] != "/")):
         # Checked on the filled argv: a {model} in command[0] could otherwise smuggle
@@ -231,7 +241,7 @@ def resolve(spec: InstanceSpec, *, port: int | None = None, private_port: int | 
         argv=argv, env=env, secrets=secrets, probe_key_env=key_env,
         health_path=spec.health.path or backend.health_path, health_timeout=spec.health.timeout,
         notices=listen.notices + tuple(extra_notices) + (gpus.notices if gpus else ()),
-        gpus=gpus, container=container)
+        gpus=gpus, container=container, pool=pool)
 
 
 def _uses_unix(spec: InstanceSpec) -> bool:

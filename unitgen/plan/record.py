@@ -8,9 +8,9 @@ written from the planned instance and read back by :func:`parse_record`, the one
 reader (Quadlet's model: the structure that writes is the structure that reads).
 Nothing reads an installed file back by the wording of a template: the ports a
 socket holds, the private endpoint, the probe, the GPU claims, the gateway an
-instance joins, its swap group and its container are all fields here. The
-files stay the database (no second state file that could drift), and a field a
-feature adds needs no parser per target.
+instance joins, its swap group, its GPU pool terms and its container are all
+fields here. The files stay the database (no second state file that could
+drift), and a field a feature adds needs no parser per target.
 
 The line is JSON with every non-ASCII character escaped, so it is one line in
 any file format whose comments start with ``#`` (systemd units, supervisord's
@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from unitgen.features.gateway.plan import Member, member_of
+from unitgen.inunit.poolfile import PoolTerms
 from unitgen.plan.instance import RUNTIME_DIR, Instance
 
 __all__ = ["RECORD_PREFIX", "RUNTIME_TOKEN", "Record", "parse_record", "record_of"]
@@ -59,6 +60,7 @@ class Record:
     member: Member | None = None  # the gateway member it is
     container: str | None = None  # image = ...: its container's name
     image: str = ""
+    pool: PoolTerms | None = None  # a GPU pool member's terms
 
     @property
     def public_host(self) -> str:
@@ -97,7 +99,7 @@ class Record:
         for f in fields(self):
             value = getattr(self, f.name)
             if value != f.default or f.name == "name":
-                data[f.name] = asdict(value) if isinstance(value, Member) else value
+                data[f.name] = asdict(value) if isinstance(value, Member | PoolTerms) else value
         return RECORD_PREFIX + json.dumps(data, ensure_ascii=True, separators=(", ", ": "))
 
 
@@ -129,6 +131,7 @@ def record_of(inst: Instance) -> Record:
         member=member_of(inst),
         container=inst.container.name if inst.container is not None else None,
         image=inst.container.image if inst.container is not None else "",
+        pool=inst.pool,
     )
 
 
@@ -159,6 +162,8 @@ def _from_json(data: dict[str, Any]) -> Record | None:
     if values.get("member") is not None:
         m = dict(values["member"])
         values["member"] = Member(**{**m, "names": tuple(m["names"])})
+    if values.get("pool") is not None:
+        values["pool"] = PoolTerms(**values["pool"])
     rec = Record(**values)
     if not isinstance(rec.name, str) or not all(isinstance(p, int) for p in rec.ports):
         return None

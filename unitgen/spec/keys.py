@@ -235,8 +235,22 @@ KEYS: tuple[Key, ...] = (
     # Long enough for a long generation, short enough that a member that keeps
     # receiving requests cannot starve the others.
     Key("swap_drain", Kind.DURATION, "how long a member may finish what it serves before the "
-        "next member of its group loads", default=180.0, lo=1, hi=_DAY,
+        "next member of its swap group or GPU pool loads", default=180.0, lo=1, hi=_DAY,
         bounds_why="a member that keeps receiving requests must not hold the GPU for ever"),
+    Key("gpu_pool", Kind.BOOLEAN, "an on-demand instance with `gpus` shares them by memory "
+        "with the other on-demand instances there: loaded beside them while it fits, making "
+        "room when it must (docs/swap.md); `false`: its GPUs are its own",
+        default=True, activation=Activation.ON_DEMAND),
+    # Long enough that a load is not wasted on a request or two, short enough
+    # that a waiting member is not kept from its GPUs for long.
+    Key("pool_min_turn", Kind.DURATION, "a GPU pool member, once loaded, keeps its GPUs this "
+        "long before another member may make it yield", default=5.0, lo=0, hi=60.0,
+        activation=Activation.ON_DEMAND,
+        bounds_why="a longer turn keeps every waiting member from its GPUs that long"),
+    Key("pool_sleep", Kind.BOOLEAN, "a GPU pool member whose server can sleep (vLLM, SGLang) "
+        "is put to sleep instead of stopped when it makes room, host RAM allowing; its "
+        "server is started with the flags that allow it", default=True,
+        activation=Activation.ON_DEMAND),
     Key("hardening", Kind.BOOLEAN, "system scope: sandbox the server (docs/reliability.md lists "
         "the directives and what each opt-out costs)", default=True),
     Key("offline", Kind.BOOLEAN, "the server needs no network (a local model): "

@@ -100,6 +100,9 @@ class InstanceSpec:
     gpu_share: bool = default_of("gpu_share")
     swap_group: str | None = default_of("swap_group")
     swap_drain: float = default_of("swap_drain")
+    gpu_pool: bool = default_of("gpu_pool")  # on-demand with gpus: share them by memory
+    pool_min_turn: float = default_of("pool_min_turn")
+    pool_sleep: bool = default_of("pool_sleep")
     hardening: bool = default_of("hardening")  # system scope: sandbox the server
     offline: bool = default_of("offline")  # no network: PrivateNetwork= where it can
     gateway: str | None = default_of("gateway")  # the gateway that routes to it
@@ -256,13 +259,37 @@ def _rules(c: Checker, data: dict[str, Any], values: dict[str, Any]) -> None:
     if swap_group is not None and values.get("socket_activation"):
         c.add("swap_group", "is not available with socket_activation = true: a member drains "
                             "its requests through unitgen's proxy before it yields the GPU")
-    if "swap_drain" in data and "swap_group" not in data:
-        c.add("swap_drain", "needs swap_group: it bounds how long a member finishes its "
-                            "requests before another member of its group loads")
+    _pool_rules(c, data, values, activation)
     env_names = {k for k, _ in values.get("env") or ()}
     for i, var in enumerate(values.get("secret_env") or ()):
         if var not in env_names:
             c.add(f"secret_env[{i}]", f"names {var}, which is not set in env")
+
+
+def _pool_rules(c: Checker, data: dict[str, Any], values: dict[str, Any],
+                activation: str) -> None:
+    """Swap groups and GPU pools (docs/swap.md): an on-demand instance with GPUs
+    is a pool member unless it is in a swap group or says gpu_pool = false."""
+    pooled = (activation == "on-demand" and "gpus" in data and values.get("gpus") != 0
+              and "swap_group" not in data and values.get("gpu_pool") is not False
+              and not values.get("socket_activation"))
+    if "swap_drain" in data and "swap_group" not in data and not pooled:
+        c.add("swap_drain", "needs swap_group or a GPU pool (an on-demand instance with gpus): "
+                            "it bounds how long a member finishes its requests before another "
+                            "member loads")
+    for key in ("gpu_pool", "pool_min_turn", "pool_sleep"):
+        if key not in data:
+            continue
+        if activation != "on-demand":
+            c.add(key, "needs activation = \"on-demand\": GPU pool members are loaded when a "
+                       "request asks for them")
+        elif "gpus" not in data:
+            c.add(key, "needs gpus: a GPU pool is the on-demand instances on the same GPUs")
+        elif "swap_group" in data:
+            c.add(key, "is not for a swap group member: its group runs one member at a time")
+        elif key != "gpu_pool" and not pooled:
+            c.add(key, "has no effect: this instance is not in a GPU pool (gpu_pool = false "
+                       "or socket_activation = true)")
 
 
 def _build(source: str, values: dict[str, Any]) -> InstanceSpec:

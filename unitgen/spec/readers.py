@@ -160,7 +160,7 @@ def _read_duration(c: Checker, key: Key, value: object) -> float | None:
     except ValueError as exc:
         c.add(key.name, str(exc))
         return None
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and key.lo != 0):  # lo = 0: zero is a value of its own
         c.add(key.name, "must be longer than zero")
         return None
     why = check_bounds(key, seconds)

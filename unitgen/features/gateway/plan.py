@@ -180,6 +180,10 @@ def member_of(inst: Instance) -> Member | None:
     wait = inst.health_timeout + 30.0
     if spec.swap_group:
         wait = turn_wait(inst.health_timeout, spec.swap_drain)
+    elif inst.pool is not None:
+        # a pool member may wait for room: turns of others, each a minimum turn,
+        # a drain and a load (TurnRules.max_wait), then its own load
+        wait = turn_wait(inst.health_timeout + inst.pool.min_turn, spec.swap_drain)
     return Member(instance=spec.name,
                   address=f"{_bracket(probe_host(inst.public.host))}:{inst.public.port}",
                   names=(spec.name, *spec.aliases), max_concurrent=spec.max_concurrent,

@@ -8,6 +8,7 @@ from unitgen.features.container.ops import ContainerBinding
 from unitgen.features.container.podman import host_podman
 from unitgen.features.registry import bind
 from unitgen.ops.systemd.bind_gateway import SystemdGateway
+from unitgen.ops.systemd.bind_pool import SystemdPool
 from unitgen.ops.systemd.bind_swap import SystemdSwap
 from unitgen.ops.systemd.session import Session
 from unitgen.targets.systemd.contexts import RenderContext
@@ -18,5 +19,6 @@ __all__ = ["features"]
 def features(session: Session, ctx: RenderContext | None = None) -> list[Feature]:
     """Every feature, bound to the manager of ``session`` (containers: the podman
     the units run, as ``ctx`` says, this host's by default)."""
-    return bind({"swap": SystemdSwap(session), "gateway": SystemdGateway(session),
+    return bind({"swap": SystemdSwap(session), "pool": SystemdPool(session),
+                 "gateway": SystemdGateway(session),
                  "container": ContainerBinding(ctx.podman if ctx else host_podman())})

@@ -17,6 +17,7 @@ from unitgen.features.base import Feature
 from unitgen.inunit.cgroupowner import manager_of_scope
 from unitgen.inunit.nvml import Gpu, GpuUnavailableError, read_gpus
 from unitgen.inunit.probe import attempt
+from unitgen.ops.gpus import gpus_report
 from unitgen.ops.systemd.bindings import features
 from unitgen.ops.systemd.journal import last_lines
 from unitgen.ops.systemd.manager import UnitInfo, connect
@@ -313,6 +314,17 @@ def status(names: list[str], scope: str) -> Result:
     )
     return Result(data=data, lines=(tuple(ln.rstrip() for ln in shown) if rows
                                     else ("no instances",)) + more)
+
+
+def gpus_with_features(scope: str) -> Result:
+    """``unitgen gpus``: NVML's view, then what each feature says of the GPUs."""
+    session = Session(scope)
+    try:
+        installed = scan(unit_dir(scope))
+        sections = [f.gpus(installed) for f in features(session)]
+    finally:
+        session.close()
+    return gpus_report([s for s in sections if s != ({}, ())])
 
 
 def list_instances(scope: str) -> Result:

@@ -112,6 +112,13 @@ class SystemdOps(TargetOps):
 
         return doctor(name, self.scope)
 
+    def gpus(self) -> Result:
+        """NVML's view, and each GPU pool's members (their manager is asked only
+        when some are installed)."""
+        from unitgen.ops.systemd.status import gpus_with_features  # noqa: PLC0415
+
+        return gpus_with_features(self.scope)
+
     def doctor_unit(self, unit: str, port: int, path: str) -> Result:
         """Diagnose a unit unitgen did not write (GPUStack #2154's shape)."""
         from unitgen.ops.systemd.doctor import doctor_unit  # noqa: PLC0415

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from unitgen.features.swap.plan import turn_wait
 from unitgen.plan.container import needs_no_network
-from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
+from unitgen.plan.instance import CONFIG_DIR, RUNTIME_DIR, STATE_DIR, Instance, runtime_subdir
 from unitgen.targets.base import find_proxyd
 from unitgen.targets.podman import run_words
 from unitgen.timespan import format_seconds
 
 __all__ = ["START_MARGIN", "RenderContext", "confine_argv", "container_context", "gpu_context",
-           "hardening_context", "probe_cmd", "proxy_user_context", "swap_context", "watch_cmd"]
+           "hardening_context", "pool_context", "probe_cmd", "proxy_user_context",
+           "swap_context", "watch_cmd"]
 
 # A server starts its ExecStartPost probe at once; systemd's own start timeout is
 # the probe's deadline plus this margin, so the probe's one-line reason wins.
@@ -217,6 +218,55 @@ def swap_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         "probe_private": [*probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
                           "--interval", "50ms"],
         "swap_stop_timeout": format_seconds(spec.swap_drain + START_MARGIN),
+    }
+
+
+def pool_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
+    """The proxy of a GPU pool member (issue 27): the swap proxy again, taking its
+    turn on its GPUs by memory (docs/swap.md), and the measured record after ready."""
+    spec, terms, placement = inst.spec, inst.pool, inst.gpus
+    assert terms is not None and placement is not None and inst.private is not None  # noqa: S101
+    # the pool's bound (TurnRules.max_wait): turns of others, each a minimum turn,
+    # a drain and a load; the gateway waits for a pool member as long (one rule)
+    wait = turn_wait(inst.health_timeout + terms.min_turn, spec.swap_drain)
+    # -P, not -I, as for the GPU wait: PYTHONPATH is honoured (an NVML shim first)
+    cmd = [ctx.python, "-P", "-m", "unitgen.inunit.swapproxy", "--name", spec.name,
+           "--pool", f"{CONFIG_DIR}/unitgen/pool/{spec.name}.json",
+           "--state", f"{RUNTIME_DIR}/unitgen-pool", "--measured", STATE_DIR,
+           "--scope", ctx.scope, "--drain", format_seconds(spec.swap_drain),
+           f"--connections-max={spec.max_connections}"]
+    if spec.idle_stop is not None:
+        cmd.append(f"--exit-idle-time={format_seconds(spec.idle_stop)}")
+    cmd.append(inst.private.listen())
+    devices: list[str] = []
+    if ctx.scope == "system" and placement.minors is not None:
+        devices = [*NVIDIA_CONTROL_NODES, *(f"/dev/nvidia{m}" for m in placement.minors)]
+    gpu_wait = [ctx.python, "-P", "-m", "unitgen.inunit.poolstart", "--checked",
+                f"{RUNTIME_DIR}/unitgen-pool/{spec.name}.start", "--", "--instance", spec.name,
+                "--gpus", ",".join(placement.uuids), "--timeout", format_seconds(GPU_WAIT_TIMEOUT)]
+    return {
+        "proxy_cmd": cmd,
+        # a start of its turn was weighed under the GPUs' locks: no second wait
+        "gpu_wait": gpu_wait,
+        "probe_public": probe_cmd(ctx, replace(inst, health_timeout=wait),
+                                   inst.public.probe_target(), "public"),
+        "swap_start_timeout": format_seconds(wait + START_MARGIN),
+        # every turn that loads waits for this probe: a private endpoint is cheap to ask
+        "probe_private": [*probe_cmd(ctx, inst, inst.private.probe_target(), "private"),
+                          "--interval", "20ms"],
+        "swap_stop_timeout": format_seconds(spec.swap_drain + START_MARGIN),
+        # only a need the spec does not say is ever taken from a measurement
+        "memrecord": [] if terms.fixed else [
+            ctx.python, "-P", "-m", "unitgen.inunit.memrecord", "--instance", spec.name,
+            "--gpus", ",".join(placement.uuids), "--state-dir", STATE_DIR,
+            "--fingerprint", terms.fingerprint],
+        "pool_devices": devices,
+        # asleep, the server runs on without its proxy: nothing must stop it as unneeded
+        "idle_stop": False,
+        # it starts and stops units, as a swap group's proxy: root at system scope
+        # (without capabilities but the one to reach the server's socket)
+        "proxy_user": "", "proxy_group": "", "proxy_dynamic": False,
+        "proxy_reaches_socket_file": inst.private.kind == "unix",
     }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from unitgen.plan.instance import CONFIG_DIR, RUNTIME_DIR
+from unitgen.plan.instance import CONFIG_DIR, RUNTIME_DIR, STATE_DIR
 
 __all__ = [
     "comment_line",
@@ -55,18 +55,29 @@ def _c_escape(text: str, *, dollar: bool) -> str:
 def exec_word(word: str) -> str:
     """One argv element for ``ExecStart=``: reaches the program exactly as given.
 
-    The :data:`RUNTIME_DIR` token becomes ``%t`` (the manager's runtime directory),
-    :data:`CONFIG_DIR` ``%E`` (its configuration directory).
+    The plan's directory tokens become the manager's specifiers: :data:`RUNTIME_DIR`
+    ``%t`` (its runtime directory), :data:`CONFIG_DIR` ``%E`` (its configuration
+    directory), :data:`STATE_DIR` ``%S`` (its state directory).
     """
-    if "\x00" in word.replace(RUNTIME_DIR, "").replace(CONFIG_DIR, ""):
+    bare = word
+    for token in _TOKENS:
+        bare = bare.replace(token, "")
+    if "\x00" in bare:
         raise ValueError("a command-line word cannot contain a NUL character")
-    if RUNTIME_DIR not in word and CONFIG_DIR not in word and _SAFE_WORD.fullmatch(word):
+    if bare == word and _SAFE_WORD.fullmatch(word):
         return word
-    out = []
-    for i, piece in enumerate(word.split(CONFIG_DIR)):
-        out.append(("%E" if i else "") + "%t".join(_c_escape(p, dollar=True)
-                                                   for p in piece.split(RUNTIME_DIR)))
-    return '"' + "".join(out) + '"'
+    return '"' + _with_specifiers(word, list(_TOKENS.items())) + '"'
+
+
+_TOKENS = {CONFIG_DIR: "%E", RUNTIME_DIR: "%t", STATE_DIR: "%S"}
+
+
+def _with_specifiers(word: str, tokens: list[tuple[str, str]]) -> str:
+    """``word`` C-escaped, each token replaced by its specifier (never escaped)."""
+    if not tokens:
+        return _c_escape(word, dollar=True)
+    (token, spec), rest = tokens[0], tokens[1:]
+    return spec.join(_with_specifiers(p, rest) for p in word.split(token))
 
 
 def exec_line(argv: tuple[str, ...] | list[str]) -> str:

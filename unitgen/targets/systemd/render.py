@@ -35,6 +35,7 @@ from unitgen.targets.systemd.contexts import (
     container_context,
     gpu_context,
     hardening_context,
+    pool_context,
     probe_cmd,
     proxy_user_context,
     swap_context,
@@ -265,6 +266,11 @@ def _common(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         **gpu_context(inst, ctx),
         **container_context(inst, ctx),  # its argv is podman run's
         "swap_group": spec.swap_group or "",
+        "pool": inst.pool is not None,
+        # its proxy takes a turn before it forwards: a swap group's, or its GPUs' in a pool
+        "takes_turns": bool(spec.swap_group) or inst.pool is not None,
+        "memrecord": [],
+        "pool_devices": [],
         **_gateway_context(inst, ctx),
     }
 
@@ -331,6 +337,8 @@ def _private(inst: Instance, ctx: RenderContext, common: dict[str, object]) -> d
     }
     if spec.swap_group:
         values.update(swap_context(inst, ctx))
+    elif inst.pool is not None:
+        values.update(pool_context(inst, ctx))
     return values
 
 

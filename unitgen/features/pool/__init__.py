@@ -1,0 +1,1 @@
+"""GPU pools (docs/swap.md): on-demand instances that share their GPUs by memory."""
