@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import socket
 import sys
 import threading
@@ -51,11 +52,28 @@ def standin_exe(directory: Path) -> Path:
     return exe
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nothing listens on right now, from 10000-19999: below
+    the kernel's ephemeral range (32768-60999 here), where the port of any
+    outgoing connection of this very process is taken from, so a port handed out
+    here cannot be taken as one before the test binds it; and apart from the
+    ports unitgen allocates itself (20000-29999 private, 31000-31999 public)."""
+    for _ in range(1000):
+        port = random.randint(10000, 19999)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port in 10000-19999")
 
 
 def user_ctx() -> RenderContext:

@@ -90,8 +90,19 @@ def _expected_env(inst_env: tuple[tuple[str, str], ...]) -> list[str]:
 
 
 async def _readback(names: list[str]) -> dict[str, tuple[list[str], list[str]]]:
+    """Each unit's ExecStart and Environment as systemd holds them. The manager
+    call returns nothing when systemd did not answer in time (a loaded machine:
+    thousands of long values in a few minutes), which is no reading of the
+    unit: it is asked again, never compared as empty."""
+    out: dict[str, tuple[list[str], list[str]]] = {}
     async with connect("user") as m:
-        return {n: await m.exec_and_environment(n) for n in names}
+        for n in names:
+            for _ in range(3):
+                out[n] = await m.exec_and_environment(n)
+                if out[n][0]:  # every unit of the batch has an ExecStart
+                    break
+                await asyncio.sleep(1.0)
+    return out
 
 
 def _without_confinement(argv: list[str]) -> list[str]:
