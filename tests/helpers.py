@@ -181,3 +181,54 @@ def keepalive_until(port: int, model: str, stop: threading.Event,
             conn = None
     if conn is not None:
         conn.close()
+
+
+class RecordingUnixListener:
+    """A Unix socket that records the first bytes of each connection and answers
+    ``answer`` (an HTTP 200 body): what a proxy, probe or checker sent there.
+    ``mode`` 0o600 in a 0700 directory made by root: a socket only root may use
+    (the target of the link a hostile server plants, issue 25)."""
+
+    def __init__(self, path: Path, answer: bytes = b"ok", mode: int | None = None) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(self.path)
+        if mode is not None:
+            Path(self.path).chmod(mode)
+        self.sock.listen()
+        self.received: list[bytes] = []
+        self._reply = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @classmethod
+    def root_only(cls, directory: Path) -> RecordingUnixListener:
+        """``directory/root.sock``, 0600 in a new 0700 directory; answers ROOT-ONLY."""
+        directory.mkdir(mode=0o700)
+        return cls(directory / "root.sock", b"ROOT-ONLY", 0o600)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self.received.append(conn.recv(65536))
+                    conn.sendall(self._reply)
+                except OSError:
+                    pass
+
+
+def raw_get(port: int, timeout: float = 8.0) -> bytes:
+    """What a client of a public port gets for ``GET /v1/models`` (b"" when closed)."""
+    out = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except OSError:
+            pass
+    return out

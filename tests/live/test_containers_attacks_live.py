@@ -7,14 +7,9 @@ client of the public port."""
 
 from __future__ import annotations
 
-import os
-import socket
-import threading
-from pathlib import Path
-
 import pytest
 
-from tests.helpers import get, wait_for
+from tests.helpers import RecordingUnixListener, get, raw_get, wait_for
 from tests.live.test_containers_live import box, image, pod_spec, port_of
 from tests.live.test_operate_live import cli_json
 
@@ -38,49 +33,11 @@ sys.exit(child.wait())
 """
 
 
-class RootOnlyListener:
-    """A Unix socket of the host only root may use (0600 in a 0700 directory):
-    it records what each connection carried and answers ROOT-ONLY."""
 
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(mode=0o700)
-        self.path = str(directory / "root.sock")
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(self.path)
-        os.chmod(self.path, 0o600)
-        self.sock.listen()
-        self.connections: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(2)
-                try:
-                    self.connections.append(conn.recv(65536))
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nROOT-ONLY")
-                except OSError:
-                    pass
-
-
-def raw_get(port: int) -> bytes:
-    out = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=8) as s:
-        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except OSError:
-            pass
-    return out
 
 
 def test_a_container_cannot_point_its_proxy_at_a_root_only_socket(box, tmp_path):
-    listener = RootOnlyListener(tmp_path / "root-only")
+    listener = RecordingUnixListener.root_only(tmp_path / "root-only")
     spec = pod_spec(tmp_path, "pod-relink", f'env = {{ RELINK_TO = "{listener.path}" }}\n')
     (tmp_path / "standin" / "relink.py").write_text(RELINK)
     spec.write_text(spec.read_text().replace("/srv/standin/demo_server.py",
@@ -94,5 +51,5 @@ def test_a_container_cannot_point_its_proxy_at_a_root_only_socket(box, tmp_path)
     assert "RELINKED uid 0" in box.journal("pod-relink-backend.service")  # root inside
     got = raw_get(port)
     assert b"ROOT-ONLY" not in got, got
-    assert listener.connections == [], listener.connections
+    assert listener.received == [], listener.received
     assert "is a link" in box.journal("pod-relink.service")

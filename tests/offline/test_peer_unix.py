@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import RecordingUnixListener
 from unitgen.inunit import probe, watch
 
 NOBODY = 65534
@@ -133,44 +134,18 @@ def test_a_socket_of_ones_own_uid_passes(tmp_path):
             assert "not the server's uid" in (foreign_peer(client, os.geteuid() + 1) or "")
 
 
-class _OwnListener:
-    """A Unix socket of this test's own uid that answers 200 and records bytes."""
-
-    def __init__(self, path: Path) -> None:
-        import threading  # noqa: PLC0415
-
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(str(path))
-        self.sock.listen()
-        self.got: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(2)
-                try:
-                    self.got.append(conn.recv(65536))
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                except OSError:
-                    pass
-
 
 def test_a_link_is_never_followed_even_to_a_socket_of_ones_own(tmp_path):
     # the uid cannot tell a container's server (root) from root's own sockets:
     # the socket file itself must be where the path says, not behind a link
-    listener = _OwnListener(tmp_path / "elsewhere.sock")
+    listener = RecordingUnixListener(tmp_path / "elsewhere.sock")
     link = tmp_path / "http.sock"
     link.symlink_to(tmp_path / "elsewhere.sock")
     result = probe.attempt(str(link), "/health", KEY, timeout=2.0, peer_uid=os.geteuid())
     assert result.outcome == "wait" and "is a link" in result.detail, result
     result = probe.attempt(str(link), "/health", KEY, timeout=2.0)
     assert result.outcome == "wait" and "is a link" in result.detail, result
-    assert listener.got == []
+    assert listener.received == []
     assert probe.attempt(str(tmp_path / "elsewhere.sock"), "/health", KEY,
                          timeout=2.0).outcome == "ready"
 
@@ -180,7 +155,7 @@ def test_the_relay_forwards_to_the_socket_and_never_through_a_link(tmp_path):
 
     from unitgen.inunit.relay import Relay  # noqa: PLC0415
 
-    listener = _OwnListener(tmp_path / "http.sock")
+    listener = RecordingUnixListener(tmp_path / "http.sock")
     public = socket.create_server(("127.0.0.1", 0))
     port = public.getsockname()[1]
     relay = Relay(public, str(tmp_path / "http.sock"), connections_max=4, exit_idle=1.0)
@@ -209,5 +184,5 @@ def test_the_relay_forwards_to_the_socket_and_never_through_a_link(tmp_path):
     first, second, idle = asyncio.run(scene())
     public.close()
     assert first.endswith(b"ok") and second == b""
-    assert len(listener.got) == 1  # the link's target never saw the second client
+    assert len(listener.received) == 1  # the link's target never saw the second client
     assert idle < 3.0

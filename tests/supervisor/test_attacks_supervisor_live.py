@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import STANDIN, free_port, get, wait_for, write_spec
+from tests.helpers import STANDIN, RecordingUnixListener, free_port, get, raw_get, wait_for, write_spec
 from tests.live.test_attacks_live import SQUATTER, received
 from tests.supervisord import Supervisord, supervisord_unavailable_reason
 from unitgen.ops.interface import DeployOptions as Options
@@ -216,61 +216,15 @@ sys.exit(child.wait())
 """
 
 
-class RootOnlyListener:
-    """A Unix socket only root may use (0600 in a 0700 directory): it records
-    what each connection carried and answers ROOT-ONLY."""
-
-    def __init__(self, directory: Path) -> None:
-        import socket  # noqa: PLC0415
-        import threading  # noqa: PLC0415
-
-        directory.mkdir(mode=0o700)
-        self.path = str(directory / "root.sock")
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(self.path)
-        os.chmod(self.path, 0o600)
-        self.sock.listen()
-        self.received: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(2)
-                try:
-                    self.received.append(conn.recv(65536))
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nROOT-ONLY")
-                except OSError:
-                    pass
-
-
 def _proxy_log(target: Site, name: str) -> str:
     path = Path(target.ctx.log_dir) / f"{name}-proxy.log"
     return path.read_text(errors="replace")[-3000:] if path.exists() else "(no proxy log)"
 
 
-def raw_get(port: int) -> bytes:
-    import socket  # noqa: PLC0415
-
-    out = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=8) as s:
-        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except OSError:
-            pass
-    return out
-
-
 def test_a_server_cannot_point_the_proxy_at_a_root_only_socket(sd, tmp_path):
     # Before: the proxy (systemd-socket-proxyd under the wrapper) ran as root and
     # connected to the link's target for every client of the public port.
-    listener = RootOnlyListener(tmp_path / "root-only")
+    listener = RecordingUnixListener.root_only(tmp_path / "root-only")
     # nobody runs the script and makes its socket under the run directory here
     base = Path(tempfile.mkdtemp(prefix="unitgen-relink-"))
     base.chmod(0o755)
@@ -288,7 +242,7 @@ def test_a_server_cannot_point_the_proxy_at_a_root_only_socket(sd, tmp_path):
 
 
 def _relink_attack(sd: Supervisord, target: Site, tmp_path: Path, script: Path,
-                   listener: RootOnlyListener) -> None:
+                   listener: RecordingUnixListener) -> None:
     port = free_port()
     spec = write_spec(tmp_path, "link1", (
         f'name = "link1"\nbackend = "vllm"\nmodel = "org/model"\nport = {port}\n'

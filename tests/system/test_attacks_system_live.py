@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.helpers import get, wait_for
+from tests.helpers import get, raw_get, wait_for
 from tests.system.test_system_live import WRAPPER, backend_spec, box, deploy, remove
 
 pytestmark = pytest.mark.systemd
@@ -220,21 +220,6 @@ def root_socket(box):
         box.run(["systemctl", "stop", "unitgen-test-rootsock.service"])
 
 
-def _raw_get(port: int, timeout: float = 8.0) -> bytes:
-    """What a client of the public port gets for a request (b"" when closed)."""
-    import socket  # noqa: PLC0415
-
-    out = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        try:
-            while chunk := s.recv(65536):
-                out += chunk
-        except OSError:
-            pass
-    return out
-
-
 def _relinked(box, name: str) -> bool:
     link: str = box.run(["readlink", f"/run/unitgen-{name}/http.sock"]).stdout
     return link.strip() == ROOT_SOCKET
@@ -243,7 +228,7 @@ def _relinked(box, name: str) -> bool:
 def _relink_attack(box, name: str, port: int) -> tuple[bytes, str]:
     """Wait for the server to put its link in place, then be a client of the public port."""
     assert wait_for(lambda: _relinked(box, name), 30), box.journal(f"{name}-backend.service")
-    got = _raw_get(port)
+    got = raw_get(port)
     return got, box.run(["cat", ROOT_LOG]).stdout
 
 
