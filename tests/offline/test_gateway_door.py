@@ -32,11 +32,13 @@ from unitgen.features.gateway.patterns import ROUTED_PATHS
 from unitgen.features.gateway.plan import GatewayPlan, GatewaySettings, Member, route_keys
 from unitgen.features.gateway.render import (
     CONFIG,
+    FILES,
     MEMBER_KEYS,
     GatewayPaths,
     member_keys_map,
     render_gateway,
 )
+from unitgen.inunit.gwkeys import write_maps
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(),
@@ -61,8 +63,10 @@ def _member(seen: Seen, name: str) -> ThreadingHTTPServer:
                 seen.requests.append((name, self.command, self.path,
                                       {k.lower(): v for k, v in self.headers.items()}, raw))
             try:  # the model a Python server reads: the last one
-                model = json.loads(raw).get("model")
-            except (ValueError, AttributeError):
+                asked = json.loads(raw)
+                model = asked.get("model")
+                time.sleep(float(asked.get("sleep", 0)))  # a slow answer, when asked for
+            except (ValueError, AttributeError, TypeError):
                 model = None
             body = json.dumps({"model": model, "path": self.path, "server": name}).encode()
             self.send_response(200)
@@ -98,6 +102,8 @@ class Door:
     port: int
     seen: Seen
     metrics_port: int = 0
+    master: int = 0  # HAProxy's master process
+    directory: Path = Path()  # its files, runtime ones included (admin.sock)
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 key: str | None = None, **more: str) -> tuple[int, dict[str, Any]]:
@@ -133,10 +139,13 @@ def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> 
         keys=tuple(keys.items()))
     sent, problems = route_keys(plan)
     assert not problems, problems
-    paths = GatewayPaths(str(tmp), str(tmp), gw.api_keys_file, gw.metrics_keys_file)
+    paths = GatewayPaths(str(tmp), str(tmp))
     for f in render_gateway(gw, plan.routes, paths, keyed=set(sent)):
         (tmp / f.name).write_text(f.text, encoding="utf-8")
     (tmp / MEMBER_KEYS).write_text(member_keys_map(gw.name, sent), encoding="utf-8")
+    # what the unit's ExecStartPre=+ makes of the keys files (unitgen.inunit.gwkeys)
+    if gw.api_keys_file or gw.metrics_keys_file:
+        write_maps(gw.api_keys_file, str(tmp / FILES["models"]), str(tmp), gw.metrics_keys_file)
     listeners = [socket.create_server(("127.0.0.1", 0), backlog=128)
                  for _ in range(2 if gw.metrics else 1)]
     fds = [s.fileno() for s in listeners]
@@ -155,7 +164,7 @@ def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> 
                     break
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
             time.sleep(0.05)
-        yield Door(port, seen, metrics_port)
+        yield Door(port, seen, metrics_port, proc.pid, tmp)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -314,6 +323,7 @@ def test_a_member_gets_its_own_key_and_never_the_gateways(tmp_path):
     # issue 25, item 3: the client's gateway key reached every member
     keys = tmp_path / "keys"
     keys.write_text(f"{GATEWAY_KEY}\n")
+    keys.chmod(0o600)
     gw = GatewaySettings("keyed", api_keys_file=str(keys))
     with door(tmp_path, gw, keys={"m1": "sk-member-m1"}) as d:
         for model in ("m1", "alias", "m2"):
@@ -356,6 +366,7 @@ def test_the_exporter_answers_only_a_scraper_with_its_key(tmp_path):
     keys.chmod(0o600)
     api = tmp_path / "api.keys"
     api.write_text(f"{GATEWAY_KEY}\n")
+    api.chmod(0o600)
     gw = GatewaySettings("prom", api_keys_file=str(api), metrics="0.0.0.0:9101",
                          metrics_keys_file=str(keys))
     with door(tmp_path, gw) as d:

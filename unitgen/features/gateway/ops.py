@@ -98,6 +98,11 @@ class GatewayFeature(Feature):
         self._reloaded.add(planned.instance.name)
         return True
 
+    def before_signal(self, name: str) -> None:
+        """A gateway told to reload by a signal reads its keys again: their maps
+        first (the binding's)."""
+        self.binding.before_signal(name)
+
     def after(self, say: Say) -> None:
         """Reload the gateways whose routes changed (their members are up now);
         return once every reloaded gateway answers with its new routes."""
