@@ -12,12 +12,15 @@ import os
 import signal
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.offline.test_gateway_door import HAPROXY, Door, _chat, door
+from unitgen.features.gateway.files import SETTINGS
+from unitgen.features.gateway.live import wait_served
 from unitgen.features.gateway.plan import GatewaySettings
 from unitgen.features.gateway.render import FILES
 from unitgen.inunit.gwkeys import default_name, parse_keys, push, write_maps
@@ -183,3 +186,13 @@ def test_a_revoked_key_fails_right_after_the_reload_on_a_kept_alive_connection(t
         assert d.request("POST", "/v1/chat/completions", _chat(), key="sk-plain-1f3a")[0] == 200
         stream.join(10)
         assert during == [200]  # what it started before the reload went on to its end
+
+
+def test_deploy_waits_for_the_new_routes_with_a_key_that_has_a_policy(tmp_path):
+    # the wait after a reload asks GET /v1/models with a key of the file: a line
+    # with a policy is a key too, and a key with models= sees its own list
+    keys = _keys(tmp_path, "sk-two-9c2e name=two models=m1,m2\n")
+    gw = GatewaySettings("wait", api_keys_file=str(keys))
+    with door(tmp_path, gw) as d:
+        (d.directory / SETTINGS).write_text(json.dumps({"settings": asdict(gw)}))
+        assert wait_served("wait", d.directory, f"127.0.0.1:{d.port}", timeout=5) is None
