@@ -68,7 +68,9 @@ def _member(seen: Seen, name: str) -> ThreadingHTTPServer:
                 time.sleep(float(asked.get("sleep", 0)))  # a slow answer, when asked for
             except (ValueError, AttributeError, TypeError):
                 model = None
-            body = json.dumps({"model": model, "path": self.path, "server": name}).encode()
+            # what vLLM and llama-server say of a whole answer's tokens
+            body = json.dumps({"model": model, "path": self.path, "server": name,
+                               "usage": {"prompt_tokens": 7, "completion_tokens": 5}}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -151,9 +153,10 @@ def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> 
     fds = [s.fileno() for s in listeners]
     # the sockets on fd 3 (and 4), as the socket unit passes them (the child only
     # dup2s, then execs)
+    log = (tmp / "haproxy.log").open("wb")  # its stderr: what the journal would get
     proc = subprocess.Popen([HAPROXY, "-W", "-f", str(tmp / CONFIG)],
                             pass_fds=(3, 4, *fds), preexec_fn=lambda: _dup(fds),  # noqa: PLW1509
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
     port = listeners[0].getsockname()[1]
     metrics_port = listeners[-1].getsockname()[1] if gw.metrics else 0
     try:
@@ -162,7 +165,8 @@ def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> 
             with contextlib.suppress(OSError):
                 if Door(port, seen).request("GET", "/unitgen/health")[0] == 200:
                     break
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "haproxy.log"
+                                                                        ).read_text()
             time.sleep(0.05)
         yield Door(port, seen, metrics_port, proc.pid, tmp)
     finally:
@@ -172,6 +176,7 @@ def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
         for s in listeners:
             s.close()
         for server in servers.values():

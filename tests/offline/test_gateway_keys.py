@@ -6,6 +6,7 @@ live tiers deploy the same files (tests/gateway_cases.py)."""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -14,7 +15,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -24,7 +25,7 @@ from unitgen.features.gateway.live import wait_served
 from unitgen.features.gateway.plan import GatewaySettings
 from unitgen.features.gateway.render import FILES
 from unitgen.inunit.gwkeys import default_name, parse_keys, push, write_maps
-from unitgen.inunit.hareload import worker
+from unitgen.inunit.hareload import runtime_api, worker
 
 pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(),
                                 reason="HAProxy is not installed (./setup installs it)")
@@ -196,3 +197,63 @@ def test_deploy_waits_for_the_new_routes_with_a_key_that_has_a_policy(tmp_path):
     with door(tmp_path, gw) as d:
         (d.directory / SETTINGS).write_text(json.dumps({"settings": asdict(gw)}))
         assert wait_served("wait", d.directory, f"127.0.0.1:{d.port}", timeout=5) is None
+
+
+def _usage(d: Door) -> dict[str, Any]:
+    said = runtime_api(d.directory / "admin.sock", "unitgen usage")
+    return cast("dict[str, Any]", json.loads(said))
+
+
+def _http(port: int, path: str, **headers: str) -> tuple[int, str, dict[str, str]]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(), {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+
+
+def test_usage_per_key_and_route_in_the_log_the_counters_and_the_page(tmp_path):
+    gw = GatewaySettings("use", api_keys_file=str(_keys(tmp_path)), metrics="127.0.0.1:9101")
+    with door(tmp_path, gw) as d:
+        sent = [("sk-two-9c2e", "m1")] * 3 + [("sk-two-9c2e", "m2")] + [("sk-plain-1f3a", "m2")] * 2
+        for key, model in sent:
+            d.request("POST", "/v1/chat/completions", _chat(model), key=key)
+        plain = default_name("sk-plain-1f3a")
+        # the runtime API's "unitgen usage" (what status --keys reads)
+        keys = {k["name"]: k for k in _usage(d)["keys"]}
+        two = keys["two"]
+        assert (two["requests"], two["forwarded"], two["refused"], two["in_flight"]) == (4, 3, 1, 0)
+        assert (two["prompt_tokens"], two["completion_tokens"], two["counted"]) == (21, 15, 3)
+        assert two["routes"] == [{"route": "m1", "prompt_tokens": 21, "completion_tokens": 15,
+                                  "counted": 3}]
+        assert (keys[plain]["forwarded"], keys[plain]["prompt_tokens"]) == (2, 14)
+        assert two["bytes_in"] > 0 and two["bytes_out"] > 0
+        # one JSON line a request, by name; the keys themselves never
+        deadline = time.monotonic() + 5
+        while True:
+            text = (d.directory / "haproxy.log").read_text()
+            lines = [json.loads(line) for line in text.splitlines() if line.startswith('{"gateway"')]
+            if len(lines) >= len(sent) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert "sk-" not in text
+        seen = sorted((x["key"], x["route"], x["status"], x["replica"], x["prompt_tokens"])
+                      for x in lines)
+        assert seen == sorted([("two", "m1", 200, "m1", 7)] * 3 + [("two", "m2", 404, "<NOSRV>", None)]
+                              + [(plain, "m2", 200, "m2", 7)] * 2), seen
+        assert all(x["bytes_in"] > 0 and x["total_ms"] >= 0 for x in lines)
+        # the counters for Prometheus, beside HAProxy's own exporter
+        status, body, _ = _http(d.metrics_port, "/metrics/keys")
+        assert status == 200, body
+        assert 'unitgen_gateway_key_forwarded_total{gateway="use",key="two"} 3' in body
+        assert ('unitgen_gateway_key_prompt_tokens_total{gateway="use",key="two",route="m1"} 21'
+                in body)
+        # the page: behind a gateway key (a browser's password), routes and keys on it
+        status, body, headers = _http(d.metrics_port, "/status")
+        assert status == 401 and headers["www-authenticate"].startswith("Basic"), headers
+        basic = "Basic " + base64.b64encode(b"me:sk-plain-1f3a").decode()
+        status, body, _ = _http(d.metrics_port, "/status", Authorization=basic)
+        assert status == 200 and "<td class=\"route\">alias</td>" in body, body[:500]
+        assert "<td class=\"key\">two</td>" in body and "sk-" not in body

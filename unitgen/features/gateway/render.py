@@ -35,6 +35,8 @@ FILES = {
     # what a key's policy answers (api_keys_file): its own list and 404, its 429s
     "models_key": "models-key.lf", "e404key": "404-key.lf", "e429rate": "429-rate.json",
     "e429flight": "429-in-flight.json",
+    # the page, the counters per key and their JSON for status (unitgen.lua.j2)
+    "lua": "unitgen.lua",
 }
 CONFIG = "haproxy.cfg"
 # the API keys it sends its members ("backend Bearer key" lines), in its runtime
@@ -83,8 +85,15 @@ def _comment(value: object) -> str:
     return "".join(c if c.isprintable() else "?" for c in str(value))
 
 
+def _lua(value: object) -> str:
+    """A Lua string literal: every byte but plain printable ASCII as ``\\ddd``."""
+    return '"' + "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else
+                         "".join(f"\\{b:03d}" for b in c.encode()) for c in str(value)) + '"'
+
+
 _FILTERS: dict[str, Callable[[object], str]] = {
     "q": _q, "num": _num, "ident": _ident, "address": _address, "comment": _comment,
+    "lua": _lua,
 }
 
 
@@ -125,6 +134,7 @@ def render_gateway(settings: GatewaySettings, routes: list[Route], paths: Gatewa
         "files": files, "routes": routes,
     }
     cfg = _environment().get_template("gateway.cfg.j2").render(values)
+    lua = _environment().get_template("unitgen.lua.j2").render(values)
     listing = ", ".join(names) if names else "none yet"
     models = {"object": "list", "data": [
         {"id": n, "object": "model", "created": 0, "owned_by": "unitgen"} for n in names]}
@@ -151,6 +161,7 @@ def render_gateway(settings: GatewaySettings, routes: list[Route], paths: Gatewa
             408, "invalid_request_error", f"the request was not sent whole within "
             f"{settings.request_timeout:g} s (the gateway's request_timeout)")),
         "one_model": ONE_MODEL_RE + "\n",
+        "lua": lua,
         # log-format files: a key's own list and its 404 come from its name's maps
         "models_key": f"%[var(txn.kname),map({keymaps['listing']})]\n",
         "e404key": _error(404, "not_found_error", "no such model for this API key; its models "
