@@ -75,6 +75,10 @@ class GatewayHost(Protocol):
         """The last lines the instance's server wrote."""
         ...
 
+    def gateway_log(self, gateway: str) -> str:
+        """What the gateway's HAProxy wrote (its request log lines among them)."""
+        ...
+
 
 def member(directory: Path, name: str, gateway: str, *, aliases: tuple[str, ...] = (),
            extra: str = "", **env: str) -> Path:
@@ -368,6 +372,22 @@ def test_keys_with_a_policy_models_rate_and_revocation_by_reload(gw, tmp_path):
     with pytest.raises(openai.RateLimitError) as limited:
         raw.create(model="pa", messages=[])
     assert limited.value.response.headers["retry-after"] == "60"
+    # usage: what the clients sent, by key name (never the key), in status and the log
+    rc, data = gw.cli("status", "--keys")
+    assert rc == 0, data
+    usage = {k["name"]: k for g in data["gateways"] if g["name"] == "gwp" for k in g["keys"]}
+    assert (usage["two"]["requests"], usage["two"]["forwarded"], usage["two"]["refused"]) == (
+        3, 1, 1), usage["two"]
+    assert usage["two"]["prompt_tokens"] == 1 and usage["two"]["completion_tokens"] == 1
+    assert (usage["ten"]["requests"], usage["ten"]["forwarded"], usage["ten"]["refused"]) == (
+        31, answered, 31 - answered), usage["ten"]
+    assert usage["ten"]["prompt_tokens"] == answered  # the stand-in's usage: 1 a request
+    logged = [json.loads(line[line.index("{"):]) for line in gw.gateway_log("gwp").splitlines()
+              if '{"gateway":"gwp"' in line]
+    by_key = [(x["key"], x["route"], x["status"]) for x in logged if x["key"] == "ten"]
+    assert by_key == [("ten", "pa", 200)] * answered + [("ten", "pa", 429)] * (31 - answered), \
+        by_key
+    assert "sk-" not in gw.gateway_log("gwp") and "sk-" not in json.dumps(data)
     # a stream under the key, then the key revoked: the gateway reloads (a changed
     # keys file changes its settings), the stream goes on to its end
     stream = two.chat.completions.create(model="pb", stream=True, messages=[])

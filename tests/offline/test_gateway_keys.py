@@ -11,6 +11,8 @@ import http.client
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -24,6 +26,7 @@ from unitgen.features.gateway.files import SETTINGS
 from unitgen.features.gateway.live import wait_served
 from unitgen.features.gateway.plan import GatewaySettings
 from unitgen.features.gateway.render import FILES
+from unitgen.features.gateway.usage import usage_lines
 from unitgen.inunit.gwkeys import default_name, parse_keys, push, write_maps
 from unitgen.inunit.hareload import runtime_api, worker
 
@@ -257,3 +260,26 @@ def test_usage_per_key_and_route_in_the_log_the_counters_and_the_page(tmp_path):
         status, body, _ = _http(d.metrics_port, "/status", Authorization=basic)
         assert status == 200 and "<td class=\"route\">alias</td>" in body, body[:500]
         assert "<td class=\"key\">two</td>" in body and "sk-" not in body
+
+
+def test_check_names_the_keys_file_and_its_line(tmp_path):
+    keys = _keys(tmp_path, "sk-ok\nsk-bad rpm=ten\n")
+    spec = tmp_path / "gw.toml"
+    spec.write_text(f'kind = "gateway"\nname = "gw"\nport = 8080\napi_keys_file = "{keys}"\n')
+    done = subprocess.run([sys.executable, "-m", "unitgen", "check", "--no-verify", str(spec)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2, done
+    assert done.stderr.strip() == (f"error: {spec}: api_keys_file: {keys}: line 2: rpm='ten' is "
+                                   "not a whole number from 1 to 1000000"), done.stderr
+    assert "Traceback" not in done.stderr and "sk-bad" not in done.stderr
+
+
+def test_status_keys_is_a_table_by_key_name():
+    lines = usage_lines("gw", [{"name": "alice", "requests": 12, "forwarded": 10, "refused": 2,
+                                "in_flight": 1, "bytes_in": 2048, "bytes_out": 90000,
+                                "prompt_tokens": 300, "completion_tokens": 40}])
+    assert lines[1] == "gateway gw: per key, since its last reload (tokens: whole JSON answers only)"
+    assert lines[2].split() == ["KEY", "REQUESTS", "FORWARDED", "REFUSED", "IN", "FLIGHT", "BYTES",
+                                "IN", "BYTES", "OUT", "PROMPT", "TOK", "COMPL", "TOK"]
+    assert lines[3].split() == ["alice", "12", "10", "2", "1", "2048", "90000", "300", "40"]
+    assert "not shown" in usage_lines("gw", None)[1]

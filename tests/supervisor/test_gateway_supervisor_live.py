@@ -132,6 +132,9 @@ class SupervisorGateways:
     def server_log(self, name: str) -> str:
         return self.sd.rpc().tail(f"{name}-backend", 0, 65536)[0][-4000:]
 
+    def gateway_log(self, gateway: str) -> str:
+        return self.sd.rpc().tail(f"{gateway}-backend", 0, 1 << 20)[0]
+
     def installed(self) -> list[str]:
         return sorted(p.name[len("unitgen-"):-len(".conf")]
                       for p in self.sd.conf_dir.glob("unitgen-*.conf"))

@@ -133,10 +133,11 @@ class Feature:
         doctor asks this feature instead of inspecting the processes."""
         return False
 
-    def status(self, installed: Mapping[str, InstalledLike],
-               states: Mapping[str, str]) -> tuple[dict[str, object], tuple[str, ...]]:
+    def status(self, installed: Mapping[str, InstalledLike], states: Mapping[str, str],
+               detail: frozenset[str] = frozenset()) -> tuple[dict[str, object], tuple[str, ...]]:
         """This feature's part of ``status`` (JSON data, lines); ``states``: each
-        instance's state as the status table says it."""
+        instance's state as the status table says it; ``detail``: what was asked
+        for beyond it (``status --keys``: ``keys``)."""
         return {}, ()
 
     def doctor(self, installed: Mapping[str, InstalledLike], name: str,
