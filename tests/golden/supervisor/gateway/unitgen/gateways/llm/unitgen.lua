@@ -8,7 +8,7 @@
 
 local GATEWAY = "llm"
 local KEYS = nil
--- route name -> its backend, in the order the page shows them
+-- each set of replicas: the route names that lead to it, its backend
 local ROUTES = {
 }
 
@@ -183,19 +183,20 @@ core.register_service("unitgen_page", "http", function(applet)
       .. "table{border-collapse:collapse;margin-bottom:2em}td,th{border:1px solid #999;padding:.3em .8em;"
       .. "text-align:left}th{background:#eee}.UP{color:#070}.DOWN{color:#b00}</style></head><body>")
   add("<h1>gateway " .. html(GATEWAY) .. "</h1><p>Read-only; refreshed every 5 s; counted since "
-      .. "the last reload.</p><h2>Routes</h2><table id=\"routes\"><tr><th>route</th><th>replica</th>"
-      .. "<th>state</th><th>in flight</th><th>queued</th><th>answered</th></tr>")
+      .. "the last reload.</p><h2>Routes</h2><table id=\"routes\"><tr><th>route</th>"
+      .. "<th>queued</th><th>replica</th><th>state</th><th>in flight</th><th>queued at it</th>"
+      .. "<th>answered</th></tr>")
   for _, r in ipairs(routes()) do
-    local first = true
+    local span = math.max(#r.replicas, 1)
+    local head = "<tr><td class=\"route\" rowspan=\"" .. span .. "\">" .. html(r.route)
+                 .. "</td><td rowspan=\"" .. span .. "\">" .. r.queued .. "</td>"
     if #r.replicas == 0 then
-      add("<tr><td class=\"route\">" .. html(r.route) .. "</td><td colspan=\"5\">no replica</td></tr>")
+      add(head .. "<td colspan=\"5\">no replica</td></tr>")
     end
-    for _, s in ipairs(r.replicas) do
-      add("<tr><td class=\"route\">" .. (first and html(r.route) or "") .. "</td><td>" .. html(s.name)
-          .. "</td><td class=\"" .. html(s.state:match("^%S*")) .. "\">" .. html(s.state) .. "</td><td>"
-          .. s.in_flight .. "</td><td>" .. (s.queued + (first and r.queued or 0)) .. "</td><td>"
-          .. s.answered .. "</td></tr>")
-      first = false
+    for i, s in ipairs(r.replicas) do
+      add((i == 1 and head or "<tr>") .. "<td>" .. html(s.name) .. "</td><td class=\""
+          .. html(s.state:match("^%S*")) .. "\">" .. html(s.state) .. "</td><td>" .. s.in_flight
+          .. "</td><td>" .. s.queued .. "</td><td>" .. s.answered .. "</td></tr>")
     end
   end
   add("</table><h2>Keys</h2><table id=\"keys\"><tr><th>key</th><th>requests</th><th>forwarded</th>"
