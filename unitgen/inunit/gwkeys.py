@@ -63,7 +63,7 @@ _KEY_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750's b64token: what Beare
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # the stick-table's string key: 64
 _ROUTE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")  # a route name (plan.py)
 _FIELDS = ("name", "models", "rpm", "in_flight")
-_MAX = 1_000_000
+_MAX = 1_000_000_000  # HAProxy counts in 32 bits
 
 
 @dataclass(frozen=True)
