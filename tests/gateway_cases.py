@@ -75,6 +75,10 @@ class GatewayHost(Protocol):
         """The last lines the instance's server wrote."""
         ...
 
+    def gateway_log(self, gateway: str) -> str:
+        """What the gateway's HAProxy wrote (its request log lines among them)."""
+        ...
+
 
 def member(directory: Path, name: str, gateway: str, *, aliases: tuple[str, ...] = (),
            extra: str = "", **env: str) -> Path:
@@ -331,3 +335,76 @@ def test_streams_pass_as_produced_and_a_client_that_leaves_is_seen(gw, tmp_path)
         time.sleep(0.3)
     else:
         raise AssertionError(gw.server_log("sse"))
+
+
+def _status_of(call: Any) -> int:
+    try:
+        call()
+    except openai.APIStatusError as exc:
+        return exc.status_code
+    return 200
+
+
+def test_keys_with_a_policy_models_rate_and_revocation_by_reload(gw, tmp_path):
+    # issue 28: every key opened every route, without bounds, until a restart
+    keys = tmp_path / "keys"
+    keys.write_text(f"{KEY}\nsk-two-9c2e name=two models=pa,pb\nsk-ten-51aa name=ten rpm=10\n")
+    keys.chmod(0o600)
+    port = free_port()
+    specs = [member(tmp_path, "pa", "gwp"),
+             member(tmp_path, "pb", "gwp", STANDIN_STREAM_SECONDS="4"), member(tmp_path, "pc", "gwp"),
+             gateway(tmp_path, "gwp", port, f'api_keys_file = "{keys}"\n')]
+    rc, data = gw.cli("deploy", *map(str, specs))
+    assert rc == 0, data
+    # a key limited to two models: it lists those two, and a third is 404
+    two = client(port, key="sk-two-9c2e")
+    assert sorted(m.id for m in two.models.list()) == ["pa", "pb"]
+    assert chat_with(two, "pb") == "pb answers pb"
+    with pytest.raises(openai.NotFoundError) as nf:
+        chat_with(two, "pc")
+    assert "pa, pb" in str(nf.value) and "pc" not in str(nf.value).split("models are:")[1]
+    # a key limited to 10 requests a minute: 10 (+-1) of 30 answered, then 429
+    ten = client(port, key="sk-ten-51aa")
+    got = [_status_of(lambda: chat_with(ten, "pa")) for _ in range(30)]
+    answered = got.count(200)
+    assert 9 <= answered <= 11 and set(got[answered:]) == {429}, got
+    raw = ten.chat.completions.with_raw_response
+    with pytest.raises(openai.RateLimitError) as limited:
+        raw.create(model="pa", messages=[])
+    assert limited.value.response.headers["retry-after"] == "60"
+    # usage: what the clients sent, by key name (never the key), in status and the log
+    rc, data = gw.cli("status", "--keys")
+    assert rc == 0, data
+    usage = {k["name"]: k for g in data["gateways"] if g["name"] == "gwp" for k in g["keys"]}
+    assert (usage["two"]["requests"], usage["two"]["forwarded"], usage["two"]["refused"]) == (
+        3, 1, 1), usage["two"]
+    assert usage["two"]["prompt_tokens"] == 1 and usage["two"]["completion_tokens"] == 1
+    assert (usage["ten"]["requests"], usage["ten"]["forwarded"], usage["ten"]["refused"]) == (
+        31, answered, 31 - answered), usage["ten"]
+    assert usage["ten"]["prompt_tokens"] == answered  # the stand-in's usage: 1 a request
+    logged = [json.loads(line[line.index("{"):]) for line in gw.gateway_log("gwp").splitlines()
+              if '{"gateway":"gwp"' in line]
+    by_key = [(x["key"], x["route"], x["status"]) for x in logged if x["key"] == "ten"]
+    assert by_key == [("ten", "pa", 200)] * answered + [("ten", "pa", 429)] * (31 - answered), \
+        by_key
+    assert "sk-" not in gw.gateway_log("gwp") and "sk-" not in json.dumps(data)
+    # a stream under the key, then the key revoked: the gateway reloads (a changed
+    # keys file changes its settings), the stream goes on to its end
+    stream = two.chat.completions.create(model="pb", stream=True, messages=[])
+    pieces = [next(iter(stream))]
+    keys.write_text(f"{KEY}\nsk-ten-51aa name=ten rpm=10\n")
+    done = here(gw, "deploy", str(specs[-1]))
+    assert done.exit_code == 0, done.lines
+    # right after the reload, on the SDK's kept-alive connection too
+    with pytest.raises(openai.AuthenticationError):
+        two.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        client(port, key="sk-two-9c2e").chat.completions.create(model="pa", messages=[])
+    pieces += list(stream)
+    assert "pb:9" in "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    assert chat_with(client(port), "pc") == "pc answers pc"  # other keys as before
+
+
+def chat_with(sdk: openai.OpenAI, model: str) -> str:
+    r = sdk.chat.completions.create(model=model, messages=[])
+    return r.choices[0].message.content or ""

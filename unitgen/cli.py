@@ -194,11 +194,15 @@ def deploy(specs: tuple[Path, ...], dry_run: bool, diff: bool, no_wait: bool, po
 
 @cli.command()
 @click.argument("names", nargs=-1)
+@click.option("--keys", is_flag=True,
+              help="With each gateway: its counters per API key name (requests, refused, in "
+                   "flight, bytes, tokens) since its last reload.")
 @JSON
 @_target_options
-def status(names: tuple[str, ...], as_json: bool, chosen: Chosen) -> int:
+def status(names: tuple[str, ...], keys: bool, as_json: bool, chosen: Chosen) -> int:
     """State, address, PID, uptime and memory of instances (all by default)."""
-    return emit(chosen.ops().status(list(names)), as_json=as_json)
+    detail = frozenset({"keys"}) if keys else frozenset()
+    return emit(chosen.ops().status(list(names), detail), as_json=as_json)
 
 
 @cli.command(name="ls")

@@ -66,6 +66,9 @@ class SystemdGateways:
     def server_log(self, name: str) -> str:
         return self.box.journal(f"{name}-backend.service", lines=20)
 
+    def gateway_log(self, gateway: str) -> str:
+        return self.box.journal(f"{gateway}.service", lines=2000)
+
 
 @pytest.fixture
 def gw(box: Sandbox) -> SystemdGateways:

@@ -88,7 +88,7 @@ def _check_rows(rows: list[Row]) -> None:
 def test_every_row_produces_figures(sandbox, group):
     if group in ("stream", "tiny"):
         _needs("wrk", "nginx")
-    if group == "gateway":
+    if group in ("gateway", "keys"):
         _needs("wrk", "nginx", "haproxy")
     if group == "llama" and not llama.ENABLED:
         pytest.skip(llama.WHY_OFF)
@@ -106,6 +106,8 @@ def test_every_row_produces_figures(sandbox, group):
             "added latency per request"]
         assert rows[1].figures["reloads"] >= 2  # the reloads did happen under the load
         assert rows[0].figures["baseline"] > 0
+    if group == "keys":  # the policy against the gateway before it, side by side
+        assert [r.figures["baseline"] > 0 for r in rows] == [True, True]
     if group == "swap":
         assert rows[0].figures["ours"] > rows[0].figures["baseline"] * 0.5  # a swap loads
     # the deployed instances are gone again

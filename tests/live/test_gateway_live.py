@@ -20,6 +20,7 @@ from tests.gateway_cases import (  # noqa: F401 - collected here, with this tier
     test_a_bound_on_concurrent_requests_queues_then_answers_429,
     test_a_gateway_and_its_files_are_removed,
     test_deploy_and_remove_while_clients_stream_fail_nothing,
+    test_keys_with_a_policy_models_rate_and_revocation_by_reload,
     test_one_endpoint_for_every_model_with_the_openai_sdk,
 )
 from tests.helpers import free_port, keepalive_until, prop

@@ -59,13 +59,14 @@ def test_names_that_reach_the_same_instances_share_a_backend():
 def test_the_configuration_names_every_file_it_is_rendered_with():
     files = {f.name: f.text for f in render_gateway(
         GatewaySettings("gw", api_keys_file="/k", metrics="127.0.0.1:9"), routes(MEMBERS),
-        GatewayPaths("/etc/unitgen/gateways/gw", "/run/unitgen-gw", "/k"))}
+        GatewayPaths("/etc/unitgen/gateways/gw", "/run/unitgen-gw"))}
     cfg = files["haproxy.cfg"]
     for name in FILES.values():
         assert name in files and f"/etc/unitgen/gateways/gw/{name}" in cfg
     assert "bind fd@3" in cfg and "bind fd@4" in cfg and "balance leastconn" in cfg
     assert "server ll [::1]:31003" in cfg and "maxconn 2" in cfg
-    assert "-f '/k'" in cfg  # the keys
+    # the keys, as maps in its runtime directory (unitgen.inunit.gwkeys makes them)
+    assert "map('/run/unitgen-gw/keys.map')" in cfg and "'/k'" not in cfg
     assert files["routes.map"].splitlines() == ["meta-llama/Llama-3-8B r1", "qa r2", "qb r3",
                                                 "qwen r4"]
     assert files["429.http"].startswith("HTTP/1.1 429 ")
@@ -75,7 +76,8 @@ def test_the_configuration_names_every_file_it_is_rendered_with():
 def test_haproxy_accepts_what_is_rendered_and_its_refusal_is_a_spec_problem():
     validate("gw.toml", GatewayPlan(GatewaySettings("gw", metrics="127.0.0.1:9"), MEMBERS,
                                     ("127.0.0.1", 9)))
-    bad = GatewayPlan(GatewaySettings("gw", api_keys_file="/nonexistent/keys"), MEMBERS)
+    # an address the renderer lets through and HAProxy cannot use
+    bad = GatewayPlan(GatewaySettings("gw"), (Member("x", "999.1.1.1:80", ("x",)),))
     with pytest.raises(SpecError) as info:
         validate("gw.toml", bad)
     assert "gw.toml" in str(info.value) and "HAProxy refuses" in str(info.value)
@@ -366,7 +368,8 @@ def test_the_exporter_listens_beyond_loopback_only_with_keys(tmp_path, metrics, 
     if not refused:
         done = render_spec(spec, GOLDEN_CTX)
         unit = next(f.text for f in done.files if f.name == "gw.service")
-        assert ("LoadCredential=metrics-keys:/etc/unitgen/prom.keys" in unit) == bool(keys)
+        # made into a pattern file for HAProxy at each start and reload
+        assert ("--metrics-keys /etc/unitgen/prom.keys" in unit) == bool(keys)
         return
     with pytest.raises(SpecError) as info:
         render_spec(spec, GOLDEN_CTX)

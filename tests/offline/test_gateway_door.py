@@ -32,11 +32,13 @@ from unitgen.features.gateway.patterns import ROUTED_PATHS
 from unitgen.features.gateway.plan import GatewayPlan, GatewaySettings, Member, route_keys
 from unitgen.features.gateway.render import (
     CONFIG,
+    FILES,
     MEMBER_KEYS,
     GatewayPaths,
     member_keys_map,
     render_gateway,
 )
+from unitgen.inunit.gwkeys import write_maps
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(),
@@ -61,10 +63,14 @@ def _member(seen: Seen, name: str) -> ThreadingHTTPServer:
                 seen.requests.append((name, self.command, self.path,
                                       {k.lower(): v for k, v in self.headers.items()}, raw))
             try:  # the model a Python server reads: the last one
-                model = json.loads(raw).get("model")
-            except (ValueError, AttributeError):
+                asked = json.loads(raw)
+                model = asked.get("model")
+                time.sleep(float(asked.get("sleep", 0)))  # a slow answer, when asked for
+            except (ValueError, AttributeError, TypeError):
                 model = None
-            body = json.dumps({"model": model, "path": self.path, "server": name}).encode()
+            # what vLLM and llama-server say of a whole answer's tokens
+            body = json.dumps({"model": model, "path": self.path, "server": name,
+                               "usage": {"prompt_tokens": 7, "completion_tokens": 5}}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -98,6 +104,8 @@ class Door:
     port: int
     seen: Seen
     metrics_port: int = 0
+    master: int = 0  # HAProxy's master process
+    directory: Path = Path()  # its files, runtime ones included (admin.sock)
 
     def request(self, method: str, path: str, body: bytes | None = None,
                 key: str | None = None, **more: str) -> tuple[int, dict[str, Any]]:
@@ -133,18 +141,22 @@ def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> 
         keys=tuple(keys.items()))
     sent, problems = route_keys(plan)
     assert not problems, problems
-    paths = GatewayPaths(str(tmp), str(tmp), gw.api_keys_file, gw.metrics_keys_file)
+    paths = GatewayPaths(str(tmp), str(tmp))
     for f in render_gateway(gw, plan.routes, paths, keyed=set(sent)):
         (tmp / f.name).write_text(f.text, encoding="utf-8")
     (tmp / MEMBER_KEYS).write_text(member_keys_map(gw.name, sent), encoding="utf-8")
+    # what the unit's ExecStartPre=+ makes of the keys files (unitgen.inunit.gwkeys)
+    if gw.api_keys_file or gw.metrics_keys_file:
+        write_maps(gw.api_keys_file, str(tmp / FILES["models"]), str(tmp), gw.metrics_keys_file)
     listeners = [socket.create_server(("127.0.0.1", 0), backlog=128)
                  for _ in range(2 if gw.metrics else 1)]
     fds = [s.fileno() for s in listeners]
     # the sockets on fd 3 (and 4), as the socket unit passes them (the child only
     # dup2s, then execs)
+    log = (tmp / "haproxy.log").open("wb")  # its stderr: what the journal would get
     proc = subprocess.Popen([HAPROXY, "-W", "-f", str(tmp / CONFIG)],
                             pass_fds=(3, 4, *fds), preexec_fn=lambda: _dup(fds),  # noqa: PLW1509
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
     port = listeners[0].getsockname()[1]
     metrics_port = listeners[-1].getsockname()[1] if gw.metrics else 0
     try:
@@ -153,9 +165,10 @@ def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> 
             with contextlib.suppress(OSError):
                 if Door(port, seen).request("GET", "/unitgen/health")[0] == 200:
                     break
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "haproxy.log"
+                                                                        ).read_text()
             time.sleep(0.05)
-        yield Door(port, seen, metrics_port)
+        yield Door(port, seen, metrics_port, proc.pid, tmp)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -163,6 +176,7 @@ def door(tmp: Path, gw: GatewaySettings, keys: dict[str, str] | None = None) -> 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
         for s in listeners:
             s.close()
         for server in servers.values():
@@ -314,6 +328,7 @@ def test_a_member_gets_its_own_key_and_never_the_gateways(tmp_path):
     # issue 25, item 3: the client's gateway key reached every member
     keys = tmp_path / "keys"
     keys.write_text(f"{GATEWAY_KEY}\n")
+    keys.chmod(0o600)
     gw = GatewaySettings("keyed", api_keys_file=str(keys))
     with door(tmp_path, gw, keys={"m1": "sk-member-m1"}) as d:
         for model in ("m1", "alias", "m2"):
@@ -356,6 +371,7 @@ def test_the_exporter_answers_only_a_scraper_with_its_key(tmp_path):
     keys.chmod(0o600)
     api = tmp_path / "api.keys"
     api.write_text(f"{GATEWAY_KEY}\n")
+    api.chmod(0o600)
     gw = GatewaySettings("prom", api_keys_file=str(api), metrics="0.0.0.0:9101",
                          metrics_keys_file=str(keys))
     with door(tmp_path, gw) as d:

@@ -245,12 +245,14 @@ def test_a_gateway_and_its_members_render_for_supervisord(tmp_path):
     assert holder.argv[-4:] == ["--serve", "/run/u/unitgen-gw/listen.sock", "--user", "haproxy"]
     assert haproxy.argv[haproxy.argv.index("exec") + 1:] == [
         "--mkdir", "/run/u/unitgen-gw", "--fd3-from", "/run/u/unitgen-gw/listen.sock",
-        "--listen-fd4", "127.0.0.1:9101", "--credential", "api-keys:/etc/unitgen/gw.keys",
+        "--listen-fd4", "127.0.0.1:9101", "--gw-keys", "/etc/unitgen/gw.keys",
+        "--gw-models", "/srv/conf/unitgen/gateways/gw/models.json",
         "--user", "haproxy", "--", "haproxy", "-Ws", "-f",
         "/srv/conf/unitgen/gateways/gw/haproxy.cfg"]
     cfg = files["unitgen/gateways/gw/haproxy.cfg"]
     assert cfg.config and "stats socket '/run/u/unitgen-gw/admin.sock'" in cfg.text
-    assert "-f '/run/u/unitgen-gw/api-keys'" in cfg.text  # the copy, not the root-only file
+    # the keys as maps root makes, not the root-only file
+    assert "map('/run/u/unitgen-gw/keys.map')" in cfg.text and "gw.keys" not in cfg.text
     assert "server m 127.0.0.1:8001" in cfg.text
     assert files["unitgen/gateways/gw/routes.map"].text.split("\n")[:2] == ["m r1", "q r1"]
     # the member renders as any instance, its record names the gateway it joins

@@ -36,6 +36,7 @@ from tests.gateway_cases import (  # noqa: F401 - collected here, with this tier
     test_a_gateway_and_its_files_are_removed,
     test_deploy_and_remove_while_clients_stream_fail_nothing,
     test_doctor_explains_a_route_that_points_nowhere,
+    test_keys_with_a_policy_models_rate_and_revocation_by_reload,
     test_one_endpoint_for_every_model_with_the_openai_sdk,
     test_streams_pass_as_produced_and_a_client_that_leaves_is_seen,
 )
@@ -130,6 +131,9 @@ class SupervisorGateways:
 
     def server_log(self, name: str) -> str:
         return self.sd.rpc().tail(f"{name}-backend", 0, 65536)[0][-4000:]
+
+    def gateway_log(self, gateway: str) -> str:
+        return self.sd.rpc().tail(f"{gateway}-backend", 0, 1 << 20)[0]
 
     def installed(self) -> list[str]:
         return sorted(p.name[len("unitgen-"):-len(".conf")]
@@ -226,7 +230,7 @@ def test_haproxy_runs_without_root_and_cannot_read_what_it_should_not(gw, tmp_pa
         assert fields["Gid"].split() == [str(user.pw_gid)] * 4
         assert int(fields["CapEff"], 16) == 0 and int(fields["CapPrm"], 16) == 0
     run = gw.sd.root / "run" / "unitgen-gws"
-    tries = {"its own keys copy": str(run / "api-keys"),
+    tries = {"its own keys map": str(run / "keys.map"),
              "the keys file": str(keys),
              "the member's secrets": str(gw.sd.root / "secrets" / "sma.env"),
              "supervisord's socket": str(gw.sd.socket),
@@ -238,13 +242,13 @@ def test_haproxy_runs_without_root_and_cannot_read_what_it_should_not(gw, tmp_pa
                           capture_output=True, text=True, timeout=30, check=True)
     said = json.loads(done.stdout)
     assert said.pop("uid") == user.pw_uid
-    assert said == {"its own keys copy": "done", "the keys file": "PermissionError",
+    assert said == {"its own keys map": "done", "the keys file": "PermissionError",
                     "the member's secrets": "PermissionError",
                     "supervisord's socket": "PermissionError",
                     "write its configuration": "PermissionError",
                     "write its route map": "PermissionError"}, said
-    # and with that copy it enforces the keys
+    # and with those maps it enforces the keys
     assert client(port).models.list().data
     assert gw.cli("remove", "gws")[0] == 0
-    assert not run.exists()  # the copy goes with the gateway
+    assert not run.exists()  # the maps go with the gateway
 

@@ -144,6 +144,9 @@ def test_a_sandboxed_gateway_routes_at_system_scope(box):
         copy = "/run/unitgen-sys-gw/member-keys.map"
         owner = box.run(["stat", "-c", "%u", "/run/unitgen-sys-gw"]).stdout.strip()  # the dynamic user
         assert owner != "0" and box.run(["stat", "-c", "%u %a", copy]).stdout.split() == [owner, "400"]
+        # and the client keys, as maps root made from the root-only keys file
+        keymap = "/run/unitgen-sys-gw/keys.map"
+        assert box.run(["stat", "-c", "%u %a", keymap]).stdout.split() == [owner, "400"]
         assert box.run(["stat", "-c", "%U %a", "/etc/unitgen/secrets/sys-gw.env"]
                        ).stdout.split() == ["root", "600"]
         other = box.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",

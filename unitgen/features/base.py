@@ -18,7 +18,8 @@ The hooks, in the order they run:
     deploy:  cohabitants (while GPUs are placed) -> plan (problems first) -> preflight
              -> prepare -> files
              (written with the run's units, all or nothing) -> reload_only
-             (per changed instance) -> after (once every instance is up)
+             (per changed instance) -> before_signal (a target that reloads by a
+             signal) -> after (once every instance is up)
     remove:  before_remove (while every instance still runs) -> removed (per instance)
     status:  status          doctor: doctor          gpus: gpus
 """
@@ -107,6 +108,11 @@ class Feature:
         instance (``changed``: their names), so reloading it is enough."""
         return False
 
+    def before_signal(self, name: str) -> None:
+        """An installed instance whose files alone changed is about to be told to
+        read them again by a signal (a target without a reload command of its
+        own, supervisord): prepare what it reads then."""
+
     def after(self, say: Say) -> None:
         """Every instance of the run is up: act on what changed (reload a gateway)."""
 
@@ -130,10 +136,11 @@ class Feature:
         doctor asks this feature instead of inspecting the processes."""
         return False
 
-    def status(self, installed: Mapping[str, InstalledLike],
-               states: Mapping[str, str]) -> tuple[dict[str, object], tuple[str, ...]]:
+    def status(self, installed: Mapping[str, InstalledLike], states: Mapping[str, str],
+               detail: frozenset[str] = frozenset()) -> tuple[dict[str, object], tuple[str, ...]]:
         """This feature's part of ``status`` (JSON data, lines); ``states``: each
-        instance's state as the status table says it."""
+        instance's state as the status table says it; ``detail``: what was asked
+        for beyond it (``status --keys``: ``keys``)."""
         return {}, ()
 
     def gpus(self, installed: Mapping[str, InstalledLike]) -> tuple[dict[str, object],

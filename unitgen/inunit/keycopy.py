@@ -22,7 +22,7 @@ import secrets
 import stat
 import sys
 
-__all__ = ["copy_for_owner", "main"]
+__all__ = ["copy_for_owner", "main", "read_root_only", "write_for_owner"]
 
 
 class _RefusedError(OSError):
@@ -31,9 +31,15 @@ class _RefusedError(OSError):
 
 def _read(source: str) -> bytes:
     try:
-        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return read_root_only(source)
     except FileNotFoundError:
         return b""
+
+
+def read_root_only(source: str) -> bytes:
+    """The bytes of ``source``, a regular file (never through a link); run as
+    root, it must be root's alone. FileNotFoundError when it is missing."""
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -51,7 +57,12 @@ def _read(source: str) -> bytes:
 
 def copy_for_owner(source: str, dest: str) -> None:
     """Copy ``source`` to ``dest``, owned by the owner of ``dest``'s directory."""
-    data = _read(source)
+    write_for_owner(_read(source), dest)
+
+
+def write_for_owner(data: bytes, dest: str) -> None:
+    """Write ``data`` to ``dest`` (mode 0400), owned by the owner of ``dest``'s
+    directory: under a fresh name, renamed over ``dest``."""
     directory, name = os.path.split(dest)
     dfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:

@@ -22,7 +22,10 @@ root; it becomes the server's user only after the steps that need root:
     --listen-fd4 HOST:PORT  listen there as root and pass the socket as fd 4 (a
                       gateway's exporter; supervisord holds one socket a program)
     --credential NAME:PATH  copy the root-owned file PATH to --mkdir's NAME, the
-                      user's, 0400 (a gateway's API keys; systemd's LoadCredential=)
+                      user's, 0400 (systemd's LoadCredential=)
+    --gw-keys PATH, --gw-metrics-keys PATH, --gw-models PATH
+                      a gateway's keys files (root's) as HAProxy maps in --mkdir,
+                      the user's, 0400 (unitgen.inunit.gwkeys)
 
 ``hold``: for a server that takes its socket (``socket_activation = true``):
 hold the public socket supervisord passed as fd 0 for as long as supervisord
@@ -63,6 +66,7 @@ from unitgen.inunit.envfile import (
     read_env_file,
     user_ids,
 )
+from unitgen.inunit.gwkeys import write_maps
 from unitgen.inunit.supproxy import fd0_to_fd3, proxy
 
 __all__ = ["main"]
@@ -104,6 +108,8 @@ def _exec(ns: argparse.Namespace) -> int:
             own_directory(ns.mkdir, uid, gid)
         if ns.credential:
             copy_credential(ns.credential, ns.mkdir, uid, gid)
+        if ns.gw_models and ns.mkdir:
+            write_maps(ns.gw_keys, ns.gw_models, ns.mkdir, ns.gw_metrics_keys)
         if ns.listen_fd4:
             listen_on_fd(ns.listen_fd4, 4)
         if ns.env_file:
@@ -183,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--bind-port", type=int)
     e.add_argument("--listen-fd4")
     e.add_argument("--credential")
+    e.add_argument("--gw-keys")
+    e.add_argument("--gw-metrics-keys")
+    e.add_argument("--gw-models")
     h = sub.add_parser("hold", help="hold fd 0 and hand it to the server (socket activation)")
     h.add_argument("--serve", required=True)
     h.add_argument("--user")

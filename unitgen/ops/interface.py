@@ -82,8 +82,9 @@ class TargetOps(Protocol):
         """Install or update instances and wait until they answer."""
         ...
 
-    def status(self, names: list[str]) -> Result:
-        """State of the named instances (all when none are named)."""
+    def status(self, names: list[str], detail: frozenset[str] = frozenset()) -> Result:
+        """State of the named instances (all when none are named); ``detail``:
+        what features add on request (``keys``: each gateway's counters per key)."""
         ...
 
     def ls(self) -> Result:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -263,7 +264,21 @@ def _gateway_plan(g: GatewaySpec, planned: list[Planned],
     upstreams = upstream_members(g)  # on other hosts: their keys are files of their own
     keys += [(m.instance, k) for m in upstreams
              if m.key_file and (k := read_key_file(m.key_file)) is not None]
-    return GatewayPlan(settings_of(g), (*members, *upstreams), metrics_of(g), tuple(keys))
+    settings = replace(settings_of(g), keys_stamp=_stamp(g.api_keys_file, g.metrics_keys_file))
+    return GatewayPlan(settings, (*members, *upstreams), metrics_of(g), tuple(keys))
+
+
+def _stamp(*paths: str | None) -> str:
+    """Size and mtime of each file (not its contents: these are keys files)."""
+    out = []
+    for path in paths:
+        if path:
+            try:
+                st = os.stat(path)
+                out.append(f"{st.st_size}@{st.st_mtime_ns}")
+            except OSError:
+                out.append("-")
+    return " ".join(out)
 
 
 def _cross_file(planned: list[Planned], *, final: bool) -> list[Problem]:

@@ -23,6 +23,7 @@ from unitgen.features.gateway.files import SETTINGS, read_settings
 from unitgen.features.gateway.keys import installed_key
 from unitgen.features.gateway.plan import GatewayPlan, Member, member_key, member_of, route_keys
 from unitgen.features.gateway.render import CONFIG, FILES, MEMBER_KEYS, GatewayPaths, render_gateway
+from unitgen.inunit.gwkeys import MAPS, METRICS_KEYS, parse_keys
 from unitgen.inunit.hareload import runtime_api
 from unitgen.ops.pipeline import Planned
 from unitgen.ops.trust import secret_file_problem
@@ -68,6 +69,12 @@ class GatewayBinding(Protocol):
         outcome, None when the gateway is not running."""
         ...
 
+    def before_signal(self, gateway: str) -> None:
+        """The target is about to reload a running gateway by a signal of its
+        own: make its keys maps again first (a target whose reload command does
+        that, systemd's ``ExecReload=+``, does nothing here)."""
+        ...
+
     def socket_states(self, names: list[str]) -> dict[str, SocketState]:
         """Instance -> what holds its public socket and its state."""
         ...
@@ -92,7 +99,23 @@ def key_file_problems(planned: Iterable[Planned], root: bool) -> list[Problem]:
                 out.append(Problem(str(p.path), key, f"{why}: make the file root's alone "
                                    f"(chown root:root {path}; chmod 600 {path})"
                                    if root else f"{why}: chmod 600 {path}"))
+            elif path and key in ("api_keys_file", "metrics_keys_file"):
+                out += [Problem(str(p.path), key, f"{path}: {said}")
+                        for said in _key_lines(path)]
     return out
+
+
+def _key_lines(path: str) -> list[str]:
+    """What is wrong in a keys file (its format: :mod:`unitgen.inunit.gwkeys`);
+    nothing when this process may not read it (the unit's start says then)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ["no such file: the gateway would not start (it reads its keys at each start "
+                "and reload)"]
+    except (OSError, UnicodeDecodeError):
+        return []
+    return parse_keys(text)[1]
 
 
 def remote_members(binding: GatewayBinding, gateway: str) -> list[tuple[Member, str]]:
@@ -161,12 +184,13 @@ def validate(source: str, plan: GatewayPlan) -> None:
         raise SpecError(problems=[Problem(source, "kind", "a gateway runs HAProxy, which is "
                                           "not installed here (Debian: apt-get install haproxy)")])
     with tempfile.TemporaryDirectory(prefix="unitgen-gw-") as tmp:
-        paths = GatewayPaths(tmp, tmp, plan.settings.api_keys_file,
-                             plan.settings.metrics_keys_file)
+        paths = GatewayPaths(tmp, tmp)
         keyed = set(route_keys(plan)[0])
         for f in render_gateway(plan.settings, plan.routes, paths, keyed=keyed):
             (Path(tmp) / f.name).write_text(f.text, encoding="utf-8")
-        (Path(tmp) / MEMBER_KEYS).write_text("", encoding="utf-8")  # HAProxy reads it at start
+        # the files HAProxy reads at start from its runtime directory (the keys as maps)
+        for name in (MEMBER_KEYS, *MAPS.values(), METRICS_KEYS):
+            (Path(tmp) / name).write_text("", encoding="utf-8")
         socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
         try:
             done = subprocess.run(

@@ -17,12 +17,14 @@ upstream's address alone) answers the same list before and after.
 from __future__ import annotations
 
 import http.client
+import json
 import time
 from pathlib import Path
 
 from unitgen.errors import UnitgenError
 from unitgen.features.gateway.files import read_settings
 from unitgen.features.gateway.render import FILES
+from unitgen.inunit.gwkeys import listing, parse_keys
 from unitgen.inunit.hareload import IN_A_ROW
 
 __all__ = ["IN_A_ROW", "first_key", "wait_served"]
@@ -30,21 +32,19 @@ __all__ = ["IN_A_ROW", "first_key", "wait_served"]
 MODELS_PATH = "/v1/models"
 
 
-def first_key(keys_file: str | None) -> str | None:
-    """The first key of an API keys file as HAProxy reads one (a line, leading
-    blanks dropped; empty lines and ``#`` comments skipped). None: no file, or
-    this process may not read it."""
+def first_key(keys_file: str | None) -> tuple[str, tuple[str, ...] | None] | None:
+    """A key of an API keys file to ask with, and the routes it may see (None:
+    all): one that sees every route when there is one. None: no file, or this
+    process may not read it."""
     if not keys_file:
         return None
     try:
         text = Path(keys_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
-    for line in text.splitlines():
-        key = line.lstrip(" \t")
-        if key and not key.startswith("#"):
-            return key
-    return None
+    keys = parse_keys(text)[0]
+    found = next((k for k in keys if k.models is None), keys[0] if keys else None)
+    return (found.key, found.models) if found is not None else None
 
 
 def _ask(target: str, key: str | None, timeout: float) -> tuple[int, str]:
@@ -74,7 +74,10 @@ def wait_served(gateway: str, directory: Path, target: str, timeout: float = 30.
         return f"{gateway}: its routes were not checked: cannot read {exc.filename}"
     found = read_settings(directory)
     keys_file = found.settings.api_keys_file if found is not None else None
-    key = first_key(keys_file)
+    asking = first_key(keys_file)
+    key = asking[0] if asking is not None else None
+    if asking is not None and asking[1] is not None:  # its own list (models-key.lf)
+        expected = listing(json.loads(expected), asking[1]) + "\n"
     deadline = time.monotonic() + timeout
     seen, last = 0, ""
     while True:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 from unitgen.errors import Problem, SpecError
 from unitgen.features.base import Feature, InstalledLike, Writes
@@ -33,6 +34,7 @@ from unitgen.features.gateway.config import (
 from unitgen.features.gateway.doctor import gateway_findings, member_findings, members_of
 from unitgen.features.gateway.live import wait_served
 from unitgen.features.gateway.plan import Member
+from unitgen.features.gateway.usage import key_usage, usage_lines
 from unitgen.ops.files import apply_changes, read_exact
 from unitgen.ops.findings import Finding
 from unitgen.ops.interface import Say
@@ -100,6 +102,11 @@ class GatewayFeature(Feature):
         self._reloaded.add(planned.instance.name)
         return True
 
+    def before_signal(self, name: str) -> None:
+        """A gateway told to reload by a signal reads its keys again: their maps
+        first (the binding's)."""
+        self.binding.before_signal(name)
+
     def after(self, say: Say) -> None:
         """Reload the gateways whose routes changed (their members are up now);
         return once every reloaded gateway answers with its new routes."""
@@ -136,12 +143,19 @@ class GatewayFeature(Feature):
             return [], []
         return remove_gateway_files(self.binding, inst.name), []
 
-    def status(self, installed: Mapping[str, InstalledLike],
-               states: Mapping[str, str]) -> tuple[dict[str, object], tuple[str, ...]]:
-        """Each gateway, its routes and their instances' states."""
-        remote = {g: remote_members(self.binding, g) for g, i in installed.items()
-                  if i.rec.is_gateway}
-        return gateway_section(installed, states, remote)
+    def status(self, installed: Mapping[str, InstalledLike], states: Mapping[str, str],
+               detail: frozenset[str] = frozenset()) -> tuple[dict[str, object], tuple[str, ...]]:
+        """Each gateway, its routes and their instances' states; with ``keys``,
+        its counters per key name (from the running HAProxy)."""
+        gateways = sorted(g for g, i in installed.items() if i.rec.is_gateway)
+        remote = {g: remote_members(self.binding, g) for g in gateways}
+        data, lines = gateway_section(installed, states, remote)
+        if "keys" not in detail:
+            return data, lines
+        usage = {g: key_usage(self.binding.admin_socket(g)) for g in gateways}
+        for entry in cast("list[dict[str, object]]", data.get("gateways", [])):
+            entry["keys"] = usage[str(entry["name"])]
+        return data, (*lines, *(line for g in gateways for line in usage_lines(g, usage[g])))
 
     def doctor(self, installed: Mapping[str, InstalledLike], name: str,
                running: bool) -> list[Finding]:

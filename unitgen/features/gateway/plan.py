@@ -104,6 +104,9 @@ class GatewaySettings:
     client_timeout: float = GatewaySpec.client_timeout  # a silent client is closed after
     request_timeout: float = GatewaySpec.request_timeout  # to send a whole request
     max_connections_per_client: int | None = None  # None: half of max_connections
+    # when its keys files last changed (size and mtime, never their contents): a
+    # changed keys file changes the settings, so deploying the gateway reloads it
+    keys_stamp: str = ""
 
     @property
     def per_client(self) -> int:

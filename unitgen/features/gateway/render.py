@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from unitgen.features.gateway.patterns import ONE_MODEL_RE, ROUTED_PATHS
 from unitgen.features.gateway.plan import GatewaySettings, Route
+from unitgen.inunit.gwkeys import MAPS, METRICS_KEYS
 from unitgen.targets.base import MARKER, RenderedFile, strict_environment
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ FILES = {
     "routes": "routes.map", "models": "models.json", "e400": "400.json", "e401": "401.json",
     "e404": "404.json", "e404path": "404-path.json", "e413": "413.json", "e429": "429.http",
     "e400twice": "400-model-twice.json", "e408": "408.http", "one_model": "one-model.re",
+    # what a key's policy answers (api_keys_file): its own list and 404, its 429s
+    "models_key": "models-key.lf", "e404key": "404-key.lf", "e429rate": "429-rate.json",
+    "e429flight": "429-in-flight.json",
+    # the page, the counters per key and their JSON for status (unitgen.lua.j2)
+    "lua": "unitgen.lua",
 }
 CONFIG = "haproxy.cfg"
 # the API keys it sends its members ("backend Bearer key" lines), in its runtime
@@ -43,9 +49,9 @@ class GatewayPaths:
     """Where a gateway's files are on the host (absolute: HAProxy reads them)."""
 
     directory: str  # its configuration directory
-    runtime: str  # its runtime directory (the admin socket)
-    keys_file: str | None = None  # the API keys as HAProxy may read them
-    metrics_keys_file: str | None = None  # the exporter's keys, likewise
+    # its runtime directory: the admin socket, and the keys as HAProxy reads them
+    # (maps that unitgen.inunit.gwkeys makes from the keys files at start and reload)
+    runtime: str
 
 
 def _q(value: object) -> str:
@@ -79,8 +85,15 @@ def _comment(value: object) -> str:
     return "".join(c if c.isprintable() else "?" for c in str(value))
 
 
+def _lua(value: object) -> str:
+    """A Lua string literal: every byte but plain printable ASCII as ``\\ddd``."""
+    return '"' + "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else
+                         "".join(f"\\{b:03d}" for b in c.encode()) for c in str(value)) + '"'
+
+
 _FILTERS: dict[str, Callable[[object], str]] = {
     "q": _q, "num": _num, "ident": _ident, "address": _address, "comment": _comment,
+    "lua": _lua,
 }
 
 
@@ -103,6 +116,7 @@ def render_gateway(settings: GatewaySettings, routes: list[Route], paths: Gatewa
     client's key."""
     names = sorted(n for r in routes for n in r.names)
     files = {k: f"{paths.directory}/{v}" for k, v in FILES.items()}
+    keymaps = {k: f"{_lf_path(paths.runtime)}/{v}" for k, v in MAPS.items()}
     values = {
         "name": settings.name, "maxconn": settings.max_connections,
         # HAProxy keeps a part of each buffer for rewrites (tune.maxrewrite, 1024 by
@@ -112,13 +126,15 @@ def render_gateway(settings: GatewaySettings, routes: list[Route], paths: Gatewa
         "client_timeout": settings.client_timeout, "request_timeout": settings.request_timeout,
         "per_client": settings.per_client, "paths": ROUTED_PATHS,
         "default_wait": max([r.wait for r in routes] or [60.0]),
-        "keys_file": paths.keys_file or "", "metrics": bool(settings.metrics),
-        "metrics_keys": paths.metrics_keys_file or "",
+        "keys": bool(settings.api_keys_file), "keymaps": keymaps,
+        "metrics": bool(settings.metrics),
+        "metrics_keys": f"{paths.runtime}/{METRICS_KEYS}" if settings.metrics_keys_file else "",
         "member_keys": f"{paths.runtime}/{MEMBER_KEYS}",
         "keyed": keyed if settings.api_keys_file else frozenset(),
         "files": files, "routes": routes,
     }
     cfg = _environment().get_template("gateway.cfg.j2").render(values)
+    lua = _environment().get_template("unitgen.lua.j2").render(values)
     listing = ", ".join(names) if names else "none yet"
     models = {"object": "list", "data": [
         {"id": n, "object": "model", "created": 0, "owned_by": "unitgen"} for n in names]}
@@ -145,10 +161,29 @@ def render_gateway(settings: GatewaySettings, routes: list[Route], paths: Gatewa
             408, "invalid_request_error", f"the request was not sent whole within "
             f"{settings.request_timeout:g} s (the gateway's request_timeout)")),
         "one_model": ONE_MODEL_RE + "\n",
+        "lua": lua,
+        # log-format files: a key's own list and its 404 come from its name's maps
+        "models_key": f"%[var(txn.kname),map({keymaps['listing']})]\n",
+        "e404key": _error(404, "not_found_error", "no such model for this API key; its models "
+                          f"are: %[var(txn.kname),map({keymaps['names']})]"),
+        "e429rate": _error(429, "rate_limit_error", "this API key sent as many requests in the "
+                           "last minute as its rpm (the gateway's keys file) lets it: retry "
+                           "later"),
+        "e429flight": _error(429, "rate_limit_error", "this API key has as many requests in "
+                             "flight as its in_flight (the gateway's keys file) lets it: retry "
+                             "when one has been answered"),
     }
     out = [RenderedFile(CONFIG, f"{cfg}")]
     out += [RenderedFile(FILES[k], text) for k, text in bodies.items()]
     return out
+
+
+def _lf_path(path: str) -> str:
+    """A directory a log-format expression names unquoted (``map(PATH)``)."""
+    if not re.fullmatch(r"/[A-Za-z0-9/._@+-]*", path) or "%" in path:
+        raise ValueError(f"{path!r} cannot be named in an HAProxy log-format expression: the "
+                         "gateway's runtime directory may hold letters, digits and /._@+- only")
+    return path
 
 
 def member_keys_map(name: str, keys: dict[str, str]) -> str:

@@ -29,8 +29,9 @@ GATEWAY_KEYS: tuple[Key, ...] = (
     Key("host", Kind.TEXT, "listen address, an IP literal", default="127.0.0.1"),
     Key("port", Kind.INTEGER, "the one port clients use (owned by the socket)",
         required=True, lo=1, hi=65535),
-    Key("api_keys_file", Kind.PATH, "a file of API keys, one a line (mode 0600): a request "
-        "without `Authorization: Bearer <one of them>` gets 401"),
+    Key("api_keys_file", Kind.PATH, "a file of API keys, one a line, each alone or with "
+        "`name=`, `models=`, `rpm=`, `in_flight=` (root's, mode 0600; docs/gateway.md): a "
+        "request without `Authorization: Bearer <one of them>` gets 401"),
     Key("metrics", Kind.TEXT, "`HOST:PORT` of HAProxy's Prometheus exporter (`/metrics`): a "
         "loopback address, unless `metrics_keys_file` is set"),
     Key("metrics_keys_file", Kind.PATH, "a file of keys, one a line (root's, mode 0600): "

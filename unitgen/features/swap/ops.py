@@ -132,8 +132,8 @@ class SwapFeature(Feature):
         units = self.binding.member_units([m for ms in groups.values() for m in ms])
         return [_state(g, ms, units) for g, ms in sorted(groups.items())]
 
-    def status(self, installed: Mapping[str, InstalledLike],
-               states: Mapping[str, str]) -> tuple[dict[str, object], tuple[str, ...]]:
+    def status(self, installed: Mapping[str, InstalledLike], states: Mapping[str, str],
+               detail: frozenset[str] = frozenset()) -> tuple[dict[str, object], tuple[str, ...]]:
         """One line per group (every group: a member's wait depends on the others)."""
         groups = self.states(installed)
         if not groups:

@@ -8,13 +8,17 @@ ports."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from unitgen.errors import UnitgenError
 from unitgen.features.gateway.doctor import SocketState
+from unitgen.features.gateway.files import read_settings
 from unitgen.features.gateway.plan import GatewayPlan
+from unitgen.features.gateway.render import FILES
 from unitgen.inunit.envfile import read_env_file
+from unitgen.inunit.gwkeys import push, write_maps
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.site import Site
 from unitgen.targets.base import RenderedFile
@@ -74,8 +78,27 @@ class SupervisorGateway:
             return None  # not loaded
         if info.get("statename") != "RUNNING" or not info.get("pid"):
             return None
+        self.before_signal(gateway)
         self.rpc.call("signalProcess", program, "USR2")
         return f"SIGUSR2 to HAProxy's master, pid {info['pid']}"
+
+    def before_signal(self, gateway: str) -> None:
+        """Its keys files as maps again, handed to the running worker before the
+        signal (what the wrapper does at start; :mod:`unitgen.inunit.gwkeys`): a
+        changed keys file holds from this reload on."""
+        found = read_settings(self.directory(gateway))
+        if found is None or not (found.settings.api_keys_file or found.settings.metrics_keys_file):
+            return
+        run = runtime_dir(self.ctx.run_dir, gateway)
+        try:
+            files = write_maps(found.settings.api_keys_file,
+                               str(self.directory(gateway) / FILES["models"]), run,
+                               found.settings.metrics_keys_file)
+            with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
+                push(str(self.admin_socket(gateway)), run, files)
+        except (OSError, ValueError) as exc:
+            raise UnitgenError(f"{gateway}: its keys were not reloaded ({exc}): it still "
+                               "answers by its previous keys and routes") from None
 
     def socket_states(self, names: list[str]) -> dict[str, SocketState]:
         """Each instance's public program (its fcgi socket) and its state."""

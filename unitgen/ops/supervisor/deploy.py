@@ -268,6 +268,8 @@ class SupervisorDeploy:
         sig, server = reload_signal(change.inst), f"{change.name}-backend"
         if sig is None or self._states.get(server, {}).get("statename") != "RUNNING":
             return False
+        for f in self.features:  # what systemd's ExecReload=+ would do first
+            f.before_signal(change.name)
         self.rpc.call("signalProcess", server, sig)
         return True
 

@@ -96,7 +96,7 @@ def _row(target: Site, conf: InstalledConf, states: dict[str, dict[str, Any]]) -
                f"{sname.lower()}; public port: {probe.detail}", programs)
 
 
-def status(names: list[str], target: Site) -> Result:
+def status(names: list[str], target: Site, detail: frozenset[str] = frozenset()) -> Result:
     """Every (or the named) instance: state from supervisord plus a live probe."""
     confs = (require(target.conf_dir, names, target.ctx.run_dir) if names
              else scan(target.conf_dir, target.ctx.run_dir))
@@ -107,7 +107,7 @@ def status(names: list[str], target: Site) -> Result:
     more: tuple[str, ...] = ()
     for feat in features(target, rpc):
         said, feat_lines = feat.status(scan(target.conf_dir, target.ctx.run_dir),
-                                       {r.name: r.state for r in rows})
+                                       {r.name: r.state for r in rows}, detail)
         data.update(said)
         more += feat_lines
     lines = [f"{'NAME':<20} {'STATE':<9} {'PUBLIC':<22} {'PID':>7} {'UPTIME':>8}  DETAIL"]

@@ -67,11 +67,11 @@ class SupervisorOps(TargetOps):
 
         return deploy(paths, self.site(), opts)
 
-    def status(self, names: list[str]) -> Result:
+    def status(self, names: list[str], detail: frozenset[str] = frozenset()) -> Result:
         """See TargetOps."""
         from unitgen.ops.supervisor.status import status  # noqa: PLC0415
 
-        return status(names, self.site(need_proxyd=False))
+        return status(names, self.site(need_proxyd=False), detail)
 
     def ls(self) -> Result:
         """See TargetOps."""

@@ -37,7 +37,7 @@ class SystemdGateway:
     def files(self, gateway: str, plan: GatewayPlan,
               where: tuple[str, str]) -> list[RenderedFile]:
         """The gateway's HAProxy files as the systemd target writes them."""
-        return gateway_files(gateway, plan, gateway_paths(gateway, plan, self.scope),
+        return gateway_files(gateway, plan, gateway_paths(gateway, self.scope),
                              f"unitgen/gateways/{gateway}", where)
 
     def path(self, f: RenderedFile) -> Path:
@@ -67,6 +67,9 @@ class SystemdGateway:
                                "still routes by its previous configuration; journalctl -u "
                                f"{unit} says why")
         return done.result
+
+    def before_signal(self, gateway: str) -> None:
+        """Nothing: the unit's ``ExecReload=+`` makes the keys maps."""
 
     def socket_states(self, names: list[str]) -> dict[str, SocketState]:
         """Each instance's ``.socket`` unit and its state."""

@@ -285,7 +285,7 @@ def _with_gpus(row: InstanceStatus, inst: Installed, gpus: list[Gpu], scope: str
                    gpu_memory_bytes=used if gpus else None)
 
 
-def status(names: list[str], scope: str) -> Result:
+def status(names: list[str], scope: str, detail: frozenset[str] = frozenset()) -> Result:
     """Status of the named instances (all when none are named), and what each
     feature says (swap groups, gateways)."""
     session = Session(scope)
@@ -297,7 +297,7 @@ def status(names: list[str], scope: str) -> Result:
         data: dict[str, object] = {"instances": [asdict(r) for r in rows]}
         more: tuple[str, ...] = ()
         for f in feats:
-            said, lines = f.status(installed, states)
+            said, lines = f.status(installed, states, detail)
             data.update(said)
             more += lines
     finally:

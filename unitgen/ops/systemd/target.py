@@ -82,11 +82,11 @@ class SystemdOps(TargetOps):
 
         return run(SystemdDeploy(self.scope, self.ctx), paths, opts)
 
-    def status(self, names: list[str]) -> Result:
+    def status(self, names: list[str], detail: frozenset[str] = frozenset()) -> Result:
         """See TargetOps."""
         from unitgen.ops.systemd.status import status  # noqa: PLC0415
 
-        return status(names, self.scope)
+        return status(names, self.scope, detail)
 
     def ls(self) -> Result:
         """See TargetOps."""

@@ -30,7 +30,7 @@ from unitgen.targets.capabilities import ALL, Capability, Limits
 from unitgen.targets.supervisor import escape
 from unitgen.targets.supervisor.gateway import (
     GATEWAY_USER,
-    KEYS_COPY,
+    keys_maps_args,
     render_gateway_files,
 )
 
@@ -258,7 +258,7 @@ def _server_argv(inst: Instance, ctx: SupervisorContext) -> list[str]:
         wrap += ["--env-file", env_path(inst, ctx), "--env-digest", escape.env_digest(inst.env)]
     if private is None:
         wrap += ["--fd3-from", _hold_path(inst, ctx)]
-    wrap += _gateway_wrap(inst)
+    wrap += _gateway_wrap(inst, ctx)
     if run_as(inst):
         wrap += ["--user", str(run_as(inst))]
     if private is not None and private.kind == "tcp" and private.port < 1024:
@@ -269,10 +269,10 @@ def _server_argv(inst: Instance, ctx: SupervisorContext) -> list[str]:
     return [ctx.python, "-I", "-m", "unitgen.inunit.supwrap", "exec", *wrap, "--", *argv]
 
 
-def _gateway_wrap(inst: Instance) -> list[str]:
+def _gateway_wrap(inst: Instance, ctx: SupervisorContext) -> list[str]:
     """What root hands a gateway's HAProxy before it becomes its user: the
     exporter's socket as fd 4 (bound first, so a privileged port works too)
-    and a copy of the API keys in its runtime directory."""
+    and its keys as maps in its runtime directory."""
     plan = inst.gateway
     if plan is None:
         return []
@@ -280,8 +280,7 @@ def _gateway_wrap(inst: Instance) -> list[str]:
     if plan.metrics is not None:
         host, port = plan.metrics
         out += ["--listen-fd4", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    if plan.settings.api_keys_file:
-        out += ["--credential", f"{KEYS_COPY}:{plan.settings.api_keys_file}"]
+    out += keys_maps_args(inst.name, plan, ctx.config_dir)
     return out
 
 

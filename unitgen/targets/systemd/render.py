@@ -41,7 +41,7 @@ from unitgen.targets.systemd.contexts import (
     swap_context,
     watch_cmd,
 )
-from unitgen.targets.systemd.gateway import keys_copy_cmd, render_gateway_files
+from unitgen.targets.systemd.gateway import keys_copy_cmd, keys_maps_cmd, render_gateway_files
 from unitgen.timespan import format_seconds
 
 __all__ = [
@@ -296,10 +296,7 @@ def _gateway_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
                        f"{RUNTIME_DIR}/unitgen-{inst.name}/admin.sock", "--timeout",
                        format_seconds(RELOAD_TIMEOUT)] if plan is not None else [],
         "keys_copy": keys_copy_cmd(ctx.python, inst.name) if plan is not None else [],
-        "keys_source": (plan.settings.api_keys_file or "") if plan is not None
-                       and ctx.scope == "system" else "",
-        "metrics_keys_source": (plan.settings.metrics_keys_file or "") if plan is not None
-                               and ctx.scope == "system" else "",
+        "keys_maps": keys_maps_cmd(ctx.python, inst.name, plan) if plan is not None else [],
     }
 
 

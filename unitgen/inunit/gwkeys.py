@@ -1,0 +1,283 @@
+"""A gateway's API keys and what each may do, as HAProxy reads them: what the
+gateway's unit runs as root before HAProxy starts and before each reload
+(``ExecStartPre=+``, ``ExecReload=+``; under supervisord the wrapper at start
+and the binding at reload), so a changed keys file holds from the reload on.
+
+The keys file: one key a line, alone (every route, no limit: the format
+before policies) or followed by its policy (docs/gateway.md)::
+
+    sk-alice-7f3c  name=alice models=qwen,llama rpm=60 in_flight=4
+    sk-ci-19ab     name=ci models=qwen rpm=10
+    sk-plain-4d1e
+
+``name`` is what logs, counters and ``status`` show (never the key; a key
+without one is ``key-`` and 8 hex digits of its SHA-256); ``models`` the route
+names it may use (others answer 404, ``/v1/models`` lists only these);
+``rpm`` the requests it may send a minute; ``in_flight`` how many it may have
+in flight at once (over either: 429). Keys that share a name share its
+counters and bounds (an old and a new key while clients move over), so they
+must give it the same policy.
+
+The file becomes HAProxy map files in the gateway's runtime directory (the
+HAProxy user's, mode 0400; :data:`MAPS`), each written under a fresh name and
+renamed over the old one. With ``--admin`` the maps are also handed to the
+running worker over its runtime API (``prepare map``, ``add map``, ``commit
+map``) *before* the reload's signal: the worker that finishes the requests in
+flight answers the last request of each kept-alive connection by the new
+keys, so a revoked key fails from the reload on, while a stream it started
+before goes on to its end. Standard library only.
+
+    python -I -m unitgen.inunit.gwkeys --keys FILE --models MODELS_JSON --out DIR \\
+        [--metrics-keys FILE] [--admin SOCKET]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+
+from unitgen.inunit.keycopy import read_root_only, write_for_owner
+
+__all__ = ["MAPS", "METRICS_KEYS", "KeyPolicy", "listing", "main", "maps_of", "parse_keys",
+           "push", "write_maps"]
+
+# the files, in the runtime directory; what each maps
+MAPS = {
+    "key": "keys.map",  # key -> its name (a secret: the keys themselves)
+    "listing": "key-models.map",  # name -> its /v1/models answer (restricted names only)
+    "names": "key-names.map",  # name -> its route names, for its 404
+    "allowed": "key-routes.map",  # "name|route" -> 1, each route a restricted name may use
+    "rpm": "key-rpm.map",  # name -> requests a minute
+    "in_flight": "key-in-flight.map",  # name -> requests in flight at once
+}
+METRICS_KEYS = "metrics-keys.lst"  # the exporter's keys, one a line (an ACL's patterns)
+
+_KEY_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750's b64token: what Bearer carries
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # the stick-table's string key: 64
+_ROUTE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")  # a route name (plan.py)
+_FIELDS = ("name", "models", "rpm", "in_flight")
+_MAX = 1_000_000_000  # HAProxy counts in 32 bits
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """One key and what it may do (None: no restriction)."""
+
+    key: str
+    name: str
+    models: tuple[str, ...] | None = None
+    rpm: int | None = None
+    in_flight: int | None = None
+    line: int = 0
+
+    def same_policy(self, other: KeyPolicy) -> bool:
+        """Both give their name the same rules."""
+        return (self.models, self.rpm, self.in_flight) == (other.models, other.rpm,
+                                                            other.in_flight)
+
+
+def default_name(key: str) -> str:
+    """The name of a key given without one: stable, and no use for finding the key."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def _number(field: str, value: str) -> int | str:
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= _MAX:
+        return f"{field}={value!r} is not a whole number from 1 to {_MAX}"
+    return int(value)
+
+
+def _line(words: list[str], n: int) -> KeyPolicy | list[str]:
+    """One line's key and policy, or what is wrong with it (never quoting the key)."""
+    key = words[0]
+    fields: dict[str, str] = {}
+    problems: list[str] = []
+    if not _KEY_RE.fullmatch(key) or len(key) > 1024:
+        problems.append("the key (its first word) holds characters a Bearer token cannot "
+                        "(letters, digits and -._~+/ then = at the end), or is over 1024 long")
+    for word in words[1:]:
+        field, eq, value = word.partition("=")
+        if not eq or field not in _FIELDS:
+            problems.append(f"{word[:40]!r} is not one of {', '.join(f + '=' for f in _FIELDS)}")
+        elif field in fields:
+            problems.append(f"{field}= is given twice")
+        else:
+            fields[field] = value
+    models: tuple[str, ...] | None = None
+    numbers: dict[str, int] = {}
+    if "name" in fields and not _NAME_RE.fullmatch(fields["name"]):
+        problems.append(f"name={fields['name'][:70]!r} must be 1-63 letters, digits or ._- "
+                        "(starting with a letter or digit)")
+    if "models" in fields:
+        models = tuple(fields["models"].split(","))
+        if not all(_ROUTE_RE.fullmatch(m) for m in models) or len(set(models)) != len(models):
+            problems.append(f"models={fields['models'][:70]!r} must be route names separated "
+                            "by commas, each once")
+    for field in ("rpm", "in_flight"):
+        if field in fields:
+            got = _number(field, fields[field])
+            if isinstance(got, str):
+                problems.append(got)
+            else:
+                numbers[field] = got
+    if problems:
+        return [f"line {n}: {p}" for p in problems]
+    return KeyPolicy(key=key, name=fields.get("name") or default_name(key), models=models,
+                     rpm=numbers.get("rpm"), in_flight=numbers.get("in_flight"), line=n)
+
+
+def parse_keys(text: str) -> tuple[list[KeyPolicy], list[str]]:
+    """The keys of a keys file, and every problem (by line; never a key)."""
+    found: list[KeyPolicy] = []
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    names: dict[str, KeyPolicy] = {}
+    for n, raw in enumerate(text.split("\n"), 1):
+        words = raw.split()
+        if not words or words[0].startswith("#"):
+            continue
+        got = _line(words, n)
+        if isinstance(got, list):
+            problems += got
+            continue
+        if got.key in seen:
+            problems.append(f"line {n}: the same key as line {seen[got.key]}")
+            continue
+        first = names.setdefault(got.name, got)
+        if not first.same_policy(got):
+            problems.append(f"line {n}: name={got.name} is on line {first.line} with other "
+                            "models, rpm or in_flight: keys that share a name share its rules")
+            continue
+        seen[got.key] = n
+        found.append(got)
+    return found, problems
+
+
+def listing(models: dict[str, object], allowed: tuple[str, ...]) -> str:
+    """``/v1/models`` as it answers a key that may use ``allowed`` only: the
+    gateway's own list (``models``, its models.json) without the others, on one line."""
+    found = models.get("data")
+    data = [m for m in (found if isinstance(found, list) else [])
+            if isinstance(m, dict) and m.get("id") in allowed]
+    return json.dumps({**models, "data": data}, separators=(",", ":"))
+
+
+def maps_of(policies: list[KeyPolicy], models: dict[str, object]) -> dict[str, list[str]]:
+    """The map files' lines (``key value``), by :data:`MAPS` entry."""
+    out: dict[str, list[str]] = {k: [] for k in MAPS}
+    by_name: dict[str, KeyPolicy] = {}
+    for p in policies:
+        out["key"].append(f"{p.key} {p.name}")
+        by_name.setdefault(p.name, p)
+    for name, p in sorted(by_name.items()):
+        if p.models is not None:
+            out["listing"].append(f"{name} {listing(models, p.models)}")
+            out["names"].append(f"{name} {', '.join(p.models)}")
+            out["allowed"] += [f"{name}|{m} 1" for m in p.models]
+        if p.rpm is not None:
+            out["rpm"].append(f"{name} {p.rpm}")
+        if p.in_flight is not None:
+            out["in_flight"].append(f"{name} {p.in_flight}")
+    return out
+
+
+def _keys_only(text: str, source: str) -> list[str]:
+    """The exporter's keys file: a key a line (its first word)."""
+    keys, problems = parse_keys(text)
+    if problems:
+        raise ValueError(f"{source}: {problems[0]}")
+    return [p.key for p in keys]
+
+
+def write_maps(keys_file: str | None, models_file: str, out: str,
+               metrics_keys_file: str | None = None) -> dict[str, list[str]]:
+    """Read the keys file (and the exporter's), check all of it, then write every
+    map into ``out``; the lines written, by file name. ValueError (naming the
+    file and line) when a file is wrong: nothing is written then."""
+    files: dict[str, list[str]] = {}
+    if keys_file is not None:
+        try:
+            with open(models_file, encoding="utf-8") as fh:
+                models = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the gateway's models file {models_file}: "
+                             f"{exc}") from None
+        keys, problems = parse_keys(read_root_only(keys_file).decode("utf-8", "replace"))
+        if problems:
+            raise ValueError(f"{keys_file}: " + "; ".join(problems[:5]))
+        files = {MAPS[k]: lines for k, lines in maps_of(keys, models).items()}
+    if metrics_keys_file is not None:
+        text = read_root_only(metrics_keys_file).decode("utf-8", "replace")
+        files[METRICS_KEYS] = _keys_only(text, metrics_keys_file)
+    for name, lines in files.items():
+        write_for_owner("".join(f"{line}\n" for line in lines).encode(), os.path.join(out, name))
+    return files
+
+
+def _api(sock: str, command: str, timeout: float = 5.0) -> str:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(sock)
+        s.sendall(command.encode() + b"\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.decode("utf-8", "replace")
+
+
+def push(sock: str, out: str, files: dict[str, list[str]], chunk: int = 500) -> list[str]:
+    """Hand the maps to the worker answering on the runtime API ``sock``, each
+    replaced at once (a new version filled, then committed); the files it took.
+    A map that worker does not read (its configuration is older) is left out;
+    OSError when the socket does not answer."""
+    taken = []
+    for name, lines in files.items():
+        path = os.path.join(out, name)
+        kind = "acl" if name == METRICS_KEYS else "map"
+        said = _api(sock, f"prepare {kind} {path}")
+        version = re.search(r"New version created: (\d+)", said)
+        if version is None:
+            continue  # "Unknown ... identifier": the running configuration has no such file
+        at = f"@{version.group(1)}"
+        for i in range(0, len(lines), chunk):
+            payload = "\n".join(lines[i:i + chunk])
+            said = _api(sock, f"add {kind} {at} {path} <<\n{payload}\n")
+            if said.strip():
+                raise OSError(f"HAProxy refused a line of {name}: {said.strip()[:200]}")
+        said = _api(sock, f"commit {kind} {at} {path}")
+        if said.strip():
+            raise OSError(f"HAProxy did not take the new {name}: {said.strip()[:200]}")
+        taken.append(name)
+    return taken
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (module docstring); a message and exit 1 on failure."""
+    ap = argparse.ArgumentParser(prog="unitgen gwkeys", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--keys", help="the gateway's api_keys_file")
+    ap.add_argument("--models", required=True, help="its models.json (every route)")
+    ap.add_argument("--out", required=True, help="its runtime directory")
+    ap.add_argument("--metrics-keys", help="its metrics_keys_file")
+    ap.add_argument("--admin", help="the running worker's runtime API, if it runs")
+    ns = ap.parse_args(argv)
+    try:
+        files = write_maps(ns.keys, ns.models, ns.out, ns.metrics_keys)
+        # no HAProxy runs yet (no socket, or nobody at it): it reads the files at start
+        with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
+            if ns.admin:
+                push(ns.admin, ns.out, files)
+    except (OSError, ValueError) as exc:
+        print(f"unitgen gwkeys: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
