@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import cli, gateway, llama, memory, pool, proxy, ready, status, swap
+from bench import balance, cli, gateway, llama, memory, pool, proxy, ready, status, swap
 from bench.rows import FULL, QUICK, Profile, Row, report, table, write_report
 from bench.tools import loadavg, machine
 from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
@@ -32,6 +32,7 @@ GROUPS: dict[str, Group] = {
     "cli": lambda _box, profile: cli.cli_rows(profile),
     "status": status.status_rows,
     "gateway": gateway.gateway_rows,
+    "balance": balance.balance_rows,
     "memory": lambda _box, profile: memory.memory_rows(profile),
     "pool": lambda _box, profile: pool.pool_rows(profile),
 }
