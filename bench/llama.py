@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.rows import Profile, Row
@@ -36,6 +37,18 @@ WHY_OFF = "opt-in: BENCH_LLAMA=1 with llama-server and gguf installed (see bench
 # (control tokens, the 256 byte-fallback tokens, letters): enough for llama-server to
 # load it, tokenize any prompt and generate.
 N_EMBD, N_HEAD, N_FF, N_LAYER, N_CTX = 64, 4, 128, 2, 2048
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A random-weight llama's size: the tiny default, or one whose prefill of a
+    few thousand tokens takes visible time on a CPU (bench/cache.py)."""
+
+    embd: int = N_EMBD
+    heads: int = N_HEAD
+    ff: int = N_FF
+    layers: int = N_LAYER
+    ctx: int = N_CTX
 COMPLETION = b'{"prompt": "Hello there", "n_predict": 64, "stream": true, "temperature": 0}'
 
 
@@ -49,8 +62,9 @@ def find_llama_server() -> str | None:
     return shutil.which("llama-server")
 
 
-def write_tiny_model(path: Path, seed: int = 0) -> Path:
-    """Write a llama-architecture GGUF of a few hundred KB with random weights."""
+def write_tiny_model(path: Path, seed: int = 0, shape: Shape = Shape()) -> Path:
+    """Write a llama-architecture GGUF with random weights: a few hundred KB at
+    the default ``shape``."""
     # optional packages, only for this opt-in row (gguf brings numpy)
     gguf = importlib.import_module("gguf")
     np = importlib.import_module("numpy")
@@ -65,13 +79,13 @@ def write_tiny_model(path: Path, seed: int = 0) -> Path:
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("unitgen-bench-tiny")
-    w.add_context_length(N_CTX)
-    w.add_embedding_length(N_EMBD)
-    w.add_block_count(N_LAYER)
-    w.add_feed_forward_length(N_FF)
-    w.add_head_count(N_HEAD)
-    w.add_head_count_kv(N_HEAD)
-    w.add_rope_dimension_count(N_EMBD // N_HEAD)
+    w.add_context_length(shape.ctx)
+    w.add_embedding_length(shape.embd)
+    w.add_block_count(shape.layers)
+    w.add_feed_forward_length(shape.ff)
+    w.add_head_count(shape.heads)
+    w.add_head_count_kv(shape.heads)
+    w.add_rope_dimension_count(shape.embd // shape.heads)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(0)  # all F32
     w.add_tokenizer_model("llama")
@@ -85,18 +99,18 @@ def write_tiny_model(path: Path, seed: int = 0) -> Path:
     def rand(*shape: int) -> object:
         return (rng.standard_normal(shape) * 0.05).astype(np.float32)
 
-    ones = np.ones(N_EMBD, dtype=np.float32)
-    w.add_tensor("token_embd.weight", rand(n_vocab, N_EMBD))
+    ones = np.ones(shape.embd, dtype=np.float32)
+    w.add_tensor("token_embd.weight", rand(n_vocab, shape.embd))
     w.add_tensor("output_norm.weight", ones)
-    w.add_tensor("output.weight", rand(n_vocab, N_EMBD))
-    for i in range(N_LAYER):
+    w.add_tensor("output.weight", rand(n_vocab, shape.embd))
+    for i in range(shape.layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", ones)
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(f"blk.{i}.{name}.weight", rand(N_EMBD, N_EMBD))
+            w.add_tensor(f"blk.{i}.{name}.weight", rand(shape.embd, shape.embd))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", ones)
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(N_FF, N_EMBD))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(N_FF, N_EMBD))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(N_EMBD, N_FF))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(shape.ff, shape.embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(shape.ff, shape.embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", rand(shape.embd, shape.ff))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

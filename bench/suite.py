@@ -12,7 +12,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import cli, gateway, gateway_keys, llama, memory, pool, poolswap, proxy, ready, status, swap
+from bench import (
+    balance,
+    cli,
+    gateway,
+    gateway_keys,
+    llama,
+    memory,
+    pool,
+    poolswap,
+    proxy,
+    ready,
+    status,
+    swap,
+)
 from bench.rows import FULL, QUICK, Profile, Row, report, table, write_report
 from bench.tools import loadavg, machine
 from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
@@ -33,6 +46,7 @@ GROUPS: dict[str, Group] = {
     "status": status.status_rows,
     "gateway": gateway.gateway_rows,
     "keys": gateway_keys.keys_rows,
+    "balance": balance.balance_rows,
     "memory": lambda _box, profile: memory.memory_rows(profile),
     "pool": lambda _box, profile: pool.pool_rows(profile),
     "poolswap": poolswap.pool_swap_rows,

@@ -169,10 +169,13 @@ def test_one_endpoint_for_every_model_with_the_openai_sdk(gw, tmp_path):
     answer = sdk.chat.completions.create(model="ga", messages=[{"role": "user", "content": "x"}])
     assert answer.choices[0].message.content == "ga answers ga"
     servers = set()
-    for _ in range(8):
-        r = sdk.chat.completions.create(model="qwen", messages=[{"role": "user", "content": "x"}])
-        servers.add((r.choices[0].message.content or "").split()[0])
-    assert servers == {"ga", "gb"}  # replicas, balanced
+    for i in range(8):  # replicas: a conversation keeps to one, conversations spread
+        seen = {(sdk.chat.completions.create(
+            model="qwen", messages=[{"role": "user", "content": f"conversation {i}"}])
+            .choices[0].message.content or "").split()[0] for _ in range(2)}
+        assert len(seen) == 1, seen
+        servers |= seen
+    assert servers == {"ga", "gb"}
     # a model by its alias, streamed (on-demand: it waits while the model loads)
     t0 = time.monotonic()
     stream = sdk.chat.completions.create(model="meta-llama/Llama-3-8B", stream=True,

@@ -146,3 +146,15 @@ def test_the_drain_module_reads_haproxys_tables():
                    "r1,gpu1_qwen,1,0,2,5,DRAIN,\nr1,BACKEND,0,0,2,5,UP,\n")
     assert m.in_flight({"r1/gpu1_qwen": stat[0]}) == 3
     assert stat[1]["svname"] == "BACKEND"
+
+
+def test_a_drained_server_is_at_weight_zero_too():
+    """Drained means the drain state and weight 0 (rows of HAProxy 2.6's ``show
+    servers state``): a route that keeps conversations to a replica reads the
+    weight, and a server left at weight 1 would still take them."""
+    m = _module("unitgen_gateway_server")
+    head = ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state "
+            "srv_uweight srv_iweight srv_time_since_last_change\n")
+    rows = m.table(head + "3 r1 1 gpu1_a 127.0.0.1 2 8 0 1 0\n3 r1 2 gpu1_b 127.0.0.1 2 8 1 1 0\n"
+                   "3 r1 3 gpu2_a 127.0.0.1 2 0 1 1 713\n")
+    assert [m.is_drained(r) for r in rows] == [True, False, False]

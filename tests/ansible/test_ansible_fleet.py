@@ -61,6 +61,7 @@ class Fleet:
     work: Path
     port: int
     runs: int = 0
+    asked: int = 0  # conversations started by who()
 
     def play(self, instances: dict[str, list[dict[str, Any]]], *args: str) -> Run:
         hosts = {h: {"ansible_host": ADDRESS[h], "unitgen_environment": dict(self.boxes[h].env),
@@ -86,8 +87,11 @@ class Fleet:
                              max_retries=0, timeout=60)
 
     def who(self, name: str) -> str:
-        """Which host answered one request for ``name``."""
-        r = self.sdk().chat.completions.create(model=name, messages=[{"role": "user", "content": "x"}])
+        """Which host answered one request for ``name``: each call a conversation
+        of its own (the gateway keeps a conversation to one replica)."""
+        self.asked += 1
+        r = self.sdk().chat.completions.create(
+            model=name, messages=[{"role": "user", "content": f"conversation {self.asked}"}])
         return (r.choices[0].message.content or "").split()[0]
 
     def gateway_dir(self) -> Path:

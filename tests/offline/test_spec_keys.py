@@ -70,6 +70,7 @@ SAMPLES: dict[str, tuple[dict[str, Any], object]] = {
     "aliases": ({"aliases": ["qwen", "Qwen/Qwen2-7B"]}, ("qwen", "Qwen/Qwen2-7B")),
     "max_concurrent": ({"max_concurrent": 4}, 4),
     "queue_timeout": ({"queue_timeout": "2min"}, 120.0),
+    "balance": ({"balance": "leastconn"}, "leastconn"),
     "image": (IMAGE, "vllm/vllm-openai:v0.11.0"),
     "volumes": ({**IMAGE, "volumes": ["/srv/hf:/root/.cache/huggingface:ro"]},
                 ("/srv/hf:/root/.cache/huggingface:ro",)),

@@ -26,8 +26,10 @@ from typing import Any
 from unitgen.features.gateway.plan import Member, member_of
 from unitgen.inunit.poolfile import PoolTerms
 from unitgen.plan.instance import RUNTIME_DIR, Instance
+from unitgen.spec.argscan import find_options
 
-__all__ = ["RECORD_PREFIX", "RUNTIME_TOKEN", "Record", "parse_record", "record_of"]
+__all__ = ["RECORD_PREFIX", "RUNTIME_TOKEN", "Record", "engine_metrics", "parse_record",
+           "record_of"]
 
 RECORD_PREFIX = "# unitgen-record: "
 # How the manager's runtime directory is written inside a record (the plan's own
@@ -61,6 +63,8 @@ class Record:
     container: str | None = None  # image = ...: its container's name
     image: str = ""
     pool: PoolTerms | None = None  # a GPU pool member's terms
+    model: str = ""  # the model it serves, as its spec says
+    metrics: str = ""  # the path its engine's Prometheus metrics answer at ("": none)
 
     @property
     def public_host(self) -> str:
@@ -132,7 +136,22 @@ def record_of(inst: Instance) -> Record:
         container=inst.container.name if inst.container is not None else None,
         image=inst.container.image if inst.container is not None else "",
         pool=inst.pool,
+        model=spec.model or "",
+        metrics=engine_metrics(inst),
     )
+
+
+def engine_metrics(inst: Instance) -> str:
+    """Where the instance's server answers Prometheus scrapes ("": it does not,
+    or unitgen does not know where): its backend's path, when its args turn them
+    on (or they are always on)."""
+    backend = inst.backend
+    if not backend.metrics_path:
+        return ""
+    if backend.metrics_flag is not None and not find_options(
+            inst.spec.args, (backend.metrics_flag,), backend.syntax):
+        return ""
+    return backend.metrics_path
 
 
 def parse_record(text: str, *, lines: int = 12) -> Record | None:

@@ -118,6 +118,10 @@ class Backend:
     served_names_many: bool = False  # it takes several names (vLLM: nargs="+")
     sleep: SleepMode | None = None  # None: it cannot release its GPU memory alive (stop/start)
     memory: MemorySizing | None = None  # None: nothing known until measured
+    # where its Prometheus metrics answer ("": it has none unitgen knows of), and
+    # the option that turns them on (None: always on)
+    metrics_path: str = ""
+    metrics_flag: str | None = None
 
 
 _TLS_WHY = (
@@ -157,6 +161,7 @@ BACKENDS: dict[str, Backend] = {
             sleep=_VLLM_SLEEP,
             memory=MemorySizing(fraction_flags=("--gpu-memory-utilization",),
                                 default_fraction=0.9),
+            metrics_path="/metrics",
         ),
         Backend(
             name="sglang", program="python3", prefix=("-m", "sglang.launch_server"),
@@ -167,6 +172,7 @@ BACKENDS: dict[str, Backend] = {
             gpu_use=_tensor_parallel("--tp-size", "--tp"), sleep=_SGLANG_SLEEP,
             # SGLang picks its default fraction at start from the GPU's size and the TP degree
             memory=MemorySizing(fraction_flags=("--mem-fraction-static",)),
+            metrics_path="/metrics", metrics_flag="--enable-metrics",
         ),
         Backend(
             name="llama-server", program="llama-server", prefix=(), model_flag="-m",
@@ -181,6 +187,7 @@ BACKENDS: dict[str, Backend] = {
             refused_env=(("LLAMA_ARG_SSL_KEY_FILE", _TLS_WHY), ("LLAMA_ARG_SSL_CERT_FILE", _TLS_WHY)),
             syntax=LLAMA_CPP, loading="503 {\"error\":\"Loading model\"} until loaded",
             gpu_use=_OFFLOAD_LAYERS, memory=_LLAMA_CPP_MEMORY,
+            metrics_path="/metrics", metrics_flag="--metrics",
         ),
         Backend(
             name="llama-box", program="llama-box", prefix=(), model_flag="-m",
@@ -189,7 +196,7 @@ BACKENDS: dict[str, Backend] = {
             port_env=("LLAMA_ARG_PORT",), host_env=("LLAMA_ARG_HOST",), key_env=None,
             refused_flags=(("--ssl-key-file", _TLS_WHY), ("--ssl-cert-file", _TLS_WHY)),
             syntax=LLAMA_BOX, loading="404 until loaded", gpu_use=_OFFLOAD_LAYERS,
-            memory=_LLAMA_CPP_MEMORY,
+            memory=_LLAMA_CPP_MEMORY, metrics_path="/metrics", metrics_flag="--metrics",
         ),
         Backend(
             name="vox-box", program="vox-box", prefix=("start",), model_flag="--model",

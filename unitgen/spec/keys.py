@@ -31,6 +31,7 @@ __all__ = [
     "MAX_GPUS",
     "TABLES",
     "Activation",
+    "Balance",
     "Ipc",
     "Key",
     "Kind",
@@ -51,6 +52,13 @@ class Activation(StrEnum):
 
     EAGER = "eager"
     ON_DEMAND = "on-demand"
+
+
+class Balance(StrEnum):
+    """How a gateway shares a route's requests among its replicas (docs/gateway.md)."""
+
+    CONVERSATION = "conversation"  # the same conversation to the same replica, load bounded
+    LEASTCONN = "leastconn"  # fewest requests in flight
 
 
 class RestartPolicy(StrEnum):
@@ -265,6 +273,11 @@ KEYS: tuple[Key, ...] = (
                     "digits and ._:/@+-, at most 200)"),
     Key("max_concurrent", Kind.INTEGER, "at the gateway: requests this instance takes at "
         "once; the rest wait in the gateway's queue", lo=1, hi=100_000),
+    Key("balance", Kind.CHOICE, "at the gateway: how its replicas share requests: "
+        "`conversation` (a conversation stays on one replica, whose prompt cache holds it; "
+        "none takes more than 1.5x its share in flight; a full or down one passes its turn) "
+        "or `leastconn` (fewest in flight); replicas must agree", default=Balance.CONVERSATION,
+        choices=Balance),
     Key("image", Kind.TEXT, "run the server in a container from this image, with podman; "
         "the socket still owns the port (docs/containers.md)", pattern=IMAGE_RE,
         pattern_doc="must be an image reference (registry/name:tag), without blanks or a "

@@ -21,6 +21,7 @@ from unitgen.spec.keys import (
     KEYS,
     TABLES,
     Activation,
+    Balance,
     Ipc,
     Pull,
     RestartPolicy,
@@ -109,6 +110,7 @@ class InstanceSpec:
     aliases: tuple[str, ...] = default_of("aliases")  # more route names
     max_concurrent: int | None = default_of("max_concurrent")  # at the gateway
     queue_timeout: float = default_of("queue_timeout")  # at the gateway, then 429
+    balance: Balance = default_of("balance")  # noqa: RUF009 - an enum member
     image: str | None = default_of("image")  # run the server with podman (docs/containers.md)
     volumes: tuple[str, ...] = default_of("volumes")
     pull: Pull = default_of("pull")  # noqa: RUF009 - an enum member

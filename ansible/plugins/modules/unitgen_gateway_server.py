@@ -13,7 +13,10 @@ description:
   - Talks to the HAProxy runtime API of a unitgen gateway (its admin socket,
     C(/run/unitgen-NAME/admin.sock), or C($XDG_RUNTIME_DIR/unitgen-NAME/admin.sock)
     at user scope) and sets every server of O(node) (the servers named
-    C(<node>_<instance>), in every backend) to C(drain) or C(ready).
+    C(<node>_<instance>), in every backend) to C(drain) or C(ready), and its
+    weight to 0 or back to 100%: a route that keeps conversations to a replica
+    picks it with C(use-server), which HAProxy lets through to a server in
+    drain state, and reads its weight instead.
   - With O(state=drained) and O(wait=true) it returns once those servers have
     no request in flight and none queued, so the host can be updated without
     cutting a request. With O(state=enabled) and O(wait=true) it returns once
@@ -155,6 +158,13 @@ def stats(path: str, names: list[str]) -> dict[str, dict[str, str]]:
             if f"{r.get('pxname')}/{r.get('svname')}" in names}
 
 
+def is_drained(row: dict[str, str]) -> bool:
+    """A ``show servers state`` row of a server this module drained: in drain
+    state and at weight 0 (a half-done drain is done again)."""
+    return bool(int(row.get("srv_admin_state") or 0) & FORCED_DRAIN) \
+        and row.get("srv_uweight") == "0"
+
+
 def in_flight(rows: dict[str, dict[str, str]]) -> int:
     """Requests being served and queued, over the rows."""
     return sum(int(r.get("scur") or 0) + int(r.get("qcur") or 0) for r in rows.values())
@@ -209,15 +219,16 @@ def main() -> None:
     try:
         found = servers_of(path, p["node"])
         names = sorted(found)
-        todo = [n for n, r in found.items()
-                if bool(int(r.get("srv_admin_state") or 0) & FORCED_DRAIN) != drained]
+        todo = [n for n, r in found.items() if is_drained(r) != drained]
         if module.check_mode:
             module.exit_json(changed=bool(todo), servers=names, in_flight=0)
         for name in todo:
-            said = command(path, f"set server {name} state {'drain' if drained else 'ready'}")
-            if said.strip():
-                module.fail_json(msg=f"gateway {p['gateway']}: {name}: {said.strip()}",
-                                 servers=names)
+            for line in (f"set server {name} state {'drain' if drained else 'ready'}",
+                         f"set server {name} weight {'0' if drained else '100%'}"):
+                said = command(path, line)
+                if said.strip():
+                    module.fail_json(msg=f"gateway {p['gateway']}: {name}: {said.strip()}",
+                                     servers=names)
         busy = wait_until(module, path, names, drained) if p["wait"] and names else 0
     except OSError as exc:
         module.fail_json(msg=f"gateway {p['gateway']}: runtime API at {path}: {exc}")

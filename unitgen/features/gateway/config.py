@@ -44,6 +44,10 @@ class GatewayBinding(Protocol):
         """Its HAProxy runtime API (the configuration's ``stats socket``)."""
         ...
 
+    def discovery_file(self) -> Path:
+        """The manager's Prometheus discovery file (:mod:`unitgen.features.gateway.discovery`)."""
+        ...
+
     def files(self, gateway: str, plan: GatewayPlan,
               where: tuple[str, str]) -> list[RenderedFile]:
         """Its HAProxy files as this target renders them (config files, and the

@@ -12,7 +12,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from unitgen.errors import Problem, SpecError
-from unitgen.features.gateway.plan import GatewayPlan, GatewaySettings, Member, route_keys
+from unitgen.features.gateway.plan import (
+    GatewayPlan,
+    GatewaySettings,
+    Member,
+    balance_problems,
+    route_keys,
+)
 from unitgen.features.gateway.render import GatewayPaths, member_keys_map, render_gateway
 from unitgen.targets.base import RenderedFile
 
@@ -26,8 +32,9 @@ def gateway_files(name: str, plan: GatewayPlan, paths: GatewayPaths, prefix: str
     """A gateway's files as config files named ``prefix/<file>``, and the keys it
     sends its members as its secret file ``<name>.env`` (mode 0600). SpecError
     (naming ``where``: file and key) when it cannot send each set of replicas
-    its key."""
+    its key, or replicas that disagree on their balance."""
     member_keys, problems = route_keys(plan)
+    problems += balance_problems(plan)
     if problems:
         raise SpecError(problems=[Problem(*where, p) for p in problems])
     files = [RenderedFile(f"{prefix}/{f.name}", f.text, config=True)

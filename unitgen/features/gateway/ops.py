@@ -9,12 +9,15 @@ do for gateways and their members, on every target that binds it
   port (:mod:`unitgen.features.gateway.live`);
 - remove: gateways stop routing to the removed instances before they stop,
   and a removed gateway's HAProxy files go with it;
+- both rewrite the host's Prometheus discovery file (the engines of eager
+  instances, the gateways' exporters: :mod:`unitgen.features.gateway.discovery`);
 - status: each gateway's routes and the state of what they lead to;
 - doctor: where each route leads, or the gateway an instance joins.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +34,9 @@ from unitgen.features.gateway.config import (
     rerender,
     validate,
 )
+from unitgen.features.gateway.discovery import discovery_json, targets
 from unitgen.features.gateway.doctor import gateway_findings, member_findings, members_of
+from unitgen.features.gateway.files import read_settings
 from unitgen.features.gateway.live import wait_served
 from unitgen.features.gateway.plan import Member
 from unitgen.features.gateway.usage import key_usage, usage_lines
@@ -39,6 +44,7 @@ from unitgen.ops.files import apply_changes, read_exact
 from unitgen.ops.findings import Finding
 from unitgen.ops.interface import Say
 from unitgen.ops.pipeline import Planned
+from unitgen.plan.record import Record, record_of
 from unitgen.targets.capabilities import Capability
 
 __all__ = ["GatewayFeature", "gateway_section"]
@@ -57,6 +63,7 @@ class GatewayFeature(Feature):
         self._reload: list[str] = []
         self._where: dict[str, str] = {}  # gateway -> host:port its clients use
         self._reloaded: set[str] = set()  # by the target (reload_only): to be waited for
+        self._discovery = ""  # the discovery file as the run leaves the host
 
     def plan(self, installed: Mapping[str, InstalledLike], planned: Sequence[Planned]) -> list[str]:
         """Gateways routing to the run's instances are rendered again; every
@@ -66,6 +73,7 @@ class GatewayFeature(Feature):
         gateways = sorted(affected(installed, planned))
         self._files = [(g, self.binding.path(f), f.text) for g in gateways
                        for f in rerender(self.binding, g, installed, planned)]
+        self._discovery = self._targets(installed, planned)
         self._where = {g: installed[g].rec.probe for g in gateways}
         self._where.update({p.instance.name: p.instance.public.probe_target() for p in planned
                             if p.instance.gateway is not None})
@@ -89,7 +97,33 @@ class GatewayFeature(Feature):
         gateways are reloaded after the run."""
         changed = [(g, p, t) for g, p, t in self._files if not p.exists() or read_exact(p) != t]
         self._reload = sorted({g for g, _, _ in changed})
+        found = self.binding.discovery_file()
+        if self._discovery and (not found.exists() or read_exact(found) != self._discovery):
+            changed.append(("", found, self._discovery))
         return [(p, t) for _, p, t in changed]
+
+    def _targets(self, installed: Mapping[str, InstalledLike], planned: Sequence[Planned],
+                 removed: Sequence[str] = ()) -> str:
+        """The discovery file once the run is done (:func:`targets`)."""
+        records: dict[str, Record] = {n: i.rec for n, i in installed.items() if n not in removed}
+        exporters: dict[str, tuple[str, int]] = {}
+        keyed: set[str] = set()
+        for name, rec in records.items():
+            found = read_settings(self.binding.directory(name)) if rec.is_gateway else None
+            if found is not None and found.metrics is not None:
+                exporters[name] = found.metrics
+                if found.settings.metrics_keys_file:
+                    keyed.add(name)
+        for p in planned:
+            records[p.instance.name] = record_of(p.instance)
+            plan = p.instance.gateway
+            exporters.pop(p.instance.name, None)
+            keyed.discard(p.instance.name)
+            if plan is not None and plan.metrics is not None:
+                exporters[p.instance.name] = plan.metrics
+                if plan.settings.metrics_keys_file:
+                    keyed.add(p.instance.name)
+        return discovery_json(targets(records.values(), exporters, socket.gethostname(), keyed))
 
     def reload_only(self, planned: Planned, changed: Sequence[str]) -> bool:
         """A gateway whose routes alone changed: new workers on the same socket,
@@ -129,6 +163,7 @@ class GatewayFeature(Feature):
         """Gateways stop routing to the removed instances before they stop."""
         lines: list[str] = []
         gone = [n for n in names if n in installed]
+        apply_changes([(self.binding.discovery_file(), self._targets(installed, [], names))])
         for g in sorted(affected(installed, [], removed=names) - set(names)):
             apply_changes([(self.binding.path(f), f.text)
                            for f in rerender(self.binding, g, installed, [], removed=names)])

@@ -4,7 +4,8 @@ into replica sets, and how long a request may wait. Pure data, for every target
 
 A route name is what clients put in the body's ``model``: an instance's
 ``name`` and its ``aliases``. Instances that share a route name are replicas
-(balanced by fewest requests in flight). Names reached by exactly the same
+(a conversation keeps to one of them, or fewest requests in flight: their
+``balance``). Names reached by exactly the same
 instances share one HAProxy backend, so an instance's concurrency bound
 (``max_concurrent``) holds across its names as long as they lead to the same
 replica set.
@@ -20,17 +21,23 @@ from unitgen.features.gateway.spec import GatewaySpec, UpstreamSpec
 from unitgen.features.swap.plan import turn_wait
 from unitgen.plan.instance import CONFIG_DIR, Instance
 from unitgen.spec.backends import BackendName
+from unitgen.spec.keys import Balance
 from unitgen.spec.model import HealthSpec, InstanceSpec
 from unitgen.spec.ports import probe_host
 
-__all__ = ["GATEWAY_HEALTH", "ROUTE_NAME_RE", "GatewayPlan", "GatewaySettings", "Member", "Route",
-           "gateway_instance_spec", "member_key", "member_of", "metrics_of", "route_keys",
-           "routes", "settings_of", "upstream_members"]
+__all__ = ["BALANCE_FACTOR", "GATEWAY_HEALTH", "ROUTE_NAME_RE", "GatewayPlan", "GatewaySettings",
+           "Member", "Route", "balance_problems", "gateway_instance_spec", "member_key",
+           "member_of", "metrics_of", "route_keys", "routes", "settings_of", "upstream_members"]
 
 # What a route name may be: what an OpenAI client sends as ``model`` (Hugging Face
 # ids included: "Qwen/Qwen2-7B-Instruct"); no blank or control character (a map
 # file key is one word), at most 200 characters.
 ROUTE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}")
+
+# A replica takes a conversation while its requests in flight stay under this
+# share (in percent) of the route's average: the issue's bound (no replica above
+# 1.5x its share), and HAProxy's own hash-balance-factor's meaning.
+BALANCE_FACTOR = 150
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class Member:
     # a Member (they are written to unit headers and gateway.json)
     key_env: str | None = None
     key_file: str | None = None
+    balance: str = Balance.CONVERSATION.value  # how its replicas share requests
 
     @property
     def keyed(self) -> bool:
@@ -88,6 +96,13 @@ class Route:
     def bounded(self) -> bool:
         """Some member takes a limited number of requests at once."""
         return any(m.max_concurrent for m in self.members)
+
+    @property
+    def by_conversation(self) -> bool:
+        """Its replicas are chosen by the conversation (not by fewest in flight):
+        two or more, and every one says so (:func:`balance_problems` refuses a mix)."""
+        return len(self.members) > 1 and all(
+            m.balance == Balance.CONVERSATION for m in self.members)
 
 
 @dataclass(frozen=True)
@@ -173,6 +188,16 @@ def route_keys(plan: GatewayPlan) -> tuple[dict[str, str], list[str]]:
     return out, problems
 
 
+def balance_problems(plan: GatewayPlan) -> list[str]:
+    """Replica sets whose members disagree on how they share requests: one
+    backend has one way of choosing."""
+    return [f"{', '.join(m.instance for m in r.members)} are replicas (route "
+            f"{', '.join(r.names)}) with different balance "
+            f"({', '.join(sorted({m.balance for m in r.members}))}): a set of replicas is "
+            "chosen one way; give them the same balance"
+            for r in plan.routes if len({m.balance for m in r.members}) > 1]
+
+
 def member_of(inst: Instance) -> Member | None:
     """The gateway member an instance is (None: it joins no gateway)."""
     spec = inst.spec
@@ -192,7 +217,8 @@ def member_of(inst: Instance) -> Member | None:
                   names=(spec.name, *spec.aliases), max_concurrent=spec.max_concurrent,
                   wait=wait, queue_timeout=spec.queue_timeout,
                   on_demand=spec.activation == "on-demand", gateway=spec.gateway,
-                  key_env=inst.probe_key_env if member_key(inst) is not None else None)
+                  key_env=inst.probe_key_env if member_key(inst) is not None else None,
+                  balance=Balance(spec.balance).value)
 
 
 def member_key(inst: Instance) -> str | None:
@@ -210,7 +236,8 @@ def upstream_members(g: GatewaySpec) -> list[Member]:
 def _upstream(u: UpstreamSpec, gateway: str) -> Member:
     return Member(instance=u.server, address=u.address, names=(u.name, *u.aliases),
                   max_concurrent=u.max_concurrent, wait=u.wait, queue_timeout=u.queue_timeout,
-                  on_demand=u.on_demand, gateway=gateway, remote=True, key_file=u.api_key_file)
+                  on_demand=u.on_demand, gateway=gateway, remote=True, key_file=u.api_key_file,
+                  balance=Balance(u.balance).value)
 
 
 def _bracket(host: str) -> str:

@@ -13,19 +13,21 @@ from __future__ import annotations
 import functools
 import json
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from unitgen.features.gateway.patterns import ONE_MODEL_RE, ROUTED_PATHS
-from unitgen.features.gateway.plan import GatewaySettings, Route
+from unitgen.features.gateway.plan import BALANCE_FACTOR, GatewaySettings, Route
 from unitgen.inunit.gwkeys import MAPS, METRICS_KEYS
 from unitgen.targets.base import MARKER, RenderedFile, strict_environment
 
 if TYPE_CHECKING:
     import jinja2
 
-__all__ = ["FILES", "MEMBER_KEYS", "GatewayPaths", "member_keys_map", "render_gateway"]
+__all__ = ["FILES", "MEMBER_KEYS", "PROMPT_PREFIX", "SESSION_HEADER", "GatewayPaths",
+           "member_keys_map", "render_gateway"]
 
 # the files a gateway's configuration names, in its directory
 FILES = {
@@ -39,6 +41,12 @@ FILES = {
     "lua": "unitgen.lua",
 }
 CONFIG = "haproxy.cfg"
+# What names a conversation, first found first (docs/gateway.md, "Replicas"): a
+# header a client may send, then the body's prompt_cache_key, user, the start of
+# its prompt. A completion's prompt (or an input) grows with the conversation:
+# its first bytes name it.
+SESSION_HEADER = "x-session-id"
+PROMPT_PREFIX = 256
 # the API keys it sends its members ("backend Bearer key" lines), in its runtime
 # directory: copied there from a root-only file at each start and reload
 MEMBER_KEYS = "member-keys.map"
@@ -132,6 +140,10 @@ def render_gateway(settings: GatewaySettings, routes: list[Route], paths: Gatewa
         "member_keys": f"{paths.runtime}/{MEMBER_KEYS}",
         "keyed": keyed if settings.api_keys_file else frozenset(),
         "files": files, "routes": routes,
+        "session_header": SESSION_HEADER, "prefix": PROMPT_PREFIX, "factor": BALANCE_FACTOR,
+        # a replica's part of its score: its name's, so the same in every reload
+        "seeds": {m.instance: zlib.crc32(m.instance.encode()) for r in routes
+                  for m in r.members},
     }
     cfg = _environment().get_template("gateway.cfg.j2").render(values)
     lua = _environment().get_template("unitgen.lua.j2").render(values)

@@ -74,6 +74,7 @@ UPSTREAM_KEYS: tuple[Key, ...] = (
     by_name("aliases"),
     by_name("max_concurrent"),
     by_name("queue_timeout"),
+    by_name("balance"),
     Key("wait", Kind.DURATION, "how long an answer may take to start (the instance's load "
         "deadline)", default=1800.0, lo=1, hi=_DAY),
     Key("on_demand", Kind.BOOLEAN, "the instance starts on its first request: the gateway "
@@ -103,6 +104,7 @@ class UpstreamSpec:
     aliases: tuple[str, ...] = _up_default("aliases")
     max_concurrent: int | None = None
     queue_timeout: float = _up_default("queue_timeout")
+    balance: str = _up_default("balance")
     wait: float = _up_default("wait")
     on_demand: bool = _up_default("on_demand")
     api_key_file: str | None = None

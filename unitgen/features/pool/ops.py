@@ -191,8 +191,8 @@ class PoolFeature(Feature):
         return pool_view(members, Sources(b.units(sorted(members)), b.manager_environment(),
                                           b.runtime_dir(), b.measured_dir(), b.manager, gpus))
 
-    def status(self, installed: Mapping[str, InstalledLike],
-               states: Mapping[str, str]) -> tuple[dict[str, object], tuple[str, ...]]:
+    def status(self, installed: Mapping[str, InstalledLike], states: Mapping[str, str],
+               detail: frozenset[str] = frozenset()) -> tuple[dict[str, object], tuple[str, ...]]:
         """Each GPU's members: loaded, asleep, loading, stopped; who waits and why."""
         view = self.view(installed)
         if view is None:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from unitgen.errors import UnitgenError
+from unitgen.features.gateway.discovery import DISCOVERY
 from unitgen.features.gateway.doctor import SocketState
 from unitgen.features.gateway.files import read_settings
 from unitgen.features.gateway.plan import GatewayPlan
@@ -42,6 +43,10 @@ class SupervisorGateway:
     def directory(self, gateway: str) -> Path:
         """``CONFIG/unitgen/gateways/<gateway>``."""
         return gateway_dir(self.ctx.config_dir, gateway)
+
+    def discovery_file(self) -> Path:
+        """``CONFIG/unitgen/prometheus/unitgen.json``."""
+        return Path(self.ctx.config_dir) / "unitgen" / "prometheus" / DISCOVERY
 
     def admin_socket(self, gateway: str) -> Path:
         """``RUN/unitgen-<gateway>/admin.sock``."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from unitgen.errors import UnitgenError
+from unitgen.features.gateway.discovery import DISCOVERY
 from unitgen.features.gateway.doctor import SocketState
 from unitgen.features.gateway.files import gateway_files
 from unitgen.features.gateway.plan import GatewayPlan
@@ -29,6 +30,10 @@ class SystemdGateway:
     def directory(self, gateway: str) -> Path:
         """``%E/unitgen/gateways/<gateway>``."""
         return gateway_dir(self.scope, gateway)
+
+    def discovery_file(self) -> Path:
+        """``%E/unitgen/prometheus/unitgen.json``."""
+        return config_dir(self.scope) / "unitgen" / "prometheus" / DISCOVERY
 
     def admin_socket(self, gateway: str) -> Path:
         """``%t/unitgen-<gateway>/admin.sock``."""
