@@ -32,6 +32,8 @@ from tests.helpers import STANDIN, free_port, stream_until
 from unitgen.ops.systemd.sandbox import Sandbox, sandbox_unavailable_reason
 
 pytestmark = [pytest.mark.ansible, pytest.mark.systemd,
+              # a playbook over three hosts: 10-20 s alone, minutes on a loaded machine
+              pytest.mark.timeout(600),
               pytest.mark.skipif(shutil.which("haproxy") is None and not
                                  Path("/usr/sbin/haproxy").exists(),
                                  reason="HAProxy is not installed (./setup installs it)")]
@@ -68,7 +70,10 @@ class Fleet:
                      "unitgen_instances": instances.get(h, [])} for h in ("a", "b")}
         inv = {"all": {
             "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-                     "unitgen_scope": "user", "unitgen_executable": str(BIN / "unitgen")},
+                     "unitgen_scope": "user", "unitgen_executable": str(BIN / "unitgen"),
+                     # a drain that cannot end fails with what is in flight, well
+                     # before the playbook's own bound (no request here lasts 10 s)
+                     "unitgen_drain_timeout": 120},
             "children": {
                 "model_servers": {"hosts": hosts},
                 "unitgen_gateways": {"hosts": {"gw": {
@@ -98,13 +103,20 @@ class Fleet:
         return self.boxes["gw"].root / "home" / ".config" / "unitgen" / "gateways" / GATEWAY
 
     def servers(self, route: str) -> dict[str, str]:
-        """``unitgen status`` on the gateway host: the route's servers and their state."""
-        done = subprocess.run([str(BIN / "unitgen"), "status", "--user", "--json"],
-                              env={**os.environ, **self.boxes["gw"].env}, capture_output=True,
-                              text=True, timeout=60, check=True)
-        gw = next(g for g in json.loads(done.stdout)["gateways"] if g["name"] == GATEWAY)
-        found = next(r for r in gw["routes"] if r["route"] == route)
-        return {i["name"]: i["state"] for i in found["instances"]}
+        """``unitgen status`` on the gateway host: the route's servers and their state,
+        once no check is half-way (HAProxy's ``UP 1/2``: a server restarted by the
+        run failed one check and is between states; the next, 2 s later, settles it)."""
+        deadline = time.monotonic() + 20
+        while True:
+            done = subprocess.run([str(BIN / "unitgen"), "status", "--user", "--json"],
+                                  env={**os.environ, **self.boxes["gw"].env}, capture_output=True,
+                                  text=True, timeout=60, check=True)
+            gw = next(g for g in json.loads(done.stdout)["gateways"] if g["name"] == GATEWAY)
+            found = next(r for r in gw["routes"] if r["route"] == route)
+            states = {i["name"]: i["state"] for i in found["instances"]}
+            if not any("/" in s for s in states.values()) or time.monotonic() > deadline:
+                return states
+            time.sleep(0.5)
 
     def pid(self, host: str, unit: str) -> str:
         return self.boxes[host].systemctl("show", "-p", "MainPID", "--value", unit,
