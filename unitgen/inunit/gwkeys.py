@@ -39,10 +39,10 @@ import hashlib
 import json
 import os
 import re
-import socket
 import sys
 from dataclasses import dataclass
 
+from unitgen.inunit.hareload import runtime_api
 from unitgen.inunit.keycopy import read_root_only, write_for_owner
 
 __all__ = ["MAPS", "METRICS_KEYS", "KeyPolicy", "listing", "main", "maps_of", "parse_keys",
@@ -221,17 +221,6 @@ def write_maps(keys_file: str | None, models_file: str, out: str,
     return files
 
 
-def _api(sock: str, command: str, timeout: float = 5.0) -> str:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(sock)
-        s.sendall(command.encode() + b"\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    return data.decode("utf-8", "replace")
-
-
 def push(sock: str, out: str, files: dict[str, list[str]], chunk: int = 500) -> list[str]:
     """Hand the maps to the worker answering on the runtime API ``sock``, each
     replaced at once (a new version filled, then committed); the files it took.
@@ -241,17 +230,17 @@ def push(sock: str, out: str, files: dict[str, list[str]], chunk: int = 500) -> 
     for name, lines in files.items():
         path = os.path.join(out, name)
         kind = "acl" if name == METRICS_KEYS else "map"
-        said = _api(sock, f"prepare {kind} {path}")
+        said = runtime_api(sock, f"prepare {kind} {path}", 5.0)
         version = re.search(r"New version created: (\d+)", said)
         if version is None:
             continue  # "Unknown ... identifier": the running configuration has no such file
         at = f"@{version.group(1)}"
         for i in range(0, len(lines), chunk):
             payload = "\n".join(lines[i:i + chunk])
-            said = _api(sock, f"add {kind} {at} {path} <<\n{payload}\n")
+            said = runtime_api(sock, f"add {kind} {at} {path} <<\n{payload}\n", 5.0)
             if said.strip():
                 raise OSError(f"HAProxy refused a line of {name}: {said.strip()[:200]}")
-        said = _api(sock, f"commit {kind} {at} {path}")
+        said = runtime_api(sock, f"commit {kind} {at} {path}", 5.0)
         if said.strip():
             raise OSError(f"HAProxy did not take the new {name}: {said.strip()[:200]}")
         taken.append(name)

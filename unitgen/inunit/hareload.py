@@ -26,12 +26,13 @@ Standard library only: it runs inside the gateway's unit, as its user.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
-import socket
 import sys
 import time
 
+from unitgen.inunit.peer import connect_unix, foreign_peer
 from unitgen.timespan import format_seconds, parse_timespan
 
 __all__ = ["main", "reload", "runtime_api", "worker"]
@@ -46,10 +47,18 @@ IN_A_ROW = 3
 
 def runtime_api(sock: str | os.PathLike[str], command: str, timeout: float = 2.0) -> str:
     """One command to HAProxy's runtime API and its whole answer (OSError when
-    the socket does not answer)."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        s.connect(os.fspath(sock))
+    the socket does not answer, or when it is not HAProxy's).
+
+    The socket is in HAProxy's runtime directory, which HAProxy's user may
+    change, and its callers may be root (``deploy``, ``status``, the keys'
+    ``ExecReload=+``): the path is never followed through a link, and nothing
+    is sent to a listener another uid than the directory's owner created."""
+    path = os.fspath(sock)
+    owner = os.lstat(os.path.dirname(path) or ".").st_uid
+    with connect_unix(path, timeout) as s:
+        why = foreign_peer(s, owner)
+        if why is not None:
+            raise OSError(errno.EPERM, f"{path}: {why}")
         s.sendall(command.encode() + b"\n")
         data = b""
         while chunk := s.recv(65536):

@@ -91,8 +91,11 @@ in_flight:
   type: int
 """
 
+import errno
 import os
 import socket
+import stat
+import struct
 import time
 from typing import Any
 
@@ -112,10 +115,27 @@ FORCED_DRAIN = 0x08  # srv_admin_state bit set by "set server ... state drain"
 
 
 def command(path: str, line: str) -> str:
-    """One runtime API command and its whole answer (the socket closes after it)."""
+    """One runtime API command and its whole answer (the socket closes after it).
+
+    The socket is in HAProxy's runtime directory, which HAProxy's user may
+    change, and this module often runs as root: the path is opened without
+    following a link, and nothing is sent to a listener that another uid than
+    the directory's owner created (unitgen's own runtime API client does the same)."""
+    owner = os.lstat(os.path.dirname(path) or ".").st_uid
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(path)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise OSError(errno.ENOTSOCK, f"{path} is not a socket: nothing was sent to it")
+            s.settimeout(10)
+            s.connect(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("=iII"))
+        uid = struct.unpack("=iII", creds)[1]
+        if uid != owner:
+            raise OSError(errno.EPERM, f"{path} was created by uid {uid}, not by {owner} whose "
+                                       "directory it is in: nothing was sent to it")
         s.sendall(line.encode() + b"\n")
         chunks = []
         while True:
