@@ -14,9 +14,9 @@ description:
     C(/run/unitgen-NAME/admin.sock), or C($XDG_RUNTIME_DIR/unitgen-NAME/admin.sock)
     at user scope) and sets every server of O(node) (the servers named
     C(<node>_<instance>), in every backend) to C(drain) or C(ready), and its
-    weight to 0 or back to 100%: a route that keeps conversations to a replica
-    picks it with C(use-server), which HAProxy lets through to a server in
-    drain state, and reads its weight instead.
+    weight to 0 or back to 100%, since a route that keeps conversations to a
+    replica picks it with C(use-server), which HAProxy lets through to a server
+    in drain state, and reads its weight instead.
   - With O(state=drained) and O(wait=true) it returns once those servers have
     no request in flight and none queued, so the host can be updated without
     cutting a request. With O(state=enabled) and O(wait=true) it returns once
