@@ -127,43 +127,36 @@ def _haproxy(directory: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def _nginx(directory: Path) -> Iterator[str]:
+def _serving(argv: list[str], port: int, what: str,
+             env: dict[str, str] | None = None) -> Iterator[str]:
+    """``argv`` started, once it answers on ``port``: its address."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start")
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        stop_pid(proc)
+
+
+def _nginx(directory: Path) -> contextlib.AbstractContextManager[str]:
     port = free_port()
     conf = directory / "nginx.conf"
     conf.write_text(NGINX.format(dir=directory, port=port, body=ANSWER), encoding="utf-8")
-    proc = subprocess.Popen(["/usr/sbin/nginx", "-e", "stderr", "-p", str(directory), "-c",
-                             str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("nginx did not start")
-            time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop_pid(proc)
+    return _serving(["/usr/sbin/nginx", "-e", "stderr", "-p", str(directory), "-c", str(conf)],
+                    port, "nginx")
 
 
-@contextlib.contextmanager
-def _streamer(directory: Path) -> Iterator[str]:
+def _streamer(directory: Path) -> contextlib.AbstractContextManager[str]:
     """bench/streamer.py (20 ms, then 256 chunks): the LLM-shaped answer."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(STREAMER), "--host", str(directory / "s.sock")],
-                            env={**os.environ, "BENCH_DIRECT_PORT": str(port)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the streamer did not start")
-            time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        stop_pid(proc)
+    return _serving([sys.executable, str(STREAMER), "--host", str(directory / "s.sock")],
+                    port, "the streamer", {**os.environ, "BENCH_DIRECT_PORT": str(port)})
 
 
 def _stream_ratio(root: Path, profile: Profile, rounds: int) -> tuple[float, float, float]:
