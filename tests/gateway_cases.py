@@ -376,7 +376,7 @@ def test_keys_with_a_policy_models_rate_and_revocation_by_reload(gw, tmp_path):
         raw.create(model="pa", messages=[])
     assert limited.value.response.headers["retry-after"] == "60"
     # usage: what the clients sent, by key name (never the key), in status and the log
-    rc, data = gw.cli("status", "--keys")
+    rc, data = gw.cli("status", "gwp", "--keys")  # the gateway named, as docs/gateway.md shows
     assert rc == 0, data
     usage = {k["name"]: k for g in data["gateways"] if g["name"] == "gwp" for k in g["keys"]}
     assert (usage["two"]["requests"], usage["two"]["forwarded"], usage["two"]["refused"]) == (

@@ -187,10 +187,12 @@ class GatewayFeature(Feature):
         data, lines = gateway_section(installed, states, remote)
         if "keys" not in detail:
             return data, lines
-        usage = {g: key_usage(self.binding.admin_socket(g)) for g in gateways}
+        # the gateways asked for (status NAME --keys), or every one
+        usage = {g: key_usage(self.binding.admin_socket(g)) for g in gateways if g in states}
         for entry in cast("list[dict[str, object]]", data.get("gateways", [])):
-            entry["keys"] = usage[str(entry["name"])]
-        return data, (*lines, *(line for g in gateways for line in usage_lines(g, usage[g])))
+            if str(entry["name"]) in usage:
+                entry["keys"] = usage[str(entry["name"])]
+        return data, (*lines, *(line for g, keys in usage.items() for line in usage_lines(g, keys)))
 
     def doctor(self, installed: Mapping[str, InstalledLike], name: str,
                running: bool) -> list[Finding]:
