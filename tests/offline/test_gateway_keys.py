@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import pytest
 
-from tests.offline.test_gateway_door import HAPROXY, Door, _chat, door
+from tests.offline.test_gateway_door import HAPROXY, Door, _chat, _scrape, door
 from unitgen.features.gateway.files import SETTINGS
 from unitgen.features.gateway.live import wait_served
 from unitgen.features.gateway.plan import GatewaySettings
@@ -62,13 +62,19 @@ def test_a_line_is_a_key_and_its_policy_and_every_problem_names_its_line():
     assert problems == [
         "line 2: the key (its first word) holds characters a Bearer token cannot (letters, "
         "digits and -._~+/ then = at the end), or is over 1024 long",
-        "line 3: 'colour=red' is not one of name=, models=, rpm=, in_flight=",
-        "line 3: rpm='0' is not a whole number from 1 to 1000000000",
+        "line 3: word 3 is not one of name=, models=, rpm=, in_flight=",
+        "line 3: rpm= is not a whole number from 1 to 1000000000",
         "line 4: the same key as line 1",
         "line 6: name=x is on line 5 with other models, rpm or in_flight: keys that share a "
         "name share its rules",
-        "line 7: models='a,,b' must be route names separated by commas, each once"]
+        "line 7: models= must be route names separated by commas, each once"]
     assert not any("sk-" in p for p in problems)  # a problem never quotes a key
+    # nor a key written where a field belongs: after "Bearer", after its policy, a second
+    # key on one line, a key pasted into a field
+    _, problems = parse_keys("Bearer sk-live-9c1f\nsk-x name=alice sk-live-77aa\n"
+                             "sk-live-0b2e sk-live-5d6c\nsk-y name=sk-live-31ee/x rpm=sk-live-3\n"
+                             "sk-z models=sk-live-42,,\n")
+    assert len(problems) == 6 and not any("live" in p for p in problems), problems
 
 
 def _get(d: Door, path: str, key: str) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -149,10 +155,11 @@ def test_a_key_with_a_bound_in_flight_gets_429_beyond_it(tmp_path):
         assert d.request("POST", "/v1/chat/completions", _chat(), key="sk-one-4b1c")[0] == 200
 
 
-def _reload(d: Door, keys: Path) -> None:
+def _reload(d: Door, keys: Path, metrics_keys: Path | None = None) -> None:
     """What the unit's ExecReload= does: the maps again, handed to the running
     worker, then the signal; returns once a new worker serves."""
-    files = write_maps(str(keys), str(d.directory / FILES["models"]), str(d.directory))
+    files = write_maps(str(keys), str(d.directory / FILES["models"]), str(d.directory),
+                       str(metrics_keys) if metrics_keys else None)
     push(str(d.directory / "admin.sock"), str(d.directory), files)
     before = worker(str(d.directory / "admin.sock"))
     os.kill(d.master, signal.SIGUSR2)
@@ -190,6 +197,24 @@ def test_a_revoked_key_fails_right_after_the_reload_on_a_kept_alive_connection(t
         assert d.request("POST", "/v1/chat/completions", _chat(), key="sk-plain-1f3a")[0] == 200
         stream.join(10)
         assert during == [200]  # what it started before the reload went on to its end
+
+
+def test_the_exporters_keys_change_with_a_reload_too(tmp_path):
+    # HAProxy 2.6 takes a payload for "add map" only: the exporter's keys (an ACL)
+    # sent as one made every reload of a gateway with metrics_keys_file fail
+    scrapers = tmp_path / "metrics.keys"
+    scrapers.write_text("sk-prometheus-old\n")
+    scrapers.chmod(0o600)
+    keys = _keys(tmp_path)
+    gw = GatewaySettings("promr", api_keys_file=str(keys), metrics="127.0.0.1:9101",
+                         metrics_keys_file=str(scrapers))
+    with door(tmp_path, gw) as d:
+        assert _scrape(d.metrics_port, "sk-prometheus-old")[0] == 200
+        scrapers.write_text("sk-prometheus-new\nsk-prometheus-two\n")
+        _reload(d, keys, scrapers)
+        assert _scrape(d.metrics_port, "sk-prometheus-old")[0] == 401
+        assert _scrape(d.metrics_port, "sk-prometheus-new")[0] == 200
+        assert _scrape(d.metrics_port, "sk-prometheus-two")[0] == 200
 
 
 def test_deploy_waits_for_the_new_routes_with_a_key_that_has_a_policy(tmp_path):
@@ -267,7 +292,7 @@ def test_check_names_the_keys_file_and_its_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "unitgen", "check", "--no-verify", str(spec)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 2, done
-    assert done.stderr.strip() == (f"error: {spec}: api_keys_file: {keys}: line 2: rpm='ten' is "
+    assert done.stderr.strip() == (f"error: {spec}: api_keys_file: {keys}: line 2: rpm= is "
                                    "not a whole number from 1 to 1000000000"), done.stderr
     assert "Traceback" not in done.stderr and "sk-bad" not in done.stderr
 

@@ -90,22 +90,23 @@ def default_name(key: str) -> str:
 
 def _number(field: str, value: str) -> int | str:
     if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= _MAX:
-        return f"{field}={value!r} is not a whole number from 1 to {_MAX}"
+        return f"{field}= is not a whole number from 1 to {_MAX}"
     return int(value)
 
 
 def _line(words: list[str], n: int) -> KeyPolicy | list[str]:
-    """One line's key and policy, or what is wrong with it (never quoting the key)."""
+    """One line's key and policy, or what is wrong with it (quoting no word of the
+    line: any of them may be a key, one written in the wrong place)."""
     key = words[0]
     fields: dict[str, str] = {}
     problems: list[str] = []
     if not _KEY_RE.fullmatch(key) or len(key) > 1024:
         problems.append("the key (its first word) holds characters a Bearer token cannot "
                         "(letters, digits and -._~+/ then = at the end), or is over 1024 long")
-    for word in words[1:]:
+    for i, word in enumerate(words[1:], start=2):
         field, eq, value = word.partition("=")
-        if not eq or field not in _FIELDS:
-            problems.append(f"{word[:40]!r} is not one of {', '.join(f + '=' for f in _FIELDS)}")
+        if not eq or field not in _FIELDS:  # not quoted: a word out of place may be a key
+            problems.append(f"word {i} is not one of {', '.join(f + '=' for f in _FIELDS)}")
         elif field in fields:
             problems.append(f"{field}= is given twice")
         else:
@@ -113,12 +114,12 @@ def _line(words: list[str], n: int) -> KeyPolicy | list[str]:
     models: tuple[str, ...] | None = None
     numbers: dict[str, int] = {}
     if "name" in fields and not _NAME_RE.fullmatch(fields["name"]):
-        problems.append(f"name={fields['name'][:70]!r} must be 1-63 letters, digits or ._- "
+        problems.append("name= must be 1-63 letters, digits or ._- "
                         "(starting with a letter or digit)")
     if "models" in fields:
         models = tuple(fields["models"].split(","))
         if not all(_ROUTE_RE.fullmatch(m) for m in models) or len(set(models)) != len(models):
-            problems.append(f"models={fields['models'][:70]!r} must be route names separated "
+            problems.append("models= must be route names separated "
                             "by commas, each once")
     for field in ("rpm", "in_flight"):
         if field in fields:
@@ -221,30 +222,60 @@ def write_maps(keys_file: str | None, models_file: str, out: str,
     return files
 
 
-def push(sock: str, out: str, files: dict[str, list[str]], chunk: int = 500) -> list[str]:
-    """Hand the maps to the worker answering on the runtime API ``sock``, each
-    replaced at once (a new version filled, then committed); the files it took.
-    A map that worker does not read (its configuration is older) is left out;
-    OSError when the socket does not answer."""
-    taken = []
-    for name, lines in files.items():
+def _chunks(lines: list[str], size: int) -> list[list[str]]:
+    """``lines`` in runs of at most ``size`` bytes (a runtime API command must fit
+    HAProxy's buffer, ``tune.bufsize``: 33 KiB at the gateway's least)."""
+    out: list[list[str]] = [[]]
+    used = 0
+    for line in lines:
+        if out[-1] and used + len(line) + 1 > size:
+            out.append([])
+            used = 0
+        out[-1].append(line)
+        used += len(line) + 1
+    return out
+
+
+def _fill(sock: str, kind: str, path: str, at: str, lines: list[str], size: int) -> None:
+    for run in _chunks(lines, size):
+        if not run:
+            continue
+        if kind == "map":  # HAProxy 2.6 takes a payload for maps only
+            said = runtime_api(sock, f"add map {at} {path} <<\n" + "\n".join(run) + "\n", 5.0)
+        else:  # one command a pattern, several to a line (keys hold no ';')
+            said = runtime_api(sock, "; ".join(f"add acl {at} {path} {ln}" for ln in run), 5.0)
+        if said.strip():
+            raise OSError(f"HAProxy refused a line of {os.path.basename(path)}: "
+                          f"{said.strip()[:200]}")
+
+
+def push(sock: str, out: str, files: dict[str, list[str]], size: int = 8192) -> list[str]:
+    """Hand the maps to the worker answering on the runtime API ``sock``: a new
+    version of each filled, then committed, the key map last (a new key is known
+    to the worker only once its policy is); the files it took. A map that worker
+    does not read (its configuration is older) is left out; OSError when the
+    socket does not answer or HAProxy refuses a step (nothing committed then,
+    when it is not the commit itself)."""
+    key_map = MAPS["key"]
+    order = sorted(files, key=lambda name: name == key_map)  # the key map last
+    versions: dict[str, str] = {}
+    for name in order:
         path = os.path.join(out, name)
         kind = "acl" if name == METRICS_KEYS else "map"
         said = runtime_api(sock, f"prepare {kind} {path}", 5.0)
         version = re.search(r"New version created: (\d+)", said)
         if version is None:
-            continue  # "Unknown ... identifier": the running configuration has no such file
-        at = f"@{version.group(1)}"
-        for i in range(0, len(lines), chunk):
-            payload = "\n".join(lines[i:i + chunk])
-            said = runtime_api(sock, f"add {kind} {at} {path} <<\n{payload}\n", 5.0)
-            if said.strip():
-                raise OSError(f"HAProxy refused a line of {name}: {said.strip()[:200]}")
-        said = runtime_api(sock, f"commit {kind} {at} {path}", 5.0)
+            if "Unknown" in said:  # the running configuration has no such file
+                continue
+            raise OSError(f"HAProxy did not prepare {name}: {said.strip()[:200]}")
+        versions[name] = f"@{version.group(1)}"
+        _fill(sock, kind, path, versions[name], files[name], size)
+    for name, at in versions.items():
+        kind = "acl" if name == METRICS_KEYS else "map"
+        said = runtime_api(sock, f"commit {kind} {at} {os.path.join(out, name)}", 5.0)
         if said.strip():
             raise OSError(f"HAProxy did not take the new {name}: {said.strip()[:200]}")
-        taken.append(name)
-    return taken
+    return list(versions)
 
 
 def main(argv: list[str] | None = None) -> int:
