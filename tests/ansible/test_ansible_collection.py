@@ -156,5 +156,8 @@ def test_a_drained_server_is_at_weight_zero_too():
     head = ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state "
             "srv_uweight srv_iweight srv_time_since_last_change\n")
     rows = m.table(head + "3 r1 1 gpu1_a 127.0.0.1 2 8 0 1 0\n3 r1 2 gpu1_b 127.0.0.1 2 8 1 1 0\n"
-                   "3 r1 3 gpu2_a 127.0.0.1 2 0 1 1 713\n")
-    assert [m.is_drained(r) for r in rows] == [True, False, False]
+                   "3 r1 3 gpu2_a 127.0.0.1 2 0 1 1 713\n3 r1 4 gpu2_b 127.0.0.1 2 0 0 1 9\n")
+    assert [m.is_drained(r) for r in rows] == [True, False, False, False]
+    # enabled again: every one of them but the one that is as configured (a drain
+    # state with its weight left, or a weight of 0 alone, keeps requests away)
+    assert [m.is_enabled(r) for r in rows] == [False, False, True, False]

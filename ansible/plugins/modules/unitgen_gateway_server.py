@@ -185,6 +185,15 @@ def is_drained(row: dict[str, str]) -> bool:
         and row.get("srv_uweight") == "0"
 
 
+def is_enabled(row: dict[str, str]) -> bool:
+    """A row of a server that takes requests as its configuration says: not in
+    drain state and at its configured weight. Anything else is enabled again
+    (a drain by an older version of this module left the weight; a half-done
+    drain, or a weight of 0 alone, would keep requests away all the same)."""
+    return not int(row.get("srv_admin_state") or 0) & FORCED_DRAIN \
+        and row.get("srv_uweight") == row.get("srv_iweight", row.get("srv_uweight"))
+
+
 def in_flight(rows: dict[str, dict[str, str]]) -> int:
     """Requests being served and queued, over the rows."""
     return sum(int(r.get("scur") or 0) + int(r.get("qcur") or 0) for r in rows.values())
@@ -239,7 +248,7 @@ def main() -> None:
     try:
         found = servers_of(path, p["node"])
         names = sorted(found)
-        todo = [n for n, r in found.items() if is_drained(r) != drained]
+        todo = [n for n, r in found.items() if not (is_drained(r) if drained else is_enabled(r))]
         if module.check_mode:
             module.exit_json(changed=bool(todo), servers=names, in_flight=0)
         for name in todo:
