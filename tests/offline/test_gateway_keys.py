@@ -27,7 +27,7 @@ from unitgen.features.gateway.live import wait_served
 from unitgen.features.gateway.plan import GatewaySettings
 from unitgen.features.gateway.render import FILES
 from unitgen.features.gateway.usage import usage_lines
-from unitgen.inunit.gwkeys import default_name, parse_keys, push, write_maps
+from unitgen.inunit.gwkeys import SALT, default_name, parse_keys, push, write_maps
 from unitgen.inunit.hareload import runtime_api, worker
 
 pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(),
@@ -248,7 +248,12 @@ def test_usage_per_key_and_route_in_the_log_the_counters_and_the_page(tmp_path):
         sent = [("sk-two-9c2e", "m1")] * 3 + [("sk-two-9c2e", "m2")] + [("sk-plain-1f3a", "m2")] * 2
         for key, model in sent:
             d.request("POST", "/v1/chat/completions", _chat(model), key=key)
-        plain = default_name("sk-plain-1f3a")
+        # an unnamed key's name: an HMAC with the gateway's own secret (root's 0600),
+        # not a hash anyone could match guesses of a short key against
+        secret = d.directory / SALT
+        assert secret.stat().st_mode & 0o777 == 0o600
+        plain = default_name("sk-plain-1f3a", secret.read_bytes().strip())
+        assert plain != default_name("sk-plain-1f3a")
         # the runtime API's "unitgen usage" (what status --keys reads)
         keys = {k["name"]: k for k in _usage(d)["keys"]}
         two = keys["two"]

@@ -11,7 +11,7 @@ before policies) or followed by its policy (docs/gateway.md)::
     sk-plain-4d1e
 
 ``name`` is what logs, counters and ``status`` show (never the key; a key
-without one is ``key-`` and 8 hex digits of its SHA-256); ``models`` the route
+without one is ``key-`` and 8 hex digits of an HMAC of it with :data:`SALT`); ``models`` the route
 names it may use (others answer 404, ``/v1/models`` lists only these);
 ``rpm`` the requests it may send a minute; ``in_flight`` how many it may have
 in flight at once (over either: 429). Keys that share a name share its
@@ -36,9 +36,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import re
+import secrets
 import sys
 from dataclasses import dataclass
 
@@ -58,6 +60,7 @@ MAPS = {
     "in_flight": "key-in-flight.map",  # name -> requests in flight at once
 }
 METRICS_KEYS = "metrics-keys.lst"  # the exporter's keys, one a line (an ACL's patterns)
+SALT = "key-names.secret"  # in the gateway's configuration directory: default_name's secret
 
 _KEY_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750's b64token: what Bearer carries
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # the stick-table's string key: 64
@@ -83,9 +86,26 @@ class KeyPolicy:
                                                             other.in_flight)
 
 
-def default_name(key: str) -> str:
-    """The name of a key given without one: stable, and no use for finding the key."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+def default_name(key: str, salt: bytes = b"") -> str:
+    """The name of a key given without one: stable, and no use for finding the
+    key: an HMAC with the gateway's own secret (:data:`SALT`), so that 8 hex
+    digits shown on the page and in the log cannot be matched against guesses
+    of a short key offline."""
+    return "key-" + hmac.new(salt, key.encode(), hashlib.sha256).hexdigest()[:8]
+
+
+def read_salt(directory: str) -> bytes:
+    """The gateway's secret for key names (:data:`SALT` in its configuration
+    directory, root's 0600; made on first use, never through a link)."""
+    path = os.path.join(directory, SALT)
+    with contextlib.suppress(FileExistsError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode())
+        finally:
+            os.close(fd)
+    return read_root_only(path).strip()
 
 
 def _number(field: str, value: str) -> int | str:
@@ -94,7 +114,7 @@ def _number(field: str, value: str) -> int | str:
     return int(value)
 
 
-def _line(words: list[str], n: int) -> KeyPolicy | list[str]:
+def _line(words: list[str], n: int, salt: bytes) -> KeyPolicy | list[str]:
     """One line's key and policy, or what is wrong with it (quoting no word of the
     line: any of them may be a key, one written in the wrong place)."""
     key = words[0]
@@ -130,11 +150,11 @@ def _line(words: list[str], n: int) -> KeyPolicy | list[str]:
                 numbers[field] = got
     if problems:
         return [f"line {n}: {p}" for p in problems]
-    return KeyPolicy(key=key, name=fields.get("name") or default_name(key), models=models,
+    return KeyPolicy(key=key, name=fields.get("name") or default_name(key, salt), models=models,
                      rpm=numbers.get("rpm"), in_flight=numbers.get("in_flight"), line=n)
 
 
-def parse_keys(text: str) -> tuple[list[KeyPolicy], list[str]]:
+def parse_keys(text: str, salt: bytes = b"") -> tuple[list[KeyPolicy], list[str]]:
     """The keys of a keys file, and every problem (by line; never a key)."""
     found: list[KeyPolicy] = []
     problems: list[str] = []
@@ -144,7 +164,7 @@ def parse_keys(text: str) -> tuple[list[KeyPolicy], list[str]]:
         words = raw.split()
         if not words or words[0].startswith("#"):
             continue
-        got = _line(words, n)
+        got = _line(words, n, salt)
         if isinstance(got, list):
             problems += got
             continue
@@ -210,7 +230,8 @@ def write_maps(keys_file: str | None, models_file: str, out: str,
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read the gateway's models file {models_file}: "
                              f"{exc}") from None
-        keys, problems = parse_keys(read_root_only(keys_file).decode("utf-8", "replace"))
+        keys, problems = parse_keys(read_root_only(keys_file).decode("utf-8", "replace"),
+                                    read_salt(os.path.dirname(models_file) or "."))
         if problems:
             raise ValueError(f"{keys_file}: " + "; ".join(problems[:5]))
         files = {MAPS[k]: lines for k, lines in maps_of(keys, models).items()}

@@ -23,7 +23,7 @@ from unitgen.features.gateway.files import SETTINGS, read_settings
 from unitgen.features.gateway.keys import installed_key
 from unitgen.features.gateway.plan import GatewayPlan, Member, member_key, member_of, route_keys
 from unitgen.features.gateway.render import CONFIG, FILES, MEMBER_KEYS, GatewayPaths, render_gateway
-from unitgen.inunit.gwkeys import MAPS, METRICS_KEYS, parse_keys
+from unitgen.inunit.gwkeys import MAPS, METRICS_KEYS, SALT, parse_keys
 from unitgen.inunit.hareload import runtime_api
 from unitgen.ops.pipeline import Planned
 from unitgen.ops.trust import secret_file_problem
@@ -232,7 +232,7 @@ def remove_gateway_files(binding: GatewayBinding, name: str) -> list[Path]:
     if not ours:
         return []
     gone = []
-    for fname in (CONFIG, SETTINGS, *FILES.values()):
+    for fname in (CONFIG, SETTINGS, SALT, *FILES.values()):
         path = directory / fname
         if path.exists():
             path.unlink()
