@@ -67,11 +67,12 @@ def _planned(name: str, tmp: Path) -> Planned:
     return Planned(tmp / f"{name}.toml", resolve(spec), ())
 
 
-def _gateway(binding: Binding, name: str, metrics: str | None, keys: str | None = None
-             ) -> Installed:
+def _gateway(binding: Binding, name: str, metrics: str | None, keys: str | None = None,
+             api_keys: str | None = None) -> Installed:
     directory = binding.directory(name)
     directory.mkdir(parents=True)
-    settings = GatewaySettings(name, metrics=metrics, metrics_keys_file=keys)
+    settings = GatewaySettings(name, metrics=metrics, metrics_keys_file=keys,
+                               api_keys_file=api_keys)
     where = list(metrics.rsplit(":", 1)) if metrics else None
     (directory / "gateway.json").write_text(json.dumps({
         "settings": asdict(settings), "upstreams": [],
@@ -83,14 +84,19 @@ def _gateway(binding: Binding, name: str, metrics: str | None, keys: str | None 
 def test_eager_engines_and_exporters_are_listed_with_their_labels(tmp_path):
     binding = Binding(tmp_path)
     installed = {"gw": _gateway(binding, "gw", "127.0.0.1:9101"),
-                 "gw2": _gateway(binding, "gw2", "0.0.0.0:9102", keys="/k"),
+                 "gw2": _gateway(binding, "gw2", "0.0.0.0:9102", keys="/k", api_keys="/a"),
                  "gw3": _gateway(binding, "gw3", None)}
     feature = GatewayFeature(cast("GatewayBinding", binding))
     feature.plan(installed, [_planned(n, tmp_path) for n in SPECS])
     [(path, text)] = feature.files()
     assert path == binding.discovery_file() and text is not None
-    groups = {g["labels"]["instance"]: g for g in json.loads(text)}
+    found = json.loads(text)
+    groups = {g["labels"]["instance"]: g for g in found if "/keys" not in str(g["labels"])}
     assert sorted(groups) == ["gw", "gw2", "llama", "qwen", "sg"]  # not lazy, quiet, box, gw3
+    # a gateway with API keys: its counters per key are a target of their own
+    [per_key] = [g for g in found if g["labels"].get("__metrics_path__") == "/metrics/keys"]
+    assert per_key["targets"] == ["127.0.0.1:9102"] and per_key["labels"]["instance"] == "gw2"
+    assert per_key["labels"]["auth"] == "bearer"  # behind the same keys as /metrics
     assert groups["qwen"]["targets"] == ["127.0.0.1:8001"]
     labels = groups["qwen"]["labels"]
     assert {k: labels[k] for k in ("backend", "model", "gateway", "__metrics_path__")} == {

@@ -17,19 +17,23 @@ from collections.abc import Iterable, Mapping
 
 from unitgen.plan.record import Record
 
-__all__ = ["DISCOVERY", "discovery_json", "targets"]
+__all__ = ["DISCOVERY", "KEYS_PATH", "discovery_json", "targets"]
 
 DISCOVERY = "unitgen.json"  # in the manager's unitgen/prometheus/ directory
+KEYS_PATH = "/metrics/keys"  # a gateway's counters per key (its unitgen.lua)
 
 
 def targets(records: Iterable[Record], exporters: Mapping[str, tuple[str, int]],
-            node: str, keyed: Iterable[str] = ()) -> list[dict[str, object]]:
+            node: str, keyed: Iterable[str] = (), counted: Iterable[str] = (),
+            ) -> list[dict[str, object]]:
     """One target group per scrape target: the engines of eager instances (at
     the address their probe asks) and the gateways' exporters (``exporters``:
     gateway -> its listen address; ``keyed``: those whose ``/metrics`` wants a
-    key, labelled ``auth="bearer"`` so a scrape job with credentials keeps them)."""
+    key, labelled ``auth="bearer"`` so a scrape job with credentials keeps them;
+    ``counted``: those with API keys, whose counters per key answer at
+    ``/metrics/keys`` beside HAProxy's own, a target of its own)."""
     out: list[dict[str, object]] = []
-    locked = set(keyed)
+    locked, per_key = set(keyed), set(counted)
     for rec in sorted(records, key=lambda r: r.name):
         if rec.is_gateway:
             if rec.name not in exporters:
@@ -40,6 +44,9 @@ def targets(records: Iterable[Record], exporters: Mapping[str, tuple[str, int]],
             if rec.name in locked:
                 labels["auth"] = "bearer"
             out.append({"targets": [_target(host, port)], "labels": labels})
+            if rec.name in per_key:
+                out.append({"targets": [_target(host, port)],
+                            "labels": {**labels, "__metrics_path__": KEYS_PATH}})
         elif rec.eager and rec.metrics and rec.probe:
             labels = {"instance": rec.name, "backend": rec.backend, "model": rec.model,
                       "gateway": rec.member.gateway if rec.member is not None else "",

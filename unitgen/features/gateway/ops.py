@@ -108,22 +108,29 @@ class GatewayFeature(Feature):
         records: dict[str, Record] = {n: i.rec for n, i in installed.items() if n not in removed}
         exporters: dict[str, tuple[str, int]] = {}
         keyed: set[str] = set()
+        counted: set[str] = set()  # with api_keys_file: /metrics/keys
         for name, rec in records.items():
             found = read_settings(self.binding.directory(name)) if rec.is_gateway else None
             if found is not None and found.metrics is not None:
                 exporters[name] = found.metrics
                 if found.settings.metrics_keys_file:
                     keyed.add(name)
+                if found.settings.api_keys_file:
+                    counted.add(name)
         for p in planned:
             records[p.instance.name] = record_of(p.instance)
             plan = p.instance.gateway
             exporters.pop(p.instance.name, None)
             keyed.discard(p.instance.name)
+            counted.discard(p.instance.name)
             if plan is not None and plan.metrics is not None:
                 exporters[p.instance.name] = plan.metrics
                 if plan.settings.metrics_keys_file:
                     keyed.add(p.instance.name)
-        return discovery_json(targets(records.values(), exporters, socket.gethostname(), keyed))
+                if plan.settings.api_keys_file:
+                    counted.add(p.instance.name)
+        return discovery_json(targets(records.values(), exporters, socket.gethostname(), keyed,
+                                      counted))
 
     def reload_only(self, planned: Planned, changed: Sequence[str]) -> bool:
         """A gateway whose routes alone changed: new workers on the same socket,
