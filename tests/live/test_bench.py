@@ -107,7 +107,7 @@ def test_every_row_produces_figures(sandbox, group):
         assert rows[1].figures["reloads"] >= 2  # the reloads did happen under the load
         assert rows[0].figures["baseline"] > 0
     if group == "keys":  # the policy against the gateway before it, side by side
-        assert [r.figures["baseline"] > 0 for r in rows] == [True, True]
+        assert [r.figures["baseline"] > 0 for r in rows] == [True, True, True]  # c=1, tiny, streams
     if group == "swap":
         assert rows[0].figures["ours"] > rows[0].figures["baseline"] * 0.5  # a swap loads
     # the deployed instances are gone again
