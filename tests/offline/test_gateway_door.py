@@ -62,6 +62,7 @@ def _member(seen: Seen, name: str) -> ThreadingHTTPServer:
             with seen.lock:
                 seen.requests.append((name, self.command, self.path,
                                       {k.lower(): v for k, v in self.headers.items()}, raw))
+            asked: dict[str, Any] = {}
             try:  # the model a Python server reads: the last one
                 asked = json.loads(raw)
                 model = asked.get("model")
@@ -71,11 +72,27 @@ def _member(seen: Seen, name: str) -> ThreadingHTTPServer:
             # what vLLM and llama-server say of a whole answer's tokens
             body = json.dumps({"model": model, "path": self.path, "server": name,
                                "usage": {"prompt_tokens": 7, "completion_tokens": 5}}).encode()
+            later = float(asked.get("body_after", 0)) if isinstance(asked, dict) else 0.0
+            chunked = isinstance(asked, dict) and asked.get("chunked") is True
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if later:  # the head first, the body some time after it (a large answer)
+                self.wfile.flush()
+                time.sleep(later)
+            if chunked:  # in two pieces, the second after a pause
+                half = len(body) // 2
+                for piece in (body[:half], body[half:]):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    self.wfile.flush()
+                    time.sleep(later)
+                self.wfile.write(b"0\r\n\r\n")
+            else:
+                self.wfile.write(body)
 
         def do_GET(self) -> None:
             self._answer()

@@ -199,6 +199,19 @@ def test_a_revoked_key_fails_right_after_the_reload_on_a_kept_alive_connection(t
         assert during == [200]  # what it started before the reload went on to its end
 
 
+def test_tokens_are_counted_when_the_body_comes_after_the_head(tmp_path):
+    # a small answer comes whole with its head and is read at once; one whose body
+    # comes later (a large answer, a slow server, chunks) is waited for, up to 1 s
+    gw = GatewaySettings("late", api_keys_file=str(_keys(tmp_path)))
+    with door(tmp_path, gw) as d:
+        for extra in ({}, {"body_after": 0.3}, {"body_after": 0.2, "chunked": True}):
+            body = json.dumps({"model": "m1", "messages": [], **extra}).encode()
+            status, answer = d.request("POST", "/v1/chat/completions", body, key="sk-two-9c2e")
+            assert status == 200 and answer["usage"]["prompt_tokens"] == 7, answer
+        two = {k["name"]: k for k in _usage(d)["keys"]}["two"]
+        assert (two["forwarded"], two["prompt_tokens"], two["completion_tokens"]) == (3, 21, 15)
+
+
 def test_the_exporters_keys_change_with_a_reload_too(tmp_path):
     # HAProxy 2.6 takes a payload for "add map" only: the exporter's keys (an ACL)
     # sent as one made every reload of a gateway with metrics_keys_file fail
