@@ -97,11 +97,11 @@ async def _readback(names: list[str]) -> dict[str, tuple[list[str], list[str]]]:
     out: dict[str, tuple[list[str], list[str]]] = {}
     async with connect("user") as m:
         for n in names:
-            for _ in range(3):
+            for attempt in range(8):  # up to ~30 s for one unit on a loaded machine
                 out[n] = await m.exec_and_environment(n)
                 if out[n][0]:  # every unit of the batch has an ExecStart
                     break
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(0.5 * (attempt + 1))
     return out
 
 
@@ -123,6 +123,7 @@ class Checker:
         self.box = box
         self.runtime = box.env["XDG_RUNTIME_DIR"]  # what %t means to this manager
         self.pending: dict[str, tuple[tuple[str, ...], list[str]]] = {}
+        self.specs: dict[str, dict[str, object]] = {}  # the spec each pending unit came from
         self.count = 0
         self.refused = 0
         self.loaded = 0
@@ -151,6 +152,7 @@ class Checker:
             assert f.text.count("\n[Service]\n") == (1 if f.name.endswith(".service") else 0)
             assert "\nExecStartPre=/bin/touch" not in f.text
         write_files(self.box.unit_dir, name, units)
+        self.specs[server_unit(inst)] = raw
         self.pending[server_unit(inst)] = (
             tuple(w.replace(RUNTIME_DIR, self.runtime) for w in inst.argv),
             _expected_env(inst.env))
@@ -168,12 +170,19 @@ class Checker:
                 # systemd keeps "$$" in the ExecStart property and makes it "$" when
                 # it runs the command (the process sees the original: test_quoting_live)
                 got_argv = _without_confinement(got_argv)
+                if not got_argv:  # say why: did systemd load it at all?
+                    shown = self.box.systemctl("show", "-p", "LoadState", "-p", "LoadError",
+                                               "-p", "ExecStart", unit).stdout
+                    raise AssertionError(f"{unit}: no ExecStart read back over D-Bus; "
+                                         f"systemctl show: {shown[:1500]!r}; spec: "
+                                         f"{self.specs.get(unit)!r}"[:4000])
                 assert [w.replace("$$", "$") for w in got_argv] == list(argv), (
                     unit, got_argv, argv, (self.box.unit_dir / unit).read_text()[:3000])
                 assert got_env == env, (unit, got_env)
             self.loaded += len(self.pending)
         finally:
             self.pending.clear()
+            self.specs.clear()
             for path in self.box.unit_dir.glob("h*"):
                 if path.is_file() and "unitgen-instance: h" in path.read_text(errors="replace"):
                     path.unlink()
