@@ -28,7 +28,7 @@ from pathlib import Path
 from statistics import median
 
 from bench.rows import Profile, Row
-from bench.tools import WrkResult, free_port, stop_pid, wrk
+from bench.tools import WrkResult, connectable, free_port, running, stop_pid, wait_until, wrk
 from unitgen.features.gateway.plan import GatewayPlan, GatewaySettings, Member
 from unitgen.features.gateway.render import CONFIG, MEMBER_KEYS, GatewayPaths, render_gateway
 from unitgen.inunit.gwkeys import write_maps
@@ -130,18 +130,11 @@ def _haproxy(directory: Path) -> Iterator[int]:
 def _serving(argv: list[str], port: int, what: str,
              env: dict[str, str] | None = None) -> Iterator[str]:
     """``argv`` started, once it answers on ``port``: its address."""
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not start")
-            time.sleep(0.05)
+    with running(argv, env=env) as proc:
+        wait_until(lambda: proc.poll() is not None or connectable(port), 10, 0.05)
+        if not connectable(port):
+            raise RuntimeError(f"{what} did not start")
         yield f"127.0.0.1:{port}"
-    finally:
-        stop_pid(proc)
 
 
 def _nginx(directory: Path) -> contextlib.AbstractContextManager[str]:

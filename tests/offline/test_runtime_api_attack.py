@@ -12,7 +12,6 @@ Ansible module sent ``show servers state``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,10 +21,10 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from tests.ansible.test_ansible_collection import _module
 from tests.helpers import RecordingUnixListener
 from unitgen.inunit.hareload import runtime_api
 
@@ -62,15 +61,6 @@ def planted() -> Iterator[tuple[Path, RecordingUnixListener]]:
         shutil.rmtree(base)
 
 
-def _ansible_module() -> ModuleType:
-    path = REPO / "ansible" / "plugins" / "modules" / "unitgen_gateway_server.py"
-    spec = importlib.util.spec_from_file_location("unitgen_gateway_server", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_keys_reload_sends_no_key_through_a_link_haproxys_user_planted(planted, tmp_path):
     run, root_only = planted
     keys = tmp_path / "keys"
@@ -99,7 +89,7 @@ def test_root_sends_nothing_to_a_socket_another_uid_created_there(client, tmp_pa
     os.chown(run, NOBODY, NOBODY)
     try:
         ask = (lambda: runtime_api(run / "admin.sock", "show info")) if client == "unitgen" \
-            else (lambda: _ansible_module().command(str(run / "admin.sock"), "show stat"))
+            else (lambda: _module("unitgen_gateway_server").command(str(run / "admin.sock"), "show stat"))
         with pytest.raises(OSError, match=r"created by uid 0"):
             ask()
         time.sleep(0.3)
@@ -113,7 +103,7 @@ def test_the_drain_module_and_status_send_nothing_through_the_link(planted):
     with pytest.raises(OSError, match=r"link|Too many levels"):
         runtime_api(run / "admin.sock", "show stat")
     with pytest.raises(OSError):
-        _ansible_module().command(str(run / "admin.sock"), "show servers state")
+        _module("unitgen_gateway_server").command(str(run / "admin.sock"), "show servers state")
     time.sleep(0.3)
     assert root_only.received == []
 
@@ -125,7 +115,7 @@ def test_haproxys_own_socket_is_still_answered(tmp_path):
     own = RecordingUnixListener(run / "admin.sock", b"")
     try:
         assert "200 OK" in runtime_api(run / "admin.sock", "show info")
-        assert "200 OK" in _ansible_module().command(str(run / "admin.sock"), "show info")
+        assert "200 OK" in _module("unitgen_gateway_server").command(str(run / "admin.sock"), "show info")
         assert own.received[:2] == [b"show info\n", b"show info\n"]
     finally:
         own.sock.close()
