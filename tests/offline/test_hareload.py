@@ -6,6 +6,8 @@ bound when none does."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,13 +28,32 @@ time.sleep(60)
 """
 
 
+# HAProxy's master while it starts: SIGUSR2 blocked, then its handlers reset
+# (ignored for a moment), which throws a pending one away, then caught
+STARTING = """\
+import signal, sys, time
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
+print("ready", flush=True)
+time.sleep(float(sys.argv[2]))
+signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+signal.signal(signal.SIGUSR2, lambda *_: open(sys.argv[1], "w").close())
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR2])
+time.sleep(60)
+"""
+
+
+def _master(flag: Path, script: str = MASTER, *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", script, str(flag), *args],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
+
+
 @pytest.fixture
 def master(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A process that notes SIGUSR2 in a file, as HAProxy's master reloads on it."""
     flag = tmp_path / "signalled"
-    proc = subprocess.Popen([sys.executable, "-c", MASTER, str(flag)], stdout=subprocess.PIPE,
-                            text=True)
-    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    proc = _master(flag)
     try:
         yield proc.pid, flag
     finally:
@@ -128,3 +149,59 @@ def test_a_gone_master_is_said(tmp_path):
     assert hareload.worker(str(tmp_path / "none.sock")) is None
     assert hareload.main([f"--pid={proc.pid}", "--admin", str(tmp_path / "none.sock"),
                           "--timeout", "1s"]) == hareload.EXIT_FAILED
+
+
+def test_the_signal_waits_until_the_master_takes_it(tmp_path):
+    # sent at once, the signal was thrown away with the master's reset handlers,
+    # and the reload failed at its bound with the previous routes still there
+    flag = tmp_path / "signalled"
+    proc = _master(flag, STARTING, "0.4")
+    served = serve(tmp_path / "admin.sock", lambda n: (100, 0) if not flag.exists() else (200, 0))
+    try:
+        assert hareload.takes_signal(proc.pid, signal.SIGUSR2) is False
+        assert hareload.reload(proc.pid, str(tmp_path / "admin.sock"), timeout=5) is None
+        assert flag.exists()
+    finally:
+        served.set()
+        proc.kill()
+        proc.wait()
+
+
+def test_a_master_that_never_takes_the_signal_fails_at_the_bound(tmp_path):
+    flag = tmp_path / "signalled"
+    proc = _master(flag, STARTING, "60")
+    try:
+        why = hareload.reload(proc.pid, str(tmp_path / "none.sock"), timeout=0.3)
+        assert why is not None and "did not take SIGUSR2 within 300ms" in why, why
+        assert not flag.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+@pytest.mark.skipif(not Path(HAPROXY).exists(), reason="HAProxy is not installed")
+def test_a_reload_right_after_haproxy_starts_is_not_lost(tmp_path):
+    # a real master asked to reload as soon as its first worker answers: one in
+    # four such reloads was lost before the signal waited for the master
+    admin = tmp_path / "admin.sock"
+    (tmp_path / "h.cfg").write_text(f"global\n  stats socket {admin} mode 600 level admin\n"
+                                    "defaults\n  mode http\n  timeout client 5s\n"
+                                    "  timeout server 5s\n  timeout connect 1s\n")
+    for _ in range(6):
+        admin.unlink(missing_ok=True)
+        log = tmp_path / "haproxy.log"
+        with log.open("wb") as err:
+            proc = subprocess.Popen([HAPROXY, "-W", "-f", str(tmp_path / "h.cfg")],
+                                    stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 10
+            while hareload.worker(str(admin)) is None:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.005)
+            assert hareload.reload(proc.pid, str(admin), timeout=5) is None, log.read_text()
+        finally:
+            proc.terminate()
+            proc.wait(10)

@@ -18,6 +18,13 @@ new request is routed by the new configuration. A master that refuses the new
 configuration keeps the old worker: no new one answers, and this exits 1 at
 ``--timeout`` saying so.
 
+The signal is sent only once the master takes it. While HAProxy's master
+starts (and again while it re-executes itself for a reload) it blocks SIGUSR2
+and then resets its handlers, which throws a pending one away: a reload asked
+within some 40 ms of the master forking its worker was lost, and the previous
+routes stayed. So the master's ``/proc/PID/status`` is read first, until it
+catches SIGUSR2 and does not block it (bounded by the same ``--timeout``).
+
 Standard library only: it runs inside the gateway's unit, as its user.
 
     python -I -m unitgen.inunit.hareload --pid 1234 --admin /run/unitgen-llm/admin.sock
@@ -35,7 +42,7 @@ import time
 from unitgen.inunit.peer import connect_unix, foreign_peer
 from unitgen.timespan import format_seconds, parse_timespan
 
-__all__ = ["main", "reload", "runtime_api", "worker"]
+__all__ = ["main", "reload", "runtime_api", "takes_signal", "wait_taken", "worker"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -89,10 +96,42 @@ def _serving(sock: str) -> int | None:
     return None
 
 
+def takes_signal(pid: int, sig: int) -> bool | None:
+    """Whether process ``pid`` runs a handler for ``sig`` now (caught, not
+    blocked by its main thread); None when its status cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        caught, blocked = int(fields["SigCgt"], 16), int(fields["SigBlk"], 16)
+    except (OSError, KeyError, ValueError):
+        return None
+    bit = 1 << (sig - 1)
+    return bool(caught & bit) and not blocked & bit
+
+
+def wait_taken(pid: int, sig: int, timeout: float, interval: float = 0.005) -> bool:
+    """Wait until ``pid`` takes ``sig`` (True at once when that cannot be
+    read: the signal is sent as before); False when it did not in ``timeout``.
+    ProcessLookupError when the process is gone."""
+    deadline = time.monotonic() + timeout
+    while takes_signal(pid, sig) is False:
+        if not os.path.exists(f"/proc/{pid}"):
+            raise ProcessLookupError(pid)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def reload(master: int, sock: str, timeout: float, interval: float = 0.02) -> str | None:
-    """Signal the master, wait until new workers serve; None, or why not."""
+    """Signal the master once it takes the signal, wait until new workers
+    serve; None, or why not."""
     before = _serving(sock)
     t0 = time.monotonic()
+    if not wait_taken(master, signal.SIGUSR2, timeout):
+        return (f"HAProxy's master (pid {master}) did not take SIGUSR2 within "
+                f"{format_seconds(timeout)} (is it still starting?): nothing was reloaded, "
+                "the previous routes still hold")
     os.kill(master, signal.SIGUSR2)
     seen = 0
     while True:

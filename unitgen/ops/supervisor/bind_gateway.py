@@ -84,7 +84,7 @@ class SupervisorGateway:
         if info.get("statename") != "RUNNING" or not info.get("pid"):
             return None
         self.before_signal(gateway)
-        self.rpc.call("signalProcess", program, "USR2")
+        self.rpc.signal(program, "USR2", info["pid"])
         return f"SIGUSR2 to HAProxy's master, pid {info['pid']}"
 
     def before_signal(self, gateway: str) -> None:

@@ -270,7 +270,7 @@ class SupervisorDeploy:
             return False
         for f in self.features:  # what systemd's ExecReload=+ would do first
             f.before_signal(change.name)
-        self.rpc.call("signalProcess", server, sig)
+        self.rpc.signal(server, sig, self._states[server].get("pid"))
         return True
 
     def wait(self, change: Change, opts: DeployOptions) -> Ready:
