@@ -361,6 +361,32 @@ def test_a_member_gets_its_own_key_and_never_the_gateways(tmp_path):
         assert len(d.seen.requests) == before
 
 
+def test_the_key_comes_as_a_bearer_token_whatever_the_schemes_case(tmp_path):
+    # "bearer KEY" was refused (a scheme is case-insensitive, RFC 9110) and a bare
+    # "KEY" with no scheme was let in; the exporter's door the same
+    keys = tmp_path / "keys"
+    keys.write_text(f"{GATEWAY_KEY}\n")
+    keys.chmod(0o600)
+    scrapers = tmp_path / "metrics.keys"
+    scrapers.write_text("sk-prometheus\n")
+    scrapers.chmod(0o600)
+    gw = GatewaySettings("scheme", api_keys_file=str(keys), metrics="127.0.0.1:9101",
+                         metrics_keys_file=str(scrapers))
+    with door(tmp_path, gw) as d:
+        said = {}
+        for value in (f"Bearer {GATEWAY_KEY}", f"bearer {GATEWAY_KEY}", f"BEARER  {GATEWAY_KEY}",
+                      GATEWAY_KEY, f"Basic {GATEWAY_KEY}", f"Bearer{GATEWAY_KEY}"):
+            said[value.replace(GATEWAY_KEY, "K")] = d.request(
+                "POST", "/v1/chat/completions", _chat("m1"), Authorization=value)[0]
+        assert said == {"Bearer K": 200, "bearer K": 200, "BEARER  K": 200, "K": 401,
+                        "Basic K": 401, "BearerK": 401}, said
+        for value, status in (("bearer sk-prometheus", 200), ("sk-prometheus", 401)):
+            conn = http.client.HTTPConnection("127.0.0.1", d.metrics_port, timeout=10)
+            conn.request("GET", "/metrics", headers={"Authorization": value})
+            assert conn.getresponse().status == status, value
+            conn.close()
+
+
 def test_without_gateway_keys_the_client_speaks_to_a_member_for_itself(tmp_path):
     # a gateway without api_keys_file is no door to a member's key: the client's
     # Authorization passes through, and the member's own key is never added
