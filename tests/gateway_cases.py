@@ -90,6 +90,26 @@ def member(directory: Path, name: str, gateway: str, *, aliases: tuple[str, ...]
         f'env = {{ STANDIN_NAME = "{name}"{env_toml} }}\n[health]\ntimeout = "30s"\n'))
 
 
+def keyed(directory: Path, name: str, gateway: str, key: str, log: Path, port: int) -> Path:
+    """A member with an API key of its own: it wants ``key`` under /v1 only (as
+    vLLM does) and logs every Authorization it gets to ``log``."""
+    return write_spec(directory, name, (
+        f'name = "{name}"\nbackend = "custom"\nport = {port}\ngateway = "{gateway}"\n'
+        f'command = ["{sys.executable}", "{STANDIN}", "--host", "{{host}}", "--port", "{{port}}"]\n'
+        'api_key_env = "MEMBER_KEY"\n'
+        f'env = {{ MEMBER_KEY = "{key}", STANDIN_KEY_ENV = "MEMBER_KEY", STANDIN_KEY_SCOPE = "/v1", '
+        f'STANDIN_NAME = "{name}", STANDIN_AUTH_LOG = "{log}" }}\n[health]\ntimeout = "30s"\n'))
+
+
+def answers_itself(sdk: openai.OpenAI, model: str) -> bool:
+    """``model`` answers a chat through the gateway as itself (False: 401, 404)."""
+    try:
+        answer = sdk.chat.completions.create(model=model, messages=[])
+    except (openai.AuthenticationError, openai.NotFoundError):
+        return False
+    return answer.choices[0].message.content == f"{model} answers {model}"
+
+
 def gateway(directory: Path, name: str, port: int, extra: str = "") -> Path:
     return write_spec(directory, name, (f'kind = "gateway"\nname = "{name}"\nport = {port}\n'
                                         + extra))

@@ -15,31 +15,13 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.gateway_cases import NEEDS_HAPROXY, client, gateway, member
-from tests.helpers import STANDIN, free_port, prop, wait_for, write_spec
+from tests.gateway_cases import NEEDS_HAPROXY, answers_itself, client, gateway, keyed, member
+from tests.helpers import STANDIN, free_port, prop, wait_for
 from tests.live.test_operate_live import cli_json
 
 pytestmark = [pytest.mark.systemd, NEEDS_HAPROXY]
 
 GATEWAY_KEY = "sk-gateway-only-7c2a"
-
-
-def keyed(directory: Path, name: str, key: str, log: Path, port: int) -> Path:
-    """A member that wants ``key`` under /v1 and logs every Authorization it gets."""
-    return write_spec(directory, name, (
-        f'name = "{name}"\nbackend = "custom"\nport = {port}\ngateway = "gwk"\n'
-        f'command = ["{sys.executable}", "{STANDIN}", "--host", "{{host}}", "--port", "{{port}}"]\n'
-        'api_key_env = "MEMBER_KEY"\n'
-        f'env = {{ MEMBER_KEY = "{key}", STANDIN_KEY_ENV = "MEMBER_KEY", STANDIN_KEY_SCOPE = "/v1", '
-        f'STANDIN_NAME = "{name}", STANDIN_AUTH_LOG = "{log}" }}\n[health]\ntimeout = "30s"\n'))
-
-
-def _answers(sdk: openai.OpenAI, model: str) -> bool:
-    try:
-        answer = sdk.chat.completions.create(model=model, messages=[])
-    except (openai.AuthenticationError, openai.NotFoundError):
-        return False
-    return answer.choices[0].message.content == f"{model} answers {model}"
 
 
 def test_members_never_see_the_gateway_key_and_answer_with_their_own(box, tmp_path):
@@ -55,21 +37,21 @@ def test_members_never_see_the_gateway_key_and_answer_with_their_own(box, tmp_pa
     master = prop(box, "gwk.service", "MainPID")
     # a member with a key of its own joins the running gateway: a reload, not a restart
     rc, data = cli_json(box, "deploy", "--user",
-                        str(keyed(tmp_path, "kk", "sk-member-1", logs["kk"], kk_port)))
+                        str(keyed(tmp_path, "kk", "gwk", "sk-member-1", logs["kk"], kk_port)))
     assert rc == 0, data
     sdk = client(port, key=GATEWAY_KEY)
     for model in ("kk", "kp"):  # (kk's route comes with the reload's new workers)
-        assert wait_for(lambda m=model: _answers(sdk, m), 5.0), model
+        assert wait_for(lambda m=model: answers_itself(sdk, m), 5.0), model
     seen = {n: log.read_text().split("\n") for n, log in logs.items()}
     assert "Bearer sk-member-1" in seen["kk"], seen
     assert not any(GATEWAY_KEY in line for lines in seen.values() for line in lines), seen
     # its key changes: deployed again, the gateway reloads and sends the new one
     rc, data = cli_json(box, "deploy", "--user",
-                        str(keyed(tmp_path, "kk", "sk-member-2", logs["kk"], kk_port)))
+                        str(keyed(tmp_path, "kk", "gwk", "sk-member-2", logs["kk"], kk_port)))
     assert rc == 0, data
-    # (the reload's new workers take over within moments of the deploy's end: until
-    # then the old ones still send the old key)
-    assert wait_for(lambda: _answers(sdk, "kk"), 5.0), logs["kk"].read_text()[-300:]
+    # at once, on the SDK's kept-alive connection too: the old worker that answers
+    # its next request was handed the new key before the reload
+    assert answers_itself(sdk, "kk"), logs["kk"].read_text()[-300:]
     assert prop(box, "gwk.service", "MainPID") == master
     # the member's own key reaches HAProxy through its runtime directory only
     runtime = Path(box.env["XDG_RUNTIME_DIR"]) / "unitgen-gwk" / "member-keys.map"
@@ -119,7 +101,7 @@ def test_an_upstream_gets_its_own_key_never_the_gateways(box, tmp_path):
         assert rc == 0, data
         sdk = client(port, key=GATEWAY_KEY)
         for model in ("up", "upplain"):
-            assert wait_for(lambda m=model: _answers(sdk, m), 5.0), model
+            assert wait_for(lambda m=model: answers_itself(sdk, m), 5.0), model
         seen = log.read_text().split("\n") + plain_log.read_text().split("\n")
         assert "Bearer sk-upstream-1" in seen and not any(GATEWAY_KEY in s for s in seen), seen
         assert set(plain_log.read_text().split()) == {"None"}

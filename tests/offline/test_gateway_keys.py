@@ -23,10 +23,19 @@ from tests.offline.test_gateway_door import HAPROXY, Door, _chat, _scrape, door
 from unitgen.features.gateway.files import SETTINGS
 from unitgen.features.gateway.live import wait_served
 from unitgen.features.gateway.plan import GatewaySettings
-from unitgen.features.gateway.render import FILES
+from unitgen.features.gateway.render import FILES, member_keys_map
 from unitgen.features.gateway.usage import usage_lines
-from unitgen.inunit.gwkeys import SALT, default_name, parse_keys, push, write_maps
+from unitgen.inunit.gwkeys import (
+    MEMBER_KEYS,
+    SALT,
+    default_name,
+    member_key_lines,
+    parse_keys,
+    push,
+    write_maps,
+)
 from unitgen.inunit.hareload import reload, runtime_api
+from unitgen.inunit.keycopy import copy_for_owner
 
 pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(),
                                 reason="HAProxy is not installed (./setup installs it)")
@@ -190,6 +199,32 @@ def test_a_revoked_key_fails_right_after_the_reload_on_a_kept_alive_connection(t
         assert d.request("POST", "/v1/chat/completions", _chat(), key="sk-plain-1f3a")[0] == 200
         stream.join(10)
         assert during == [200]  # what it started before the reload went on to its end
+
+
+def test_a_members_new_key_is_sent_right_after_the_reload_on_a_kept_alive_connection(tmp_path):
+    # the old worker answered a connection it held with the member's old key (the
+    # member, wanting its new one, refused it): the keys it sends are handed over too
+    keys = _keys(tmp_path)
+    gw = GatewaySettings("rotate", api_keys_file=str(keys))
+    with door(tmp_path, gw, keys={"m1": "sk-member-old"}) as d:
+        headers = {"Authorization": "Bearer sk-plain-1f3a", "Content-Type": "application/json"}
+        kept = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+        kept.request("POST", "/v1/chat/completions", body=_chat(), headers=headers)
+        assert kept.getresponse().read()
+        secret = tmp_path / "rotate.env"  # root's secret file, as deploy writes it
+        secret.write_text(member_keys_map("rotate", {"r1": "sk-member-new"}))
+        secret.chmod(0o600)
+        copy_for_owner(str(secret), str(d.directory / MEMBER_KEYS))  # the copy HAProxy reads
+        files = write_maps(str(keys), str(d.directory / FILES["models"]), str(d.directory))
+        files[MEMBER_KEYS] = member_key_lines(str(secret))
+        assert MEMBER_KEYS in push(str(d.directory / "admin.sock"), str(d.directory), files)
+        assert reload(d.master, str(d.directory / "admin.sock"), 10.0) is None
+        kept.request("POST", "/v1/chat/completions", body=_chat(), headers=headers)
+        assert kept.getresponse().read()
+        kept.close()
+        assert d.request("POST", "/v1/chat/completions", _chat(), key="sk-plain-1f3a")[0] == 200
+        sent = [h.get("authorization") for name, _, _, h, _ in d.seen.requests if name == "m1"]
+        assert sent == ["Bearer sk-member-old", "Bearer sk-member-new", "Bearer sk-member-new"]
 
 
 def test_tokens_are_counted_when_the_body_comes_after_the_head(tmp_path):

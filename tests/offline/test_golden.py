@@ -118,9 +118,12 @@ def test_supervisor_golden_files_read_back(spec: Path) -> None:
     programs = read_back(conf.replace("/var/log/unitgen/", tempfile.gettempdir() + "/"))
     assert len(programs) == 2 and not any(p.environment for p in programs)
     [server] = [p for p in programs if p.group.endswith("-backend")]
-    env_files = [t for n, t in files.items() if n.endswith(".env")]
-    if env_files:
-        plain = list(parse_env_text(env_files[0].split(ENV_SECRETS_LINE)[0]).items())
+    env_files = [n for n in files if n.endswith(".env")]
+    if "--env-file" in server.argv:
+        env_file = Path(server.argv[server.argv.index("--env-file") + 1]).name
+        plain = list(parse_env_text(files[env_file].split(ENV_SECRETS_LINE)[0]).items())
         assert server.argv[server.argv.index("--env-digest") + 1] == env_digest(plain)
+    elif "--gw-member-keys" in server.argv:  # a gateway's: the keys it sends its members
+        assert env_files == [Path(server.argv[server.argv.index("--gw-member-keys") + 1]).name]
     else:
-        assert "--env-file" not in server.argv
+        assert env_files == []

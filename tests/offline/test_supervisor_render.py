@@ -245,7 +245,8 @@ def test_a_gateway_and_its_members_render_for_supervisord(tmp_path):
     assert holder.argv[-4:] == ["--serve", "/run/u/unitgen-gw/listen.sock", "--user", "haproxy"]
     assert haproxy.argv[haproxy.argv.index("exec") + 1:] == [
         "--mkdir", "/run/u/unitgen-gw", "--fd3-from", "/run/u/unitgen-gw/listen.sock",
-        "--listen-fd4", "127.0.0.1:9101", "--gw-keys", "/etc/unitgen/gw.keys",
+        "--listen-fd4", "127.0.0.1:9101", "--gw-member-keys", "/etc/u/secrets/gw.env",
+        "--gw-keys", "/etc/unitgen/gw.keys",
         "--gw-models", "/srv/conf/unitgen/gateways/gw/models.json",
         "--user", "haproxy", "--", "haproxy", "-Ws", "-f",
         "/srv/conf/unitgen/gateways/gw/haproxy.cfg"]
@@ -260,22 +261,19 @@ def test_a_gateway_and_its_members_render_for_supervisord(tmp_path):
     assert record is not None and record.member is not None and record.member.gateway == "gw"
 
 
-def test_a_supervisor_gateway_refuses_a_member_key_it_cannot_send(tmp_path):
-    """Under supervisord the gateway cannot send a member its own key yet (its
-    wrapper copies api_keys_file only): refused with the file and the reason,
-    never a gateway that strips the client's key and sends the member nothing."""
-    from unitgen.errors import SpecError  # noqa: PLC0415
+def test_a_supervisor_gateway_sends_a_member_its_own_key_from_a_secret_file(tmp_path):
+    """Refused before ("cannot send a member its own key yet"): the key goes in
+    the gateway's secret file (the instances' secrets, 0600), HAProxy reads the
+    copy root makes in its runtime directory, no other file holds it."""
     from unitgen.features.gateway.plan import GatewayPlan, GatewaySettings, Member  # noqa: PLC0415
     from unitgen.targets.supervisor.gateway import render_gateway_files  # noqa: PLC0415
 
     keyed = Member("m", "127.0.0.1:9", ("m",), gateway="g", key_env="M_KEY")
     plan = GatewayPlan(GatewaySettings(name="g", api_keys_file="/etc/g.keys"), (keyed,),
-                       keys=(("m", "sk-m"),))
-    with pytest.raises(SpecError) as info:
-        render_gateway_files("g", plan, str(tmp_path), "/run/x", ("g.toml", ""))
-    assert [p.file for p in info.value.problems] == ["g.toml"]
-    assert "own key" in str(info.value) and "sk-m" not in str(info.value)
-    bare = GatewayPlan(GatewaySettings(name="g", api_keys_file="/etc/g.keys"),
-                       (Member("m", "127.0.0.1:9", ("m",), gateway="g"),))
-    assert all(not f.secret for f in render_gateway_files("g", bare, str(tmp_path), "/run/x",
-                                                          ("g.toml", "")))
+                       keys=(("m", "sk-m-4f0a"),))
+    files = render_gateway_files("g", plan, str(tmp_path), "/run/x", ("g.toml", ""))
+    secret = [f for f in files if f.secret]
+    assert [f.name for f in secret] == ["g.env"] and "Bearer sk-m-4f0a" in secret[0].text
+    cfg = next(f for f in files if f.name.endswith("haproxy.cfg")).text
+    assert "map('/run/x/unitgen-g/member-keys.map')" in cfg
+    assert not any("sk-m-4f0a" in f.text for f in files if not f.secret)

@@ -223,6 +223,31 @@ def test_exec_hands_a_gateway_its_keys_copy_and_the_exporter_as_fd4(tmp_path):
     assert copy.st_mode & 0o777 == 0o400 and copy.st_uid == os.geteuid()
 
 
+def test_exec_hands_a_gateway_the_keys_it_sends_its_members(tmp_path):
+    # the keys a gateway sends members with keys of their own: root's 0600 secret
+    # file, copied for HAProxy's user (0400) before it starts; none yet: empty
+    secret = tmp_path / "gw.env"
+    secret.write_text("r1 Bearer sk-member-1\n")
+    secret.chmod(0o600)
+    run = tmp_path / "run" / "unitgen-gw"
+    read = "import sys; print(open(sys.argv[1]).read().strip(), flush=True)"
+    for source, said in ((secret, "r1 Bearer sk-member-1"), (tmp_path / "none.env", "")):
+        done = subprocess.run([*WRAP, "exec", "--mkdir", str(run), "--gw-member-keys",
+                               str(source), "--", sys.executable, "-c", read,
+                               str(run / "member-keys.map")],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == said
+        copy = (run / "member-keys.map").stat()
+        assert copy.st_mode & 0o777 == 0o400 and copy.st_uid == os.geteuid()
+    if os.geteuid() == 0:  # a secret file someone else may change hands on nothing
+        secret.chmod(0o644)
+        done = subprocess.run([*WRAP, "exec", "--mkdir", str(run), "--gw-member-keys",
+                               str(secret), "--", "/bin/true"],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1 and "not root's alone" in done.stderr, done.stderr
+
+
 def test_exec_refuses_a_bad_credential_and_starts_nothing(tmp_path):
     done = subprocess.run([*WRAP, "exec", "--mkdir", str(tmp_path / "r"), "--credential",
                            f"k:{tmp_path / 'missing'}", "--", "/bin/true"],

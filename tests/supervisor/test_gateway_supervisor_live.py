@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import stat
 import subprocess
 import sys
 import tempfile
@@ -21,16 +22,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import openai
 import psutil
 import pytest
 
 from tests.gateway_cases import (  # noqa: F401 - collected here, with this tier's gw
     KEY,
     NEEDS_HAPROXY,
+    answers_itself,
     chat,
     client,
     gateway,
     here,
+    keyed,
     member,
     test_a_bound_on_concurrent_requests_queues_then_answers_429,
     test_a_gateway_and_its_files_are_removed,
@@ -215,8 +219,7 @@ def test_haproxy_runs_without_root_and_cannot_read_what_it_should_not(gw, tmp_pa
     keys.write_text(f"{KEY}\n")
     keys.chmod(0o600)
     port = free_port()
-    # a member with a secret in its env file (not an API key of its own: a gateway
-    # under supervisord cannot send a member its own key yet, and refuses one)
+    # a member with a secret in its env file
     secret = member(tmp_path, "sma", "gws", SMA_SECRET="sk-member-secret")  # noqa: S106 - a test value
     rc, data = gw.cli("deploy", str(secret), str(gateway(
         tmp_path, "gws", port, f'api_keys_file = "{keys}"\nmetrics = "127.0.0.1:{free_port()}"\n')))
@@ -252,3 +255,57 @@ def test_haproxy_runs_without_root_and_cannot_read_what_it_should_not(gw, tmp_pa
     assert gw.cli("remove", "gws")[0] == 0
     assert not run.exists()  # the maps go with the gateway
 
+
+
+def test_a_member_with_a_key_of_its_own_answers_clients_of_the_gateway(gw, tmp_path):
+    # it was refused under supervisord ("cannot send a member its own key yet"):
+    # the gateway sends the member its own key, never the client's gateway key,
+    # from a copy root makes for HAProxy's user at start and before each reload
+    keys = gw.sd.root / "gwm.keys"
+    keys.write_text("sk-gateway-only-5e0d\n")
+    keys.chmod(0o600)
+    logs = {n: tmp_path / f"{n}.auth" for n in ("mk", "mp")}
+    port, mk_port = free_port(), free_port()
+    plain = member(tmp_path, "mp", "gwm", STANDIN_AUTH_LOG=str(logs["mp"]))
+    rc, data = gw.cli("deploy", str(plain), str(gateway(tmp_path, "gwm", port,
+                                                        f'api_keys_file = "{keys}"\n')))
+    assert rc == 0, data
+    master = gw.master("gwm")
+    # a member with a key of its own joins the running gateway: a reload
+    rc, data = gw.cli("deploy", str(keyed(tmp_path, "mk", "gwm", "sk-member-1", logs["mk"],
+                                          mk_port)))
+    assert rc == 0, data
+    sdk = client(port, key="sk-gateway-only-5e0d")
+    for model in ("mk", "mp"):
+        assert answers_itself(sdk, model), (model, gw.gateway_log("gwm")[-2000:])
+    seen = {n: log.read_text().split("\n") for n, log in logs.items()}
+    assert "Bearer sk-member-1" in seen["mk"], seen
+    assert not any("sk-gateway-only" in line for lines in seen.values() for line in lines), seen
+    # its key changes: deployed again, the gateway is signalled and sends the new one
+    rc, data = gw.cli("deploy", str(keyed(tmp_path, "mk", "gwm", "sk-member-2", logs["mk"],
+                                          mk_port)))
+    assert rc == 0, data
+    before = len(logs["mk"].read_text().split("\n"))
+    assert answers_itself(sdk, "mk"), logs["mk"].read_text()[-300:]
+    after = logs["mk"].read_text().split("\n")[before - 1:]
+    assert "Bearer sk-member-2" in after and "Bearer sk-member-1" not in after, after
+    assert gw.master("gwm") == master  # signalled, never restarted
+    # the key reaches HAProxy's user through its runtime directory only
+    user = pwd.getpwnam(GATEWAY_USER)
+    copy = (gw.sd.root / "run" / "unitgen-gwm" / "member-keys.map").stat()
+    assert (copy.st_uid, stat.S_IMODE(copy.st_mode)) == (user.pw_uid, 0o400)
+    secret = gw.sd.root / "secrets" / "gwm.env"
+    st = secret.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+    assert "sk-member-2" in secret.read_text()
+    shown = "".join(p.read_text() for p in [*gw.sd.conf_dir.glob("*.conf"),
+                                            *gw.gateway_dir("gwm").iterdir()])
+    _, status = gw.cli("status")
+    for where, text in (("supervisord's conf files and HAProxy's", shown),
+                        ("status", json.dumps(status)), ("HAProxy's log", gw.gateway_log("gwm"))):
+        assert "sk-member-" not in text and "sk-gateway-only" not in text, where
+    # a client with the member's key but no gateway key is refused at the door
+    with pytest.raises(openai.AuthenticationError):
+        client(port, key="sk-member-2").chat.completions.create(model="mk", messages=[])
+    assert gw.cli("remove", "mk", "mp", "gwm")[0] == 0
+    assert not secret.exists()

@@ -25,10 +25,12 @@ running worker over its runtime API (``prepare map``, ``add map``, ``commit
 map``) *before* the reload's signal: the worker that finishes the requests in
 flight answers the last request of each kept-alive connection by the new
 keys, so a revoked key fails from the reload on, while a stream it started
-before goes on to its end. Standard library only.
+before goes on to its end. The keys the gateway sends its members
+(``--member-keys``) are handed over the same way, so a member whose key
+changed is sent its new one from the reload on. Standard library only.
 
     python -I -m unitgen.inunit.gwkeys --keys FILE --models MODELS_JSON --out DIR \\
-        [--metrics-keys FILE] [--admin SOCKET]
+        [--metrics-keys FILE] [--admin SOCKET] [--member-keys SECRET_FILE]
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ from dataclasses import dataclass
 from unitgen.inunit.hareload import runtime_api
 from unitgen.inunit.keycopy import read_root_only, write_for_owner
 
-__all__ = ["MAPS", "METRICS_KEYS", "KeyPolicy", "listing", "main", "maps_of", "parse_keys",
-           "push", "write_maps"]
+__all__ = ["MAPS", "MEMBER_KEYS", "METRICS_KEYS", "KeyPolicy", "listing", "main", "maps_of",
+           "member_key_lines", "parse_keys", "push", "write_maps"]
 
 # the files, in the runtime directory; what each maps
 MAPS = {
@@ -60,6 +62,9 @@ MAPS = {
     "in_flight": "key-in-flight.map",  # name -> requests in flight at once
 }
 METRICS_KEYS = "metrics-keys.lst"  # the exporter's keys, one a line (an ACL's patterns)
+# the API keys a gateway sends its members ("backend Bearer key" lines), in its
+# runtime directory: copied there from a root-only file at each start and reload
+MEMBER_KEYS = "member-keys.map"
 SALT = "key-names.secret"  # in the gateway's configuration directory: default_name's secret
 
 _KEY_RE = re.compile(r"[A-Za-z0-9._~+/-]+=*")  # RFC 6750's b64token: what Bearer carries
@@ -243,6 +248,17 @@ def write_maps(keys_file: str | None, models_file: str, out: str,
     return files
 
 
+def member_key_lines(secret_file: str) -> list[str]:
+    """The ``backend Bearer key`` lines of the keys a gateway sends its members
+    (its root-only secret file, as ``unitgen.inunit.keycopy`` copies it for
+    HAProxy); none when it is missing."""
+    try:
+        text = read_root_only(secret_file).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
 def _chunks(lines: list[str], size: int) -> list[list[str]]:
     """``lines`` in runs of at most ``size`` bytes (a runtime API command must fit
     HAProxy's buffer, ``tune.bufsize``: 33 KiB at the gateway's least)."""
@@ -307,9 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="its runtime directory")
     ap.add_argument("--metrics-keys", help="its metrics_keys_file")
     ap.add_argument("--admin", help="the running worker's runtime API, if it runs")
+    ap.add_argument("--member-keys", help="the keys it sends its members (root's secret file): "
+                    "handed to the running worker too (the copy HAProxy reads at start is "
+                    "unitgen.inunit.keycopy's)")
     ns = ap.parse_args(argv)
     try:
         files = write_maps(ns.keys, ns.models, ns.out, ns.metrics_keys)
+        if ns.member_keys:
+            files[MEMBER_KEYS] = member_key_lines(ns.member_keys)
         # no HAProxy runs yet (no socket, or nobody at it): it reads the files at start
         with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
             if ns.admin:

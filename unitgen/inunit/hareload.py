@@ -38,6 +38,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 from unitgen.inunit.peer import connect_unix, foreign_peer
 from unitgen.timespan import format_seconds, parse_timespan
@@ -123,8 +124,10 @@ def wait_taken(pid: int, sig: int, timeout: float, interval: float = 0.005) -> b
     return True
 
 
-def reload(master: int, sock: str, timeout: float, interval: float = 0.02) -> str | None:
-    """Signal the master once it takes the signal, wait until new workers
+def reload(master: int, sock: str, timeout: float, interval: float = 0.02,
+           send: Callable[[], object] | None = None) -> str | None:
+    """Signal the master once it takes the signal (``send``: how, when another
+    process sends it: supervisord's ``signalProcess``), wait until new workers
     serve; None, or why not."""
     before = _serving(sock)
     t0 = time.monotonic()
@@ -132,7 +135,10 @@ def reload(master: int, sock: str, timeout: float, interval: float = 0.02) -> st
         return (f"HAProxy's master (pid {master}) did not take SIGUSR2 within "
                 f"{format_seconds(timeout)} (is it still starting?): nothing was reloaded, "
                 "the previous routes still hold")
-    os.kill(master, signal.SIGUSR2)
+    if send is None:
+        os.kill(master, signal.SIGUSR2)
+    else:
+        send()
     seen = 0
     while True:
         found = worker(sock)

@@ -26,6 +26,9 @@ root; it becomes the server's user only after the steps that need root:
     --gw-keys PATH, --gw-metrics-keys PATH, --gw-models PATH
                       a gateway's keys files (root's) as HAProxy maps in --mkdir,
                       the user's, 0400 (unitgen.inunit.gwkeys)
+    --gw-member-keys PATH  the API keys a gateway sends its members (root's
+                      alone, 0600) copied to --mkdir's member-keys.map, the
+                      user's, 0400; missing: an empty map (unitgen.inunit.keycopy)
 
 ``hold``: for a server that takes its socket (``socket_activation = true``):
 hold the public socket supervisord passed as fd 0 for as long as supervisord
@@ -66,7 +69,8 @@ from unitgen.inunit.envfile import (
     read_env_file,
     user_ids,
 )
-from unitgen.inunit.gwkeys import write_maps
+from unitgen.inunit.gwkeys import MEMBER_KEYS, write_maps
+from unitgen.inunit.keycopy import copy_for_owner
 from unitgen.inunit.supproxy import fd0_to_fd3, proxy
 
 __all__ = ["main"]
@@ -110,6 +114,8 @@ def _exec(ns: argparse.Namespace) -> int:
             copy_credential(ns.credential, ns.mkdir, uid, gid)
         if ns.gw_models and ns.mkdir:
             write_maps(ns.gw_keys, ns.gw_models, ns.mkdir, ns.gw_metrics_keys)
+        if ns.gw_member_keys and ns.mkdir:
+            copy_for_owner(ns.gw_member_keys, os.path.join(ns.mkdir, MEMBER_KEYS))
         if ns.listen_fd4:
             listen_on_fd(ns.listen_fd4, 4)
         if ns.env_file:
@@ -192,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--gw-keys")
     e.add_argument("--gw-metrics-keys")
     e.add_argument("--gw-models")
+    e.add_argument("--gw-member-keys")
     h = sub.add_parser("hold", help="hold fd 0 and hand it to the server (socket activation)")
     h.add_argument("--serve", required=True)
     h.add_argument("--user")

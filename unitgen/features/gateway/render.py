@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from unitgen.features.gateway.patterns import ONE_MODEL_RE, ROUTED_PATHS
 from unitgen.features.gateway.plan import BALANCE_FACTOR, GatewaySettings, Route
-from unitgen.inunit.gwkeys import MAPS, METRICS_KEYS
+from unitgen.inunit.gwkeys import MAPS, MEMBER_KEYS, METRICS_KEYS
 from unitgen.targets.base import MARKER, RenderedFile, strict_environment
 
 if TYPE_CHECKING:
@@ -47,9 +47,6 @@ CONFIG = "haproxy.cfg"
 # its first bytes name it.
 SESSION_HEADER = "x-session-id"
 PROMPT_PREFIX = 256
-# the API keys it sends its members ("backend Bearer key" lines), in its runtime
-# directory: copied there from a root-only file at each start and reload
-MEMBER_KEYS = "member-keys.map"
 
 
 @dataclass(frozen=True)

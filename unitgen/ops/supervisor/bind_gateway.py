@@ -17,16 +17,41 @@ from unitgen.features.gateway.discovery import DISCOVERY
 from unitgen.features.gateway.doctor import SocketState
 from unitgen.features.gateway.files import read_settings
 from unitgen.features.gateway.plan import GatewayPlan
-from unitgen.features.gateway.render import FILES
+from unitgen.features.gateway.render import FILES, MEMBER_KEYS
 from unitgen.inunit.envfile import read_env_file
-from unitgen.inunit.gwkeys import push, write_maps
+from unitgen.inunit.gwkeys import member_key_lines, push, write_maps
+from unitgen.inunit.hareload import reload
+from unitgen.inunit.keycopy import copy_for_owner
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.site import Site
 from unitgen.targets.base import RenderedFile
-from unitgen.targets.supervisor.gateway import gateway_dir, render_gateway_files, runtime_dir
+from unitgen.targets.supervisor.gateway import (
+    gateway_dir,
+    member_keys_path,
+    render_gateway_files,
+    runtime_dir,
+)
 from unitgen.targets.supervisor.render import secret_name
 
-__all__ = ["SupervisorGateway"]
+__all__ = ["RELOAD_TIMEOUT", "SupervisorGateway", "admin_socket", "signal_reload"]
+
+# how long a reloaded gateway's new worker may take to serve (as systemd's ExecReload=)
+RELOAD_TIMEOUT = 30.0
+
+
+def admin_socket(run_dir: str, gateway: str) -> Path:
+    """A gateway's HAProxy runtime API: ``RUN/unitgen-<gateway>/admin.sock``."""
+    return Path(runtime_dir(run_dir, gateway)) / "admin.sock"
+
+
+def signal_reload(rpc: SupervisorRPC, program: str, master: int, admin: Path) -> str | None:
+    """SIGUSR2 to gateway ``program``'s HAProxy master over XML-RPC once the
+    master takes it, then wait until a new worker serves, as the systemd
+    gateway's ``ExecReload=`` (:func:`unitgen.inunit.hareload.reload`): a
+    change the routes do not show (a member's key) holds when this returns.
+    None, or why not."""
+    return reload(master, str(admin), RELOAD_TIMEOUT,
+                  send=lambda: rpc.call("signalProcess", program, "USR2"))
 
 # supervisord's states in which a program holds its socket (supervisor/states.py)
 _HOLDING = ("RUNNING", "STARTING")
@@ -50,7 +75,7 @@ class SupervisorGateway:
 
     def admin_socket(self, gateway: str) -> Path:
         """``RUN/unitgen-<gateway>/admin.sock``."""
-        return Path(runtime_dir(self.ctx.run_dir, gateway)) / "admin.sock"
+        return admin_socket(self.ctx.run_dir, gateway)
 
     def files(self, gateway: str, plan: GatewayPlan,
               where: tuple[str, str]) -> list[RenderedFile]:
@@ -70,8 +95,9 @@ class SupervisorGateway:
             return None
 
     def path(self, f: RenderedFile) -> Path:
-        """Below the target's configuration directory."""
-        return Path(self.ctx.config_dir) / f.name
+        """Below the target's configuration directory; the member keys with the
+        instances' secrets."""
+        return (self.site.secrets_dir if f.secret else Path(self.ctx.config_dir)) / f.name
 
     def reload(self, gateway: str) -> str | None:
         """SIGUSR2 to a running gateway's HAProxy master (its outcome; None when
@@ -84,21 +110,29 @@ class SupervisorGateway:
         if info.get("statename") != "RUNNING" or not info.get("pid"):
             return None
         self.before_signal(gateway)
-        self.rpc.signal(program, "USR2", info["pid"])
-        return f"SIGUSR2 to HAProxy's master, pid {info['pid']}"
+        why = signal_reload(self.rpc, program, int(info["pid"]), self.admin_socket(gateway))
+        if why is not None:
+            raise UnitgenError(f"{gateway}: {why}")
+        return f"SIGUSR2 to HAProxy's master, pid {info['pid']}; its new worker serves"
 
     def before_signal(self, gateway: str) -> None:
-        """Its keys files as maps again, handed to the running worker before the
-        signal (what the wrapper does at start; :mod:`unitgen.inunit.gwkeys`): a
-        changed keys file holds from this reload on."""
-        found = read_settings(self.directory(gateway))
-        if found is None or not (found.settings.api_keys_file or found.settings.metrics_keys_file):
-            return
+        """The keys it sends its members copied again for HAProxy's user, and its
+        keys files as maps again, handed to the running worker, before the
+        signal (what the wrapper does at start; :mod:`unitgen.inunit.keycopy`,
+        :mod:`unitgen.inunit.gwkeys`): a changed key holds from this reload on."""
         run = runtime_dir(self.ctx.run_dir, gateway)
+        secret = member_keys_path(gateway, str(self.site.secrets_dir))
         try:
+            if os.path.isdir(run):
+                copy_for_owner(secret, os.path.join(run, MEMBER_KEYS))
+            found = read_settings(self.directory(gateway))
+            if found is None or not (found.settings.api_keys_file
+                                     or found.settings.metrics_keys_file):
+                return
             files = write_maps(found.settings.api_keys_file,
                                str(self.directory(gateway) / FILES["models"]), run,
                                found.settings.metrics_keys_file)
+            files[MEMBER_KEYS] = member_key_lines(secret)
             with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
                 push(str(self.admin_socket(gateway)), run, files)
         except (OSError, ValueError) as exc:

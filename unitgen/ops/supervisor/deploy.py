@@ -24,6 +24,7 @@ from unitgen.ops.allocate import HostAllocator, listeners
 from unitgen.ops.files import check_ours, is_ours, read_exact
 from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned, plan_paths
+from unitgen.ops.supervisor.bind_gateway import admin_socket, signal_reload
 from unitgen.ops.supervisor.bindings import features
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.site import Site, check_run_dir, clear_run_dir, log_dir, make_dir
@@ -103,10 +104,12 @@ def _env_readers(change: Change) -> list[str]:
     secrets are read when they start by the server and, for the probe key, by
     the public program. So a new plain variable keeps the public socket open."""
     inst = change.inst
+    public, server = group_names(inst)
+    if inst.gateway is not None:  # its secret file: the keys it sends its members
+        return [server]  # copied for HAProxy when it starts (the holder keeps the port)
     before = change.old.get(secret_name(inst.name))  # None: none, or taken back
     old = dict(split_env_text(before)[1]) if before is not None else {}
     new = dict(inst.secrets)
-    public, server = group_names(inst)
     readers = [server] if old != new else []
     key = inst.probe_key_env
     if key and old.get(key) != new.get(key):
@@ -270,7 +273,10 @@ class SupervisorDeploy:
             return False
         for f in self.features:  # what systemd's ExecReload=+ would do first
             f.before_signal(change.name)
-        self.rpc.signal(server, sig, self._states[server].get("pid"))
+        why = signal_reload(self.rpc, server, int(str(self._states[server]["pid"])),
+                            admin_socket(self.site.ctx.run_dir, change.name))
+        if why is not None:
+            raise UnitgenError(f"{change.name}: {why}")
         return True
 
     def wait(self, change: Change, opts: DeployOptions) -> Ready:

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import base64
 import configparser
-import contextlib
 import http.client
 import os
-import signal
 import socket
 import sys
 import xmlrpc.client
@@ -26,7 +24,6 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from unitgen.errors import UnitgenError
-from unitgen.inunit.hareload import wait_taken
 
 __all__ = [
     "Endpoint",
@@ -45,8 +42,6 @@ NOT_RUNNING = 70
 ALREADY_STARTED = 60
 ALREADY_ADDED = 90
 STILL_RUNNING = 91
-# how long a signal waits for its process to take it before it is sent anyway
-SIGNAL_TAKEN_TIMEOUT = 10.0
 
 
 class SupervisorError(UnitgenError):
@@ -233,17 +228,6 @@ class SupervisorRPC:
         code = self.fault_code("removeProcessGroup", name)
         if code not in (0, BAD_NAME):
             raise SupervisorError(f"supervisord: removeProcessGroup {name}: fault {code}")
-
-    def signal(self, program: str, sig: str, pid: object) -> None:
-        """signalProcess ``sig`` (``"USR2"``) to ``program`` once its process
-        (``pid``, from getProcessInfo; supervisord is on this host) takes it:
-        HAProxy's master throws away a SIGUSR2 that comes while it starts
-        (:mod:`unitgen.inunit.hareload`). Sent anyway after
-        :data:`SIGNAL_TAKEN_TIMEOUT`."""
-        if isinstance(pid, int) and pid > 0:
-            with contextlib.suppress(ProcessLookupError):
-                wait_taken(pid, signal.Signals[f"SIG{sig}"], SIGNAL_TAKEN_TIMEOUT)
-        self.call("signalProcess", program, sig)
 
     def tail(self, name: str, offset: int, length: int) -> tuple[str, int, bool]:
         """tailProcessStdoutLog (stderr is redirected into it)."""

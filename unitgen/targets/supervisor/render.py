@@ -280,7 +280,7 @@ def _gateway_wrap(inst: Instance, ctx: SupervisorContext) -> list[str]:
     if plan.metrics is not None:
         host, port = plan.metrics
         out += ["--listen-fd4", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    out += keys_maps_args(inst.name, plan, ctx.config_dir)
+    out += keys_maps_args(inst.name, plan, ctx.config_dir, ctx.secrets_dir)
     return out
 
 

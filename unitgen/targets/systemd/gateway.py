@@ -64,4 +64,5 @@ def keys_maps_cmd(python: str, name: str, plan: GatewayPlan) -> list[str]:
             *(["--keys", keys] if keys else []),
             *(["--metrics-keys", metrics_keys] if metrics_keys else []),
             "--models", f"{CONFIG_DIR}/unitgen/gateways/{name}/{FILES['models']}",
-            "--out", run, "--admin", f"{run}/admin.sock"]
+            "--out", run, "--admin", f"{run}/admin.sock",
+            "--member-keys", f"{CONFIG_DIR}/unitgen/secrets/{name}.env"]
