@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from unitgen.ops.systemd.sandbox import Sandbox
 from unitgen.plan.instance import RUNTIME_DIR
+from unitgen.spec.readers import unicode_problem
 from unitgen.targets.systemd.escape import (
     environment_assignment,
     exec_line,
@@ -40,16 +41,18 @@ from unitgen.targets.systemd.escape import (
 
 pytestmark = pytest.mark.systemd
 
-# Any character but NUL and lone surrogates, with systemd's special characters
-# drawn often; the runtime-directory token is unitgen's own and never user text.
-CHAR = st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00") | st.sampled_from(
-    "%$\\\"' \n\t;{}")
+# Any character a spec takes (not NUL, lone surrogates or noncharacters: readers.py),
+# with systemd's special characters drawn often; the runtime-directory token is
+# unitgen's own and never user text.
+CHAR = st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00").filter(
+    lambda c: unicode_problem(c) is None) | st.sampled_from("%$\\\"' \n\t;{}")
 TEXT = st.text(CHAR, max_size=16).filter(lambda t: RUNTIME_DIR not in t)
 # Short words made mostly of those characters: every batch meets %x, $x, %% and $$.
 SPECIAL = st.text(st.sampled_from("%$\\\" \nantx{}"), min_size=1, max_size=8)
 # A directory name: no slash, no control character (path_value refuses those),
 # no blank at either end (systemd strips those: see the test at the end).
 DIRNAME = st.text(st.characters(blacklist_categories=["Cs", "Cc"], blacklist_characters="/")
+                  .filter(lambda c: unicode_problem(c) is None)
                   | st.sampled_from("%$ \\'\""), min_size=1, max_size=12).filter(
     lambda t: t not in (".", "..") and not t.endswith("\\") and t == t.strip()
     and len(t.encode()) < 200)

@@ -51,6 +51,14 @@ def test_invalid_toml_names_the_file():
     ('health = { timeout = "soon" }', "health.timeout", "not a time span"),
     ('health = { path = "health" }', "health.path", "must start with '/'"),
     ('args = ["a\\u0000b"]', "args[0]", "NUL"),
+    # systemd takes a line with a noncharacter as not UTF-8 clean and drops it: an
+    # ExecStart= gone made a unit that does not load, an Environment= gone a
+    # server without its variable
+    ('args = ["a\\uFFFEb"]', "args[0]", "U+FFFE, a Unicode noncharacter"),
+    ('args = ["\\U0010FFFF"]', "args[0]", "U+10FFFF"),
+    ('env = { X = "\\uFDD0" }', "env.X", "U+FDD0"),
+    ('description = "m\\uFFFF"', "description", "U+FFFF"),
+    ('systemd = { service = { Nice = "\\uFFFE" } }', "systemd.service.Nice", "U+FFFE"),
     ('env = { "1X" = "v" }', "env.1X", "not a valid environment variable name"),
     ('env = { X = true }', "env.X", "boolean"),
     ('executable = "-/bin/x"', "executable", "without leading"),

@@ -24,7 +24,8 @@ from unitgen.spec.keys import (
 )
 from unitgen.timespan import parse_timespan
 
-__all__ = ["OFF", "READERS", "SIZE_RE", "Checker", "check_executable", "kind_of", "parse_size"]
+__all__ = ["OFF", "READERS", "SIZE_RE", "Checker", "check_executable", "kind_of", "parse_size",
+           "unicode_problem"]
 
 # What a duration key that can be turned off reads as when it is ("off", false).
 OFF = -1.0
@@ -32,9 +33,25 @@ OFF = -1.0
 # A size: a number and a unit of _SIZE_UNITS.
 SIZE_RE = r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*"
 
-# Only a spec given as a mapping (JSON, YAML via Ansible) can hold these; TOML files
-# are UTF-8 and cannot.
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# Lone surrogates: only a spec given as a mapping (JSON, YAML via Ansible) can hold
+# them; TOML files are UTF-8 and cannot. Noncharacters (U+FDD0-U+FDEF, and the last
+# two of every plane, U+FFFE, U+FFFF ...): TOML can hold them, and systemd takes a
+# line with one as not UTF-8 clean and ignores the whole assignment (an ExecStart=
+# gone: the unit does not load; an Environment= gone: the server runs without it).
+_NOT_TEXT = re.compile("[\ud800-\udfff\ufdd0-\ufdef" + "".join(
+    chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17)) + "]")
+
+
+def unicode_problem(value: str) -> str | None:
+    """Why ``value`` cannot be written into a unit, a conf or an env file (None: it can)."""
+    found = _NOT_TEXT.search(value)
+    if found is None:
+        return None
+    code = ord(found.group())
+    if 0xD800 <= code <= 0xDFFF:
+        return "must be valid Unicode (a lone surrogate cannot be written to a file)"
+    return (f"must not hold U+{code:04X}, a Unicode noncharacter: systemd takes a line "
+            "with one as not UTF-8 clean and ignores it")
 
 
 class Checker:
@@ -71,8 +88,8 @@ class Checker:
         if "\x00" in value:
             self.add(key, "must not contain a NUL character (no argv or environment can hold one)")
             return None
-        if _SURROGATE.search(value):
-            self.add(key, "must be valid Unicode (a lone surrogate cannot be written to a file)")
+        if (why := unicode_problem(value)) is not None:
+            self.add(key, why)
             return None
         return value
 
@@ -104,8 +121,8 @@ def _read_text(c: Checker, key: Key, value: object) -> str | None:
     if "\x00" in value:
         c.add(key.name, "must not contain a NUL character")
         return None
-    if _SURROGATE.search(value):
-        c.add(key.name, "must be valid Unicode (a lone surrogate cannot be written to a file)")
+    if (why := unicode_problem(value)) is not None:
+        c.add(key.name, why)
         return None
     if key.pattern and not fullmatch(key.pattern, value):
         c.add(key.name, f"{value!r} {key.pattern_doc}")
