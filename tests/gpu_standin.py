@@ -135,6 +135,7 @@ def hold(asleep: bool) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump({"pid": os.getpid(), "gpus": gpus}, fh)
+    os.chmod(tmp, 0o644)  # as the driver shows it to every process (a sandboxed server: 0077)
     os.replace(tmp, path)
 
 

@@ -256,3 +256,75 @@ def test_on_demand_and_idle_stop_with_the_proxy_as_the_servers_user(box):
                 box.journal(f"{name}.service")
     finally:
         remove(box, name)
+
+
+GPU_STANDIN = "/opt/unitgen-test/gpu-standin"
+HELD = "/srv/gpu-held"  # where the GPU stand-ins say what they hold (the fake driver's view)
+
+
+def _pool_member(name: str, gib: int) -> str:
+    """An on-demand vLLM stand-in that holds ``gib`` GiB of the fake 80 GiB GPU."""
+    return (f'name = "{name}"\nbackend = "vllm"\nmodel = "m-{name}"\n'
+            f'executable = "{GPU_STANDIN}"\nactivation = "on-demand"\ngpus = [0]\n'
+            f'args = ["--gpu-memory-utilization", "{gib / 80:g}"]\nswap_drain = "10s"\n'
+            f'env = {{ STANDIN_LOAD_SECONDS = "0.3" }}\n'
+            f'systemd = {{ service = {{ ReadWritePaths = "{HELD}" }} }}\n'
+            '[health]\ntimeout = "60s"\n')
+
+
+def test_pool_members_share_a_gpu_by_memory_at_system_scope(box):
+    # GPU pools were tested at user scope only: here the members' proxies stay
+    # root without capabilities (they start, stop and signal other members'
+    # units), the servers are sandboxed dynamic users, and NVML (faked at the
+    # pynvml boundary, through the manager's environment) shows what each holds
+    from tests.nvml import FAKE_DIR, GIB, uuid  # noqa: PLC0415
+
+    box.run(["install", "-d", "-m", "1777", HELD], check=True)
+    scenario = {"gpus": [{"uuid": uuid(0), "name": "NVIDIA H100 80GB HBM3", "total": 80 * GIB,
+                          "minor": 0, "reserved": GIB // 2, "processes": []}], "held_dir": HELD}
+    box.put("/srv/nvml.json", json.dumps(scenario))
+    box.put(GPU_STANDIN, f'#!/bin/sh\nexec {sys.executable} '
+            f'{Path(__file__).resolve().parents[1] / "gpu_standin.py"} "$@"\n', 0o755)
+    env = {"PYTHONPATH": str(FAKE_DIR), "FAKE_NVML_SCENARIO": "/srv/nvml.json",
+           "UNITGEN_POOL_SLEEP_RAM": "400GiB"}
+    box.run(["systemctl", "set-environment", *(f"{k}={v}" for k, v in env.items())], check=True)
+    names = {"sys-pa": 30, "sys-pb": 30, "sys-pc": 40}
+    try:
+        for name, gib in names.items():
+            box.put(f"/srv/specs/{name}.toml", _pool_member(name, gib))
+        done = box.run([sys.executable, "-m", "unitgen", "deploy", "--json",
+                        *(f"/srv/specs/{n}.toml" for n in names)], env=env, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        ports = {i["name"]: int(i["public"].rsplit(":", 1)[1])
+                 for i in json.loads(done.stdout)["instances"]}
+
+        def loaded() -> set[str]:
+            return {n for n in names
+                    if box.prop(f"{n}-backend.service", "ActiveState") == "active"
+                    and box.prop(f"{n}-backend.service", "SubState") == "running"}
+
+        def held() -> dict[str, int]:
+            out = json.loads(box.run([sys.executable, "-m", "unitgen", "gpus", "--json"],
+                                     env=env).stdout)
+            return {p["instance"]: p["used_bytes"] for g in out["gpus"] for p in g["processes"]
+                    if p["instance"]}
+
+        for name in ("sys-pa", "sys-pb"):  # 30 + 30 GiB fit side by side
+            code, body = get(ports[name], "/v1/models", timeout=90)
+            assert code == 200, (body, box.journal(f"{name}-backend.service"))
+        assert loaded() == {"sys-pa", "sys-pb"}, box.journal("sys-pb.service")
+        assert set(held()) == {"sys-pa", "sys-pb"}
+        # 40 GiB more do not fit: the least recently used (sys-pa) makes room
+        code, body = get(ports["sys-pc"], "/v1/models", timeout=90)
+        assert code == 200, (body, box.journal("sys-pc.service"))
+        assert wait_for(lambda: set(held()) == {"sys-pb", "sys-pc"}, 30), (
+            held(), box.journal("sys-pa.service"), box.journal("sys-pc.service"))
+        # the evicted vLLM slept (its process kept) or was stopped; it answers again
+        code, body = get(ports["sys-pa"], "/v1/models", timeout=90)
+        assert code == 200, (body, box.journal("sys-pa.service"))
+        assert "sys-pa" in held() and sum(held().values()) <= 80 * GIB
+        status = box.run([sys.executable, "-m", "unitgen", "status", "--json"], env=env)
+        assert status.returncode == 0, status.stdout + status.stderr
+    finally:
+        box.unitgen("remove", *names)
+        box.run(["systemctl", "unset-environment", *env])

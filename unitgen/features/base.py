@@ -18,8 +18,8 @@ The hooks, in the order they run:
     deploy:  cohabitants (while GPUs are placed) -> plan (problems first) -> preflight
              -> prepare -> files
              (written with the run's units, all or nothing) -> reload_only
-             (per changed instance) -> before_signal (a target that reloads by a
-             signal) -> after (once every instance is up)
+             (per changed instance) -> before_signal, after_signal (a target that
+             reloads by a signal, around it) -> after (once every instance is up)
     remove:  before_remove (while every instance still runs) -> removed (per instance)
     status:  status          doctor: doctor          gpus: gpus
 """
@@ -112,6 +112,10 @@ class Feature:
         """An installed instance whose files alone changed is about to be told to
         read them again by a signal (a target without a reload command of its
         own, supervisord): prepare what it reads then."""
+
+    def after_signal(self, name: str) -> None:
+        """That signal was sent: return once what it reads holds (UnitgenError
+        when it does not)."""
 
     def after(self, say: Say) -> None:
         """Every instance of the run is up: act on what changed (reload a gateway)."""

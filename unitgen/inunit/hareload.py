@@ -38,12 +38,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 
 from unitgen.inunit.peer import connect_unix, foreign_peer
 from unitgen.timespan import format_seconds, parse_timespan
 
-__all__ = ["main", "reload", "runtime_api", "takes_signal", "wait_taken", "worker"]
+__all__ = ["RELOAD_TIMEOUT", "before_signal", "main", "new_worker", "reload", "runtime_api",
+           "serving", "takes_signal", "wait_taken", "worker"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -51,6 +51,10 @@ EXIT_USAGE = 2
 # answers in a row from new workers before the reload counts as done: an old
 # worker not yet stopping would take its share of the connections to the socket
 IN_A_ROW = 3
+# How long a new worker may take to serve after a reload: it takes ~0.1 s, also
+# for 800 servers (docs/gateway.md); a refused configuration never serves, and
+# the reload fails at this bound (every target's).
+RELOAD_TIMEOUT = 30.0
 
 
 def runtime_api(sock: str | os.PathLike[str], command: str, timeout: float = 2.0) -> str:
@@ -88,7 +92,7 @@ def worker(sock: str, timeout: float = 2.0) -> tuple[int, bool] | None:
     return int(pid), fields.get("Stopping", "0").strip() != "0"
 
 
-def _serving(sock: str) -> int | None:
+def serving(sock: str) -> int | None:
     """The pid of a worker that answers and is not stopping (None: none did)."""
     for _ in range(5):  # a stopping worker may still answer: ask again
         found = worker(sock)
@@ -124,21 +128,23 @@ def wait_taken(pid: int, sig: int, timeout: float, interval: float = 0.005) -> b
     return True
 
 
-def reload(master: int, sock: str, timeout: float, interval: float = 0.02,
-           send: Callable[[], object] | None = None) -> str | None:
-    """Signal the master once it takes the signal (``send``: how, when another
-    process sends it: supervisord's ``signalProcess``), wait until new workers
-    serve; None, or why not."""
-    before = _serving(sock)
-    t0 = time.monotonic()
+def before_signal(master: int, sock: str, timeout: float) -> tuple[int | None, str | None]:
+    """What to do before SIGUSR2 goes to HAProxy's master: the worker that
+    serves now (to tell the new one from it), once the master takes the signal;
+    and why not to send it (the master did not take it within ``timeout``)."""
+    before = serving(sock)
     if not wait_taken(master, signal.SIGUSR2, timeout):
-        return (f"HAProxy's master (pid {master}) did not take SIGUSR2 within "
-                f"{format_seconds(timeout)} (is it still starting?): nothing was reloaded, "
-                "the previous routes still hold")
-    if send is None:
-        os.kill(master, signal.SIGUSR2)
-    else:
-        send()
+        return before, (f"HAProxy's master (pid {master}) did not take SIGUSR2 within "
+                        f"{format_seconds(timeout)} (is it still starting?): nothing was "
+                        "reloaded, the previous routes still hold")
+    return before, None
+
+
+def new_worker(sock: str, before: int | None, timeout: float,
+               interval: float = 0.02) -> str | None:
+    """After the signal: wait until a worker other than ``before`` serves,
+    :data:`IN_A_ROW` answers in a row; None, or why not."""
+    t0 = time.monotonic()
     seen = 0
     while True:
         found = worker(sock)
@@ -154,6 +160,16 @@ def reload(master: int, sock: str, timeout: float, interval: float = 0.02,
                     "reload: the master kept the previous one (did it refuse the new "
                     "configuration? its lines above say), so the previous routes still hold")
         time.sleep(interval)
+
+
+def reload(master: int, sock: str, timeout: float, interval: float = 0.02) -> str | None:
+    """Signal the master once it takes the signal, wait until new workers
+    serve; None, or why not."""
+    before, why = before_signal(master, sock, timeout)
+    if why is not None:
+        return why
+    os.kill(master, signal.SIGUSR2)
+    return new_worker(sock, before, timeout, interval)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,8 +75,14 @@ class GatewayBinding(Protocol):
 
     def before_signal(self, gateway: str) -> None:
         """The target is about to reload a running gateway by a signal of its
-        own: make its keys maps again first (a target whose reload command does
-        that, systemd's ``ExecReload=+``, does nothing here)."""
+        own: make its keys maps again first, and wait until its master takes
+        the signal (a target whose reload command does that, systemd's
+        ``ExecReload=``, does nothing here)."""
+        ...
+
+    def after_signal(self, gateway: str) -> None:
+        """The signal was sent: return once a new worker serves (UnitgenError
+        when none does; a target whose reload command waits does nothing)."""
         ...
 
     def socket_states(self, names: list[str]) -> dict[str, SocketState]:

@@ -148,6 +148,10 @@ class GatewayFeature(Feature):
         first (the binding's)."""
         self.binding.before_signal(name)
 
+    def after_signal(self, name: str) -> None:
+        """Until the gateway's new worker serves (the binding's)."""
+        self.binding.after_signal(name)
+
     def after(self, say: Say) -> None:
         """Reload the gateways whose routes changed (their members are up now);
         return once every reloaded gateway answers with its new routes."""

@@ -18,9 +18,9 @@ from unitgen.features.gateway.doctor import SocketState
 from unitgen.features.gateway.files import read_settings
 from unitgen.features.gateway.plan import GatewayPlan
 from unitgen.features.gateway.render import FILES, MEMBER_KEYS
+from unitgen.inunit import hareload
 from unitgen.inunit.envfile import read_env_file
 from unitgen.inunit.gwkeys import member_key_lines, push, write_maps
-from unitgen.inunit.hareload import reload
 from unitgen.inunit.keycopy import copy_for_owner
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.site import Site
@@ -33,25 +33,7 @@ from unitgen.targets.supervisor.gateway import (
 )
 from unitgen.targets.supervisor.render import secret_name
 
-__all__ = ["RELOAD_TIMEOUT", "SupervisorGateway", "admin_socket", "signal_reload"]
-
-# how long a reloaded gateway's new worker may take to serve (as systemd's ExecReload=)
-RELOAD_TIMEOUT = 30.0
-
-
-def admin_socket(run_dir: str, gateway: str) -> Path:
-    """A gateway's HAProxy runtime API: ``RUN/unitgen-<gateway>/admin.sock``."""
-    return Path(runtime_dir(run_dir, gateway)) / "admin.sock"
-
-
-def signal_reload(rpc: SupervisorRPC, program: str, master: int, admin: Path) -> str | None:
-    """SIGUSR2 to gateway ``program``'s HAProxy master over XML-RPC once the
-    master takes it, then wait until a new worker serves, as the systemd
-    gateway's ``ExecReload=`` (:func:`unitgen.inunit.hareload.reload`): a
-    change the routes do not show (a member's key) holds when this returns.
-    None, or why not."""
-    return reload(master, str(admin), RELOAD_TIMEOUT,
-                  send=lambda: rpc.call("signalProcess", program, "USR2"))
+__all__ = ["SupervisorGateway"]
 
 # supervisord's states in which a program holds its socket (supervisor/states.py)
 _HOLDING = ("RUNNING", "STARTING")
@@ -64,6 +46,7 @@ class SupervisorGateway:
         self.site = site
         self.rpc = rpc
         self.ctx = site.ctx
+        self._serving: dict[str, int | None] = {}  # gateway -> its worker before a signal
 
     def directory(self, gateway: str) -> Path:
         """``CONFIG/unitgen/gateways/<gateway>``."""
@@ -75,7 +58,7 @@ class SupervisorGateway:
 
     def admin_socket(self, gateway: str) -> Path:
         """``RUN/unitgen-<gateway>/admin.sock``."""
-        return admin_socket(self.ctx.run_dir, gateway)
+        return Path(runtime_dir(self.ctx.run_dir, gateway)) / "admin.sock"
 
     def files(self, gateway: str, plan: GatewayPlan,
               where: tuple[str, str]) -> list[RenderedFile]:
@@ -110,16 +93,38 @@ class SupervisorGateway:
         if info.get("statename") != "RUNNING" or not info.get("pid"):
             return None
         self.before_signal(gateway)
-        why = signal_reload(self.rpc, program, int(info["pid"]), self.admin_socket(gateway))
-        if why is not None:
-            raise UnitgenError(f"{gateway}: {why}")
+        self.rpc.call("signalProcess", program, "USR2")
+        self.after_signal(gateway)
         return f"SIGUSR2 to HAProxy's master, pid {info['pid']}; its new worker serves"
 
     def before_signal(self, gateway: str) -> None:
         """The keys it sends its members copied again for HAProxy's user, and its
         keys files as maps again, handed to the running worker, before the
         signal (what the wrapper does at start; :mod:`unitgen.inunit.keycopy`,
-        :mod:`unitgen.inunit.gwkeys`): a changed key holds from this reload on."""
+        :mod:`unitgen.inunit.gwkeys`): a changed key holds from this reload on.
+        Then, as the systemd unit's ``ExecReload=`` (:mod:`unitgen.inunit.hareload`),
+        the worker serving now is noted and the master waited for until it
+        takes SIGUSR2 (it drops one that comes while it starts)."""
+        self._keys_again(gateway)
+        info = self.rpc.call("getProcessInfo", f"{gateway}-backend")
+        try:
+            before, why = hareload.before_signal(int(info["pid"]), str(self.admin_socket(gateway)),
+                                                 hareload.RELOAD_TIMEOUT)
+        except ProcessLookupError:
+            why = f"HAProxy's master (pid {info['pid']}) is gone"
+        if why is not None:
+            raise UnitgenError(f"{gateway}: {why}")
+        self._serving[gateway] = before
+
+    def after_signal(self, gateway: str) -> None:
+        """Until a worker other than the one noted before the signal serves: a
+        change the route list does not show (a member's key) holds then."""
+        why = hareload.new_worker(str(self.admin_socket(gateway)),
+                                  self._serving.pop(gateway, None), hareload.RELOAD_TIMEOUT)
+        if why is not None:
+            raise UnitgenError(f"{gateway}: {why}")
+
+    def _keys_again(self, gateway: str) -> None:
         run = runtime_dir(self.ctx.run_dir, gateway)
         secret = member_keys_path(gateway, str(self.site.secrets_dir))
         try:

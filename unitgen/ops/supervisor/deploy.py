@@ -24,7 +24,6 @@ from unitgen.ops.allocate import HostAllocator, listeners
 from unitgen.ops.files import check_ours, is_ours, read_exact
 from unitgen.ops.interface import DeployOptions, Say
 from unitgen.ops.pipeline import Planned, plan_paths
-from unitgen.ops.supervisor.bind_gateway import admin_socket, signal_reload
 from unitgen.ops.supervisor.bindings import features
 from unitgen.ops.supervisor.rpc import SupervisorRPC
 from unitgen.ops.supervisor.site import Site, check_run_dir, clear_run_dir, log_dir, make_dir
@@ -104,13 +103,12 @@ def _env_readers(change: Change) -> list[str]:
     secrets are read when they start by the server and, for the probe key, by
     the public program. So a new plain variable keeps the public socket open."""
     inst = change.inst
-    public, server = group_names(inst)
-    if inst.gateway is not None:  # its secret file: the keys it sends its members
-        return [server]  # copied for HAProxy when it starts (the holder keeps the port)
     before = change.old.get(secret_name(inst.name))  # None: none, or taken back
     old = dict(split_env_text(before)[1]) if before is not None else {}
     new = dict(inst.secrets)
-    readers = [server] if old != new else []
+    public, server = group_names(inst)
+    # no env: the secret file is a feature's (a gateway's member keys), read at start
+    readers = [server] if old != new or not (inst.env or inst.secrets) else []
     key = inst.probe_key_env
     if key and old.get(key) != new.get(key):
         readers.append(public)
@@ -126,8 +124,7 @@ def _root_only(path: Path) -> bool:
 
 
 def _check_user(inst: Instance) -> None:
-    """The wrapper runs the server as ``user`` (or the user the target picks):
-    it must exist here."""
+    """The wrapper runs the server as ``user`` (or the target's pick): it must exist."""
     user = run_as(inst)
     if user is None:
         return
@@ -266,17 +263,15 @@ class SupervisorDeploy:
             opts.say(f"{change.name}: starting (public {change.inst.public.listen()})")
 
     def _signal_reload(self, change: Change) -> bool:
-        """Only files its server reads again on a signal changed: send it, if the
-        server runs (it keeps its pid and its socket)."""
+        """Only files its server reads again on a signal changed: signal it if it runs."""
         sig, server = reload_signal(change.inst), f"{change.name}-backend"
         if sig is None or self._states.get(server, {}).get("statename") != "RUNNING":
             return False
-        for f in self.features:  # what systemd's ExecReload=+ would do first
+        for f in self.features:  # what systemd's ExecReload= does around it
             f.before_signal(change.name)
-        why = signal_reload(self.rpc, server, int(str(self._states[server]["pid"])),
-                            admin_socket(self.site.ctx.run_dir, change.name))
-        if why is not None:
-            raise UnitgenError(f"{change.name}: {why}")
+        self.rpc.call("signalProcess", server, sig)
+        for f in self.features:
+            f.after_signal(change.name)
         return True
 
     def wait(self, change: Change, opts: DeployOptions) -> Ready:

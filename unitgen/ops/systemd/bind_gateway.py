@@ -76,6 +76,9 @@ class SystemdGateway:
     def before_signal(self, gateway: str) -> None:
         """Nothing: the unit's ``ExecReload=+`` makes the keys maps."""
 
+    def after_signal(self, gateway: str) -> None:
+        """Nothing: the unit's ``ExecReload=`` waits for the new worker."""
+
     def socket_states(self, names: list[str]) -> dict[str, SocketState]:
         """Each instance's ``.socket`` unit and its state."""
         infos = self.session.info([f"{n}.socket" for n in names])

@@ -15,6 +15,7 @@ from pathlib import Path
 import jinja2
 
 from unitgen.errors import Problem, SpecError
+from unitgen.inunit.hareload import RELOAD_TIMEOUT
 from unitgen.plan.instance import RUNTIME_DIR, Instance, runtime_subdir
 from unitgen.plan.record import record_of
 from unitgen.spec.model import InstanceSpec
@@ -274,11 +275,6 @@ def _common(inst: Instance, ctx: RenderContext) -> dict[str, object]:
         **_gateway_context(inst, ctx),
     }
 
-
-# How long a gateway's new HAProxy worker may take to serve after a reload: it
-# takes ~0.1 s, also for 800 servers (docs/gateway.md); a refused configuration
-# never serves, and the reload fails at this bound.
-RELOAD_TIMEOUT = 30.0
 
 
 def _gateway_context(inst: Instance, ctx: RenderContext) -> dict[str, object]:
