@@ -133,6 +133,9 @@ def before_signal(master: int, sock: str, timeout: float) -> tuple[int | None, s
     serves now (to tell the new one from it), once the master takes the signal;
     and why not to send it (the master did not take it within ``timeout``)."""
     before = serving(sock)
+    if takes_signal(master, signal.SIGUSR2) is None:
+        print(f"unitgen hareload: cannot read how pid {master} takes signals "
+              f"(/proc/{master}/status): SIGUSR2 goes at once", file=sys.stderr, flush=True)
     if not wait_taken(master, signal.SIGUSR2, timeout):
         return before, (f"HAProxy's master (pid {master}) did not take SIGUSR2 within "
                         f"{format_seconds(timeout)} (is it still starting?): nothing was "
