@@ -25,17 +25,16 @@ from unitgen.features.gateway.live import wait_served
 from unitgen.features.gateway.plan import GatewaySettings
 from unitgen.features.gateway.render import FILES, member_keys_map
 from unitgen.features.gateway.usage import usage_lines
+from unitgen.inunit import gwkeys, keycopy
 from unitgen.inunit.gwkeys import (
     MEMBER_KEYS,
     SALT,
     default_name,
-    member_key_lines,
     parse_keys,
     push,
     write_maps,
 )
 from unitgen.inunit.hareload import reload, runtime_api
-from unitgen.inunit.keycopy import copy_for_owner
 
 pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(),
                                 reason="HAProxy is not installed (./setup installs it)")
@@ -214,10 +213,12 @@ def test_a_members_new_key_is_sent_right_after_the_reload_on_a_kept_alive_connec
         secret = tmp_path / "rotate.env"  # root's secret file, as deploy writes it
         secret.write_text(member_keys_map("rotate", {"r1": "sk-member-new"}))
         secret.chmod(0o600)
-        copy_for_owner(str(secret), str(d.directory / MEMBER_KEYS))  # the copy HAProxy reads
-        files = write_maps(str(keys), str(d.directory / FILES["models"]), str(d.directory))
-        files[MEMBER_KEYS] = member_key_lines(str(secret))
-        assert MEMBER_KEYS in push(str(d.directory / "admin.sock"), str(d.directory), files)
+        # what the unit's ExecReload= lines run: the copy HAProxy reads at start,
+        # the maps handed to the running worker, then the reload
+        assert keycopy.main([str(secret), str(d.directory / MEMBER_KEYS)]) == 0
+        assert gwkeys.main(["--keys", str(keys), "--models", str(d.directory / FILES["models"]),
+                            "--out", str(d.directory), "--admin", str(d.directory / "admin.sock"),
+                            "--member-keys", str(secret)]) == 0
         assert reload(d.master, str(d.directory / "admin.sock"), 10.0) is None
         kept.request("POST", "/v1/chat/completions", body=_chat(), headers=headers)
         assert kept.getresponse().read()

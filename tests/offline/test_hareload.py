@@ -190,7 +190,8 @@ def test_a_reload_right_after_haproxy_starts_is_not_lost(tmp_path):
     (tmp_path / "h.cfg").write_text(f"global\n  stats socket {admin} mode 600 level admin\n"
                                     "defaults\n  mode http\n  timeout client 5s\n"
                                     "  timeout server 5s\n  timeout connect 1s\n")
-    for _ in range(6):
+    # and asked before any worker answers: the first worker never passes for the new one
+    for first_answer in [True] * 6 + [False] * 6:
         admin.unlink(missing_ok=True)
         log = tmp_path / "haproxy.log"
         with log.open("wb") as err:
@@ -198,10 +199,50 @@ def test_a_reload_right_after_haproxy_starts_is_not_lost(tmp_path):
                                     stdout=subprocess.DEVNULL, stderr=err)
         try:
             deadline = time.monotonic() + 10
-            while hareload.worker(str(admin)) is None:
+            while first_answer and hareload.worker(str(admin)) is None:
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.005)
             assert hareload.reload(proc.pid, str(admin), timeout=5) is None, log.read_text()
+            assert wait_reloaded(log), log.read_text()  # the master did reload
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def wait_reloaded(log: Path) -> bool:
+    """HAProxy's master said it reloaded (its log lines come a moment late)."""
+    deadline = time.monotonic() + 5
+    while "Reloading HAProxy" not in log.read_text():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_gone_or_zombie_master_is_said_at_once(tmp_path):
+    # it was taken for a master whose status cannot be read: signalled, then
+    # waited for 30 s "did it refuse the new configuration?"
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        assert wait_for_zombie(proc.pid)
+        with pytest.raises(ProcessLookupError):
+            hareload.takes_signal(proc.pid, signal.SIGUSR2)
+    finally:
+        proc.wait()
+    with pytest.raises(ProcessLookupError):
+        hareload.takes_signal(proc.pid, signal.SIGUSR2)
+    t0 = time.monotonic()
+    assert hareload.main([f"--pid={proc.pid}", "--admin", str(tmp_path / "none.sock"),
+                          "--timeout", "20s"]) == hareload.EXIT_FAILED
+    assert time.monotonic() - t0 < 15
+
+
+def wait_for_zombie(pid: int) -> bool:
+    """The child exited and is not reaped yet."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        state = Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0]
+        if state == "Z":
+            return True
+        time.sleep(0.01)
+    return False

@@ -274,7 +274,7 @@ def _pool_member(name: str, gib: int) -> str:
 
 def test_pool_members_share_a_gpu_by_memory_at_system_scope(box):
     # GPU pools were tested at user scope only: here the members' proxies stay
-    # root without capabilities (they start, stop and signal other members'
+    # root with CAP_DAC_OVERRIDE alone (they start, stop and signal other members'
     # units), the servers are sandboxed dynamic users, and NVML (faked at the
     # pynvml boundary, through the manager's environment) shows what each holds
     from tests.nvml import FAKE_DIR, GIB, uuid  # noqa: PLC0415
@@ -309,6 +309,11 @@ def test_pool_members_share_a_gpu_by_memory_at_system_scope(box):
             return {p["instance"]: p["used_bytes"] for g in out["gpus"] for p in g["processes"]
                     if p["instance"]}
 
+        for name in names:  # the servers sandboxed dynamic users; the proxies root with
+            # no capability but the one that reaches the server's socket (another user's)
+            assert box.prop(f"{name}-backend.service", "DynamicUser") == "yes"
+            assert box.prop(f"{name}.service", "CapabilityBoundingSet") == "cap_dac_override"
+            assert box.prop(f"{name}.service", "User") == ""
         for name in ("sys-pa", "sys-pb"):  # 30 + 30 GiB fit side by side
             code, body = get(ports[name], "/v1/models", timeout=90)
             assert code == 200, (body, box.journal(f"{name}-backend.service"))

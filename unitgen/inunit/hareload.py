@@ -23,7 +23,10 @@ starts (and again while it re-executes itself for a reload) it blocks SIGUSR2
 and then resets its handlers, which throws a pending one away: a reload asked
 within some 40 ms of the master forking its worker was lost, and the previous
 routes stayed. So the master's ``/proc/PID/status`` is read first, until it
-catches SIGUSR2 and does not block it (bounded by the same ``--timeout``).
+catches SIGUSR2 and does not block it. Its workers then (its children, and the
+one answering) are the old ones: the new worker is one not among them, so a
+worker that served before the signal never passes for it. Each wait (the
+master, a worker to tell apart, the new worker) is bounded by ``--timeout``.
 
 Standard library only: it runs inside the gateway's unit, as its user.
 
@@ -103,12 +106,20 @@ def serving(sock: str) -> int | None:
 
 def takes_signal(pid: int, sig: int) -> bool | None:
     """Whether process ``pid`` runs a handler for ``sig`` now (caught, not
-    blocked by its main thread); None when its status cannot be read."""
+    blocked by its main thread); None when its status cannot be read.
+    ProcessLookupError when it is gone (or a zombie)."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
+    except (FileNotFoundError, ProcessLookupError):
+        raise ProcessLookupError(pid) from None
+    except (OSError, ValueError):
+        return None
+    if fields.get("State", "").strip()[:1] in ("Z", "X"):
+        raise ProcessLookupError(pid)
+    try:
         caught, blocked = int(fields["SigCgt"], 16), int(fields["SigBlk"], 16)
-    except (OSError, KeyError, ValueError):
+    except (KeyError, ValueError):
         return None
     bit = 1 << (sig - 1)
     return bool(caught & bit) and not blocked & bit
@@ -120,39 +131,53 @@ def wait_taken(pid: int, sig: int, timeout: float, interval: float = 0.005) -> b
     ProcessLookupError when the process is gone."""
     deadline = time.monotonic() + timeout
     while takes_signal(pid, sig) is False:
-        if not os.path.exists(f"/proc/{pid}"):
-            raise ProcessLookupError(pid)
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
     return True
 
 
-def before_signal(master: int, sock: str, timeout: float) -> tuple[int | None, str | None]:
-    """What to do before SIGUSR2 goes to HAProxy's master: the worker that
-    serves now (to tell the new one from it), once the master takes the signal;
-    and why not to send it (the master did not take it within ``timeout``)."""
-    before = serving(sock)
+def _children(pid: int) -> set[int]:
+    """The processes ``pid`` forked that run now (HAProxy's master: its
+    workers, old and new); none when that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return {int(w) for w in f.read().split()}
+    except (OSError, ValueError):
+        return set()
+
+
+def before_signal(master: int, sock: str, timeout: float) -> tuple[set[int], str | None]:
+    """What to do before SIGUSR2 goes to HAProxy's master: wait until the
+    master takes the signal, then note its workers (to tell a new one from
+    them: every child it has now, and the one serving); and why not to send it
+    (the master did not take it within ``timeout``). ProcessLookupError when
+    the master is gone."""
     if takes_signal(master, signal.SIGUSR2) is None:
         print(f"unitgen hareload: cannot read how pid {master} takes signals "
               f"(/proc/{master}/status): SIGUSR2 goes at once", file=sys.stderr, flush=True)
     if not wait_taken(master, signal.SIGUSR2, timeout):
-        return before, (f"HAProxy's master (pid {master}) did not take SIGUSR2 within "
-                        f"{format_seconds(timeout)} (is it still starting?): nothing was "
-                        "reloaded, the previous routes still hold")
-    return before, None
+        return set(), (f"HAProxy's master (pid {master}) did not take SIGUSR2 within "
+                       f"{format_seconds(timeout)} (is it still starting?): HAProxy was not "
+                       "reloaded, its routes are the previous ones (keys handed to its "
+                       "running worker before this hold)")
+    old = _children(master)
+    deadline = time.monotonic() + timeout
+    while (now := serving(sock)) is None and not old and time.monotonic() < deadline:
+        time.sleep(0.02)  # nothing to tell a new worker from yet: one that serves
+    return old | ({now} if now is not None else set()), None
 
 
-def new_worker(sock: str, before: int | None, timeout: float,
+def new_worker(sock: str, old: set[int], timeout: float,
                interval: float = 0.02) -> str | None:
-    """After the signal: wait until a worker other than ``before`` serves,
+    """After the signal: wait until a worker not in ``old`` serves,
     :data:`IN_A_ROW` answers in a row; None, or why not."""
     t0 = time.monotonic()
     seen = 0
     while True:
         found = worker(sock)
         if found is not None and not found[1]:
-            seen = seen + 1 if found[0] != before else 0
+            seen = seen + 1 if found[0] not in old else 0
             if seen >= IN_A_ROW:
                 print(f"unitgen hareload: new worker {found[0]} serves "
                       f"({time.monotonic() - t0:.2f} s after the signal)",
@@ -168,11 +193,11 @@ def new_worker(sock: str, before: int | None, timeout: float,
 def reload(master: int, sock: str, timeout: float, interval: float = 0.02) -> str | None:
     """Signal the master once it takes the signal, wait until new workers
     serve; None, or why not."""
-    before, why = before_signal(master, sock, timeout)
+    old, why = before_signal(master, sock, timeout)
     if why is not None:
         return why
     os.kill(master, signal.SIGUSR2)
-    return new_worker(sock, before, timeout, interval)
+    return new_worker(sock, old, timeout, interval)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,11 +133,12 @@ class GatewayFeature(Feature):
                                       counted))
 
     def reload_only(self, planned: Planned, changed: Sequence[str]) -> bool:
-        """A gateway whose routes alone changed: new workers on the same socket,
-        the old ones finish what they serve."""
+        """A gateway whose routes or member keys alone changed: new workers on
+        the same socket, the old ones finish what they serve (the keys are
+        copied again before the signal, on every target)."""
         if planned.instance.gateway is None:
             return False
-        config = {f.name for f in planned.files if f.config}
+        config = {f.name for f in planned.files if f.config or f.secret}
         if not all(name in config for name in changed):
             return False
         self._reloaded.add(planned.instance.name)

@@ -46,7 +46,7 @@ class SupervisorGateway:
         self.site = site
         self.rpc = rpc
         self.ctx = site.ctx
-        self._serving: dict[str, int | None] = {}  # gateway -> its worker before a signal
+        self._serving: dict[str, set[int]] = {}  # gateway -> its workers before a signal
 
     def directory(self, gateway: str) -> Path:
         """``CONFIG/unitgen/gateways/<gateway>``."""
@@ -98,14 +98,13 @@ class SupervisorGateway:
         return f"SIGUSR2 to HAProxy's master, pid {info['pid']}; its new worker serves"
 
     def before_signal(self, gateway: str) -> None:
-        """The keys it sends its members copied again for HAProxy's user, and its
-        keys files as maps again, handed to the running worker, before the
-        signal (what the wrapper does at start; :mod:`unitgen.inunit.keycopy`,
-        :mod:`unitgen.inunit.gwkeys`): a changed key holds from this reload on.
-        Then, as the systemd unit's ``ExecReload=`` (:mod:`unitgen.inunit.hareload`),
-        the worker serving now is noted and the master waited for until it
-        takes SIGUSR2 (it drops one that comes while it starts)."""
-        self._keys_again(gateway)
+        """As the systemd unit's ``ExecReload=`` (:mod:`unitgen.inunit.hareload`):
+        the master waited for until it takes SIGUSR2 (it drops one that comes
+        while it starts) and its workers noted. Then the keys it sends its
+        members copied again for HAProxy's user, and its keys files as maps
+        again, handed to the running worker (what the wrapper does at start;
+        :mod:`unitgen.inunit.keycopy`, :mod:`unitgen.inunit.gwkeys`): a changed
+        key holds from this reload on."""
         info = self.rpc.call("getProcessInfo", f"{gateway}-backend")
         try:
             before, why = hareload.before_signal(int(info["pid"]), str(self.admin_socket(gateway)),
@@ -115,12 +114,13 @@ class SupervisorGateway:
         if why is not None:
             raise UnitgenError(f"{gateway}: {why}")
         self._serving[gateway] = before
+        self._keys_again(gateway)  # the master takes the signal: no key goes ahead of it
 
     def after_signal(self, gateway: str) -> None:
         """Until a worker other than the one noted before the signal serves: a
         change the route list does not show (a member's key) holds then."""
         why = hareload.new_worker(str(self.admin_socket(gateway)),
-                                  self._serving.pop(gateway, None), hareload.RELOAD_TIMEOUT)
+                                  self._serving.pop(gateway, set()), hareload.RELOAD_TIMEOUT)
         if why is not None:
             raise UnitgenError(f"{gateway}: {why}")
 

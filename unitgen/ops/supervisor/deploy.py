@@ -107,8 +107,7 @@ def _env_readers(change: Change) -> list[str]:
     old = dict(split_env_text(before)[1]) if before is not None else {}
     new = dict(inst.secrets)
     public, server = group_names(inst)
-    # no env: the secret file is a feature's (a gateway's member keys), read at start
-    readers = [server] if old != new or not (inst.env or inst.secrets) else []
+    readers = [server] if old != new else []
     key = inst.probe_key_env
     if key and old.get(key) != new.get(key):
         readers.append(public)
