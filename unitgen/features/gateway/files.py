@@ -22,9 +22,15 @@ from unitgen.features.gateway.plan import (
 from unitgen.features.gateway.render import GatewayPaths, member_keys_map, render_gateway
 from unitgen.targets.base import RenderedFile
 
-__all__ = ["SETTINGS", "gateway_files", "read_settings"]
+__all__ = ["SETTINGS", "gateway_files", "member_keys_secret", "read_settings"]
 
 SETTINGS = "gateway.json"  # what re-renders the configuration when its members change
+
+
+def member_keys_secret(name: str) -> str:
+    """The name of gateway ``name``'s secret file (with the instances' secrets):
+    the keys it sends its members, which every target copies for HAProxy."""
+    return f"{name}.env"
 
 
 def gateway_files(name: str, plan: GatewayPlan, paths: GatewayPaths, prefix: str,
@@ -39,7 +45,8 @@ def gateway_files(name: str, plan: GatewayPlan, paths: GatewayPaths, prefix: str
         raise SpecError(problems=[Problem(*where, p) for p in problems])
     files = [RenderedFile(f"{prefix}/{f.name}", f.text, config=True)
              for f in render_gateway(plan.settings, plan.routes, paths, keyed=set(member_keys))]
-    files.append(RenderedFile(f"{name}.env", member_keys_map(name, member_keys), secret=True))
+    files.append(RenderedFile(member_keys_secret(name), member_keys_map(name, member_keys),
+                              secret=True))
     settings = {"settings": asdict(plan.settings),
                 "metrics": list(plan.metrics) if plan.metrics else None,
                 "upstreams": [asdict(m) for m in plan.members if m.remote]}

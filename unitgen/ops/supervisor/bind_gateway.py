@@ -46,7 +46,7 @@ class SupervisorGateway:
         self.site = site
         self.rpc = rpc
         self.ctx = site.ctx
-        self._serving: dict[str, set[int]] = {}  # gateway -> its workers before a signal
+        self._workers: dict[str, set[int]] = {}  # gateway -> its workers before a signal
 
     def directory(self, gateway: str) -> Path:
         """``CONFIG/unitgen/gateways/<gateway>``."""
@@ -113,14 +113,14 @@ class SupervisorGateway:
             why = f"HAProxy's master (pid {info['pid']}) is gone"
         if why is not None:
             raise UnitgenError(f"{gateway}: {why}")
-        self._serving[gateway] = before
+        self._workers[gateway] = before
         self._keys_again(gateway)  # the master takes the signal: no key goes ahead of it
 
     def after_signal(self, gateway: str) -> None:
         """Until a worker other than the one noted before the signal serves: a
         change the route list does not show (a member's key) holds then."""
         why = hareload.new_worker(str(self.admin_socket(gateway)),
-                                  self._serving.pop(gateway, set()), hareload.RELOAD_TIMEOUT)
+                                  self._workers.pop(gateway, set()), hareload.RELOAD_TIMEOUT)
         if why is not None:
             raise UnitgenError(f"{gateway}: {why}")
 

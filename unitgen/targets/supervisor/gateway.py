@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unitgen.features.gateway.files import gateway_files
+from unitgen.features.gateway.files import gateway_files, member_keys_secret
 from unitgen.features.gateway.plan import GatewayPlan
 from unitgen.features.gateway.render import FILES, GatewayPaths
 from unitgen.plan.instance import runtime_subdir
@@ -65,7 +65,7 @@ def keys_maps_args(name: str, plan: GatewayPlan, config_dir: str, secrets_dir: s
 def member_keys_path(name: str, secrets_dir: str) -> str:
     """The root-only file of the API keys gateway ``name`` sends its members
     (written with the instances' secrets, mode 0600)."""
-    return f"{secrets_dir}/{name}.env"
+    return f"{secrets_dir}/{member_keys_secret(name)}"
 
 
 def render_gateway_files(name: str, plan: GatewayPlan, config_dir: str, run_dir: str,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from unitgen.features.gateway.files import gateway_files
+from unitgen.features.gateway.files import gateway_files, member_keys_secret
 from unitgen.features.gateway.plan import GatewayPlan
 from unitgen.features.gateway.render import FILES, MEMBER_KEYS, GatewayPaths
 from unitgen.plan.instance import CONFIG_DIR, RUNTIME_DIR, Instance
@@ -41,12 +41,17 @@ def render_gateway_files(inst: Instance, ctx: RenderContext) -> list[RenderedFil
                          f"unitgen/gateways/{inst.name}", (inst.spec.source, ""))
 
 
+def _member_keys(name: str) -> str:
+    """The root-only secret file of the keys gateway ``name`` sends its members."""
+    return f"{CONFIG_DIR}/unitgen/secrets/{member_keys_secret(name)}"
+
+
 def keys_copy_cmd(python: str, name: str) -> list[str]:
     """What the gateway's unit runs as root before HAProxy reads its
     configuration (start, reload): the member keys, copied from their root-only
     secret file for HAProxy's user (:mod:`unitgen.inunit.keycopy`)."""
     return [python, "-I", "-m", "unitgen.inunit.keycopy",
-            f"{CONFIG_DIR}/unitgen/secrets/{name}.env",
+            _member_keys(name),
             f"{RUNTIME_DIR}/unitgen-{name}/{MEMBER_KEYS}"]
 
 
@@ -65,4 +70,4 @@ def keys_maps_cmd(python: str, name: str, plan: GatewayPlan) -> list[str]:
             *(["--metrics-keys", metrics_keys] if metrics_keys else []),
             "--models", f"{CONFIG_DIR}/unitgen/gateways/{name}/{FILES['models']}",
             "--out", run, "--admin", f"{run}/admin.sock",
-            "--member-keys", f"{CONFIG_DIR}/unitgen/secrets/{name}.env"]
+            "--member-keys", _member_keys(name)]
